@@ -1,0 +1,52 @@
+"""The one place where optional dependencies are detected.
+
+Each probe imports lazily (on first call, never at import of this module) and caches the result.
+``require(name, feature)`` raises a clear error naming what to install when a requested feature
+needs a package that is missing.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+# name -> (import name, install hint)
+_PACKAGES: dict[str, tuple[str, str]] = {
+    "triton": ("triton", "pip install triton  (or: pip install -e '.[gpu]')"),
+    "deepspeed": ("deepspeed", "pip install 'deepspeed>=0.19'  (or: pip install -e '.[gpu]')"),
+    "dali": ("nvidia.dali", "pip install nvidia-dali-cuda130  (CUDA 12: nvidia-dali-cuda120)"),
+    "flash_attn": ("flash_attn", "pip install flash-attn --no-build-isolation  (needs a CUDA GPU)"),
+    "xformers": ("xformers", "pip install xformers  (needs a CUDA GPU)"),
+    "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard"),
+    "matplotlib": ("matplotlib", "pip install matplotlib"),
+    "safetensors": ("safetensors", "pip install safetensors"),
+    "timm": ("timm", "pip install timm"),
+}
+
+
+class MissingDependencyError(ImportError):
+    """A requested feature needs an optional package that is not installed."""
+
+
+@functools.cache
+def _try_import(name: str) -> ModuleType | None:
+    if name not in _PACKAGES:
+        raise KeyError(f"unknown optional dependency {name!r}; known: {sorted(_PACKAGES)}")
+    try:
+        return importlib.import_module(_PACKAGES[name][0])
+    except Exception:  # a broken install (e.g. missing CUDA libs) counts as missing
+        return None
+
+
+def available(name: str) -> bool:
+    """True when the optional package ``name`` (a key of ``_PACKAGES``) imports."""
+    return _try_import(name) is not None
+
+
+def require(name: str, feature: str) -> ModuleType:
+    """Return the imported module, or raise naming the feature and the install command."""
+    module = _try_import(name)
+    if module is None:
+        hint = _PACKAGES[name][1]
+        raise MissingDependencyError(f"{feature} needs the optional package '{name}', which is not installed: {hint}")
+    return module

@@ -1,0 +1,1 @@
+"""Triton kernels, one per file: kernel, launcher, autograd Function and ``<op>_reference``."""
