@@ -1,0 +1,1 @@
+"""Models: the ViT encoder, the I-JEPA predictor and the attention backends."""

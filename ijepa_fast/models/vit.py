@@ -1,0 +1,246 @@
+"""ViT encoder and I-JEPA predictor with the authors' parameter names, shapes and initialisation.
+
+State dicts load the authors' released ``encoder`` / ``target_encoder`` / ``predictor`` weights
+(``module.`` prefix stripped) with ``strict=True``. Position embeddings are fixed 2-D sin-cos
+buffers stored as non-trainable parameters (as the authors do, so their checkpoints carry them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ijepa_fast import ops
+from ijepa_fast.models.attention import Attention
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+
+# PAPER.md: widths, depths, heads; ViT-G uses MLP ratio 48/11 (hidden 6144).
+VIT_SIZES: dict[str, ViTSize] = {
+    "vit_tiny": ViTSize(192, 12, 3),
+    "vit_small": ViTSize(384, 12, 6),
+    "vit_base": ViTSize(768, 12, 12),
+    "vit_large": ViTSize(1024, 24, 16),
+    "vit_huge": ViTSize(1280, 32, 16),
+    "vit_giant": ViTSize(1408, 40, 16, 48 / 11),
+}
+
+
+def vit_size(name: str) -> ViTSize:
+    if name not in VIT_SIZES:
+        raise ValueError(f"unknown model name {name!r}: choose one of {list(VIT_SIZES)}")
+    return VIT_SIZES[name]
+
+
+def grid_size(img_size: int, patch_size: int) -> int:
+    """Patches per side; the image size must be a multiple of the patch size."""
+    if patch_size < 1 or img_size < 1:
+        raise ValueError(f"image size {img_size} and patch size {patch_size} must be positive")
+    if img_size % patch_size:
+        raise ValueError(f"patch size {patch_size} does not divide the image size {img_size} "
+                         f"(choose an image size that is a multiple of {patch_size})")
+    return img_size // patch_size
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [grid*grid, embed_dim] in float64 (authors' layout).
+
+    As the authors: the first half of the channels encodes the column index (their meshgrid's first
+    output), the second half the row index; patches are in raster order (row-major).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {embed_dim}")
+    gh = np.arange(grid, dtype=np.float64)
+    gw = np.arange(grid, dtype=np.float64)
+    mesh = np.meshgrid(gw, gh)  # mesh[0]: column index w, mesh[1]: row index h; each (grid, grid)
+    emb_a = _sincos_1d(embed_dim // 2, mesh[0].reshape(-1))
+    emb_b = _sincos_1d(embed_dim // 2, mesh[1].reshape(-1))
+    return np.concatenate([emb_a, emb_b], axis=1)  # (grid*grid, embed_dim)
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega  # (dim/2,)
+    out = np.einsum("m,d->md", pos, omega)  # (P, dim/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (P, dim)
+
+
+def _fixed_pos_embed(embed_dim: int, grid: int) -> nn.Parameter:
+    table = torch.from_numpy(sincos_pos_embed_2d(embed_dim, grid)).float().unsqueeze(0)  # (1, N, D)
+    return nn.Parameter(table, requires_grad=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attention: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, backend=attention)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """[B, 3, H, W] -> [B, N, D] with a stride-p convolution."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _rescale_blocks(blocks: nn.ModuleList) -> None:
+    """Divide each block's output projections by sqrt(2 * layer_index), layer_index from 1."""
+    with torch.no_grad():
+        for i, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
+
+
+class _BlockStack(nn.Module):
+    """Shared block-running logic: optional activation checkpointing per block."""
+
+    activation_checkpointing: bool = False
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def set_attention_backend(self, backend: str) -> None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+
+
+class VisionTransformer(_BlockStack):
+    """I-JEPA context / target encoder.
+
+    forward(images [B, 3, S, S], context_idx [B, K] or None) -> [B, K or N, D]: the final-LayerNorm
+    tokens, only those at ``context_idx`` when given (the tokens are dropped before the blocks).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, init_std: float = 0.02, attention: str = "sdpa",
+                 fused_gather: bool = True):
+        super().__init__()
+        self.grid = grid_size(img_size, patch_size)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.fused_gather = fused_gather
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.pos_embed = _fixed_pos_embed(embed_dim, self.grid)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.apply(lambda m: _init_weights(m, init_std))
+        _rescale_blocks(self.blocks)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def forward(self, images: torch.Tensor, context_idx: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(images)  # (B, N, D)
+        if context_idx is None:
+            x = x + self.pos_embed
+        else:
+            x = ops.gather_tokens_with_pos(x, self.pos_embed, context_idx, fused=self.fused_gather)  # (B, K, D)
+        return self.norm(self._run_blocks(self.blocks, x))
+
+
+class VisionTransformerPredictor(_BlockStack):
+    """Narrow ViT that predicts target-block representations from the context tokens.
+
+    forward(ctx [B, Kc, D], context_idx [B, Kc], target_idx [M, B, Kt]) -> [M*B, Kt, D], one batched
+    pass over all M blocks: each block's sequence is (the B context tokens, that block's Kt mask tokens).
+    """
+
+    def __init__(self, num_patches: int, embed_dim: int = 768, predictor_embed_dim: int = 384, depth: int = 6,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, init_std: float = 0.02, attention: str = "sdpa",
+                 fused_gather: bool = True):
+        super().__init__()
+        grid = math.isqrt(num_patches)
+        if grid * grid != num_patches:
+            raise ValueError(f"the predictor needs a square patch grid, got {num_patches} patches")
+        self.fused_gather = fused_gather
+        self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
+        self.predictor_pos_embed = _fixed_pos_embed(predictor_embed_dim, grid)
+        self.predictor_blocks = nn.ModuleList(
+            Block(predictor_embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth))
+        self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=1e-6)
+        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
+        self.apply(lambda m: _init_weights(m, init_std))
+        nn.init.trunc_normal_(self.mask_token, std=init_std)
+        _rescale_blocks(self.predictor_blocks)
+
+    def forward(self, ctx: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+        target_idx = ops.as_blocks(target_idx)
+        M, B, Kt = target_idx.shape
+        if ctx.shape[0] != B or context_idx.shape != ctx.shape[:2]:
+            raise ValueError(f"context tokens {tuple(ctx.shape)} do not match context indices "
+                             f"{tuple(context_idx.shape)} and target indices {tuple(target_idx.shape)}")
+        x = self.predictor_embed(ctx)  # (B, Kc, Dp)
+        x = x + ops.gather_tokens(self.predictor_pos_embed.expand(B, -1, -1), context_idx, fused=self.fused_gather)
+        Kc = x.shape[1]
+        queries = ops.predictor_mask_tokens(self.mask_token, self.predictor_pos_embed, target_idx,
+                                            fused=self.fused_gather)  # (M*B, Kt, Dp)
+        x = torch.cat([x.repeat(M, 1, 1), queries], dim=1)  # (M*B, Kc+Kt, Dp)
+        x = self.predictor_norm(self._run_blocks(self.predictor_blocks, x))
+        return self.predictor_proj(x[:, Kc:])  # (M*B, Kt, D)
+
+
+def build_encoder(name: str, img_size: int = 224, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """An encoder of a named size (vit_tiny ... vit_giant)."""
+    size = vit_size(name)
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=size.embed_dim, depth=size.depth,
+                             num_heads=size.num_heads, mlp_ratio=size.mlp_ratio, **kwargs)
+
+
+def build_predictor(encoder: VisionTransformer, depth: int, embed_dim: int = 384, **kwargs) -> VisionTransformerPredictor:
+    """The predictor for ``encoder``: the encoder's number of heads (authors), width ``embed_dim``."""
+    return VisionTransformerPredictor(num_patches=encoder.num_patches, embed_dim=encoder.embed_dim,
+                                      predictor_embed_dim=embed_dim, depth=depth, num_heads=encoder.num_heads,
+                                      **kwargs)
