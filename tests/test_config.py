@@ -1,0 +1,235 @@
+"""Config loading: the authors' YAML files, ours, overrides, and errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ijepa_fast import config
+from ijepa_fast.authors_config import is_authors_format, translate
+from ijepa_fast.config import AUTHORS_SPEED, Config, ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# What each of the authors' files must load into: (model name, patch, pred depth, pred width),
+# (crop size, per-GPU batch), (epochs, warm-up epochs). All four share the rest of the recipe.
+AUTHORS = {
+    "in1k_vith14_ep300.yaml": (("vit_huge", 14, 12, 384), (224, 128), (300, 40)),
+    "in1k_vith16-448_ep300.yaml": (("vit_huge", 16, 12, 384), (448, 16), (300, 40)),
+    "in22k_vith14_ep66.yaml": (("vit_huge", 14, 12, 384), (224, 32), (66, 3)),
+    "in22k_vitg16_ep44.yaml": (("vit_giant", 16, 16, 384), (224, 16), (44, 3)),
+}
+OURS = ("vitb16_in1k.yaml", "vits16_in1k.yaml", "demo.yaml")
+
+
+def _write(tmp_path: Path, data: dict, name: str = "c.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _authors_raw(name: str = "in1k_vith14_ep300.yaml") -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+# ----------------------------------------------------------------------------- the authors' files
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_authors_config_loads_expected_values(name):
+    (model, patch, depth, width), (crop, batch), (epochs, warmup) = AUTHORS[name]
+    assert is_authors_format(_authors_raw(name))
+    cfg = config.load(str(CONFIGS / name))
+    assert (cfg.model.name, cfg.model.patch_size, cfg.model.pred_depth, cfg.model.pred_emb_dim) == (model, patch, depth, width)
+    assert (cfg.data.crop_size, cfg.data.batch_size, cfg.data.crop_scale) == (crop, batch, (0.3, 1.0))
+    assert (cfg.data.num_workers, cfg.data.pin_memory) == (10, True)
+    assert cfg.data.root == "$replace_this_with_absolute_path_to_your_datasets_directory/imagenet_full_size/061417/"
+    m = cfg.mask
+    assert (m.num_pred_masks, m.num_enc_masks, m.min_keep, m.allow_overlap) == (4, 1, 10, False)
+    assert (m.pred_mask_scale, m.enc_mask_scale, m.aspect_ratio) == ((0.15, 0.2), (0.85, 1.0), (0.75, 1.5))
+    o = cfg.optim
+    assert (o.epochs, o.warmup_epochs, o.ipe_scale) == (epochs, warmup, 1.0)
+    assert (o.start_lr, o.lr, o.final_lr) == (2e-4, 1e-3, 1e-6)
+    assert (o.weight_decay, o.final_weight_decay, o.ema) == (0.04, 0.4, (0.996, 1.0))
+    assert (cfg.run.dtype, cfg.run.name) == ("auto", "jepa")  # use_bfloat16: true; write_tag
+    assert cfg.run.out_dir.startswith("$replace_this_with_path_for_experiment_logs/")
+
+
+def test_authors_format_detection():
+    assert is_authors_format({"meta": {}, "optimization": {}})
+    assert is_authors_format({"data": {}, "logging": {}})
+    assert is_authors_format({"meta": {}, "optimisation": {}})  # a misspelt section: translate names it
+    assert not is_authors_format({"model": {}, "optim": {}})
+    assert not is_authors_format({"data": {}, "mask": {}})  # the shared sections alone: ours
+    assert not is_authors_format({"meta": {}, "run": {}})  # any section only ours have: ours
+
+
+def test_authors_translation_rules(tmp_path):
+    raw = _authors_raw()
+    raw["meta"]["use_bfloat16"] = False
+    raw["data"]["root_path"] = "/data"
+    raw["data"]["image_folder"] = "imagenet"
+    out = translate(raw)
+    assert out["run"]["dtype"] == "fp32"
+    assert out["data"]["root"] == "/data/imagenet"
+    assert out["optim"]["warmup_epochs"] == 40 and "warmup" not in out["optim"]
+    assert out["model"]["patch_size"] == 14 and "patch_size" not in out["mask"]
+    assert out["data"]["pin_memory"] is True
+    # A partial authors' file is fine: the rest keeps our defaults.
+    cfg = config.load(_write(tmp_path, {"optimization": {"lr": 5e-4, "warmup": 2.5}}))
+    assert (cfg.optim.lr, cfg.optim.warmup_epochs, cfg.model.name) == (5e-4, 2.5, "vit_huge")
+
+
+def test_authors_overrides_in_our_keys(tmp_path):
+    cfg = config.load(str(CONFIGS / "in1k_vith14_ep300.yaml"), ["data.root=/data/in1k", "optim.lr=5e-4"])
+    assert (cfg.data.root, cfg.optim.lr, cfg.optim.start_lr) == ("/data/in1k", 5e-4, 2e-4)
+
+
+@pytest.mark.parametrize("key,value", [("use_horizontal_flip", True), ("use_gaussian_blur", True),
+                                       ("use_color_distortion", True), ("color_jitter_strength", 0.4)])
+def test_authors_augmentations_on_are_rejected(tmp_path, key, value):
+    raw = _authors_raw()
+    raw["data"][key] = value
+    with pytest.raises(ConfigError, match=rf"data\.{key}=.*not supported"):
+        config.load(_write(tmp_path, raw))
+
+
+def test_authors_checkpoint_keys_warn_and_are_ignored(tmp_path):
+    raw = _authors_raw()
+    raw["meta"]["copy_data"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config.load(_write(tmp_path, raw))  # copy_data: silently ignored
+    raw["meta"]["load_checkpoint"] = True
+    with pytest.warns(UserWarning, match="--resume"):
+        config.load(_write(tmp_path, raw))
+
+
+@pytest.mark.parametrize("section,bad,nearest", [("optimization", "warmpu", "warmup"),
+                                                 ("data", "pin_memory", "pin_mem"),
+                                                 ("meta", "model", "model_name")])
+def test_authors_misspelt_key_names_nearest(tmp_path, section, bad, nearest):
+    raw = _authors_raw()
+    raw[section][bad] = 1
+    with pytest.raises(ConfigError, match=rf"'{section}\.{bad}'.*did you mean '{nearest}'"):
+        config.load(_write(tmp_path, raw))
+
+
+def test_authors_misspelt_section_is_named(tmp_path):
+    raw = _authors_raw()
+    raw["optimisation"] = raw.pop("optimization")
+    with pytest.raises(ConfigError, match=r"'optimisation'.*did you mean 'optimization'"):
+        config.load(_write(tmp_path, raw))
+
+
+def test_authors_bad_value_is_type_checked(tmp_path):
+    raw = _authors_raw()
+    raw["optimization"]["epochs"] = "many"
+    with pytest.raises(ConfigError, match=r"optim\.epochs='many'.*integer"):
+        config.load(_write(tmp_path, raw))
+    raw = _authors_raw()
+    raw["meta"]["use_bfloat16"] = "sometimes"
+    with pytest.raises(ConfigError, match=r"meta\.use_bfloat16"):
+        config.load(_write(tmp_path, raw))
+
+
+# ----------------------------------------------------------------------------- our files
+
+@pytest.mark.parametrize("name", OURS)
+def test_our_configs_load(name):
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    assert not is_authors_format(raw)
+    cfg = config.load(str(CONFIGS / name))
+    assert cfg.data.crop_size % cfg.model.patch_size == 0
+
+
+def test_our_configs_values():
+    b = config.load(str(CONFIGS / "vitb16_in1k.yaml"))
+    assert (b.model.name, b.model.patch_size, b.model.pred_depth, b.model.pred_emb_dim, b.optim.epochs) == (
+        "vit_base", 16, 6, 384, 600)
+    s = config.load(str(CONFIGS / "vits16_in1k.yaml"))
+    assert (s.model.name, s.model.patch_size) == ("vit_small", 16)
+    d = config.load(str(CONFIGS / "demo.yaml"))
+    assert (d.model.name, d.data.dataset, d.data.crop_size // d.model.patch_size) == ("vit_tiny", "idx", 7)
+    assert (d.run.device, d.run.dtype, d.optim.epochs, d.optim.warmup_epochs, d.mask.min_keep) == ("cpu", "fp32", 1, 0.1, 4)
+
+
+def test_every_yaml_starts_with_a_comment():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert {f.name for f in files} >= set(AUTHORS) | set(OURS)
+    for f in files:
+        assert f.read_text().startswith("# "), f.name
+
+
+def test_our_misspelt_key_names_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optim\.warmup_epoch'.*did you mean 'warmup_epochs'"):
+        config.load(_write(tmp_path, {"optim": {"warmup_epoch": 3}}))
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config section 'optimizer'.*did you mean 'optim'"):
+        config.load(_write(tmp_path, {"optimizer": {"lr": 1e-3}}))
+
+
+@pytest.mark.parametrize("section,key,value,allowed", [
+    ("mask", "pred_mask_scale", [0.0, 0.2], r"0\.0 < lo <= hi <= 1\.0"),
+    ("mask", "pred_mask_scale", [0.15, 1.5], r"0\.0 < lo <= hi <= 1\.0"),
+    ("data", "batch_size", 0, r"integer >= 1"),
+    ("optim", "warmup_epochs", 500, r"\[0, epochs=300\]"),
+    ("model", "name", "vit_huuge", r"one of"),
+])
+def test_bad_value_names_key_and_range(tmp_path, section, key, value, allowed):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}=.*{allowed}"):
+        config.load(_write(tmp_path, {section: {key: value}}))
+
+
+def test_crop_must_be_a_multiple_of_patch():
+    with pytest.raises(ConfigError, match=r"data\.crop_size=225.*multiple of model\.patch_size=14"):
+        config.load(None, ["data.crop_size=225"])
+
+
+# ----------------------------------------------------------------------------- overrides, presets, save
+
+def test_overrides_are_coerced_and_checked():
+    cfg = config.load(None, ["optim.lr=5e-4", "mask.aspect_ratio=0.5,2", "data.pin_memory=false",
+                             "run.tensorboard=off", "optim.warmup_epochs=0.5", "data.batch_size=64"])
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.mask.aspect_ratio == (0.5, 2.0)
+    assert (cfg.data.pin_memory, cfg.run.tensorboard) == (False, False)
+    assert (cfg.optim.warmup_epochs, cfg.data.batch_size) == (0.5, 64)
+    with pytest.raises(ConfigError, match=r"optim\.lr='fast'.*number"):
+        config.load(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"data\.pin_memory='maybe'.*true or false"):
+        config.load(None, ["data.pin_memory=maybe"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size='1.5'.*integer"):
+        config.load(None, ["data.batch_size=1.5"])
+    with pytest.raises(ConfigError, match=r"mask\.aspect_ratio.*pair"):
+        config.load(None, ["mask.aspect_ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"'optim\.lrr'.*did you mean 'lr'"):
+        config.load(None, ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load(None, ["optim.lr"])
+
+
+def test_speed_preset_authors_with_explicit_key_winning(tmp_path):
+    cfg = config.load(None, ["speed.preset=authors"])
+    for key, value in AUTHORS_SPEED.items():
+        assert getattr(cfg.speed, key) == value, key
+    assert not config.load(None).speed.grad_scaler  # fast side by default
+    cfg = config.load(_write(tmp_path, {"speed": {"preset": "authors", "fused_ema": True, "attention": "sdpa"}}))
+    assert (cfg.speed.fused_ema, cfg.speed.attention, cfg.speed.fused_gather) == (True, "sdpa", False)
+    cfg = config.load(None, ["speed.preset=authors", "speed.compile=on"])
+    assert (cfg.speed.compile, cfg.speed.sync_every_step) == ("on", True)
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS) + list(OURS))
+def test_save_load_round_trip(tmp_path, name):
+    cfg = config.load(str(CONFIGS / name), ["speed.preset=authors", "optim.lr=3e-4"])
+    path = str(tmp_path / "resolved.yaml")
+    config.save(cfg, path)
+    again = config.load(path)
+    assert again == cfg
+    assert not is_authors_format(yaml.safe_load(Path(path).read_text()))
+    assert isinstance(again, Config) and dataclasses.asdict(again) == dataclasses.asdict(cfg)
