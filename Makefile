@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # downloading a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test test-fast gpu-check lint clean
+.PHONY: venv demo demo-data test gpu-check lint clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,24 @@ $(STAMP): setup.py requirements-test.txt
 	$(VPY) -m pip install -q $(TORCH_PIN)
 	$(VPY) -m pip install -q -e '.[dev]' -r requirements-test.txt
 	touch $(STAMP)
+
+FMNIST := /usr/share/datasets/fashion-mnist
+
+# The embedded default data: Debian's dataset-fashion-mnist (real images, offline, IDX files).
+demo-data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); \
+	else \
+	  echo "Fashion-MNIST is not installed at $(FMNIST) and this is not root with apt."; \
+	  echo "Install it (sudo apt-get install dataset-fashion-mnist), or run the demo on your own data:"; \
+	  echo "  $(VPY) -m ijepa_fast.demo --data DIR   (IDX files, or an image folder with --dataset folder)"; \
+	  exit 1; \
+	fi
+
+demo: $(STAMP) demo-data
+	$(VPY) -m ijepa_fast.demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider
