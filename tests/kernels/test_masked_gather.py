@@ -1,0 +1,296 @@
+"""masked_gather, masked_gather_add and mask_tokens: outputs and every gradient against the references.
+
+The Triton kernels run through the interpreter (see conftest.py); sizes stay tiny because it is slow.
+``make_gather_inputs`` is also the benchmark's setup (profiling/bench_masked_gather.py).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kernels.masked_gather as mg
+from kernels.masked_gather import (
+    mask_tokens,
+    mask_tokens_reference,
+    masked_gather,
+    masked_gather_add,
+    masked_gather_add_reference,
+    masked_gather_reference,
+)
+
+from .conftest import assert_lowp_close, compile_for_h100, triton_interpreted
+
+# (B, N, D, M, K): B=1, K=1, N=1 (every index the same), D=1, D not a multiple of any block, large M.
+SHAPES = [(1, 1, 1, 1, 1), (1, 5, 3, 1, 1), (2, 1, 7, 3, 2), (3, 7, 123, 2, 4), (2, 9, 5, 7, 5), (3, 7, 1, 4, 3)]
+
+
+def make_gather_inputs(B: int, N: int, D: int, M: int, K: int, dtype=torch.float32, device="cpu", seed: int = 0,
+                       unique: bool = False, pos_batch: int = 1, pos_grad: bool = True) -> dict:
+    """x [B, N, D], pos [pos_batch, N, D], mask_token [1, 1, D] (float, requiring grad) and idx [M, B, K].
+
+    ``unique=False`` draws indices with replacement: duplicates inside and across blocks, the hard
+    case for the backward. ``unique=True`` draws sorted distinct indices per block, as the masks do.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    pos = torch.randn(pos_batch, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_(pos_grad)
+    mask_token = torch.randn(1, 1, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    if unique:
+        idx = torch.rand(M, B, N, generator=g).argsort(-1)[..., :K].sort(-1).values
+    else:
+        idx = torch.randint(0, N, (M, B, K), generator=g)
+    return {"x": x, "pos": pos, "mask_token": mask_token, "idx": idx.to(device)}
+
+
+OPS = {  # name -> (fast op, reference, names of its tensor arguments)
+    "gather": (masked_gather, masked_gather_reference, ("x",)),
+    "gather_add": (masked_gather_add, masked_gather_add_reference, ("x", "pos")),
+    "mask_tokens": (mask_tokens, mask_tokens_reference, ("mask_token", "pos")),
+}
+
+
+def _run(fn, inputs: dict, names: tuple, grad_out: torch.Tensor | None = None, cast=None):
+    """Output and the gradients of every input that requires one (grad_out drawn when None)."""
+    args = [inputs[n] if cast is None else inputs[n].detach().to(cast).requires_grad_(inputs[n].requires_grad)
+            for n in names]
+    out = fn(*args, inputs["idx"])
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    wrt = [a for a in args if a.requires_grad]
+    grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype))
+    return out, grads, grad_out
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("op", list(OPS))
+def test_fp32_matches_reference(triton_path, op, shape):
+    fast, ref, names = OPS[op]
+    inputs = make_gather_inputs(*shape, seed=sum(shape))
+    out, grads, g = _run(fast, inputs, names)
+    out_ref, grads_ref, _ = _run(ref, inputs, names, g)
+    assert out.shape == (shape[3] * shape[0], shape[4], shape[2]) and out.dtype == out_ref.dtype
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)  # a copy (plus one fp32 add): exact
+    for got, want in zip(grads, grads_ref):  # sums in another order: a few fp32 ulps
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["gather_add", "mask_tokens"])
+def test_pos_per_image_and_pos_without_grad(triton_path, op):
+    fast, ref, names = OPS[op]
+    for pos_batch, pos_grad in ((3, True), (1, False)):
+        inputs = make_gather_inputs(3, 6, 10, 4, 3, seed=pos_batch, pos_batch=pos_batch, pos_grad=pos_grad)
+        out, grads, g = _run(fast, inputs, names)
+        out_ref, grads_ref, _ = _run(ref, inputs, names, g)
+        assert len(grads) == len(grads_ref) == (2 if pos_grad else 1)
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+        for got, want in zip(grads, grads_ref):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_overlapping_blocks_and_int32_indices(triton_path):
+    """Every block the same indices (full overlap) plus a repeated index inside a block; idx int32."""
+    inputs = make_gather_inputs(2, 6, 9, 1, 4, seed=3)
+    block = torch.tensor([[0, 5, 5, 2], [1, 1, 4, 0]])
+    inputs["idx"] = block.expand(5, 2, 4).to(torch.int32)
+    out, (gx,), g = _run(masked_gather, inputs, ("x",))
+    out_ref, (gx_ref,), _ = _run(masked_gather_reference, inputs, ("x",), g)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    assert gx[0, 3].abs().max() == 0  # a row no block took gets a zero gradient, written by the kernel
+
+
+def test_two_d_index_is_one_block(triton_path):
+    inputs = make_gather_inputs(2, 8, 4, 1, 3, seed=4)
+    out2 = masked_gather(inputs["x"], inputs["idx"][0])
+    torch.testing.assert_close(out2, masked_gather(inputs["x"], inputs["idx"]), rtol=0, atol=0)
+
+
+def test_non_contiguous_tokens(triton_path):
+    """Patch embeddings arrive as conv(...).flatten(2).transpose(1, 2): a strided [B, N, D]."""
+    base = torch.randn(2, 6, 5, requires_grad=True)  # (B, D, N)
+    x = base.transpose(1, 2)  # (B, N, D), stride(-1) != 1
+    idx = torch.randint(0, 5, (3, 2, 4))
+    g = torch.randn(6, 4, 6)
+    out = masked_gather(x, idx)
+    (gb,) = torch.autograd.grad(out, base, g)
+    (gb_ref,) = torch.autograd.grad(masked_gather_reference(x, idx), base, g)
+    torch.testing.assert_close(out, masked_gather_reference(x, idx), rtol=0, atol=0)
+    torch.testing.assert_close(gb, gb_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_bf16_within_twice_torch_error(triton_path, op):
+    """bf16 inputs: compared with a float64 reference, bounded by PyTorch's own bf16 error (see conftest)."""
+    _check_bf16(op, "cpu", truncating=True)
+
+
+def _check_bf16(op: str, device: str, truncating: bool) -> None:
+    fast, ref, names = OPS[op]
+    inputs = make_gather_inputs(3, 7, 123, 4, 5, dtype=torch.bfloat16, device=device, seed=11)
+    out, grads, g = _run(fast, inputs, names)
+    out_t, grads_t, _ = _run(ref, inputs, names, g)  # PyTorch in bf16
+    out64, grads64, _ = _run(ref, inputs, names, g.double(), cast=torch.float64)
+    assert out.dtype == torch.bfloat16
+    assert_lowp_close(out, out64, out_t, f"{op} output", truncating)
+    for i, (got, t, want) in enumerate(zip(grads, grads_t, grads64)):
+        assert got.dtype == torch.bfloat16
+        assert_lowp_close(got, want, t, f"{op} grad {i}", truncating)
+
+
+def test_bf16_tokens_fp32_pos_promote_like_torch(triton_path):
+    inputs = make_gather_inputs(2, 5, 6, 2, 3, seed=5)
+    x = inputs["x"].detach().bfloat16().requires_grad_()
+    out = masked_gather_add(x, inputs["pos"], inputs["idx"])
+    ref = masked_gather_add_reference(x, inputs["pos"], inputs["idx"])
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    gx, gp = torch.autograd.grad(out, (x, inputs["pos"]), g)
+    gx_ref, gp_ref = torch.autograd.grad(ref, (x, inputs["pos"]), g)
+    assert gx.dtype == torch.bfloat16 and gp.dtype == torch.float32
+    torch.testing.assert_close(gp, gp_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=1e-2, atol=1e-2)  # one bf16 rounding each
+
+
+def test_dispatch(monkeypatch):
+    """TRITON_INTERPRET=1 sends CPU tensors to the kernel launcher; without it they take the reference."""
+    calls = []
+    real = mg._launch_gather_add
+    monkeypatch.setattr(mg, "_launch_gather_add", lambda *a: calls.append(1) or real(*a))
+    inputs = make_gather_inputs(2, 4, 3, 1, 2)
+    masked_gather(inputs["x"], inputs["idx"])
+    expected = 1 if triton_interpreted() else 0
+    assert len(calls) == expected
+    monkeypatch.delenv("TRITON_INTERPRET")
+    masked_gather(inputs["x"], inputs["idx"])
+    assert len(calls) == expected
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(2, 5, 3)
+    idx = torch.randint(0, 5, (2, 2, 4))
+    with pytest.raises(TypeError, match="idx must be int64 or int32"):
+        masked_gather(x, idx.float())
+    with pytest.raises(ValueError, match=r"idx must be \[B, K\] or \[M, B, K\]"):
+        masked_gather(x, idx[0, 0])
+    with pytest.raises(ValueError, match="idx has batch size 3"):
+        masked_gather(x, torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        masked_gather(x[0], idx)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        masked_gather(x.long(), idx)
+    with pytest.raises(TypeError, match="idx must be a torch.Tensor"):
+        masked_gather(x, [[0, 1]])
+    with pytest.raises(ValueError, match="idx is on meta"):
+        masked_gather(x, idx.to("meta"))
+    with pytest.raises(ValueError, match="pos must be"):
+        masked_gather_add(x, torch.randn(1, 4, 3), idx)
+    with pytest.raises(ValueError, match="pos is on meta"):
+        masked_gather_add(x, torch.randn(1, 5, 3, device="meta"), idx)
+    with pytest.raises(ValueError, match="mask_token must be"):
+        mask_tokens(torch.randn(1, 2, 3), torch.randn(1, 5, 3), idx)
+    with pytest.raises(ValueError, match="pos has batch 4"):
+        mask_tokens(torch.randn(1, 1, 3), torch.randn(4, 5, 3), idx)
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_out_of_range_indices(triton_path, monkeypatch, bad):
+    x = torch.randn(2, 5, 3)
+    idx = torch.randint(0, 5, (2, 2, 4))
+    idx[1, 0, 2] = bad
+    # Triton path without the debug switch: no sync, no error, no fault: the bad row reads zeros.
+    out = masked_gather(x, idx)
+    assert out[2, 2].abs().max() == 0
+    with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+        masked_gather(x, idx, debug=True)
+    monkeypatch.setenv("IJEPA_FAST_DEBUG", "1")
+    with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+        masked_gather(x, idx)
+    monkeypatch.delenv("IJEPA_FAST_DEBUG")
+    monkeypatch.delenv("TRITON_INTERPRET")  # the reference path always checks
+    with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+        masked_gather(x, idx)
+    with pytest.raises(IndexError):
+        masked_gather_reference(x, idx)
+
+
+def test_out_of_range_index_adds_no_gradient(triton_path):
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    idx = torch.tensor([[[0, 7]], [[5, 1]]]).permute(1, 0, 2).contiguous()  # (1, 2, 2): two bad indices
+    (gx,) = torch.autograd.grad(masked_gather(x, idx).sum(), x)
+    expected = torch.zeros(2, 5, 3)
+    expected[0, 0] = 1
+    expected[1, 1] = 1
+    torch.testing.assert_close(gx, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def test_torch_compile_fullgraph(reference_path):
+    """The custom ops' fake implementations let torch.compile trace the whole step (forward and backward)."""
+    inputs = make_gather_inputs(2, 6, 4, 3, 2, seed=7)
+
+    def f(x, pos, mask_token, idx):
+        return (masked_gather_add(x, pos, idx) * mask_tokens(mask_token, pos, idx)).sum() + masked_gather(x, idx).sum()
+
+    args = (inputs["x"], inputs["pos"], inputs["mask_token"], inputs["idx"])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*args), args[:3])
+    want = torch.autograd.grad(f(*args), args[:3])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_custom_ops_pass_opcheck(reference_path):
+    inputs = make_gather_inputs(2, 6, 4, 3, 2, seed=8)
+    x, pos, idx = inputs["x"].detach(), inputs["pos"].detach(), inputs["idx"]
+    torch.library.opcheck(torch.ops.ijepa_fast.gather_add, (x, pos, idx, 6, False))
+    torch.library.opcheck(torch.ops.ijepa_fast.gather_add_backward, (torch.randn(6, 2, 4), idx, 2, 6, torch.float32))
+
+
+def test_kernels_compile_for_h100():
+    """Ahead-of-time compile for sm_90: the GPU code generator accepts the kernels (no GPU needed)."""
+    compile_for_h100("""
+        from kernels.masked_gather import _kernels
+        gather_add, segment_sum = _kernels()
+        ints = dict.fromkeys(["rows", "K", "B", "N", "D", "sxb", "sxn", "spb", "spn"], "i32")
+        for has_pos in (False, True):
+            sig = {"x_ptr": "*bf16", "pos_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", **ints}
+            compile_for_h100(gather_add, sig, {"HAS_POS": has_pos, "BLOCK_R": 2, "BLOCK_D": 2048})
+        sig = {"grad_ptr": "*bf16", "order_ptr": "*i64", "offsets_ptr": "*i64", "out_ptr": "*bf16", "D": "i32"}
+        compile_for_h100(segment_sum, sig, {"BLOCK_D": 1024})
+    """)
+
+
+# ----------------------------------------------------------------------------- GPU and benchmark
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_bf16_on_gpu(op):
+    _check_bf16(op, "cuda", truncating=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_on_gpu(shape):
+    for fast, ref, names in OPS.values():
+        inputs = make_gather_inputs(*shape, device="cuda", seed=sum(shape))
+        out, grads, g = _run(fast, inputs, names)
+        out_ref, grads_ref, _ = _run(ref, inputs, names, g)
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+        for got, want in zip(grads, grads_ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_runs_on_cpu(tmp_path, reference_path, capsys):
+    from profiling import bench_masked_gather
+
+    bench_masked_gather.main(["--device", "cpu", "--size", "tiny", "--reps", "3", "--json", str(tmp_path / "r.json")])
+    assert "| case |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"authors", "builtin", "kernel"}
+    assert all(r["median_ms"] > 0 for r in rows)
