@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_fast.models.attention import Attention, attention_math, resolve_backend
-from ijepa_fast.models.vit import (VIT_SIZES, build_encoder, build_predictor, grid_size, sincos_pos_embed_2d,
-                                   vit_size)
+from ijepa_fast.models.vit import VIT_SIZES, build_encoder, build_predictor, grid_size, sincos_pos_embed_2d, vit_size
 
 
 def count(module: torch.nn.Module) -> int:
