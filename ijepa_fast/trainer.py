@@ -1,0 +1,287 @@
+"""The I-JEPA trainer: build everything from a Config, loop step -> log -> checkpoint, resume.
+
+The loop reads the device once every ``run.log_every`` steps (loss, non-finite check), writes
+metrics.csv / TensorBoard / a progress bar, and checkpoints atomically every
+``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
+exit cleanly; a non-finite loss stops the run naming the step and leaves the last good checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ijepa_fast import checkpoint as ckpt
+from ijepa_fast import config as config_mod
+from ijepa_fast.config import Config
+from ijepa_fast.masks import MaskBatch
+from ijepa_fast.metrics import DeviceMeter, MetricsWriter, plot_loss
+from ijepa_fast.models.attention import resolve_backend
+from ijepa_fast.models.ijepa import build_models
+from ijepa_fast.models.vit import grid_size
+from ijepa_fast.schedules import Schedules
+from ijepa_fast.step import StepOptions, TrainStep, autocast_dtype, build_optimizer
+
+log = logging.getLogger("ijepa_fast")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int  # optimizer steps done in total (including before a resume)
+    last_loss: float  # mean loss of the last logging window
+    skipped: int  # undecodable images skipped (and counted) by this process
+    stopped: str  # "finished" | "signal"
+    checkpoint: Path | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name!r} but no CUDA device is available; use run.device=cpu")
+    return dev
+
+
+def mask_kwargs(cfg: Config) -> dict:
+    """Keyword arguments of MultiBlockMaskSampler from the mask section."""
+    m = cfg.mask
+    return dict(num_pred_masks=m.num_pred_masks, pred_scale=tuple(m.pred_mask_scale), enc_scale=tuple(m.enc_mask_scale),
+                aspect_ratio=tuple(m.aspect_ratio), min_keep=m.min_keep, allow_overlap=m.allow_overlap)
+
+
+def compile_blocks(module: torch.nn.Module) -> None:
+    """Regional compilation: each transformer block on its own, so compile time stays small."""
+    from ijepa_fast.models.vit import Block
+
+    for sub in module.modules():
+        if isinstance(sub, Block):
+            sub.compile()
+
+
+def build_models_for(cfg: Config, device: torch.device):
+    """(student, target encoder) on ``device`` with the attention backend, checkpointing and compile
+    switches of ``cfg.speed`` applied."""
+    from ijepa_fast.models.vit import vit_size
+
+    size = vit_size(cfg.model.name)
+    enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads)
+    pred_backend = resolve_backend(cfg.speed.attention, device, cfg.model.pred_emb_dim // size.num_heads)
+    student, target = build_models(cfg.model, cfg.data.crop_size, attention=enc_backend,
+                                   fused_gather=cfg.speed.fused_gather, loss=cfg.optim.loss)
+    student.predictor.set_attention_backend(pred_backend)
+    for module in (student.encoder, student.predictor):
+        module.activation_checkpointing = cfg.speed.activation_checkpointing
+    student.to(device)
+    target.to(device)
+    if cfg.speed.compile == "on" or (cfg.speed.compile == "auto" and device.type == "cuda"):
+        compile_blocks(student)
+        compile_blocks(target)
+    log.info("model %s/%d at %d px: encoder %.1fM params, predictor %.1fM; attention %s (encoder) / %s "
+             "(predictor); device %s", cfg.model.name, cfg.model.patch_size, cfg.data.crop_size,
+             _millions(student.encoder), _millions(student.predictor), enc_backend, pred_backend, device)
+    return student, target
+
+
+def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainStep:
+    """The training step the trainer runs (models, optimizer, schedules, switches) from a Config."""
+    student, target = build_models_for(cfg, device)
+    optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
+    schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
+    options = StepOptions(loss=cfg.optim.loss, grad_clip=cfg.optim.grad_clip, fused_ema=cfg.speed.fused_ema,
+                          fused_gather=cfg.speed.fused_gather, grad_scaler=cfg.speed.grad_scaler,
+                          sync_every_step=cfg.speed.sync_every_step)
+    return TrainStep(student, target, optimizer, schedules, device, autocast_dtype(device, cfg.run.dtype), options)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg.validate()
+        self.resume = resume
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        self.device = resolve_device(cfg.run.device)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ building
+    def build(self) -> None:
+        cfg = self.cfg
+        from ijepa_fast.data.loader import build_pretrain_loader, check_data_source
+
+        check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
+        self._prepare_run_dir()
+        state = ckpt.load_latest(self.run_dir / "checkpoints") if self.resume else None
+        if self.resume and state is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir / "checkpoints")
+        self.start_step = int(state["step"]) if state else 0
+
+        torch.manual_seed(cfg.run.seed)
+        self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
+        self.loader = build_pretrain_loader(cfg.data, grid=self.grid, mask_kwargs=mask_kwargs(cfg), seed=cfg.run.seed,
+                                            start_step=self.start_step)
+        self.step_fn = build_train_step(cfg, self.device, self.loader.steps_per_epoch)
+        self.student, self.target = self.step_fn.student, self.step_fn.target_encoder
+        self.optimizer, self.schedules = self.step_fn.optimizer, self.step_fn.schedules
+        total = cfg.optim.epochs * self.loader.steps_per_epoch
+        self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+        if state:
+            self._load_state(state)
+        self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=self.start_step if state else None)
+
+    def _prepare_run_dir(self) -> None:
+        ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        if ckpts and not self.resume:
+            raise FileExistsError(f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
+                                  f"it, or choose another run.name / run.out_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
+
+    def _state(self, step: int, last_loss: float) -> dict:
+        return {
+            "encoder": self.student.encoder.state_dict(),
+            "predictor": self.student.predictor.state_dict(),
+            "target_encoder": self.target.state_dict(),
+            "opt": self.optimizer.state_dict(),
+            "epoch": step // self.loader.steps_per_epoch,
+            "loss": last_loss,
+            "batch_size": self.cfg.data.batch_size,
+            "world_size": 1,
+            "lr": self.schedules.lr_at(max(step - 1, 0)),
+            "schedules": self.schedules.state_dict(),
+            "mask_sampler": {"seed": self.cfg.run.seed, "grid": self.grid, **mask_kwargs(self.cfg)},
+            "rng": ckpt.rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _load_state(self, state: dict) -> None:
+        saved = state.get("config", {}).get("model", {})
+        if saved and saved != self.cfg.to_dict()["model"]:
+            raise ValueError(f"--resume: the checkpoint's model {saved} differs from the config's "
+                             f"{self.cfg.to_dict()['model']}")
+        self.student.encoder.load_state_dict(state["encoder"])
+        self.student.predictor.load_state_dict(state["predictor"])
+        self.target.load_state_dict(state["target_encoder"])
+        self.optimizer.load_state_dict(state["opt"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("resumed from step %d (%s)", self.start_step, self.run_dir / "checkpoints")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> RunResult:
+        if not hasattr(self, "step_fn"):
+            self.build()
+        cfg, step = self.cfg, self.start_step
+        meter, bar = DeviceMeter(self.device), self._progress_bar()
+        skipped, last_loss, last_ckpt = 0, float("nan"), None
+        window_start, window_images = time.perf_counter(), 0
+        started = time.perf_counter()
+        log.info("training steps %d..%d (%d per epoch), batch %d", step, self.total_steps, self.loader.steps_per_epoch,
+                 cfg.data.batch_size)
+        with _StopOnSignals(self):
+            for batch in self.loader:
+                if step >= self.total_steps or self._stop_signal is not None:
+                    break
+                images = batch.images.to(self.device, non_blocking=True)
+                masks = _masks_to(batch.masks, self.device)
+                out = self.step_fn(images, masks, step)
+                meter.update(out["loss"], step)
+                step, skipped, window_images = step + 1, skipped + batch.skipped, window_images + images.shape[0]
+                if step % cfg.run.log_every == 0 or step % cfg.run.checkpoint_every == 0 or step == self.total_steps:
+                    last_loss = self._log(meter, step, window_images / (time.perf_counter() - window_start),
+                                          skipped, time.perf_counter() - started, bar)
+                    window_start, window_images = time.perf_counter(), 0
+                if step % cfg.run.checkpoint_every == 0:
+                    last_ckpt = self._save(step, last_loss)
+            if meter.count:  # a signal between two log points: check and log what is pending
+                last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
+            if last_ckpt is None or not last_ckpt.name.endswith(ckpt.checkpoint_name(step)):
+                last_ckpt = self._save(step, last_loss)
+        return self._finish(step, last_loss, skipped, last_ckpt, bar)
+
+    def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar) -> float:
+        loss, bad_step = meter.read()  # the one host sync of this window
+        if bad_step >= 0:
+            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            keep = f"the last good checkpoint is {latest[-1][1]}" if latest else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"the loss became non-finite at step {bad_step}; stopping ({keep})")
+        s = step - 1
+        row = {"step": step, "epoch": s // self.loader.steps_per_epoch, "loss": loss, "lr": self.schedules.lr_at(s),
+               "wd": self.schedules.wd_at(s), "momentum": self.schedules.momentum_at(s), "images_per_s": ips,
+               "skipped": skipped, "elapsed_s": round(elapsed, 3)}
+        self.writer.write(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{ips:.0f}", skipped=skipped)
+            bar.n = step
+            bar.refresh()
+        else:
+            log.info("step %d loss %.4f lr %.2e %.0f img/s", step, loss, row["lr"], ips)
+        return loss
+
+    def _save(self, step: int, loss: float) -> Path:
+        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self._state(step, loss), step,
+                                    self.cfg.run.keep_checkpoints)
+        log.info("checkpoint %s", path)
+        return path
+
+    def _progress_bar(self):
+        if not self.cfg.run.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    def _finish(self, step: int, loss: float, skipped: int, last_ckpt: Path | None, bar) -> RunResult:
+        if bar is not None:
+            bar.close()
+        self.writer.close()
+        plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
+        stopped = "signal" if self._stop_signal is not None else "finished"
+        bad = self.loader.skipped_paths if hasattr(self.loader, "skipped_paths") else []
+        log.info("%s at step %d: last loss %.4f, %d undecodable image(s) skipped%s", stopped, step, loss, skipped,
+                 f" ({len(bad)} distinct files)" if bad else "")
+        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt)
+
+
+class _StopOnSignals:
+    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.trainer._stop_signal is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.trainer._stop_signal = signum
+        log.warning("signal %d received: finishing this step, saving a checkpoint and exiting", signum)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _masks_to(masks: MaskBatch, device: torch.device) -> MaskBatch:
+    if masks.context.device == device:
+        return masks
+    return MaskBatch(context=masks.context.to(device, non_blocking=True),
+                     targets=masks.targets.to(device, non_blocking=True))
+
+
+def _millions(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6

@@ -1,0 +1,155 @@
+"""The trainer end to end on CPU: bitwise resume after SIGKILL, bad files, NaN stop, CLI errors."""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ijepa_fast import config as config_mod
+from ijepa_fast import pretrain
+from ijepa_fast.checkpoint import list_checkpoints, load_latest
+from ijepa_fast.trainer import NonFiniteLossError, Trainer
+
+
+def write_idx(root: Path, n: int = 96, seed: int = 0) -> Path:
+    """A tiny Fashion-MNIST-shaped IDX pair (gzipped): smooth blobs so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    cy, cx = 6 + 16 * rng.random((2, n))
+    imgs = (255 * np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
+                         / (8 + labels[:, None, None]))).astype(np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">IIII", 0x803, n, 28, 28) + imgs.tobytes())
+    with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root
+
+
+def tiny_overrides(data: Path, out: Path, name: str, **extra) -> list[str]:
+    values = {
+        "model.name": "vit_tiny", "model.patch_size": 7, "model.pred_depth": 1, "model.pred_emb_dim": 48,
+        "mask.min_keep": 2, "data.dataset": "idx", "data.root": str(data), "data.crop_size": 28,
+        "data.batch_size": 8, "data.num_workers": 0, "data.pin_memory": "false",
+        "optim.epochs": 1, "optim.warmup_epochs": 0.25, "run.out_dir": str(out), "run.name": name,
+        "run.log_every": 1, "run.checkpoint_every": 3, "run.progress": "false", "run.tensorboard": "false",
+        "run.device": "cpu", "run.dtype": "fp32",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "metrics.csv") as fh:
+        return {int(r["step"]): r["loss"] for r in csv.DictReader(fh)}
+
+
+def test_a_run_writes_its_folder(tmp_path):
+    data = write_idx(tmp_path / "data", n=48)
+    cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "a"))
+    result = Trainer(cfg).fit()
+    run = tmp_path / "runs" / "a"
+    assert result.steps == 6 and result.stopped == "finished"
+    assert (run / "config.yaml").exists() and config_mod.load(str(run / "config.yaml")) == cfg
+    assert sorted(losses(run)) == list(range(1, 7))
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3, 6]
+    state = load_latest(run / "checkpoints")
+    assert set(state) >= {"encoder", "predictor", "target_encoder", "opt", "step", "epoch", "schedules",
+                          "mask_sampler", "rng", "config", "loss", "batch_size", "world_size", "lr"}
+    with pytest.raises(FileExistsError, match="--resume"):  # never clobber a run
+        Trainer(cfg).fit()
+
+
+def test_sigkill_then_resume_gives_the_same_losses_bitwise(tmp_path):
+    data = write_idx(tmp_path / "data", n=96)
+    out = tmp_path / "runs"
+    ref = Trainer(config_mod.load(None, tiny_overrides(data, out, "ref"))).fit()
+    assert ref.steps == 12
+
+    args = [sys.executable, "-m", "ijepa_fast.pretrain", *tiny_overrides(data, out, "killed")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = out / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not list_checkpoints(ckpt_dir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [s for s, _ in list_checkpoints(ckpt_dir)]
+    if not done or done[-1] >= 12:
+        pytest.skip(f"the kill did not land mid-run (checkpoints {done}); nothing to resume")
+
+    assert pretrain.main([*tiny_overrides(data, out, "killed"), "--resume"]) == 0
+    assert losses(out / "killed") == losses(out / "ref")  # the CSV strings: every digit equal
+    a = load_latest(out / "ref" / "checkpoints")["target_encoder"]
+    b = load_latest(out / "killed" / "checkpoints")["target_encoder"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    data = write_idx(tmp_path / "data", n=400)
+    out = tmp_path / "runs"
+    args = [sys.executable, "-m", "ijepa_fast.pretrain", *tiny_overrides(data, out, "t", **{"run.checkpoint_every": 1000})]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "t" / "metrics.csv").exists() or len(losses(out / "t")) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "(signal)" in output
+    steps = [s for s, _ in list_checkpoints(out / "t" / "checkpoints")]
+    assert len(steps) == 1 and 2 <= steps[0] < 50
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    data = write_idx(tmp_path / "data", n=96)
+    cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "nan", **{"run.log_every": 2}))
+    trainer = Trainer(cfg)
+    trainer.build()
+    step_fn, forward = trainer.step_fn, trainer.step_fn.student.forward
+    current = {"step": 0}
+
+    def poisoned_forward(*args):  # the loss turns NaN from step 4 on
+        loss = forward(*args)
+        return loss * float("nan") if current["step"] >= 4 else loss
+
+    def step_tracking(images, masks, step):
+        current["step"] = step
+        return step_fn(images, masks, step)
+
+    monkeypatch.setattr(step_fn.student, "forward", poisoned_forward)
+    monkeypatch.setattr(trainer, "step_fn", step_tracking)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 4.*ckpt-00000003.pt"):
+        trainer.fit()
+    assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "nan" / "checkpoints")] == [3]
+
+
+def test_missing_data_is_an_error_before_any_model_is_built(tmp_path, capsys):
+    rc = pretrain.main(tiny_overrides(tmp_path / "nowhere", tmp_path / "runs", "x"))
+    assert rc == 1
+    assert not (tmp_path / "runs" / "x" / "checkpoints").exists()
+
+
+def test_cli_names_a_misspelt_key(tmp_path, capsys):
+    assert pretrain.main(["optim.lrr=1e-3"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_import_prints_nothing_and_touches_no_device():
+    code = ("import sys, torch, ijepa_fast, ijepa_fast.trainer, ijepa_fast.step, ijepa_fast.masks;"
+            "print(torch.cuda.is_initialized(), 'TRITON_INTERPRET' in __import__('os').environ)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert out.stdout.strip() == "False False" and out.stderr == ""
