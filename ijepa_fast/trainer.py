@@ -217,9 +217,8 @@ class Trainer:
                "skipped": skipped, "elapsed_s": round(elapsed, 3)}
         self.writer.write(row)
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{ips:.0f}", skipped=skipped)
             bar.n = step
-            bar.refresh()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{ips:.0f}", skipped=skipped)
         else:
             log.info("step %d loss %.4f lr %.2e %.0f img/s", step, loss, row["lr"], ips)
         return loss
