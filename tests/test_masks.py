@@ -168,3 +168,10 @@ def test_bad_indices_are_named():
         check_masks(MaskBatch(torch.tensor([[0, 1]], dtype=torch.int32), torch.zeros(1, 1, 1, dtype=torch.int64)), 4)
     with pytest.raises(ValueError, match="batch_size"):
         MultiBlockMaskSampler(4, min_keep=1)(0, 0)
+
+
+def test_benchmark_runs_at_a_tiny_size():
+    from profiling.bench_masks import main
+
+    rows = main(["--batch", "4", "--grids", "16", "--reps", "2"])  # (the authors' loop can spin on small grids)
+    assert rows[0]["ours_ms"] > 0 and rows[0]["authors_ms"] > 0
