@@ -1,56 +1,185 @@
-"""ImageNet-style image folders: recursive scan, labels from the first-level sub-folders."""
+"""ImageNet-style image folders: a recursive scan, labels from the first-level sub-folders, and a
+decoder that turns every image mode into 8-bit RGB or says why it cannot.
+
+Layout: ``root/<class>/**/<image>``; extensions .jpg .jpeg .png .webp in any case. Classes are the
+sorted names of the first-level sub-folders that hold images (at any depth); the label of an image
+is its class's index. A folder without sub-folders is one unlabelled class (every label 0). When
+there are class folders, images lying directly in ``root`` belong to none and are left out with a
+warning that counts them (as torchvision's ImageFolder leaves them out, but not silently). The
+order is the sorted relative paths (by path components), the same on every machine and every run.
+Symbolic links to folders are followed (each real folder visited once).
+
+Decoding (``load_rgb``): the whole image is decoded inside the call (``Image.load``), so a
+truncated file raises here rather than later or never. Pillow's global ``LOAD_TRUNCATED_IMAGES``
+is left as it is (False unless someone else set it: then truncated JPEGs decode with grey bottoms,
+and ``load_rgb`` warns once). Mode conversion: L, 1, CMYK, YCbCr, P -> RGB by Pillow; 16-bit
+greyscale (I;16*) is scaled by 255/65535 (Pillow's own ``convert`` would clip it to white); 32-bit
+I is scaled the same way when its values exceed 255; images with alpha (RGBA, LA, PA, P or L or RGB
+with a transparency entry) are composited over white. EXIF orientation is not applied (as
+torchvision and DALI's crop windows on the header size). Whatever fails to decode raises; the
+loader substitutes the next image and counts it.
+"""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_warned_truncated_flag = False
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in EXTENSIONS
+
+
+def _walk(root: Path):
+    """(relative directory parts, file names) of every folder under ``root``, links followed once."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link cycle, or a second link to a folder already scanned
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        yield (() if rel == "." else tuple(Path(rel).parts)), filenames
+
+
+def first_image(root: str | Path) -> Path | None:
+    """Some image file under ``root`` (the first met), or None: a cheap non-empty check."""
+    for parts, names in _walk(Path(root)):
+        for name in sorted(names):
+            if _is_image_name(name):
+                return Path(root, *parts, name)
+    return None
+
+
+def require_dir(root: Path) -> None:
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} is not a directory")
+
+
+def no_images_message(root: Path) -> str:
+    msg = f"image folder {root} holds no images ({', '.join(EXTENSIONS)}, any case, at any depth)"
+    if any(p.suffix == ".tar" for p in root.iterdir()):
+        msg += "; its .tar files look like webdataset shards, which only data.loader=dali reads"
+    return msg
 
 
 def scan_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    """(paths, labels, class names), sorted; labels index the sorted first-level sub-folders
-    (images directly in ``root`` get label 0 when there are no sub-folders)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"image folder {root} holds no images ({', '.join(EXTENSIONS)})")
-    classes = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [index.get(p.relative_to(root).parts[0], 0) if len(p.relative_to(root).parts) > 1 else 0
-              for p in paths]
-    return paths, labels, classes
+    """(paths, labels, class names) of the images under ``root``, in the deterministic order.
 
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode fully (truncation is detected here) and convert any mode to 8-bit RGB.
-
-    16-bit greyscale is scaled to 8 bits (not clipped); alpha is composited on black, as dropping it.
-    Raises OSError / ValueError / SyntaxError for undecodable files.
+    FileNotFoundError naming ``root`` when it is missing, not a directory, or holds no image.
     """
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if arr.max() > 255 else 255.0
-            return Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)).convert("RGB")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return img.convert("RGB")
+    root = Path(root)
+    require_dir(root)
+    rel: list[tuple[str, ...]] = [(*parts, name) for parts, names in _walk(root) for name in names
+                                  if _is_image_name(name)]
+    if not rel:
+        raise FileNotFoundError(no_images_message(root))
+    rel.sort()
+    classes = sorted({r[0] for r in rel if len(r) > 1})
+    if classes:
+        loose = sum(1 for r in rel if len(r) == 1)
+        if loose:
+            log.warning("%s: %d image(s) lie directly in the root, outside the %d class folders, and are left out",
+                        root, loose, len(classes))
+            rel = [r for r in rel if len(r) > 1]
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[r[0]] if classes else 0 for r in rel]
+    return [root.joinpath(*r) for r in rel], labels, classes
+
+
+def _sixteen_to_eight(arr: np.ndarray) -> Image.Image:
+    """[H, W] integers on a 0..65535 scale -> 8-bit greyscale, rounded (65535 -> 255, 257k -> k)."""
+    arr = np.clip(arr.astype(np.int64), 0, 65535)
+    return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded Pillow image -> 8-bit RGB (see the module docstring for each mode)."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        return _sixteen_to_eight(np.asarray(img)).convert("RGB")
+    if img.mode == "I":
+        arr = np.asarray(img)
+        return (_sixteen_to_eight(arr) if arr.max(initial=0) > 255
+                else Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(source: str | Path | BinaryIO) -> Image.Image:
+    """Decode ``source`` (a path or a binary file object) completely and convert it to 8-bit RGB.
+
+    Raises (OSError, ValueError, SyntaxError, DecompressionBombError, struct.error, ...) for a file
+    that is truncated, corrupt, empty or not an image.
+    """
+    global _warned_truncated_flag
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_flag:
+        _warned_truncated_flag = True
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some other code: truncated images "
+                    "now decode (padded) instead of being skipped and counted")
+    with Image.open(source) as img:
+        img.load()  # the full decode: a truncated file fails here
+        return to_rgb(img)
+
+
+class _PathTable:
+    """Many relative paths in one bytes object plus offsets: no per-path Python objects, so forked
+    DataLoader workers share it without copy-on-write growth from reference counting."""
+
+    def __init__(self, root: Path, paths: list[Path]):
+        self.root = os.fspath(root)
+        encoded = [os.fsencode(os.path.relpath(p, root)) for p in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.blob = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"path index {i} out of range for {len(self)} paths")
+        i %= len(self)
+        return os.path.join(self.root, os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1]]))
 
 
 class ImageFolderDataset:
-    """``ds[i] -> (PIL RGB image, label)``; undecodable files raise (the loader skips and counts them)."""
+    """The images of a folder: ``ds[i] -> (PIL RGB image, label)``; ``labels`` [N] int64.
+
+    An undecodable file raises from ``ds[i]`` (``load_rgb``); the pretraining loader substitutes the
+    next index and counts the skip.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.paths, self.labels, self.classes = scan_folder(root)
+        paths, labels, self.classes = scan_folder(self.root)
+        self.paths = _PathTable(self.root, paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return load_rgb(self.paths[i]), self.labels[i]
+        return load_rgb(self.paths[i]), int(self.labels[i])
+
+    def describe(self, i: int) -> str:
+        return self.paths[i]

@@ -1,127 +1,223 @@
-"""The CPU pretraining loader: crops and masks that are pure functions of (seed, step), resumable
-mid-epoch, sharded per rank, tolerant of undecodable files (skipped and counted).
+"""The CPU pretraining loader: batches that are pure functions of (seed, step), resumable mid-epoch,
+sharded per rank, tolerant of undecodable files (replaced, counted and named).
 
-A batch sampler yields, for global step s, the list of ``(index, step, epoch)`` of that step's
-images on this rank; the dataset decodes and crops each with a generator seeded from
-(seed, epoch, index); the collate function samples the masks from (seed, step). Nothing depends on
-worker RNG, so a run resumed at step s sees exactly the batches s, s+1, ... of an uninterrupted run.
+How a batch is made:
+
+- ``StepBatchSampler`` (main process) yields, for each global step s from ``start_step`` on, this
+  rank's list of ``(index, s, epoch)``. Epoch e shuffles the dataset with a permutation of
+  (seed, e), keeps its first ``steps_per_epoch * batch * world`` entries (drop-last, so every rank
+  runs the same number of steps) and deals them to ranks (rank r takes every world-th entry), so
+  across ranks every kept sample is seen exactly once per epoch. Starting at step s computes the
+  epoch's permutation and slices it: nothing before s is decoded.
+- ``PretrainDataset`` (worker) decodes item ``index``; when the file is undecodable it takes the
+  next index (wrapping) until one decodes, and marks the sample as skipped with the file's path and
+  error. The crop is drawn by ``transforms.crop_rng(seed, epoch, index actually used)``.
+- ``Collate`` (worker) stacks the crops, normalises them (one vectorised op per batch) and samples
+  the masks with ``MultiBlockMaskSampler(grid, seed=seed, **mask_kwargs)`` at the batch's step.
+
+Nothing reads a worker's global RNG (nor the main process's: the DataLoader gets its own
+generator), so a run resumed at step s sees exactly the batches s, s+1, ... of an uninterrupted
+run, with any number of workers. The skip count travels inside each ``Batch`` (workers cannot share
+a counter); ``PretrainLoader`` adds it up in ``skipped`` and keeps ``skipped_paths``, logging each
+bad file once. Each skipped *sample* counts one (its own file is bad, whatever the substitute met on
+the way), so over an epoch that uses every index, ``skipped`` grows by exactly the number of bad
+files.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ijepa_fast.data.folder import ImageFolderDataset
-from ijepa_fast.data.idx import IdxDataset, find_idx_pair
-from ijepa_fast.data.transforms import center_crop_eval, random_resized_crop
+from ijepa_fast.data.folder import ImageFolderDataset, first_image, no_images_message, require_dir
+from ijepa_fast.data.idx import IdxDataset, check_idx_pair
+from ijepa_fast.data.transforms import (
+    EVAL_CROP_FRACTION,
+    center_crop_eval,
+    crop_rng,
+    normalize,
+    pil_to_uint8,
+    random_resized_crop_pil,
+)
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler, _mix
 
 log = logging.getLogger(__name__)
 
+# After this many undecodable files in a row the data source is taken to be unreadable (a lost
+# mount, a wrong format) and the loader raises instead of scanning the whole dataset per sample.
+MAX_CONSECUTIVE_BAD = 1000
+
+
+class Source(Protocol):
+    """A raw dataset: ``IdxDataset`` or ``ImageFolderDataset``."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> tuple[Any, int]: ...
+    def describe(self, i: int) -> str: ...
+
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # [B, 3, S, S] float32, normalised
-    labels: torch.Tensor  # [B] int64
-    masks: MaskBatch  # context [B, Kc], targets [M, B, Kt]
-    step: int  # global optimizer step of this batch
-    epoch: int
-    skipped: int  # undecodable files replaced in this batch
-    bad_paths: tuple[str, ...] = ()
+    """One step's data on one rank."""
 
+    images: torch.Tensor  # [B, 3, S, S] float32, normalised with the ImageNet mean and std
+    labels: torch.Tensor  # [B] int64 (class index; 0 for unlabelled folders)
+    masks: MaskBatch  # context [B, Kc] int64, targets [M, B, Kt] int64, from (seed, step)
+    step: int  # the global optimizer step this batch is for
+    epoch: int
+    skipped: int  # samples of this batch whose own file was undecodable (each replaced by the next)
+    bad_paths: tuple[str, ...] = ()  # "path (ErrorType: message)" of those files
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader's pin-memory thread calls this)."""
+        return dataclasses.replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
+                                   masks=MaskBatch(self.masks.context.pin_memory(), self.masks.targets.pin_memory()))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return dataclasses.replace(self, images=self.images.to(device, non_blocking=non_blocking),
+                                   labels=self.labels.to(device, non_blocking=non_blocking),
+                                   masks=self.masks.to(device, non_blocking=non_blocking))
+
+
+# ----------------------------------------------------------------------------- sources
 
 def folder_root(cfg) -> Path:
-    """``root/split`` when that sub-folder exists (ImageNet layout), else ``root`` itself."""
+    """``root/split`` when that sub-folder exists (the ImageNet layout), else ``root`` itself."""
     root = Path(cfg.root)
     return root / cfg.split if cfg.split and (root / cfg.split).is_dir() else root
 
 
 def check_data_source(cfg) -> None:
-    """Raise before any model is built when the data source is missing or empty."""
+    """Raise, naming the path, when the data source of a DataConfig is missing or empty.
+
+    Cheap (IDX: the two headers; folder: stops at the first image), so the trainer calls it before
+    building any model. FileNotFoundError for a missing or empty source, ``IdxFormatError`` (a
+    ValueError) for IDX files that are not IDX.
+    """
     if not cfg.root:
-        raise FileNotFoundError("data.root is empty: point it at IDX files or an image folder")
+        raise FileNotFoundError("data.root is empty: point it at a folder of IDX files or of images")
     if not Path(cfg.root).exists():
         raise FileNotFoundError(f"data.root={cfg.root} does not exist")
     if cfg.dataset == "idx":
-        find_idx_pair(cfg.root, cfg.split or "train")
-    else:
-        from ijepa_fast.data.folder import scan_folder
+        check_idx_pair(cfg.root, cfg.split or "train")
+        return
+    root = folder_root(cfg)
+    if root.is_file() and root.suffix == ".tar" and cfg.loader != "pytorch":
+        return  # one webdataset shard: the DALI loader's business
+    require_dir(root)
+    if first_image(root) is None:
+        if cfg.loader != "pytorch" and any(p.suffix == ".tar" for p in root.iterdir()):
+            return  # webdataset shards
+        raise FileNotFoundError(no_images_message(root))
 
-        scan_folder(folder_root(cfg))
 
-
-def open_source(cfg, split: str | None = None):
-    """The raw dataset (IdxDataset or ImageFolderDataset) of ``cfg`` for ``split``."""
-    if cfg.dataset == "idx":
-        return IdxDataset(cfg.root, split or cfg.split or "train")
+def open_source(cfg, split: str | None = None) -> Source:
+    """The raw dataset (``IdxDataset`` or ``ImageFolderDataset``) of a DataConfig, for ``split``
+    (default ``cfg.split``)."""
     if split is not None:
-        from dataclasses import replace
-
-        cfg = replace(cfg, split=split)
+        cfg = dataclasses.replace(cfg, split=split)
+    if cfg.dataset == "idx":
+        return IdxDataset(cfg.root, cfg.split or "train")
     return ImageFolderDataset(folder_root(cfg))
 
 
-def _as_pil(item) -> Image.Image:
-    return Image.fromarray(item).convert("RGB") if isinstance(item, np.ndarray) else item
+def _as_pil(item: Any) -> Image.Image:
+    """IDX arrays [H, W] uint8 -> an L image (cropped in one channel, repeated to RGB later: the
+    same bytes as cropping its RGB conversion, at a third of the work)."""
+    return Image.fromarray(np.ascontiguousarray(item)) if isinstance(item, np.ndarray) else item
 
+
+def _load_with_substitutes(source: Source, n: int, index: int) -> tuple[int, Any, int, str]:
+    """(index used, image, label, "" or "path (error)" of ``index``'s own file): ``index`` if it
+    decodes, else the next decodable index, wrapping around."""
+    bad = ""
+    for tries in range(min(n, MAX_CONSECUTIVE_BAD)):
+        i = (index + tries) % n
+        try:
+            img, label = source[i]
+        except Exception as err:  # any failure of a malformed file (OSError, SyntaxError, struct.error, ...)
+            if tries == 0:
+                bad = f"{source.describe(i)} ({type(err).__name__}: {err})"
+            continue
+        return i, img, label, bad
+    raise RuntimeError(f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row from {source.describe(index)} could not be "
+                       f"decoded (first: {bad}); is the data source readable?")
+
+
+# ----------------------------------------------------------------------------- pretraining
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """``ds[(index, step, epoch)] -> (image [3,S,S], label, skipped, bad path or "")``."""
+    """``ds[(index, step, epoch)] -> (image [C, S, S] uint8, label, step, epoch, bad)``.
 
-    def __init__(self, source, crop_size: int, crop_scale: tuple[float, float], seed: int, limit: int = 0):
+    C is 3 (folders) or 1 (IDX; ``Collate`` repeats it). ``bad`` is "" or "path (error)" when the
+    item's own file was undecodable and the next index stood in for it.
+    """
+
+    def __init__(self, source: Source, crop_size: int, crop_scale: tuple[float, float], seed: int, limit: int = 0):
         self.source = source
         self.n = min(len(source), limit) if limit else len(source)
-        self.crop_size, self.crop_scale, self.seed = crop_size, tuple(crop_scale), seed
+        self.crop_size, self.crop_scale, self.seed = int(crop_size), tuple(crop_scale), int(seed)
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, key: tuple[int, int, int]):
-        index, _, epoch = key
-        bad = ""
-        for tries in range(self.n):
-            i = (index + tries) % self.n
-            try:
-                img, label = self.source[i]
-            except (OSError, ValueError, SyntaxError) as err:  # undecodable: substitute the next one
-                if not bad:
-                    bad = f"{getattr(self.source, 'paths', ['?'] * self.n)[i]} ({type(err).__name__}: {err})"
-                continue
-            rng = random.Random(_mix(self.seed, epoch * 1_000_003 + i))
-            return random_resized_crop(_as_pil(img), self.crop_size, self.crop_scale, rng), label, tries, bad
-        raise RuntimeError(f"no image of the {self.n} in the data source could be decoded")
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, int, int, str]:
+        index, step, epoch = key
+        used, img, label, bad = _load_with_substitutes(self.source, self.n, index)
+        view = random_resized_crop_pil(_as_pil(img), self.crop_size, self.crop_scale,
+                                       crop_rng(self.seed, epoch, used))
+        return pil_to_uint8(view), label, step, epoch, bad
+
+
+class Collate:
+    """Samples of one step -> ``Batch``: stacked, normalised images and the step's masks."""
+
+    def __init__(self, mask_sampler: MultiBlockMaskSampler):
+        self.mask_sampler = mask_sampler
+
+    def __call__(self, items: list[tuple[torch.Tensor, int, int, int, str]]) -> Batch:
+        images, labels, steps, epochs, bad = zip(*items)
+        step, epoch = steps[0], epochs[0]
+        bad_paths = tuple(b for b in bad if b)
+        return Batch(images=normalize(torch.stack(images)),  # [B, 3, S, S]
+                     labels=torch.as_tensor(labels, dtype=torch.int64),
+                     masks=self.mask_sampler(len(images), step),
+                     step=step, epoch=epoch, skipped=len(bad_paths), bad_paths=bad_paths)
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Infinite: for each global step from ``start_step``, this rank's ``(index, step, epoch)`` list.
+    """Infinite: for each global step from ``start_step``, this rank's ``[(index, step, epoch)]``.
 
-    Epoch e uses the permutation of (seed, e); its first ``steps_per_epoch * batch * world`` entries
-    are dealt to ranks (rank r takes every world-th), so every used sample is seen once per epoch.
+    See the module docstring; ``steps_per_epoch = n // (batch_size * world_size)``.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0):
-        if not 0 <= rank < world_size:
+        if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if start_step < 0:
+            raise ValueError(f"start_step={start_step} must be >= 0")
         self.steps_per_epoch = n // (batch_size * world_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{n} images are fewer than one global batch ({batch_size} x {world_size} ranks)")
+            raise ValueError(f"{n} images are fewer than one global batch ({batch_size} per rank x {world_size} "
+                             "ranks): lower data.batch_size or add images")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's dataset indices of ``epoch`` in step order: [steps_per_epoch * batch_size] int64."""
         g = torch.Generator().manual_seed(_mix(self.seed, epoch) ^ 0x2545F491)
         used = self.steps_per_epoch * self.batch_size * self.world_size
         return torch.randperm(self.n, generator=g)[:used][self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        step, epoch, order = self.start_step, -1, None
+        step, epoch, order = self.start_step, -1, []
         while True:
             e, i = divmod(step, self.steps_per_epoch)
             if e != epoch:
@@ -130,40 +226,33 @@ class StepBatchSampler(torch.utils.data.Sampler):
             step += 1
 
 
-def _collate(items, mask_sampler: MultiBlockMaskSampler, step: int, epoch: int) -> Batch:
-    images, labels, skipped, bad = zip(*items)
-    return Batch(torch.stack(images), torch.as_tensor(labels, dtype=torch.int64),
-                 mask_sampler(len(images), step), step, epoch, int(sum(skipped)), tuple(b for b in bad if b))
-
-
-class _KeyedDataset(torch.utils.data.Dataset):
-    """Turns a list of keys into a collated Batch inside the worker (the batch sampler's unit)."""
-
-    def __init__(self, dataset: PretrainDataset, mask_sampler: MultiBlockMaskSampler):
-        self.dataset, self.mask_sampler = dataset, mask_sampler
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, keys: list[tuple[int, int, int]]) -> Batch:
-        _, step, epoch = keys[0]
-        return _collate([self.dataset[k] for k in keys], self.mask_sampler, step, epoch)
-
-
 class PretrainLoader:
-    """Iterates Batches forever from ``start_step``; counts skipped files in ``skipped`` and
-    remembers them in ``skipped_paths`` (each logged once)."""
+    """Iterates ``Batch`` objects forever from ``start_step`` (the trainer stops it).
+
+    ``steps_per_epoch``; ``skipped``: undecodable samples met so far by this process's iteration;
+    ``skipped_paths``: the distinct "path (error)" strings, each logged once. Every ``iter()``
+    starts again at ``start_step``; iterate one at a time. ``close()`` (or ``with``) stops the
+    persistent workers.
+    """
 
     def __init__(self, dataset: PretrainDataset, mask_sampler: MultiBlockMaskSampler, batch_sampler: StepBatchSampler,
-                 num_workers: int, pin_memory: bool):
+                 num_workers: int = 0, pin_memory: bool = False):
+        self.dataset, self.mask_sampler, self.batch_sampler = dataset, mask_sampler, batch_sampler
         self.steps_per_epoch = batch_sampler.steps_per_epoch
+        self.batch_size, self.start_step = batch_sampler.batch_size, batch_sampler.start_step
         self.skipped = 0
         self.skipped_paths: set[str] = set()
-        # One batch per sampler item: the dataset collates a whole batch in the worker.
+        # The DataLoader draws its workers' base seed from this generator, not from the global RNG
+        # (which a resumed run restores and must not see consumed by the loader).
+        generator = torch.Generator().manual_seed(_mix(dataset.seed, batch_sampler.rank))
         self._loader = torch.utils.data.DataLoader(
-            _KeyedDataset(dataset, mask_sampler), sampler=batch_sampler, batch_size=None, num_workers=num_workers,
-            persistent_workers=num_workers > 0, pin_memory=pin_memory and torch.cuda.is_available(),
-            prefetch_factor=4 if num_workers > 0 else None)
+            dataset, batch_sampler=batch_sampler, collate_fn=Collate(mask_sampler), num_workers=num_workers,
+            persistent_workers=num_workers > 0, pin_memory=pin_memory, generator=generator)
+
+    @property
+    def epoch_size(self) -> int:
+        """Samples per epoch on this rank (``steps_per_epoch * batch_size``)."""
+        return self.steps_per_epoch * self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self._loader:
@@ -171,33 +260,73 @@ class PretrainLoader:
             for path in batch.bad_paths:
                 if path not in self.skipped_paths:
                     self.skipped_paths.add(path)
-                    log.warning("skipped an undecodable image: %s", path)
+                    log.warning("skipped an undecodable image (the next one stands in): %s", path)
             yield batch
 
+    def close(self) -> None:
+        """Shut the persistent workers down now (they would otherwise live as long as this loader)."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader._iterator = None
 
-def build_pretrain_loader(cfg, *, grid, mask_kwargs: dict, seed: int, rank: int = 0, world_size: int = 1,
-                          start_step: int = 0) -> PretrainLoader:
-    """The pretraining loader of a DataConfig (see the module docstring)."""
+    def __enter__(self) -> PretrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def build_pretrain_loader(cfg, *, grid: int | tuple[int, int], mask_kwargs: dict, seed: int, rank: int = 0,
+                          world_size: int = 1, start_step: int = 0) -> PretrainLoader:
+    """The CPU pretraining loader of a ``DataConfig``.
+
+    ``grid``: the patch grid (``crop_size // patch_size``, or (H, W)); ``mask_kwargs``: the
+    ``MultiBlockMaskSampler`` keywords other than ``seed``. Yields ``Batch`` with images
+    [batch_size, 3, crop_size, crop_size] float32 for steps ``start_step``, ``start_step + 1``, ...
+    ``pin_memory`` applies only when CUDA is available; ``num_workers > 0`` keeps its workers alive
+    across epochs (the sampler never ends an epoch anyway).
+    """
     dataset = PretrainDataset(open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, rank, world_size, start_step)
-    return PretrainLoader(dataset, MultiBlockMaskSampler(grid, seed=seed, **mask_kwargs), sampler,
-                          cfg.num_workers, cfg.pin_memory)
+    masks = MultiBlockMaskSampler(grid, seed=seed, **mask_kwargs)
+    return PretrainLoader(dataset, masks, sampler, cfg.num_workers, cfg.pin_memory and torch.cuda.is_available())
 
+
+# ----------------------------------------------------------------------------- evaluation
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Centre-cropped normalised images for frozen-feature evaluation: ``ds[i] -> (image, label)``."""
+    """Centre-cropped normalised images for frozen-feature evaluation:
+    ``ds[i] -> (image [3, S, S] float32, label int)``.
 
-    def __init__(self, source, crop_size: int, limit: int = 0):
-        self.source, self.crop_size = source, crop_size
+    An undecodable file is replaced by the next decodable one (as in pretraining) with a warning
+    naming it; ``bad`` holds the ones this process met.
+    """
+
+    def __init__(self, source: Source, crop_size: int, limit: int = 0, crop_fraction: float = EVAL_CROP_FRACTION):
+        self.source, self.crop_size, self.crop_fraction = source, int(crop_size), float(crop_fraction)
         self.n = min(len(source), limit) if limit else len(source)
+        self.bad: set[str] = set()
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):
-        img, label = self.source[i]
-        return center_crop_eval(_as_pil(img), self.crop_size), label
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} images")
+        _, img, label, bad = _load_with_substitutes(self.source, self.n, i)
+        if bad and bad not in self.bad:
+            self.bad.add(bad)
+            log.warning("evaluation: undecodable image replaced by the next one: %s", bad)
+        return center_crop_eval(_as_pil(img), self.crop_size, self.crop_fraction), label
 
 
-def build_eval_dataset(cfg, split: str = "train", limit: int = 0) -> EvalDataset:
-    return EvalDataset(open_source(cfg, split), cfg.crop_size, limit)
+def build_eval_dataset(cfg, split: str = "train", limit: int = 0, crop_fraction: float | None = None) -> EvalDataset:
+    """Centre-crop evaluation dataset of ``split`` (idx: train|test; folder: a sub-folder of root).
+
+    ``crop_fraction`` defaults to 1.0 for IDX (the whole small image) and 0.875 for folders.
+    Batch it with ``torch.utils.data.DataLoader(ds, batch_size=...)`` for [B, 3, S, S] images.
+    """
+    if crop_fraction is None:
+        crop_fraction = 1.0 if cfg.dataset == "idx" else EVAL_CROP_FRACTION
+    return EvalDataset(open_source(cfg, split), cfg.crop_size, limit, crop_fraction)

@@ -1,4 +1,18 @@
-"""RandomResizedCrop and normalisation with PIL and torch (no torchvision), seeded per sample."""
+"""The pretraining view (RandomResizedCrop) and the evaluation view (centre crop), with PIL and torch
+only (no torchvision), each randomness drawn from an explicit per-sample generator.
+
+Pretraining (the paper): RandomResizedCrop with area scale (0.3, 1.0) and aspect ratio (3/4, 4/3),
+resized to the crop size, normalised with the ImageNet mean and std; no flips, no colour jitter, no
+blur. ``crop_box`` keeps torchvision's semantics: ten attempts at (area ~ U(scale) x image area,
+log-aspect ~ U(log ratio)), the first that fits is placed uniformly; else the largest centred crop
+whose aspect ratio lies in the range. The crop is cut and resized in one Pillow call
+(``resize(box=...)``, bilinear with a support widened by the downscale factor, i.e. antialiased as
+torchvision's ``antialias=True``).
+
+``crop_rng(seed, epoch, index)`` is the only source of a sample's crop randomness: a resumed run,
+a run with more or fewer workers, and the DALI loader (which computes the same windows) all see
+the same crop of the same image at the same step.
+"""
 from __future__ import annotations
 
 import math
@@ -8,14 +22,29 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ijepa_fast.masks import _mix
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.3, 1.0)  # the paper's RandomResizedCrop area range (torchvision's default is 0.08)
+CROP_RATIO = (3 / 4, 4 / 3)
+EVAL_CROP_FRACTION = 0.875  # the centre crop is 87.5% of the shorter side (resize 256 -> crop 224)
+
+Box = tuple[int, int, int, int]  # (left, top, width, height) in pixels of the source image
+
+
+def crop_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The crop generator of dataset item ``index`` in ``epoch`` (never the process's global RNG)."""
+    return random.Random(_mix(seed, epoch * 1_000_003 + index))
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
-             rng: random.Random) -> tuple[int, int, int, int]:
-    """(left, top, w, h) of a random crop: area fraction ~ U(scale), log-aspect ~ U(log ratio); ten
-    attempts, then the largest centre crop within the ratio range (torchvision's semantics)."""
+             rng: random.Random) -> Box:
+    """(left, top, w, h) of a RandomResizedCrop window of a ``width`` x ``height`` image.
+
+    Area fraction ~ U(scale), log-aspect ~ U(log ratio); ten attempts, then the largest centre crop
+    within the ratio range (torchvision's semantics; ``rng`` supplies every draw).
+    """
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -35,25 +64,64 @@ def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[f
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [3, H, W] float32 normalised with the ImageNet mean and std."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+def resized_crop(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """The region ``box`` = (left, top, w, h) of ``img`` resampled to ``size`` x ``size`` (bilinear,
+    antialiased when shrinking); a no-op copy when the box is the whole image at that size."""
+    left, top, w, h = box
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+
+
+def random_resized_crop_pil(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
+                            ratio: tuple[float, float] = CROP_RATIO) -> Image.Image:
+    """The pretraining view as a ``size`` x ``size`` PIL image of ``img``'s mode."""
+    return resized_crop(img, crop_box(img.width, img.height, scale, ratio, rng), size)
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """An L or RGB PIL image -> [C, H, W] uint8 (C = 1 or 3), one copy."""
+    if img.mode not in ("L", "RGB"):
+        raise ValueError(f"expected an L or RGB image, got mode {img.mode}")
+    arr = np.array(img, dtype=np.uint8, copy=True)  # writable: torch refuses read-only buffers
+    return torch.from_numpy(arr.reshape(img.height, img.width, -1)).permute(2, 0, 1)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., C, H, W] (C = 1 or 3; one channel is repeated) -> float32 [..., 3, H, W],
+    (x / 255 - mean) / std with the ImageNet statistics, contiguous."""
+    if images.shape[-3] == 1:
+        images = images.expand(*images.shape[:-3], 3, *images.shape[-2:])
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return arr.sub_(mean).div_(std)
+    out = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    return out.sub_(mean).div_(std)
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """An L or RGB PIL image -> [3, H, W] float32 normalised with the ImageNet mean and std."""
+    return normalize(pil_to_uint8(img))
 
 
 def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """The pretraining view: random crop, bilinear resize to size x size, normalise. No flips or jitter."""
-    left, top, w, h = crop_box(img.width, img.height, scale, ratio, rng)
-    return to_normalized_tensor(img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+                        ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """The pretraining view of an L or RGB image: [3, size, size] float32, normalised."""
+    return to_normalized_tensor(random_resized_crop_pil(img, size, scale, rng, ratio))
 
 
-def center_crop_eval(img: Image.Image, size: int) -> torch.Tensor:
-    """Evaluation view: resize the shorter side to size / 0.875, centre crop size x size, normalise."""
-    short = round(size / 0.875) if min(img.size) != size else size
-    scale = short / min(img.size)
-    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BILINEAR)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return to_normalized_tensor(img.crop((left, top, left + size, top + size)))
+def center_box(width: int, height: int, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> \
+        tuple[float, float, float, float]:
+    """(left, top, w, h), possibly fractional, of the centre crop that "resize the shorter side to
+    size / crop_fraction, then cut size x size from the centre" takes from the source image."""
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction={crop_fraction} must lie in (0, 1]")
+    side = min(width, height) * crop_fraction  # size / (shorter-side scale factor)
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def center_crop_eval(img: Image.Image, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> torch.Tensor:
+    """The evaluation view: [3, size, size] float32, normalised.
+
+    Resize the shorter side to ``size / crop_fraction`` and cut the centre ``size`` x ``size``,
+    done as one resample of the centre region (no double rounding). ``crop_fraction=1`` keeps the
+    whole shorter side (a square image at ``size`` comes back unchanged).
+    """
+    return to_normalized_tensor(resized_crop(img, center_box(img.width, img.height, size, crop_fraction), size))
