@@ -4,14 +4,18 @@ stage of one image in this process, to show where the time goes.
 
     python -m profiling.bench_data [--root DIR | --num-images 256 --image-size 500 375]
                                    [--workers 0 1 2] [--batch-size 64] [--steps 20] [--crop-size 224]
-                                   [--patch-size 16] [--loaders pytorch] [--json out.json] [--quick]
+                                   [--patch-size 16] [--loaders pytorch dali-cpu dali-gpu] [--json out.json]
+                                   [--quick]
 
 Without ``--root`` it writes ``--num-images`` photo-like JPEGs (500x375, about ImageNet's mean
 size; ``tests/data_fixtures.py``) to ``--dir`` or a temporary folder. Timing: per worker count, a
 fresh loader; the first ``2 * workers + 1`` batches (start-up and the prefetch queue) are not timed,
 then ``--steps`` batches are (at least ``4 * workers``, so that the batches in progress when the
 clock starts stay a small part of the window). The files are read once before timing, so they come
-from the page cache, as on a warm training machine.
+from the page cache, as on a warm training machine. ``--loaders dali-cpu dali-gpu`` add the DALI
+loader (``ijepa_fast.data.dali``: decode of the crop only, resize, normalise, masks) in DALI's CPU
+mode and with GPU decoding (needs nvidia-dali, and CUDA for dali-gpu); there "workers" is DALI's
+thread count.
 """
 from __future__ import annotations
 
@@ -77,9 +81,49 @@ def bench_pytorch(root: Path, workers: int, args: argparse.Namespace) -> dict:
             "images_per_s": steps * args.batch_size / elapsed, "ms_per_batch": elapsed / steps * 1e3}
 
 
-# name -> fn(root, workers, args) -> row. The DALI loader (GPU machines) registers here as "dali",
-# timed the same way (fresh loader, warm-up batches, then --steps batches), so the two share a table.
-LOADERS: dict[str, Callable[[Path, int, argparse.Namespace], dict]] = {"pytorch": bench_pytorch}
+def _bench_dali(root: Path, workers: int, args: argparse.Namespace, device: str) -> dict:
+    """images/s of the DALI loader with ``workers`` DALI threads (and as many file readers), masks
+    included: DALI's CPU mode, or GPU (``mixed``) decoding with the masks sampled on the GPU."""
+    from ijepa_fast.data.dali import build_dali_loader
+
+    threads = max(1, workers)
+    cfg = DataConfig(dataset="folder", root=str(root), split="", crop_size=args.crop_size, batch_size=args.batch_size,
+                     num_workers=threads, pin_memory=False, loader="dali")
+    grid = args.crop_size // args.patch_size
+    # not timed: the first batch (built with the pipeline) and DALI's prefetch queue (2 batches)
+    warmup, steps = 3, args.steps
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # DALI and the masks run async
+    with build_dali_loader(cfg, grid=grid, mask_kwargs={}, seed=0, device=device, validate="off",
+                           threads=threads) as loader:
+        it = iter(loader)
+        for _ in range(warmup):
+            next(it)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch = next(it)
+        sync()
+        elapsed = time.perf_counter() - start
+    assert batch.images.shape == (args.batch_size, 3, args.crop_size, args.crop_size)
+    return {"loader": "dali-gpu" if device == "cuda" else "dali-cpu", "workers": threads, "batch": args.batch_size,
+            "steps": steps, "images_per_s": steps * args.batch_size / elapsed, "ms_per_batch": elapsed / steps * 1e3}
+
+
+def bench_dali_cpu(root: Path, workers: int, args: argparse.Namespace) -> dict:
+    return _bench_dali(root, workers, args, "cpu")
+
+
+def bench_dali_gpu(root: Path, workers: int, args: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("--loaders dali-gpu needs a CUDA device")
+    return _bench_dali(root, workers, args, "cuda")
+
+
+# name -> fn(root, workers, args) -> row, all timed the same way (a fresh loader, warm-up batches,
+# then --steps batches), so they share a table. For the DALI loaders "workers" is DALI's threads
+# (0 counts as 1): images/s per CPU core is images_per_s / workers.
+LOADERS: dict[str, Callable[[Path, int, argparse.Namespace], dict]] = {
+    "pytorch": bench_pytorch, "dali-cpu": bench_dali_cpu, "dali-gpu": bench_dali_gpu}
 
 
 # ----------------------------------------------------------------------------- stages

@@ -13,6 +13,8 @@ import struct
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from ijepa_fast.config import DataConfig
@@ -146,6 +148,16 @@ def test_folder_scan_labels_order_and_extensions(tmp_path):
     assert len(ds) == planted.n_files and ds.describe(0) == str(paths[0]) and ds.labels.tolist() == labels
 
 
+def test_unusual_file_names_survive_the_path_table(tmp_path):
+    names = ["caf\u00e9 \u732b.jpg", os.fsdecode(b"raw-\xff-bytes.png")]  # non-ASCII, and not UTF-8 at all
+    for i, name in enumerate(names):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / name).write_bytes(encode(synthetic_photo(seed=i), "PNG"))
+    ds = ImageFolderDataset(tmp_path)
+    assert sorted(os.path.basename(ds.describe(i)) for i in range(2)) == sorted(names)
+    assert all(ds[i][0].mode == "RGB" for i in range(2))
+
+
 def test_flat_folder_is_one_class_and_loose_images_are_left_out_loudly(tmp_path, caplog):
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(encode(synthetic_photo(seed=i), "PNG"))
@@ -221,6 +233,14 @@ def test_crop_area_and_aspect_within_bounds():
     # on a square image the rejections are symmetric in the aspect, so the log-aspect centres on 0
     square = [crop_box(300, 300, (0.3, 1.0), (3 / 4, 4 / 3), rng) for _ in range(3000)]
     assert abs(np.median([math.log(w / h) for _, _, w, h in square])) < 0.03
+
+
+@settings(max_examples=300, deadline=None)
+@given(W=st.integers(1, 3000), H=st.integers(1, 3000), lo=st.floats(0.01, 1.0), span=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**32))
+def test_crop_box_always_fits_the_image(W, H, lo, span, seed):
+    x, y, w, h = crop_box(W, H, (lo, min(1.0, lo + span)), (3 / 4, 4 / 3), random.Random(seed))
+    assert 0 <= x and 0 <= y and 1 <= w and 1 <= h and x + w <= W and y + h <= H  # noqa: SIM300
 
 
 def test_crop_fallback_is_the_largest_centred_crop_in_ratio():

@@ -15,9 +15,9 @@ is left as it is (False unless someone else set it: then truncated JPEGs decode 
 and ``load_rgb`` warns once). Mode conversion: L, 1, CMYK, YCbCr, P -> RGB by Pillow; 16-bit
 greyscale (I;16*) is scaled by 255/65535 (Pillow's own ``convert`` would clip it to white); 32-bit
 I is scaled the same way when its values exceed 255; images with alpha (RGBA, LA, PA, P or L or RGB
-with a transparency entry) are composited over white. EXIF orientation is not applied (as
-torchvision and DALI's crop windows on the header size). Whatever fails to decode raises; the
-loader substitutes the next image and counts it.
+with a transparency entry) are composited over white. EXIF orientation is not applied
+(torchvision does not apply it either, and the DALI loader computes the same crop windows on the
+stored size). Whatever fails to decode raises; the loader substitutes the next image and counts it.
 """
 from __future__ import annotations
 
@@ -78,12 +78,8 @@ def no_images_message(root: Path) -> str:
     return msg
 
 
-def scan_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    """(paths, labels, class names) of the images under ``root``, in the deterministic order.
-
-    FileNotFoundError naming ``root`` when it is missing, not a directory, or holds no image.
-    """
-    root = Path(root)
+def _scan(root: Path) -> tuple[list[str], list[int], list[str]]:
+    """(relative paths with os.sep, labels, classes) in the deterministic order; see ``scan_folder``."""
     require_dir(root)
     rel: list[tuple[str, ...]] = [(*parts, name) for parts, names in _walk(root) for name in names
                                   if _is_image_name(name)]
@@ -99,7 +95,21 @@ def scan_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
             rel = [r for r in rel if len(r) > 1]
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r[0]] if classes else 0 for r in rel]
-    return [root.joinpath(*r) for r in rel], labels, classes
+    return [os.sep.join(r) for r in rel], labels, classes
+
+
+def scan_folder(root: str | Path, as_str: bool = False) -> tuple[list, list[int], list[str]]:
+    """(paths, labels, class names) of the images under ``root``, in the deterministic order.
+
+    Paths are ``Path`` objects, or ``str`` with ``as_str`` (much cheaper at scale: 1.28M ``Path``
+    objects, ImageNet's train set, took 10-15 s on one core here). FileNotFoundError naming
+    ``root`` when it is missing, not a directory, or holds no image.
+    """
+    root = Path(root)
+    rel, labels, classes = _scan(root)
+    prefix = os.path.join(os.fspath(root), "")
+    paths = [prefix + r for r in rel]
+    return (paths if as_str else [Path(p) for p in paths]), labels, classes
 
 
 def _sixteen_to_eight(arr: np.ndarray) -> Image.Image:
@@ -145,9 +155,9 @@ class _PathTable:
     """Many relative paths in one bytes object plus offsets: no per-path Python objects, so forked
     DataLoader workers share it without copy-on-write growth from reference counting."""
 
-    def __init__(self, root: Path, paths: list[Path]):
-        self.root = os.fspath(root)
-        encoded = [os.fsencode(os.path.relpath(p, root)) for p in paths]
+    def __init__(self, root: Path, rel: list[str]):
+        self.prefix = os.path.join(os.fspath(root), "")
+        encoded = [os.fsencode(r) for r in rel]
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
         self.blob = b"".join(encoded)
@@ -159,7 +169,7 @@ class _PathTable:
         if not -len(self) <= i < len(self):
             raise IndexError(f"path index {i} out of range for {len(self)} paths")
         i %= len(self)
-        return os.path.join(self.root, os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1]]))
+        return self.prefix + os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1]])
 
 
 class ImageFolderDataset:
@@ -171,8 +181,8 @@ class ImageFolderDataset:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        paths, labels, self.classes = scan_folder(self.root)
-        self.paths = _PathTable(self.root, paths)
+        rel, labels, self.classes = _scan(self.root)
+        self.paths = _PathTable(self.root, rel)
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
