@@ -5,14 +5,16 @@ stage of one image in this process, to show where the time goes.
     python -m profiling.bench_data [--root DIR | --num-images 256 --image-size 500 375]
                                    [--workers 0 1 2] [--batch-size 64] [--steps 20] [--crop-size 224]
                                    [--patch-size 16] [--loaders pytorch dali-cpu dali-gpu] [--json out.json]
-                                   [--quick]
+                                   [--repeats 3] [--quick]
 
 Without ``--root`` it writes ``--num-images`` photo-like JPEGs (500x375, about ImageNet's mean
 size; ``tests/data_fixtures.py``) to ``--dir`` or a temporary folder. Timing: per worker count, a
 fresh loader; the first ``2 * workers + 1`` batches (start-up and the prefetch queue) are not timed,
 then ``--steps`` batches are (at least ``4 * workers``, so that the batches in progress when the
-clock starts stay a small part of the window). The files are read once before timing, so they come
-from the page cache, as on a warm training machine. ``--loaders dali-cpu dali-gpu`` add the DALI
+clock starts stay a small part of the window). ``--repeats`` rounds, each over every loader and
+worker count in turn (so that a change in the machine's load hits all of them alike); the table
+gives the median round and the range. The files are read once before timing, so they come from the
+page cache, as on a warm training machine. ``--loaders dali-cpu dali-gpu`` add the DALI
 loader (``ijepa_fast.data.dali``: decode of the crop only, resize, normalise, masks) in DALI's CPU
 mode and with GPU decoding (needs nvidia-dali, and CUDA for dali-gpu); there "workers" is DALI's
 thread count.
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=None, help="worker counts (default: 0 1 .. cores)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed batches per worker count")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over the worker counts (median reported)")
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--loaders", nargs="+", default=["pytorch"], choices=sorted(LOADERS))
@@ -53,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few seconds on a CPU: 32 images, batch 8, 3 steps")
     args = p.parse_args(argv)
     if args.quick:
-        args.num_images, args.batch_size, args.steps = min(args.num_images, 32), 8, 3
+        args.num_images, args.batch_size, args.steps, args.repeats = min(args.num_images, 32), 8, 3, 1
     if args.workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         args.workers = [0] if args.quick else sorted({0, 1, *range(2, cores + 1, 2), cores})
@@ -166,19 +169,33 @@ def stage_costs(root: Path, args: argparse.Namespace, images: int = 16) -> dict[
 # ----------------------------------------------------------------------------- report
 
 def table(rows: list[dict]) -> str:
-    lines = ["| loader | workers | batch | timed batches | images/s | ms per batch |", "|---|---|---|---|---|---|"]
+    lines = ["| loader | workers | batch | timed batches x rounds | images/s (median) | range | ms per batch |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['loader']} | {r['workers']} | {r['batch']} | {r['steps']} | {r['images_per_s']:.0f} "
+        lines.append(f"| {r['loader']} | {r['workers']} | {r['batch']} | {r['steps']} x {r['rounds']} "
+                     f"| {r['images_per_s']:.0f} | {r['min_images_per_s']:.0f}-{r['max_images_per_s']:.0f} "
                      f"| {r['ms_per_batch']:.1f} |")
     return "\n".join(lines)
+
+
+def _median_round(results: list[dict]) -> dict:
+    """The round with the median images/s, plus the range and every round's rate."""
+    ranked = sorted(results, key=lambda r: r["images_per_s"])
+    rates = [r["images_per_s"] for r in ranked]
+    return {**ranked[(len(ranked) - 1) // 2], "rounds": len(ranked), "min_images_per_s": rates[0],
+            "max_images_per_s": rates[-1], "all_images_per_s": rates}
 
 
 def run(root: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:
     for p in scan_folder(root)[0]:  # into the page cache
         p.read_bytes()
     stages = stage_costs(root, args)
-    rows = [LOADERS[name](root, k, args) for name in args.loaders for k in args.workers]
-    return rows, stages
+    cases = [(name, k) for name in args.loaders for k in args.workers]
+    results: dict[tuple[str, int], list[dict]] = {c: [] for c in cases}
+    for _ in range(max(1, args.repeats)):
+        for name, k in cases:
+            results[(name, k)].append(LOADERS[name](root, k, args))
+    return [_median_round(results[c]) for c in cases], stages
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
