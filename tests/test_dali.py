@@ -363,6 +363,14 @@ def test_webdataset_resume_continues_steps_and_masks(tmp_path):
         assert torch.equal(a.masks.context, b.masks.context) and torch.equal(a.masks.targets, b.masks.targets)
 
 
+@needs_dali
+def test_benchmark_dali_cpu_row(tmp_path):
+    from profiling.bench_data import main
+
+    rows = main(["--quick", "--workers", "1", "--loaders", "dali-cpu", "--dir", str(tmp_path)])
+    assert rows[0]["loader"] == "dali-cpu" and rows[0]["images_per_s"] > 0
+
+
 def test_parse_ascii_labels():
     rows = [b"12", b"7\n", b"", b"x3", b"0"]
     width = max(len(r) for r in rows)
