@@ -395,9 +395,9 @@ def build_dali_loader(cfg, *, grid, mask_kwargs: dict, seed: int, rank: int = 0,
                                   masks=masks, device=device, dtype=dtype, start_step=start_step, excluded=bad,
                                   tmpdir=tmpdir)
 
-    paths, labels, _ = scan_folder(folder_root(cfg))
+    paths, labels, _ = scan_folder(os.path.abspath(folder_root(cfg)), as_str=True)  # absolute: cache keys
     n = min(len(paths), cfg.limit) if cfg.limit else len(paths)
-    paths, labels = [os.path.abspath(p) for p in paths[:n]], labels[:n]
+    paths, labels = paths[:n], labels[:n]
     bad = validate_images(paths, mode=validate, cache=cache, workers=threads)
     if bad:
         log.warning("%d of %d images are undecodable: each is replaced by the next good one and counted in "
