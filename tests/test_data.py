@@ -25,6 +25,7 @@ from ijepa_fast.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     center_box,
+    center_crop_eval,
     crop_box,
     crop_rng,
     normalize,
@@ -280,14 +281,11 @@ def test_centre_crop_eval_geometry():
     assert center_box(400, 300, 224) == (50 + 300 * 0.125 / 2, 300 * 0.125 / 2, 262.5, 262.5)
     img = np.zeros((30, 40, 3), np.uint8)
     img[:, 5:35] = 255  # the centre 30 x 30 square is white, the side bands black
-    out = build_eval_ds_from(img, crop_fraction=1.0)
+    out = center_crop_eval(Image.fromarray(img), 30, crop_fraction=1.0)
     assert out.shape == (3, 30, 30) and torch.equal(out, to_normalized_tensor(Image.new("RGB", (30, 30), "white")))
-
-
-def build_eval_ds_from(img: np.ndarray, crop_fraction: float) -> torch.Tensor:
-    from ijepa_fast.data.transforms import center_crop_eval
-
-    return center_crop_eval(Image.fromarray(img), 30, crop_fraction)
+    # the default 0.875 takes the centre 26.25 px of the 30-px side: still inside the white square
+    out = center_crop_eval(Image.fromarray(img), 24)
+    assert out.shape == (3, 24, 24) and torch.equal(out, to_normalized_tensor(Image.new("RGB", (24, 24), "white")))
 
 
 # ----------------------------------------------------------------------------- the loader

@@ -30,7 +30,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from ijepa_fast.data.transforms import (
     random_resized_crop_pil,
 )
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler, _mix
+
+if TYPE_CHECKING:
+    from ijepa_fast.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +91,13 @@ class Batch:
 
 # ----------------------------------------------------------------------------- sources
 
-def folder_root(cfg) -> Path:
+def folder_root(cfg: DataConfig) -> Path:
     """``root/split`` when that sub-folder exists (the ImageNet layout), else ``root`` itself."""
     root = Path(cfg.root)
     return root / cfg.split if cfg.split and (root / cfg.split).is_dir() else root
 
 
-def check_data_source(cfg) -> None:
+def check_data_source(cfg: DataConfig) -> None:
     """Raise, naming the path, when the data source of a DataConfig is missing or empty.
 
     Cheap (IDX: the two headers; folder: stops at the first image), so the trainer calls it before
@@ -118,7 +121,7 @@ def check_data_source(cfg) -> None:
         raise FileNotFoundError(no_images_message(root))
 
 
-def open_source(cfg, split: str | None = None) -> Source:
+def open_source(cfg: DataConfig, split: str | None = None) -> Source:
     """The raw dataset (``IdxDataset`` or ``ImageFolderDataset``) of a DataConfig, for ``split``
     (default ``cfg.split``)."""
     if split is not None:
@@ -277,7 +280,7 @@ class PretrainLoader:
         self.close()
 
 
-def build_pretrain_loader(cfg, *, grid: int | tuple[int, int], mask_kwargs: dict, seed: int, rank: int = 0,
+def build_pretrain_loader(cfg: DataConfig, *, grid: int | tuple[int, int], mask_kwargs: dict, seed: int, rank: int = 0,
                           world_size: int = 1, start_step: int = 0) -> PretrainLoader:
     """The CPU pretraining loader of a ``DataConfig``.
 
@@ -321,7 +324,8 @@ class EvalDataset(torch.utils.data.Dataset):
         return center_crop_eval(_as_pil(img), self.crop_size, self.crop_fraction), label
 
 
-def build_eval_dataset(cfg, split: str = "train", limit: int = 0, crop_fraction: float | None = None) -> EvalDataset:
+def build_eval_dataset(cfg: DataConfig, split: str = "train", limit: int = 0,
+                       crop_fraction: float | None = None) -> EvalDataset:
     """Centre-crop evaluation dataset of ``split`` (idx: train|test; folder: a sub-folder of root).
 
     ``crop_fraction`` defaults to 1.0 for IDX (the whole small image) and 0.875 for folders.
