@@ -1,0 +1,230 @@
+"""Process-group set-up for every way a run is started, a collective timeout, and rank helpers.
+
+How each launcher describes the process (``detect``):
+
+- ``torchrun`` and the ``deepspeed`` launcher export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR`` and ``MASTER_PORT``; they win when present (also under SLURM, where the sbatch
+  script runs one torchrun per node).
+- ``srun python -m ijepa_fast.pretrain`` (one task per GPU) sets ``SLURM_PROCID``,
+  ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID`` and the node list: the first node is the master and
+  the port is derived from the job id, so every task agrees without talking.
+- A plain ``python -m ...`` is a world of one on 127.0.0.1 with a free port: a single node without
+  SLURM needs no launcher at all.
+
+``init`` exports those variables (DeepSpeed and ``env://`` read them), picks NCCL on CUDA and
+gloo on CPU, and sets the collective timeout: an argument, else ``IJEPA_DIST_TIMEOUT_S``, else
+30 minutes. A rank that dies or stalls makes its peers' next collective fail within the timeout
+instead of waiting forever: gloo raises at once on a closed connection and at the timeout
+otherwise; NCCL's watchdog aborts the process at the timeout (PyTorch's default
+``TORCH_NCCL_ASYNC_ERROR_HANDLING``). Nothing here runs at import.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 1800.0  # 30 min: a slow checkpoint write or a data stall on one rank must not kill the run
+TIMEOUT_ENV = "IJEPA_DIST_TIMEOUT_S"
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # env (torchrun / deepspeed / any launcher exporting RANK) | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def as_environ(self) -> dict[str, str]:
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a world of one, and for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list to host names, as ``scontrol show hostnames`` prints them.
+
+    ``"gpu[01-03,7],login1"`` -> ``["gpu01", "gpu02", "gpu03", "gpu7", "login1"]``.
+    """
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            width = len(lo)  # zero padding as written: 01-03 keeps two digits
+            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def _int(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank, world size and rendezvous address from the launcher's environment (module docstring)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        world = _int(env, "WORLD_SIZE")
+        if missing and world > 1:
+            raise ValueError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not: launch with torchrun "
+                             f"or deepspeed, or export them")
+        rank = _int(env, "RANK")
+        return DistEnv(rank, world, int(env.get("LOCAL_RANK", rank)), env.get("MASTER_ADDR", "127.0.0.1"),
+                       int(env.get("MASTER_PORT", 0)) or free_port(), "env")
+    # srun sets SLURM_STEP_NUM_TASKS for the job step; SLURM_NTASKS alone is also set inside the batch
+    # script itself, where only one process runs, so it does not make a world.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = _int(env, "SLURM_STEP_NUM_TASKS")
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        hosts = expand_nodelist(nodes)
+        addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
+        port = int(env.get("MASTER_PORT", 0))
+        if not port:  # every task derives the same port from the job id (two jobs sharing a node differ)
+            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
+        return DistEnv(_int(env, "SLURM_PROCID"), world, int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)) or free_port(),
+                   "single")
+
+
+def resolve_timeout(timeout_s: float | None = None, environ: Mapping[str, str] | None = None) -> timedelta:
+    """The collective timeout: ``timeout_s``, else ``$IJEPA_DIST_TIMEOUT_S``, else 30 minutes."""
+    env = os.environ if environ is None else environ
+    if timeout_s is None:
+        raw = env.get(TIMEOUT_ENV)
+        try:
+            timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if timeout_s <= 0:
+        raise ValueError(f"the collective timeout must be positive, got {timeout_s} s")
+    return timedelta(seconds=timeout_s)
+
+
+def resolve_engine(engine: str, env: DistEnv) -> str:
+    """``auto`` -> deepspeed under a multi-process launcher, plain otherwise; plain with several
+    processes is refused (the plain trainer has no data parallelism)."""
+    if engine == "auto":
+        return "deepspeed" if env.world_size > 1 else "plain"
+    if engine == "plain" and env.world_size > 1:
+        raise ValueError(f"run.engine=plain is single-process but the launcher started {env.world_size} processes: "
+                         f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism)")
+    return engine
+
+
+def device_for(env: DistEnv, requested: str = "auto") -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is used, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if requested not in ("auto", "cuda"):
+        dev = torch.device(requested)
+        if env.world_size > 1 and dev.index is not None and dev.index != env.local_rank:
+            raise ValueError(f"run.device={requested} but this is local rank {env.local_rank} of a multi-process "
+                             f"run: use run.device=cuda (each rank takes cuda:LOCAL_RANK)")
+        return dev
+    return torch.device("cuda", env.local_rank)
+
+
+def init(env: DistEnv | None = None, *, backend: str | None = None, timeout_s: float | None = None,
+         deepspeed: bool = False, device: torch.device | None = None) -> DistEnv:
+    """Initialise the default process group (once) and return this process's DistEnv.
+
+    Exports the rendezvous variables, sets the CUDA device, then runs ``deepspeed.init_distributed``
+    (``deepspeed=True``) or ``torch.distributed.init_process_group`` with the timeout.
+    """
+    env = env or detect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return env
+    for key, value in env.as_environ().items():
+        os.environ.setdefault(key, value)
+    device = device or device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    timeout = resolve_timeout(timeout_s)
+    if deepspeed:
+        from ijepa_fast.optional import require
+
+        ds = require("deepspeed", "run.engine=deepspeed")
+        ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False,
+                            rank=env.rank, world_size=env.world_size)
+    else:
+        torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    log.info("process group: rank %d of %d (local %d) via %s, %s at %s:%d, timeout %.0f s", env.rank,
+             env.world_size, env.local_rank, env.launcher, backend, env.master_addr, env.master_port,
+             timeout.total_seconds())
+    return env
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized() and get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In place: the mean of ``t`` over ranks (no-op in a world of one). Async on NCCL: no host sync."""
+    if is_initialized() and get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t.div_(get_world_size())
+    return t
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when ``flag`` is true on any (a stop signal seen by one rank stops all at
+    the same step). One host sync: call it at logging points, not every step."""
+    if not (is_initialized() and get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device or torch.device("cpu"))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def cleanup() -> None:
+    """Destroy the default process group if this process made one."""
+    if is_initialized():
+        torch.distributed.destroy_process_group()
