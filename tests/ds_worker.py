@@ -1,0 +1,179 @@
+"""One rank of the DeepSpeed tests (``tests/test_deepspeed.py`` starts several of these).
+
+    python tests/ds_worker.py zero OUT_DIR 1,2,3     # per stage: 5 steps with a save at 3, resume, EMA check
+    python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
+    python tests/ds_worker.py stall OUT_DIR          # rank 1 stops answering; rank 0 must time out
+
+Rank and world come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun
+and the deepspeed launcher set them. Rank 0 writes ``OUT_DIR/result_zero{stage}.pt``. The
+synthetic run (tiny ViT, batches and masks) is defined here once and imported by the test for its
+single-process reference.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ijepa_fast.config import Config, ModelConfig
+from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.models.ijepa import build_models
+from ijepa_fast.schedules import Schedules
+
+IMG, GRID = 32, 4  # patch 8: a 4 x 4 grid
+PER_RANK = 2  # micro batch per rank; the global batch is PER_RANK x world
+STEPS, SAVE_AT = 5, 3  # steps in all; checkpoint after SAVE_AT steps
+STEPS_PER_EPOCH = 4  # schedules span 4 steps: lr, wd and momentum change at every step
+GRAD_CLIP = 0.2  # below the tiny model's gradient norm (0.47 at step 0), so clipping acts
+
+
+def tiny_config(stage: int = 1) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(name="vit_tiny", patch_size=8, pred_depth=1, pred_emb_dim=96)
+    cfg.mask.min_keep = 2
+    cfg.data.crop_size, cfg.data.batch_size = IMG, PER_RANK
+    o = cfg.optim
+    o.epochs, o.warmup_epochs, o.start_lr, o.lr, o.final_lr = 2, 0.5, 2e-4, 1e-3, 1e-5
+    o.weight_decay, o.final_weight_decay, o.ema, o.grad_clip = 0.04, 0.4, (0.9, 1.0), GRAD_CLIP
+    cfg.run.zero_stage, cfg.run.dtype, cfg.run.device = stage, "fp32", "cpu"
+    return cfg.validate()
+
+
+def schedules(cfg: Config) -> Schedules:
+    return Schedules.from_config(cfg.optim, STEPS_PER_EPOCH)
+
+
+def models(cfg: Config, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_models(cfg.model, IMG)
+
+
+def global_batch(step: int, world: int) -> tuple[torch.Tensor, MaskBatch]:
+    """The step's global batch: images [PER_RANK*world, 3, 32, 32] and its masks."""
+    n = PER_RANK * world
+    g = torch.Generator().manual_seed(1000 + step)
+    images = torch.randn(n, 3, IMG, IMG, generator=g)
+    return images, MultiBlockMaskSampler(GRID, min_keep=2, seed=7)(n, step)
+
+
+def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, MaskBatch]:
+    """This rank's rows of the global batch (masks split along the batch axis)."""
+    images, masks = global_batch(step, world)
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return images[rows], MaskBatch(masks.context[rows], masks.targets[:, rows])
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+class _CountCollectives:
+    """Counts calls of torch.distributed's collectives while active."""
+
+    NAMES = ("all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor",
+             "all_to_all_single", "_all_gather_base")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {}
+        for name in self.NAMES:
+            fn = getattr(torch.distributed, name, None)
+            if fn is None:
+                continue
+            self.saved[name] = fn
+
+            def counted(*args, _fn=fn, **kwargs):
+                self.count += 1
+                return _fn(*args, **kwargs)
+
+            setattr(torch.distributed, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.distributed, name, fn)
+        return False
+
+
+def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
+    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
+    from ijepa_fast.step import StepOptions
+
+    cfg = tiny_config(stage)
+    ds_cfg = deepspeed_config(cfg, world, device_type="cpu")
+    options = StepOptions(grad_clip=cfg.optim.grad_clip)
+    ckpt_dir = out / f"ds_zero{stage}"
+
+    def build(seed: int) -> DeepSpeedTrainStep:
+        student, target = models(cfg, seed)
+        return DeepSpeedTrainStep(student, target, schedules(cfg), ds_cfg, torch.device("cpu"), options)
+
+    step_fn = build(0)
+    losses = []
+    for i in range(STEPS):
+        images, masks = local_batch(i, rank, world)
+        losses.append(step_fn(images, masks, i)["loss"].item())
+        if i + 1 == SAVE_AT:
+            step_fn.save_checkpoint(ckpt_dir, SAVE_AT, {"schedules": step_fn.schedules.state_dict()}, keep=2)
+    final = step_fn.consolidated_state()
+    exported = step_fn.export_consolidated(out / f"export_zero{stage}", STEPS, {"loss": losses[-1]})
+
+    ema_check = None
+    if stage == 3:  # shard-local EMA against the EMA of the gathered tensors
+        from kernels.ema import ema_update_
+
+        expected = {k: v.clone() for k, v in final["target_encoder"].items()}
+        ema_update_(list(expected.values()), list(final["encoder"].values()), 0.75)
+        with _CountCollectives() as counter:
+            step_fn.ema_update(0.75)
+        got = step_fn.consolidated_state()["target_encoder"]
+        ema_check = {"expected": expected, "got": got, "collectives": counter.count}
+
+    resumed_fn = build(123)  # other initial weights: everything must come from the checkpoint
+    client = resumed_fn.load_checkpoint(ckpt_dir)
+    resumed = []
+    for i in range(client["step"], STEPS):
+        images, masks = local_batch(i, rank, world)
+        resumed.append(resumed_fn(images, masks, i)["loss"].item())
+    final_resumed = resumed_fn.consolidated_state()
+    if rank == 0:
+        torch.save({"losses": losses, "resumed": resumed, "resumed_from": client["step"], "final": final,
+                    "final_resumed": final_resumed, "exported": str(exported), "ema_check": ema_check,
+                    "ds_config": ds_cfg}, out / f"result_zero{stage}.pt")
+
+
+def main(argv: list[str]) -> int:
+    mode, out = argv[0], Path(argv[1])
+    from ijepa_fast import distributed as dist_
+
+    if mode == "zero":
+        env = dist_.init(deepspeed=True, timeout_s=120)
+        for stage in (int(s) for s in argv[2].split(",")):
+            run_stage(stage, out, env.rank, env.world_size)
+        dist_.barrier()
+        dist_.cleanup()
+        return 0
+    env = dist_.init(timeout_s=float(os.environ.get("IJEPA_DIST_TIMEOUT_S", 5)))
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)  # everyone is up
+    if env.rank == 1:
+        if mode == "die":
+            os._exit(3)  # a crash: no clean-up, sockets closed by the OS
+        time.sleep(float(os.environ.get("STALL_S", 60)))  # "stall": alive, late for the next collective
+        return 0
+    started = time.perf_counter()
+    try:
+        torch.distributed.all_reduce(t)
+    except Exception as err:  # the point: an error, not a hang
+        print(f"rank 0: collective failed after {time.perf_counter() - started:.1f} s: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+        os._exit(17)  # the peer is gone: no orderly destroy_process_group
+    print("rank 0: the collective finished although a peer is gone", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

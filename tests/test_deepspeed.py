@@ -1,0 +1,314 @@
+"""DeepSpeed ZeRO engine on CPU (gloo, ``DS_ACCELERATOR=cpu``), two processes.
+
+ZeRO stages 1, 2 and 3 against the single-process plain ``TrainStep`` on the same global batch
+and masks: per-step losses, the trained weights and the target encoder after five steps; a resume
+from the step-3 checkpoint matches the uninterrupted run bitwise; the consolidated fp32 export
+loads without DeepSpeed; the stage-3 shard-local EMA equals the EMA of the gathered tensors and
+makes no collective call. Plus the generated config, conflicting user configs, the launcher
+environment, the launch scripts (dry run), and a dead or stalled rank failing its peer in time.
+
+The two-process runs are one launch of ``tests/ds_worker.py`` for all three stages (each process
+pays ~10 s of imports); the first DeepSpeed run on a machine also JIT-builds its shared-memory
+communication op (~35 s, cached in ~/.cache/torch_extensions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ijepa_fast import distributed as dist_
+from ijepa_fast.config import ConfigError
+from ijepa_fast.optional import available
+from ijepa_fast.step import StepOptions, TrainStep, build_optimizer
+from tests import ds_worker as W
+
+pytestmark = pytest.mark.deepspeed
+needs_ds = pytest.mark.skipif(not available("deepspeed"), reason="deepspeed is not installed "
+                              "(pip install 'deepspeed==0.19.8')")
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+STAGES = (1, 2, 3)
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)  # fp32; measured differences ~1e-7 (rank halves + all-reduce order)
+WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)  # measured max |diff| 2.3e-7 after five AdamW steps
+
+
+def launch(mode: str, out: Path, *args: str, timeout: float = 300, extra_env: dict | None = None):
+    """Start WORLD ranks of ds_worker.py as torchrun would (env vars); wait; return (codes, logs, seconds)."""
+    port = dist_.free_port()
+    procs, logs = [], []
+    started = time.perf_counter()
+    for rank in range(WORLD):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "PYTHONPATH": str(REPO), **(extra_env or {})}
+        log = open(out / f"{mode}_rank{rank}.log", "w+")  # noqa: SIM115 (closed below, after the wait)
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "ds_worker.py"), mode, str(out), *args],
+                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = []
+    try:
+        for p in procs:
+            remaining = max(1.0, timeout - (time.perf_counter() - started))
+            codes.append(p.wait(timeout=remaining))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    elapsed = time.perf_counter() - started
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    return codes, texts, elapsed
+
+
+def _tail(texts: list[str], n: int = 3000) -> str:
+    return "\n".join(f"--- rank {r} ---\n{t[-n:]}" for r, t in enumerate(texts))
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory) -> dict[int, dict]:
+    if not available("deepspeed"):
+        pytest.skip("deepspeed is not installed")
+    out = tmp_path_factory.mktemp("zero")
+    codes, texts, _ = launch("zero", out, ",".join(map(str, STAGES)), timeout=480)
+    assert codes == [0] * WORLD, _tail(texts)
+    return {s: torch.load(out / f"result_zero{s}.pt", weights_only=False) for s in STAGES}
+
+
+@pytest.fixture(scope="module")
+def plain_run() -> dict:
+    """The single-process plain step on the global batches (both ranks' halves together)."""
+    cfg = W.tiny_config()
+    student, target = W.models(cfg, 0)
+    optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
+    step = TrainStep(student, target, optimizer, W.schedules(cfg), torch.device("cpu"), None,
+                     StepOptions(grad_clip=cfg.optim.grad_clip))
+    losses = []
+    for i in range(W.STEPS):
+        images, masks = W.global_batch(i, WORLD)
+        losses.append(step(images, masks, i)["loss"].item())
+    return {"losses": losses, "encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict(),
+            "target_encoder": target.state_dict()}
+
+
+def _assert_states_close(got: dict, want: dict, **tol) -> None:
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert got[part].keys() == want[part].keys(), part
+        for name, value in want[part].items():
+            torch.testing.assert_close(got[part][name], value, **tol, msg=lambda m, n=f"{part}.{name}": f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- two processes
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_matches_the_plain_step_on_the_global_batch(stage, zero_runs, plain_run):
+    run = zero_runs[stage]
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(plain_run["losses"]), **LOSS_TOL)
+    _assert_states_close(run["final"], plain_run, **WEIGHT_TOL)
+    assert run["ds_config"]["zero_optimization"]["stage"] == stage
+    assert run["ds_config"]["train_batch_size"] == W.PER_RANK * WORLD
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_from_step_3_matches_the_uninterrupted_run(stage, zero_runs):
+    run = zero_runs[stage]
+    assert run["resumed_from"] == W.SAVE_AT
+    assert run["resumed"] == run["losses"][W.SAVE_AT:]  # bitwise: same world size, same partitions
+    _assert_states_close(run["final_resumed"], run["final"], rtol=0, atol=0)
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_consolidated_export_loads_without_deepspeed(stage, zero_runs):
+    from ijepa_fast.models.ijepa import build_models
+
+    run = zero_runs[stage]
+    state = torch.load(run["exported"], map_location="cpu", weights_only=True)
+    assert state["step"] == W.STEPS and state["engine"] == "deepspeed" and state["world_size"] == WORLD
+    _assert_states_close(state, run["final"], rtol=0, atol=0)
+    student, target = build_models(W.tiny_config().model, W.IMG)
+    for module, key in ((student.encoder, "encoder"), (student.predictor, "predictor"), (target, "target_encoder")):
+        module.load_state_dict(state[key])  # strict: plain names, no "module." prefix, full fp32 shapes
+        assert all(v.dtype == torch.float32 for v in state[key].values())
+
+
+@needs_ds
+def test_zero3_shard_local_ema_equals_the_full_ema_without_collectives(zero_runs):
+    check = zero_runs[3]["ema_check"]
+    assert check["collectives"] == 0
+    for name, want in check["expected"].items():
+        torch.testing.assert_close(check["got"][name], want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_dead_rank_fails_its_peer_instead_of_hanging(tmp_path):
+    codes, texts, elapsed = launch("die", tmp_path, timeout=90, extra_env={dist_.TIMEOUT_ENV: "20"})
+    assert codes[1] == 3
+    assert codes[0] == 17, _tail(texts)
+    assert "collective failed" in texts[0]
+    assert elapsed < 60, elapsed
+
+
+def test_a_stalled_rank_times_out_its_peer(tmp_path):
+    codes, texts, _ = launch("stall", tmp_path, timeout=90, extra_env={dist_.TIMEOUT_ENV: "4", "STALL_S": "15"})
+    assert codes[0] == 17, _tail(texts)
+    assert "collective failed after" in texts[0]
+    waited = float(texts[0].split("collective failed after ")[1].split(" s")[0])
+    assert 3.0 <= waited < 14, waited  # the 4 s timeout, not the 15 s the peer sleeps
+
+
+# ----------------------------------------------------------------------------- config generation
+
+def _cfg(**run):
+    cfg = W.tiny_config(2)
+    for k, v in run.items():
+        setattr(cfg.run, k, v)
+    return cfg
+
+
+def test_generated_config_follows_our_config():
+    from ijepa_fast.engine_deepspeed import deepspeed_config, global_batch
+
+    cfg = _cfg()
+    ds = deepspeed_config(cfg, world_size=4, grad_accum=3, device_type="cpu")
+    assert ds["train_micro_batch_size_per_gpu"] == W.PER_RANK
+    assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == W.PER_RANK * 4 * 3
+    assert global_batch(ds) == (W.PER_RANK * 12, W.PER_RANK, 4, 3)
+    assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == W.GRAD_CLIP
+    assert ds["bf16"]["enabled"] is False  # fp32 run
+    params = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True  # no JIT build off CUDA
+    assert params["betas"] == list(cfg.optim.betas) and params["eps"] == cfg.optim.eps
+    gpu = deepspeed_config(_cfg(dtype="auto"), world_size=8, device_type="cuda")
+    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
+    json.dumps(ds)  # serialisable as DeepSpeed's JSON
+
+
+def test_user_ds_config_overrides_other_keys_and_may_repeat_ours(tmp_path):
+    from ijepa_fast.engine_deepspeed import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": W.PER_RANK,
+                                "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345,
+                                                      "offload_optimizer": {"device": "cpu"}},
+                                "optimizer": {"params": {"betas": [0.9, 0.999]}},
+                                "steps_per_print": 50}))
+    ds = deepspeed_config(_cfg(ds_config=str(path)), world_size=2)
+    assert ds["train_batch_size"] == W.PER_RANK * 2  # "auto" takes ours
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345, "offload_optimizer": {"device": "cpu"}}
+    assert ds["steps_per_print"] == 50 and ds["optimizer"]["type"] == "AdamW"
+
+
+def test_conflicting_ds_config_is_an_error_naming_both_keys_and_values(tmp_path):
+    from ijepa_fast.engine_deepspeed import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8,
+                                "zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(_cfg(ds_config=str(path)), world_size=2)
+    msg = str(err.value)
+    assert f"train_micro_batch_size_per_gpu=8 in run.ds_config={path}" in msg
+    assert f"conflicts with train_micro_batch_size_per_gpu={W.PER_RANK} from data.batch_size={W.PER_RANK}" in msg
+    assert f"train_batch_size=64 in run.ds_config={path} conflicts with train_batch_size={W.PER_RANK * 2}" in msg
+    assert "zero_optimization.stage=3" in msg and "run.zero_stage=2" in msg
+    assert "scheduler" in msg
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        deepspeed_config(_cfg(ds_config=str(bad)), world_size=1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        deepspeed_config(_cfg(ds_config=str(tmp_path / "missing.json")), world_size=1)
+
+
+def test_stage3_target_config_partitions_without_optimizer_or_persistence():
+    from ijepa_fast.engine_deepspeed import deepspeed_config, target_config
+
+    ds = deepspeed_config(_cfg(zero_stage=3, dtype="bf16"), world_size=2, device_type="cuda")
+    tc = target_config(ds)
+    assert "optimizer" not in tc and "bf16" not in tc and "gradient_clipping" not in tc
+    assert tc["zero_optimization"]["stage"] == 3
+    assert tc["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert tc["train_batch_size"] == ds["train_batch_size"]
+
+
+# ----------------------------------------------------------------------------- launcher environments
+
+def test_detect_torchrun_slurm_and_single_process():
+    env = dist_.detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29501",
+                        "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"})  # torchrun inside SLURM: torchrun wins
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == \
+        (3, 8, 1, "n1", 29501, "env")
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "123456",
+             "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    env = dist_.detect(slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (5, 16, 5, "gpu07", "slurm")
+    assert env.master_port == 20000 + 123456 % 20000 == dist_.detect({**slurm, "SLURM_PROCID": "9"}).master_port
+    # inside the sbatch script itself (no srun step): one process, not a world of SLURM_NTASKS
+    env = dist_.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "1"})
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single") and env.master_port > 0
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        dist_.detect({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_expand_nodelist_like_scontrol():
+    assert dist_.expand_nodelist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]
+    assert dist_.expand_nodelist("node5") == ["node5"]
+    assert dist_.expand_nodelist("a[9-10]") == ["a9", "a10"]
+
+
+def test_timeout_and_engine_resolution():
+    assert dist_.resolve_timeout(None, {}).total_seconds() == dist_.DEFAULT_TIMEOUT_S
+    assert dist_.resolve_timeout(None, {dist_.TIMEOUT_ENV: "7.5"}).total_seconds() == 7.5
+    assert dist_.resolve_timeout(3, {dist_.TIMEOUT_ENV: "7.5"}).total_seconds() == 3
+    with pytest.raises(ValueError, match=dist_.TIMEOUT_ENV):
+        dist_.resolve_timeout(None, {dist_.TIMEOUT_ENV: "soon"})
+    one = dist_.detect({})
+    two = dist_.detect({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert dist_.resolve_engine("auto", one) == "plain" and dist_.resolve_engine("auto", two) == "deepspeed"
+    with pytest.raises(ValueError, match="run.engine=deepspeed"):
+        dist_.resolve_engine("plain", two)
+
+
+# ----------------------------------------------------------------------------- launch scripts
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("script, env, expected", [
+    ("single_node.sh", {"NUM_GPUS": "2"},
+     ["-m deepspeed.launcher.runner --num_gpus 2 --master_port 29500 --module ijepa_fast.pretrain"]),
+    ("multi_node.sh", {"HOSTFILE": "hosts.txt", "NUM_NODES": "2", "NUM_GPUS": "8", "MASTER_ADDR": "n1"},
+     ["--hostfile hosts.txt", "--num_nodes 2", "--num_gpus 8", "--master_addr n1", "--module ijepa_fast.pretrain"]),
+    ("torchrun.sh", {"NPROC_PER_NODE": "2"}, ["-m torch.distributed.run --standalone --nproc_per_node 2 "
+                                              "-m ijepa_fast.pretrain"]),
+    ("torchrun.sh", {"NNODES": "2", "NPROC_PER_NODE": "8", "NODE_RANK": "1", "MASTER_ADDR": "n1"},
+     ["--nnodes 2 --node_rank 1 --master_addr n1 --master_port 29500 --nproc_per_node 8"]),
+    ("slurm.sbatch", {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42",
+                      "GPUS_PER_NODE": "4"},
+     ["srun", "--nnodes 2 --nproc_per_node 4", "--rdzv_endpoint gpu01:", "-m ijepa_fast.pretrain"]),
+])
+def test_launch_scripts_build_their_commands(script, env, expected, tmp_path):
+    fake = tmp_path / "scontrol"  # SLURM's `scontrol show hostnames gpu[01-02]`
+    fake.write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\n'\n")
+    fake.chmod(0o755)
+    run_env = {**os.environ, "IJEPA_LAUNCH_DRY_RUN": "1", "PYTHON": "python", **env,
+               "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "--config", "configs/demo.yaml", "optim.lr=5e-4"],
+                         env=run_env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    command = out.stdout.strip().splitlines()[-1]
+    for part in expected:
+        assert part in command, (part, command)
+    assert command.endswith("--config configs/demo.yaml optim.lr=5e-4"), command
