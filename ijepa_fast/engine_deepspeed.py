@@ -13,9 +13,10 @@ step (weight decay only on groups whose ``wd_exclude`` is False). The target enc
   does for any module). Its persistence thresholds are 0 so no gathered copy outlives a forward
   and goes stale after the EMA writes the partitions.
 
-Precision: ``run.dtype`` bf16 -> DeepSpeed ``bf16`` (bf16 weights, fp32 master weights and AdamW
-state in the optimizer); the target encoder stays fp32 (an EMA with momentum 0.9999 vanishes in
-bf16) and runs its forward under bf16 autocast. fp32 (the CPU default) -> no mixed precision.
+Precision: ``run.dtype`` bf16 -> with ZeRO, DeepSpeed ``bf16`` (bf16 weights, fp32 master weights
+and AdamW state in the optimizer); without ZeRO (stage 0), fp32 weights under ``torch_autocast``
+(see ``_owned``). The target encoder stays fp32 (an EMA with momentum 0.9999 vanishes in bf16) and
+runs its forward under bf16 autocast. fp32 (the CPU default) -> no mixed precision.
 
 Checkpoints (``save_checkpoint`` / ``load_checkpoint``) go through the engine, plus one small file
 per rank with what differs per rank (RNG, stage-3 target partitions); ``latest`` is written last,
@@ -58,15 +59,25 @@ _QUIET_STEPS = 2**31 - 1  # DeepSpeed's own progress print; the trainer logs
 # ----------------------------------------------------------------------------- config
 
 def _owned(cfg: Config, world_size: int, grad_accum: int, bf16: bool) -> list[tuple[str, Any, str]]:
-    """(DeepSpeed key, our value, where it comes from) for every value our config decides."""
+    """(DeepSpeed key, our value, where it comes from) for every value our config decides.
+
+    bf16 with ZeRO: DeepSpeed's ``bf16`` (bf16 weights, fp32 master copy in the optimizer). Stage 0
+    has no fp32 master path for bf16 weights (DeepSpeed refuses fp32 gradient accumulation there;
+    its bf16-gradient path left the fp32 losses after one step on the tiny test model: 0.4254 vs
+    0.4184, where stages 1-3 stayed within 3e-4), so stage 0 keeps fp32 weights and gradients and
+    runs the forward under ``torch_autocast``, as the plain trainer does.
+    """
     o = cfg.optim
+    bf16_weights = bf16 and cfg.run.zero_stage > 0
     return [
         ("train_micro_batch_size_per_gpu", cfg.data.batch_size, f"data.batch_size={cfg.data.batch_size}"),
         ("gradient_accumulation_steps", grad_accum, f"gradient accumulation={grad_accum}"),
         ("train_batch_size", cfg.data.batch_size * world_size * grad_accum,
          f"data.batch_size={cfg.data.batch_size} x {world_size} ranks x {grad_accum} accumulation"),
         ("zero_optimization.stage", cfg.run.zero_stage, f"run.zero_stage={cfg.run.zero_stage}"),
-        ("bf16.enabled", bf16, f"run.dtype={cfg.run.dtype}"),
+        ("bf16.enabled", bf16_weights, f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}"),
+        ("torch_autocast.enabled", bf16 and not bf16_weights,
+         f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}"),
         ("fp16.enabled", False, "run.dtype (fp16 is not supported; bf16 or fp32)"),
         ("gradient_clipping", float(o.grad_clip), f"optim.grad_clip={o.grad_clip}"),
         ("optimizer.params.lr", o.start_lr, f"optim.start_lr={o.start_lr} (then our schedule, every step)"),
@@ -172,6 +183,8 @@ def deepspeed_config(cfg: Config, world_size: int, *, device_type: str = "cpu", 
     }
     for key, value, _ in owned:
         _set(ours, key, value)
+    if _get(ours, "torch_autocast.enabled"):  # stage 0 bf16: gradients reduced in fp32 too
+        ours["torch_autocast"].update(dtype="bfloat16", lower_precision_safe_modules=[])
     merged = _merge(ours, user_cfg)
     for key, value, _ in owned:  # "auto" and absent keys take ours
         if _get(merged, key) in (None, "auto"):
@@ -184,7 +197,7 @@ def deepspeed_config(cfg: Config, world_size: int, *, device_type: str = "cpu", 
 def target_config(ds_config: Mapping) -> dict:
     """The config of the stage-3 target-encoder engine: same partitioning, no optimizer, fp32."""
     out = copy.deepcopy(dict(ds_config))
-    for key in ("optimizer", "scheduler", "gradient_clipping", "fp16", "bf16"):
+    for key in ("optimizer", "scheduler", "gradient_clipping", "fp16", "bf16", "torch_autocast"):
         out.pop(key, None)
     zero = dict(out.get("zero_optimization", {}))
     zero.pop("offload_optimizer", None)
@@ -218,10 +231,11 @@ class DeepSpeedTrainStep:
         ds = require("deepspeed", "run.engine=deepspeed")
         self.ds_config = ds_config
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))  # bf16 weights in the engine
+        autocast = bool(ds_config.get("torch_autocast", {}).get("enabled", False))
         self.schedules, self.device = schedules, device
         self.options = options or StepOptions()
-        self.amp_dtype = torch.bfloat16 if self.bf16 else None
+        self.amp_dtype = torch.bfloat16 if self.bf16 or autocast else None  # the target encoder's forward
         self.engine, self.optimizer, _, _ = ds.initialize(model=student, model_parameters=param_groups(student),
                                                           config=ds_config)
         self.student: JEPAStudent = self.engine.module
@@ -236,8 +250,9 @@ class DeepSpeedTrainStep:
             self._target_forward = self.target_encoder
         self.stepped = False
         total, micro, ranks, accum = global_batch(ds_config)
-        log.info("DeepSpeed ZeRO stage %d%s: global batch %d = %d per rank x %d ranks x %d accumulation",
-                 self.zero_stage, ", bf16" if self.bf16 else ", fp32", total, micro, ranks, accum)
+        precision = "bf16 weights" if self.bf16 else "fp32, bf16 autocast" if autocast else "fp32"
+        log.info("DeepSpeed ZeRO stage %d, %s: global batch %d = %d per rank x %d ranks x %d accumulation",
+                 self.zero_stage, precision, total, micro, ranks, accum)
 
     # ------------------------------------------------------------------ step
     def _autocast(self):
