@@ -1,0 +1,7 @@
+"""``python -m ijepa_fast.eval``: the ``ijepa-eval`` command line."""
+import sys
+
+from ijepa_fast.eval.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

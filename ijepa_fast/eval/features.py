@@ -1,0 +1,148 @@
+"""Frozen features of an encoder over a dataset, for linear probes and kNN.
+
+Modes (``FEATURE_MODES``):
+- ``avgpool``: the average over patches of the last layer's tokens after the final LayerNorm, i.e.
+  ``encoder(images).mean(1)``: [B, D]. What the paper probes.
+- ``last4``: the concatenation, oldest first, of the average-pooled tokens of the last four blocks:
+  [B, 4D]. Each block's tokens pass through the encoder's final LayerNorm before pooling (as DINO's
+  and timm's intermediate-layer features do), so the four parts are on one scale and the last part
+  equals ``avgpool``. The blocks are run here one by one over ``encoder.blocks`` (no hooks, no
+  ``return_layers`` argument on the model).
+
+Extraction is batched, under ``torch.no_grad`` and in eval mode (the model's mode is restored
+afterwards), with bf16 autocast by default on CUDA and on CPUs with native bf16 (``resolve_dtype``),
+and shows a tqdm progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+FEATURE_MODES = ("avgpool", "last4")
+DTYPES = ("auto", "bf16", "fp32")
+
+
+def feature_dim(encoder: nn.Module, mode: str = "avgpool") -> int:
+    return encoder.embed_dim * (4 if mode == "last4" else 1)
+
+
+def encode(encoder: nn.Module, images: torch.Tensor, mode: str = "avgpool") -> torch.Tensor:
+    """images [B, 3, S, S] -> features [B, D] (avgpool) or [B, 4D] (last4), float32."""
+    if mode == "avgpool":
+        return encoder(images).float().mean(1)  # (B, N, D) -> (B, D)
+    if mode != "last4":
+        raise ValueError(f"feature mode {mode!r}: choose one of {FEATURE_MODES}")
+    blocks = encoder.blocks
+    if len(blocks) < 4:
+        raise ValueError(f"last4 features need at least 4 blocks, the encoder has {len(blocks)}")
+    x = encoder.patch_embed(images) + encoder.pos_embed  # (B, N, D)
+    parts = []
+    for i, blk in enumerate(blocks):
+        x = blk(x)
+        if i >= len(blocks) - 4:
+            parts.append(encoder.norm(x).float().mean(1))  # (B, D)
+    return torch.cat(parts, dim=1)  # (B, 4D)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (x86 flags avx512_bf16 or amx_bf16; Linux only)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(device: torch.device, dtype: str = "auto") -> str:
+    """``bf16`` or ``fp32``. ``auto``: bf16 on CUDA and on CPUs with native bf16 (measured on a 2-core
+    AMD EPYC with avx512_bf16, ViT-tiny/7 at 28 px: 850 img/s vs 500 in fp32, features within 0.1%
+    relative), fp32 elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}")
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+
+
+def _autocast(device: torch.device, dtype: str):
+    if resolve_dtype(device, dtype) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _batches(dataset: Any, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images [b, 3, S, S], labels [b]) batches of a map-style dataset (via a DataLoader), a pair of
+    tensors (images, labels), or any iterable of (image, label) pairs."""
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
+        images, labels = dataset
+        for i in range(0, len(images), batch_size):
+            yield images[i:i + batch_size], torch.as_tensor(labels[i:i + batch_size])
+        return
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             persistent_workers=False)
+        for images, labels in loader:
+            yield images, torch.as_tensor(labels)
+        return
+    images, labels = [], []
+    for image, label in dataset:
+        images.append(torch.as_tensor(image))
+        labels.append(int(label))
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+def _length(dataset: Any) -> int | None:
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
+        return len(dataset[0])
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, dataset: Iterable | tuple[torch.Tensor, torch.Tensor], mode: str = "avgpool",
+                     batch_size: int = 256, num_workers: int = 0, dtype: str = "auto", progress: bool = True,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N, F] (float32, CPU) and labels [N] (int64) of every image of ``dataset``.
+
+    ``dataset``: a map-style dataset of (image [3, S, S] normalised, label), e.g.
+    ``ijepa_fast.data.loader.build_eval_dataset``, a pair of tensors (images [N, 3, S, S], labels
+    [N]), or any iterable of (image, label). The encoder runs where its parameters are; ``dtype``:
+    ``auto`` (see ``resolve_dtype``), ``bf16`` or ``fp32`` (autocast). ``mode``: see the module
+    docstring.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"feature mode {mode!r}: choose one of {FEATURE_MODES}")
+    device = next(encoder.parameters()).device
+    total = _length(dataset)
+    feats: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar, \
+                _autocast(device, dtype):
+            for images, y in _batches(dataset, batch_size, num_workers):
+                images = images.to(device, non_blocking=True)
+                feats.append(encode(encoder, images, mode).cpu())
+                labels.append(y.to(torch.int64).reshape(-1))
+                bar.update(len(y))
+    finally:
+        encoder.train(was_training)
+    if not feats:
+        return torch.empty(0, feature_dim(encoder, mode)), torch.empty(0, dtype=torch.int64)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,614 @@
+"""Checkpoints in and out: ours, the authors' ``.pth.tar``, safetensors, and timm.
+
+Loading
+    ``load_encoder(path, which="target_encoder")`` opens any supported file and returns the encoder
+    with its weights loaded strictly. It dispatches on what it finds, one function per format
+    (``_FORMATS``): a ``.safetensors`` export, our trainer's checkpoint (``format: "ijepa_fast/1"``,
+    with the resolved config inside), the authors' checkpoint (``module.``-prefixed state dicts and
+    no config: the model size is inferred from the tensor shapes or given by the caller), or a bare
+    encoder state dict. A run folder stands for its ``checkpoints/latest.pt``. Adding a format (e.g.
+    DeepSpeed) is one ``(name, detect, load)`` entry.
+
+    Every file is opened with ``torch.load(weights_only=True)``: it cannot run code. A file that
+    holds other objects is refused with a message saying so; ``trust=True`` (``--trust-checkpoint``)
+    loads it with the full unpickler, which can run arbitrary code: only for files you trust.
+
+    Strict loading: missing keys, unexpected keys and shape mismatches raise
+    ``CheckpointMismatchError``, which lists every one of them.
+
+Exporting
+    ``export_safetensors(encoder, path)`` writes the state dict (the authors' parameter names) and
+    the architecture as string metadata; ``load_safetensors_encoder`` rebuilds it.
+    ``to_timm_state_dict(encoder)`` and ``timm_kwargs(encoder)`` give a state dict and the
+    constructor arguments of timm's ``VisionTransformer`` that computes the same features (see
+    ``TIMM_KEY_MAP``).
+
+Command lines: ``ijepa-export`` (safetensors / timm files) and ``ijepa-extract`` (features of a
+dataset to .npy or .safetensors).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import pickle
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ijepa_fast.models.vit import VIT_SIZES, VisionTransformer, VisionTransformerPredictor, grid_size
+from ijepa_fast.optional import require
+
+log = logging.getLogger(__name__)
+
+OURS_FORMAT_PREFIX = "ijepa_fast/"
+SAFETENSORS_FORMAT = "ijepa_fast-encoder/1"
+ENCODER_KEYS = ("target_encoder", "encoder")
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """The file holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A state dict does not fit the model; the message lists every missing, unexpected and
+    mismatched key."""
+
+    def __init__(self, what: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple, tuple]], hint: str = ""):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"{what}: the checkpoint does not fit the model"]
+        if mismatched:
+            lines.append(f"  {len(mismatched)} shape mismatch(es) (checkpoint vs model):")
+            lines += [f"    {k}: {tuple(a)} vs {tuple(b)}" for k, a, b in mismatched]
+        if missing:
+            lines.append(f"  {len(missing)} key(s) missing from the checkpoint:")
+            lines += [f"    {k}" for k in missing]
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s) in the checkpoint:")
+            lines += [f"    {k}" for k in unexpected]
+        if hint:
+            lines.append(f"  {hint}")
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- files
+
+def load_checkpoint_file(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``; refuse other objects unless ``trust=True``.
+
+    Our checkpoints and the authors' hold only tensors, numbers, strings and containers, so they
+    load safely. A file holding other Python objects raises ``UntrustedCheckpointError`` naming the
+    way out (``trust=True`` / ``--trust-checkpoint``), which unpickles it in full and can run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f"it needs {found.group(1)}" if found else (str(err).strip().splitlines() or [""])[0][:200]
+        if not trust:
+            raise UntrustedCheckpointError(
+                f"{path} holds objects other than tensors, numbers, strings, lists and dicts ({detail}), so the safe "
+                f"loader (torch.load weights_only=True) refuses it: unpickling such objects can run arbitrary code. If "
+                f"you trust where the file comes from, load it with trust=True (command line: --trust-checkpoint)."
+            ) from err
+        log.warning("%s: loading with the full unpickler (trust=True); it holds non-tensor objects (%s)", path, detail)
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """Drop a leading ``prefix`` (DDP's ``module.``; also ``_orig_mod.`` from torch.compile) from every key."""
+    out = {}
+    for key, value in state_dict.items():
+        for p in (prefix, "_orig_mod."):
+            if key.startswith(p):
+                key = key[len(p):]
+        out[key] = value
+    return out
+
+
+def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, hint: str = "",
+                      assign: bool = False) -> nn.Module:
+    """``module.load_state_dict(state_dict, strict=True)``, but a misfit raises a
+    ``CheckpointMismatchError`` that lists every missing / unexpected / mismatched key first."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [(k, tuple(state_dict[k].shape), tuple(own[k].shape)) for k in sorted(set(own) & set(state_dict))
+                  if tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(what, missing, unexpected, mismatched, hint)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+    return module
+
+
+# ----------------------------------------------------------------------------- architecture from shapes
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What it takes to rebuild an encoder: widths, depth, heads, patch and image size."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    img_size: int
+    mlp_ratio: float = 4.0
+    name: str = ""  # a VIT_SIZES name when the size is a standard one
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    def build(self, device: str | torch.device | None = None, **kwargs) -> VisionTransformer:
+        """A VisionTransformer of this shape (``device="meta"``: no memory, no init work)."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                                     depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, **kwargs)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> EncoderSpec:
+        return cls(embed_dim=int(meta["embed_dim"]), depth=int(meta["depth"]), num_heads=int(meta["num_heads"]),
+                   patch_size=int(meta["patch_size"]), img_size=int(meta["img_size"]),
+                   mlp_ratio=float(meta.get("mlp_ratio", 4.0)), name=meta.get("name", ""))
+
+    @classmethod
+    def of(cls, encoder: VisionTransformer) -> EncoderSpec:
+        D = encoder.embed_dim
+        p = encoder.patch_embed.proj.kernel_size[0]
+        hidden = encoder.blocks[0].mlp.fc1.out_features if len(encoder.blocks) else 4 * D
+        name = next((n for n, s in VIT_SIZES.items() if (s.embed_dim, s.depth, s.num_heads) ==
+                     (D, len(encoder.blocks), encoder.num_heads)), "")
+        return cls(D, len(encoder.blocks), encoder.num_heads, p, encoder.grid * p, _mlp_ratio(hidden, D), name)
+
+
+def _mlp_ratio(hidden: int, dim: int) -> float:
+    """The ratio r with int(dim * r) == hidden; 4.0 and the giant's 48/11 come out exactly."""
+    for r in (4.0, 48 / 11):
+        if int(dim * r) == hidden:
+            return r
+    return hidden / dim
+
+
+def _block_indices(keys, prefix: str) -> list[int]:
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
+
+
+def infer_encoder_spec(state_dict: Mapping[str, torch.Tensor], model: str | None = None,
+                       patch_size: int | None = None, img_size: int | None = None) -> EncoderSpec:
+    """The encoder's architecture from its state dict (the authors' names), checked against what
+    the caller states.
+
+    Width and patch from ``patch_embed.proj.weight`` [D, 3, p, p]; depth from the highest block
+    index; MLP ratio from ``blocks.0.mlp.fc1.weight``; grid from ``pos_embed`` [1, N, D]; heads from
+    the size table by width (shapes cannot tell them). ``model`` (a VIT_SIZES name) fixes width,
+    depth and heads instead: a checkpoint of another size then fails to load with its keys listed.
+    """
+    if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
+        present = ", ".join(sorted(state_dict)[:8]) + (" ..." if len(state_dict) > 8 else "")
+        raise CheckpointMismatchError("encoder", [k for k in ("patch_embed.proj.weight", "pos_embed")
+                                                  if k not in state_dict], [], [],
+                                      f"this is not a ViT encoder state dict with the authors' names (keys: {present})")
+    D, _, p, p2 = state_dict["patch_embed.proj.weight"].shape
+    if p != p2:
+        raise ValueError(f"non-square patches {p}x{p2} are not supported")
+    if patch_size is not None and patch_size != p:
+        raise CheckpointMismatchError("encoder", [], [], [("patch_embed.proj.weight", (D, 3, p, p),
+                                                           (D, 3, patch_size, patch_size))],
+                                      f"the checkpoint's patch size is {p}, not {patch_size}")
+    N = state_dict["pos_embed"].shape[1]
+    grid = math.isqrt(N)
+    if grid * grid != N:
+        raise ValueError(f"pos_embed has {N} positions, not a square grid")
+    if img_size is not None and img_size != grid * p:
+        wanted = (1, grid_size(img_size, p) ** 2, D)
+        raise CheckpointMismatchError("encoder", [], [], [("pos_embed", (1, N, D), wanted)],
+                                      f"the checkpoint was trained at {grid * p} px ({grid}x{grid} patches of {p}); "
+                                      f"drop --img-size or set it to {grid * p}")
+    blocks = _block_indices(state_dict, "blocks")
+    depth = blocks[-1] + 1 if blocks else 0
+    hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state_dict else 4 * D
+    if model is not None:
+        if model not in VIT_SIZES:
+            raise ValueError(f"unknown model name {model!r}: choose one of {list(VIT_SIZES)}")
+        size = VIT_SIZES[model]
+        return EncoderSpec(size.embed_dim, size.depth, size.num_heads, p, grid * p, size.mlp_ratio, model)
+    by_width = [(n, s) for n, s in VIT_SIZES.items() if s.embed_dim == D]
+    if not by_width:
+        raise ValueError(f"cannot infer the number of attention heads of a {D}-wide encoder (not a standard size: "
+                         f"{', '.join(f'{n} {s.embed_dim}' for n, s in VIT_SIZES.items())}); name the model "
+                         f"(--model) or build it yourself and use load_state_strict")
+    name, size = by_width[0]
+    return EncoderSpec(D, depth, size.num_heads, p, grid * p, _mlp_ratio(hidden, D),
+                       name if depth == size.depth else "")
+
+
+def infer_predictor_kwargs(state_dict: Mapping[str, torch.Tensor], encoder_spec: EncoderSpec) -> dict[str, Any]:
+    """VisionTransformerPredictor kwargs from a predictor state dict (the authors' names)."""
+    need = ("predictor_embed.weight", "predictor_pos_embed")
+    if any(k not in state_dict for k in need):
+        raise CheckpointMismatchError("predictor", [k for k in need if k not in state_dict], [], [])
+    Dp, D = state_dict["predictor_embed.weight"].shape
+    depth = len(_block_indices(state_dict, "predictor_blocks"))
+    hidden = state_dict.get("predictor_blocks.0.mlp.fc1.weight", torch.empty(4 * Dp, 0)).shape[0]
+    return dict(num_patches=state_dict["predictor_pos_embed"].shape[1], embed_dim=D, predictor_embed_dim=Dp,
+                depth=depth, num_heads=encoder_spec.num_heads, mlp_ratio=_mlp_ratio(hidden, Dp))
+
+
+def _materialise(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, hint: str = "") -> nn.Module:
+    """Load into a module built on the meta device (no init cost), as fp32 on the CPU."""
+    sd = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()}
+    return load_state_strict(module, sd, what, hint, assign=True)
+
+
+def build_encoder_from_state_dict(state_dict: Mapping[str, torch.Tensor], what: str = "encoder",
+                                  spec: EncoderSpec | None = None,
+                                  **spec_kwargs) -> tuple[VisionTransformer, EncoderSpec]:
+    """(encoder with ``state_dict`` loaded strictly, its spec); ``spec_kwargs``: model/patch_size/img_size."""
+    spec = spec or infer_encoder_spec(state_dict, **spec_kwargs)
+    hint = (f"built as {spec.name or 'a custom size'}: width {spec.embed_dim}, depth {spec.depth}, "
+            f"{spec.num_heads} heads, patch {spec.patch_size}, {spec.img_size} px")
+    encoder = _materialise(spec.build(device="meta"), state_dict, what, hint)
+    return encoder, spec
+
+
+# ----------------------------------------------------------------------------- formats
+
+@dataclass
+class LoadedEncoder:
+    encoder: VisionTransformer
+    spec: EncoderSpec
+    format: str  # ijepa_fast | authors | safetensors | state_dict
+    which: str  # target_encoder | encoder
+    path: str
+    meta: dict[str, Any] = field(default_factory=dict)  # epoch, step, ... (numbers and strings only)
+
+
+@dataclass
+class AuthorsCheckpoint:
+    """The authors' checkpoint, loaded strictly into our modules (prefixes stripped)."""
+
+    encoder: VisionTransformer
+    target_encoder: VisionTransformer
+    predictor: VisionTransformerPredictor | None
+    spec: EncoderSpec
+    meta: dict[str, Any]  # epoch, loss, batch_size, world_size, lr
+    opt: dict[str, Any] | None = None  # their AdamW state dict, untouched
+
+
+def _scalar_meta(ckpt: Mapping[str, Any], keys=("epoch", "step", "loss", "batch_size", "world_size", "lr")) -> dict:
+    out = {}
+    for k in keys:
+        v = ckpt.get(k)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float, str)):
+            out[k] = v
+    return out
+
+
+def _detect_ours(ckpt: Any) -> bool:
+    return isinstance(ckpt, Mapping) and str(ckpt.get("format", "")).startswith(OURS_FORMAT_PREFIX)
+
+
+def _detect_authors(ckpt: Any) -> bool:
+    return isinstance(ckpt, Mapping) and "format" not in ckpt and any(isinstance(ckpt.get(k), Mapping)
+                                                                       for k in ENCODER_KEYS)
+
+
+def _detect_state_dict(ckpt: Any) -> bool:
+    return isinstance(ckpt, Mapping) and "patch_embed.proj.weight" in strip_module_prefix(ckpt)
+
+
+def _pick(ckpt: Mapping[str, Any], which: str, path: Path) -> Mapping[str, torch.Tensor]:
+    if which not in ENCODER_KEYS:
+        raise ValueError(f"which={which!r}: choose one of {ENCODER_KEYS}")
+    if not isinstance(ckpt.get(which), Mapping):
+        have = [k for k in ENCODER_KEYS if isinstance(ckpt.get(k), Mapping)]
+        raise KeyError(f"{path} has no '{which}' state dict (it has: {', '.join(have) or 'none'})")
+    return strip_module_prefix(ckpt[which])
+
+
+def _load_ours(ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None,
+               img_size=None) -> LoadedEncoder:
+    cfg = ckpt.get("config") or {}
+    m, d = cfg.get("model", {}), cfg.get("data", {})
+    spec_kwargs = dict(model=model or m.get("name"), patch_size=patch_size or m.get("patch_size"),
+                       img_size=img_size or d.get("crop_size"))
+    encoder, spec = build_encoder_from_state_dict(_pick(ckpt, which, path), f"{path} [{which}]", **spec_kwargs)
+    meta = _scalar_meta(ckpt) | {"format_version": ckpt["format"]}
+    return LoadedEncoder(encoder, spec, "ijepa_fast", which, str(path), meta)
+
+
+def _load_authors(ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None,
+                  img_size=None) -> LoadedEncoder:
+    encoder, spec = build_encoder_from_state_dict(_pick(ckpt, which, path), f"{path} [{which}]", model=model,
+                                                  patch_size=patch_size, img_size=img_size)
+    return LoadedEncoder(encoder, spec, "authors", which, str(path), _scalar_meta(ckpt))
+
+
+def _load_state_dict(ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None,
+                     img_size=None) -> LoadedEncoder:
+    encoder, spec = build_encoder_from_state_dict(strip_module_prefix(ckpt), str(path), model=model,
+                                                  patch_size=patch_size, img_size=img_size)
+    return LoadedEncoder(encoder, spec, "state_dict", which, str(path), {})
+
+
+# (name, detect(loaded object) -> bool, load(object, which, path, model=, patch_size=, img_size=) -> LoadedEncoder),
+# tried in order. A new format (e.g. DeepSpeed's) is one more entry.
+_FORMATS: list[tuple[str, Callable[[Any], bool], Callable[..., LoadedEncoder]]] = [
+    ("ijepa_fast", _detect_ours, _load_ours),
+    ("authors", _detect_authors, _load_authors),
+    ("state_dict", _detect_state_dict, _load_state_dict),
+]
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A file as is; a run folder -> its ``checkpoints/latest.pt``; a checkpoints folder -> ``latest.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        for cand in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
+            if cand.exists():
+                return cand.resolve()
+        raise FileNotFoundError(f"{path} is a folder without checkpoints/latest.pt or latest.pt")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_encoder(path: str | Path, which: str = "target_encoder", *, model: str | None = None,
+                 patch_size: int | None = None, img_size: int | None = None, trust: bool = False) -> LoadedEncoder:
+    """The encoder of any supported checkpoint, weights loaded strictly, in fp32 on the CPU.
+
+    ``which``: ``target_encoder`` (the EMA encoder, what the authors evaluate) or ``encoder``.
+    ``model`` / ``patch_size`` / ``img_size``: for files without a config (the authors'); stated
+    values are checked against the tensors. Raises ``CheckpointMismatchError`` (keys listed),
+    ``UntrustedCheckpointError`` (unsafe file without ``trust``), ``FileNotFoundError``.
+    """
+    path = resolve_checkpoint_path(path)
+    if path.suffix == ".safetensors":
+        encoder, spec, meta = load_safetensors_encoder(path)
+        return LoadedEncoder(encoder, spec, "safetensors", meta.get("which", which), str(path), meta)
+    ckpt = load_checkpoint_file(path, trust=trust)
+    for name, detect, load in _FORMATS:
+        if detect(ckpt):
+            log.info("%s: %s checkpoint, loading %s", path, name, which)
+            return load(ckpt, which, path, model=model, patch_size=patch_size, img_size=img_size)
+    kind = f"a dict with keys {sorted(map(str, ckpt))[:12]}" if isinstance(ckpt, Mapping) else type(ckpt).__name__
+    raise ValueError(f"{path}: unrecognised checkpoint ({kind}); expected ours (format 'ijepa_fast/1'), the authors' "
+                     f"(encoder / target_encoder state dicts), a bare encoder state dict or a .safetensors export")
+
+
+def load_authors_checkpoint(path: str | Path, *, model: str | None = None, patch_size: int | None = None,
+                            img_size: int | None = None, predictor: bool = True,
+                            trust: bool = False) -> AuthorsCheckpoint:
+    """The authors' ``.pth.tar``: context encoder, target encoder and predictor, strictly loaded.
+
+    Shapes give the architecture (see ``infer_encoder_spec``); the predictor's depth, width and MLP
+    ratio come from its own tensors and its heads are the encoder's (as the authors build it).
+    """
+    path = resolve_checkpoint_path(path)
+    ckpt = load_checkpoint_file(path, trust=trust)
+    if not _detect_authors(ckpt):
+        raise ValueError(f"{path} is not in the authors' format (encoder / target_encoder / predictor state dicts "
+                         f"without a 'format' key)")
+    target_sd = _pick(ckpt, "target_encoder", path)
+    spec = infer_encoder_spec(target_sd, model=model, patch_size=patch_size, img_size=img_size)
+    target, _ = build_encoder_from_state_dict(target_sd, f"{path} [target_encoder]", spec=spec)
+    encoder, _ = build_encoder_from_state_dict(_pick(ckpt, "encoder", path), f"{path} [encoder]", spec=spec)
+    pred = None
+    if predictor:
+        if not isinstance(ckpt.get("predictor"), Mapping):
+            raise KeyError(f"{path} has no 'predictor' state dict (pass predictor=False to skip it)")
+        pred_sd = strip_module_prefix(ckpt["predictor"])
+        kwargs = infer_predictor_kwargs(pred_sd, spec)
+        with torch.device("meta"):
+            module = VisionTransformerPredictor(**kwargs)
+        pred = _materialise(module, pred_sd, f"{path} [predictor]",
+                            f"built with {json.dumps({k: v for k, v in kwargs.items()})}")
+    opt = ckpt.get("opt") if isinstance(ckpt.get("opt"), Mapping) else None
+    return AuthorsCheckpoint(encoder, target, pred, spec, _scalar_meta(ckpt), opt)
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+def _safetensors_torch(feature: str):
+    """``safetensors.torch`` (save_file, safe_open), or a clear error naming the install command."""
+    require("safetensors", feature)
+    import safetensors.torch
+
+    return safetensors.torch
+
+
+def export_safetensors(encoder: VisionTransformer, path: str | Path,
+                       metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the encoder's state dict (the authors' names, fp32 unless the model is otherwise) and its
+    architecture (``EncoderSpec`` fields, strings) to ``path``."""
+    st = _safetensors_torch("exporting to safetensors")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
+    meta = {"format": SAFETENSORS_FORMAT, **EncoderSpec.of(encoder).to_metadata(), **(metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st.save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file."""
+    st = _safetensors_torch("reading safetensors files")
+    with st.safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    return tensors, meta
+
+
+def load_safetensors_encoder(path: str | Path) -> tuple[VisionTransformer, EncoderSpec, dict[str, str]]:
+    """(encoder, spec, metadata) from ``export_safetensors``' file (or any safetensors file holding an
+    encoder state dict with the authors' names: then the size is inferred from shapes)."""
+    tensors, meta = read_safetensors(path)
+    spec = EncoderSpec.from_metadata(meta) if meta.get("format") == SAFETENSORS_FORMAT else None
+    encoder, spec = build_encoder_from_state_dict(tensors, str(path), spec=spec)
+    return encoder, spec, meta
+
+
+# ----------------------------------------------------------------------------- timm
+
+# Our (the authors') parameter name -> timm VisionTransformer's, as regex substitutions applied in
+# order. The names coincide: patch_embed.proj, pos_embed [1, N, D] (no class-token slot because
+# class_token=False), blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm. The
+# table is the documentation and the place to change should either side rename a parameter.
+TIMM_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (r"^patch_embed\.proj\.(weight|bias)$", r"patch_embed.proj.\1"),
+    (r"^pos_embed$", "pos_embed"),
+    (r"^blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)$", r"blocks.\1.\2.\3"),
+    (r"^blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)$", r"blocks.\1.attn.\2.\3"),
+    (r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"blocks.\1.mlp.\2.\3"),
+    (r"^norm\.(weight|bias)$", r"norm.\1"),
+)
+
+
+def timm_key(name: str) -> str:
+    for pattern, repl in TIMM_KEY_MAP:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise KeyError(f"no timm name for parameter {name!r}")
+
+
+def to_timm_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    """The encoder's weights under timm's names (``TIMM_KEY_MAP``), for the model of ``timm_kwargs``."""
+    return {timm_key(k): v.detach().clone() for k, v in encoder.state_dict().items()}
+
+
+def timm_kwargs(encoder: VisionTransformer | EncoderSpec) -> dict[str, Any]:
+    """Constructor kwargs of ``timm.models.vision_transformer.VisionTransformer`` that compute our
+    average-pooled features: ``model(x) == encoder(x).mean(1)``.
+
+    - ``class_token=False``, ``no_embed_class=True``: no class token; pos_embed is [1, N, D].
+    - ``global_pool="avg"`` with ``fc_norm=False``: timm keeps ``norm`` on every token and pools
+      after it (``fc_norm=None`` would move the LayerNorm after the pooling, which is not I-JEPA's
+      feature: the average of the normed tokens).
+    - ``num_classes=0``: no head. ``qkv_bias=True``, LayerNorm eps 1e-6, exact GELU, as the authors.
+    The position embedding becomes a learnable parameter in timm holding the fixed sin-cos table.
+    """
+    spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.of(encoder)
+    return dict(img_size=spec.img_size, patch_size=spec.patch_size, in_chans=3, num_classes=0, global_pool="avg",
+                embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio,
+                qkv_bias=True, class_token=False, no_embed_class=True, fc_norm=False,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU)
+
+
+def build_timm_model(encoder: VisionTransformer) -> nn.Module:
+    """timm's VisionTransformer with the encoder's weights (strict); needs timm."""
+    require("timm", "building a timm model")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    model = TimmViT(**timm_kwargs(encoder))
+    return load_state_strict(model, to_timm_state_dict(encoder), "timm VisionTransformer")
+
+
+# ----------------------------------------------------------------------------- command lines
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="ours (.pt or a run folder), the authors' .pth.tar, or a .safetensors export")
+    p.add_argument("--which", default="target_encoder", choices=ENCODER_KEYS, help="which encoder (default: target)")
+    p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
+    p.add_argument("--patch", type=int, help="patch size, checked against the file")
+    p.add_argument("--img-size", type=int, help="image size, checked against the file's position embedding")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow files holding arbitrary Python objects (full unpickler: can run code)")
+
+
+def load_from_args(args) -> LoadedEncoder:
+    return load_encoder(args.checkpoint, args.which, model=args.model, patch_size=args.patch,
+                        img_size=args.img_size, trust=args.trust_checkpoint)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``ijepa-export CHECKPOINT --out encoder.safetensors [--timm]``."""
+    p = argparse.ArgumentParser(prog="ijepa-export", description="Export an encoder to safetensors: our names "
+                                "(default) or timm's (--timm; prints the timm constructor kwargs).")
+    add_checkpoint_args(p)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--timm", action="store_true", help="write timm's names and print timm's constructor kwargs")
+    args = p.parse_args(argv)
+    try:
+        loaded = load_from_args(args)
+        meta = {"source": str(loaded.path), "source_format": loaded.format, "which": loaded.which}
+        if args.timm:
+            st = _safetensors_torch("exporting to safetensors")
+            kwargs = {k: v for k, v in timm_kwargs(loaded.encoder).items() if k not in ("norm_layer", "act_layer")}
+            meta |= {"format": "timm-vit", "timm_kwargs": json.dumps(kwargs)}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            st.save_file({k: v.contiguous() for k, v in to_timm_state_dict(loaded.encoder).items()},
+                               args.out, metadata=meta)
+            print(f"timm kwargs: {json.dumps(kwargs)} + norm_layer=partial(nn.LayerNorm, eps=1e-6)")
+        else:
+            export_safetensors(loaded.encoder, args.out, meta)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
+        print(f"ijepa-export: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} ({loaded.spec.name or 'custom'} {loaded.which} from a {loaded.format} checkpoint)")
+    return 0
+
+
+def extract_main(argv: list[str] | None = None) -> int:
+    """``ijepa-extract CHECKPOINT --data ROOT --out feats.npy|feats.safetensors``."""
+    from ijepa_fast.eval import cli as eval_cli
+    from ijepa_fast.eval.features import FEATURE_MODES, extract_features
+
+    p = argparse.ArgumentParser(prog="ijepa-extract", description="Write frozen features of a dataset (and its "
+                                "labels) to .npy (labels beside it as <stem>.labels.npy) or .safetensors "
+                                "(tensors 'features' and 'labels').")
+    add_checkpoint_args(p)
+    eval_cli.add_data_args(p)
+    p.add_argument("--split", default="", help="idx: train|test (default train); folder: a sub-folder or '' for root")
+    p.add_argument("--features", default="avgpool", choices=FEATURE_MODES)
+    p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".safetensors"):
+        print(f"ijepa-extract: --out must end in .npy or .safetensors, got {out.name}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_from_args(args)
+        split = args.split or ("train" if args.dataset == "idx" else "")
+        dataset = eval_cli.open_eval_dataset(args, split, loaded.spec.img_size)
+        device = eval_cli.resolve_device(args.device)
+        feats, labels = extract_features(loaded.encoder.to(device), dataset, mode=args.features,
+                                         batch_size=args.batch_size, num_workers=eval_cli.num_workers(args),
+                                         dtype=args.dtype, progress=not args.no_progress, desc=f"features {split}")
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
+        print(f"ijepa-extract: {err}", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, feats.numpy())
+        np.save(out.with_name(out.stem + ".labels.npy"), labels.numpy())
+    else:
+        st = _safetensors_torch("writing features to safetensors")
+        meta = {"checkpoint": str(loaded.path), "which": loaded.which, "features": args.features, "split": split}
+        st.save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(out), metadata=meta)
+    source = getattr(dataset, "source", None)
+    if args.dataset == "folder" and hasattr(source, "describe"):  # image folders: the file of each row
+        names = out.with_name(out.stem + ".paths.txt")
+        names.write_text("".join(f"{source.describe(i)}\n" for i in range(len(labels))))
+    print(f"wrote {out}: features {tuple(feats.shape)}, labels {tuple(labels.shape)}")
+    return 0

@@ -1,0 +1,274 @@
+"""Frozen-feature evaluation: features (avgpool, last4), the linear probe, kNN, and ijepa-eval end to end."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ijepa_fast import checkpoint as ckpt_mod
+from ijepa_fast import config as config_mod
+from ijepa_fast.eval import cli
+from ijepa_fast.eval.features import encode, extract_features
+from ijepa_fast.eval.knn import knn_accuracy, knn_predict, knn_topk
+from ijepa_fast.eval.probe import fit_softmax_regression, linear_probe, whiten
+from ijepa_fast.models.ijepa import build_models
+from ijepa_fast.models.vit import build_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- helpers (also used by test_interop)
+
+def write_idx_split(root: Path, split: str, n: int, seed: int) -> None:
+    """An IDX pair (magic 0x803 images uint8 [n, 28, 28], 0x801 labels): 4 classes of blobs, one per quadrant."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    labels = rng.integers(0, 4, n).astype(np.uint8)
+    cy = np.where(labels % 2 == 0, 8.0, 20.0) + rng.normal(0, 1.5, n)
+    cx = np.where(labels < 2, 8.0, 20.0) + rng.normal(0, 1.5, n)
+    imgs = (255 * np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 18.0))
+    prefix = "train" if split == "train" else "t10k"
+    root.mkdir(parents=True, exist_ok=True)
+    with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">IIII", 0x00000803, n, 28, 28) + imgs.astype(np.uint8).tobytes())
+    with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">II", 0x00000801, n) + labels.tobytes())
+
+
+def write_idx_data(root: Path, n_train: int = 160, n_test: int = 48) -> Path:
+    write_idx_split(root, "train", n_train, seed=0)
+    write_idx_split(root, "test", n_test, seed=1)
+    return root
+
+
+def write_our_run(run_dir: Path) -> Path:
+    """A run folder with one checkpoint in our format (as the trainer writes it) of a tiny model."""
+    cfg = config_mod.from_dict({"model": {"name": "vit_tiny", "patch_size": 7, "pred_depth": 1, "pred_emb_dim": 48},
+                                "data": {"dataset": "idx", "crop_size": 28}})
+    torch.manual_seed(0)
+    student, target = build_models(cfg.model, cfg.data.crop_size)
+    with torch.no_grad():  # a target that differs from the context encoder, as after training
+        for p in target.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    state = {"encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict(),
+             "target_encoder": target.state_dict(), "opt": opt.state_dict(), "epoch": 1, "loss": 0.5,
+             "batch_size": 8, "world_size": 1, "lr": 1e-3, "schedules": {}, "mask_sampler": {}, "rng": {},
+             "config": cfg.to_dict()}
+    ckpt_mod.save_checkpoint(run_dir / "checkpoints", state, step=10, keep=2)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- features
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return build_encoder("vit_tiny", 32, 16)  # 4 tokens, 12 blocks
+
+
+def test_avgpool_is_the_mean_of_the_final_tokens(encoder):
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encode(encoder, x, "avgpool"), encoder(x).mean(1))
+
+
+def test_last4_matches_hooked_blocks(encoder):
+    x = torch.randn(3, 3, 32, 32)
+    captured = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: captured.append(o)) for blk in encoder.blocks[-4:]]
+    with torch.no_grad():
+        final = encoder(x)
+        for h in hooks:
+            h.remove()
+        expected = torch.cat([encoder.norm(o).mean(1) for o in captured], dim=1)  # (3, 4*192)
+        got = encode(encoder, x, "last4")
+    assert got.shape == (3, 4 * 192)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got[:, -192:], final.mean(1))  # the last part is avgpool
+
+
+@pytest.mark.parametrize("kind", ["pair", "dataset", "iterable"])
+def test_extract_features_from_any_source_in_order(encoder, kind):
+    images, labels = torch.randn(11, 3, 32, 32), torch.arange(11)
+    source = {"pair": (images, labels),
+              "dataset": torch.utils.data.TensorDataset(images, labels),
+              "iterable": ((images[i], int(labels[i])) for i in range(11))}[kind]
+    encoder.train()
+    feats, y = extract_features(encoder, source, batch_size=4, dtype="fp32", progress=False)
+    assert encoder.training  # the mode is restored
+    assert feats.shape == (11, 192) and feats.dtype == torch.float32 and not feats.requires_grad
+    assert torch.equal(y, labels)
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(feats, encoder(images).mean(1))
+
+
+def test_bf16_features_are_close_to_fp32(encoder):
+    x = torch.randn(6, 3, 32, 32)
+    ref, _ = extract_features(encoder, (x, torch.zeros(6)), dtype="fp32", progress=False)
+    low, _ = extract_features(encoder, (x, torch.zeros(6)), dtype="bf16", progress=False)
+    assert low.dtype == torch.float32
+    assert ((low - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2
+
+
+def test_bad_feature_mode_is_named(encoder):
+    with pytest.raises(ValueError, match="avgpool"):
+        extract_features(encoder, (torch.zeros(1, 3, 32, 32), torch.zeros(1)), mode="cls", progress=False)
+
+
+# ----------------------------------------------------------------------------- probe
+
+def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int, centre_seed: int | None = None):
+    """Gaussian blobs around ``classes`` centres (drawn from ``centre_seed``, default ``seed``), shuffled."""
+    centres = 3.0 * torch.randn(classes, dim, generator=torch.Generator().manual_seed(
+        seed if centre_seed is None else centre_seed))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = centres[y] + spread * torch.randn(len(y), dim, generator=g)
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+@pytest.mark.parametrize("preprocess", ["whiten", "standardize"])
+def test_probe_separates_gaussian_blobs(preprocess):
+    train_x, train_y = blobs(200, 5, 32, 1.0, seed=0)
+    test_x, test_y = blobs(100, 5, 32, 1.0, seed=1, centre_seed=0)  # same centres, new draws
+    result = linear_probe(train_x, train_y, test_x, test_y, preprocess=preprocess)
+    assert result.top1 > 0.95 and result.train_top1 > 0.95 and result.preprocess == preprocess
+    assert result.num_classes == 5 and len(result.sweep) == 8
+    assert (result.best_lr, result.best_wd) in {(s["lr"], s["wd"]) for s in result.sweep}
+
+
+def test_whitening_decorrelates_with_train_statistics():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g)
+    mix[5] = mix[4]  # a rank-deficient direction
+    x = torch.randn(2000, 6, generator=g) @ mix + 3.0
+    (w,) = whiten(x)
+    cov = torch.cov(w.T)
+    assert w.mean(0).abs().max() < 1e-4
+    # eigenvalues ascend: the null direction first (floored, not blown up), then the identity
+    assert cov[0, 0] < 1e-3
+    torch.testing.assert_close(cov[1:, 1:], torch.eye(5), atol=2e-3, rtol=0)
+
+
+def test_probe_recovers_a_signal_hidden_in_correlated_features():
+    """A label carried by a low-variance direction of strongly correlated features: whitening finds it."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (3000,), generator=g)
+    base = 10.0 * torch.randn(3000, 1, generator=g)
+    x = torch.cat([base + 0.01 * (2.0 * y[:, None] - 1) + 0.002 * torch.randn(3000, 1, generator=g),
+                   base, torch.randn(3000, 6, generator=g)], dim=1)
+    result = linear_probe(x[:2000], y[:2000], x[2000:], y[2000:])
+    assert result.top1 > 0.95
+
+
+def test_probe_is_near_chance_on_random_labels():
+    x = torch.randn(600, 16)
+    y = torch.randint(0, 4, (600,))
+    result = linear_probe(x[:400], y[:400], x[400:], y[400:])
+    assert result.top1 < 0.45
+
+
+def test_batched_sweep_equals_separate_fits():
+    x, y = blobs(50, 3, 8, 2.0, seed=2)
+    lrs, wds = torch.tensor([0.01, 0.1]), torch.tensor([0.0, 1e-2])
+    W, b = fit_softmax_regression(x, y, 3, lrs, wds, steps=40, batch_size=64)
+    for p in range(2):
+        Wp, bp = fit_softmax_regression(x, y, 3, lrs[p:p + 1], wds[p:p + 1], steps=40, batch_size=64)
+        torch.testing.assert_close(W[p], Wp[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b[p], bp[0], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- kNN
+
+def knn_brute_force(train_x, train_y, test_x, k, T, classes):
+    """Reference: the whole similarity matrix, a full sort per row, votes summed one by one."""
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    q = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    sims = q @ a.T
+    preds = []
+    for row in sims:
+        order = np.argsort(-row, kind="stable")[:k]
+        votes = np.zeros(classes)
+        for j in order:
+            votes[train_y[j]] += np.exp(row[j] / T)
+        preds.append(int(np.argmax(votes)))
+    return np.array(preds), np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("chunks", [(1024, None), (16, 70), (100, 13)])
+def test_knn_equals_brute_force(chunks):
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.normal(size=(500, 16)), rng.normal(size=(97, 16))
+    train_y = rng.integers(0, 6, 500)
+    ref_pred, ref_idx = knn_brute_force(train_x, train_y, test_x, 20, 0.07, 6)
+    t = torch.from_numpy
+    _, idx = knn_topk(t(train_x), t(test_x), 20, *chunks)
+    assert np.array_equal(idx.numpy(), ref_idx)
+    pred = knn_predict(t(train_x), t(train_y), t(test_x), k=20, temperature=0.07, num_classes=6,
+                       test_chunk=chunks[0], train_chunk=chunks[1])
+    assert np.array_equal(pred.numpy(), ref_pred)
+
+
+def test_knn_accuracy_on_blobs_and_small_train_sets():
+    train_x, train_y = blobs(50, 4, 8, 0.5, seed=3)
+    assert knn_accuracy(train_x, train_y, train_x, train_y).top1 == 1.0
+    few = knn_predict(train_x[:5], train_y[:5], train_x, k=20)  # k larger than the train set
+    assert few.shape == (len(train_x),)
+
+
+# ----------------------------------------------------------------------------- ijepa-eval
+
+@pytest.fixture(scope="module")
+def idx_data(tmp_path_factory):
+    return write_idx_data(tmp_path_factory.mktemp("idx"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return write_our_run(tmp_path_factory.mktemp("run"))
+
+
+def test_ijepa_eval_on_our_checkpoint_and_idx(tmp_path, capsys, idx_data, run_dir):
+    data = idx_data
+    out = tmp_path / "report.json"
+    rc = cli.main([str(run_dir), "--data", str(data), "--out", str(out), "--no-progress", "--batch-size", "64"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "linear probe top-1:" in printed and "kNN top-1:" in printed
+    report = json.loads(out.read_text())
+    assert report["format"] == "ijepa_fast" and report["which"] == "target_encoder"
+    assert report["data"]["n_train"] == 160 and report["data"]["n_test"] == 48
+    assert report["model"]["name"] == "vit_tiny" and report["model"]["img_size"] == "28"
+    assert report["feature_dim"] == 192
+    for part in ("probe", "knn"):
+        assert 0.0 <= report[part]["top1"] <= 1.0
+    assert report["knn"]["k"] == 20 and report["knn"]["temperature"] == 0.07
+    # the four quadrant classes are easy even for these weights
+    assert report["knn"]["top1"] > 0.5
+
+
+def test_python_m_eval_last4_without_probe(tmp_path, idx_data, run_dir):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "ijepa_fast.eval", str(run_dir / "checkpoints" / "latest.pt"),
+                           "--data", str(idx_data), "--features", "last4", "--no-probe", "--which", "encoder",
+                           "--limit", "30", "--out", str(out), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert "probe" not in report and report["feature_dim"] == 4 * 192 and report["which"] == "encoder"
+    assert report["data"]["n_train"] == 30 and report["data"]["n_test"] == 30
+
+
+def test_ijepa_eval_names_missing_data(tmp_path, capsys, run_dir):
+    rc = cli.main([str(run_dir), "--data", str(tmp_path / "nowhere"), "--no-progress"])
+    assert rc == 1 and "nowhere" in capsys.readouterr().err

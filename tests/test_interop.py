@@ -1,0 +1,349 @@
+"""Checkpoints in and out: the authors' .pth.tar (strict, errors that list keys), ours, untrusted files,
+safetensors round trips, the timm mapping, and the ijepa-export / ijepa-extract command lines."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ijepa_fast import interop
+from ijepa_fast.eval.features import extract_features
+from ijepa_fast.interop import CheckpointMismatchError, UntrustedCheckpointError
+from ijepa_fast.models.vit import sincos_pos_embed_2d
+from tests.test_eval import write_idx_data, write_our_run
+
+# The synthetic authors' model: ViT-tiny/16 at 64 px (4x4 grid), predictor 2 blocks of width 96.
+D, DEPTH, P, IMG, DP, PRED_DEPTH = 192, 12, 16, 64, 96, 2
+N = (IMG // P) ** 2
+
+
+def block_shapes(prefix: str, dim: int) -> dict[str, tuple]:
+    h = 4 * dim
+    return {f"{prefix}.norm1.weight": (dim,), f"{prefix}.norm1.bias": (dim,),
+            f"{prefix}.attn.qkv.weight": (3 * dim, dim), f"{prefix}.attn.qkv.bias": (3 * dim,),
+            f"{prefix}.attn.proj.weight": (dim, dim), f"{prefix}.attn.proj.bias": (dim,),
+            f"{prefix}.norm2.weight": (dim,), f"{prefix}.norm2.bias": (dim,),
+            f"{prefix}.mlp.fc1.weight": (h, dim), f"{prefix}.mlp.fc1.bias": (h,),
+            f"{prefix}.mlp.fc2.weight": (dim, h), f"{prefix}.mlp.fc2.bias": (dim,)}
+
+
+def authors_encoder_shapes() -> dict[str, tuple]:
+    shapes = {"pos_embed": (1, N, D), "patch_embed.proj.weight": (D, 3, P, P), "patch_embed.proj.bias": (D,)}
+    for i in range(DEPTH):
+        shapes |= block_shapes(f"blocks.{i}", D)
+    return shapes | {"norm.weight": (D,), "norm.bias": (D,)}
+
+
+def authors_predictor_shapes() -> dict[str, tuple]:
+    shapes = {"mask_token": (1, 1, DP), "predictor_pos_embed": (1, N, DP), "predictor_embed.weight": (DP, D),
+              "predictor_embed.bias": (DP,)}
+    for i in range(PRED_DEPTH):
+        shapes |= block_shapes(f"predictor_blocks.{i}", DP)
+    return shapes | {"predictor_norm.weight": (DP,), "predictor_norm.bias": (DP,),
+                     "predictor_proj.weight": (D, DP), "predictor_proj.bias": (D,)}
+
+
+def random_state(shapes: dict[str, tuple], g: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, shape in shapes.items():
+        if k.endswith("pos_embed"):  # the fixed sin-cos table, as the authors store it
+            out[k] = torch.from_numpy(sincos_pos_embed_2d(shape[-1], IMG // P)).float()[None]
+        elif ".norm" in k or k.startswith("norm") or "_norm" in k:
+            out[k] = (1.0 if k.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=g)
+        else:
+            out[k] = 0.05 * torch.randn(shape, generator=g)
+    return out
+
+
+def authors_checkpoint(seed: int = 0) -> dict:
+    """A dict in the authors' exact layout: DDP 'module.' prefixes, optimizer and scaler states, bookkeeping."""
+    g = torch.Generator().manual_seed(seed)
+    enc = random_state(authors_encoder_shapes(), g)
+    target = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in enc.items()}
+    pred = random_state(authors_predictor_shapes(), g)
+    prefixed = lambda sd: {f"module.{k}": v for k, v in sd.items()}  # noqa: E731
+    params = list(enc.values()) + list(pred.values())
+    opt = {"state": {i: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros_like(p),
+                         "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(params[:3])},
+           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.04, "amsgrad": False,
+                             "params": list(range(len(params)))}]}
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}
+    return {"encoder": prefixed(enc), "predictor": prefixed(pred), "target_encoder": prefixed(target), "opt": opt,
+            "scaler": scaler, "epoch": 300, "loss": 0.1234, "batch_size": 128, "world_size": 16, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def authors_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("authors") / "IN1K-vit.t.16-64px-ep300.pth.tar"
+    torch.save(authors_checkpoint(), path)
+    return path
+
+
+def save_variant(tmp_path: Path, edit) -> Path:
+    ckpt = authors_checkpoint()
+    edit(ckpt)
+    path = tmp_path / "edited.pth.tar"
+    torch.save(ckpt, path)
+    return path
+
+
+def images(n: int = 4, size: int = IMG, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- the authors' checkpoints
+
+def test_authors_checkpoint_loads_strictly(authors_file):
+    raw = torch.load(authors_file, weights_only=True)
+    loaded = interop.load_authors_checkpoint(authors_file)
+    assert (loaded.spec.name, loaded.spec.patch_size, loaded.spec.img_size, loaded.spec.num_heads) == \
+        ("vit_tiny", 16, 64, 3)
+    assert loaded.meta == {"epoch": 300, "loss": 0.1234, "batch_size": 128, "world_size": 16, "lr": 1e-3}
+    for module, key in ((loaded.encoder, "encoder"), (loaded.target_encoder, "target_encoder"),
+                        (loaded.predictor, "predictor")):
+        ours = module.state_dict()
+        theirs = interop.strip_module_prefix(raw[key])
+        assert set(ours) == set(theirs)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), key
+    assert not loaded.target_encoder.pos_embed.requires_grad and loaded.encoder.blocks[0].attn.qkv.weight.requires_grad
+    assert loaded.predictor.predictor_blocks[0].attn.num_heads == 3 and len(loaded.predictor.predictor_blocks) == 2
+    assert loaded.opt["param_groups"][0]["lr"] == 1e-3
+
+
+def test_loaded_authors_model_runs_a_training_forward(authors_file):
+    loaded = interop.load_authors_checkpoint(authors_file)
+    ctx_idx = torch.tensor([[0, 1, 4, 5, 10], [2, 3, 6, 7, 15]])  # (B, Kc)
+    tgt_idx = torch.tensor([[[8, 9], [12, 13]]])  # (M=1, B, Kt)
+    z = loaded.encoder(images(2), ctx_idx)  # (2, 5, D)
+    pred = loaded.predictor(z, ctx_idx, tgt_idx)
+    assert pred.shape == (2, 2, D) and torch.isfinite(pred).all()
+
+
+def test_load_encoder_dispatches_on_the_authors_format(authors_file):
+    raw = interop.strip_module_prefix(torch.load(authors_file, weights_only=True)["target_encoder"])
+    loaded = interop.load_encoder(authors_file)
+    assert (loaded.format, loaded.which) == ("authors", "target_encoder")
+    assert all(torch.equal(v, raw[k]) for k, v in loaded.encoder.state_dict().items())
+    same = interop.load_encoder(authors_file, "encoder", model="vit_tiny", patch_size=16, img_size=64)
+    assert same.which == "encoder" and same.spec == loaded.spec
+
+
+def test_user_stated_size_that_disagrees_lists_every_mismatch(authors_file):
+    with pytest.raises(CheckpointMismatchError) as err:
+        interop.load_encoder(authors_file, model="vit_small")  # 384 wide, 6 heads
+    msg = str(err.value)
+    for key in ("patch_embed.proj.weight: (192, 3, 16, 16) vs (384, 3, 16, 16)",
+                "pos_embed: (1, 16, 192) vs (1, 16, 384)", "blocks.11.mlp.fc2.weight: (192, 768) vs (384, 1536)",
+                "norm.bias: (192,) vs (384,)"):
+        assert key in msg
+    assert "vit_small" in msg
+    with pytest.raises(CheckpointMismatchError, match="patch size is 16, not 14"):
+        interop.load_encoder(authors_file, patch_size=14)
+    with pytest.raises(CheckpointMismatchError, match="trained at 64 px"):
+        interop.load_encoder(authors_file, img_size=224)
+
+
+def test_missing_unexpected_and_misshapen_keys_are_all_listed(tmp_path):
+    def edit(ckpt):
+        enc = ckpt["target_encoder"]
+        del enc["module.blocks.5.norm2.bias"]
+        enc["module.blocks.3.mlp.fc1.weight"] = torch.zeros(700, D)
+        enc["module.head.weight"] = torch.zeros(10, D)
+
+    path = save_variant(tmp_path, edit)
+    with pytest.raises(CheckpointMismatchError) as err:
+        interop.load_encoder(path)
+    msg = str(err.value)
+    assert "blocks.5.norm2.bias" in msg and "head.weight" in msg
+    assert "blocks.3.mlp.fc1.weight: (700, 192) vs (768, 192)" in msg
+    assert err.value.missing == ["blocks.5.norm2.bias"] and err.value.unexpected == ["head.weight"]
+
+
+def test_truncated_depth_is_missing_blocks_for_a_named_size(tmp_path):
+    def edit(ckpt):
+        for k in [k for k in ckpt["encoder"] if k.startswith("module.blocks.11.")]:
+            del ckpt["encoder"][k]
+
+    path = save_variant(tmp_path, edit)
+    with pytest.raises(CheckpointMismatchError) as err:
+        interop.load_encoder(path, "encoder", model="vit_tiny")
+    assert len(err.value.missing) == 12 and all(k.startswith("blocks.11.") for k in err.value.missing)
+    # without a stated size the shapes decide: an 11-block encoder, loaded as such
+    assert len(interop.load_encoder(path, "encoder").encoder.blocks) == 11
+
+
+def test_predictor_mismatch_is_listed(tmp_path):
+    path = save_variant(tmp_path, lambda c: c["predictor"].pop("module.predictor_proj.bias"))
+    with pytest.raises(CheckpointMismatchError, match=r"predictor\][\s\S]*predictor_proj.bias"):
+        interop.load_authors_checkpoint(path)
+
+
+def test_unknown_width_asks_for_the_model(tmp_path):
+    enc = {k: torch.zeros(tuple(200 if s == D else 3 * 200 if s == 3 * D else 800 if s == 4 * D else s for s in v))
+           for k, v in authors_encoder_shapes().items()}
+    path = tmp_path / "odd.pt"
+    torch.save(enc, path)
+    with pytest.raises(ValueError, match="--model"):
+        interop.load_encoder(path)
+
+
+def test_which_must_exist(tmp_path):
+    path = save_variant(tmp_path, lambda c: c.pop("target_encoder"))
+    with pytest.raises(KeyError, match="has: encoder"):
+        interop.load_encoder(path)
+
+
+def test_strip_module_prefix():
+    sd = {"module.a.weight": 1, "module._orig_mod.b": 2, "c": 3}
+    assert interop.strip_module_prefix(sd) == {"a.weight": 1, "b": 2, "c": 3}
+
+
+# ----------------------------------------------------------------------------- untrusted files
+
+def test_untrusted_objects_are_refused_unless_trusted(tmp_path):
+    ckpt = authors_checkpoint()
+    ckpt["args"] = argparse.Namespace(lr=1e-3)  # an object the safe unpickler refuses
+    path = tmp_path / "with-args.pth.tar"
+    torch.save(ckpt, path)
+    with pytest.raises(UntrustedCheckpointError, match=r"argparse\.Namespace[\s\S]*trust"):
+        interop.load_encoder(path)
+    assert interop.load_encoder(path, trust=True).format == "authors"
+
+
+def test_missing_file_and_unknown_content(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        interop.load_encoder(tmp_path / "nope.pt")
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="unrecognised checkpoint"):
+        interop.load_encoder(tmp_path / "odd.pt")
+
+
+# ----------------------------------------------------------------------------- our checkpoints
+
+def test_our_checkpoint_and_run_folder(tmp_path):
+    run_dir = write_our_run(tmp_path / "run")
+    raw = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    for which in ("target_encoder", "encoder"):
+        loaded = interop.load_encoder(run_dir, which)  # a run folder means its latest.pt
+        assert loaded.format == "ijepa_fast" and loaded.meta["step"] == 10
+        assert (loaded.spec.name, loaded.spec.patch_size, loaded.spec.img_size) == ("vit_tiny", 7, 28)
+        assert all(torch.equal(v, raw[which][k]) for k, v in loaded.encoder.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+def test_safetensors_round_trip(authors_file, tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    encoder = interop.load_encoder(authors_file).encoder
+    path = interop.export_safetensors(encoder, tmp_path / "enc.safetensors", {"note": "test"})
+    back, spec, meta = interop.load_safetensors_encoder(path)
+    assert meta["format"] == interop.SAFETENSORS_FORMAT and meta["note"] == "test"
+    assert spec == interop.EncoderSpec.of(encoder)
+    a, b = encoder.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(encoder(images()), back(images()))
+    assert interop.load_encoder(path).format == "safetensors"
+
+
+# ----------------------------------------------------------------------------- timm
+
+def expected_timm_keys(depth: int) -> set[str]:
+    """timm's VisionTransformer(class_token=False, global_pool='avg', fc_norm=False, num_classes=0) names."""
+    keys = {"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(depth):
+        for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            keys |= {f"blocks.{i}.{part}.weight", f"blocks.{i}.{part}.bias"}
+    return keys
+
+
+def test_timm_state_dict_names_and_kwargs(authors_file):
+    encoder = interop.load_encoder(authors_file).encoder
+    sd = interop.to_timm_state_dict(encoder)
+    assert set(sd) == expected_timm_keys(DEPTH)
+    assert all(torch.equal(sd[interop.timm_key(k)], v) for k, v in encoder.state_dict().items())
+    kw = interop.timm_kwargs(encoder)
+    assert kw["class_token"] is False and kw["global_pool"] == "avg" and kw["fc_norm"] is False
+    assert (kw["num_classes"], kw["embed_dim"], kw["depth"], kw["num_heads"], kw["img_size"], kw["patch_size"]) == \
+        (0, D, DEPTH, 3, IMG, P)
+    with pytest.raises(KeyError):
+        interop.timm_key("head.weight")
+
+
+def test_timm_model_gives_the_same_features(authors_file):
+    pytest.importorskip("timm", reason="timm is not importable here (it needs torchvision); pip install timm")
+    encoder = interop.load_encoder(authors_file).encoder.eval()
+    model = interop.build_timm_model(encoder).eval()
+    x = images(3)
+    with torch.no_grad():
+        ours, theirs = encoder(x).mean(1), model(x)
+    assert theirs.shape == (3, D)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+def test_ijepa_export(authors_file, tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    out = tmp_path / "enc.safetensors"
+    assert interop.export_main([str(authors_file), "--out", str(out), "--which", "encoder"]) == 0
+    back, _, meta = interop.load_safetensors_encoder(out)
+    assert meta["which"] == "encoder" and meta["source_format"] == "authors"
+    raw = interop.strip_module_prefix(torch.load(authors_file, weights_only=True)["encoder"])
+    assert all(torch.equal(v, raw[k]) for k, v in back.state_dict().items())
+    timm_out = tmp_path / "timm.safetensors"
+    assert interop.export_main([str(authors_file), "--out", str(timm_out), "--timm"]) == 0
+    tensors, meta = interop.read_safetensors(timm_out)
+    assert set(tensors) == expected_timm_keys(DEPTH) and json.loads(meta["timm_kwargs"])["fc_norm"] is False
+    assert "timm kwargs" in capsys.readouterr().out
+    assert interop.export_main([str(authors_file), "--out", str(out), "--model", "vit_base"]) == 1
+    assert "vs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_ijepa_extract(authors_file, tmp_path, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    data = write_idx_data(tmp_path / "data", n_train=20, n_test=4)
+    out = tmp_path / f"feats{suffix}"
+    rc = interop.extract_main([str(authors_file), "--data", str(data), "--split", "test", "--out", str(out),
+                               "--no-progress", "--batch-size", "3"])
+    assert rc == 0
+    if suffix == ".npy":
+        feats, labels = np.load(out), np.load(tmp_path / "feats.labels.npy")
+    else:
+        tensors, meta = interop.read_safetensors(out)
+        feats, labels = tensors["features"].numpy(), tensors["labels"].numpy()
+        assert meta["which"] == "target_encoder" and meta["split"] == "test"
+    assert feats.shape == (4, D) and labels.shape == (4,)
+    # the same as extracting in-process from the same dataset
+    from ijepa_fast.config import DataConfig
+    from ijepa_fast.data.loader import build_eval_dataset
+
+    dataset = build_eval_dataset(DataConfig(dataset="idx", root=str(data), crop_size=IMG), split="test")
+    ref, ref_y = extract_features(interop.load_encoder(authors_file).encoder, dataset, progress=False)
+    np.testing.assert_allclose(feats, ref.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(labels, ref_y.numpy())
+
+
+def test_ijepa_extract_image_folder_names_each_row(authors_file, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    out = tmp_path / "f.npy"
+    rc = interop.extract_main([str(authors_file), "--data", str(tmp_path / "imgs"), "--dataset", "folder",
+                               "--out", str(out), "--no-progress", "--num-workers", "0"])
+    assert rc == 0
+    assert np.load(out).shape == (6, D) and np.load(tmp_path / "f.labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
+    rows = (tmp_path / "f.paths.txt").read_text().split()
+    assert len(rows) == 6 and rows[0].endswith("0.png") and "cat" in rows[0] and "dog" in rows[-1]
