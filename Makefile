@@ -44,3 +44,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The one command for a lent GPU (profiling/gpu_check.sh): GPU-marked tests, then the step, kernel,
+# attention and data benchmarks, a summary table last. No venv there: python3 from PATH, wheels from
+# .whl/ when present. Without CUDA it runs the CPU-safe parts at tiny sizes.
+gpu-check:
+	bash profiling/gpu_check.sh

@@ -729,11 +729,9 @@ def markdown_report(result: dict) -> str:
 
 
 def record(result: dict, path: str | Path) -> Path:
-    """Append the report to a RESULTS.md file (created with a one-line title if missing)."""
+    """Append the report to a RESULTS.md-style file (created if missing, e.g. a file to append later)."""
     path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Measured results\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write("\n" + markdown_report(result))
     return path
@@ -853,10 +851,42 @@ def _key_figure(out_dir: Path, part: str) -> str:
         if failed:
             bits.append(f"failed: {', '.join(failed)}")
         for p in data.get("projection", [])[:1]:
-            bits.append(f"{p['run'].split(',')[0]} {p['gpu_hours']:,.0f} GPU-h")
+            scaled = "" if p["basis"].startswith("measured") else " (FLOP-scaled)"
+            bits.append(f"{p['run'].split(',')[0]} {p['gpu_hours']:,.0f} GPU-h{scaled}")
         return "; ".join(bits)
     rows = data.get("rows", data) if isinstance(data, dict) else data
-    return f"{len(rows)} rows" if isinstance(rows, list) else ""
+    if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
+        return ""
+    return _bench_figure(rows) or f"{len(rows)} rows"
+
+
+def _bench_figure(rows: list[dict]) -> str:
+    """One line from a kernel, attention or data benchmark's rows."""
+    first = rows[0]
+    if "vs_authors" in first:  # kernels (profiling/_bench_util.py rows)
+        kern = [r for r in rows if r.get("method") == "kernel"]
+        if not kern:
+            return ""
+        x = [r["vs_authors"] for r in kern]
+        bw = [r["pct_copy"] for r in kern]
+        return f"kernel x{min(x):.2f}-{max(x):.2f} vs authors, {min(bw):.0f}-{max(bw):.0f}% of copy bandwidth"
+    if "tokens" in first and "method" in first:  # attention
+        bits = []
+        for case in dict.fromkeys(r["case"] for r in rows):
+            ok = [r for r in rows if r["case"] == case and r.get("ok")]
+            ref = next((r for r in ok if r["method"] == "math"), None)
+            if ok and ("target" in case or case.startswith("vith14 predictor")):
+                best = min(ok, key=lambda r: r["median_ms"])
+                vs = f" x{ref['median_ms'] / best['median_ms']:.1f} vs math" if ref else ""
+                bits.append(f"{case.split(' (')[0]}: {best['method']}{vs}")
+        return "; ".join(bits)
+    if "loader" in first and "images_per_s" in first:  # data
+        best = {}
+        for r in rows:
+            if r["images_per_s"] > best.get(r["loader"], {}).get("images_per_s", -1):
+                best[r["loader"]] = r
+        return "; ".join(f"{k} {r['images_per_s']:.0f} img/s ({r['workers']} workers)" for k, r in best.items())
+    return ""
 
 
 # ----------------------------------------------------------------------------------------- CLI

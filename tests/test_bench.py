@@ -1,0 +1,246 @@
+"""The profiling harness (ijepa_fast.bench, issue 8) end to end on ViT-tiny on the CPU, the phase-split
+step against the trainer's step, the GPU-hours and scaling arithmetic on known numbers."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ijepa_fast import bench
+from ijepa_fast.bench import BenchSpec, PhaseClock, make_config, phased_step
+from ijepa_fast.flops import step_flops
+from ijepa_fast.masks import MultiBlockMaskSampler
+from profiling import scaling
+
+REPO = Path(__file__).resolve().parent.parent
+# ViT-tiny on a 4 x 4 grid, batch 2, a 1-block predictor: a few tens of ms per step on a CPU core.
+TINY_ARGS = ["--model", "vit_tiny", "--patch", "8", "--img", "32", "--batch", "2", "--pred-depth", "1",
+             "--pred-dim", "48", "--set", "mask.min_keep=4", "--device", "cpu", "--warmup", "1", "--steps", "2",
+             "--phase-steps", "1", "--batches", "2"]
+
+
+def test_harness_runs_the_ablation_end_to_end(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    shutil.copy(REPO / "profiling" / "RESULTS.md", results)
+    before = results.read_text()
+    out = tmp_path / "out"
+    result = bench.main([*TINY_ARGS, "--ablation", "--out", str(out), "--tag", "t", "--record", str(results),
+                         "--trace", str(tmp_path / "trace.json")])
+
+    names = [r["name"] for r in result["rows"]]
+    assert names[0] == "authors" and names[-1] == "all on (default)"
+    assert "+ compile" not in names  # left out on a CPU unless --compile-on-cpu
+    assert len(names) == 8
+    for r in result["rows"]:
+        assert r["ok"], r
+        assert r["images_per_s"] > 0 and math.isfinite(r["loss"])
+        assert r["step_ms_p20"] <= r["step_ms_median"] <= r["step_ms_p80"]
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # a CPU has neither
+        assert set(r["phases_ms"]) >= {"data", "target_fwd", "context_fwd", "predictor_fwd", "backward",
+                                       "optimizer", "ema"}
+        # the split step is the same work: its sum is near the plain step (loose: shared 2-core machine)
+        assert 0.4 < r["phases_over_step"] < 2.5, r
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["authors"]["speedup_vs_authors"] == 1.0
+    assert rows["authors"]["attention"] == "math" and rows["all on (default)"]["attention"] == "sdpa"
+    assert "sync" in rows["authors"]["phases_ms"] and "sync" not in rows["all on (default)"]["phases_ms"]
+    want = step_flops("vit_tiny", 8, 32, rows["authors"]["mean_kc"], rows["authors"]["mean_kt"], 4, 1, 48).total
+    assert rows["authors"]["gflop_per_image"] * 1e9 == pytest.approx(want, rel=0.02)  # mean of exact per-batch
+
+    saved = json.loads((out / "t.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == names
+    assert saved["meta"]["device"].startswith("CPU") and saved["meta"]["commit"]
+    for png in ("t_throughput.png", "t_phases.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert rows["all on (default)"]["trace"] == str(tmp_path / "trace.json")
+
+    text = results.read_text()
+    assert text.startswith(before) and len(text) > len(before)
+    added = text[len(before):]
+    assert "| authors |" in added and "commit:" in added and "--ablation" in added and "GPU-hours" in added
+    assert (REPO / "profiling" / "RESULTS.md").read_text() != text  # the real file is untouched
+
+
+def _tiny_spec(**kw) -> BenchSpec:
+    return BenchSpec(model="vit_tiny", patch=8, img=32, batch=2, pred_depth=1, pred_dim=48, device="cpu",
+                     overrides=["mask.min_keep=4"], **kw)
+
+
+@pytest.mark.parametrize("preset", ["authors", "fast"])
+def test_phased_step_is_the_trainers_step(preset):
+    """Same loss, same student and target weights after two steps as TrainStep.__call__."""
+    from ijepa_fast.trainer import build_train_step
+
+    cfg = make_config(_tiny_spec(), {"preset": preset})
+    torch.manual_seed(0)
+    plain = build_train_step(cfg, torch.device("cpu"), steps_per_epoch=100)
+    split = copy.deepcopy(plain)
+    masks = MultiBlockMaskSampler(4, min_keep=4, seed=0)
+    images = torch.randn(2, 3, 32, 32)
+    for step in range(2):
+        batch = (images, masks(2, step))
+        a = plain(*batch, step)["loss"]
+        clock = PhaseClock(torch.device("cpu"))
+        b = phased_step(split, lambda batch=batch: batch, step, clock)["loss"]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert set(clock.durations_ms()) >= {"target_fwd", "backward", "ema"}
+    for mod_a, mod_b in ((plain.student, split.student), (plain.target_encoder, split.target_encoder)):
+        for (name, pa), pb in zip(mod_a.named_parameters(), mod_b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+
+
+def test_harness_with_the_pytorch_loader(tmp_path):
+    from tests.data_fixtures import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "imgs", 8, size=(64, 48))
+    args = list(TINY_ARGS)
+    args[args.index("--batches") + 1] = "1"
+    result = bench.main([*args, "--loader", "pytorch", "--data", str(tmp_path / "imgs"), "--workers", "0"])
+    (row,) = result["rows"]
+    assert row["ok"], row
+    assert result["meta"]["loader"] == "pytorch" and row["data_wait_ms_median"] > 0
+
+
+def test_real_loader_without_data_is_a_clear_error():
+    spec = _tiny_spec(loader="pytorch")
+    with pytest.raises(ValueError, match="--data"):
+        bench.LoaderBatches(make_config(spec, {"preset": "fast"}), torch.device("cpu"), "pytorch")
+
+
+def test_peak_table_matches_device_names():
+    assert bench.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_bf16_tflops("Tesla V100-SXM2-16GB") is None
+
+
+def test_gpu_hours_of_the_papers_figure():
+    # 300 epochs of 1,281,167 images at 89 images/s per GPU: the paper's "under 1,200 GPU-hours"
+    assert bench.gpu_hours(89.0, 300) == pytest.approx(1199.5, abs=0.1)
+    assert bench.gpu_hours(178.0, 300) == pytest.approx(1199.5 / 2, abs=0.1)
+    with pytest.raises(ValueError):
+        bench.gpu_hours(0.0, 300)
+
+
+def test_projection_measured_and_flop_scaled():
+    spec = BenchSpec(model="vit_huge", patch=14, img=224, batch=128)
+    flops = step_flops("vit_huge", 14, 224).total
+    rows = [{"name": "authors", "ok": True, "images_per_s": 50.0, "gflop_per_image": flops / 1e9},
+            {"name": "all on (default)", "ok": True, "images_per_s": 89.0, "gflop_per_image": flops / 1e9}]
+    h14, h16 = bench.project(rows, spec, device_name="test GPU")
+    assert h14["basis"].startswith("measured (all on")
+    assert h14["gpu_hours"] == pytest.approx(1199.5, abs=0.1)
+    assert h14["paper_gpu_hours"] == 1200.0 and h14["paper_images_per_s_per_gpu"] == pytest.approx(89.0, abs=0.1)
+    assert h16["basis"].startswith("FLOP-scaled") and h16["paper_gpu_hours"] is None
+    # 448 px / 16 = 784 patches: about 3x the FLOPs per image, so about 3x the GPU-hours
+    assert 2.5 < h16["gpu_hours"] / h14["gpu_hours"] < 3.6
+    assert bench.project([{"name": "x", "ok": False}], spec, "d") == []
+
+
+def test_percentiles():
+    p = bench.percentiles([float(x) for x in range(1, 11)])
+    assert p["median"] == 5.5 and p["p20"] == pytest.approx(2.8) and p["p80"] == pytest.approx(8.2)
+    assert bench.percentiles([3.0]) == {"median": 3.0, "p20": 3.0, "p80": 3.0}
+
+
+def test_check_summary(tmp_path):
+    (tmp_path / "status.tsv").write_text("step_vith14\tok\t120\npytest_gpu\tskipped (no CUDA)\t0\n")
+    rows = [{"name": "authors", "ok": True, "images_per_s": 50.0},
+            {"name": "all on (default)", "ok": True, "images_per_s": 100.0, "mfu": 0.4}]
+    (tmp_path / "step_vith14.json").write_text(json.dumps({"meta": {"spec": {"model": "x"}}, "rows": rows,
+                                                           "projection": []}))
+    table = bench.check_summary(tmp_path / "status.tsv", tmp_path)
+    assert "| step_vith14 | ok | 120 | default 100.0 img/s, MFU 40.0%; authors 50.0 img/s; x2.00 |" in table
+    assert "| pytest_gpu | skipped (no CUDA) | 0 |  |" in table
+
+
+def test_attention_benchmark_runs_on_cpu(tmp_path):
+    from profiling import bench_attention
+
+    rows = bench_attention.main(["--device", "cpu", "--models", "vitb16", "--reps", "1", "--json",
+                                 str(tmp_path / "a.json"), "--record", str(tmp_path / "R.md")])
+    assert {r["method"] for r in rows} == {"math", "sdpa"} and all(r["ok"] for r in rows)
+    assert [r["case"].split(" (")[0] for r in rows[::2]] == ["vitb16 target", "vitb16 context", "vitb16 predictor"]
+    assert rows[0]["tokens"] == 196 and rows[0]["head_dim"] == 64 and rows[4]["head_dim"] == 32
+    assert "| vitb16 target (N=196) |" in (tmp_path / "R.md").read_text()
+    (tmp_path / "a.json").rename(tmp_path / "attention.json")
+    (tmp_path / "status.tsv").write_text("attention\tok\t1\n")
+    assert "vitb16 target: " in bench.check_summary(tmp_path / "status.tsv", tmp_path)
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(REPO / "profiling" / "gpu_check.sh")], check=True)
+
+
+# ----------------------------------------------------------------------------------------- scaling model
+
+def test_ring_cost_on_known_numbers():
+    # 2 (n-1)/n * bytes / bw: 2 GPUs, 1 GB at 100 GB/s -> 10 ms; 1 GPU -> nothing
+    assert scaling.ring_allreduce_s(1e9, 2, 100e9) == pytest.approx(0.01)
+    assert scaling.ring_allreduce_s(1e9, 1, 100e9) == 0.0
+    assert scaling.ring_allreduce_s(1e9, 64, 100e9) == pytest.approx(2 * 63 / 64 * 0.01)
+    assert scaling.ring_allgather_s(1e9, 4, 100e9) == pytest.approx(0.75 * 0.01)
+
+
+def test_zero_stage_volumes():
+    p = 100e6
+    v0, v1, v2, v3 = (scaling.comm_volume_bytes(p, stage, grad_bytes=4, param_bytes=4) for stage in range(4))
+    # stage 0: all-reduce of fp32 grads; 1 and 2: reduce-scatter grads + all-gather params (same bytes);
+    # stage 3: the params all-gathered in forward and backward instead of after the step: 1.5x stage 0
+    assert v0 == {"allreduce": 4 * p}
+    assert v1 == v2 == {"reduce_scatter": 4 * p, "allgather": 4 * p}
+    assert v3 == {"reduce_scatter": 4 * p, "allgather": 2 * 4 * p}
+    # plus the fp32 target encoder's gather for its forward under stage 3 only
+    assert scaling.comm_volume_bytes(p, 3, 2, 2, target_params=50e6)["allgather"] == 2 * 2 * p + 4 * 50e6
+    assert scaling.comm_volume_bytes(p, 2, 2, 2, target_params=50e6) == {"reduce_scatter": 2 * p, "allgather": 2 * p}
+    assert scaling.comm_time_s(v3, 8, 100e9) == pytest.approx(1.5 * scaling.comm_time_s(v0, 8, 100e9))
+    assert scaling.comm_time_s(v1, 8, 100e9) == pytest.approx(scaling.comm_time_s(v0, 8, 100e9))
+
+
+def test_step_time_estimate():
+    est = scaling.estimate(step_s=0.5, batch=128, params=600e6, gpus=16, gpus_per_node=8, intra_bw=400e9,
+                           inter_bw=50e9, stage=0, overlap=0.0, grad_bytes=4, param_bytes=4)
+    comm = 2 * 15 / 16 * 600e6 * 4 / 50e9  # two nodes: the ring runs at the inter-node rate
+    assert est["comm_s"] == pytest.approx(comm)
+    assert est["step_s"] == pytest.approx(0.5 + comm)
+    assert est["images_per_s"] == pytest.approx(16 * 128 / (0.5 + comm))
+    hidden = scaling.estimate(step_s=0.5, batch=128, params=600e6, gpus=16, gpus_per_node=8, intra_bw=400e9,
+                              inter_bw=50e9, stage=0, overlap=1.0, grad_bytes=4, param_bytes=4)
+    assert hidden["step_s"] == pytest.approx(0.5) and hidden["efficiency"] == pytest.approx(1.0)
+    one = scaling.estimate(step_s=0.5, batch=128, params=600e6, gpus=1, gpus_per_node=8, intra_bw=400e9,
+                           inter_bw=50e9, stage=3, overlap=0.0)
+    assert one["comm_s"] == 0.0 and one["step_s"] == 0.5
+    # overlap never makes a step shorter than its communication
+    slow = scaling.estimate(step_s=0.01, batch=128, params=600e6, gpus=16, gpus_per_node=8, intra_bw=400e9,
+                            inter_bw=50e9, stage=0, overlap=1.0, grad_bytes=4, param_bytes=4)
+    assert slow["step_s"] == pytest.approx(comm)
+
+
+def test_scaling_cli_prints_a_table(capsys):
+    scaling.main(["--step-ms", "500", "--batch", "128", "--params", "650e6", "--gpus", "1", "8", "64"])
+    out = capsys.readouterr().out
+    assert "| 64 | 8 |" in out and "stage" in out
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_harness_on_cuda_phase_split_matches_the_step(tmp_path):
+    args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
+    args[args.index("--batch") + 1] = "32"
+    args[args.index("--steps") + 1] = "10"
+    args[args.index("--phase-steps") + 1] = "5"
+    result = bench.main([*args, "--compare-authors", "--out", str(tmp_path)])
+    for r in result["rows"]:
+        assert r["ok"], r
+        assert r["peak_mem_gib"] > 0
+        assert 0.7 < r["phases_over_step"] < 1.4, r
