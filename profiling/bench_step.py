@@ -9,7 +9,9 @@ module for what is measured and how. Run from the repository root, e.g.::
 """
 from __future__ import annotations
 
+import sys
+
 from ijepa_fast.bench import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

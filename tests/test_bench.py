@@ -30,7 +30,7 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
     shutil.copy(REPO / "profiling" / "RESULTS.md", results)
     before = results.read_text()
     out = tmp_path / "out"
-    result = bench.main([*TINY_ARGS, "--ablation", "--out", str(out), "--tag", "t", "--record", str(results),
+    result = bench.run_cli([*TINY_ARGS, "--ablation", "--out", str(out), "--tag", "t", "--record", str(results),
                          "--trace", str(tmp_path / "trace.json")])
 
     names = [r["name"] for r in result["rows"]]
@@ -102,10 +102,20 @@ def test_harness_with_the_pytorch_loader(tmp_path):
     write_jpeg_folder(tmp_path / "imgs", 8, size=(64, 48))
     args = list(TINY_ARGS)
     args[args.index("--batches") + 1] = "1"
-    result = bench.main([*args, "--loader", "pytorch", "--data", str(tmp_path / "imgs"), "--workers", "0"])
+    result = bench.run_cli([*args, "--loader", "pytorch", "--data", str(tmp_path / "imgs"), "--workers", "0"])
     (row,) = result["rows"]
     assert row["ok"], row
     assert result["meta"]["loader"] == "pytorch" and row["data_wait_ms_median"] > 0
+
+
+def test_console_entry_returns_an_exit_status(tmp_path):
+    args = list(TINY_ARGS)
+    args[args.index("--steps") + 1] = "1"
+    assert bench.main([*args, "--configs", "authors", "--phase-steps", "0", "--json", str(tmp_path / "r.json")]) == 0
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row["name"] == "authors" and "phases_ms" not in row
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--configs", "no such row"])
 
 
 def test_real_loader_without_data_is_a_clear_error():
@@ -239,7 +249,8 @@ def test_harness_on_cuda_phase_split_matches_the_step(tmp_path):
     args[args.index("--batch") + 1] = "32"
     args[args.index("--steps") + 1] = "10"
     args[args.index("--phase-steps") + 1] = "5"
-    result = bench.main([*args, "--compare-authors", "--out", str(tmp_path)])
+    # compile off: the check is the phase split, and compiling takes longer than the rest of this test
+    result = bench.run_cli([*args, "--compare-authors", "--set", "speed.compile=off", "--out", str(tmp_path)])
     for r in result["rows"]:
         assert r["ok"], r
         assert r["peak_mem_gib"] > 0
