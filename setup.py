@@ -25,6 +25,11 @@ setup(
     entry_points={
         "console_scripts": [
             "ijepa-pretrain=ijepa_fast.pretrain:main",
+            "ijepa-demo=ijepa_fast.demo:main",
+            "ijepa-eval=ijepa_fast.eval.cli:main",
+            "ijepa-extract=ijepa_fast.interop:extract_main",
+            "ijepa-export=ijepa_fast.interop:export_main",
+            "ijepa-bench=ijepa_fast.bench:main",
         ],
     },
 )

@@ -161,9 +161,10 @@ class RunConfig:
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3
-    engine: str = "plain"  # plain|deepspeed
+    engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed
     zero_stage: int = 1
     ds_config: str = ""  # a DeepSpeed JSON whose values override the generated ones
+    dist_timeout_s: float = 0.0  # a dead or stalled rank fails the others after this; 0: $IJEPA_DIST_TIMEOUT_S or 1800
     progress: bool = True
     tensorboard: bool = True
 
@@ -173,7 +174,9 @@ class RunConfig:
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "an integer >= 1")
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        _check(self.engine in ("plain", "deepspeed"), f"{prefix}.engine", self.engine, "plain or deepspeed")
+        _check(self.engine in ("auto", "plain", "deepspeed"), f"{prefix}.engine", self.engine,
+               "auto, plain or deepspeed")
+        _check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
 
 

@@ -84,6 +84,12 @@ def _mix(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) & (2**63 - 1)
 
 
+def mask_seed(seed: int, rank: int) -> int:
+    """The mask sampler's seed on ``rank``: ``seed`` itself on rank 0 (a one-process run is unchanged),
+    an independent stream on every other rank, so the ranks of one step draw different masks."""
+    return seed if rank == 0 else _mix(seed, 0x5EED0000 + rank) & 0x7FFFFFFFFFFF
+
+
 def _check_pair(name: str, pair, lo_open: float, hi: float | None) -> tuple[float, float]:
     try:
         a, b = (float(v) for v in pair)

@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--data", help="shorthand for data.root=...")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=5e-4")
+    # `deepspeed` (without --no_local_rank) passes this; the rank comes from LOCAL_RANK in the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -43,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"ijepa-pretrain: config error: {err}", file=sys.stderr)
         return 2
-    setup_logging(Path(cfg.run.out_dir) / cfg.run.name)
+    from ijepa_fast.distributed import detect
+
+    main_rank = detect().rank == 0
+    setup_logging(Path(cfg.run.out_dir) / cfg.run.name if main_rank else None)
+    if not main_rank:  # one log for the run: other ranks report warnings and errors only
+        logging.getLogger().setLevel(logging.WARNING)
     from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
     try:
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
         logging.getLogger("ijepa_fast").error("%s", err)
         return 1
+    if not main_rank:
+        return 0
     print(f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
           f"skipped images: {result.skipped}  ({result.stopped})")
     return 0

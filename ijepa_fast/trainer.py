@@ -17,6 +17,7 @@ import torch
 
 from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import config as config_mod
+from ijepa_fast import distributed
 from ijepa_fast.config import Config
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.metrics import DeviceMeter, MetricsWriter, plot_loss
@@ -92,15 +93,49 @@ def build_models_for(cfg: Config, device: torch.device):
     return student, target
 
 
+def build_loader(cfg: Config, grid: tuple[int, int] | int, device: torch.device, rank: int, world_size: int,
+                 start_step: int, run_dir: Path):
+    """The pretraining loader ``data.loader`` names (auto: DALI on a GPU when installed and the data
+    are images, else the PyTorch one); both yield the same ``Batch`` and resume at ``start_step``."""
+    from ijepa_fast.data.dali.loader import resolve_loader_kind
+
+    kwargs = dict(grid=grid, mask_kwargs=mask_kwargs(cfg), seed=cfg.run.seed, rank=rank, world_size=world_size,
+                  start_step=start_step)
+    if resolve_loader_kind(cfg.data, device) == "dali":
+        from ijepa_fast.data.dali.loader import build_dali_loader
+
+        # The verdicts of the image check are cached in the run folder: a resumed run skips the scan.
+        log.info("data loader: DALI (%s)", "GPU decoding" if device.type == "cuda" else "CPU mode")
+        return build_dali_loader(cfg.data, device=device if device.type == "cuda" else None,
+                                 cache=run_dir / f"image_check.rank{rank}.json", **kwargs)
+    from ijepa_fast.data.loader import build_pretrain_loader
+
+    return build_pretrain_loader(cfg.data, **kwargs)
+
+
+def step_options(cfg: Config) -> StepOptions:
+    return StepOptions(loss=cfg.optim.loss, grad_clip=cfg.optim.grad_clip, fused_ema=cfg.speed.fused_ema,
+                       fused_gather=cfg.speed.fused_gather, grad_scaler=cfg.speed.grad_scaler,
+                       sync_every_step=cfg.speed.sync_every_step)
+
+
 def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainStep:
     """The training step the trainer runs (models, optimizer, schedules, switches) from a Config."""
     student, target = build_models_for(cfg, device)
     optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
     schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
-    options = StepOptions(loss=cfg.optim.loss, grad_clip=cfg.optim.grad_clip, fused_ema=cfg.speed.fused_ema,
-                          fused_gather=cfg.speed.fused_gather, grad_scaler=cfg.speed.grad_scaler,
-                          sync_every_step=cfg.speed.sync_every_step)
-    return TrainStep(student, target, optimizer, schedules, device, autocast_dtype(device, cfg.run.dtype), options)
+    return TrainStep(student, target, optimizer, schedules, device, autocast_dtype(device, cfg.run.dtype),
+                     step_options(cfg))
+
+
+def build_deepspeed_step(cfg: Config, device: torch.device, steps_per_epoch: int, world_size: int):
+    """The DeepSpeed step (ZeRO stage ``run.zero_stage``) over the same models and schedules."""
+    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
+
+    ds_config = deepspeed_config(cfg, world_size, device_type=device.type)
+    student, target = build_models_for(cfg, device)
+    schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
+    return DeepSpeedTrainStep(student, target, schedules, ds_config, device, step_options(cfg))
 
 
 class Trainer:
@@ -108,41 +143,87 @@ class Trainer:
         self.cfg = cfg.validate()
         self.resume = resume
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        self.device = resolve_device(cfg.run.device)
+        self.dist_env = distributed.detect()
+        self.engine = distributed.resolve_engine(cfg.run.engine, self.dist_env)
+        self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
+        self.is_main = self.rank == 0
+        if self.engine == "deepspeed":
+            self.device = distributed.device_for(self.dist_env, cfg.run.device)
+        else:
+            self.device = resolve_device(cfg.run.device)
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ building
     def build(self) -> None:
         cfg = self.cfg
-        from ijepa_fast.data.loader import build_pretrain_loader, check_data_source
+        from ijepa_fast.data.loader import check_data_source
 
+        if self.engine == "deepspeed":
+            distributed.init(self.dist_env, deepspeed=True, device=self.device,
+                             timeout_s=cfg.run.dist_timeout_s or None)
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
         self._prepare_run_dir()
-        state = ckpt.load_latest(self.run_dir / "checkpoints") if self.resume else None
-        if self.resume and state is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir / "checkpoints")
-        self.start_step = int(state["step"]) if state else 0
+        state, ds_step = None, None
+        if self.engine == "deepspeed":
+            from ijepa_fast.engine_deepspeed import latest_step
+
+            ds_step = latest_step(self.ds_dir) if self.resume else None
+            found = ds_step is not None
+        else:
+            state = ckpt.load_latest(self.run_dir / "checkpoints") if self.resume else None
+            found = state is not None
+        if self.resume and not found:
+            log.warning("--resume: no checkpoint in %s, starting from scratch",
+                        self.ds_dir if self.engine == "deepspeed" else self.run_dir / "checkpoints")
+        self.start_step = int(state["step"]) if state else (ds_step or 0)
 
         torch.manual_seed(cfg.run.seed)
         self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
-        self.loader = build_pretrain_loader(cfg.data, grid=self.grid, mask_kwargs=mask_kwargs(cfg), seed=cfg.run.seed,
-                                            start_step=self.start_step)
-        self.step_fn = build_train_step(cfg, self.device, self.loader.steps_per_epoch)
+        self.loader = build_loader(cfg, self.grid, self.device, self.rank, self.world_size, self.start_step,
+                                   self.run_dir)
+        if self.engine == "deepspeed":
+            self.step_fn = build_deepspeed_step(cfg, self.device, self.loader.steps_per_epoch, self.world_size)
+        else:
+            self.step_fn = build_train_step(cfg, self.device, self.loader.steps_per_epoch)
         self.student, self.target = self.step_fn.student, self.step_fn.target_encoder
         self.optimizer, self.schedules = self.step_fn.optimizer, self.step_fn.schedules
         total = cfg.optim.epochs * self.loader.steps_per_epoch
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
         if state:
             self._load_state(state)
-        self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=self.start_step if state else None)
+        if ds_step is not None:
+            self._check_model(self.step_fn.load_checkpoint(self.ds_dir, ds_step))
+            log.info("resumed from step %d (%s)", self.start_step, self.ds_dir)
+        resume_step = self.start_step if found else None
+        self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=resume_step) if self.is_main \
+            else _NoWriter()
+
+    @property
+    def ds_dir(self) -> Path:
+        return self.run_dir / "deepspeed"
 
     def _prepare_run_dir(self) -> None:
         ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if ckpts and not self.resume:
+        if ckpts and not self.resume:  # every rank checks (the same files), so every rank raises
             raise FileExistsError(f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
                                   f"it, or choose another run.name / run.out_dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
+        distributed.barrier()
+
+    def _meta(self, step: int, last_loss: float) -> dict:
+        """What a checkpoint holds besides weights and optimizer state (the same on every rank)."""
+        return {
+            "epoch": step // self.loader.steps_per_epoch,
+            "loss": last_loss,
+            "batch_size": self.cfg.data.batch_size,
+            "world_size": self.world_size,
+            "lr": self.schedules.lr_at(max(step - 1, 0)),
+            "schedules": self.schedules.state_dict(),
+            "mask_sampler": {"seed": self.cfg.run.seed, "grid": self.grid, **mask_kwargs(self.cfg)},
+            "config": self.cfg.to_dict(),
+        }
 
     def _state(self, step: int, last_loss: float) -> dict:
         return {
@@ -150,22 +231,18 @@ class Trainer:
             "predictor": self.student.predictor.state_dict(),
             "target_encoder": self.target.state_dict(),
             "opt": self.optimizer.state_dict(),
-            "epoch": step // self.loader.steps_per_epoch,
-            "loss": last_loss,
-            "batch_size": self.cfg.data.batch_size,
-            "world_size": 1,
-            "lr": self.schedules.lr_at(max(step - 1, 0)),
-            "schedules": self.schedules.state_dict(),
-            "mask_sampler": {"seed": self.cfg.run.seed, "grid": self.grid, **mask_kwargs(self.cfg)},
+            **self._meta(step, last_loss),
             "rng": ckpt.rng_state(),
-            "config": self.cfg.to_dict(),
         }
 
-    def _load_state(self, state: dict) -> None:
+    def _check_model(self, state: dict) -> None:
         saved = state.get("config", {}).get("model", {})
         if saved and saved != self.cfg.to_dict()["model"]:
             raise ValueError(f"--resume: the checkpoint's model {saved} differs from the config's "
                              f"{self.cfg.to_dict()['model']}")
+
+    def _load_state(self, state: dict) -> None:
+        self._check_model(state)
         self.student.encoder.load_state_dict(state["encoder"])
         self.student.predictor.load_state_dict(state["predictor"])
         self.target.load_state_dict(state["target_encoder"])
@@ -179,31 +256,42 @@ class Trainer:
             self.build()
         cfg, step = self.cfg, self.start_step
         meter, bar = DeviceMeter(self.device), self._progress_bar()
-        skipped, last_loss, last_ckpt = 0, float("nan"), None
+        skipped, last_loss, last_ckpt, saved_step = 0, float("nan"), None, None
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
-        log.info("training steps %d..%d (%d per epoch), batch %d", step, self.total_steps, self.loader.steps_per_epoch,
-                 cfg.data.batch_size)
+        log.info("training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s), engine %s",
+                 step, self.total_steps, self.loader.steps_per_epoch, cfg.data.batch_size * self.world_size,
+                 cfg.data.batch_size, self.world_size, self.engine)
         with _StopOnSignals(self):
             for batch in self.loader:
-                if step >= self.total_steps or self._stop_signal is not None:
+                if step >= self.total_steps or self._should_stop(step):
                     break
                 images = batch.images.to(self.device, non_blocking=True)
                 masks = _masks_to(batch.masks, self.device)
                 out = self.step_fn(images, masks, step)
                 meter.update(out["loss"], step)
-                step, skipped, window_images = step + 1, skipped + batch.skipped, window_images + images.shape[0]
+                step, skipped = step + 1, skipped + batch.skipped
+                window_images += images.shape[0] * self.world_size
                 if step % cfg.run.log_every == 0 or step % cfg.run.checkpoint_every == 0 or step == self.total_steps:
                     last_loss = self._log(meter, step, window_images / (time.perf_counter() - window_start),
                                           skipped, time.perf_counter() - started, bar)
                     window_start, window_images = time.perf_counter(), 0
                 if step % cfg.run.checkpoint_every == 0:
-                    last_ckpt = self._save(step, last_loss)
+                    last_ckpt, saved_step = self._save(step, last_loss), step
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
-            if last_ckpt is None or not last_ckpt.name.endswith(ckpt.checkpoint_name(step)):
+            if saved_step != step:
                 last_ckpt = self._save(step, last_loss)
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
+
+    def _should_stop(self, step: int) -> bool:
+        """A signal stops the run; with several ranks they agree at logging points (one host sync),
+        so every rank leaves the loop at the same step."""
+        if self.world_size == 1:
+            return self._stop_signal is not None
+        if step % self.cfg.run.log_every:
+            return False
+        return distributed.any_rank(self._stop_signal is not None, self.device)
 
     def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar) -> float:
         loss, bad_step = meter.read()  # the one host sync of this window
@@ -219,18 +307,27 @@ class Trainer:
         if bar is not None:
             bar.n = step
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{ips:.0f}", skipped=skipped)
-        else:
+        elif self.is_main:
             log.info("step %d loss %.4f lr %.2e %.0f img/s", step, loss, row["lr"], ips)
         return loss
 
-    def _save(self, step: int, loss: float) -> Path:
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self._state(step, loss), step,
-                                    self.cfg.run.keep_checkpoints)
+    def _save(self, step: int, loss: float) -> Path | None:
+        """Plain: one checkpoint file. DeepSpeed (collective): the engine checkpoint in run_dir/deepspeed,
+        then a consolidated fp32 export in run_dir/checkpoints (rank 0; what ijepa-eval reads)."""
+        keep = self.cfg.run.keep_checkpoints
+        if self.engine == "deepspeed":
+            meta = self._meta(step, loss)
+            tag = self.step_fn.save_checkpoint(self.ds_dir, step, meta, keep=keep)
+            path = self.step_fn.export_consolidated(self.run_dir / "checkpoints", step,
+                                                    {**meta, "rng": ckpt.rng_state()}, keep=keep)
+            log.info("checkpoint %s (DeepSpeed: %s)", path, tag)
+            return path
+        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self._state(step, loss), step, keep)
         log.info("checkpoint %s", path)
         return path
 
     def _progress_bar(self):
-        if not self.cfg.run.progress:
+        if not self.cfg.run.progress or not self.is_main:
             return None
         from tqdm import tqdm
 
@@ -240,12 +337,25 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.writer.close()
-        plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
+        if self.is_main:
+            plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
+        if self.engine == "deepspeed":
+            distributed.cleanup()
         stopped = "signal" if self._stop_signal is not None else "finished"
         bad = self.loader.skipped_paths if hasattr(self.loader, "skipped_paths") else []
         log.info("%s at step %d: last loss %.4f, %d undecodable image(s) skipped%s", stopped, step, loss, skipped,
                  f" ({len(bad)} distinct files)" if bad else "")
         return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt)
+
+
+class _NoWriter:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _StopOnSignals:

@@ -13,7 +13,8 @@ How a batch is made:
   next index (wrapping) until one decodes, and marks the sample as skipped with the file's path and
   error. The crop is drawn by ``transforms.crop_rng(seed, epoch, index actually used)``.
 - ``Collate`` (worker) stacks the crops, normalises them (one vectorised op per batch) and samples
-  the masks with ``MultiBlockMaskSampler(grid, seed=seed, **mask_kwargs)`` at the batch's step.
+  the masks with ``MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)`` at the batch's
+  step (rank 0 uses ``seed`` itself; every rank draws its own masks).
 
 Nothing reads a worker's global RNG (nor the main process's: the DataLoader gets its own
 generator), so a run resumed at step s sees exactly the batches s, s+1, ... of an uninterrupted
@@ -46,7 +47,7 @@ from ijepa_fast.data.transforms import (
     pil_to_uint8,
     random_resized_crop_pil,
 )
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler, _mix
+from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler, _mix, mask_seed
 
 if TYPE_CHECKING:
     from ijepa_fast.config import DataConfig
@@ -292,7 +293,7 @@ def build_pretrain_loader(cfg: DataConfig, *, grid: int | tuple[int, int], mask_
     """
     dataset = PretrainDataset(open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, rank, world_size, start_step)
-    masks = MultiBlockMaskSampler(grid, seed=seed, **mask_kwargs)
+    masks = MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)
     return PretrainLoader(dataset, masks, sampler, cfg.num_workers, cfg.pin_memory and torch.cuda.is_available())
 
 

@@ -61,7 +61,7 @@ from ijepa_fast.data.dali.webdataset import prepare_webdataset
 from ijepa_fast.data.folder import scan_folder
 from ijepa_fast.data.loader import Batch, StepBatchSampler, folder_root
 from ijepa_fast.data.transforms import crop_box
-from ijepa_fast.masks import _mix
+from ijepa_fast.masks import _mix, mask_seed
 from ijepa_fast.masks_device import DeviceMaskSampler
 from ijepa_fast.optional import available, require
 
@@ -367,7 +367,7 @@ def build_dali_loader(cfg, *, grid, mask_kwargs: dict, seed: int, rank: int = 0,
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     threads = max(1, threads or cfg.num_workers or os.cpu_count() or 1)
     B, half = cfg.batch_size, dtype == torch.float16
-    masks = DeviceMaskSampler(grid, seed=seed, **mask_kwargs)
+    masks = DeviceMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)
     tars = webdataset_tars(cfg)
     if tars:
         tmpdir = tempfile.TemporaryDirectory(prefix="ijepa-wds-idx-") if cache is None else None
