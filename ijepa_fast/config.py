@@ -30,7 +30,8 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_open: bool = True) -> None:
     a, b = pair
     lo_ok = (a > lo) if lo_open else (a >= lo)
-    _check(lo_ok and b <= hi and a <= b, key, pair, f"a pair (lo, hi) with {lo} {'<' if lo_open else '<='} lo <= hi <= {hi}")
+    relation = "<" if lo_open else "<="
+    _check(lo_ok and b <= hi and a <= b, key, pair, f"a pair (lo, hi) with {lo} {relation} lo <= hi <= {hi}")
 
 
 @dataclass
@@ -62,7 +63,8 @@ class MaskConfig:
     def validate(self, prefix: str = "mask") -> None:
         _check(self.num_pred_masks >= 1, f"{prefix}.num_pred_masks", self.num_pred_masks, "an integer >= 1")
         # The authors' configs all use one context block; several would only repeat the targets.
-        _check(self.num_enc_masks == 1, f"{prefix}.num_enc_masks", self.num_enc_masks, "1 (the only value the method uses)")
+        _check(self.num_enc_masks == 1, f"{prefix}.num_enc_masks", self.num_enc_masks,
+               "1 (the only value the method uses)")
         _check_range(f"{prefix}.pred_mask_scale", self.pred_mask_scale, 0.0, 1.0)
         _check_range(f"{prefix}.enc_mask_scale", self.enc_mask_scale, 0.0, 1.0)
         _check_range(f"{prefix}.aspect_ratio", self.aspect_ratio, 0.0, math.inf)
@@ -113,7 +115,8 @@ class OptimConfig:
         _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
         _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, "an integer >= 0")
         _check(self.ipe_scale > 0, f"{prefix}.ipe_scale", self.ipe_scale, "a positive float")
-        _check(0 <= self.warmup_epochs <= self.epochs, f"{prefix}.warmup_epochs", self.warmup_epochs, f"a float in [0, epochs={self.epochs}]")
+        _check(0 <= self.warmup_epochs <= self.epochs, f"{prefix}.warmup_epochs", self.warmup_epochs,
+               f"a float in [0, epochs={self.epochs}]")
         for k in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "grad_clip"):
             _check(getattr(self, k) >= 0, f"{prefix}.{k}", getattr(self, k), "a float >= 0")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a float > 0")
@@ -315,6 +318,7 @@ def save(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (our format), loadable with ``load``."""
     import yaml
 
-    data = {k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()} for k, v in cfg.to_dict().items()}
+    data = {section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+            for section, values in cfg.to_dict().items()}
     with open(path, "w") as fh:
         yaml.safe_dump(data, fh, sort_keys=False)

@@ -53,7 +53,7 @@ class MetricsWriter:
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         new = not self.path.exists()
-        self._fh = open(self.path, "a", newline="")
+        self._fh = open(self.path, "a", newline="")  # noqa: SIM115 (open for the writer's life; close())
         self._csv = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS)
         if new:
             self._csv.writeheader()

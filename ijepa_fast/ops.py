@@ -44,12 +44,13 @@ def gather_tokens_with_pos(x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor
     return apply_masks_authors(x + pos, idx)
 
 
-def predictor_mask_tokens(mask_token: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, fused: bool = True) -> torch.Tensor:
+def predictor_mask_tokens(mask_token: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor,
+                          fused: bool = True) -> torch.Tensor:
     """mask_token [1, 1, D] + pos[idx]: pos [1, N, D], idx [M, B, K] -> [M*B, K, D]."""
     idx = as_blocks(idx)
     if fused:
         return mask_tokens(mask_token, pos, idx)
-    M, B, K = idx.shape
+    _, B, _ = idx.shape
     pos_b = pos.expand(B, -1, -1)  # (B, N, D)
     return apply_masks_authors(pos_b, idx) + mask_token
 

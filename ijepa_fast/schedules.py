@@ -35,8 +35,8 @@ class Schedules:
     @classmethod
     def from_config(cls, optim, steps_per_epoch: int) -> Schedules:
         """From an ``OptimConfig`` and the iterations per epoch (authors: ipe)."""
-        total = int(steps_per_epoch * optim.epochs * optim.ipe_scale)
-        return cls(total_steps=max(total, 1), warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), max(total, 1)),
+        total = max(int(steps_per_epoch * optim.epochs * optim.ipe_scale), 1)
+        return cls(total_steps=total, warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), total),
                    start_lr=optim.start_lr, lr=optim.lr, final_lr=optim.final_lr, weight_decay=optim.weight_decay,
                    final_weight_decay=optim.final_weight_decay, ema_start=optim.ema[0], ema_end=optim.ema[1])
 
@@ -46,13 +46,15 @@ class Schedules:
         if s < self.warmup_steps:
             return self.start_lr + (s / max(1, self.warmup_steps)) * (self.lr - self.start_lr)
         progress = (s - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return max(self.final_lr, self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(self.final_lr, self.final_lr + (self.lr - self.final_lr) * cosine)
 
     def wd_at(self, step: int) -> float:
         """Cosine weight_decay -> final_weight_decay (clamped at the final value past the end)."""
         progress = (step + 1) / self.total_steps
-        wd = self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(self.final_weight_decay, wd) if self.final_weight_decay <= self.weight_decay else min(self.final_weight_decay, wd)
+        start, end = self.weight_decay, self.final_weight_decay
+        wd = end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(end, wd) if end <= start else min(end, wd)
 
     def momentum_at(self, step: int) -> float:
         """EMA momentum rising linearly ema_start -> ema_end over total_steps (held at the end)."""

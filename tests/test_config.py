@@ -42,7 +42,8 @@ def test_authors_config_loads_expected_values(name):
     (model, patch, depth, width), (crop, batch), (epochs, warmup) = AUTHORS[name]
     assert is_authors_format(_authors_raw(name))
     cfg = config.load(str(CONFIGS / name))
-    assert (cfg.model.name, cfg.model.patch_size, cfg.model.pred_depth, cfg.model.pred_emb_dim) == (model, patch, depth, width)
+    m = cfg.model
+    assert (m.name, m.patch_size, m.pred_depth, m.pred_emb_dim) == (model, patch, depth, width)
     assert (cfg.data.crop_size, cfg.data.batch_size, cfg.data.crop_scale) == (crop, batch, (0.3, 1.0))
     assert (cfg.data.num_workers, cfg.data.pin_memory) == (10, True)
     assert cfg.data.root == "$replace_this_with_absolute_path_to_your_datasets_directory/imagenet_full_size/061417/"

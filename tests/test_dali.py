@@ -532,3 +532,31 @@ def test_device_sampler_on_cuda_equals_cpu():
     for step in range(5):
         c, g = sampler(64, step), sampler(64, step, device="cuda")
         assert g.context.is_cuda and torch.equal(c.context, g.context.cpu()) and torch.equal(c.targets, g.targets.cpu())
+
+
+@needs_dali
+def test_the_trainer_trains_with_the_dali_loader_by_config(tmp_path):
+    """data.loader=dali in a config: the trainer runs on DALI's CPU mode and counts the planted bad
+    files as it does with the PyTorch loader."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.data.dali.loader import DaliPretrainLoader
+    from ijepa_fast.trainer import Trainer
+
+    make_planted_folder(tmp_path / "data")
+    overrides = {"model.name": "vit_tiny", "model.patch_size": 8, "model.pred_depth": 1, "model.pred_emb_dim": 48,
+                 "mask.min_keep": 2, "data.dataset": "folder", "data.root": str(tmp_path / "data"), "data.split": "",
+                 "data.crop_size": 32, "data.batch_size": 2, "data.num_workers": 1, "data.pin_memory": "false",
+                 "optim.epochs": 2, "optim.warmup_epochs": 0.5, "run.out_dir": str(tmp_path / "runs"),
+                 "run.log_every": 1, "run.checkpoint_every": 100, "run.progress": "false",
+                 "run.tensorboard": "false", "run.device": "cpu", "run.dtype": "fp32"}
+    runs = {}
+    for kind in ("dali", "pytorch"):
+        cfg = config_mod.load(None, [f"{k}={v}" for k, v in {**overrides, "data.loader": kind,
+                                                               "run.name": kind}.items()])
+        trainer = Trainer(cfg)
+        trainer.build()
+        assert isinstance(trainer.loader, DaliPretrainLoader) == (kind == "dali")
+        runs[kind] = trainer.fit()
+    assert runs["dali"].steps == runs["pytorch"].steps == 14  # 14 files / batch 2, two epochs
+    assert runs["dali"].skipped == runs["pytorch"].skipped == 6  # 3 bad files, met once per epoch
+    assert (tmp_path / "runs" / "dali" / "checkpoints" / "latest.pt").exists()

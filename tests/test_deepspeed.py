@@ -335,8 +335,8 @@ def test_pretrain_under_torchrun_then_the_deepspeed_launcher_resumes_like_one_ru
     from tests.test_trainer import DETERMINISTIC_ENV, losses, tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=96)  # 6 steps of 2 ranks x 8
-    env = {**os.environ, **DETERMINISTIC_ENV, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable, "PYTHONPATH": str(REPO),
-           "NPROC_PER_NODE": "2", "NUM_GPUS": "2", "MASTER_PORT": str(dist_.free_port())}
+    env = {**os.environ, **DETERMINISTIC_ENV, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO), "NPROC_PER_NODE": "2", "NUM_GPUS": "2", "MASTER_PORT": str(dist_.free_port())}
 
     def run(script: str, name: str, *extra: str) -> None:
         args = tiny_overrides(data, tmp_path / "runs", name, **{"run.engine": "deepspeed", "run.zero_stage": 1})

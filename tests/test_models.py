@@ -135,7 +135,8 @@ def manual_encoder(enc, images, idx=None):
         att = (qkv[0] @ qkv[1].transpose(-2, -1) / math.sqrt(D // H)).softmax(-1) @ qkv[2]
         x = x + F.linear(att.transpose(1, 2).reshape(B, N, D), blk.attn.proj.weight, blk.attn.proj.bias)
         h = F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6)
-        x = x + F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        hidden = F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        x = x + F.linear(hidden, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
     return F.layer_norm(x, (x.shape[-1],), enc.norm.weight, enc.norm.bias, 1e-6)
 
 

@@ -66,7 +66,8 @@ def resolve_backend(requested: str, device: torch.device | str, head_dim: int) -
         raise ValueError(f"attention={requested!r} is not a backend: choose one of {BACKENDS}")
     dev = torch.device(device)
     if requested == "auto":
-        if dev.type == "cuda" and available("flash_attn") and head_dim % 8 == 0 and head_dim <= _FLASH_ATTN_MAX_HEAD_DIM:
+        flash_ok = head_dim % 8 == 0 and head_dim <= _FLASH_ATTN_MAX_HEAD_DIM
+        if dev.type == "cuda" and available("flash_attn") and flash_ok:
             return "flash_attn"
         return "sdpa"
     if requested in ("flash_attn", "xformers"):

@@ -218,7 +218,7 @@ class VisionTransformerPredictor(_BlockStack):
 
     def forward(self, ctx: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         target_idx = ops.as_blocks(target_idx)
-        M, B, Kt = target_idx.shape
+        M, B, _ = target_idx.shape
         if ctx.shape[0] != B or context_idx.shape != ctx.shape[:2]:
             raise ValueError(f"context tokens {tuple(ctx.shape)} do not match context indices "
                              f"{tuple(context_idx.shape)} and target indices {tuple(target_idx.shape)}")
@@ -239,7 +239,8 @@ def build_encoder(name: str, img_size: int = 224, patch_size: int = 16, **kwargs
                              num_heads=size.num_heads, mlp_ratio=size.mlp_ratio, **kwargs)
 
 
-def build_predictor(encoder: VisionTransformer, depth: int, embed_dim: int = 384, **kwargs) -> VisionTransformerPredictor:
+def build_predictor(encoder: VisionTransformer, depth: int, embed_dim: int = 384,
+                    **kwargs) -> VisionTransformerPredictor:
     """The predictor for ``encoder``: the encoder's number of heads (authors), width ``embed_dim``."""
     return VisionTransformerPredictor(num_patches=encoder.num_patches, embed_dim=encoder.embed_dim,
                                       predictor_embed_dim=embed_dim, depth=depth, num_heads=encoder.num_heads,

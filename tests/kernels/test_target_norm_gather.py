@@ -18,7 +18,8 @@ from .test_masked_gather import SHAPES, make_gather_inputs
 def _authors(h: torch.Tensor, idx: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """The authors' targets: normalise all N tokens, then gather the blocks (apply_masks order)."""
     M, B, K = idx.shape
-    return F.layer_norm(h, (h.size(-1),), eps=eps)[torch.arange(B, device=h.device).view(1, B, 1), idx].reshape(M * B, K, -1)
+    rows = torch.arange(B, device=h.device).view(1, B, 1)
+    return F.layer_norm(h, (h.size(-1),), eps=eps)[rows, idx].reshape(M * B, K, -1)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
