@@ -44,12 +44,13 @@ class RunResult:
     checkpoint: Path | None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "run.device") -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; a CUDA device without CUDA names ``option``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name!r} but no CUDA device is available; use run.device=cpu")
+        raise ValueError(f"{option}={name!r} but no CUDA device is available; use {option}=cpu")
     return dev
 
 

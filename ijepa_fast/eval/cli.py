@@ -48,12 +48,9 @@ def num_workers(args: argparse.Namespace) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+    from ijepa_fast.trainer import resolve_device as resolve
+
+    return resolve(name, option="--device")
 
 
 def open_eval_dataset(args: argparse.Namespace, split: str, img_size: int):
