@@ -3,10 +3,11 @@
 1. Pretrains with ``configs/demo.yaml`` (progress bar; run folder with config, metrics.csv,
    TensorBoard events, loss.png and checkpoints).
 2. Fits a linear probe (``ijepa_fast.eval.probe``: whitened features, lr/wd chosen on a held-out
-   tenth) on frozen average-pooled features of the target encoder and prints test accuracy beside
-   the same architecture at random initialisation and raw pixels.
+   tenth) and a kNN classifier (``ijepa_fast.eval.knn``: k=20, cosine) on frozen average-pooled
+   features of the target encoder and prints test accuracy beside the same architecture at random
+   initialisation and raw pixels.
 
-    python -m ijepa_fast.demo [--data DIR] [--dataset idx|folder] [overrides...]
+    python -m ijepa_fast.demo [--data DIR] [--dataset idx|folder] [--probe-train N] [--probe-test N] [overrides...]
 """
 from __future__ import annotations
 
@@ -27,11 +28,22 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 PROBE_TRAIN, PROBE_TEST = 20_000, 10_000
 
 
+def image_count(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: need at least 2 images")
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="ijepa-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="data root (IDX files or an image folder); default: configs/demo.yaml's")
     p.add_argument("--dataset", choices=["idx", "folder"], help="kind of data at --data")
+    p.add_argument("--probe-train", type=image_count, default=PROBE_TRAIN, metavar="N",
+                   help=f"training images for the probe and kNN (default {PROBE_TRAIN:,})")
+    p.add_argument("--probe-test", type=image_count, default=PROBE_TEST, metavar="N",
+                   help=f"test images scored (default {PROBE_TEST:,})")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=2")
     return p.parse_args(argv)
 
@@ -43,15 +55,22 @@ def demo_config(args) -> config_mod.Config:
     return config_mod.load(str(DEMO_CONFIG), overrides + list(args.overrides))
 
 
-def probe_table(cfg, run_dir: Path, target_encoder) -> list[tuple[str, float]]:
-    """Linear-probe test top-1 (%) of three feature sets on the same images; also into probe.json."""
+def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN,
+                n_test: int = PROBE_TEST) -> dict:
+    """Linear-probe and kNN top-1 (%) of three feature sets on the same images: the report
+    ``{"train_images", "test_images", "rows": [(features, probe %, kNN %), ...]}``.
+
+    Both classifiers come from ``ijepa_fast.eval`` (whitened probe with its lr/wd sweep; kNN with
+    k=20, cosine similarity, temperature 0.07). Also written to ``run_dir/probe.json``.
+    """
     from ijepa_fast.data.loader import build_eval_dataset
     from ijepa_fast.eval.features import extract_features
+    from ijepa_fast.eval.knn import knn_accuracy
     from ijepa_fast.eval.probe import linear_probe
     from ijepa_fast.models.ijepa import build_models
 
-    train = build_eval_dataset(cfg.data, split="train", limit=PROBE_TRAIN)
-    test = build_eval_dataset(cfg.data, split="test", limit=PROBE_TEST)
+    train = build_eval_dataset(cfg.data, split="train", limit=n_train)
+    test = build_eval_dataset(cfg.data, split="test", limit=n_test)
     torch.manual_seed(cfg.run.seed)
     _, random_encoder = build_models(cfg.model, cfg.data.crop_size)
 
@@ -69,11 +88,19 @@ def probe_table(cfg, run_dir: Path, target_encoder) -> list[tuple[str, float]]:
                            ("same ViT, random init", encoded(random_encoder, "random init")),
                            ("raw pixels", pixels)):
         (train_x, train_y), (test_x, test_y) = features(train, "train"), features(test, "test")
-        result = linear_probe(train_x, train_y, test_x, test_y)
-        rows.append((name, 100.0 * result.top1))
+        probe = linear_probe(train_x, train_y, test_x, test_y)
+        knn = knn_accuracy(train_x, train_y, test_x, test_y)
+        rows.append((name, 100.0 * probe.top1, 100.0 * knn.top1))
     (run_dir / "probe.json").write_text(json.dumps(
-        {"train_images": len(train), "test_images": len(test), "top1_percent": dict(rows)}, indent=2))
-    return rows
+        {"train_images": len(train), "test_images": len(test),
+         "top1_percent": {name: {"linear_probe": p, "knn": k} for name, p, k in rows}}, indent=2))
+    return {"train_images": len(train), "test_images": len(test), "rows": rows}
+
+
+def format_table(rows: list[tuple[str, float, float]]) -> str:
+    lines = ["| features | linear probe top-1 % | kNN (k=20) top-1 % |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {probe:.1f} | {knn:.1f} |" for name, probe, knn in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,15 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("ijepa_fast").error("%s", err)
         return 1
     trained = time.perf_counter() - started
-    rows = probe_table(cfg, run_dir, trainer.target)
+    report = probe_table(cfg, run_dir, trainer.target, args.probe_train, args.probe_test)
     print(f"\nI-JEPA demo: {result.steps} steps in {trained / 60:.1f} min; run folder {run_dir}")
     print(f"skipped images: {result.skipped}\n")
-    print(f"linear probe: frozen features of the first {PROBE_TRAIN:,} training images, top-1 on the first "
-          f"{PROBE_TEST:,} test images\n")
-    print("| features | top-1 % |")
-    print("| --- | --- |")
-    for name, acc in rows:
-        print(f"| {name} | {acc:.1f} |")
+    print(f"frozen average-pooled features: classifiers fit on the first {report['train_images']:,} "
+          f"training images, top-1 on the first {report['test_images']:,} test images\n")
+    print(format_table(report["rows"]))
     return 0
 
 
