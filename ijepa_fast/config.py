@@ -109,11 +109,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 0.0  # 0: off (the authors do not clip)
+    # Micro-batches per optimizer step: the global batch is data.batch_size x ranks x grad_accum, and
+    # a "step" (schedules, max_steps, checkpoints, logs) is one optimizer step.
+    grad_accum: int = 1
     loss: str = "smooth_l1"  # smooth_l1 (authors' code) | l2 (paper's text)
 
     def validate(self, prefix: str = "optim") -> None:
         _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
         _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, "an integer >= 0")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", self.grad_accum, "an integer >= 1")
         _check(self.ipe_scale > 0, f"{prefix}.ipe_scale", self.ipe_scale, "a positive float")
         _check(0 <= self.warmup_epochs <= self.epochs, f"{prefix}.warmup_epochs", self.warmup_epochs,
                f"a float in [0, epochs={self.epochs}]")

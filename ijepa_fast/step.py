@@ -81,11 +81,18 @@ class TrainStep:
     """Callable training step over (student, target encoder, optimizer, schedules).
 
     ``step(images [B,3,S,S], masks: MaskBatch, step: int) -> {"loss": 0-d tensor, ...}``.
+
+    With ``grad_accum`` = k > 1 call it once per micro-batch, k times with the same optimizer
+    ``step``: each call adds the gradient of its loss / k, and the k-th clips, steps the optimizer
+    and updates the EMA (``stepped`` tells which call did). The same interface as
+    ``engine_deepspeed.DeepSpeedTrainStep``.
     """
 
     def __init__(self, student: JEPAStudent, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
                  schedules: Schedules, device: torch.device, amp_dtype: torch.dtype | None,
-                 options: StepOptions | None = None):
+                 options: StepOptions | None = None, grad_accum: int = 1):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum={grad_accum} must be >= 1")
         self.student = student
         self.target_encoder = target_encoder
         self.optimizer = optimizer
@@ -93,6 +100,9 @@ class TrainStep:
         self.device = device
         self.amp_dtype = amp_dtype
         self.options = options or StepOptions()
+        self.grad_accum = grad_accum
+        self.micro = 0  # micro-batches since the last optimizer step
+        self.stepped = False
         self.scaler = torch.amp.GradScaler(device.type) if self.options.grad_scaler else None
         self.last_host_loss: float | None = None  # filled only when sync_every_step (authors' habit)
 
@@ -103,30 +113,38 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, masks: MaskBatch, step: int) -> dict[str, torch.Tensor]:
         opts = self.options
-        set_lr_wd(self.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
+        if self.micro == 0:
+            set_lr_wd(self.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
         with self._autocast():
             targets = compute_targets(self.target_encoder, images, masks, fused=opts.fused_gather)
             loss = self.student(images, masks.context, masks.targets, targets)
-        self._backward_and_update(loss)
-        ema_update(self.target_encoder, self.student.encoder, self.schedules.momentum_at(step), fused=opts.fused_ema)
+        self._backward(loss / self.grad_accum if self.grad_accum > 1 else loss)
+        self.micro += 1
+        self.stepped = self.micro == self.grad_accum
+        if self.stepped:
+            self.micro = 0
+            self._update()
+            ema_update(self.target_encoder, self.student.encoder, self.schedules.momentum_at(step),
+                       fused=opts.fused_ema)
         out = {"loss": loss.detach()}
         if opts.sync_every_step:
             self.last_host_loss = float(out["loss"])  # the authors read the loss to the host every step
         return out
 
-    def _backward_and_update(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _update(self) -> None:
+        """Clip, step and zero the gradients (through the GradScaler when there is one)."""
         opts = self.options
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            if opts.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        if opts.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            if opts.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

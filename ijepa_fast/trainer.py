@@ -126,14 +126,14 @@ def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int) ->
     optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
     schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
     return TrainStep(student, target, optimizer, schedules, device, autocast_dtype(device, cfg.run.dtype),
-                     step_options(cfg))
+                     step_options(cfg), grad_accum=cfg.optim.grad_accum)
 
 
 def build_deepspeed_step(cfg: Config, device: torch.device, steps_per_epoch: int, world_size: int):
     """The DeepSpeed step (ZeRO stage ``run.zero_stage``) over the same models and schedules."""
     from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
 
-    ds_config = deepspeed_config(cfg, world_size, device_type=device.type)
+    ds_config = deepspeed_config(cfg, world_size, device_type=device.type, grad_accum=cfg.optim.grad_accum)
     student, target = build_models_for(cfg, device)
     schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
     return DeepSpeedTrainStep(student, target, schedules, ds_config, device, step_options(cfg))
@@ -180,15 +180,22 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
-        self.loader = build_loader(cfg, self.grid, self.device, self.rank, self.world_size, self.start_step,
-                                   self.run_dir)
+        # The loader counts micro-batches; a step (schedules, logs, checkpoints) is one optimizer step
+        # of grad_accum of them, so a resumed run restarts the loader at step x grad_accum.
+        self.accum = cfg.optim.grad_accum
+        self.loader = build_loader(cfg, self.grid, self.device, self.rank, self.world_size,
+                                   self.start_step * self.accum, self.run_dir)
+        self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"optim.grad_accum={self.accum} exceeds the {self.loader.steps_per_epoch} "
+                             f"micro-batches of one epoch on this rank")
         if self.engine == "deepspeed":
-            self.step_fn = build_deepspeed_step(cfg, self.device, self.loader.steps_per_epoch, self.world_size)
+            self.step_fn = build_deepspeed_step(cfg, self.device, self.steps_per_epoch, self.world_size)
         else:
-            self.step_fn = build_train_step(cfg, self.device, self.loader.steps_per_epoch)
+            self.step_fn = build_train_step(cfg, self.device, self.steps_per_epoch)
         self.student, self.target = self.step_fn.student, self.step_fn.target_encoder
         self.optimizer, self.schedules = self.step_fn.optimizer, self.step_fn.schedules
-        total = cfg.optim.epochs * self.loader.steps_per_epoch
+        total = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
         if state:
             self._load_state(state)
@@ -216,7 +223,7 @@ class Trainer:
     def _meta(self, step: int, last_loss: float) -> dict:
         """What a checkpoint holds besides weights and optimizer state (the same on every rank)."""
         return {
-            "epoch": step // self.loader.steps_per_epoch,
+            "epoch": step * self.accum // self.loader.steps_per_epoch,
             "loss": last_loss,
             "batch_size": self.cfg.data.batch_size,
             "world_size": self.world_size,
@@ -260,19 +267,26 @@ class Trainer:
         skipped, last_loss, last_ckpt, saved_step = 0, float("nan"), None, None
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
-        log.info("training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s), engine %s",
-                 step, self.total_steps, self.loader.steps_per_epoch, cfg.data.batch_size * self.world_size,
-                 cfg.data.batch_size, self.world_size, self.engine)
+        log.info("training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s) x %d "
+                 "accumulation, engine %s", step, self.total_steps, self.steps_per_epoch,
+                 cfg.data.batch_size * self.world_size * self.accum, cfg.data.batch_size, self.world_size,
+                 self.accum, self.engine)
+        micro = 0  # micro-batches of the current step so far
         with _StopOnSignals(self):
             for batch in self.loader:
-                if step >= self.total_steps or self._should_stop(step):
+                if micro == 0 and (step >= self.total_steps or self._should_stop(step)):
                     break
                 images = batch.images.to(self.device, non_blocking=True)
                 masks = _masks_to(batch.masks, self.device)
                 out = self.step_fn(images, masks, step)
                 meter.update(out["loss"], step)
-                step, skipped = step + 1, skipped + batch.skipped
+                skipped, micro = skipped + batch.skipped, micro + 1
                 window_images += images.shape[0] * self.world_size
+                if micro < self.accum:
+                    continue
+                if not self.step_fn.stepped:  # the engine's boundary and ours must agree
+                    raise RuntimeError(f"step {step}: {micro} micro-batches in, the optimizer has not stepped")
+                step, micro = step + 1, 0
                 if step % cfg.run.log_every == 0 or step % cfg.run.checkpoint_every == 0 or step == self.total_steps:
                     last_loss = self._log(meter, step, window_images / (time.perf_counter() - window_start),
                                           skipped, time.perf_counter() - started, bar)
@@ -301,7 +315,8 @@ class Trainer:
             keep = f"the last good checkpoint is {latest[-1][1]}" if latest else "no checkpoint was written yet"
             raise NonFiniteLossError(f"the loss became non-finite at step {bad_step}; stopping ({keep})")
         s = step - 1
-        row = {"step": step, "epoch": s // self.loader.steps_per_epoch, "loss": loss, "lr": self.schedules.lr_at(s),
+        row = {"step": step, "epoch": s * self.accum // self.loader.steps_per_epoch, "loss": loss,
+               "lr": self.schedules.lr_at(s),
                "wd": self.schedules.wd_at(s), "momentum": self.schedules.momentum_at(s), "images_per_s": ips,
                "skipped": skipped, "elapsed_s": round(elapsed, 3)}
         self.writer.write(row)

@@ -1,6 +1,7 @@
 """One rank of the DeepSpeed tests (``tests/test_deepspeed.py`` starts several of these).
 
-    python tests/ds_worker.py zero OUT_DIR 1,2,3     # per stage: 5 steps with a save at 3, resume, EMA check
+    python tests/ds_worker.py zero OUT_DIR 1,2,3     # per stage: 5 steps with a save at 3, resume, EMA check;
+                                                     # then gradient accumulation under ZeRO-2
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
     python tests/ds_worker.py stall OUT_DIR          # rank 1 stops answering; rank 0 must time out
 
@@ -31,6 +32,7 @@ PER_RANK = 2  # micro batch per rank; the global batch is PER_RANK x world
 STEPS, SAVE_AT = 5, 3  # steps in all; checkpoint after SAVE_AT steps
 STEPS_PER_EPOCH = 4  # schedules span 4 steps: lr, wd and momentum change at every step
 GRAD_CLIP = 0.2  # below the tiny model's gradient norm (0.47 at step 0), so clipping acts
+ACCUM, ACCUM_STAGE, ACCUM_STEPS = 2, 2, 3  # gradient accumulation: 2 micro-batches a step under ZeRO-2
 
 
 def tiny_config(stage: int = 1) -> Config:
@@ -145,6 +147,28 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
                     "ds_config": ds_cfg}, out / f"result_zero{stage}.pt")
 
 
+def run_accumulation(out: Path, rank: int, world: int) -> None:
+    """ACCUM_STEPS optimizer steps of ACCUM micro-batches (micro-batch j of step i is batch ACCUM*i+j)."""
+    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
+    from ijepa_fast.step import StepOptions
+
+    cfg = tiny_config(ACCUM_STAGE)
+    ds_cfg = deepspeed_config(cfg, world, device_type="cpu", grad_accum=ACCUM)
+    student, target = models(cfg, 0)
+    step_fn = DeepSpeedTrainStep(student, target, schedules(cfg), ds_cfg, torch.device("cpu"),
+                                 StepOptions(grad_clip=cfg.optim.grad_clip))
+    losses, stepped = [], []
+    for i in range(ACCUM_STEPS):
+        for j in range(ACCUM):
+            images, masks = local_batch(ACCUM * i + j, rank, world)
+            losses.append(step_fn(images, masks, i)["loss"].item())
+            stepped.append(step_fn.stepped)
+    final = step_fn.consolidated_state()
+    if rank == 0:
+        torch.save({"losses": losses, "stepped": stepped, "final": final, "ds_config": ds_cfg},
+                   out / "result_accum.pt")
+
+
 def main(argv: list[str]) -> int:
     mode, out = argv[0], Path(argv[1])
     from ijepa_fast import distributed as dist_
@@ -153,6 +177,7 @@ def main(argv: list[str]) -> int:
         env = dist_.init(deepspeed=True, timeout_s=120)
         for stage in (int(s) for s in argv[2].split(",")):
             run_stage(stage, out, env.rank, env.world_size)
+        run_accumulation(out, env.rank, env.world_size)
         dist_.barrier()
         dist_.cleanup()
         return 0

@@ -84,7 +84,9 @@ def zero_runs(tmp_path_factory) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("zero")
     codes, texts, _ = launch("zero", out, ",".join(map(str, STAGES)), timeout=480)
     assert codes == [0] * WORLD, _tail(texts)
-    return {s: torch.load(out / f"result_zero{s}.pt", weights_only=False) for s in STAGES}
+    runs = {s: torch.load(out / f"result_zero{s}.pt", weights_only=False) for s in STAGES}
+    runs["accum"] = torch.load(out / "result_accum.pt", weights_only=False)
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,30 @@ def test_zero_matches_the_plain_step_on_the_global_batch(stage, zero_runs, plain
     _assert_states_close(run["final"], plain_run, **WEIGHT_TOL)
     assert run["ds_config"]["zero_optimization"]["stage"] == stage
     assert run["ds_config"]["train_batch_size"] == W.PER_RANK * WORLD
+
+
+@needs_ds
+def test_gradient_accumulation_under_zero_matches_the_plain_step(zero_runs):
+    """Two ranks, ZeRO-2, two micro-batches a step against one process accumulating the same two
+    global micro-batches: same per-micro-batch losses, same weights after three optimizer steps."""
+    run = zero_runs["accum"]
+    cfg = W.tiny_config()
+    student, target = W.models(cfg, 0)
+    optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
+    step = TrainStep(student, target, optimizer, W.schedules(cfg), torch.device("cpu"), None,
+                     StepOptions(grad_clip=cfg.optim.grad_clip), grad_accum=W.ACCUM)
+    losses, stepped = [], []
+    for i in range(W.ACCUM_STEPS):
+        for j in range(W.ACCUM):
+            losses.append(step(*W.global_batch(W.ACCUM * i + j, WORLD), i)["loss"].item())
+            stepped.append(step.stepped)
+    assert run["stepped"] == stepped == [False, True] * W.ACCUM_STEPS
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(losses), **LOSS_TOL)
+    want = {"encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict(),
+            "target_encoder": target.state_dict()}
+    _assert_states_close(run["final"], want, **WEIGHT_TOL)
+    assert run["ds_config"]["gradient_accumulation_steps"] == W.ACCUM
+    assert run["ds_config"]["train_batch_size"] == W.PER_RANK * WORLD * W.ACCUM
 
 
 @needs_ds

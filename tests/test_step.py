@@ -18,14 +18,17 @@ TINY = ModelConfig(name="vit_tiny", patch_size=8, pred_depth=2, pred_emb_dim=96)
 IMG = 32  # 4 x 4 grid
 
 
-def make_step(seed=0, options=None, lr=1e-3, epochs=1, steps_per_epoch=50):
+def make_step(seed=0, options=None, lr=1e-3, epochs=1, steps_per_epoch=50, grad_accum=1, sgd=False):
     torch.manual_seed(seed)
     opts = options or StepOptions()
     student, target = build_models(TINY, IMG, fused_gather=opts.fused_gather, loss=opts.loss)
     optim_cfg = OptimConfig(epochs=epochs, warmup_epochs=0, start_lr=lr, lr=lr, final_lr=lr)
-    opt = build_optimizer(student, optim_cfg, torch.device("cpu"))
+    if sgd:
+        opt = torch.optim.SGD(param_groups(student), lr=lr)
+    else:
+        opt = build_optimizer(student, optim_cfg, torch.device("cpu"))
     sched = Schedules.from_config(optim_cfg, steps_per_epoch)
-    return TrainStep(student, target, opt, sched, torch.device("cpu"), None, opts)
+    return TrainStep(student, target, opt, sched, torch.device("cpu"), None, opts, grad_accum=grad_accum)
 
 
 def fixed_batch(B=8, seed=0):
@@ -143,3 +146,39 @@ def test_targets_are_normalised_per_token():
     t = compute_targets(step.target_encoder, images, masks)
     assert t.shape == (masks.targets.shape[0] * 8, masks.targets.shape[2], 192)
     torch.testing.assert_close(t.mean(-1), torch.zeros(t.shape[:2]), atol=1e-5, rtol=0)
+
+
+def _weights(step: TrainStep) -> dict[str, torch.Tensor]:
+    return {f"{k}.{n}": v.detach().clone() for k, m in (("student", step.student), ("target", step.target_encoder))
+            for n, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("sgd,options", [(True, StepOptions()), (True, StepOptions(grad_clip=0.05)),
+                                         (False, StepOptions(grad_clip=0.05)),
+                                         (False, StepOptions(grad_clip=0.05, grad_scaler=True))],
+                         ids=["sgd", "sgd+clip", "adamw+clip", "adamw+clip+scaler"])
+def test_two_accumulated_halves_equal_one_step_on_the_whole_batch(sgd, options):
+    """The loss is a mean over equally sized halves, so (grad half 1 + grad half 2) / 2 is the whole
+    batch's gradient; clipping (0.05, below the norm) must act on the sum, once, as must the optimizer
+    and the EMA. SGD (lr 0.5) is there because AdamW barely sees a gradient's scale: it catches a
+    missing 1/k."""
+    images, masks = fixed_batch(B=8)
+    halves = [(images[rows], type(masks)(masks.context[rows], masks.targets[:, rows]))
+              for rows in (slice(0, 4), slice(4, 8))]
+    lr = 0.5 if sgd else 1e-3
+    whole, accum = make_step(options=options, sgd=sgd, lr=lr), make_step(options=options, grad_accum=2, sgd=sgd, lr=lr)
+    for i in range(2):
+        whole(images, masks, i)
+        before = _weights(accum)
+        accum(*halves[0], i)
+        assert not accum.stepped and all(torch.equal(v, _weights(accum)[k]) for k, v in before.items())
+        accum(*halves[1], i)
+        assert accum.stepped
+        got, want = _weights(accum), _weights(whole)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_grad_accum_must_be_positive():
+    with pytest.raises(ValueError, match="grad_accum=0"):
+        make_step(grad_accum=0)
