@@ -91,10 +91,10 @@ def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN,
         probe = linear_probe(train_x, train_y, test_x, test_y)
         knn = knn_accuracy(train_x, train_y, test_x, test_y)
         rows.append((name, 100.0 * probe.top1, 100.0 * knn.top1))
-    (run_dir / "probe.json").write_text(json.dumps(
-        {"train_images": len(train), "test_images": len(test),
-         "top1_percent": {name: {"linear_probe": p, "knn": k} for name, p, k in rows}}, indent=2))
-    return {"train_images": len(train), "test_images": len(test), "rows": rows}
+    counts = {"train_images": len(train), "test_images": len(test)}
+    top1 = {name: {"linear_probe": p, "knn": k} for name, p, k in rows}
+    (run_dir / "probe.json").write_text(json.dumps({**counts, "top1_percent": top1}, indent=2))
+    return {**counts, "rows": rows}
 
 
 def format_table(rows: list[tuple[str, float, float]]) -> str:

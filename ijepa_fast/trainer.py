@@ -220,10 +220,14 @@ class Trainer:
             config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
         distributed.barrier()
 
+    def _epoch(self, step: int) -> int:
+        """The epoch of optimizer step ``step`` (the loader's epochs count micro-batches)."""
+        return step * self.accum // self.loader.steps_per_epoch
+
     def _meta(self, step: int, last_loss: float) -> dict:
         """What a checkpoint holds besides weights and optimizer state (the same on every rank)."""
         return {
-            "epoch": step * self.accum // self.loader.steps_per_epoch,
+            "epoch": self._epoch(step),
             "loss": last_loss,
             "batch_size": self.cfg.data.batch_size,
             "world_size": self.world_size,
@@ -271,22 +275,21 @@ class Trainer:
                  "accumulation, engine %s", step, self.total_steps, self.steps_per_epoch,
                  cfg.data.batch_size * self.world_size * self.accum, cfg.data.batch_size, self.world_size,
                  self.accum, self.engine)
-        micro = 0  # micro-batches of the current step so far
+        between_steps = True  # with grad_accum > 1 a step spans several batches: stop only between steps
         with _StopOnSignals(self):
             for batch in self.loader:
-                if micro == 0 and (step >= self.total_steps or self._should_stop(step)):
+                if between_steps and (step >= self.total_steps or self._should_stop(step)):
                     break
                 images = batch.images.to(self.device, non_blocking=True)
                 masks = _masks_to(batch.masks, self.device)
                 out = self.step_fn(images, masks, step)
                 meter.update(out["loss"], step)
-                skipped, micro = skipped + batch.skipped, micro + 1
+                skipped += batch.skipped
                 window_images += images.shape[0] * self.world_size
-                if micro < self.accum:
+                between_steps = self.step_fn.stepped
+                if not between_steps:  # more micro-batches of this step to come
                     continue
-                if not self.step_fn.stepped:  # the engine's boundary and ours must agree
-                    raise RuntimeError(f"step {step}: {micro} micro-batches in, the optimizer has not stepped")
-                step, micro = step + 1, 0
+                step += 1
                 if step % cfg.run.log_every == 0 or step % cfg.run.checkpoint_every == 0 or step == self.total_steps:
                     last_loss = self._log(meter, step, window_images / (time.perf_counter() - window_start),
                                           skipped, time.perf_counter() - started, bar)
@@ -315,8 +318,7 @@ class Trainer:
             keep = f"the last good checkpoint is {latest[-1][1]}" if latest else "no checkpoint was written yet"
             raise NonFiniteLossError(f"the loss became non-finite at step {bad_step}; stopping ({keep})")
         s = step - 1
-        row = {"step": step, "epoch": s * self.accum // self.loader.steps_per_epoch, "loss": loss,
-               "lr": self.schedules.lr_at(s),
+        row = {"step": step, "epoch": self._epoch(s), "loss": loss, "lr": self.schedules.lr_at(s),
                "wd": self.schedules.wd_at(s), "momentum": self.schedules.momentum_at(s), "images_per_s": ips,
                "skipped": skipped, "elapsed_s": round(elapsed, 3)}
         self.writer.write(row)

@@ -178,6 +178,30 @@ def test_gradient_accumulation_counts_optimizer_steps_and_resumes_mid_stream(tmp
         assert float(got[step]) == pytest.approx(float(want[step]), rel=1e-5), step
 
 
+def test_a_signal_mid_accumulation_stops_after_the_step_completes(tmp_path):
+    data = write_idx(tmp_path / "data", n=96)
+    cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "sig", **{"optim.grad_accum": 3}))
+    trainer = Trainer(cfg)
+    trainer.build()
+    step_fn, calls = trainer.step_fn, []
+
+    class SignalOnFourthBatch:  # the first micro-batch of step 1 (0-based) brings a SIGTERM
+        def __call__(self, images, masks, step):
+            calls.append(step)
+            if len(calls) == 4:
+                trainer._stop_signal = signal.SIGTERM
+            return step_fn(images, masks, step)
+
+        @property
+        def stepped(self):
+            return step_fn.stepped
+
+    trainer.step_fn = SignalOnFourthBatch()
+    result = trainer.fit()
+    assert calls == [0, 0, 0, 1, 1, 1] and result.steps == 2
+    assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "sig" / "checkpoints")] == [2]
+
+
 def test_missing_data_is_an_error_before_any_model_is_built(tmp_path, capsys):
     rc = pretrain.main(tiny_overrides(tmp_path / "nowhere", tmp_path / "runs", "x"))
     assert rc == 1
