@@ -1,6 +1,6 @@
 """``make demo`` end to end at toy size: pretrain a few steps, then the three-row probe/kNN table.
 
-The images are separable by construction (class c is a bright horizontal band at rows 2c..2c+2),
+The images are separable by construction (class c is a bright horizontal band over rows 2c+4 to 2c+6),
 so the raw-pixel row must score 100% with both classifiers: an independent check that the table
 wires features, labels and test split together correctly.
 """

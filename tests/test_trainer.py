@@ -126,6 +126,21 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert len(steps) == 1 and 2 <= steps[0] < 50
 
 
+class SpyStep:
+    """The trainer's step with ``before(step)`` called ahead of each call; ``stepped`` passes through."""
+
+    def __init__(self, step_fn, before):
+        self.step_fn, self.before = step_fn, before
+
+    def __call__(self, images, masks, step):
+        self.before(step)
+        return self.step_fn(images, masks, step)
+
+    @property
+    def stepped(self):
+        return self.step_fn.stepped
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     data = write_idx(tmp_path / "data", n=96)
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "nan", **{"run.log_every": 2}))
@@ -138,17 +153,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, 
         loss = forward(*args)
         return loss * float("nan") if current["step"] >= 4 else loss
 
-    class StepTracking:  # the trainer's step, noting which step runs
-        def __call__(self, images, masks, step):
-            current["step"] = step
-            return step_fn(images, masks, step)
-
-        @property
-        def stepped(self):
-            return step_fn.stepped
-
     monkeypatch.setattr(step_fn.student, "forward", poisoned_forward)
-    monkeypatch.setattr(trainer, "step_fn", StepTracking())
+    monkeypatch.setattr(trainer, "step_fn", SpyStep(step_fn, lambda step: current.update(step=step)))
     with pytest.raises(NonFiniteLossError, match="non-finite at step 4.*ckpt-00000003.pt"):
         trainer.fit()
     assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "nan" / "checkpoints")] == [3]
@@ -183,23 +189,24 @@ def test_a_signal_mid_accumulation_stops_after_the_step_completes(tmp_path):
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "sig", **{"optim.grad_accum": 3}))
     trainer = Trainer(cfg)
     trainer.build()
-    step_fn, calls = trainer.step_fn, []
+    calls = []
 
-    class SignalOnFourthBatch:  # the first micro-batch of step 1 (0-based) brings a SIGTERM
-        def __call__(self, images, masks, step):
-            calls.append(step)
-            if len(calls) == 4:
-                trainer._stop_signal = signal.SIGTERM
-            return step_fn(images, masks, step)
+    def signal_on_fourth_batch(step):  # the first micro-batch of step 1 (0-based) brings a SIGTERM
+        calls.append(step)
+        if len(calls) == 4:
+            trainer._stop_signal = signal.SIGTERM
 
-        @property
-        def stepped(self):
-            return step_fn.stepped
-
-    trainer.step_fn = SignalOnFourthBatch()
+    trainer.step_fn = SpyStep(trainer.step_fn, signal_on_fourth_batch)
     result = trainer.fit()
     assert calls == [0, 0, 0, 1, 1, 1] and result.steps == 2
     assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "sig" / "checkpoints")] == [2]
+
+
+def test_grad_accum_beyond_one_epoch_is_an_error_naming_it(tmp_path):
+    data = write_idx(tmp_path / "data", n=96)  # 12 micro-batches of 8
+    cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "big", **{"optim.grad_accum": 13}))
+    with pytest.raises(ValueError, match="optim.grad_accum=13 exceeds the 12 micro-batches"):
+        Trainer(cfg).fit()
 
 
 def test_missing_data_is_an_error_before_any_model_is_built(tmp_path, capsys):
