@@ -3,19 +3,17 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The CPU wheel of torch lies on the CPU machines' disk; naming the exact version keeps pip from
-# downloading a multi-GB CUDA build.
-TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo demo-data test gpu-check lint clean
+.PHONY: venv demo demo-data test gpu-check lint format clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py requirements-test.txt
+# Every pin is in setup.py. The `cpu` extra names the exact CPU build of torch that lies on the CPU
+# machines' disk, which keeps pip from downloading a multi-GB CUDA build.
+$(STAMP): setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q $(TORCH_PIN)
-	$(VPY) -m pip install -q -e '.[dev]' -r requirements-test.txt
+	$(VPY) -m pip install -q -e '.[cpu,dev,test]'
 	touch $(STAMP)
 
 FMNIST := /usr/share/datasets/fashion-mnist
@@ -36,11 +34,15 @@ demo-data:
 demo: $(STAMP) demo-data
 	$(VPY) -m ijepa_fast.demo
 
-test: $(STAMP)
+test: lint
 	$(VPY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ijepa_fast kernels tests profiling launch
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,10 @@
-"""Package definition for ijepa_fast (the library) and kernels (its Triton kernels).
+"""Package definition for ijepa_fast, its Triton kernels (``ijepa_fast.kernels``, kept in the
+repository's top-level ``kernels/`` folder) and its configs.
 
-torch is capped at 2.13.0: the CPU machines install the local 2.13.0 CPU wheel (the Makefile
-installs it first), and the GPU machines run the code on their own torch 2.11.
+Every version pin lives here. torch is capped at 2.13.0: the CPU machines install the local 2.13.0
+CPU wheel (the ``cpu`` extra), and the GPU machines run the code on their own torch 2.11.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -10,7 +12,9 @@ setup(
     version="0.1.0",
     description="Fast, faithful I-JEPA pretraining: Triton kernels, SDPA/FlashAttention ViTs, DeepSpeed ZeRO, DALI",
     python_requires=">=3.10",
-    packages=find_packages(include=["ijepa_fast", "ijepa_fast.*", "kernels", "kernels.*"]),
+    packages=[*find_packages(include=["ijepa_fast", "ijepa_fast.*"]), "ijepa_fast.kernels"],
+    # A top-level package named ``kernels`` would collide with the PyPI distribution of that name.
+    package_dir={"ijepa_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.11,<=2.13.0",
         "numpy",
@@ -19,8 +23,20 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "gpu": ["triton", "deepspeed>=0.19", "nvidia-dali-cuda130"],
-        "dev": ["pytest", "hypothesis", "ruff", "matplotlib", "tensorboard"],
+        # The CPU build of torch that the CPU machines (and CI) install from their local disk.
+        "cpu": ["torch==2.13.0"],
+        "gpu": ["triton", "deepspeed==0.19.8", "nvidia-dali-cuda130==2.4.0"],
+        "dev": ["ruff==0.17.6", "matplotlib", "tensorboard"],
+        # What `make test` needs beyond the package (all CPU-capable): DALI runs in its CPU mode,
+        # DeepSpeed on gloo, Triton under its interpreter.
+        "test": [
+            "pytest",
+            "hypothesis",
+            "triton==3.6.0",
+            "nvidia-dali-cuda130==2.4.0",
+            "safetensors",
+            "deepspeed==0.19.8",
+        ],
     },
     entry_points={
         "console_scripts": [
