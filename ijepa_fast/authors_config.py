@@ -13,6 +13,7 @@ Keys they have and we do not need:
   line, from the run folder's latest checkpoint; a warning says so when either is set.
 - ``meta.copy_data``: their cluster's copy of the data to local disk; ignored.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,8 +101,9 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     for section, values in raw.items():
         if section not in _RENAMES:
-            raise ConfigError(f"unknown section '{section}' in an authors' config"
-                              f"{_nearest(section, list(AUTHORS_SECTIONS))}")
+            raise ConfigError(
+                f"unknown section '{section}' in an authors' config{_nearest(section, list(AUTHORS_SECTIONS))}"
+            )
         if values is None:  # an empty section (`logging:` with nothing under it)
             continue
         if not isinstance(values, dict):
@@ -109,8 +111,9 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         schema = _RENAMES[section]
         for key, value in values.items():
             if key not in schema:
-                raise ConfigError(f"unknown config key '{section}.{key}' in an authors' config"
-                                  f"{_nearest(key, list(schema))}")
+                raise ConfigError(
+                    f"unknown config key '{section}.{key}' in an authors' config{_nearest(key, list(schema))}"
+                )
             if schema[key] is not None:
                 put(schema[key], value)
 
@@ -118,8 +121,10 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for key in _AUGMENTATIONS:
         value = data.get(key)
         if value not in (None, False, 0):  # 0 and 0.0 compare equal to False
-            raise ConfigError(f"data.{key}={value!r} is not supported: I-JEPA here uses no hand-crafted "
-                              f"view augmentations (set it to {'0.0' if key == 'color_jitter_strength' else 'false'})")
+            raise ConfigError(
+                f"data.{key}={value!r} is not supported: I-JEPA here uses no hand-crafted "
+                f"view augmentations (set it to {'0.0' if key == 'color_jitter_strength' else 'false'})"
+            )
     if "root_path" in data or "image_folder" in data:
         # Kept as given, placeholders included: the trainer's data check rejects a missing folder.
         parts = [str(data[k]) for k in ("root_path", "image_folder") if data.get(k) not in (None, "")]
@@ -132,6 +137,10 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"meta.use_bfloat16={bf16!r} is invalid: expected true or false")
         put("run.dtype", "auto" if bf16 else "fp32")
     if meta.get("load_checkpoint") or meta.get("read_checkpoint"):
-        warnings.warn("meta.load_checkpoint / meta.read_checkpoint are ignored: pass --resume to continue "
-                      "the run folder's latest checkpoint", UserWarning, stacklevel=2)
+        warnings.warn(
+            "meta.load_checkpoint / meta.read_checkpoint are ignored: pass --resume to continue "
+            "the run folder's latest checkpoint",
+            UserWarning,
+            stacklevel=2,
+        )
     return out

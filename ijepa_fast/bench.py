@@ -36,6 +36,7 @@ What it measures, for one model preset, resolution and per-GPU batch:
   with device, date, commit and the exact command), JSON and PNG plots (``--out DIR``), and a
   torch.profiler Chrome trace of phase-labelled steps (``--trace PATH``, ``.gz`` compresses).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -151,15 +152,21 @@ class BenchConfig:
 
     @property
     def compiles(self) -> bool:
-        return self.speed.get("compile") == "on" or (self.speed.get("compile", "auto") == "auto"
-                                                     and self.speed.get("preset") != "authors")
+        return self.speed.get("compile") == "on" or (
+            self.speed.get("compile", "auto") == "auto" and self.speed.get("preset") != "authors"
+        )
 
 
 def ablation_configs(device: torch.device, compile_on_cpu: bool = False) -> list[BenchConfig]:
     """``authors``, each switch alone on top of it, then everything on (the default ``fast``)."""
-    on = [("+ sdpa attention", {"attention": "sdpa"}), ("+ fused EMA", {"fused_ema": True}),
-          ("+ fused gather", {"fused_gather": True}), ("+ fused AdamW", {"fused_optimizer": True}),
-          ("- GradScaler", {"grad_scaler": False}), ("- per-step host sync", {"sync_every_step": False})]
+    on = [
+        ("+ sdpa attention", {"attention": "sdpa"}),
+        ("+ fused EMA", {"fused_ema": True}),
+        ("+ fused gather", {"fused_gather": True}),
+        ("+ fused AdamW", {"fused_optimizer": True}),
+        ("- GradScaler", {"grad_scaler": False}),
+        ("- per-step host sync", {"sync_every_step": False}),
+    ]
     if device.type == "cuda" or compile_on_cpu:
         on.append(("+ compile", {"compile": "on"}))
     rows = [BenchConfig("authors", {"preset": "authors"})]
@@ -177,15 +184,25 @@ def authors_config() -> BenchConfig:
 
 # ----------------------------------------------------------------------------------------- config
 
+
 def make_config(spec: BenchSpec, speed: dict) -> Config:
     """The run Config of one configuration (the trainer's own validation applies)."""
     data = {
-        "model": {"name": spec.model, "patch_size": spec.patch, "pred_emb_dim": spec.pred_dim,
-                  "pred_depth": spec.pred_depth or default_pred_depth(spec.model)},
-        "data": {"crop_size": spec.img, "batch_size": spec.batch, "root": spec.data, "dataset": spec.dataset,
-                 "num_workers": spec.workers, "loader": "dali" if spec.loader == "dali" else "pytorch"},
-        "run": {"device": spec.device, "dtype": spec.dtype, "seed": spec.seed, "progress": False,
-                "tensorboard": False},
+        "model": {
+            "name": spec.model,
+            "patch_size": spec.patch,
+            "pred_emb_dim": spec.pred_dim,
+            "pred_depth": spec.pred_depth or default_pred_depth(spec.model),
+        },
+        "data": {
+            "crop_size": spec.img,
+            "batch_size": spec.batch,
+            "root": spec.data,
+            "dataset": spec.dataset,
+            "num_workers": spec.workers,
+            "loader": "dali" if spec.loader == "dali" else "pytorch",
+        },
+        "run": {"device": spec.device, "dtype": spec.dtype, "seed": spec.seed, "progress": False, "tensorboard": False},
         "speed": dict(speed),
     }
     cfg = config_mod.from_dict(data)
@@ -193,6 +210,7 @@ def make_config(spec: BenchSpec, speed: dict) -> Config:
 
 
 # ----------------------------------------------------------------------------------------- data
+
 
 class SyntheticBatches:
     """``count`` device-resident batches: random images, masks from the real sampler (steps 0..)."""
@@ -226,8 +244,9 @@ class LoaderBatches:
 
         grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
         if not cfg.data.root:
-            raise ValueError(f"--loader {kind} reads real images: give --data DIR (an image folder, or IDX files "
-                             f"with --dataset idx)")
+            raise ValueError(
+                f"--loader {kind} reads real images: give --data DIR (an image folder, or IDX files with --dataset idx)"
+            )
         if kind == "pytorch":
             from ijepa_fast.data.loader import build_pretrain_loader, check_data_source
 
@@ -236,8 +255,13 @@ class LoaderBatches:
         elif kind == "dali":
             from ijepa_fast.data.dali import build_dali_loader
 
-            self.loader = build_dali_loader(cfg.data, grid=grid, mask_kwargs=mask_kwargs(cfg), seed=seed,
-                                            device=device if device.type == "cuda" else None)
+            self.loader = build_dali_loader(
+                cfg.data,
+                grid=grid,
+                mask_kwargs=mask_kwargs(cfg),
+                seed=seed,
+                device=device if device.type == "cuda" else None,
+            )
         else:
             raise ValueError(f"loader={kind!r}: choose synthetic, pytorch or dali")
         self.device, self.kind = device, kind
@@ -257,6 +281,7 @@ class LoaderBatches:
 
 
 # ----------------------------------------------------------------------------------------- timing
+
 
 class PhaseClock:
     """Phase boundaries of a step: ``phase(name)`` starts a phase (ending the previous one),
@@ -308,8 +333,9 @@ def _autocast(ts: TrainStep):
     return torch.autocast(ts.device.type, dtype=ts.amp_dtype)
 
 
-def phased_step(ts: TrainStep, fetch: Callable[[], tuple[torch.Tensor, MaskBatch]], step: int,
-                clock: PhaseClock) -> dict[str, torch.Tensor]:
+def phased_step(
+    ts: TrainStep, fetch: Callable[[], tuple[torch.Tensor, MaskBatch]], step: int, clock: PhaseClock
+) -> dict[str, torch.Tensor]:
     """``TrainStep.__call__`` cut into phases: the same calls in the same order, with a clock mark
     between them (``tests/test_bench.py`` checks it gives the same loss and weights)."""
     opts = ts.options
@@ -394,8 +420,13 @@ def time_steps(ts: TrainStep, source, first_step: int, count: int, device: torch
         marks.append(time.perf_counter())
     wall = time.perf_counter() - wall0
     step_ms = [a.elapsed_time(b) if cuda else (b - a) * 1e3 for a, b in itertools.pairwise(marks)]
-    return {"step_ms": step_ms, "data_wait_ms": waits, "wall_s": wall, "mask_shapes": shapes,
-            "loss": float(out["loss"]) if out is not None else math.nan}
+    return {
+        "step_ms": step_ms,
+        "data_wait_ms": waits,
+        "wall_s": wall,
+        "mask_shapes": shapes,
+        "loss": float(out["loss"]) if out is not None else math.nan,
+    }
 
 
 def time_phases(ts: TrainStep, source, first_step: int, count: int, device: torch.device) -> dict[str, float]:
@@ -438,6 +469,7 @@ def write_trace(ts: TrainStep, source, first_step: int, count: int, device: torc
 
 # ----------------------------------------------------------------------------------------- device
 
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -476,16 +508,23 @@ def git_commit(repo: Path | None = None) -> str:
         return os.environ["IJEPA_COMMIT"]
     cwd = str(repo or Path(__file__).resolve().parent.parent)
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 # ----------------------------------------------------------------------------------------- one configuration
+
 
 def _free(device: torch.device) -> None:
     gc.collect()
@@ -503,8 +542,15 @@ def _build_step(cfg: Config, device: torch.device, seed: int) -> TrainStep:
         return build_train_step(cfg, device, steps_per_epoch)
 
 
-def run_config(spec: BenchSpec, conf: BenchConfig, device: torch.device, source, peak: float | None,
-               matmul_peak: float | None, trace: bool = False) -> dict:
+def run_config(
+    spec: BenchSpec,
+    conf: BenchConfig,
+    device: torch.device,
+    source,
+    peak: float | None,
+    matmul_peak: float | None,
+    trace: bool = False,
+) -> dict:
     """Build, warm up and time one configuration; errors (OOM, a missing backend) become the row's
     ``error`` so one bad configuration does not lose the others."""
     row: dict = {"name": conf.name, "speed": conf.speed, "batch": spec.batch}
@@ -556,21 +602,34 @@ def _rates(spec: BenchSpec, cfg: Config, timing: dict, peak: float | None, matmu
     flops_img = step_flops_for_masks(cfg.model, spec.img, shapes)
     tflops = flops_img * ips / 1e12
     return {
-        "steps": steps, "images_per_s": ips, "tokens_per_s": ips * spec.grid**2,
-        "step_ms_median": st["median"], "step_ms_p20": st["p20"], "step_ms_p80": st["p80"],
+        "steps": steps,
+        "images_per_s": ips,
+        "tokens_per_s": ips * spec.grid**2,
+        "step_ms_median": st["median"],
+        "step_ms_p20": st["p20"],
+        "step_ms_p80": st["p80"],
         "data_wait_ms_median": percentiles(timing["data_wait_ms"])["median"],
-        "gflop_per_image": flops_img / 1e9, "tflops": tflops,
+        "gflop_per_image": flops_img / 1e9,
+        "tflops": tflops,
         "mfu": tflops / peak if peak else None,
         "mfu_vs_matmul": tflops / matmul_peak if matmul_peak else None,
-        "mean_kc": statistics.fmean(s[1] for s in shapes), "mean_kt": statistics.fmean(s[2] for s in shapes),
-        "num_pred_masks": shapes[0][0], "loss": timing["loss"],
+        "mean_kc": statistics.fmean(s[1] for s in shapes),
+        "mean_kt": statistics.fmean(s[2] for s in shapes),
+        "num_pred_masks": shapes[0][0],
+        "loss": timing["loss"],
     }
 
 
 # ----------------------------------------------------------------------------------------- the run
 
-def run(spec: BenchSpec, configs: list[BenchConfig], on_row: Callable[[dict, dict], None] | None = None,
-        device_label: str = "", command: str = "") -> dict:
+
+def run(
+    spec: BenchSpec,
+    configs: list[BenchConfig],
+    on_row: Callable[[dict, dict], None] | None = None,
+    device_label: str = "",
+    command: str = "",
+) -> dict:
     """Run every configuration in this process; returns ``{"meta", "rows", "projection"}``.
 
     ``on_row(result_so_far, row)`` is called after each row (the CLI rewrites its JSON there, so a
@@ -588,18 +647,27 @@ def run(spec: BenchSpec, configs: list[BenchConfig], on_row: Callable[[dict, dic
     else:
         source = LoaderBatches(base_cfg, device, spec.loader, spec.seed)
     meta = {
-        "device": name, "device_driver_name": driver_name, "device_type": device.type, "peak_bf16_tflops": peak,
+        "device": name,
+        "device_driver_name": driver_name,
+        "device_type": device.type,
+        "peak_bf16_tflops": peak,
         "matmul_bf16_tflops": matmul_peak,
-        "torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(), "command": command or current_command(), "spec": asdict(spec),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "command": command or current_command(),
+        "spec": asdict(spec),
         "amp": "bf16" if (spec.dtype == "bf16" or (spec.dtype == "auto" and device.type == "cuda")) else "fp32",
-        "pred_depth": base_cfg.model.pred_depth, "loader": spec.loader,
+        "pred_depth": base_cfg.model.pred_depth,
+        "loader": spec.loader,
     }
     result = {"meta": meta, "rows": [], "projection": []}
     # Order of measurement: authors and the default first (the two that matter most, should a time
     # limit stop the run), then the single switches, compile last (slowest to build).
-    order = sorted(range(len(configs)), key=lambda i: (configs[i].name not in ("authors", default_config().name),
-                                                       configs[i].compiles, i))
+    order = sorted(
+        range(len(configs)),
+        key=lambda i: (configs[i].name not in ("authors", default_config().name), configs[i].compiles, i),
+    )
     names = [c.name for c in configs]
     traced = default_config().name if default_config().name in names else names[-1]  # what --trace records
     rows: dict[int, dict] = {}
@@ -624,6 +692,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------------------- projection
 
+
 def gpu_hours(images_per_s_per_gpu: float, epochs: float, images: int = IMAGENET_TRAIN_IMAGES) -> float:
     """GPU-hours of ``epochs`` passes over ``images`` at a per-GPU rate (perfect scaling assumed)."""
     if images_per_s_per_gpu <= 0:
@@ -631,8 +700,9 @@ def gpu_hours(images_per_s_per_gpu: float, epochs: float, images: int = IMAGENET
     return epochs * images / images_per_s_per_gpu / 3600.0
 
 
-def mean_mask_sizes(grid: int, batch: int = 128, batches: int = 4, seed: int = 0,
-                    **mask_kwargs) -> tuple[int, float, float]:
+def mean_mask_sizes(
+    grid: int, batch: int = 128, batches: int = 4, seed: int = 0, **mask_kwargs
+) -> tuple[int, float, float]:
     """(M, mean Kc, mean Kt) of the real sampler over ``batches`` batches."""
     sampler = MultiBlockMaskSampler(grid, seed=seed, **mask_kwargs)
     kc, kt, m = [], [], 4
@@ -665,15 +735,25 @@ def project(rows: list[dict], spec: BenchSpec, device_name: str) -> list[dict]:
             target = step_flops(pr.model, pr.patch, pr.img, kc, kt, m, default_pred_depth(pr.model), 384).total
             ips = best["images_per_s"] * best["gflop_per_image"] * 1e9 / target
             basis = f"FLOP-scaled from {spec.model}/{spec.patch}@{spec.img} ({best['name']})"
-        out.append({"run": pr.label, "device": device_name, "images_per_s_per_gpu": ips, "basis": basis,
-                    "gpu_hours": gpu_hours(ips, pr.epochs, pr.images), "paper_gpu_hours": pr.paper_gpu_hours,
-                    "paper_device": pr.paper_device,
-                    "paper_images_per_s_per_gpu": (pr.epochs * pr.images / (pr.paper_gpu_hours * 3600.0)
-                                                   if pr.paper_gpu_hours else None)})
+        out.append(
+            {
+                "run": pr.label,
+                "device": device_name,
+                "images_per_s_per_gpu": ips,
+                "basis": basis,
+                "gpu_hours": gpu_hours(ips, pr.epochs, pr.images),
+                "paper_gpu_hours": pr.paper_gpu_hours,
+                "paper_device": pr.paper_device,
+                "paper_images_per_s_per_gpu": (
+                    pr.epochs * pr.images / (pr.paper_gpu_hours * 3600.0) if pr.paper_gpu_hours else None
+                ),
+            }
+        )
     return out
 
 
 # ----------------------------------------------------------------------------------------- reports
+
 
 def _f(x, fmt: str = ".1f", none: str = "n/a") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -686,48 +766,79 @@ def markdown_report(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     spec = meta["spec"]
     ok = [r for r in rows if r.get("ok")]
-    lines = [f"### {spec['model']}/{spec['patch']} at {spec['img']} px, batch {spec['batch']} · {meta['device']} "
-             f"· {meta['date']}", "",
-             f"- device: {meta['device']} (bf16 peak {_f(meta['peak_bf16_tflops'], '.0f')} TFLOP/s datasheet"
-             f", {_f(meta['matmul_bf16_tflops'], '.0f')} measured 8192^3 matmul); torch {meta['torch']}",
-             f"- commit: `{meta['commit']}`; command: `{meta['command']}`",
-             f"- autocast: {meta['amp']}; data: {meta['loader']}; predictor depth {meta['pred_depth']}; "
-             f"steps: {spec['warmup']} warm-up, {spec['steps']} timed, {spec['phase_steps']} phase-split"]
+    lines = [
+        f"### {spec['model']}/{spec['patch']} at {spec['img']} px, batch {spec['batch']} · {meta['device']} "
+        f"· {meta['date']}",
+        "",
+        f"- device: {meta['device']} (bf16 peak {_f(meta['peak_bf16_tflops'], '.0f')} TFLOP/s datasheet"
+        f", {_f(meta['matmul_bf16_tflops'], '.0f')} measured 8192^3 matmul); torch {meta['torch']}",
+        f"- commit: `{meta['commit']}`; command: `{meta['command']}`",
+        f"- autocast: {meta['amp']}; data: {meta['loader']}; predictor depth {meta['pred_depth']}; "
+        f"steps: {spec['warmup']} warm-up, {spec['steps']} timed, {spec['phase_steps']} phase-split",
+    ]
     if ok:
         r0 = ok[0]
-        lines.append(f"- masks (timed batches): M = {r0['num_pred_masks']}, mean Kc = {r0['mean_kc']:.1f}, "
-                     f"mean Kt = {r0['mean_kt']:.1f}; {r0['gflop_per_image']:.0f} GFLOP per image "
-                     f"(ijepa_fast.flops)")
-    lines += ["", "| configuration | images/s | x authors | step ms median (p20-p80) | patch tokens/s | TFLOP/s "
-              "| MFU | peak mem GiB | attention |", "|" + "---|" * 9]
+        lines.append(
+            f"- masks (timed batches): M = {r0['num_pred_masks']}, mean Kc = {r0['mean_kc']:.1f}, "
+            f"mean Kt = {r0['mean_kt']:.1f}; {r0['gflop_per_image']:.0f} GFLOP per image "
+            f"(ijepa_fast.flops)"
+        )
+    lines += [
+        "",
+        "| configuration | images/s | x authors | step ms median (p20-p80) | patch tokens/s | TFLOP/s "
+        "| MFU | peak mem GiB | attention |",
+        "|" + "---|" * 9,
+    ]
     for r in rows:
         if not r.get("ok"):
             err = " ".join(str(r.get("error", "?")).split()).replace("|", "/")[:200]
             lines.append(f"| {r['name']} | failed: {err} |  |  |  |  |  |  |  |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-        lines.append(f"| {r['name']} | {r['images_per_s']:.1f} | {_f(r.get('speedup_vs_authors'), '.2f')} "
-                     f"| {r['step_ms_median']:.1f} ({r['step_ms_p20']:.1f}-{r['step_ms_p80']:.1f}) "
-                     f"| {r['tokens_per_s']:.0f} | {r['tflops']:.2f} | {mfu} | {_f(r.get('peak_mem_gib'), '.1f')} "
-                     f"| {r.get('attention', '?')} |")
+        lines.append(
+            f"| {r['name']} | {r['images_per_s']:.1f} | {_f(r.get('speedup_vs_authors'), '.2f')} "
+            f"| {r['step_ms_median']:.1f} ({r['step_ms_p20']:.1f}-{r['step_ms_p80']:.1f}) "
+            f"| {r['tokens_per_s']:.0f} | {r['tflops']:.2f} | {mfu} | {_f(r.get('peak_mem_gib'), '.1f')} "
+            f"| {r.get('attention', '?')} |"
+        )
     phased = [r for r in ok if r.get("phases_ms")]
     if phased:
-        lines += ["", "Phase split, ms (median of the phase-split steps; " +
-                  ("CUDA events" if meta["device_type"] == "cuda" else "perf_counter") + "):", "",
-                  "| configuration | " + " | ".join(PHASES) + " | sum | plain step | phases/step |",
-                  "|" + "---|" * (len(PHASES) + 4)]
+        lines += [
+            "",
+            "Phase split, ms (median of the phase-split steps; "
+            + ("CUDA events" if meta["device_type"] == "cuda" else "perf_counter")
+            + "):",
+            "",
+            "| configuration | " + " | ".join(PHASES) + " | sum | plain step | phases/step |",
+            "|" + "---|" * (len(PHASES) + 4),
+        ]
         for r in phased:
             cells = " | ".join(_f(r["phases_ms"].get(p), ".2f", "-") for p in PHASES)
-            lines.append(f"| {r['name']} | {cells} | {r['phases_total_ms']:.1f} | {r['step_ms_median']:.1f} "
-                         f"| {r['phases_over_step']:.2f} |")
+            lines.append(
+                f"| {r['name']} | {cells} | {r['phases_total_ms']:.1f} | {r['step_ms_median']:.1f} "
+                f"| {r['phases_over_step']:.2f} |"
+            )
     if result.get("projection"):
-        lines += ["", "GPU-hours (one GPU's rate times the GPUs, perfect scaling):", "",
-                  "| run | images/s per GPU | basis | GPU-hours (ours, device) | paper |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "GPU-hours (one GPU's rate times the GPUs, perfect scaling):",
+            "",
+            "| run | images/s per GPU | basis | GPU-hours (ours, device) | paper |",
+            "|---|---|---|---|---|",
+        ]
         for p in result["projection"]:
-            paper = (f"< {p['paper_gpu_hours']:.0f} {p['paper_device']} GPU-hours "
-                     f"(>= {p['paper_images_per_s_per_gpu']:.0f} images/s per GPU)") if p["paper_gpu_hours"] else "n/a"
-            lines.append(f"| {p['run']} | {p['images_per_s_per_gpu']:.1f} | {p['basis']} "
-                         f"| {p['gpu_hours']:,.0f} ({p['device']}) | {paper} |")
+            paper = (
+                (
+                    f"< {p['paper_gpu_hours']:.0f} {p['paper_device']} GPU-hours "
+                    f"(>= {p['paper_images_per_s_per_gpu']:.0f} images/s per GPU)"
+                )
+                if p["paper_gpu_hours"]
+                else "n/a"
+            )
+            lines.append(
+                f"| {p['run']} | {p['images_per_s_per_gpu']:.1f} | {p['basis']} "
+                f"| {p['gpu_hours']:,.0f} ({p['device']}) | {paper} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -763,8 +874,10 @@ def write_plots(result: dict, out_dir: str | Path, prefix: str = "bench") -> lis
     ok = [r for r in result["rows"] if r.get("ok")]
     if not ok:
         return []
-    title = f"{result['meta']['spec']['model']}/{result['meta']['spec']['patch']} " \
-            f"{result['meta']['spec']['img']}px b{result['meta']['spec']['batch']} · {result['meta']['device']}"
+    title = (
+        f"{result['meta']['spec']['model']}/{result['meta']['spec']['patch']} "
+        f"{result['meta']['spec']['img']}px b{result['meta']['spec']['batch']} · {result['meta']['device']}"
+    )
     names = [r["name"] for r in ok]
     paths = []
 
@@ -797,8 +910,15 @@ def write_plots(result: dict, out_dir: str | Path, prefix: str = "bench") -> lis
         ax.invert_yaxis()
         ax.set_xlabel("ms per step")
         ax.set_title("phase split · " + title, fontsize=9)
-        ax.legend(fontsize=7, ncol=len(PHASES), loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(phased)),
-                  frameon=False, handlelength=1.0, columnspacing=0.8)
+        ax.legend(
+            fontsize=7,
+            ncol=len(PHASES),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12 - 0.3 / len(phased)),
+            frameon=False,
+            handlelength=1.0,
+            columnspacing=0.8,
+        )
         paths.append(out_dir / f"{prefix}_phases.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     return paths
@@ -816,6 +936,7 @@ def current_command(argv: list[str] | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------- gpu-check summary
+
 
 def check_summary(status_tsv: str | Path, out_dir: str | Path) -> str:
     """The table ``profiling/gpu_check.sh`` prints last: each part's status and time, plus the key
@@ -894,9 +1015,11 @@ def _bench_figure(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------------------- CLI
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ijepa-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ijepa-bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="vit_huge", choices=config_mod.MODEL_NAMES)
     p.add_argument("--patch", type=int, default=14)
     p.add_argument("--img", type=int, default=224)
@@ -914,33 +1037,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="", help="data root for --loader pytorch|dali")
     p.add_argument("--dataset", default="folder", choices=("folder", "idx"))
     p.add_argument("--workers", type=int, default=8, help="loader workers (DALI threads)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="config override for every configuration, e.g. --set speed.activation_checkpointing=true")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override for every configuration, e.g. --set speed.activation_checkpointing=true",
+    )
     p.add_argument("--ablation", action="store_true", help="authors, each switch alone, all on")
-    p.add_argument("--configs", nargs="+", default=None, metavar="NAME",
-                   help="run only these rows (names as in the table; 'authors', 'all on (default)', ...)")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these rows (names as in the table; 'authors', 'all on (default)', ...)",
+    )
     p.add_argument("--compare-authors", action="store_true", help="the authors' preset and the default only")
     p.add_argument("--compile-on-cpu", action="store_true", help="keep the compile row of --ablation on a CPU")
     p.add_argument("--out", default="", help="folder for <tag>.json and the PNG plots")
-    p.add_argument("--device-label", default="", help="name the device in the report (e.g. '2-core CPU (dev "
-                   "machine)'); default: the driver's name")
+    p.add_argument(
+        "--device-label",
+        default="",
+        help="name the device in the report (e.g. '2-core CPU (dev machine)'); default: the driver's name",
+    )
     p.add_argument("--tag", default="", help="file name stem in --out (default: step_<model>_<patch>_<img>)")
     p.add_argument("--json", default="", help="JSON path (default: <out>/<tag>.json when --out is given)")
-    p.add_argument("--record", nargs="?", const="profiling/RESULTS.md", default=None, metavar="PATH",
-                   help="append the Markdown report to PATH (default profiling/RESULTS.md)")
-    p.add_argument("--trace", default="", help="Chrome trace of phase-labelled steps of the default configuration "
-                   "(or of the last one run when the default is not among them); .json or .json.gz")
+    p.add_argument(
+        "--record",
+        nargs="?",
+        const="profiling/RESULTS.md",
+        default=None,
+        metavar="PATH",
+        help="append the Markdown report to PATH (default profiling/RESULTS.md)",
+    )
+    p.add_argument(
+        "--trace",
+        default="",
+        help="Chrome trace of phase-labelled steps of the default configuration "
+        "(or of the last one run when the default is not among them); .json or .json.gz",
+    )
     p.add_argument("--trace-steps", type=int, default=2)
     return p.parse_args(argv)
 
 
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
-    return BenchSpec(model=args.model, patch=args.patch, img=args.img, batch=args.batch, pred_depth=args.pred_depth,
-                     pred_dim=args.pred_dim, device=args.device, dtype=args.dtype, warmup=args.warmup,
-                     steps=args.steps, phase_steps=args.phase_steps, batches=args.batches, seed=args.seed,
-                     loader=args.loader, data=args.data, dataset=args.dataset, workers=args.workers,
-                     overrides=list(args.overrides), compile_on_cpu=args.compile_on_cpu, trace=args.trace,
-                     trace_steps=args.trace_steps)
+    return BenchSpec(
+        model=args.model,
+        patch=args.patch,
+        img=args.img,
+        batch=args.batch,
+        pred_depth=args.pred_depth,
+        pred_dim=args.pred_dim,
+        device=args.device,
+        dtype=args.dtype,
+        warmup=args.warmup,
+        steps=args.steps,
+        phase_steps=args.phase_steps,
+        batches=args.batches,
+        seed=args.seed,
+        loader=args.loader,
+        data=args.data,
+        dataset=args.dataset,
+        workers=args.workers,
+        overrides=list(args.overrides),
+        compile_on_cpu=args.compile_on_cpu,
+        trace=args.trace,
+        trace_steps=args.trace_steps,
+    )
 
 
 def select_configs(args: argparse.Namespace, device: torch.device) -> list[BenchConfig]:
@@ -973,8 +1137,11 @@ def run_cli(argv: list[str] | None = None) -> dict:
     json_path = args.json or (str(Path(args.out) / f"{tag}.json") if args.out else "")
 
     def on_row(result: dict, row: dict) -> None:
-        status = (f"{row['images_per_s']:.1f} images/s, step {row['step_ms_median']:.1f} ms"
-                  if row.get("ok") else f"failed: {row.get('error')}")
+        status = (
+            f"{row['images_per_s']:.1f} images/s, step {row['step_ms_median']:.1f} ms"
+            if row.get("ok")
+            else f"failed: {row.get('error')}"
+        )
         print(f"[ijepa-bench] {row['name']}: {status}", flush=True)
         if json_path:
             write_json(result, json_path)

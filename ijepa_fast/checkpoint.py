@@ -11,6 +11,7 @@ Contents (``FORMAT``): ``encoder``, ``predictor``, ``target_encoder`` (plain sta
 ``mask_sampler``, ``rng``, ``config`` and ``format``. Only tensors, numbers, strings, lists and dicts:
 ``torch.load(weights_only=True)`` reads it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,8 +101,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": _python_rng_to_list(random.getstate()),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -5,6 +5,7 @@ switches). It loads from our own YAML/dict form, from the authors' YAML files (s
 logging, mask, meta, optimization; see ``ijepa_fast.authors_config``), and takes ``key=value``
 overrides such as ``optim.lr=5e-4``. The resolved config is written into every run folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,9 @@ class MaskConfig:
     def validate(self, prefix: str = "mask") -> None:
         _check(self.num_pred_masks >= 1, f"{prefix}.num_pred_masks", self.num_pred_masks, "an integer >= 1")
         # The authors' configs all use one context block; several would only repeat the targets.
-        _check(self.num_enc_masks == 1, f"{prefix}.num_enc_masks", self.num_enc_masks,
-               "1 (the only value the method uses)")
+        _check(
+            self.num_enc_masks == 1, f"{prefix}.num_enc_masks", self.num_enc_masks, "1 (the only value the method uses)"
+        )
         _check_range(f"{prefix}.pred_mask_scale", self.pred_mask_scale, 0.0, 1.0)
         _check_range(f"{prefix}.enc_mask_scale", self.enc_mask_scale, 0.0, 1.0)
         _check_range(f"{prefix}.aspect_ratio", self.aspect_ratio, 0.0, math.inf)
@@ -119,8 +121,12 @@ class OptimConfig:
         _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, "an integer >= 0")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", self.grad_accum, "an integer >= 1")
         _check(self.ipe_scale > 0, f"{prefix}.ipe_scale", self.ipe_scale, "a positive float")
-        _check(0 <= self.warmup_epochs <= self.epochs, f"{prefix}.warmup_epochs", self.warmup_epochs,
-               f"a float in [0, epochs={self.epochs}]")
+        _check(
+            0 <= self.warmup_epochs <= self.epochs,
+            f"{prefix}.warmup_epochs",
+            self.warmup_epochs,
+            f"a float in [0, epochs={self.epochs}]",
+        )
         for k in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "grad_clip"):
             _check(getattr(self, k) >= 0, f"{prefix}.{k}", getattr(self, k), "a float >= 0")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a float > 0")
@@ -149,13 +155,24 @@ class SpeedConfig:
 
     def validate(self, prefix: str = "speed") -> None:
         _check(self.preset in ("fast", "authors"), f"{prefix}.preset", self.preset, "fast or authors")
-        _check(self.attention in ("auto", "sdpa", "flash_attn", "xformers", "math"), f"{prefix}.attention",
-               self.attention, "auto, sdpa, flash_attn, xformers or math")
+        _check(
+            self.attention in ("auto", "sdpa", "flash_attn", "xformers", "math"),
+            f"{prefix}.attention",
+            self.attention,
+            "auto, sdpa, flash_attn, xformers or math",
+        )
         _check(self.compile in ("auto", "on", "off"), f"{prefix}.compile", self.compile, "auto, on or off")
 
 
-AUTHORS_SPEED = dict(attention="math", compile="off", fused_ema=False, fused_gather=False,
-                     fused_optimizer=False, grad_scaler=True, sync_every_step=True)
+AUTHORS_SPEED = dict(
+    attention="math",
+    compile="off",
+    fused_ema=False,
+    fused_gather=False,
+    fused_optimizer=False,
+    grad_scaler=True,
+    sync_every_step=True,
+)
 
 
 @dataclass
@@ -181,8 +198,9 @@ class RunConfig:
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "an integer >= 1")
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        _check(self.engine in ("auto", "plain", "deepspeed"), f"{prefix}.engine", self.engine,
-               "auto, plain or deepspeed")
+        _check(
+            self.engine in ("auto", "plain", "deepspeed"), f"{prefix}.engine", self.engine, "auto, plain or deepspeed"
+        )
         _check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
 
@@ -199,8 +217,12 @@ class Config:
     def validate(self) -> Config:
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
-        _check(self.data.crop_size % self.model.patch_size == 0, "data.crop_size", self.data.crop_size,
-               f"a multiple of model.patch_size={self.model.patch_size}")
+        _check(
+            self.data.crop_size % self.model.patch_size == 0,
+            "data.crop_size",
+            self.data.crop_size,
+            f"a multiple of model.patch_size={self.model.patch_size}",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,6 +230,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def _nearest(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
@@ -322,7 +345,9 @@ def save(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (our format), loadable with ``load``."""
     import yaml
 
-    data = {section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-            for section, values in cfg.to_dict().items()}
+    data = {
+        section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        for section, values in cfg.to_dict().items()
+    }
     with open(path, "w") as fh:
         yaml.safe_dump(data, fh, sort_keys=False)

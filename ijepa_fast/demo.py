@@ -9,6 +9,7 @@
 
     python -m ijepa_fast.demo [--data DIR] [--dataset idx|folder] [--probe-train N] [--probe-test N] [overrides...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,25 @@ def image_count(text: str) -> int:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="ijepa-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ijepa-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", help="data root (IDX files or an image folder); default: configs/demo.yaml's")
     p.add_argument("--dataset", choices=["idx", "folder"], help="kind of data at --data")
-    p.add_argument("--probe-train", type=image_count, default=PROBE_TRAIN, metavar="N",
-                   help=f"training images for the probe and kNN (default {PROBE_TRAIN:,})")
-    p.add_argument("--probe-test", type=image_count, default=PROBE_TEST, metavar="N",
-                   help=f"test images scored (default {PROBE_TEST:,})")
+    p.add_argument(
+        "--probe-train",
+        type=image_count,
+        default=PROBE_TRAIN,
+        metavar="N",
+        help=f"training images for the probe and kNN (default {PROBE_TRAIN:,})",
+    )
+    p.add_argument(
+        "--probe-test",
+        type=image_count,
+        default=PROBE_TEST,
+        metavar="N",
+        help=f"test images scored (default {PROBE_TEST:,})",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=2")
     return p.parse_args(argv)
 
@@ -55,8 +67,7 @@ def demo_config(args) -> config_mod.Config:
     return config_mod.load(str(DEMO_CONFIG), overrides + list(args.overrides))
 
 
-def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN,
-                n_test: int = PROBE_TEST) -> dict:
+def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN, n_test: int = PROBE_TEST) -> dict:
     """Linear-probe and kNN top-1 (%) of three feature sets on the same images: the report
     ``{"train_images", "test_images", "rows": [(features, probe %, kNN %), ...]}``.
 
@@ -77,6 +88,7 @@ def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN,
     def encoded(encoder, name):
         def features(dataset, split):
             return extract_features(encoder, dataset, mode="avgpool", desc=f"{name} features ({split})")
+
         return features
 
     def pixels(dataset, split):
@@ -84,9 +96,11 @@ def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN,
         return torch.stack(images).flatten(1), torch.as_tensor(labels)
 
     rows = []
-    for name, features in (("I-JEPA (pretrained)", encoded(target_encoder, "pretrained")),
-                           ("same ViT, random init", encoded(random_encoder, "random init")),
-                           ("raw pixels", pixels)):
+    for name, features in (
+        ("I-JEPA (pretrained)", encoded(target_encoder, "pretrained")),
+        ("same ViT, random init", encoded(random_encoder, "random init")),
+        ("raw pixels", pixels),
+    ):
         (train_x, train_y), (test_x, test_y) = features(train, "train"), features(test, "test")
         probe = linear_probe(train_x, train_y, test_x, test_y)
         knn = knn_accuracy(train_x, train_y, test_x, test_y)
@@ -126,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     report = probe_table(cfg, run_dir, trainer.target, args.probe_train, args.probe_test)
     print(f"\nI-JEPA demo: {result.steps} steps in {trained / 60:.1f} min; run folder {run_dir}")
     print(f"skipped images: {result.skipped}\n")
-    print(f"frozen average-pooled features: classifiers fit on the first {report['train_images']:,} "
-          f"training images, top-1 on the first {report['test_images']:,} test images\n")
+    print(
+        f"frozen average-pooled features: classifiers fit on the first {report['train_images']:,} "
+        f"training images, top-1 on the first {report['test_images']:,} test images\n"
+    )
     print(format_table(report["rows"]))
     return 0
 

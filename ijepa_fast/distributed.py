@@ -18,6 +18,7 @@ instead of waiting forever: gloo raises at once on a closed connection and at th
 otherwise; NCCL's watchdog aborts the process at the timeout (PyTorch's default
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING``). Nothing here runs at import.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,13 @@ class DistEnv:
         return self.rank == 0
 
     def as_environ(self) -> dict[str, str]:
-        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
-                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
 
 def free_port() -> int:
@@ -96,11 +102,19 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
         world = _int(env, "WORLD_SIZE")
         if missing and world > 1:
-            raise ValueError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not: launch with torchrun "
-                             f"or deepspeed, or export them")
+            raise ValueError(
+                f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not: launch with torchrun "
+                f"or deepspeed, or export them"
+            )
         rank = _int(env, "RANK")
-        return DistEnv(rank, world, int(env.get("LOCAL_RANK", rank)), env.get("MASTER_ADDR", "127.0.0.1"),
-                       int(env.get("MASTER_PORT", 0)) or free_port(), "env")
+        return DistEnv(
+            rank,
+            world,
+            int(env.get("LOCAL_RANK", rank)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 0)) or free_port(),
+            "env",
+        )
     # srun sets SLURM_STEP_NUM_TASKS for the job step; SLURM_NTASKS alone is also set inside the batch
     # script itself, where only one process runs, so it does not make a world.
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
@@ -112,8 +126,9 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
         if not port:  # every task derives the same port from the job id (two jobs sharing a node differ)
             port = 20000 + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
         return DistEnv(_int(env, "SLURM_PROCID"), world, int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
-    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)) or free_port(),
-                   "single")
+    return DistEnv(
+        0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)) or free_port(), "single"
+    )
 
 
 def resolve_timeout(timeout_s: float | None = None, environ: Mapping[str, str] | None = None) -> timedelta:
@@ -136,8 +151,10 @@ def resolve_engine(engine: str, env: DistEnv) -> str:
     if engine == "auto":
         return "deepspeed" if env.world_size > 1 else "plain"
     if engine == "plain" and env.world_size > 1:
-        raise ValueError(f"run.engine=plain is single-process but the launcher started {env.world_size} processes: "
-                         f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism)")
+        raise ValueError(
+            f"run.engine=plain is single-process but the launcher started {env.world_size} processes: "
+            f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism)"
+        )
     return engine
 
 
@@ -148,14 +165,22 @@ def device_for(env: DistEnv, requested: str = "auto") -> torch.device:
     if requested not in ("auto", "cuda"):
         dev = torch.device(requested)
         if env.world_size > 1 and dev.index is not None and dev.index != env.local_rank:
-            raise ValueError(f"run.device={requested} but this is local rank {env.local_rank} of a multi-process "
-                             f"run: use run.device=cuda (each rank takes cuda:LOCAL_RANK)")
+            raise ValueError(
+                f"run.device={requested} but this is local rank {env.local_rank} of a multi-process "
+                f"run: use run.device=cuda (each rank takes cuda:LOCAL_RANK)"
+            )
         return dev
     return torch.device("cuda", env.local_rank)
 
 
-def init(env: DistEnv | None = None, *, backend: str | None = None, timeout_s: float | None = None,
-         deepspeed: bool = False, device: torch.device | None = None) -> DistEnv:
+def init(
+    env: DistEnv | None = None,
+    *,
+    backend: str | None = None,
+    timeout_s: float | None = None,
+    deepspeed: bool = False,
+    device: torch.device | None = None,
+) -> DistEnv:
     """Initialise the default process group (once) and return this process's DistEnv.
 
     Exports the rendezvous variables, sets the CUDA device, then runs ``deepspeed.init_distributed``
@@ -175,13 +200,27 @@ def init(env: DistEnv | None = None, *, backend: str | None = None, timeout_s: f
         from ijepa_fast.optional import require
 
         ds = require("deepspeed", "run.engine=deepspeed")
-        ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False,
-                            rank=env.rank, world_size=env.world_size)
+        ds.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=timeout,
+            verbose=False,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
     else:
         torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
-    log.info("process group: rank %d of %d (local %d) via %s, %s at %s:%d, timeout %.0f s", env.rank,
-             env.world_size, env.local_rank, env.launcher, backend, env.master_addr, env.master_port,
-             timeout.total_seconds())
+    log.info(
+        "process group: rank %d of %d (local %d) via %s, %s at %s:%d, timeout %.0f s",
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.launcher,
+        backend,
+        env.master_addr,
+        env.master_port,
+        timeout.total_seconds(),
+    )
     return env
 
 

@@ -4,7 +4,7 @@ The student (context encoder + predictor, ``JEPAStudent``) trains inside ``deeps
 with ZeRO stage 0-3; our schedules set the learning rate and weight decay of each AdamW group every
 step (weight decay only on groups whose ``wd_exclude`` is False). The target encoder:
 
-- stages 0-2: a full replica on every rank, EMA over full parameters (``kernels.ema`` fused kernel);
+- stages 0-2: a full replica on every rank, EMA over full parameters (``ijepa_fast.kernels.ema`` fused kernel);
   every rank applies the same update to the same (all-gathered) student weights, so replicas agree.
 - stage 3: partitioned exactly like the student by a second engine without optimizer. A parameter's
   partition depends only on its size and the world size, so ``target.ds_tensor`` and
@@ -24,6 +24,7 @@ atomically, after every rank has finished. ``export_consolidated`` writes a plai
 in ``ijepa_fast.checkpoint``'s format (encoder / predictor / target_encoder state dicts) that
 ``ijepa-eval`` and ``interop.load_encoder`` read without DeepSpeed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,6 +59,7 @@ _QUIET_STEPS = 2**31 - 1  # DeepSpeed's own progress print; the trainer logs
 
 # ----------------------------------------------------------------------------- config
 
+
 def _owned(cfg: Config, world_size: int, grad_accum: int, bf16: bool) -> list[tuple[str, Any, str]]:
     """(DeepSpeed key, our value, where it comes from) for every value our config decides.
 
@@ -72,17 +74,26 @@ def _owned(cfg: Config, world_size: int, grad_accum: int, bf16: bool) -> list[tu
     return [
         ("train_micro_batch_size_per_gpu", cfg.data.batch_size, f"data.batch_size={cfg.data.batch_size}"),
         ("gradient_accumulation_steps", grad_accum, f"gradient accumulation={grad_accum}"),
-        ("train_batch_size", cfg.data.batch_size * world_size * grad_accum,
-         f"data.batch_size={cfg.data.batch_size} x {world_size} ranks x {grad_accum} accumulation"),
+        (
+            "train_batch_size",
+            cfg.data.batch_size * world_size * grad_accum,
+            f"data.batch_size={cfg.data.batch_size} x {world_size} ranks x {grad_accum} accumulation",
+        ),
         ("zero_optimization.stage", cfg.run.zero_stage, f"run.zero_stage={cfg.run.zero_stage}"),
         ("bf16.enabled", bf16_weights, f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}"),
-        ("torch_autocast.enabled", bf16 and not bf16_weights,
-         f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}"),
+        (
+            "torch_autocast.enabled",
+            bf16 and not bf16_weights,
+            f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}",
+        ),
         ("fp16.enabled", False, "run.dtype (fp16 is not supported; bf16 or fp32)"),
         ("gradient_clipping", float(o.grad_clip), f"optim.grad_clip={o.grad_clip}"),
         ("optimizer.params.lr", o.start_lr, f"optim.start_lr={o.start_lr} (then our schedule, every step)"),
-        ("optimizer.params.weight_decay", o.weight_decay,
-         f"optim.weight_decay={o.weight_decay} (then our schedule, every step)"),
+        (
+            "optimizer.params.weight_decay",
+            o.weight_decay,
+            f"optim.weight_decay={o.weight_decay} (then our schedule, every step)",
+        ),
         ("optimizer.params.betas", list(o.betas), f"optim.betas={list(o.betas)}"),
         ("optimizer.params.eps", o.eps, f"optim.eps={o.eps}"),
     ]
@@ -138,8 +149,14 @@ def load_user_config(source: str | Path | Mapping | None) -> dict:
     return data
 
 
-def deepspeed_config(cfg: Config, world_size: int, *, device_type: str = "cpu", grad_accum: int = 1,
-                     user: str | Path | Mapping | None = None) -> dict:
+def deepspeed_config(
+    cfg: Config,
+    world_size: int,
+    *,
+    device_type: str = "cpu",
+    grad_accum: int = 1,
+    user: str | Path | Mapping | None = None,
+) -> dict:
     """The DeepSpeed JSON config of a run, generated from ``cfg`` and merged with ``user``.
 
     Generated: micro batch = ``data.batch_size`` (per rank), ``gradient_accumulation_steps``,
@@ -167,12 +184,12 @@ def deepspeed_config(cfg: Config, world_size: int, *, device_type: str = "cpu", 
         if not _same(theirs, ours):
             conflicts.append(f"{key}={theirs!r} in {source} conflicts with {key}={ours!r} from {origin}")
     if "scheduler" in user_cfg:
-        conflicts.append(f"scheduler in {source} conflicts with our lr / weight-decay schedules (optim.*): "
-                         f"remove it")
+        conflicts.append(f"scheduler in {source} conflicts with our lr / weight-decay schedules (optim.*): remove it")
     opt_type = _get(user_cfg, "optimizer.type")
     if opt_type is not None and str(opt_type).lower() not in ("adamw", "adam"):
-        conflicts.append(f"optimizer.type={opt_type!r} in {source} conflicts with optimizer.type='AdamW' "
-                         f"(the method's optimizer)")
+        conflicts.append(
+            f"optimizer.type={opt_type!r} in {source} conflicts with optimizer.type='AdamW' (the method's optimizer)"
+        )
     if conflicts:
         raise ConfigError("DeepSpeed config conflicts:\n  " + "\n  ".join(conflicts))
 
@@ -216,6 +233,7 @@ def global_batch(ds_config: Mapping) -> tuple[int, int, int, int]:
 
 # ----------------------------------------------------------------------------- the step
 
+
 class DeepSpeedTrainStep:
     """The training step of ``step.TrainStep`` run by a DeepSpeed engine (same call interface).
 
@@ -226,8 +244,15 @@ class DeepSpeedTrainStep:
     the EMA move on the last one (``stepped`` tells which).
     """
 
-    def __init__(self, student: JEPAStudent, target_encoder: nn.Module, schedules: Schedules, ds_config: dict,
-                 device: torch.device, options: StepOptions | None = None):
+    def __init__(
+        self,
+        student: JEPAStudent,
+        target_encoder: nn.Module,
+        schedules: Schedules,
+        ds_config: dict,
+        device: torch.device,
+        options: StepOptions | None = None,
+    ):
         ds = require("deepspeed", "run.engine=deepspeed")
         self.ds_config = ds_config
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -236,8 +261,9 @@ class DeepSpeedTrainStep:
         self.schedules, self.device = schedules, device
         self.options = options or StepOptions()
         self.amp_dtype = torch.bfloat16 if self.bf16 or autocast else None  # the target encoder's forward
-        self.engine, self.optimizer, _, _ = ds.initialize(model=student, model_parameters=param_groups(student),
-                                                          config=ds_config)
+        self.engine, self.optimizer, _, _ = ds.initialize(
+            model=student, model_parameters=param_groups(student), config=ds_config
+        )
         self.student: JEPAStudent = self.engine.module
         if self.zero_stage == 3:
             self.target_engine = ds.initialize(model=target_encoder, config=target_config(ds_config))[0]
@@ -251,8 +277,15 @@ class DeepSpeedTrainStep:
         self.stepped = False
         total, micro, ranks, accum = global_batch(ds_config)
         precision = "bf16 weights" if self.bf16 else "fp32, bf16 autocast" if autocast else "fp32"
-        log.info("DeepSpeed ZeRO stage %d, %s: global batch %d = %d per rank x %d ranks x %d accumulation",
-                 self.zero_stage, precision, total, micro, ranks, accum)
+        log.info(
+            "DeepSpeed ZeRO stage %d, %s: global batch %d = %d per rank x %d ranks x %d accumulation",
+            self.zero_stage,
+            precision,
+            total,
+            micro,
+            ranks,
+            accum,
+        )
 
     # ------------------------------------------------------------------ step
     def _autocast(self):
@@ -285,8 +318,10 @@ class DeepSpeedTrainStep:
         pairs = zip(self.target_encoder.named_parameters(), self.student.encoder.named_parameters())
         for (tn, t), (sn, s) in pairs:
             if tn != sn or t.ds_shape != s.ds_shape or t.ds_tensor.numel() != s.ds_tensor.numel():
-                raise RuntimeError(f"ZeRO-3 partitions of target {tn} {tuple(t.ds_shape)} and encoder {sn} "
-                                   f"{tuple(s.ds_shape)} differ: the shard-local EMA needs identical layouts")
+                raise RuntimeError(
+                    f"ZeRO-3 partitions of target {tn} {tuple(t.ds_shape)} and encoder {sn} "
+                    f"{tuple(s.ds_shape)} differ: the shard-local EMA needs identical layouts"
+                )
 
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:
@@ -296,7 +331,7 @@ class DeepSpeedTrainStep:
             return
         targets, sources = self._shards()
         if self.options.fused_ema:
-            from kernels.ema import ema_update_
+            from ijepa_fast.kernels.ema import ema_update_
 
             ema_update_(targets, sources, momentum)
         else:
@@ -308,8 +343,7 @@ class DeepSpeedTrainStep:
     def tag(step: int) -> str:
         return f"step_{step:08d}"
 
-    def save_checkpoint(self, save_dir: str | Path, step: int, client_state: dict | None = None,
-                        keep: int = 0) -> Path:
+    def save_checkpoint(self, save_dir: str | Path, step: int, client_state: dict | None = None, keep: int = 0) -> Path:
         """Collective: every rank calls it. Returns ``save_dir/step_XXXXXXXX``.
 
         ``client_state`` (schedules, sampler state, config...: the same on every rank) goes through
@@ -347,19 +381,26 @@ class DeepSpeedTrainStep:
         own_path = load_dir / tag / _RANK_FILE.format(rank)
         if not own_path.is_file():
             saved = len(list((load_dir / tag).glob("ijepa_rank*.pt")))
-            raise ValueError(f"{load_dir / tag} was written by {saved} rank(s) and holds no file for rank {rank} of "
-                             f"{world}: resume on the same world size")
+            raise ValueError(
+                f"{load_dir / tag} was written by {saved} rank(s) and holds no file for rank {rank} of "
+                f"{world}: resume on the same world size"
+            )
         own = torch.load(own_path, map_location="cpu", weights_only=True)
         if own["world_size"] != world:
-            raise ValueError(f"{load_dir / tag} was written by {own['world_size']} ranks, this run has {world}: "
-                             f"resume on the same world size")
-        path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+            raise ValueError(
+                f"{load_dir / tag} was written by {own['world_size']} ranks, this run has {world}: "
+                f"resume on the same world size"
+            )
+        path, client = self.engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {load_dir}")
         if client.get("zero_stage") != self.zero_stage:
-            raise ValueError(f"{load_dir / tag} was written with ZeRO stage {client.get('zero_stage')}, this run uses "
-                             f"{self.zero_stage}")
+            raise ValueError(
+                f"{load_dir / tag} was written with ZeRO stage {client.get('zero_stage')}, this run uses "
+                f"{self.zero_stage}"
+            )
         with torch.no_grad():
             if self.zero_stage == 3:
                 for t, saved in zip(self._shards()[0], own["target_partitions"], strict=True):
@@ -393,12 +434,15 @@ class DeepSpeedTrainStep:
     def consolidated_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Collective: fp32 ``encoder``, ``predictor`` and ``target_encoder`` state dicts (no
         ``module.`` prefix) on every rank."""
-        return {"encoder": self._module_fp32(self.student.encoder),
-                "predictor": self._module_fp32(self.student.predictor),
-                "target_encoder": self._module_fp32(self.target_encoder)}
+        return {
+            "encoder": self._module_fp32(self.student.encoder),
+            "predictor": self._module_fp32(self.student.predictor),
+            "target_encoder": self._module_fp32(self.target_encoder),
+        }
 
-    def export_consolidated(self, ckpt_dir: str | Path, step: int, extra: dict | None = None,
-                            keep: int = 3) -> Path | None:
+    def export_consolidated(
+        self, ckpt_dir: str | Path, step: int, extra: dict | None = None, keep: int = 3
+    ) -> Path | None:
         """Collective: rank 0 writes ``ckpt_dir/ckpt-XXXXXXXX.pt`` in ``ijepa_fast.checkpoint``'s
         format (read by ``ijepa-eval`` without DeepSpeed); returns its path there, None elsewhere.
 
@@ -407,12 +451,19 @@ class DeepSpeedTrainStep:
         state = self.consolidated_state()
         if dist_.get_rank() != 0:
             return None
-        state = {**(extra or {}), **state, "opt": {}, "world_size": dist_.get_world_size(), "engine": "deepspeed",
-                 "zero_stage": self.zero_stage}
+        state = {
+            **(extra or {}),
+            **state,
+            "opt": {},
+            "world_size": dist_.get_world_size(),
+            "engine": "deepspeed",
+            "zero_stage": self.zero_stage,
+        }
         return ckpt.save_checkpoint(Path(ckpt_dir), state, step, keep)
 
 
 # ----------------------------------------------------------------------------- checkpoint folder
+
 
 def _write_latest(save_dir: Path, tag: str) -> None:
     tmp = save_dir / f".latest.{os.getpid()}.tmp"

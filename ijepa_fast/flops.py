@@ -42,6 +42,7 @@ ViT-H/14 at 224 px (N = 256) with the paper's averages Kc = 72, Kt = 43, M = 4, 
 671 GFLOP per image (target forward 333, context forward + backward 275, predictor forward +
 backward 62), beside PAPER.md's "about 650 GFLOP".
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -85,9 +86,11 @@ def predictor_forward_flops(enc_width: int, pred_width: int, depth: int, kc: flo
     """Predictor forward per image: embed the Kc context tokens, M sequences of Kc + Kt tokens
     through ``depth`` blocks, project the M * Kt mask tokens back to the encoder width."""
     hidden = int(pred_width * PREDICTOR_MLP_RATIO)
-    return (linear_flops(kc, enc_width, pred_width)
-            + depth * block_flops(kc + kt, pred_width, hidden, seqs=m)
-            + linear_flops(m * kt, pred_width, enc_width))
+    return (
+        linear_flops(kc, enc_width, pred_width)
+        + depth * block_flops(kc + kt, pred_width, hidden, seqs=m)
+        + linear_flops(m * kt, pred_width, enc_width)
+    )
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,16 @@ class StepFlops:
         return {**asdict(self), "total": self.total}
 
 
-def step_flops(model_name: str = "vit_huge", patch_size: int = 14, img_size: int = 224, kc: float = 72.0,
-               kt: float = 43.0, m: int = 4, pred_depth: int = 12, pred_emb_dim: int = 384) -> StepFlops:
+def step_flops(
+    model_name: str = "vit_huge",
+    patch_size: int = 14,
+    img_size: int = 224,
+    kc: float = 72.0,
+    kt: float = 43.0,
+    m: int = 4,
+    pred_depth: int = 12,
+    pred_emb_dim: int = 384,
+) -> StepFlops:
     """Per-image FLOPs of a training step for an encoder preset and mask sizes (averages are fine:
     the count is linear in Kc and Kt except for the attention's T^2 terms)."""
     size = vit_size(model_name)
@@ -117,9 +128,13 @@ def step_flops(model_name: str = "vit_huge", patch_size: int = 14, img_size: int
     pe = patch_embed_flops(n, patch_size, size.embed_dim)
     ctx = encoder_forward_flops(model_name, patch_size, img_size, tokens=kc)
     pred = predictor_forward_flops(size.embed_dim, pred_emb_dim, pred_depth, kc, kt, m)
-    return StepFlops(target_fwd=encoder_forward_flops(model_name, patch_size, img_size),
-                     context_fwd=ctx, context_bwd=2.0 * (ctx - pe) + pe,
-                     predictor_fwd=pred, predictor_bwd=2.0 * pred)
+    return StepFlops(
+        target_fwd=encoder_forward_flops(model_name, patch_size, img_size),
+        context_fwd=ctx,
+        context_bwd=2.0 * (ctx - pe) + pe,
+        predictor_fwd=pred,
+        predictor_bwd=2.0 * pred,
+    )
 
 
 def step_flops_for_masks(model_cfg, img_size: int, mask_shapes: list[tuple[int, int, int]]) -> float:
@@ -129,6 +144,7 @@ def step_flops_for_masks(model_cfg, img_size: int, mask_shapes: list[tuple[int, 
         raise ValueError("mask_shapes is empty: give the (M, Kc, Kt) of at least one batch")
     total = 0.0
     for m, kc, kt in mask_shapes:
-        total += step_flops(model_cfg.name, model_cfg.patch_size, img_size, kc, kt, m, model_cfg.pred_depth,
-                            model_cfg.pred_emb_dim).total
+        total += step_flops(
+            model_cfg.name, model_cfg.patch_size, img_size, kc, kt, m, model_cfg.pred_depth, model_cfg.pred_emb_dim
+        ).total
     return total / len(mask_shapes)

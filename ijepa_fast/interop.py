@@ -26,6 +26,7 @@ Exporting
 Command lines: ``ijepa-export`` (safetensors / timm files) and ``ijepa-extract`` (features of a
 dataset to .npy or .safetensors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,14 @@ class CheckpointMismatchError(RuntimeError):
     """A state dict does not fit the model; the message lists every missing, unexpected and
     mismatched key."""
 
-    def __init__(self, what: str, missing: list[str], unexpected: list[str],
-                 mismatched: list[tuple[str, tuple, tuple]], hint: str = ""):
+    def __init__(
+        self,
+        what: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple, tuple]],
+        hint: str = "",
+    ):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         lines = [f"{what}: the checkpoint does not fit the model"]
         if mismatched:
@@ -82,6 +89,7 @@ class CheckpointMismatchError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def load_checkpoint_file(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True``; refuse other objects unless ``trust=True``.
@@ -114,20 +122,24 @@ def strip_module_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") 
     for key, value in state_dict.items():
         for p in (prefix, "_orig_mod."):
             if key.startswith(p):
-                key = key[len(p):]
+                key = key[len(p) :]
         out[key] = value
     return out
 
 
-def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, hint: str = "",
-                      assign: bool = False) -> nn.Module:
+def load_state_strict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, hint: str = "", assign: bool = False
+) -> nn.Module:
     """``module.load_state_dict(state_dict, strict=True)``, but a misfit raises a
     ``CheckpointMismatchError`` that lists every missing / unexpected / mismatched key first."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [(k, tuple(state_dict[k].shape), tuple(own[k].shape)) for k in sorted(set(own) & set(state_dict))
-                  if tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    mismatched = [
+        (k, tuple(state_dict[k].shape), tuple(own[k].shape))
+        for k in sorted(set(own) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(what, missing, unexpected, mismatched, hint)
     module.load_state_dict(state_dict, strict=True, assign=assign)
@@ -135,6 +147,7 @@ def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 # ----------------------------------------------------------------------------- architecture from shapes
+
 
 @dataclass(frozen=True)
 class EncoderSpec:
@@ -155,25 +168,44 @@ class EncoderSpec:
     def build(self, device: str | torch.device | None = None, **kwargs) -> VisionTransformer:
         """A VisionTransformer of this shape (``device="meta"``: no memory, no init work)."""
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
-                                     depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, **kwargs)
+            return VisionTransformer(
+                img_size=self.img_size,
+                patch_size=self.patch_size,
+                embed_dim=self.embed_dim,
+                depth=self.depth,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                **kwargs,
+            )
 
     def to_metadata(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> EncoderSpec:
-        return cls(embed_dim=int(meta["embed_dim"]), depth=int(meta["depth"]), num_heads=int(meta["num_heads"]),
-                   patch_size=int(meta["patch_size"]), img_size=int(meta["img_size"]),
-                   mlp_ratio=float(meta.get("mlp_ratio", 4.0)), name=meta.get("name", ""))
+        return cls(
+            embed_dim=int(meta["embed_dim"]),
+            depth=int(meta["depth"]),
+            num_heads=int(meta["num_heads"]),
+            patch_size=int(meta["patch_size"]),
+            img_size=int(meta["img_size"]),
+            mlp_ratio=float(meta.get("mlp_ratio", 4.0)),
+            name=meta.get("name", ""),
+        )
 
     @classmethod
     def of(cls, encoder: VisionTransformer) -> EncoderSpec:
         D = encoder.embed_dim
         p = encoder.patch_embed.proj.kernel_size[0]
         hidden = encoder.blocks[0].mlp.fc1.out_features if len(encoder.blocks) else 4 * D
-        name = next((n for n, s in VIT_SIZES.items() if (s.embed_dim, s.depth, s.num_heads) ==
-                     (D, len(encoder.blocks), encoder.num_heads)), "")
+        name = next(
+            (
+                n
+                for n, s in VIT_SIZES.items()
+                if (s.embed_dim, s.depth, s.num_heads) == (D, len(encoder.blocks), encoder.num_heads)
+            ),
+            "",
+        )
         return cls(D, len(encoder.blocks), encoder.num_heads, p, encoder.grid * p, _mlp_ratio(hidden, D), name)
 
 
@@ -190,8 +222,12 @@ def _block_indices(keys, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
 
 
-def infer_encoder_spec(state_dict: Mapping[str, torch.Tensor], model: str | None = None,
-                       patch_size: int | None = None, img_size: int | None = None) -> EncoderSpec:
+def infer_encoder_spec(
+    state_dict: Mapping[str, torch.Tensor],
+    model: str | None = None,
+    patch_size: int | None = None,
+    img_size: int | None = None,
+) -> EncoderSpec:
     """The encoder's architecture from its state dict (the authors' names), checked against what
     the caller states.
 
@@ -202,25 +238,38 @@ def infer_encoder_spec(state_dict: Mapping[str, torch.Tensor], model: str | None
     """
     if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
         present = ", ".join(sorted(state_dict)[:8]) + (" ..." if len(state_dict) > 8 else "")
-        raise CheckpointMismatchError("encoder", [k for k in ("patch_embed.proj.weight", "pos_embed")
-                                                  if k not in state_dict], [], [],
-                                      f"this is not a ViT encoder state dict with the authors' names (keys: {present})")
+        raise CheckpointMismatchError(
+            "encoder",
+            [k for k in ("patch_embed.proj.weight", "pos_embed") if k not in state_dict],
+            [],
+            [],
+            f"this is not a ViT encoder state dict with the authors' names (keys: {present})",
+        )
     D, _, p, p2 = state_dict["patch_embed.proj.weight"].shape
     if p != p2:
         raise ValueError(f"non-square patches {p}x{p2} are not supported")
     if patch_size is not None and patch_size != p:
-        raise CheckpointMismatchError("encoder", [], [], [("patch_embed.proj.weight", (D, 3, p, p),
-                                                           (D, 3, patch_size, patch_size))],
-                                      f"the checkpoint's patch size is {p}, not {patch_size}")
+        raise CheckpointMismatchError(
+            "encoder",
+            [],
+            [],
+            [("patch_embed.proj.weight", (D, 3, p, p), (D, 3, patch_size, patch_size))],
+            f"the checkpoint's patch size is {p}, not {patch_size}",
+        )
     N = state_dict["pos_embed"].shape[1]
     grid = math.isqrt(N)
     if grid * grid != N:
         raise ValueError(f"pos_embed has {N} positions, not a square grid")
     if img_size is not None and img_size != grid * p:
         wanted = (1, grid_size(img_size, p) ** 2, D)
-        raise CheckpointMismatchError("encoder", [], [], [("pos_embed", (1, N, D), wanted)],
-                                      f"the checkpoint was trained at {grid * p} px ({grid}x{grid} patches of {p}); "
-                                      f"drop --img-size or set it to {grid * p}")
+        raise CheckpointMismatchError(
+            "encoder",
+            [],
+            [],
+            [("pos_embed", (1, N, D), wanted)],
+            f"the checkpoint was trained at {grid * p} px ({grid}x{grid} patches of {p}); "
+            f"drop --img-size or set it to {grid * p}",
+        )
     blocks = _block_indices(state_dict, "blocks")
     depth = blocks[-1] + 1 if blocks else 0
     hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state_dict else 4 * D
@@ -231,12 +280,15 @@ def infer_encoder_spec(state_dict: Mapping[str, torch.Tensor], model: str | None
         return EncoderSpec(size.embed_dim, size.depth, size.num_heads, p, grid * p, size.mlp_ratio, model)
     by_width = [(n, s) for n, s in VIT_SIZES.items() if s.embed_dim == D]
     if not by_width:
-        raise ValueError(f"cannot infer the number of attention heads of a {D}-wide encoder (not a standard size: "
-                         f"{', '.join(f'{n} {s.embed_dim}' for n, s in VIT_SIZES.items())}); name the model "
-                         f"(--model) or build it yourself and use load_state_strict")
+        raise ValueError(
+            f"cannot infer the number of attention heads of a {D}-wide encoder (not a standard size: "
+            f"{', '.join(f'{n} {s.embed_dim}' for n, s in VIT_SIZES.items())}); name the model "
+            f"(--model) or build it yourself and use load_state_strict"
+        )
     name, size = by_width[0]
-    return EncoderSpec(D, depth, size.num_heads, p, grid * p, _mlp_ratio(hidden, D),
-                       name if depth == size.depth else "")
+    return EncoderSpec(
+        D, depth, size.num_heads, p, grid * p, _mlp_ratio(hidden, D), name if depth == size.depth else ""
+    )
 
 
 def infer_predictor_kwargs(state_dict: Mapping[str, torch.Tensor], encoder_spec: EncoderSpec) -> dict[str, Any]:
@@ -247,8 +299,14 @@ def infer_predictor_kwargs(state_dict: Mapping[str, torch.Tensor], encoder_spec:
     Dp, D = state_dict["predictor_embed.weight"].shape
     depth = len(_block_indices(state_dict, "predictor_blocks"))
     hidden = state_dict.get("predictor_blocks.0.mlp.fc1.weight", torch.empty(4 * Dp, 0)).shape[0]
-    return dict(num_patches=state_dict["predictor_pos_embed"].shape[1], embed_dim=D, predictor_embed_dim=Dp,
-                depth=depth, num_heads=encoder_spec.num_heads, mlp_ratio=_mlp_ratio(hidden, Dp))
+    return dict(
+        num_patches=state_dict["predictor_pos_embed"].shape[1],
+        embed_dim=D,
+        predictor_embed_dim=Dp,
+        depth=depth,
+        num_heads=encoder_spec.num_heads,
+        mlp_ratio=_mlp_ratio(hidden, Dp),
+    )
 
 
 def _materialise(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, hint: str = "") -> nn.Module:
@@ -257,18 +315,21 @@ def _materialise(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
     return load_state_strict(module, sd, what, hint, assign=True)
 
 
-def build_encoder_from_state_dict(state_dict: Mapping[str, torch.Tensor], what: str = "encoder",
-                                  spec: EncoderSpec | None = None,
-                                  **spec_kwargs) -> tuple[VisionTransformer, EncoderSpec]:
+def build_encoder_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], what: str = "encoder", spec: EncoderSpec | None = None, **spec_kwargs
+) -> tuple[VisionTransformer, EncoderSpec]:
     """(encoder with ``state_dict`` loaded strictly, its spec); ``spec_kwargs``: model/patch_size/img_size."""
     spec = spec or infer_encoder_spec(state_dict, **spec_kwargs)
-    hint = (f"built as {spec.name or 'a custom size'}: width {spec.embed_dim}, depth {spec.depth}, "
-            f"{spec.num_heads} heads, patch {spec.patch_size}, {spec.img_size} px")
+    hint = (
+        f"built as {spec.name or 'a custom size'}: width {spec.embed_dim}, depth {spec.depth}, "
+        f"{spec.num_heads} heads, patch {spec.patch_size}, {spec.img_size} px"
+    )
     encoder = _materialise(spec.build(device="meta"), state_dict, what, hint)
     return encoder, spec
 
 
 # ----------------------------------------------------------------------------- formats
+
 
 @dataclass
 class LoadedEncoder:
@@ -308,8 +369,11 @@ def _detect_ours(ckpt: Any) -> bool:
 
 
 def _detect_authors(ckpt: Any) -> bool:
-    return isinstance(ckpt, Mapping) and "format" not in ckpt and any(isinstance(ckpt.get(k), Mapping)
-                                                                       for k in ENCODER_KEYS)
+    return (
+        isinstance(ckpt, Mapping)
+        and "format" not in ckpt
+        and any(isinstance(ckpt.get(k), Mapping) for k in ENCODER_KEYS)
+    )
 
 
 def _detect_state_dict(ckpt: Any) -> bool:
@@ -325,28 +389,36 @@ def _pick(ckpt: Mapping[str, Any], which: str, path: Path) -> Mapping[str, torch
     return strip_module_prefix(ckpt[which])
 
 
-def _load_ours(ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None,
-               img_size=None) -> LoadedEncoder:
+def _load_ours(
+    ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None, img_size=None
+) -> LoadedEncoder:
     cfg = ckpt.get("config") or {}
     m, d = cfg.get("model", {}), cfg.get("data", {})
-    spec_kwargs = dict(model=model or m.get("name"), patch_size=patch_size or m.get("patch_size"),
-                       img_size=img_size or d.get("crop_size"))
+    spec_kwargs = dict(
+        model=model or m.get("name"),
+        patch_size=patch_size or m.get("patch_size"),
+        img_size=img_size or d.get("crop_size"),
+    )
     encoder, spec = build_encoder_from_state_dict(_pick(ckpt, which, path), f"{path} [{which}]", **spec_kwargs)
     meta = _scalar_meta(ckpt) | {"format_version": ckpt["format"]}
     return LoadedEncoder(encoder, spec, "ijepa_fast", which, str(path), meta)
 
 
-def _load_authors(ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None,
-                  img_size=None) -> LoadedEncoder:
-    encoder, spec = build_encoder_from_state_dict(_pick(ckpt, which, path), f"{path} [{which}]", model=model,
-                                                  patch_size=patch_size, img_size=img_size)
+def _load_authors(
+    ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None, img_size=None
+) -> LoadedEncoder:
+    encoder, spec = build_encoder_from_state_dict(
+        _pick(ckpt, which, path), f"{path} [{which}]", model=model, patch_size=patch_size, img_size=img_size
+    )
     return LoadedEncoder(encoder, spec, "authors", which, str(path), _scalar_meta(ckpt))
 
 
-def _load_state_dict(ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None,
-                     img_size=None) -> LoadedEncoder:
-    encoder, spec = build_encoder_from_state_dict(strip_module_prefix(ckpt), str(path), model=model,
-                                                  patch_size=patch_size, img_size=img_size)
+def _load_state_dict(
+    ckpt: Mapping[str, Any], which: str, path: Path, model=None, patch_size=None, img_size=None
+) -> LoadedEncoder:
+    encoder, spec = build_encoder_from_state_dict(
+        strip_module_prefix(ckpt), str(path), model=model, patch_size=patch_size, img_size=img_size
+    )
     return LoadedEncoder(encoder, spec, "state_dict", which, str(path), {})
 
 
@@ -372,8 +444,15 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def load_encoder(path: str | Path, which: str = "target_encoder", *, model: str | None = None,
-                 patch_size: int | None = None, img_size: int | None = None, trust: bool = False) -> LoadedEncoder:
+def load_encoder(
+    path: str | Path,
+    which: str = "target_encoder",
+    *,
+    model: str | None = None,
+    patch_size: int | None = None,
+    img_size: int | None = None,
+    trust: bool = False,
+) -> LoadedEncoder:
     """The encoder of any supported checkpoint, weights loaded strictly, in fp32 on the CPU.
 
     ``which``: ``target_encoder`` (the EMA encoder, what the authors evaluate) or ``encoder``.
@@ -391,13 +470,21 @@ def load_encoder(path: str | Path, which: str = "target_encoder", *, model: str 
             log.info("%s: %s checkpoint, loading %s", path, name, which)
             return load(ckpt, which, path, model=model, patch_size=patch_size, img_size=img_size)
     kind = f"a dict with keys {sorted(map(str, ckpt))[:12]}" if isinstance(ckpt, Mapping) else type(ckpt).__name__
-    raise ValueError(f"{path}: unrecognised checkpoint ({kind}); expected ours (format 'ijepa_fast/1'), the authors' "
-                     f"(encoder / target_encoder state dicts), a bare encoder state dict or a .safetensors export")
+    raise ValueError(
+        f"{path}: unrecognised checkpoint ({kind}); expected ours (format 'ijepa_fast/1'), the authors' "
+        f"(encoder / target_encoder state dicts), a bare encoder state dict or a .safetensors export"
+    )
 
 
-def load_authors_checkpoint(path: str | Path, *, model: str | None = None, patch_size: int | None = None,
-                            img_size: int | None = None, predictor: bool = True,
-                            trust: bool = False) -> AuthorsCheckpoint:
+def load_authors_checkpoint(
+    path: str | Path,
+    *,
+    model: str | None = None,
+    patch_size: int | None = None,
+    img_size: int | None = None,
+    predictor: bool = True,
+    trust: bool = False,
+) -> AuthorsCheckpoint:
     """The authors' ``.pth.tar``: context encoder, target encoder and predictor, strictly loaded.
 
     Shapes give the architecture (see ``infer_encoder_spec``); the predictor's depth, width and MLP
@@ -406,8 +493,10 @@ def load_authors_checkpoint(path: str | Path, *, model: str | None = None, patch
     path = resolve_checkpoint_path(path)
     ckpt = load_checkpoint_file(path, trust=trust)
     if not _detect_authors(ckpt):
-        raise ValueError(f"{path} is not in the authors' format (encoder / target_encoder / predictor state dicts "
-                         f"without a 'format' key)")
+        raise ValueError(
+            f"{path} is not in the authors' format (encoder / target_encoder / predictor state dicts "
+            f"without a 'format' key)"
+        )
     target_sd = _pick(ckpt, "target_encoder", path)
     spec = infer_encoder_spec(target_sd, model=model, patch_size=patch_size, img_size=img_size)
     target, _ = build_encoder_from_state_dict(target_sd, f"{path} [target_encoder]", spec=spec)
@@ -420,13 +509,15 @@ def load_authors_checkpoint(path: str | Path, *, model: str | None = None, patch
         kwargs = infer_predictor_kwargs(pred_sd, spec)
         with torch.device("meta"):
             module = VisionTransformerPredictor(**kwargs)
-        pred = _materialise(module, pred_sd, f"{path} [predictor]",
-                            f"built with {json.dumps({k: v for k, v in kwargs.items()})}")
+        pred = _materialise(
+            module, pred_sd, f"{path} [predictor]", f"built with {json.dumps({k: v for k, v in kwargs.items()})}"
+        )
     opt = ckpt.get("opt") if isinstance(ckpt.get("opt"), Mapping) else None
     return AuthorsCheckpoint(encoder, target, pred, spec, _scalar_meta(ckpt), opt)
 
 
 # ----------------------------------------------------------------------------- safetensors
+
 
 def _safetensors_torch(feature: str):
     """``safetensors.torch`` (save_file, safe_open), or a clear error naming the install command."""
@@ -436,8 +527,7 @@ def _safetensors_torch(feature: str):
     return safetensors.torch
 
 
-def export_safetensors(encoder: VisionTransformer, path: str | Path,
-                       metadata: Mapping[str, str] | None = None) -> Path:
+def export_safetensors(encoder: VisionTransformer, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write the encoder's state dict (the authors' names, fp32 unless the model is otherwise) and its
     architecture (``EncoderSpec`` fields, strings) to ``path``."""
     st = _safetensors_torch("exporting to safetensors")
@@ -507,10 +597,23 @@ def timm_kwargs(encoder: VisionTransformer | EncoderSpec) -> dict[str, Any]:
     The position embedding becomes a learnable parameter in timm holding the fixed sin-cos table.
     """
     spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec.of(encoder)
-    return dict(img_size=spec.img_size, patch_size=spec.patch_size, in_chans=3, num_classes=0, global_pool="avg",
-                embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio,
-                qkv_bias=True, class_token=False, no_embed_class=True, fc_norm=False,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU)
+    return dict(
+        img_size=spec.img_size,
+        patch_size=spec.patch_size,
+        in_chans=3,
+        num_classes=0,
+        global_pool="avg",
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        qkv_bias=True,
+        class_token=False,
+        no_embed_class=True,
+        fc_norm=False,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+    )
 
 
 def build_timm_model(encoder: VisionTransformer) -> nn.Module:
@@ -524,25 +627,38 @@ def build_timm_model(encoder: VisionTransformer) -> nn.Module:
 
 # ----------------------------------------------------------------------------- command lines
 
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="ours (.pt or a run folder), the authors' .pth.tar, or a .safetensors export")
     p.add_argument("--which", default="target_encoder", choices=ENCODER_KEYS, help="which encoder (default: target)")
     p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
     p.add_argument("--patch", type=int, help="patch size, checked against the file")
     p.add_argument("--img-size", type=int, help="image size, checked against the file's position embedding")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow files holding arbitrary Python objects (full unpickler: can run code)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow files holding arbitrary Python objects (full unpickler: can run code)",
+    )
 
 
 def load_from_args(args) -> LoadedEncoder:
-    return load_encoder(args.checkpoint, args.which, model=args.model, patch_size=args.patch,
-                        img_size=args.img_size, trust=args.trust_checkpoint)
+    return load_encoder(
+        args.checkpoint,
+        args.which,
+        model=args.model,
+        patch_size=args.patch,
+        img_size=args.img_size,
+        trust=args.trust_checkpoint,
+    )
 
 
 def export_main(argv: list[str] | None = None) -> int:
     """``ijepa-export CHECKPOINT --out encoder.safetensors [--timm]``."""
-    p = argparse.ArgumentParser(prog="ijepa-export", description="Export an encoder to safetensors: our names "
-                                "(default) or timm's (--timm; prints the timm constructor kwargs).")
+    p = argparse.ArgumentParser(
+        prog="ijepa-export",
+        description="Export an encoder to safetensors: our names "
+        "(default) or timm's (--timm; prints the timm constructor kwargs).",
+    )
     add_checkpoint_args(p)
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--timm", action="store_true", help="write timm's names and print timm's constructor kwargs")
@@ -555,8 +671,9 @@ def export_main(argv: list[str] | None = None) -> int:
             kwargs = {k: v for k, v in timm_kwargs(loaded.encoder).items() if k not in ("norm_layer", "act_layer")}
             meta |= {"format": "timm-vit", "timm_kwargs": json.dumps(kwargs)}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            st.save_file({k: v.contiguous() for k, v in to_timm_state_dict(loaded.encoder).items()},
-                               args.out, metadata=meta)
+            st.save_file(
+                {k: v.contiguous() for k, v in to_timm_state_dict(loaded.encoder).items()}, args.out, metadata=meta
+            )
             print(f"timm kwargs: {json.dumps(kwargs)} + norm_layer=partial(nn.LayerNorm, eps=1e-6)")
         else:
             export_safetensors(loaded.encoder, args.out, meta)
@@ -572,9 +689,12 @@ def extract_main(argv: list[str] | None = None) -> int:
     from ijepa_fast.eval import cli as eval_cli
     from ijepa_fast.eval.features import FEATURE_MODES, extract_features
 
-    p = argparse.ArgumentParser(prog="ijepa-extract", description="Write frozen features of a dataset (and its "
-                                "labels) to .npy (labels beside it as <stem>.labels.npy) or .safetensors "
-                                "(tensors 'features' and 'labels').")
+    p = argparse.ArgumentParser(
+        prog="ijepa-extract",
+        description="Write frozen features of a dataset (and its "
+        "labels) to .npy (labels beside it as <stem>.labels.npy) or .safetensors "
+        "(tensors 'features' and 'labels').",
+    )
     add_checkpoint_args(p)
     eval_cli.add_data_args(p)
     p.add_argument("--split", default="", help="idx: train|test (default train); folder: a sub-folder or '' for root")
@@ -590,9 +710,16 @@ def extract_main(argv: list[str] | None = None) -> int:
         split = args.split or ("train" if args.dataset == "idx" else "")
         dataset = eval_cli.open_eval_dataset(args, split, loaded.spec.img_size)
         device = eval_cli.resolve_device(args.device)
-        feats, labels = extract_features(loaded.encoder.to(device), dataset, mode=args.features,
-                                         batch_size=args.batch_size, num_workers=eval_cli.num_workers(args),
-                                         dtype=args.dtype, progress=not args.no_progress, desc=f"features {split}")
+        feats, labels = extract_features(
+            loaded.encoder.to(device),
+            dataset,
+            mode=args.features,
+            batch_size=args.batch_size,
+            num_workers=eval_cli.num_workers(args),
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            desc=f"features {split}",
+        )
     except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
         print(f"ijepa-extract: {err}", file=sys.stderr)
         return 1

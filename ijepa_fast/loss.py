@@ -1,4 +1,5 @@
 """The I-JEPA loss between predictions and normalised target features."""
+
 from __future__ import annotations
 
 import torch

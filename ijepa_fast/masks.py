@@ -34,6 +34,7 @@ patch is kept, max/min over the grid; 16x16 grid, default scales, 64 batches of 
 - Scale and aspect ratio are drawn from independent random numbers: the authors reuse one number
   for both, which ties large blocks to tall ones.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,8 +59,9 @@ class MaskBatch:
     targets: torch.Tensor  # [M, B, Kt] int64, sorted ascending per row
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
-        return MaskBatch(self.context.to(device, non_blocking=non_blocking),
-                         self.targets.to(device, non_blocking=non_blocking))
+        return MaskBatch(
+            self.context.to(device, non_blocking=non_blocking), self.targets.to(device, non_blocking=non_blocking)
+        )
 
 
 class _Blocks(NamedTuple):
@@ -117,9 +119,18 @@ class MultiBlockMaskSampler:
     (in the DataLoader's collate) and the result is moved to ``device`` if one is given.
     """
 
-    def __init__(self, grid: int | tuple[int, int], *, num_pred_masks: int = 4, pred_scale=(0.15, 0.2),
-                 enc_scale=(0.85, 1.0), aspect_ratio=(0.75, 1.5), min_keep: int = 10,
-                 allow_overlap: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        grid: int | tuple[int, int],
+        *,
+        num_pred_masks: int = 4,
+        pred_scale=(0.15, 0.2),
+        enc_scale=(0.85, 1.0),
+        aspect_ratio=(0.75, 1.5),
+        min_keep: int = 10,
+        allow_overlap: bool = False,
+        seed: int = 0,
+    ):
         try:
             self.height, self.width = (int(grid), int(grid)) if isinstance(grid, numbers.Integral) else map(int, grid)
         except (TypeError, ValueError):
@@ -134,9 +145,11 @@ class MultiBlockMaskSampler:
         self.aspect_ratio = _check_pair("aspect_ratio", aspect_ratio, 0.0, None)
         most = self.max_min_keep()
         if not 1 <= min_keep <= most:
-            raise ValueError(f"min_keep={min_keep} cannot be kept on a {self.height}x{self.width} grid with "
-                             f"enc_scale={self.enc_scale}: it must lie in [1, {most}] (the smallest context block "
-                             f"holds {self._smallest_context()} patches and one patch must stay for the targets)")
+            raise ValueError(
+                f"min_keep={min_keep} cannot be kept on a {self.height}x{self.width} grid with "
+                f"enc_scale={self.enc_scale}: it must lie in [1, {most}] (the smallest context block "
+                f"holds {self._smallest_context()} patches and one patch must stay for the targets)"
+            )
         self.min_keep = int(min_keep)
         self.allow_overlap = bool(allow_overlap)
         self.seed = int(seed)
@@ -153,10 +166,15 @@ class MultiBlockMaskSampler:
 
     # ------------------------------------------------------------------ state
     def _params(self) -> dict:
-        return {"grid": [self.height, self.width], "num_pred_masks": self.num_pred_masks,
-                "pred_scale": list(self.pred_scale), "enc_scale": list(self.enc_scale),
-                "aspect_ratio": list(self.aspect_ratio), "min_keep": self.min_keep,
-                "allow_overlap": self.allow_overlap}
+        return {
+            "grid": [self.height, self.width],
+            "num_pred_masks": self.num_pred_masks,
+            "pred_scale": list(self.pred_scale),
+            "enc_scale": list(self.enc_scale),
+            "aspect_ratio": list(self.aspect_ratio),
+            "min_keep": self.min_keep,
+            "allow_overlap": self.allow_overlap,
+        }
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, **self._params()}
@@ -203,7 +221,7 @@ class MultiBlockMaskSampler:
         rects = t_rows[t_top.view(-1)] & t_cols[t_left.view(-1)]  # (M*B, H*W)
         covered = rects[:B].clone()  # (B, H*W): the union of the M targets; an OR chain over
         for m in range(1, M):  # contiguous slices is 3x faster than .any(0) on [M, B, H*W]
-            covered |= rects[m * B:(m + 1) * B]
+            covered |= rects[m * B : (m + 1) * B]
         e_rows, e_cols = _tables(H, W, eh, ew)
         block = e_rows[c_top] & e_cols[c_left]  # (B, H*W): the context blocks
         fell_back = torch.zeros(B, dtype=torch.bool)
@@ -228,16 +246,16 @@ class MultiBlockMaskSampler:
                 context = torch.where(fell_back[:, None], nearest, context)
                 targets = _repair_empty(rects.view(M, B, -1) & ~context, t_top, t_left, ph, pw, context, H, W)
                 targets = targets.view(M, B, H, W)
-        return _Blocks((ph, pw), (eh, ew), t_top, t_left, c_top, c_left, context.view(B, H, W), targets,
-                       fell_back), g
+        return _Blocks((ph, pw), (eh, ew), t_top, t_left, c_top, c_left, context.view(B, H, W), targets, fell_back), g
 
     def _corner(self, centre: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-left corners of h x w blocks centred on the flat indices ``centre``, shifted inside."""
         cy, cx = centre.div(self.width, rounding_mode="floor"), centre.remainder(self.width)
         return (cy - h // 2).clamp_(0, self.height - h), (cx - w // 2).clamp_(0, self.width - w)
 
-    def _fallback_context(self, block: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int,
-                          covered: torch.Tensor) -> torch.Tensor:
+    def _fallback_context(
+        self, block: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int, covered: torch.Tensor
+    ) -> torch.Tensor:
         """[B, H*W] bool: the ``min_keep`` patches of each context block (block [B, H*W]) nearest its
         centre, uncovered ones first (all of them: there are fewer than min_keep), then covered ones."""
         B, N = block.shape
@@ -271,8 +289,9 @@ def _centre_dist2(top: torch.Tensor, left: torch.Tensor, h: int, w: int, H: int,
     return dy[..., :, None] ** 2 + dx[..., None, :] ** 2
 
 
-def _repair_empty(targets: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int,
-                  context: torch.Tensor, H: int, W: int) -> torch.Tensor:
+def _repair_empty(
+    targets: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int, context: torch.Tensor, H: int, W: int
+) -> torch.Tensor:
     """Give each target block that the fallback context emptied the free patch nearest its centre.
 
     targets [M, B, H*W], context [B, H*W] (bool), top/left [M, B]. The context holds at most
@@ -307,7 +326,7 @@ def _random_subset(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     # k-subset of the keepable entries. Two int32 keys per int64 draw halve the generator calls, and
     # top-k on int32 keys takes 278 us against 399 us on float32 ones (128 x 256, one core, fresh data).
     bits = torch.empty((R * N + 1) // 2, dtype=torch.int64).random_(generator=g)
-    keys = bits.view(torch.int32)[:R * N].view(R, N).bitwise_and_((1 << _KEY_BITS) - 1)
+    keys = bits.view(torch.int32)[: R * N].view(R, N).bitwise_and_((1 << _KEY_BITS) - 1)
     keys = torch.where(mask, keys, -1)  # (R, N): entries that may not be kept rank last
     chosen = keys.topk(k, dim=1, sorted=False).indices  # (R, k), in no particular order
     # Sort the k winners by counting: a winner's rank is the number of winners at or before it.
@@ -325,9 +344,12 @@ def check_masks(batch: MaskBatch, grid: int | tuple[int, int]) -> None:
     if ctx.dtype != torch.int64 or tgt.dtype != torch.int64:
         raise ValueError(f"mask indices must be int64, got context {ctx.dtype} and targets {tgt.dtype}")
     if ctx.dim() != 2 or tgt.dim() != 3 or tgt.shape[1] != ctx.shape[0]:
-        raise ValueError(f"masks must be context [B, Kc] and targets [M, B, Kt], got {tuple(ctx.shape)} "
-                         f"and {tuple(tgt.shape)}")
+        raise ValueError(
+            f"masks must be context [B, Kc] and targets [M, B, Kt], got {tuple(ctx.shape)} and {tuple(tgt.shape)}"
+        )
     for name, t in (("context", ctx), ("targets", tgt)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= h * w):
-            raise ValueError(f"{name} indices lie outside the {h}x{w} grid "
-                             f"(range [{int(t.min())}, {int(t.max())}], need [0, {h * w - 1}])")
+            raise ValueError(
+                f"{name} indices lie outside the {h}x{w} grid "
+                f"(range [{int(t.min())}, {int(t.max())}], need [0, {h * w - 1}])"
+            )

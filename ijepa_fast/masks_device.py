@@ -20,6 +20,7 @@ its ``device`` argument only copies the result. Here every step is branch-free t
   that read waits for the sampler's kernels only, never for the training step queued on the
   current stream; the current stream then waits for the sampler's stream (an event, no host sync).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,7 @@ def _block_size(scale: float, ratio: float, height: int, width: int) -> tuple[in
     """(h, w) of a block covering ``scale`` of the grid at aspect ratio h/w ``ratio``, clamped to it
     (the CPU sampler's formula)."""
     area = scale * height * width
-    return (min(max(round(math.sqrt(area * ratio)), 1), height),
-            min(max(round(math.sqrt(area / ratio)), 1), width))
+    return (min(max(round(math.sqrt(area * ratio)), 1), height), min(max(round(math.sqrt(area / ratio)), 1), width))
 
 
 class DeviceMaskSampler(MultiBlockMaskSampler):
@@ -148,11 +148,17 @@ class DeviceMaskSampler(MultiBlockMaskSampler):
         context = torch.where(fell_back[:, None, None], self._fallback_context(top, left, eh, ew, covered), context)
         if not self.allow_overlap:  # a no-op except where a fallback context took target patches
             targets = self._repair_empty(targets & ~context, t_top, t_left, ph, pw, context)
-        return {"targets": targets, "context": context, "pred_size": (ph, pw), "enc_size": (eh, ew),
-                "fell_back": fell_back}
+        return {
+            "targets": targets,
+            "context": context,
+            "pred_size": (ph, pw),
+            "enc_size": (eh, ew),
+            "fell_back": fell_back,
+        }
 
-    def _fallback_context(self, top: torch.Tensor, left: torch.Tensor, h: int, w: int,
-                          covered: torch.Tensor) -> torch.Tensor:
+    def _fallback_context(
+        self, top: torch.Tensor, left: torch.Tensor, h: int, w: int, covered: torch.Tensor
+    ) -> torch.Tensor:
         """[B, H, W] bool: the ``min_keep`` patches of each context block nearest its centre,
         uncovered patches first, then covered ones (then, only if the block is too small, outside)."""
         B, H, W = covered.shape
@@ -163,8 +169,9 @@ class DeviceMaskSampler(MultiBlockMaskSampler):
         nearest = key.topk(self.min_keep, dim=1, largest=False, sorted=False).indices
         return torch.zeros(B, H * W, dtype=torch.bool, device=covered.device).scatter_(1, nearest, True).view(B, H, W)
 
-    def _repair_empty(self, targets: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int,
-                      context: torch.Tensor) -> torch.Tensor:
+    def _repair_empty(
+        self, targets: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int, context: torch.Tensor
+    ) -> torch.Tensor:
         """Give each target block the fallback context emptied the free patch nearest its centre.
         targets [M, B, H, W], context [B, H, W] (bool); computed for all, applied where empty."""
         M, B, H, W = targets.shape

@@ -4,6 +4,7 @@
 not finite; ``MetricsWriter`` appends rows to ``metrics.csv`` and TensorBoard event files, and can
 truncate rows past a resumed step so a resumed run's CSV reads as one uninterrupted run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -64,8 +65,10 @@ class MetricsWriter:
 
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
             else:
-                log.warning("TensorBoard logging is on but tensorboard is not installed (pip install tensorboard); "
-                            "writing metrics.csv only")
+                log.warning(
+                    "TensorBoard logging is on but tensorboard is not installed (pip install tensorboard); "
+                    "writing metrics.csv only"
+                )
 
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="") as fh:

@@ -7,12 +7,13 @@ Layout (the authors' ``apply_masks``): x [B, N, D] and indices [M, B, K] give [M
 CPU); ``fused=False`` is the authors' method (expand the indices to [B, K, D], gather, concatenate),
 kept so the profiler can measure what the kernels buy.
 """
+
 from __future__ import annotations
 
 import torch
 
-from kernels.masked_gather import mask_tokens, masked_gather, masked_gather_add
-from kernels.target_norm_gather import target_norm_gather
+from ijepa_fast.kernels.masked_gather import mask_tokens, masked_gather, masked_gather_add
+from ijepa_fast.kernels.target_norm_gather import target_norm_gather
 
 
 def as_blocks(idx: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,9 @@ def gather_tokens_with_pos(x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor
     return apply_masks_authors(x + pos, idx)
 
 
-def predictor_mask_tokens(mask_token: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor,
-                          fused: bool = True) -> torch.Tensor:
+def predictor_mask_tokens(
+    mask_token: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, fused: bool = True
+) -> torch.Tensor:
     """mask_token [1, 1, D] + pos[idx]: pos [1, N, D], idx [M, B, K] -> [M*B, K, D]."""
     idx = as_blocks(idx)
     if fused:

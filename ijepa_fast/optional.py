@@ -4,6 +4,7 @@ Each probe imports lazily (on first call, never at import of this module) and ca
 ``require(name, feature)`` raises a clear error naming what to install when a requested feature
 needs a package that is missing.
 """
+
 from __future__ import annotations
 
 import functools

@@ -6,6 +6,7 @@
 
 The config may be ours or one of the authors' YAML files; ``section.key=value`` overrides follow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ from ijepa_fast.config import ConfigError, load
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ijepa-pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ijepa-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML config (ours or the authors' format)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--data", help="shorthand for data.root=...")
@@ -33,8 +35,9 @@ def setup_logging(run_dir: Path | None = None) -> None:
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not main_rank:
         return 0
-    print(f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
-          f"skipped images: {result.skipped}  ({result.stopped})")
+    print(
+        f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
+        f"skipped images: {result.skipped}  ({result.stopped})"
+    )
     return 0
 
 

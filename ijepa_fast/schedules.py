@@ -8,6 +8,7 @@ Conventions match the authors' code exactly: their LR and WD schedulers incremen
 before computing, so optimizer step s uses the value at s + 1; their momentum generator yields the
 value at s for step s.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,17 @@ class Schedules:
     def from_config(cls, optim, steps_per_epoch: int) -> Schedules:
         """From an ``OptimConfig`` and the iterations per epoch (authors: ipe)."""
         total = max(int(steps_per_epoch * optim.epochs * optim.ipe_scale), 1)
-        return cls(total_steps=total, warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), total),
-                   start_lr=optim.start_lr, lr=optim.lr, final_lr=optim.final_lr, weight_decay=optim.weight_decay,
-                   final_weight_decay=optim.final_weight_decay, ema_start=optim.ema[0], ema_end=optim.ema[1])
+        return cls(
+            total_steps=total,
+            warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), total),
+            start_lr=optim.start_lr,
+            lr=optim.lr,
+            final_lr=optim.final_lr,
+            weight_decay=optim.weight_decay,
+            final_weight_decay=optim.final_weight_decay,
+            ema_start=optim.ema[0],
+            ema_end=optim.ema[1],
+        )
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up start_lr -> lr, then cosine lr -> final_lr."""

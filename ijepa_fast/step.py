@@ -5,6 +5,7 @@ target forward (no grad) -> normalise + gather -> context forward -> predictor -
 unless the authors' preset asks for one. The step returns device tensors; reading them is the
 caller's choice (the trainer does it every ``log_every`` steps).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,12 @@ def param_groups(module: nn.Module) -> list[dict]:
 
 def build_optimizer(student: nn.Module, optim_cfg, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
     """AdamW over the student; fused kernels on CUDA, foreach on CPU, plain loop when not ``fused``."""
-    kwargs: dict = {"betas": tuple(optim_cfg.betas), "eps": optim_cfg.eps, "lr": optim_cfg.start_lr,
-                    "weight_decay": optim_cfg.weight_decay}
+    kwargs: dict = {
+        "betas": tuple(optim_cfg.betas),
+        "eps": optim_cfg.eps,
+        "lr": optim_cfg.start_lr,
+        "weight_decay": optim_cfg.weight_decay,
+    }
     if fused and device.type == "cuda":
         kwargs["fused"] = True
     else:
@@ -52,7 +57,7 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float, fused: boo
     t_params = list(target.parameters())
     s_params = list(source.parameters())
     if fused:
-        from kernels.ema import ema_update_
+        from ijepa_fast.kernels.ema import ema_update_
 
         ema_update_(t_params, s_params, momentum)
     else:  # the authors: one mul_ and one add_ per parameter
@@ -88,9 +93,17 @@ class TrainStep:
     ``engine_deepspeed.DeepSpeedTrainStep``.
     """
 
-    def __init__(self, student: JEPAStudent, target_encoder: nn.Module, optimizer: torch.optim.Optimizer,
-                 schedules: Schedules, device: torch.device, amp_dtype: torch.dtype | None,
-                 options: StepOptions | None = None, grad_accum: int = 1):
+    def __init__(
+        self,
+        student: JEPAStudent,
+        target_encoder: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedules: Schedules,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        options: StepOptions | None = None,
+        grad_accum: int = 1,
+    ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum={grad_accum} must be >= 1")
         self.student = student
@@ -124,8 +137,9 @@ class TrainStep:
         if self.stepped:
             self.micro = 0
             self._update()
-            ema_update(self.target_encoder, self.student.encoder, self.schedules.momentum_at(step),
-                       fused=opts.fused_ema)
+            ema_update(
+                self.target_encoder, self.student.encoder, self.schedules.momentum_at(step), fused=opts.fused_ema
+            )
         out = {"loss": loss.detach()}
         if opts.sync_every_step:
             self.last_host_loss = float(out["loss"])  # the authors read the loss to the host every step

@@ -5,6 +5,7 @@ metrics.csv / TensorBoard / a progress bar, and checkpoints atomically every
 ``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
 exit cleanly; a non-finite loss stops the run naming the step and leaves the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,14 @@ def resolve_device(name: str, option: str = "run.device") -> torch.device:
 def mask_kwargs(cfg: Config) -> dict:
     """Keyword arguments of MultiBlockMaskSampler from the mask section."""
     m = cfg.mask
-    return dict(num_pred_masks=m.num_pred_masks, pred_scale=tuple(m.pred_mask_scale), enc_scale=tuple(m.enc_mask_scale),
-                aspect_ratio=tuple(m.aspect_ratio), min_keep=m.min_keep, allow_overlap=m.allow_overlap)
+    return dict(
+        num_pred_masks=m.num_pred_masks,
+        pred_scale=tuple(m.pred_mask_scale),
+        enc_scale=tuple(m.enc_mask_scale),
+        aspect_ratio=tuple(m.aspect_ratio),
+        min_keep=m.min_keep,
+        allow_overlap=m.allow_overlap,
+    )
 
 
 def compile_blocks(module: torch.nn.Module) -> None:
@@ -78,8 +85,9 @@ def build_models_for(cfg: Config, device: torch.device):
     size = vit_size(cfg.model.name)
     enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads)
     pred_backend = resolve_backend(cfg.speed.attention, device, cfg.model.pred_emb_dim // size.num_heads)
-    student, target = build_models(cfg.model, cfg.data.crop_size, attention=enc_backend,
-                                   fused_gather=cfg.speed.fused_gather, loss=cfg.optim.loss)
+    student, target = build_models(
+        cfg.model, cfg.data.crop_size, attention=enc_backend, fused_gather=cfg.speed.fused_gather, loss=cfg.optim.loss
+    )
     student.predictor.set_attention_backend(pred_backend)
     for module in (student.encoder, student.predictor):
         module.activation_checkpointing = cfg.speed.activation_checkpointing
@@ -88,36 +96,67 @@ def build_models_for(cfg: Config, device: torch.device):
     if cfg.speed.compile == "on" or (cfg.speed.compile == "auto" and device.type == "cuda"):
         compile_blocks(student)
         compile_blocks(target)
-    log.info("model %s/%d at %d px: encoder %.1fM params, predictor %.1fM; attention %s (encoder) / %s "
-             "(predictor); device %s", cfg.model.name, cfg.model.patch_size, cfg.data.crop_size,
-             _millions(student.encoder), _millions(student.predictor), enc_backend, pred_backend, device)
+    log.info(
+        "model %s/%d at %d px: encoder %.1fM params, predictor %.1fM; attention %s (encoder) / %s "
+        "(predictor); device %s",
+        cfg.model.name,
+        cfg.model.patch_size,
+        cfg.data.crop_size,
+        _millions(student.encoder),
+        _millions(student.predictor),
+        enc_backend,
+        pred_backend,
+        device,
+    )
     return student, target
 
 
-def build_loader(cfg: Config, grid: tuple[int, int] | int, device: torch.device, rank: int, world_size: int,
-                 start_step: int, run_dir: Path):
+def build_loader(
+    cfg: Config,
+    grid: tuple[int, int] | int,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    start_step: int,
+    run_dir: Path,
+):
     """The pretraining loader ``data.loader`` names (auto: DALI on a GPU when installed and the data
     are images, else the PyTorch one); both yield the same ``Batch`` and resume at ``start_step``."""
     from ijepa_fast.data.dali.loader import resolve_loader_kind
 
-    kwargs = dict(grid=grid, mask_kwargs=mask_kwargs(cfg), seed=cfg.run.seed, rank=rank, world_size=world_size,
-                  start_step=start_step)
+    kwargs = dict(
+        grid=grid,
+        mask_kwargs=mask_kwargs(cfg),
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
+    )
     if resolve_loader_kind(cfg.data, device) == "dali":
         from ijepa_fast.data.dali.loader import build_dali_loader
 
         # The verdicts of the image check are cached in the run folder: a resumed run skips the scan.
         log.info("data loader: DALI (%s)", "GPU decoding" if device.type == "cuda" else "CPU mode")
-        return build_dali_loader(cfg.data, device=device if device.type == "cuda" else None,
-                                 cache=run_dir / f"image_check.rank{rank}.json", **kwargs)
+        return build_dali_loader(
+            cfg.data,
+            device=device if device.type == "cuda" else None,
+            cache=run_dir / f"image_check.rank{rank}.json",
+            **kwargs,
+        )
     from ijepa_fast.data.loader import build_pretrain_loader
 
     return build_pretrain_loader(cfg.data, **kwargs)
 
 
 def step_options(cfg: Config) -> StepOptions:
-    return StepOptions(loss=cfg.optim.loss, grad_clip=cfg.optim.grad_clip, fused_ema=cfg.speed.fused_ema,
-                       fused_gather=cfg.speed.fused_gather, grad_scaler=cfg.speed.grad_scaler,
-                       sync_every_step=cfg.speed.sync_every_step)
+    return StepOptions(
+        loss=cfg.optim.loss,
+        grad_clip=cfg.optim.grad_clip,
+        fused_ema=cfg.speed.fused_ema,
+        fused_gather=cfg.speed.fused_gather,
+        grad_scaler=cfg.speed.grad_scaler,
+        sync_every_step=cfg.speed.sync_every_step,
+    )
 
 
 def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainStep:
@@ -125,8 +164,16 @@ def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int) ->
     student, target = build_models_for(cfg, device)
     optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
     schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
-    return TrainStep(student, target, optimizer, schedules, device, autocast_dtype(device, cfg.run.dtype),
-                     step_options(cfg), grad_accum=cfg.optim.grad_accum)
+    return TrainStep(
+        student,
+        target,
+        optimizer,
+        schedules,
+        device,
+        autocast_dtype(device, cfg.run.dtype),
+        step_options(cfg),
+        grad_accum=cfg.optim.grad_accum,
+    )
 
 
 def build_deepspeed_step(cfg: Config, device: torch.device, steps_per_epoch: int, world_size: int):
@@ -160,8 +207,9 @@ class Trainer:
         from ijepa_fast.data.loader import check_data_source
 
         if self.engine == "deepspeed":
-            distributed.init(self.dist_env, deepspeed=True, device=self.device,
-                             timeout_s=cfg.run.dist_timeout_s or None)
+            distributed.init(
+                self.dist_env, deepspeed=True, device=self.device, timeout_s=cfg.run.dist_timeout_s or None
+            )
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
         self._prepare_run_dir()
         state, ds_step = None, None
@@ -174,8 +222,10 @@ class Trainer:
             state = ckpt.load_latest(self.run_dir / "checkpoints") if self.resume else None
             found = state is not None
         if self.resume and not found:
-            log.warning("--resume: no checkpoint in %s, starting from scratch",
-                        self.ds_dir if self.engine == "deepspeed" else self.run_dir / "checkpoints")
+            log.warning(
+                "--resume: no checkpoint in %s, starting from scratch",
+                self.ds_dir if self.engine == "deepspeed" else self.run_dir / "checkpoints",
+            )
         self.start_step = int(state["step"]) if state else (ds_step or 0)
 
         torch.manual_seed(cfg.run.seed)
@@ -183,12 +233,15 @@ class Trainer:
         # The loader counts micro-batches; a step (schedules, logs, checkpoints) is one optimizer step
         # of grad_accum of them, so a resumed run restarts the loader at step x grad_accum.
         self.accum = cfg.optim.grad_accum
-        self.loader = build_loader(cfg, self.grid, self.device, self.rank, self.world_size,
-                                   self.start_step * self.accum, self.run_dir)
+        self.loader = build_loader(
+            cfg, self.grid, self.device, self.rank, self.world_size, self.start_step * self.accum, self.run_dir
+        )
         self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
         if self.steps_per_epoch < 1:
-            raise ValueError(f"optim.grad_accum={self.accum} exceeds the {self.loader.steps_per_epoch} "
-                             f"micro-batches of one epoch on this rank")
+            raise ValueError(
+                f"optim.grad_accum={self.accum} exceeds the {self.loader.steps_per_epoch} "
+                f"micro-batches of one epoch on this rank"
+            )
         if self.engine == "deepspeed":
             self.step_fn = build_deepspeed_step(cfg, self.device, self.steps_per_epoch, self.world_size)
         else:
@@ -203,8 +256,9 @@ class Trainer:
             self._check_model(self.step_fn.load_checkpoint(self.ds_dir, ds_step))
             log.info("resumed from step %d (%s)", self.start_step, self.ds_dir)
         resume_step = self.start_step if found else None
-        self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=resume_step) if self.is_main \
-            else _NoWriter()
+        self.writer = (
+            MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=resume_step) if self.is_main else _NoWriter()
+        )
 
     @property
     def ds_dir(self) -> Path:
@@ -213,8 +267,10 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")
         if ckpts and not self.resume:  # every rank checks (the same files), so every rank raises
-            raise FileExistsError(f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
-                                  f"it, or choose another run.name / run.out_dir")
+            raise FileExistsError(
+                f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
+                f"it, or choose another run.name / run.out_dir"
+            )
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
@@ -250,8 +306,9 @@ class Trainer:
     def _check_model(self, state: dict) -> None:
         saved = state.get("config", {}).get("model", {})
         if saved and saved != self.cfg.to_dict()["model"]:
-            raise ValueError(f"--resume: the checkpoint's model {saved} differs from the config's "
-                             f"{self.cfg.to_dict()['model']}")
+            raise ValueError(
+                f"--resume: the checkpoint's model {saved} differs from the config's {self.cfg.to_dict()['model']}"
+            )
 
     def _load_state(self, state: dict) -> None:
         self._check_model(state)
@@ -271,10 +328,18 @@ class Trainer:
         skipped, last_loss, last_ckpt, saved_step = 0, float("nan"), None, None
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
-        log.info("training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s) x %d "
-                 "accumulation, engine %s", step, self.total_steps, self.steps_per_epoch,
-                 cfg.data.batch_size * self.world_size * self.accum, cfg.data.batch_size, self.world_size,
-                 self.accum, self.engine)
+        log.info(
+            "training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s) x %d "
+            "accumulation, engine %s",
+            step,
+            self.total_steps,
+            self.steps_per_epoch,
+            cfg.data.batch_size * self.world_size * self.accum,
+            cfg.data.batch_size,
+            self.world_size,
+            self.accum,
+            self.engine,
+        )
         between_steps = True  # with grad_accum > 1 a step spans several batches: stop only between steps
         with _StopOnSignals(self):
             for batch in self.loader:
@@ -291,8 +356,14 @@ class Trainer:
                     continue
                 step += 1
                 if step % cfg.run.log_every == 0 or step % cfg.run.checkpoint_every == 0 or step == self.total_steps:
-                    last_loss = self._log(meter, step, window_images / (time.perf_counter() - window_start),
-                                          skipped, time.perf_counter() - started, bar)
+                    last_loss = self._log(
+                        meter,
+                        step,
+                        window_images / (time.perf_counter() - window_start),
+                        skipped,
+                        time.perf_counter() - started,
+                        bar,
+                    )
                     window_start, window_images = time.perf_counter(), 0
                 if step % cfg.run.checkpoint_every == 0:
                     last_ckpt, saved_step = self._save(step, last_loss), step
@@ -318,9 +389,17 @@ class Trainer:
             keep = f"the last good checkpoint is {latest[-1][1]}" if latest else "no checkpoint was written yet"
             raise NonFiniteLossError(f"the loss became non-finite at step {bad_step}; stopping ({keep})")
         s = step - 1
-        row = {"step": step, "epoch": self._epoch(s), "loss": loss, "lr": self.schedules.lr_at(s),
-               "wd": self.schedules.wd_at(s), "momentum": self.schedules.momentum_at(s), "images_per_s": ips,
-               "skipped": skipped, "elapsed_s": round(elapsed, 3)}
+        row = {
+            "step": step,
+            "epoch": self._epoch(s),
+            "loss": loss,
+            "lr": self.schedules.lr_at(s),
+            "wd": self.schedules.wd_at(s),
+            "momentum": self.schedules.momentum_at(s),
+            "images_per_s": ips,
+            "skipped": skipped,
+            "elapsed_s": round(elapsed, 3),
+        }
         self.writer.write(row)
         if bar is not None:
             bar.n = step
@@ -336,8 +415,9 @@ class Trainer:
         if self.engine == "deepspeed":
             meta = self._meta(step, loss)
             tag = self.step_fn.save_checkpoint(self.ds_dir, step, meta, keep=keep)
-            path = self.step_fn.export_consolidated(self.run_dir / "checkpoints", step,
-                                                    {**meta, "rng": ckpt.rng_state()}, keep=keep)
+            path = self.step_fn.export_consolidated(
+                self.run_dir / "checkpoints", step, {**meta, "rng": ckpt.rng_state()}, keep=keep
+            )
             log.info("checkpoint %s (DeepSpeed: %s)", path, tag)
             return path
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self._state(step, loss), step, keep)
@@ -361,8 +441,14 @@ class Trainer:
             distributed.cleanup()
         stopped = "signal" if self._stop_signal is not None else "finished"
         bad = self.loader.skipped_paths if hasattr(self.loader, "skipped_paths") else []
-        log.info("%s at step %d: last loss %.4f, %d undecodable image(s) skipped%s", stopped, step, loss, skipped,
-                 f" ({len(bad)} distinct files)" if bad else "")
+        log.info(
+            "%s at step %d: last loss %.4f, %d undecodable image(s) skipped%s",
+            stopped,
+            step,
+            loss,
+            skipped,
+            f" ({len(bad)} distinct files)" if bad else "",
+        )
         return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt)
 
 
@@ -406,8 +492,9 @@ class _StopOnSignals:
 def _masks_to(masks: MaskBatch, device: torch.device) -> MaskBatch:
     if masks.context.device == device:
         return masks
-    return MaskBatch(context=masks.context.to(device, non_blocking=True),
-                     targets=masks.targets.to(device, non_blocking=True))
+    return MaskBatch(
+        context=masks.context.to(device, non_blocking=True), targets=masks.targets.to(device, non_blocking=True)
+    )
 
 
 def _millions(module: torch.nn.Module) -> float:

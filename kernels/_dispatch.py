@@ -10,6 +10,7 @@ Range checks on indices cost a host sync on a GPU, so the Triton path does them 
 debug switch: ``debug=True`` on the call or ``IJEPA_FAST_DEBUG=1`` in the environment. The reference
 path always does them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,11 @@ def triton_module() -> ModuleType:
 
 @functools.cache
 def _warn_no_triton() -> None:
-    warnings.warn("triton is not installed: the fused kernels fall back to their plain-PyTorch references "
-                  "on CUDA (correct, but slower). Install it with: pip install triton", stacklevel=3)
+    warnings.warn(
+        "triton is not installed: the fused kernels fall back to their plain-PyTorch references "
+        "on CUDA (correct, but slower). Install it with: pip install triton",
+        stacklevel=3,
+    )
 
 
 def use_triton(device: torch.device) -> bool:

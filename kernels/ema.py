@@ -10,13 +10,14 @@ Math is fp32 whatever the storage (fp32 or bf16 targets, fp32 or bf16 sources). 
 from a device tensor inside the kernel, so a new value each step neither recompiles nor syncs.
 ``m + (1 - m)`` is exactly 1 in fp32 for m in [0.5, 1], so the update has no drift in scale.
 """
+
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from kernels import _dispatch as dsp
+from ijepa_fast.kernels import _dispatch as dsp
 
 # Elements per load (BLOCK) and loads per program (ITERS): a chunk of 8192 elements per program,
 # 77k programs for ViT-H/14's 631M parameters. Common defaults for a memory-bound stream; not yet
@@ -41,8 +42,22 @@ def _build(interpret: bool):
     tl = triton.language
 
     @triton.jit
-    def ema_kernel(t_ptrs, s_ptrs, o_ptrs, numels, chunk_tensor, chunk_start, t0, s0, o0, m_ptr,
-                   HAS_OUT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    def ema_kernel(
+        t_ptrs,
+        s_ptrs,
+        o_ptrs,
+        numels,
+        chunk_tensor,
+        chunk_start,
+        t0,
+        s0,
+        o0,
+        m_ptr,
+        HAS_OUT: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        BLOCK: tl.constexpr,
+        ITERS: tl.constexpr,
+    ):
         # t0, s0, o0 are the group's first tensors: only their pointer types are used, to give the
         # addresses read from the table their element types.
         c = tl.program_id(0)
@@ -68,8 +83,9 @@ def _build(interpret: bool):
                     tl.store(o + offs, new.to(o0.dtype.element_ty))
             else:
                 mask = offs < n
-                new = m * tl.load(t + offs, mask=mask, other=0.0).to(tl.float32) \
-                    + w * tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
+                new = m * tl.load(t + offs, mask=mask, other=0.0).to(tl.float32) + w * tl.load(
+                    s + offs, mask=mask, other=0.0
+                ).to(tl.float32)
                 tl.store(t + offs, new.to(t0.dtype.element_ty), mask=mask)
                 if HAS_OUT:
                     tl.store(o + offs, new.to(o0.dtype.element_ty), mask=mask)
@@ -78,6 +94,7 @@ def _build(interpret: bool):
 
 
 # ----------------------------------------------------------------------------- launcher
+
 
 def _table(ts: list[torch.Tensor], ss: list[torch.Tensor], os_: list[torch.Tensor], chunk: int) -> tuple:
     """(table, n_chunks, aligned) for one group; the table is int64, on the tensors' device:
@@ -100,17 +117,19 @@ def _table(ts: list[torch.Tensor], ss: list[torch.Tensor], os_: list[torch.Tenso
     return entry
 
 
-def _launch_group(ts: list[torch.Tensor], ss: list[torch.Tensor], os_: list[torch.Tensor] | None,
-                  m: torch.Tensor) -> None:
+def _launch_group(
+    ts: list[torch.Tensor], ss: list[torch.Tensor], os_: list[torch.Tensor] | None, m: torch.Tensor
+) -> None:
     """One launch over tensors of one (t dtype, s dtype) kind; all contiguous and non-empty."""
     has_out = os_ is not None
     os_ = os_ if has_out else ts  # unused addresses; the kernel never stores there without HAS_OUT
     table, n_chunks, aligned = _table(ts, ss, os_, _BLOCK * _ITERS)
     n = len(ts)
-    views = [table[i * n:(i + 1) * n] for i in range(4)]  # t_ptrs, s_ptrs, o_ptrs, numels
-    views += [table[4 * n:4 * n + n_chunks], table[4 * n + n_chunks:]]  # chunk_tensor, chunk_start
-    _kernel()[(n_chunks,)](*views, ts[0], ss[0], os_[0], m, HAS_OUT=has_out, ALIGNED=aligned,
-                           BLOCK=_BLOCK, ITERS=_ITERS)
+    views = [table[i * n : (i + 1) * n] for i in range(4)]  # t_ptrs, s_ptrs, o_ptrs, numels
+    views += [table[4 * n : 4 * n + n_chunks], table[4 * n + n_chunks :]]  # chunk_tensor, chunk_start
+    _kernel()[(n_chunks,)](
+        *views, ts[0], ss[0], os_[0], m, HAS_OUT=has_out, ALIGNED=aligned, BLOCK=_BLOCK, ITERS=_ITERS
+    )
 
 
 def _update_one(t: torch.Tensor, s: torch.Tensor, m: torch.Tensor, o: torch.Tensor | None) -> None:
@@ -125,8 +144,9 @@ def _update_one(t: torch.Tensor, s: torch.Tensor, m: torch.Tensor, o: torch.Tens
         o.copy_(new)
 
 
-def _launch(targets: list[torch.Tensor], sources: list[torch.Tensor], m: torch.Tensor,
-            bf16_out: list[torch.Tensor] | None) -> None:
+def _launch(
+    targets: list[torch.Tensor], sources: list[torch.Tensor], m: torch.Tensor, bf16_out: list[torch.Tensor] | None
+) -> None:
     """Group the pairs by dtypes and launch once per group; odd (non-contiguous) tensors take torch ops."""
     groups: dict[tuple, list[int]] = {}
     for i, (t, s) in enumerate(zip(targets, sources)):
@@ -138,22 +158,35 @@ def _launch(targets: list[torch.Tensor], sources: list[torch.Tensor], m: torch.T
             continue
         groups.setdefault((t.dtype, s.dtype), []).append(i)
     for members in groups.values():
-        _launch_group([targets[i] for i in members], [sources[i] for i in members],
-                      None if bf16_out is None else [bf16_out[i] for i in members], m)
+        _launch_group(
+            [targets[i] for i in members],
+            [sources[i] for i in members],
+            None if bf16_out is None else [bf16_out[i] for i in members],
+            m,
+        )
 
 
 # ----------------------------------------------------------------------------- references
 
-def ema_update_reference(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float | torch.Tensor,
-                         bf16_out: list[torch.Tensor] | None = None) -> None:
+
+def ema_update_reference(
+    targets: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    momentum: float | torch.Tensor,
+    bf16_out: list[torch.Tensor] | None = None,
+) -> None:
     """The authors' loop: one ``mul_`` and one ``add_`` per parameter (fp32 math for bf16 targets)."""
     with torch.no_grad():
         for i, (t, s) in enumerate(zip(targets, sources)):
             _update_one(t, s, momentum, None if bf16_out is None else bf16_out[i])
 
 
-def ema_update_foreach(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float,
-                       bf16_out: list[torch.Tensor] | None = None) -> None:
+def ema_update_foreach(
+    targets: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    momentum: float,
+    bf16_out: list[torch.Tensor] | None = None,
+) -> None:
     """The best built-in: ``torch._foreach_lerp_(t, s, 1 - m)`` (same-dtype lists), then a foreach copy."""
     with torch.no_grad():
         torch._foreach_lerp_(targets, sources, 1.0 - float(momentum))
@@ -163,8 +196,10 @@ def ema_update_foreach(targets: list[torch.Tensor], sources: list[torch.Tensor],
 
 # ----------------------------------------------------------------------------- custom op and API
 
-def _ema_impl(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: torch.Tensor,
-              bf16_out: list[torch.Tensor]) -> None:
+
+def _ema_impl(
+    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: torch.Tensor, bf16_out: list[torch.Tensor]
+) -> None:
     outs = bf16_out if bf16_out else None
     if dsp.use_triton(targets[0].device):
         _launch(targets, sources, momentum, outs)
@@ -173,8 +208,9 @@ def _ema_impl(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum
 
 
 @torch.library.custom_op("ijepa_fast::ema_update_", mutates_args=("targets", "bf16_out"))
-def _ema_op(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: torch.Tensor,
-            bf16_out: list[torch.Tensor]) -> None:
+def _ema_op(
+    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: torch.Tensor, bf16_out: list[torch.Tensor]
+) -> None:
     """In place: targets <- m * targets + (1 - m) * sources; bf16_out (empty list: none) <- targets."""
     _ema_impl(targets, sources, momentum, bf16_out)
 
@@ -202,8 +238,9 @@ def _check_lists(targets: list, sources: list, bf16_out: list | None) -> torch.d
         if bf16_out is not None:
             o = bf16_out[i]
             if o.dtype != torch.bfloat16 or o.shape != t.shape:
-                raise ValueError(f"bf16_out[{i}] must be bfloat16 of shape {tuple(t.shape)}, "
-                                 f"got {o.dtype} {tuple(o.shape)}")
+                raise ValueError(
+                    f"bf16_out[{i}] must be bfloat16 of shape {tuple(t.shape)}, got {o.dtype} {tuple(o.shape)}"
+                )
             dsp.check_device(o, f"bf16_out[{i}]", device)
     return device
 
@@ -220,8 +257,12 @@ def _momentum_tensor(momentum: float | torch.Tensor, device: torch.device) -> to
     return torch.full((), momentum, dtype=torch.float32, device=device)
 
 
-def ema_update_(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float | torch.Tensor,
-                bf16_out: list[torch.Tensor] | None = None) -> None:
+def ema_update_(
+    targets: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    momentum: float | torch.Tensor,
+    bf16_out: list[torch.Tensor] | None = None,
+) -> None:
     """In place ``t = m * t + (1 - m) * s`` for every pair, fp32 math; optionally ``bf16_out[i] = t`` (bf16).
 
     targets: fp32 or bf16 tensors (parameters, or flat 1-D buffers); sources: same shapes, any float

@@ -20,13 +20,14 @@ Out-of-range indices: the reference path raises IndexError; the Triton path rais
 debug switch (see ``_dispatch``) and otherwise reads them as zeros and drops their gradient, so a
 bad index can never fault the GPU.
 """
+
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from kernels import _dispatch as dsp
+from ijepa_fast.kernels import _dispatch as dsp
 
 # Elements per program in the forward gather: 4096 (16 KiB of fp32) is the usual size for a
 # memory-bound copy; not yet tuned on a GPU (no GPU in the session that wrote it).
@@ -48,8 +49,24 @@ def _build(interpret: bool):
     tl = triton.language
 
     @triton.jit
-    def gather_add_kernel(x_ptr, pos_ptr, idx_ptr, out_ptr, rows, K, B, N, D, sxb, sxn, spb, spn,
-                          HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def gather_add_kernel(
+        x_ptr,
+        pos_ptr,
+        idx_ptr,
+        out_ptr,
+        rows,
+        K,
+        B,
+        N,
+        D,
+        sxb,
+        sxn,
+        spb,
+        spn,
+        HAS_POS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # One program: BLOCK_R output rows (flat over M*B*K) x BLOCK_D features.
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -86,6 +103,7 @@ def _build(interpret: bool):
 
 # ----------------------------------------------------------------------------- launchers
 
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -95,8 +113,9 @@ def _bcast_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0) if t.size(0) > 1 else 0, t.stride(1) if t.size(1) > 1 else 0)
 
 
-def _launch_gather_add(x: torch.Tensor, pos: torch.Tensor | None, idx: torch.Tensor, n_tokens: int,
-                       out_dtype: torch.dtype) -> torch.Tensor:
+def _launch_gather_add(
+    x: torch.Tensor, pos: torch.Tensor | None, idx: torch.Tensor, n_tokens: int, out_dtype: torch.dtype
+) -> torch.Tensor:
     """x [1|B, 1|N, D], pos [1|B, N, D] or None, idx [M, B, K] -> [M*B, K, D] in out_dtype."""
     M, B, K = idx.shape
     D = x.size(-1)
@@ -110,8 +129,22 @@ def _launch_gather_add(x: torch.Tensor, pos: torch.Tensor | None, idx: torch.Ten
     rows = M * B * K
     grid = (_cdiv(rows, block_r), _cdiv(D, block_d))
     gather_add, _ = _kernels()
-    gather_add[grid](x, pos_arg, idx.contiguous(), out, rows, K, B, n_tokens, D, *_bcast_strides(x),
-                     *_bcast_strides(pos_arg), HAS_POS=pos is not None, BLOCK_R=block_r, BLOCK_D=block_d)
+    gather_add[grid](
+        x,
+        pos_arg,
+        idx.contiguous(),
+        out,
+        rows,
+        K,
+        B,
+        n_tokens,
+        D,
+        *_bcast_strides(x),
+        *_bcast_strides(pos_arg),
+        HAS_POS=pos is not None,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+    )
     return out
 
 
@@ -128,8 +161,9 @@ def _dest_keys(idx: torch.Tensor, batch_dst: int, n_tokens: int) -> torch.Tensor
     return torch.where((idx >= 0) & (idx < n_tokens), keys, -1).flatten()  # (M*B*K,)
 
 
-def _launch_segment_sum(grad: torch.Tensor, idx: torch.Tensor, batch_dst: int, n_tokens: int,
-                        out_dtype: torch.dtype) -> torch.Tensor:
+def _launch_segment_sum(
+    grad: torch.Tensor, idx: torch.Tensor, batch_dst: int, n_tokens: int, out_dtype: torch.dtype
+) -> torch.Tensor:
     """grad [M*B, K, D], idx [M, B, K] -> [batch_dst, N, D]: the scatter-add of the gather."""
     D = grad.size(-1)
     out = torch.empty((batch_dst, n_tokens, D), dtype=out_dtype, device=grad.device)
@@ -147,6 +181,7 @@ def _launch_segment_sum(grad: torch.Tensor, idx: torch.Tensor, batch_dst: int, n
 
 
 # ----------------------------------------------------------------------------- references
+
 
 def _gather_reference(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [1|B, 1|N, D], idx [M, B, K] -> [M*B, K, D] by advanced indexing (broadcast size-1 dims)."""
@@ -177,8 +212,9 @@ def mask_tokens_reference(mask_token: torch.Tensor, pos: torch.Tensor, idx: torc
     return mask_token + _gather_reference(pos, idx)
 
 
-def _segment_sum_reference(grad: torch.Tensor, idx: torch.Tensor, batch_dst: int, n_tokens: int,
-                           out_dtype: torch.dtype) -> torch.Tensor:
+def _segment_sum_reference(
+    grad: torch.Tensor, idx: torch.Tensor, batch_dst: int, n_tokens: int, out_dtype: torch.dtype
+) -> torch.Tensor:
     keys = _dest_keys(idx, batch_dst, n_tokens)
     keep = keys >= 0
     acc = torch.zeros(batch_dst * n_tokens, grad.size(-1), dtype=torch.float32, device=grad.device)
@@ -188,9 +224,11 @@ def _segment_sum_reference(grad: torch.Tensor, idx: torch.Tensor, batch_dst: int
 
 # ----------------------------------------------------------------------------- custom ops
 
+
 @torch.library.custom_op("ijepa_fast::gather_add", mutates_args=())
-def _gather_add_op(x: torch.Tensor, pos: torch.Tensor | None, idx: torch.Tensor, n_tokens: int,
-                   debug: bool) -> torch.Tensor:
+def _gather_add_op(
+    x: torch.Tensor, pos: torch.Tensor | None, idx: torch.Tensor, n_tokens: int, debug: bool
+) -> torch.Tensor:
     """out[m*B+b, k] = x[b, idx] (+ pos[b, idx]); x and pos broadcast along size-1 dims."""
     out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
     if dsp.use_triton(x.device):
@@ -210,8 +248,9 @@ def _(x, pos, idx, n_tokens, debug):
 
 
 @torch.library.custom_op("ijepa_fast::gather_add_backward", mutates_args=())
-def _segment_sum_op(grad: torch.Tensor, idx: torch.Tensor, batch_dst: int, n_tokens: int,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+def _segment_sum_op(
+    grad: torch.Tensor, idx: torch.Tensor, batch_dst: int, n_tokens: int, out_dtype: torch.dtype
+) -> torch.Tensor:
     """grad [M*B, K, D] scattered (summed) into [batch_dst, n_tokens, D] at the gathered rows."""
     if dsp.use_triton(grad.device):
         return _launch_segment_sum(grad, idx, batch_dst, n_tokens, out_dtype)
@@ -223,8 +262,9 @@ def _(grad, idx, batch_dst, n_tokens, out_dtype):
     return grad.new_empty((batch_dst, n_tokens, grad.size(-1)), dtype=out_dtype)
 
 
-def scatter_rows(grad: torch.Tensor, idx: torch.Tensor, shape: torch.Size, n_tokens: int,
-                 dtype: torch.dtype) -> torch.Tensor:
+def scatter_rows(
+    grad: torch.Tensor, idx: torch.Tensor, shape: torch.Size, n_tokens: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Gradient of a gathered operand of ``shape`` [1|B, 1|N, D] from grad [M*B, K, D]."""
     if shape[1] == 1 and n_tokens > 1:  # broadcast over tokens (the mask token): a plain sum
         M, B, K = idx.shape
@@ -259,6 +299,7 @@ class GatherAdd(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public API
 
+
 def masked_gather(x: torch.Tensor, idx: torch.Tensor, *, debug: bool = False) -> torch.Tensor:
     """x [B, N, D], idx [B, K] or [M, B, K] (int64/int32) -> [M*B, K, D], ``out[m*B+b, k] = x[b, idx[m, b, k]]``."""
     dsp.check_tensor(x, "x", 3)
@@ -275,8 +316,10 @@ def masked_gather_add(x: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, *, 
     dsp.check_tensor(pos, "pos", 3)
     dsp.check_device(pos, "pos", x.device)
     if pos.size(0) not in (1, x.size(0)) or pos.shape[1:] != x.shape[1:]:
-        raise ValueError(f"pos must be [1 or {x.size(0)}, {x.size(1)}, {x.size(2)}] to match x {tuple(x.shape)}, "
-                         f"got {tuple(pos.shape)}")
+        raise ValueError(
+            f"pos must be [1 or {x.size(0)}, {x.size(1)}, {x.size(2)}] to match x {tuple(x.shape)}, "
+            f"got {tuple(pos.shape)}"
+        )
     idx = dsp.check_index(idx, "idx", x.size(0), x.device)
     return GatherAdd.apply(x, pos, idx, x.size(1), debug)
 
@@ -291,8 +334,9 @@ def mask_tokens(mask_token: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, 
     dsp.check_tensor(pos, "pos", 3)
     dsp.check_device(pos, "pos", mask_token.device)
     if mask_token.shape[:2] != (1, 1) or mask_token.size(2) != pos.size(2):
-        raise ValueError(f"mask_token must be [1, 1, {pos.size(2)}] to match pos {tuple(pos.shape)}, "
-                         f"got {tuple(mask_token.shape)}")
+        raise ValueError(
+            f"mask_token must be [1, 1, {pos.size(2)}] to match pos {tuple(pos.shape)}, got {tuple(mask_token.shape)}"
+        )
     batch = idx.size(-2) if isinstance(idx, torch.Tensor) and idx.dim() >= 2 else -1
     idx = dsp.check_index(idx, "idx", batch, pos.device)
     if pos.size(0) not in (1, idx.size(1)):

@@ -9,14 +9,15 @@ h [B, N, D], idx [M, B, K] -> out [M*B, K, D], ``out[m*B + b, k] = layer_norm(h[
 statistics in fp32, output in h's dtype. Targets are computed under no_grad; the backward exists
 anyway (plain PyTorch plus the gather's scatter kernel) so the op is safe to use anywhere.
 """
+
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from kernels import _dispatch as dsp
-from kernels.masked_gather import scatter_rows
+from ijepa_fast.kernels import _dispatch as dsp
+from ijepa_fast.kernels.masked_gather import scatter_rows
 
 # Rows per program times padded row width: ~4096 elements, as for the gather (untuned on a GPU).
 _ELEMS = 4096
@@ -37,8 +38,9 @@ def _build(interpret: bool):
     tl = triton.language
 
     @triton.jit
-    def norm_gather_kernel(h_ptr, idx_ptr, out_ptr, rows, K, B, N, D, shb, shn, eps,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def norm_gather_kernel(
+        h_ptr, idx_ptr, out_ptr, rows, K, B, N, D, shb, shn, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         # One program: BLOCK_R output rows (flat over M*B*K), each whole row in one tile.
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
@@ -71,8 +73,21 @@ def _launch(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
     rows = M * B * K
     block_r = max(1, min(_ELEMS // block_d, dsp.next_pow2(rows)))
     grid = (-(-rows // block_r),)
-    _kernel()[grid](h, idx.contiguous(), out, rows, K, B, h.size(1), D,
-                                        h.stride(0), h.stride(1), float(eps), BLOCK_R=block_r, BLOCK_D=block_d)
+    _kernel()[grid](
+        h,
+        idx.contiguous(),
+        out,
+        rows,
+        K,
+        B,
+        h.size(1),
+        D,
+        h.stride(0),
+        h.stride(1),
+        float(eps),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+    )
     return out
 
 

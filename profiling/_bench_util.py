@@ -4,6 +4,7 @@ Timing: on CUDA ``triton.testing.do_bench`` (device events, median and 20/80 per
 repeats); on the CPU a ``time.perf_counter`` loop with the same statistics. Achieved bandwidth is
 reported against the device's measured copy bandwidth (a large ``copy_``, bytes read + written).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,12 @@ import torch
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", choices=("tiny", "vith14"), default=None,
-                   help="tiny (default on CPU) or vith14 (ViT-H/14, default on CUDA)")
+    p.add_argument(
+        "--size",
+        choices=("tiny", "vith14"),
+        default=None,
+        help="tiny (default on CPU) or vith14 (ViT-H/14, default on CUDA)",
+    )
     p.add_argument("--reps", type=int, default=None, help="CPU timing repeats (default 20; CUDA uses do_bench)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -33,8 +38,9 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     return args
 
 
-def time_ms(fn: Callable[[], object], device: str, reps: int = 20,
-            grad_to_none: list[torch.Tensor] | None = None) -> dict[str, float]:
+def time_ms(
+    fn: Callable[[], object], device: str, reps: int = 20, grad_to_none: list[torch.Tensor] | None = None
+) -> dict[str, float]:
     """Median and 20th/80th percentile time of ``fn()`` in milliseconds."""
     if device == "cuda":
         from ijepa_fast.optional import require
@@ -76,8 +82,10 @@ def markdown_table(rows: list[dict]) -> str:
     head = "| case | method | median ms | p20 ms | p80 ms | GB/s | % copy BW | x authors | x builtin |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['method']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} "
-                     f"| {r['gb_s']:.1f} | {r['pct_copy']:.0f} | {r['vs_authors']:.2f} | {r['vs_builtin']:.2f} |")
+        lines.append(
+            f"| {r['case']} | {r['method']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} "
+            f"| {r['gb_s']:.1f} | {r['pct_copy']:.0f} | {r['vs_authors']:.2f} | {r['vs_builtin']:.2f} |"
+        )
     return "\n".join(lines)
 
 

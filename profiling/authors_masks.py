@@ -16,6 +16,7 @@ Used only to time ours against (``profiling/bench_masks.py``) and to compare sta
 One deliberate difference: the corners come from the batch's generator, not the global RNG, so the
 baseline is reproducible and leaves the caller's RNG alone. It changes no statistic or cost.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ def _block(g: torch.Generator, H: int, W: int, h: int, w: int, min_keep: int, co
         top = int(torch.randint(0, H - h, (1,), generator=g))
         left = int(torch.randint(0, W - w, (1,), generator=g))
         mask = torch.zeros(H, W, dtype=torch.int32)
-        mask[top:top + h, left:left + w] = 1
+        mask[top : top + h, left : left + w] = 1
         if constraints is not None:
             for k in range(max(len(constraints) - tries, 0)):
                 mask *= constraints[k]
@@ -54,13 +55,22 @@ def _block(g: torch.Generator, H: int, W: int, h: int, w: int, min_keep: int, co
         if timeout == 0:
             tries, timeout = tries + 1, 20
     complement = torch.ones(H, W, dtype=torch.int32)
-    complement[top:top + h, left:left + w] = 0
+    complement[top : top + h, left : left + w] = 0
     return idx.squeeze(1), complement
 
 
-def authors_masks(batch_size: int, step: int, H: int = 16, W: int = 16, npred: int = 4, min_keep: int = 10,
-                  pred_scale=(0.15, 0.2), enc_scale=(0.85, 1.0), aspect=(0.75, 1.5),
-                  allow_overlap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def authors_masks(
+    batch_size: int,
+    step: int,
+    H: int = 16,
+    W: int = 16,
+    npred: int = 4,
+    min_keep: int = 10,
+    pred_scale=(0.15, 0.2),
+    enc_scale=(0.85, 1.0),
+    aspect=(0.75, 1.5),
+    allow_overlap: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(context [B, Kc], targets [M, B, Kt]) int64, as the authors' collator builds them."""
     g = torch.Generator().manual_seed(step)
     ph, pw = _block_size(g, H, W, pred_scale, aspect)

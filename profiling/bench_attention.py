@@ -17,6 +17,7 @@ on CUDA, SDPA forced to one kernel (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-c
 ``flash_attn`` and ``xformers`` when installed. A kernel that refuses a shape is reported as such.
 On a CPU (default ``--batch 1``, ViT-B/16 and ViT-H/14 only) the run only shows the script works.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,11 @@ def backends(device: str) -> dict:
     if device == "cuda":
         from torch.nn.attention import SDPBackend
 
-        forced = (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
-                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION))
+        forced = (
+            ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+        )
         for name, kind in forced:
             fns[name] = functools.partial(_sdpa_forced, kind)
         from ijepa_fast.models import attention as attn_mod
@@ -77,11 +81,21 @@ def cases(models: list[str], batch: int) -> list[dict]:
         kc, kt = round(kc), round(kt)
         dh = size.embed_dim // size.num_heads
         out += [
-            {"case": f"{key} target (N={grid * grid})", "seqs": batch, "heads": size.num_heads, "tokens": grid * grid,
-             "head_dim": dh},
+            {
+                "case": f"{key} target (N={grid * grid})",
+                "seqs": batch,
+                "heads": size.num_heads,
+                "tokens": grid * grid,
+                "head_dim": dh,
+            },
             {"case": f"{key} context (Kc={kc})", "seqs": batch, "heads": size.num_heads, "tokens": kc, "head_dim": dh},
-            {"case": f"{key} predictor ({m}x{batch} x {kc}+{kt})", "seqs": m * batch, "heads": size.num_heads,
-             "tokens": kc + kt, "head_dim": PRED_WIDTH // size.num_heads},
+            {
+                "case": f"{key} predictor ({m}x{batch} x {kc}+{kt})",
+                "seqs": m * batch,
+                "heads": size.num_heads,
+                "tokens": kc + kt,
+                "head_dim": PRED_WIDTH // size.num_heads,
+            },
         ]
     return out
 
@@ -127,8 +141,10 @@ def _peak_mib(step, device: str, leaves: list[torch.Tensor]) -> float | None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | seqs x heads x T x d | backend | fwd+bwd ms median (p20-p80) | TFLOP/s | x math | peak MiB |",
-             "|" + "---|" * 7]
+    lines = [
+        "| case | seqs x heads x T x d | backend | fwd+bwd ms median (p20-p80) | TFLOP/s | x math | peak MiB |",
+        "|" + "---|" * 7,
+    ]
     math_ms = {r["case"]: r["median_ms"] for r in rows if r["method"] == "math" and r.get("ok")}
     for r in rows:
         shape = f"{r['seqs']} x {r['heads']} x {r['tokens']} x {r['head_dim']}"
@@ -138,8 +154,10 @@ def table(rows: list[dict]) -> str:
             continue
         speedup = math_ms.get(r["case"], math.nan) / r["median_ms"]
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "n/a"
-        lines.append(f"| {r['case']} | {shape} | {r['method']} | {r['median_ms']:.3f} ({r['p20_ms']:.3f}-"
-                     f"{r['p80_ms']:.3f}) | {r['tflops']:.1f} | {speedup:.2f} | {peak} |")
+        lines.append(
+            f"| {r['case']} | {shape} | {r['method']} | {r['median_ms']:.3f} ({r['p20_ms']:.3f}-"
+            f"{r['p80_ms']:.3f}) | {r['tflops']:.1f} | {speedup:.2f} | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -165,13 +183,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if unknown:
             p.error(f"--backends {unknown} not available here; available: {list(fns)}")
         fns = {k: fns[k] for k in args.backends}
-    rows = [measure(c, name, fn, args.device, dtype, args.reps)
-            for c in cases(models, batch) for name, fn in fns.items()]
+    rows = [
+        measure(c, name, fn, args.device, dtype, args.reps) for c in cases(models, batch) for name, fn in fns.items()
+    ]
     typed = sys.argv[1:] if argv is None else argv
-    meta = {"device": bu.device_name(args.device), "dtype": str(dtype).replace("torch.", ""), "batch": batch,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-            "command": " ".join(["python -m profiling.bench_attention", *(shlex.quote(a) for a in typed)]),
-            "torch": torch.__version__}
+    meta = {
+        "device": bu.device_name(args.device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": batch,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "command": " ".join(["python -m profiling.bench_attention", *(shlex.quote(a) for a in typed)]),
+        "torch": torch.__version__,
+    }
     for key, value in meta.items():
         print(f"- {key}: {value}")
     print()
@@ -181,9 +205,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if args.record:
         with open(args.record, "a") as fh:
-            fh.write(f"\n### attention fwd+bwd, batch {batch}, {meta['dtype']} · {meta['device']} · {meta['date']}\n\n"
-                     f"- commit: `{meta['commit']}`; command: `{meta['command']}`; torch {meta['torch']}\n\n"
-                     + table(rows) + "\n")
+            fh.write(
+                f"\n### attention fwd+bwd, batch {batch}, {meta['dtype']} · {meta['device']} · {meta['date']}\n\n"
+                f"- commit: `{meta['commit']}`; command: `{meta['command']}`; torch {meta['torch']}\n\n"
+                + table(rows)
+                + "\n"
+            )
     return rows
 
 

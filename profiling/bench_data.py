@@ -19,6 +19,7 @@ loader (``ijepa_fast.data.dali``: decode of the crop only, resize, normalise, ma
 mode and with GPU decoding (needs nvidia-dali, and CUDA for dali-gpu); there "workers" is DALI's
 thread count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- loaders
 
+
 def bench_pytorch(root: Path, workers: int, args: argparse.Namespace) -> dict:
     """images/s of the CPU loader (PIL in DataLoader workers) with ``workers`` workers."""
-    cfg = DataConfig(dataset="folder", root=str(root), split="", crop_size=args.crop_size, batch_size=args.batch_size,
-                     num_workers=workers, pin_memory=False, loader="pytorch")
+    cfg = DataConfig(
+        dataset="folder",
+        root=str(root),
+        split="",
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        loader="pytorch",
+    )
     grid = args.crop_size // args.patch_size
     warmup, steps = 2 * workers + 1, max(args.steps, 4 * workers)
     with build_pretrain_loader(cfg, grid=grid, mask_kwargs={}, seed=0) as loader:
@@ -80,8 +90,14 @@ def bench_pytorch(root: Path, workers: int, args: argparse.Namespace) -> dict:
             batch = next(it)
         elapsed = time.perf_counter() - start
     assert batch.images.shape == (args.batch_size, 3, args.crop_size, args.crop_size)
-    return {"loader": "pytorch", "workers": workers, "batch": args.batch_size, "steps": steps,
-            "images_per_s": steps * args.batch_size / elapsed, "ms_per_batch": elapsed / steps * 1e3}
+    return {
+        "loader": "pytorch",
+        "workers": workers,
+        "batch": args.batch_size,
+        "steps": steps,
+        "images_per_s": steps * args.batch_size / elapsed,
+        "ms_per_batch": elapsed / steps * 1e3,
+    }
 
 
 def _bench_dali(root: Path, workers: int, args: argparse.Namespace, device: str) -> dict:
@@ -90,14 +106,23 @@ def _bench_dali(root: Path, workers: int, args: argparse.Namespace, device: str)
     from ijepa_fast.data.dali import build_dali_loader
 
     threads = max(1, workers)
-    cfg = DataConfig(dataset="folder", root=str(root), split="", crop_size=args.crop_size, batch_size=args.batch_size,
-                     num_workers=threads, pin_memory=False, loader="dali")
+    cfg = DataConfig(
+        dataset="folder",
+        root=str(root),
+        split="",
+        crop_size=args.crop_size,
+        batch_size=args.batch_size,
+        num_workers=threads,
+        pin_memory=False,
+        loader="dali",
+    )
     grid = args.crop_size // args.patch_size
     # not timed: the first batch (built with the pipeline) and DALI's prefetch queue (2 batches)
     warmup, steps = 3, args.steps
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # DALI and the masks run async
-    with build_dali_loader(cfg, grid=grid, mask_kwargs={}, seed=0, device=device, validate="off",
-                           threads=threads) as loader:
+    with build_dali_loader(
+        cfg, grid=grid, mask_kwargs={}, seed=0, device=device, validate="off", threads=threads
+    ) as loader:
         it = iter(loader)
         for _ in range(warmup):
             next(it)
@@ -108,8 +133,14 @@ def _bench_dali(root: Path, workers: int, args: argparse.Namespace, device: str)
         sync()
         elapsed = time.perf_counter() - start
     assert batch.images.shape == (args.batch_size, 3, args.crop_size, args.crop_size)
-    return {"loader": "dali-gpu" if device == "cuda" else "dali-cpu", "workers": threads, "batch": args.batch_size,
-            "steps": steps, "images_per_s": steps * args.batch_size / elapsed, "ms_per_batch": elapsed / steps * 1e3}
+    return {
+        "loader": "dali-gpu" if device == "cuda" else "dali-cpu",
+        "workers": threads,
+        "batch": args.batch_size,
+        "steps": steps,
+        "images_per_s": steps * args.batch_size / elapsed,
+        "ms_per_batch": elapsed / steps * 1e3,
+    }
 
 
 def bench_dali_cpu(root: Path, workers: int, args: argparse.Namespace) -> dict:
@@ -126,10 +157,14 @@ def bench_dali_gpu(root: Path, workers: int, args: argparse.Namespace) -> dict:
 # then --steps batches), so they share a table. For the DALI loaders "workers" is DALI's threads
 # (0 counts as 1): images/s per CPU core is images_per_s / workers.
 LOADERS: dict[str, Callable[[Path, int, argparse.Namespace], dict]] = {
-    "pytorch": bench_pytorch, "dali-cpu": bench_dali_cpu, "dali-gpu": bench_dali_gpu}
+    "pytorch": bench_pytorch,
+    "dali-cpu": bench_dali_cpu,
+    "dali-gpu": bench_dali_gpu,
+}
 
 
 # ----------------------------------------------------------------------------- stages
+
 
 def _median_ms(fn: Callable[[], object], reps: int) -> float:
     times = []
@@ -157,7 +192,9 @@ def stage_costs(root: Path, args: argparse.Namespace, images: int = 16) -> dict[
         return {
             "decode_ms_per_image": _median_ms(lambda: [load_rgb(p) for p in paths], reps) / len(paths),
             "crop_resize_ms_per_image": _median_ms(
-                lambda: [resized_crop(im, b, args.crop_size) for im, b in zip(decoded, boxes)], reps) / len(paths),
+                lambda: [resized_crop(im, b, args.crop_size) for im, b in zip(decoded, boxes)], reps
+            )
+            / len(paths),
             "to_tensor_ms_per_image": _median_ms(lambda: [pil_to_uint8(c) for c in crops], reps) / len(paths),
             "normalise_ms_per_batch": _median_ms(lambda: normalize(batch), reps),
             "masks_ms_per_batch": _median_ms(lambda: masks(args.batch_size, next(steps)), reps),
@@ -168,13 +205,18 @@ def stage_costs(root: Path, args: argparse.Namespace, images: int = 16) -> dict[
 
 # ----------------------------------------------------------------------------- report
 
+
 def table(rows: list[dict]) -> str:
-    lines = ["| loader | workers | batch | timed batches x rounds | images/s (median) | range | ms per batch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| loader | workers | batch | timed batches x rounds | images/s (median) | range | ms per batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['loader']} | {r['workers']} | {r['batch']} | {r['steps']} x {r['rounds']} "
-                     f"| {r['images_per_s']:.0f} | {r['min_images_per_s']:.0f}-{r['max_images_per_s']:.0f} "
-                     f"| {r['ms_per_batch']:.1f} |")
+        lines.append(
+            f"| {r['loader']} | {r['workers']} | {r['batch']} | {r['steps']} x {r['rounds']} "
+            f"| {r['images_per_s']:.0f} | {r['min_images_per_s']:.0f}-{r['max_images_per_s']:.0f} "
+            f"| {r['ms_per_batch']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -182,8 +224,13 @@ def _median_round(results: list[dict]) -> dict:
     """The round with the median images/s, plus the range and every round's rate."""
     ranked = sorted(results, key=lambda r: r["images_per_s"])
     rates = [r["images_per_s"] for r in ranked]
-    return {**ranked[(len(ranked) - 1) // 2], "rounds": len(ranked), "min_images_per_s": rates[0],
-            "max_images_per_s": rates[-1], "all_images_per_s": rates}
+    return {
+        **ranked[(len(ranked) - 1) // 2],
+        "rounds": len(ranked),
+        "min_images_per_s": rates[0],
+        "max_images_per_s": rates[-1],
+        "all_images_per_s": rates,
+    }
 
 
 def run(root: Path, args: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -212,9 +259,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     w, h = args.image_size
     grid = args.crop_size // args.patch_size
-    meta = {"images": f"{n} from {args.root}" if args.root else f"{n} generated JPEGs at {w}x{h}",
-            "crop": f"{args.crop_size} px, masks on a {grid}x{grid} grid", "cpu cores": cores,
-            "torch threads (main)": torch.get_num_threads()}
+    meta = {
+        "images": f"{n} from {args.root}" if args.root else f"{n} generated JPEGs at {w}x{h}",
+        "crop": f"{args.crop_size} px, masks on a {grid}x{grid} grid",
+        "cpu cores": cores,
+        "torch threads (main)": torch.get_num_threads(),
+    }
     for key, value in meta.items():
         print(f"- {key}: {value}")
     print("- stages, one thread: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))

@@ -7,11 +7,12 @@ with the shapes the tests use. Configurations: fp32 targets and sources; bf16 ta
 fp32 targets and sources plus a bf16 copy of the result. Bytes are the minimum: read t, read s,
 write t (and write the copy). On a CPU the 'kernel' rows run the op's plain-PyTorch path.
 """
+
 from __future__ import annotations
 
 import torch
 
-from kernels.ema import ema_update_, ema_update_foreach, ema_update_reference
+from ijepa_fast.kernels.ema import ema_update_, ema_update_foreach, ema_update_reference
 from profiling import _bench_util as bu
 from tests.kernels.test_ema import make_ema_inputs, vit_param_shapes
 
@@ -57,9 +58,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.empty_cache()
     copy_gbs = bu.copy_bandwidth_gbs(args.device, 1 << 30 if args.device == "cuda" else 16 << 20, args.reps)
     bu.add_rates(rows, copy_gbs)
-    meta = {"device": bu.device_name(args.device), "size": args.size, "params": rows[0]["params"],
-            "tensors": len(shapes), "copy_bandwidth_gb_s": round(copy_gbs, 1), "momentum": MOMENTUM,
-            "note": "on a CPU the 'kernel' rows run the op's plain-PyTorch path, not Triton"}
+    meta = {
+        "device": bu.device_name(args.device),
+        "size": args.size,
+        "params": rows[0]["params"],
+        "tensors": len(shapes),
+        "copy_bandwidth_gb_s": round(copy_gbs, 1),
+        "momentum": MOMENTUM,
+        "note": "on a CPU the 'kernel' rows run the op's plain-PyTorch path, not Triton",
+    }
     bu.report(rows, meta, args.json)
     return rows
 

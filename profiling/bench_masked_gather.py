@@ -14,13 +14,14 @@ order of work (add pos / normalise over all N first); 'builtin' = advanced index
 ops in kernels/ (on a CPU these take their plain-PyTorch path, not Triton). Bytes are the minimum
 each case must move, so GB/s compare methods on the same footing.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.masked_gather import mask_tokens, masked_gather, masked_gather_add
-from kernels.target_norm_gather import target_norm_gather
+from ijepa_fast.kernels.masked_gather import mask_tokens, masked_gather, masked_gather_add
+from ijepa_fast.kernels.target_norm_gather import target_norm_gather
 from profiling import _bench_util as bu
 from tests.kernels.test_masked_gather import make_gather_inputs
 
@@ -44,12 +45,17 @@ def _methods(case: str, t: dict) -> dict:
     """method -> zero-argument function producing the case's output (before any backward)."""
     x, pos, tok, idx = t["x"], t["pos"], t["mask_token"], t["idx"]
     if case == "gather":
-        return {"authors": lambda: apply_masks_authors(x, idx), "builtin": lambda: gather_builtin(x, idx),
-                "kernel": lambda: masked_gather(x, idx)}
+        return {
+            "authors": lambda: apply_masks_authors(x, idx),
+            "builtin": lambda: gather_builtin(x, idx),
+            "kernel": lambda: masked_gather(x, idx),
+        }
     if case == "context+pos":
-        return {"authors": lambda: apply_masks_authors(x + pos, idx),
-                "builtin": lambda: gather_builtin(x, idx) + pos[0][idx[0]],
-                "kernel": lambda: masked_gather_add(x, pos, idx)}
+        return {
+            "authors": lambda: apply_masks_authors(x + pos, idx),
+            "builtin": lambda: gather_builtin(x, idx) + pos[0][idx[0]],
+            "kernel": lambda: masked_gather_add(x, pos, idx),
+        }
     if case == "mask_tokens":
         M, B, K = idx.shape
 
@@ -57,12 +63,17 @@ def _methods(case: str, t: dict) -> dict:
             pos_b = apply_masks_authors(pos.repeat(B, 1, 1), idx)  # (M*B, K, D)
             return tok.repeat(M * B, K, 1) + pos_b
 
-        return {"authors": authors, "builtin": lambda: tok + pos[0][idx].reshape(M * B, K, -1),
-                "kernel": lambda: mask_tokens(tok, pos, idx)}
+        return {
+            "authors": authors,
+            "builtin": lambda: tok + pos[0][idx].reshape(M * B, K, -1),
+            "kernel": lambda: mask_tokens(tok, pos, idx),
+        }
     D = x.size(-1)  # targets
-    return {"authors": lambda: apply_masks_authors(F.layer_norm(x, (D,)), idx),
-            "builtin": lambda: F.layer_norm(gather_builtin(x, idx), (D,)),
-            "kernel": lambda: target_norm_gather(x, idx)}
+    return {
+        "authors": lambda: apply_masks_authors(F.layer_norm(x, (D,)), idx),
+        "builtin": lambda: F.layer_norm(gather_builtin(x, idx), (D,)),
+        "kernel": lambda: target_norm_gather(x, idx),
+    }
 
 
 def _case_inputs(case: str, s: dict, device: str, dtype: torch.dtype) -> dict:
@@ -102,13 +113,16 @@ def run_case(case: str, s: dict, device: str, dtype: torch.dtype, reps: int) -> 
             def fn(fwd=fwd, grad=grad):
                 fwd().backward(grad)
         else:
+
             def fn(fwd=fwd):
                 with torch.no_grad():
                     fwd()
+
         timing = bu.time_ms(fn, device, reps, grad_to_none=leaves)
         dtype_name = str(dtype).removeprefix("torch.")
-        rows.append({"case": f"{case} {dtype_name}", "method": method, "dtype": dtype_name,
-                     "bytes": _bytes(case, t), **timing})
+        rows.append(
+            {"case": f"{case} {dtype_name}", "method": method, "dtype": dtype_name, "bytes": _bytes(case, t), **timing}
+        )
     return rows
 
 
@@ -121,9 +135,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += run_case(case, s, args.device, dtype, args.reps)
     copy_gbs = bu.copy_bandwidth_gbs(args.device, 256 << 20 if args.device == "cuda" else 16 << 20, args.reps)
     bu.add_rates(rows, copy_gbs)
-    meta = {"device": bu.device_name(args.device), "size": args.size, "shapes": s,
-            "copy_bandwidth_gb_s": round(copy_gbs, 1), "timing": "fwd+bwd (targets: fwd only)",
-            "note": "on a CPU the 'kernel' rows run the ops' plain-PyTorch path, not Triton"}
+    meta = {
+        "device": bu.device_name(args.device),
+        "size": args.size,
+        "shapes": s,
+        "copy_bandwidth_gb_s": round(copy_gbs, 1),
+        "timing": "fwd+bwd (targets: fwd only)",
+        "note": "on a CPU the 'kernel' rows run the ops' plain-PyTorch path, not Triton",
+    }
     bu.report(rows, meta, args.json)
     return rows
 

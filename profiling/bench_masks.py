@@ -10,6 +10,7 @@ average 71.5 context patches and 43.1 patches per target block. Every call draws
 cost of top-k and of the authors' loop depends on the data, and repeating one input lets the
 branch predictor learn it (top-k on one repeated input runs 3x faster than on fresh ones).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,23 +101,33 @@ def run(batch: int, grids: list[int], reps: int, coverage_batches: int) -> list[
 
 
 def tables(rows: list[dict]) -> str:
-    lines = ["| grid | batch | ours ms (p20-p80) | authors ms, re-stated | speed-up | 44.7 ms / ours "
-             "| ours images/s | authors images/s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| grid | batch | ours ms (p20-p80) | authors ms, re-stated | speed-up | 44.7 ms / ours "
+        "| ours images/s | authors images/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         paper = "-" if r["vs_paper_figure"] is None else f"{r['vs_paper_figure']:.1f}x"
         ours = f"{r['ours_ms']:.3f} ({r['ours_p20_ms']:.3f}-{r['ours_p80_ms']:.3f})"
-        lines.append(f"| {r['grid']} | {r['batch']} | {ours} | {r['authors_ms']:.1f} | {r['speedup']:.1f}x | {paper} "
-                     f"| {r['ours_images_s']:.0f} | {r['authors_images_s']:.0f} |")
-    lines += ["", "| grid | sampler | mean context | mean target | context coverage max/min (over reached) "
-              "| target coverage max/min (over reached) | patches never in a context / a target |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['grid']} | {r['batch']} | {ours} | {r['authors_ms']:.1f} | {r['speedup']:.1f}x | {paper} "
+            f"| {r['ours_images_s']:.0f} | {r['authors_images_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "| grid | sampler | mean context | mean target | context coverage max/min (over reached) "
+        "| target coverage max/min (over reached) | patches never in a context / a target |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         for name in ("ours", "authors"):
             s = r[name]
-            lines.append(f"| {r['grid']} | {name} | {s['mean_context']:.1f} | {s['mean_target']:.1f} "
-                         f"| {_ratio(s['context_cov_ratio'])} ({s['context_cov_ratio_reached']:.2f}) "
-                         f"| {_ratio(s['target_cov_ratio'])} ({s['target_cov_ratio_reached']:.2f}) "
-                         f"| {s['context_never']} / {s['target_never']} |")
+            lines.append(
+                f"| {r['grid']} | {name} | {s['mean_context']:.1f} | {s['mean_target']:.1f} "
+                f"| {_ratio(s['context_cov_ratio'])} ({s['context_cov_ratio_reached']:.2f}) "
+                f"| {_ratio(s['target_cov_ratio'])} ({s['target_cov_ratio_reached']:.2f}) "
+                f"| {s['context_never']} / {s['target_never']} |"
+            )
     return "\n".join(lines)
 
 
@@ -133,8 +144,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     rows = run(args.batch, args.grids, args.reps, args.coverage_batches)
-    print(f"PAPER.md, authors' sampler at 16x16, batch 128: {PAPER_MS_16x16} ms/batch, "
-          f"mean context {PAPER_SIZES_16x16[0]}, mean target {PAPER_SIZES_16x16[1]}\n")
+    print(
+        f"PAPER.md, authors' sampler at 16x16, batch 128: {PAPER_MS_16x16} ms/batch, "
+        f"mean context {PAPER_SIZES_16x16[0]}, mean target {PAPER_SIZES_16x16[1]}\n"
+    )
     print(tables(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

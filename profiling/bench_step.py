@@ -7,6 +7,7 @@ module for what is measured and how. Run from the repository root, e.g.::
         --out profiling/out --record
     python -m profiling.bench_step --model vit_tiny --patch 8 --img 64 --batch 8 --steps 5   # CPU, seconds
 """
+
 from __future__ import annotations
 
 import sys

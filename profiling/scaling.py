@@ -49,6 +49,7 @@ of the step when buckets are many). Images/s = n * batch / t; efficiency = t_com
 The default bandwidths (400 GB/s NVLink bus bandwidth, 50 GB/s per GPU across nodes) are
 assumptions, not measurements: pass your cluster's (nccl-tests' all_reduce_perf "busbw").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,14 @@ def engine_bytes(stage: int, precision: str = "bf16") -> tuple[int, int]:
     return 2, 2
 
 
-def comm_volume_bytes(params: float, stage: int, grad_bytes: int = 4, param_bytes: int = 4, target_params: float = 0.0,
-                      target_bytes: int = 4) -> dict[str, float]:
+def comm_volume_bytes(
+    params: float,
+    stage: int,
+    grad_bytes: int = 4,
+    param_bytes: int = 4,
+    target_params: float = 0.0,
+    target_bytes: int = 4,
+) -> dict[str, float]:
     """Full-size bytes per collective kind for one step under ZeRO ``stage`` (see the module docstring)."""
     if stage not in STAGES:
         raise ValueError(f"ZeRO stage {stage} is not one of {STAGES}")
@@ -111,9 +118,22 @@ def link_bandwidth(gpus: int, gpus_per_node: int, intra_bw: float, inter_bw: flo
     return intra_bw if gpus <= gpus_per_node else min(intra_bw, inter_bw)
 
 
-def estimate(*, step_s: float, batch: int, params: float, gpus: int, gpus_per_node: int, intra_bw: float,
-             inter_bw: float, stage: int, overlap: float = 0.0, grad_bytes: int = 4, param_bytes: int = 4,
-             target_params: float = 0.0, latency_s: float = 0.0) -> dict:
+def estimate(
+    *,
+    step_s: float,
+    batch: int,
+    params: float,
+    gpus: int,
+    gpus_per_node: int,
+    intra_bw: float,
+    inter_bw: float,
+    stage: int,
+    overlap: float = 0.0,
+    grad_bytes: int = 4,
+    param_bytes: int = 4,
+    target_params: float = 0.0,
+    latency_s: float = 0.0,
+) -> dict:
     """Estimated step time, images/s and efficiency of ``gpus`` GPUs (bandwidths in bytes/s)."""
     if not 0.0 <= overlap <= 1.0:
         raise ValueError(f"overlap={overlap} must lie in [0, 1]")
@@ -123,8 +143,16 @@ def estimate(*, step_s: float, batch: int, params: float, gpus: int, gpus_per_no
     volumes = comm_volume_bytes(params, stage, grad_bytes, param_bytes, target_params)
     comm = comm_time_s(volumes, gpus, bw, latency_s)
     t = max(step_s + (1.0 - overlap) * comm, comm)
-    return {"gpus": gpus, "nodes": -(-gpus // gpus_per_node), "stage": stage, "link_gb_s": bw / 1e9,
-            "comm_s": comm, "step_s": t, "images_per_s": gpus * batch / t, "efficiency": step_s / t}
+    return {
+        "gpus": gpus,
+        "nodes": -(-gpus // gpus_per_node),
+        "stage": stage,
+        "link_gb_s": bw / 1e9,
+        "comm_s": comm,
+        "step_s": t,
+        "images_per_s": gpus * batch / t,
+        "efficiency": step_s / t,
+    }
 
 
 def student_params(model: str, patch: int, img: int, pred_depth: int = 12, pred_dim: int = 384) -> tuple[int, int]:
@@ -136,8 +164,10 @@ def student_params(model: str, patch: int, img: int, pred_depth: int = 12, pred_
     from ijepa_fast.models.ijepa import build_models
 
     with torch.device("meta"):
-        student, _ = build_models(ModelConfig(name=model, patch_size=patch, pred_depth=pred_depth,
-                                              pred_emb_dim=pred_dim), img)
+        student, _ = build_models(
+            ModelConfig(name=model, patch_size=patch, pred_depth=pred_depth, pred_emb_dim=pred_dim), img
+        )
+
     def count(m):
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
@@ -145,12 +175,16 @@ def student_params(model: str, patch: int, img: int, pred_depth: int = 12, pred_
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| GPUs | nodes | ZeRO stage | link GB/s | comm ms | step ms | images/s | per GPU | efficiency |",
-             "|" + "---|" * 9]
+    lines = [
+        "| GPUs | nodes | ZeRO stage | link GB/s | comm ms | step ms | images/s | per GPU | efficiency |",
+        "|" + "---|" * 9,
+    ]
     for r in rows:
-        lines.append(f"| {r['gpus']} | {r['nodes']} | {r['stage']} | {r['link_gb_s']:.0f} | {1e3 * r['comm_s']:.1f} "
-                     f"| {1e3 * r['step_s']:.1f} | {r['images_per_s']:.0f} | {r['images_per_s'] / r['gpus']:.1f} "
-                     f"| {100 * r['efficiency']:.0f}% |")
+        lines.append(
+            f"| {r['gpus']} | {r['nodes']} | {r['stage']} | {r['link_gb_s']:.0f} | {1e3 * r['comm_s']:.1f} "
+            f"| {1e3 * r['step_s']:.1f} | {r['images_per_s']:.0f} | {r['images_per_s'] / r['gpus']:.1f} "
+            f"| {100 * r['efficiency']:.0f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -183,8 +217,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--latency-us", type=float, default=0.0, help="per ring hop")
     p.add_argument("--stages", type=int, nargs="+", default=list(STAGES))
     p.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden behind compute")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
-                   help="element sizes as the engine communicates them (module docstring)")
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="element sizes as the engine communicates them (module docstring)",
+    )
     p.add_argument("--grad-bytes", type=int, default=None, help="override the gradient element size")
     p.add_argument("--param-bytes", type=int, default=None, help="override the parameter element size")
     args = p.parse_args(argv)
@@ -203,17 +241,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         g, w = engine_bytes(stage, args.precision)
         return args.grad_bytes or g, args.param_bytes or w
 
-    rows = [estimate(step_s=step_s, batch=batch, params=params, gpus=n, gpus_per_node=args.gpus_per_node,
-                     intra_bw=args.intra_bw * 1e9, inter_bw=args.inter_bw * 1e9, stage=stage, overlap=args.overlap,
-                     grad_bytes=sizes(stage)[0], param_bytes=sizes(stage)[1], target_params=target,
-                     latency_s=args.latency_us * 1e-6)
-            for stage in args.stages for n in args.gpus]
-    print(f"- single-GPU step {1e3 * step_s:.1f} ms at batch {batch}; {params / 1e6:.1f}M trainable parameters "
-          f"({target / 1e6:.1f}M in the encoder); element sizes: {args.precision} engine "
-          f"(stage: gradient/parameter bytes " + ", ".join(f"{s}: {sizes(s)[0]}/{sizes(s)[1]}" for s in args.stages)
-          + ")")
-    print(f"- links (assumed unless you passed yours): {args.intra_bw:.0f} GB/s in a node of {args.gpus_per_node}, "
-          f"{args.inter_bw:.0f} GB/s per GPU between nodes; overlap {args.overlap:.0%}; ring algorithm")
+    rows = [
+        estimate(
+            step_s=step_s,
+            batch=batch,
+            params=params,
+            gpus=n,
+            gpus_per_node=args.gpus_per_node,
+            intra_bw=args.intra_bw * 1e9,
+            inter_bw=args.inter_bw * 1e9,
+            stage=stage,
+            overlap=args.overlap,
+            grad_bytes=sizes(stage)[0],
+            param_bytes=sizes(stage)[1],
+            target_params=target,
+            latency_s=args.latency_us * 1e-6,
+        )
+        for stage in args.stages
+        for n in args.gpus
+    ]
+    print(
+        f"- single-GPU step {1e3 * step_s:.1f} ms at batch {batch}; {params / 1e6:.1f}M trainable parameters "
+        f"({target / 1e6:.1f}M in the encoder); element sizes: {args.precision} engine "
+        f"(stage: gradient/parameter bytes " + ", ".join(f"{s}: {sizes(s)[0]}/{sizes(s)[1]}" for s in args.stages) + ")"
+    )
+    print(
+        f"- links (assumed unless you passed yours): {args.intra_bw:.0f} GB/s in a node of {args.gpus_per_node}, "
+        f"{args.inter_bw:.0f} GB/s per GPU between nodes; overlap {args.overlap:.0%}; ring algorithm"
+    )
     print()
     print(table(rows))
     return rows

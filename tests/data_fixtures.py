@@ -4,6 +4,7 @@
     planted = make_planted_folder(tmp_path / "data")
     planted.n_files, planted.n_bad, planted.bad  # 17 files, 3 undecodable: their relative paths
 """
+
 from __future__ import annotations
 
 import gzip
@@ -38,14 +39,16 @@ def encode(arr: np.ndarray | Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 
 # ----------------------------------------------------------------------------- IDX
 
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file's bytes for a uint8 array (magic 00 00 08 <ndim>, big-endian dims, data)."""
     assert array.dtype == np.uint8
     return struct.pack(f">I{array.ndim}I", 0x0800 | array.ndim, *array.shape) + array.tobytes()
 
 
-def write_idx_pair(root: Path, images: np.ndarray, labels: np.ndarray, split: str = "train",
-                   gz: bool = True) -> tuple[Path, Path]:
+def write_idx_pair(
+    root: Path, images: np.ndarray, labels: np.ndarray, split: str = "train", gz: bool = True
+) -> tuple[Path, Path]:
     """``<prefix>-images-idx3-ubyte[.gz]`` and labels under ``root`` (prefix train|t10k)."""
     root.mkdir(parents=True, exist_ok=True)
     prefix = {"train": "train", "test": "t10k"}[split]
@@ -58,8 +61,9 @@ def write_idx_pair(root: Path, images: np.ndarray, labels: np.ndarray, split: st
     return out[0], out[1]
 
 
-def random_idx_pair(root: Path, n: int, split: str = "train", gz: bool = True, size: int = 28,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def random_idx_pair(
+    root: Path, n: int, split: str = "train", gz: bool = True, size: int = 28, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Random [n, size, size] images and [n] labels in 0..9 written as an IDX pair; returns them."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
@@ -69,6 +73,7 @@ def random_idx_pair(root: Path, n: int, split: str = "train", gz: bool = True, s
 
 
 # ----------------------------------------------------------------------------- image folders
+
 
 @dataclass
 class PlantedFolder:
@@ -115,8 +120,7 @@ def make_planted_folder(root: Path, size: tuple[int, int] = (64, 48), good_per_c
     p.write("dogs/deep16.png", encode(Image.fromarray(photo(14)[..., 0].astype(np.uint16) * 257), "PNG"), "awkward")
     p.write("dogs/gray.jpg", encode(Image.fromarray(photo(15)).convert("L")), "awkward")
     p.write("dogs/palette.png", encode(Image.fromarray(photo(16)).convert("P"), "PNG"), "awkward")
-    p.write("dogs/palette_alpha.png", encode(Image.fromarray(photo(17)).convert("P"), "PNG", transparency=0),
-            "awkward")
+    p.write("dogs/palette_alpha.png", encode(Image.fromarray(photo(17)).convert("P"), "PNG", transparency=0), "awkward")
     p.write("dogs/photo.webp", encode(photo(18), "WEBP"), "awkward")
     full = encode(photo(19))
     p.write("cats/truncated.jpg", full[: len(full) // 2], "bad")
@@ -125,8 +129,9 @@ def make_planted_folder(root: Path, size: tuple[int, int] = (64, 48), good_per_c
     return p
 
 
-def write_jpeg_folder(root: Path, n: int, size: tuple[int, int] = (500, 375), classes: int = 4, seed: int = 0,
-                      quality: int = 90) -> list[Path]:
+def write_jpeg_folder(
+    root: Path, n: int, size: tuple[int, int] = (500, 375), classes: int = 4, seed: int = 0, quality: int = 90
+) -> list[Path]:
     """``n`` photo-like JPEGs of ``size`` in ``classes`` class folders (for benchmarks)."""
     paths = []
     for i in range(n):

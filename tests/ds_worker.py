@@ -10,6 +10,7 @@ and the deepspeed launcher set them. Rank 0 writes ``OUT_DIR/result_zero{stage}.
 synthetic run (tiny ViT, batches and masks) is defined here once and imported by the test for its
 single-process reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,11 +74,19 @@ def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, MaskBat
 
 # ----------------------------------------------------------------------------- scenarios
 
+
 class _CountCollectives:
     """Counts calls of torch.distributed's collectives while active."""
 
-    NAMES = ("all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor",
-             "all_to_all_single", "_all_gather_base")
+    NAMES = (
+        "all_gather_into_tensor",
+        "all_gather",
+        "all_reduce",
+        "broadcast",
+        "reduce_scatter_tensor",
+        "all_to_all_single",
+        "_all_gather_base",
+    )
 
     def __enter__(self):
         self.count, self.saved = 0, {}
@@ -125,7 +134,7 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
 
     ema_check = None
     if stage == 3:  # shard-local EMA against the EMA of the gathered tensors
-        from kernels.ema import ema_update_
+        from ijepa_fast.kernels.ema import ema_update_
 
         expected = {k: v.clone() for k, v in final["target_encoder"].items()}
         ema_update_(list(expected.values()), list(final["encoder"].values()), 0.75)
@@ -142,9 +151,19 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
         resumed.append(resumed_fn(images, masks, i)["loss"].item())
     final_resumed = resumed_fn.consolidated_state()
     if rank == 0:
-        torch.save({"losses": losses, "resumed": resumed, "resumed_from": client["step"], "final": final,
-                    "final_resumed": final_resumed, "exported": str(exported), "ema_check": ema_check,
-                    "ds_config": ds_cfg}, out / f"result_zero{stage}.pt")
+        torch.save(
+            {
+                "losses": losses,
+                "resumed": resumed,
+                "resumed_from": client["step"],
+                "final": final,
+                "final_resumed": final_resumed,
+                "exported": str(exported),
+                "ema_check": ema_check,
+                "ds_config": ds_cfg,
+            },
+            out / f"result_zero{stage}.pt",
+        )
 
 
 def run_accumulation(out: Path, rank: int, world: int) -> None:
@@ -155,8 +174,9 @@ def run_accumulation(out: Path, rank: int, world: int) -> None:
     cfg = tiny_config(ACCUM_STAGE)
     ds_cfg = deepspeed_config(cfg, world, device_type="cpu", grad_accum=ACCUM)
     student, target = models(cfg, 0)
-    step_fn = DeepSpeedTrainStep(student, target, schedules(cfg), ds_cfg, torch.device("cpu"),
-                                 StepOptions(grad_clip=cfg.optim.grad_clip))
+    step_fn = DeepSpeedTrainStep(
+        student, target, schedules(cfg), ds_cfg, torch.device("cpu"), StepOptions(grad_clip=cfg.optim.grad_clip)
+    )
     losses, stepped = [], []
     for i in range(ACCUM_STEPS):
         for j in range(ACCUM):
@@ -165,8 +185,7 @@ def run_accumulation(out: Path, rank: int, world: int) -> None:
             stepped.append(step_fn.stepped)
     final = step_fn.consolidated_state()
     if rank == 0:
-        torch.save({"losses": losses, "stepped": stepped, "final": final, "ds_config": ds_cfg},
-                   out / "result_accum.pt")
+        torch.save({"losses": losses, "stepped": stepped, "final": final, "ds_config": ds_cfg}, out / "result_accum.pt")
 
 
 def main(argv: list[str]) -> int:
@@ -193,8 +212,11 @@ def main(argv: list[str]) -> int:
     try:
         torch.distributed.all_reduce(t)
     except Exception as err:  # the point: an error, not a hang
-        print(f"rank 0: collective failed after {time.perf_counter() - started:.1f} s: {type(err).__name__}: {err}",
-              file=sys.stderr, flush=True)
+        print(
+            f"rank 0: collective failed after {time.perf_counter() - started:.1f} s: {type(err).__name__}: {err}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(17)  # the peer is gone: no orderly destroy_process_group
     print("rank 0: the collective finished although a peer is gone", file=sys.stderr)
     return 1

@@ -1,5 +1,6 @@
 """The profiling harness (ijepa_fast.bench, issue 8) end to end on ViT-tiny on the CPU, the phase-split
 step against the trainer's step, the GPU-hours and scaling arithmetic on known numbers."""
+
 from __future__ import annotations
 
 import copy
@@ -20,9 +21,32 @@ from profiling import scaling
 
 REPO = Path(__file__).resolve().parent.parent
 # ViT-tiny on a 4 x 4 grid, batch 2, a 1-block predictor: a few tens of ms per step on a CPU core.
-TINY_ARGS = ["--model", "vit_tiny", "--patch", "8", "--img", "32", "--batch", "2", "--pred-depth", "1",
-             "--pred-dim", "48", "--set", "mask.min_keep=4", "--device", "cpu", "--warmup", "1", "--steps", "2",
-             "--phase-steps", "1", "--batches", "2"]
+TINY_ARGS = [
+    "--model",
+    "vit_tiny",
+    "--patch",
+    "8",
+    "--img",
+    "32",
+    "--batch",
+    "2",
+    "--pred-depth",
+    "1",
+    "--pred-dim",
+    "48",
+    "--set",
+    "mask.min_keep=4",
+    "--device",
+    "cpu",
+    "--warmup",
+    "1",
+    "--steps",
+    "2",
+    "--phase-steps",
+    "1",
+    "--batches",
+    "2",
+]
 
 
 def test_harness_runs_the_ablation_end_to_end(tmp_path):
@@ -30,8 +54,20 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
     shutil.copy(REPO / "profiling" / "RESULTS.md", results)
     before = results.read_text()
     out = tmp_path / "out"
-    result = bench.run_cli([*TINY_ARGS, "--ablation", "--out", str(out), "--tag", "t", "--record", str(results),
-                         "--trace", str(tmp_path / "trace.json")])
+    result = bench.run_cli(
+        [
+            *TINY_ARGS,
+            "--ablation",
+            "--out",
+            str(out),
+            "--tag",
+            "t",
+            "--record",
+            str(results),
+            "--trace",
+            str(tmp_path / "trace.json"),
+        ]
+    )
 
     names = [r["name"] for r in result["rows"]]
     assert names[0] == "authors" and names[-1] == "all on (default)"
@@ -42,8 +78,15 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
         assert r["images_per_s"] > 0 and math.isfinite(r["loss"])
         assert r["step_ms_p20"] <= r["step_ms_median"] <= r["step_ms_p80"]
         assert r["mfu"] is None and r["peak_mem_gib"] is None  # a CPU has neither
-        assert set(r["phases_ms"]) >= {"data", "target_fwd", "context_fwd", "predictor_fwd", "backward",
-                                       "optimizer", "ema"}
+        assert set(r["phases_ms"]) >= {
+            "data",
+            "target_fwd",
+            "context_fwd",
+            "predictor_fwd",
+            "backward",
+            "optimizer",
+            "ema",
+        }
         # the split step is the same work: its sum is near the plain step (loose: shared 2-core machine)
         assert 0.4 < r["phases_over_step"] < 2.5, r
     rows = {r["name"]: r for r in result["rows"]}
@@ -63,14 +106,23 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
 
     text = results.read_text()
     assert text.startswith(before) and len(text) > len(before)
-    added = text[len(before):]
+    added = text[len(before) :]
     assert "| authors |" in added and "commit:" in added and "--ablation" in added and "GPU-hours" in added
     assert (REPO / "profiling" / "RESULTS.md").read_text() != text  # the real file is untouched
 
 
 def _tiny_spec(**kw) -> BenchSpec:
-    return BenchSpec(model="vit_tiny", patch=8, img=32, batch=2, pred_depth=1, pred_dim=48, device="cpu",
-                     overrides=["mask.min_keep=4"], **kw)
+    return BenchSpec(
+        model="vit_tiny",
+        patch=8,
+        img=32,
+        batch=2,
+        pred_depth=1,
+        pred_dim=48,
+        device="cpu",
+        overrides=["mask.min_keep=4"],
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("preset", ["authors", "fast"])
@@ -143,8 +195,10 @@ def test_gpu_hours_of_the_papers_figure():
 def test_projection_measured_and_flop_scaled():
     spec = BenchSpec(model="vit_huge", patch=14, img=224, batch=128)
     flops = step_flops("vit_huge", 14, 224).total
-    rows = [{"name": "authors", "ok": True, "images_per_s": 50.0, "gflop_per_image": flops / 1e9},
-            {"name": "all on (default)", "ok": True, "images_per_s": 89.0, "gflop_per_image": flops / 1e9}]
+    rows = [
+        {"name": "authors", "ok": True, "images_per_s": 50.0, "gflop_per_image": flops / 1e9},
+        {"name": "all on (default)", "ok": True, "images_per_s": 89.0, "gflop_per_image": flops / 1e9},
+    ]
     h14, h16 = bench.project(rows, spec, device_name="test GPU")
     assert h14["basis"].startswith("measured (all on")
     assert h14["gpu_hours"] == pytest.approx(1199.5, abs=0.1)
@@ -163,10 +217,13 @@ def test_percentiles():
 
 def test_check_summary(tmp_path):
     (tmp_path / "status.tsv").write_text("step_vith14\tok\t120\npytest_gpu\tskipped (no CUDA)\t0\n")
-    rows = [{"name": "authors", "ok": True, "images_per_s": 50.0},
-            {"name": "all on (default)", "ok": True, "images_per_s": 100.0, "mfu": 0.4}]
-    (tmp_path / "step_vith14.json").write_text(json.dumps({"meta": {"spec": {"model": "x"}}, "rows": rows,
-                                                           "projection": []}))
+    rows = [
+        {"name": "authors", "ok": True, "images_per_s": 50.0},
+        {"name": "all on (default)", "ok": True, "images_per_s": 100.0, "mfu": 0.4},
+    ]
+    (tmp_path / "step_vith14.json").write_text(
+        json.dumps({"meta": {"spec": {"model": "x"}}, "rows": rows, "projection": []})
+    )
     table = bench.check_summary(tmp_path / "status.tsv", tmp_path)
     assert "| step_vith14 | ok | 120 | default 100.0 img/s, MFU 40.0%; authors 50.0 img/s; x2.00 |" in table
     assert "| pytest_gpu | skipped (no CUDA) | 0 |  |" in table
@@ -175,8 +232,20 @@ def test_check_summary(tmp_path):
 def test_attention_benchmark_runs_on_cpu(tmp_path):
     from profiling import bench_attention
 
-    rows = bench_attention.main(["--device", "cpu", "--models", "vitb16", "--reps", "1", "--json",
-                                 str(tmp_path / "a.json"), "--record", str(tmp_path / "R.md")])
+    rows = bench_attention.main(
+        [
+            "--device",
+            "cpu",
+            "--models",
+            "vitb16",
+            "--reps",
+            "1",
+            "--json",
+            str(tmp_path / "a.json"),
+            "--record",
+            str(tmp_path / "R.md"),
+        ]
+    )
     assert {r["method"] for r in rows} == {"math", "sdpa"} and all(r["ok"] for r in rows)
     assert [r["case"].split(" (")[0] for r in rows[::2]] == ["vitb16 target", "vitb16 context", "vitb16 predictor"]
     assert rows[0]["tokens"] == 196 and rows[0]["head_dim"] == 64 and rows[4]["head_dim"] == 32
@@ -191,6 +260,7 @@ def test_gpu_check_script_parses():
 
 
 # ----------------------------------------------------------------------------------------- scaling model
+
 
 def test_ring_cost_on_known_numbers():
     # 2 (n-1)/n * bytes / bw: 2 GPUs, 1 GB at 100 GB/s -> 10 ms; 1 GPU -> nothing
@@ -216,21 +286,63 @@ def test_zero_stage_volumes():
 
 
 def test_step_time_estimate():
-    est = scaling.estimate(step_s=0.5, batch=128, params=600e6, gpus=16, gpus_per_node=8, intra_bw=400e9,
-                           inter_bw=50e9, stage=0, overlap=0.0, grad_bytes=4, param_bytes=4)
+    est = scaling.estimate(
+        step_s=0.5,
+        batch=128,
+        params=600e6,
+        gpus=16,
+        gpus_per_node=8,
+        intra_bw=400e9,
+        inter_bw=50e9,
+        stage=0,
+        overlap=0.0,
+        grad_bytes=4,
+        param_bytes=4,
+    )
     comm = 2 * 15 / 16 * 600e6 * 4 / 50e9  # two nodes: the ring runs at the inter-node rate
     assert est["comm_s"] == pytest.approx(comm)
     assert est["step_s"] == pytest.approx(0.5 + comm)
     assert est["images_per_s"] == pytest.approx(16 * 128 / (0.5 + comm))
-    hidden = scaling.estimate(step_s=0.5, batch=128, params=600e6, gpus=16, gpus_per_node=8, intra_bw=400e9,
-                              inter_bw=50e9, stage=0, overlap=1.0, grad_bytes=4, param_bytes=4)
+    hidden = scaling.estimate(
+        step_s=0.5,
+        batch=128,
+        params=600e6,
+        gpus=16,
+        gpus_per_node=8,
+        intra_bw=400e9,
+        inter_bw=50e9,
+        stage=0,
+        overlap=1.0,
+        grad_bytes=4,
+        param_bytes=4,
+    )
     assert hidden["step_s"] == pytest.approx(0.5) and hidden["efficiency"] == pytest.approx(1.0)
-    one = scaling.estimate(step_s=0.5, batch=128, params=600e6, gpus=1, gpus_per_node=8, intra_bw=400e9,
-                           inter_bw=50e9, stage=3, overlap=0.0)
+    one = scaling.estimate(
+        step_s=0.5,
+        batch=128,
+        params=600e6,
+        gpus=1,
+        gpus_per_node=8,
+        intra_bw=400e9,
+        inter_bw=50e9,
+        stage=3,
+        overlap=0.0,
+    )
     assert one["comm_s"] == 0.0 and one["step_s"] == 0.5
     # overlap never makes a step shorter than its communication
-    slow = scaling.estimate(step_s=0.01, batch=128, params=600e6, gpus=16, gpus_per_node=8, intra_bw=400e9,
-                            inter_bw=50e9, stage=0, overlap=1.0, grad_bytes=4, param_bytes=4)
+    slow = scaling.estimate(
+        step_s=0.01,
+        batch=128,
+        params=600e6,
+        gpus=16,
+        gpus_per_node=8,
+        intra_bw=400e9,
+        inter_bw=50e9,
+        stage=0,
+        overlap=1.0,
+        grad_bytes=4,
+        param_bytes=4,
+    )
     assert slow["step_s"] == pytest.approx(comm)
 
 
@@ -241,6 +353,7 @@ def test_scaling_cli_prints_a_table(capsys):
 
 
 # ----------------------------------------------------------------------------------------- GPU
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, keep-last-K, a kill mid-write leaves the previous one loadable."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Config loading: the authors' YAML files, ours, overrides, and errors that name the key."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ def _authors_raw(name: str = "in1k_vith14_ep300.yaml") -> dict:
 
 
 # ----------------------------------------------------------------------------- the authors' files
+
 
 @pytest.mark.parametrize("name", sorted(AUTHORS))
 def test_authors_config_loads_expected_values(name):
@@ -88,8 +90,15 @@ def test_authors_overrides_in_our_keys(tmp_path):
     assert (cfg.data.root, cfg.optim.lr, cfg.optim.start_lr) == ("/data/in1k", 5e-4, 2e-4)
 
 
-@pytest.mark.parametrize("key,value", [("use_horizontal_flip", True), ("use_gaussian_blur", True),
-                                       ("use_color_distortion", True), ("color_jitter_strength", 0.4)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("use_horizontal_flip", True),
+        ("use_gaussian_blur", True),
+        ("use_color_distortion", True),
+        ("color_jitter_strength", 0.4),
+    ],
+)
 def test_authors_augmentations_on_are_rejected(tmp_path, key, value):
     raw = _authors_raw()
     raw["data"][key] = value
@@ -108,9 +117,10 @@ def test_authors_checkpoint_keys_warn_and_are_ignored(tmp_path):
         config.load(_write(tmp_path, raw))
 
 
-@pytest.mark.parametrize("section,bad,nearest", [("optimization", "warmpu", "warmup"),
-                                                 ("data", "pin_memory", "pin_mem"),
-                                                 ("meta", "model", "model_name")])
+@pytest.mark.parametrize(
+    "section,bad,nearest",
+    [("optimization", "warmpu", "warmup"), ("data", "pin_memory", "pin_mem"), ("meta", "model", "model_name")],
+)
 def test_authors_misspelt_key_names_nearest(tmp_path, section, bad, nearest):
     raw = _authors_raw()
     raw[section][bad] = 1
@@ -138,6 +148,7 @@ def test_authors_bad_value_is_type_checked(tmp_path):
 
 # ----------------------------------------------------------------------------- our files
 
+
 @pytest.mark.parametrize("name", OURS)
 def test_our_configs_load(name):
     raw = yaml.safe_load((CONFIGS / name).read_text())
@@ -149,13 +160,23 @@ def test_our_configs_load(name):
 def test_our_configs_values():
     b = config.load(str(CONFIGS / "vitb16_in1k.yaml"))
     assert (b.model.name, b.model.patch_size, b.model.pred_depth, b.model.pred_emb_dim, b.optim.epochs) == (
-        "vit_base", 16, 6, 384, 600)
+        "vit_base",
+        16,
+        6,
+        384,
+        600,
+    )
     s = config.load(str(CONFIGS / "vits16_in1k.yaml"))
     assert (s.model.name, s.model.patch_size) == ("vit_small", 16)
     d = config.load(str(CONFIGS / "demo.yaml"))
     # what `make demo` promises: a ViT-tiny on the IDX files, on the CPU, three epochs (~8 min on 2 cores)
     assert (d.model.name, d.data.dataset, d.data.root, d.run.device, d.optim.epochs) == (
-        "vit_tiny", "idx", "/usr/share/datasets/fashion-mnist", "cpu", 3)
+        "vit_tiny",
+        "idx",
+        "/usr/share/datasets/fashion-mnist",
+        "cpu",
+        3,
+    )
     grid = d.data.crop_size // d.model.patch_size
     assert d.data.crop_size % d.model.patch_size == 0 and d.mask.min_keep < grid * grid
 
@@ -177,13 +198,16 @@ def test_unknown_section_is_named(tmp_path):
         config.load(_write(tmp_path, {"optimizer": {"lr": 1e-3}}))
 
 
-@pytest.mark.parametrize("section,key,value,allowed", [
-    ("mask", "pred_mask_scale", [0.0, 0.2], r"0\.0 < lo <= hi <= 1\.0"),
-    ("mask", "pred_mask_scale", [0.15, 1.5], r"0\.0 < lo <= hi <= 1\.0"),
-    ("data", "batch_size", 0, r"integer >= 1"),
-    ("optim", "warmup_epochs", 500, r"\[0, epochs=300\]"),
-    ("model", "name", "vit_huuge", r"one of"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,allowed",
+    [
+        ("mask", "pred_mask_scale", [0.0, 0.2], r"0\.0 < lo <= hi <= 1\.0"),
+        ("mask", "pred_mask_scale", [0.15, 1.5], r"0\.0 < lo <= hi <= 1\.0"),
+        ("data", "batch_size", 0, r"integer >= 1"),
+        ("optim", "warmup_epochs", 500, r"\[0, epochs=300\]"),
+        ("model", "name", "vit_huuge", r"one of"),
+    ],
+)
 def test_bad_value_names_key_and_range(tmp_path, section, key, value, allowed):
     with pytest.raises(ConfigError, match=rf"{section}\.{key}=.*{allowed}"):
         config.load(_write(tmp_path, {section: {key: value}}))
@@ -196,9 +220,19 @@ def test_crop_must_be_a_multiple_of_patch():
 
 # ----------------------------------------------------------------------------- overrides, presets, save
 
+
 def test_overrides_are_coerced_and_checked():
-    cfg = config.load(None, ["optim.lr=5e-4", "mask.aspect_ratio=0.5,2", "data.pin_memory=false",
-                             "run.tensorboard=off", "optim.warmup_epochs=0.5", "data.batch_size=64"])
+    cfg = config.load(
+        None,
+        [
+            "optim.lr=5e-4",
+            "mask.aspect_ratio=0.5,2",
+            "data.pin_memory=false",
+            "run.tensorboard=off",
+            "optim.warmup_epochs=0.5",
+            "data.batch_size=64",
+        ],
+    )
     assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.mask.aspect_ratio == (0.5, 2.0)
     assert (cfg.data.pin_memory, cfg.run.tensorboard) == (False, False)

@@ -5,6 +5,7 @@ selection tests run everywhere. Images: scikit-learn's two sample photos when it
 plus synthetic photos (gradients, shapes, noise) as real JPEG files, plus the CPU data tests'
 awkward and corrupt files.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,9 @@ from ijepa_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_box
 from ijepa_fast.masks import MultiBlockMaskSampler, _mix, check_masks
 from ijepa_fast.masks_device import DeviceMaskSampler, hash_uint32
 
-needs_dali = pytest.mark.skipif(not optional.available("dali"),
-                                reason="nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+needs_dali = pytest.mark.skipif(
+    not optional.available("dali"), reason="nvidia-dali is not installed (pip install nvidia-dali-cuda130)"
+)
 MASKS = dict(num_pred_masks=4, min_keep=2)
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -41,8 +43,9 @@ def synthetic_photo(w: int, h: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     phase = rng.uniform(0, 6.28, 3)
-    base = np.stack([127 + 100 * np.sin(xx / (w / 3) + phase[c]) * np.cos(yy / (h / 2) + phase[c]) for c in range(3)],
-                    -1)
+    base = np.stack(
+        [127 + 100 * np.sin(xx / (w / 3) + phase[c]) * np.cos(yy / (h / 2) + phase[c]) for c in range(3)], -1
+    )
     img = Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(4):
@@ -93,8 +96,18 @@ def make_planted_folder(root: Path) -> int:
 
 
 def cfg_for(root: Path, **kw) -> DataConfig:
-    return DataConfig(**{"dataset": "folder", "root": str(root), "split": "", "crop_size": 32, "batch_size": 4,
-                         "num_workers": 2, "pin_memory": False, **kw})
+    return DataConfig(
+        **{
+            "dataset": "folder",
+            "root": str(root),
+            "split": "",
+            "crop_size": 32,
+            "batch_size": 4,
+            "num_workers": 2,
+            "pin_memory": False,
+            **kw,
+        }
+    )
 
 
 def take(loader, n: int) -> list:
@@ -180,8 +193,9 @@ def crop_windows(images: torch.Tensor, w: int, h: int) -> list[tuple[float, floa
         # column centres sit half a pixel inside the window: extend by one output pixel in total
         cw = (r1 - r0) / 255 * (w - 1) * S / (S - 1)
         ch = (g1 - g0) / 255 * (h - 1) * S / (S - 1)
-        out.append((float(r0 / 255 * (w - 1) - cw / (2 * S)), float(g0 / 255 * (h - 1) - ch / (2 * S)),
-                    float(cw), float(ch)))
+        out.append(
+            (float(r0 / 255 * (w - 1) - cw / (2 * S)), float(g0 / 255 * (h - 1) - ch / (2 * S)), float(cw), float(ch))
+        )
     return out
 
 
@@ -210,7 +224,7 @@ def test_two_ranks_cover_every_file_once_per_epoch(tmp_path):
     assert spe == 14 // 6
     batches = [take(loader, 2 * spe) for loader in loaders]
     for epoch in (0, 1):
-        seen = [i for rank in batches for b in rank[epoch * spe:(epoch + 1) * spe] for i in b.labels.tolist()]
+        seen = [i for rank in batches for b in rank[epoch * spe : (epoch + 1) * spe] for i in b.labels.tolist()]
         assert len(seen) == len(set(seen)) == spe * 6
         expected = [i for r in (0, 1) for i in StepBatchSampler(14, 3, 2, r, 2).epoch_indices(epoch).tolist()]
         assert sorted(seen) == sorted(expected)  # the CPU loader's samples
@@ -255,7 +269,7 @@ def test_recovers_when_dali_meets_a_bad_file(tmp_path, how):
     # a valid header (the loader reads it for the crop window) and no image data: DALI fails
     data = victim.read_bytes()
     sos = data.index(b"\xff\xda")
-    broken = data[:sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")].ljust(len(data), b"\xff")
+    broken = data[: sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")].ljust(len(data), b"\xff")
     if how == "stale cache":
         validate_images(paths, cache=cache)
         st = os.stat(victim)
@@ -330,7 +344,7 @@ def test_webdataset_ranks_see_each_sample_at_most_once_per_epoch(tmp_path, n):
     assert loaders[0].skipped == 1 and any(":s00003 " in p for p in loaders[0].skipped_paths)
     batches = [take(loader, 3 * spe) for loader in loaders]
     for epoch in range(3):
-        seen = [i for rank in batches for b in rank[epoch * spe:(epoch + 1) * spe] for i in b.labels.tolist()]
+        seen = [i for rank in batches for b in rank[epoch * spe : (epoch + 1) * spe] for i in b.labels.tolist()]
         assert len(seen) == len(set(seen)) == spe * 8, (epoch, sorted(seen))
         assert 3 not in seen and set(seen) <= set(range(n))
     b = batches[0][0]
@@ -389,7 +403,8 @@ def test_check_image_names_each_kind_of_bad_file(tmp_path):
         assert check_image(data).startswith("UnidentifiedImageError: cannot identify image file")
     (tmp_path / "x.jpg").write_bytes(good)
     assert validate_images([tmp_path / "x.jpg", tmp_path / "missing.jpg"]) == {
-        str(tmp_path / "missing.jpg"): "FileNotFoundError: missing or unreadable"}
+        str(tmp_path / "missing.jpg"): "FileNotFoundError: missing or unreadable"
+    }
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -450,8 +465,11 @@ def invariants(sampler: MultiBlockMaskSampler, batch, B: int) -> None:
 @pytest.mark.parametrize("grid", [(2, 2), (2, 3), (3, 2), (2, 40), (5, 7), (14, 14), (16, 16), (24, 9)])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_device_sampler_invariants_on_every_grid(grid, overlap, one_thread):
-    most = MultiBlockMaskSampler(grid, min_keep=1).max_min_keep() \
-        if hasattr(MultiBlockMaskSampler, "max_min_keep") else grid[0] * grid[1] - 1
+    most = (
+        MultiBlockMaskSampler(grid, min_keep=1).max_min_keep()
+        if hasattr(MultiBlockMaskSampler, "max_min_keep")
+        else grid[0] * grid[1] - 1
+    )
     for min_keep in sorted({1, 2, most}):
         for scales in ((0.15, 0.2), (0.5, 1.0)):
             sampler = DeviceMaskSampler(grid, min_keep=min_keep, pred_scale=scales, allow_overlap=overlap, seed=3)
@@ -543,16 +561,34 @@ def test_the_trainer_trains_with_the_dali_loader_by_config(tmp_path):
     from ijepa_fast.trainer import Trainer
 
     make_planted_folder(tmp_path / "data")
-    overrides = {"model.name": "vit_tiny", "model.patch_size": 8, "model.pred_depth": 1, "model.pred_emb_dim": 48,
-                 "mask.min_keep": 2, "data.dataset": "folder", "data.root": str(tmp_path / "data"), "data.split": "",
-                 "data.crop_size": 32, "data.batch_size": 2, "data.num_workers": 1, "data.pin_memory": "false",
-                 "optim.epochs": 2, "optim.warmup_epochs": 0.5, "run.out_dir": str(tmp_path / "runs"),
-                 "run.log_every": 1, "run.checkpoint_every": 100, "run.progress": "false",
-                 "run.tensorboard": "false", "run.device": "cpu", "run.dtype": "fp32"}
+    overrides = {
+        "model.name": "vit_tiny",
+        "model.patch_size": 8,
+        "model.pred_depth": 1,
+        "model.pred_emb_dim": 48,
+        "mask.min_keep": 2,
+        "data.dataset": "folder",
+        "data.root": str(tmp_path / "data"),
+        "data.split": "",
+        "data.crop_size": 32,
+        "data.batch_size": 2,
+        "data.num_workers": 1,
+        "data.pin_memory": "false",
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 0.5,
+        "run.out_dir": str(tmp_path / "runs"),
+        "run.log_every": 1,
+        "run.checkpoint_every": 100,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "run.device": "cpu",
+        "run.dtype": "fp32",
+    }
     runs = {}
     for kind in ("dali", "pytorch"):
-        cfg = config_mod.load(None, [f"{k}={v}" for k, v in {**overrides, "data.loader": kind,
-                                                               "run.name": kind}.items()])
+        cfg = config_mod.load(
+            None, [f"{k}={v}" for k, v in {**overrides, "data.loader": kind, "run.name": kind}.items()]
+        )
         trainer = Trainer(cfg)
         trainer.build()
         assert isinstance(trainer.loader, DaliPretrainLoader) == (kind == "dali")

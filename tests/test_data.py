@@ -1,6 +1,7 @@
 """CPU data path: IDX and folder readers, every image mode to RGB, bad files skipped and counted
 (with and without workers), crop statistics, normalisation, determinism, bitwise resume, sharding,
 clear errors for missing or empty sources, and the loader benchmark at a tiny size."""
+
 from __future__ import annotations
 
 import gzip
@@ -64,12 +65,12 @@ def idx_cfg(root, **kw) -> DataConfig:
 
 
 def folder_cfg(root, **kw) -> DataConfig:
-    base = dict(dataset="folder", root=str(root), split="", crop_size=32, batch_size=4, num_workers=0,
-                pin_memory=False)
+    base = dict(dataset="folder", root=str(root), split="", crop_size=32, batch_size=4, num_workers=0, pin_memory=False)
     return DataConfig(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- IDX
+
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip(tmp_path, gz):
@@ -111,8 +112,14 @@ def test_bad_idx_files_are_named(tmp_path):
         "padded": struct.pack(">II", 0x801, 2) + b"\x00" * 3,
         "gzip": gzip.compress(idx_bytes(np.random.default_rng(0).integers(0, 256, (50, 4, 4), np.uint8)))[:400],
     }
-    expect = {"magic": "bad magic number", "empty": "empty file", "header": "truncated header",
-              "body": "is truncated", "padded": "longer than its header", "gzip": "truncated gzip"}
+    expect = {
+        "magic": "bad magic number",
+        "empty": "empty file",
+        "header": "truncated header",
+        "body": "is truncated",
+        "padded": "longer than its header",
+        "gzip": "truncated gzip",
+    }
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(IdxFormatError, match=expect[name]) as err:
@@ -135,6 +142,7 @@ def test_installed_fashion_mnist_reads():
 
 
 # ----------------------------------------------------------------------------- folders and decoding
+
 
 def test_folder_scan_labels_order_and_extensions(tmp_path):
     planted = make_planted_folder(tmp_path)
@@ -221,6 +229,7 @@ def test_undecodable_files_raise_and_truncation_is_not_masked(tmp_path):
 
 # ----------------------------------------------------------------------------- crops and normalisation
 
+
 def test_crop_area_and_aspect_within_bounds():
     rng = random.Random(0)
     W, H = 400, 300
@@ -237,8 +246,13 @@ def test_crop_area_and_aspect_within_bounds():
 
 
 @settings(max_examples=300, deadline=None)
-@given(W=st.integers(1, 3000), H=st.integers(1, 3000), lo=st.floats(0.01, 1.0), span=st.floats(0.0, 1.0),
-       seed=st.integers(0, 2**32))
+@given(
+    W=st.integers(1, 3000),
+    H=st.integers(1, 3000),
+    lo=st.floats(0.01, 1.0),
+    span=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**32),
+)
 def test_crop_box_always_fits_the_image(W, H, lo, span, seed):
     x, y, w, h = crop_box(W, H, (lo, min(1.0, lo + span)), (3 / 4, 4 / 3), random.Random(seed))
     assert 0 <= x and 0 <= y and 1 <= w and 1 <= h and x + w <= W and y + h <= H  # noqa: SIM300
@@ -289,6 +303,7 @@ def test_centre_crop_eval_geometry():
 
 
 # ----------------------------------------------------------------------------- the loader
+
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_planted_bad_files_are_skipped_and_counted(tmp_path, workers, caplog):
@@ -345,8 +360,9 @@ def test_resume_reproduces_batches_bitwise(tmp_path, workers):
         assert_same_batches(a, b)
     assert [b.step for b in tail] == list(range(3, 9)) and [b.epoch for b in tail] == [0, 0, 1, 1, 1, 1]
     # the worker count changes nothing either
-    other = take(build_pretrain_loader(idx_cfg(tmp_path, num_workers=2 - workers), grid=7, mask_kwargs=MASKS,
-                                       seed=3), 2)
+    other = take(
+        build_pretrain_loader(idx_cfg(tmp_path, num_workers=2 - workers), grid=7, mask_kwargs=MASKS, seed=3), 2
+    )
     assert_same_batches(full[1], other[1])
 
 
@@ -387,8 +403,9 @@ def test_two_rank_loaders_see_disjoint_halves(tmp_path):
     write_idx_pair(tmp_path, images, np.arange(n) % 10)
     seen = []
     for rank in (0, 1):
-        loader = build_pretrain_loader(idx_cfg(tmp_path, batch_size=4), grid=7, mask_kwargs=MASKS, seed=5,
-                                       rank=rank, world_size=2)
+        loader = build_pretrain_loader(
+            idx_cfg(tmp_path, batch_size=4), grid=7, mask_kwargs=MASKS, seed=5, rank=rank, world_size=2
+        )
         assert loader.steps_per_epoch == 4
         for batch in take(loader, 4):  # one epoch
             # constant images stay constant under crops: the value names the sample
@@ -422,6 +439,7 @@ def test_batches_come_pinned(tmp_path):
 
 
 # ----------------------------------------------------------------------------- errors before any model
+
 
 def test_missing_or_empty_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root is empty"):
@@ -461,6 +479,7 @@ def test_split_subfolder_is_used_when_present(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation
 
+
 def test_eval_dataset_idx_is_the_whole_image(tmp_path):
     images, labels = random_idx_pair(tmp_path, 6, split="test")
     ds = build_eval_dataset(idx_cfg(tmp_path), split="test")
@@ -482,6 +501,7 @@ def test_eval_dataset_on_a_folder_with_bad_files(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- the benchmark
+
 
 def test_benchmark_runs_quick(tmp_path, capsys):
     from profiling.bench_data import main

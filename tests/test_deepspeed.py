@@ -11,6 +11,7 @@ The two-process runs are one launch of ``tests/ds_worker.py`` for all three stag
 pays ~10 s of imports); the first DeepSpeed run on a machine also JIT-builds its shared-memory
 communication op (~35 s, cached in ~/.cache/torch_extensions).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ from ijepa_fast.step import StepOptions, TrainStep, build_optimizer
 from tests import ds_worker as W
 
 pytestmark = pytest.mark.deepspeed
-needs_ds = pytest.mark.skipif(not available("deepspeed"), reason="deepspeed is not installed "
-                              "(pip install 'deepspeed==0.19.8')")
+needs_ds = pytest.mark.skipif(
+    not available("deepspeed"), reason="deepspeed is not installed (pip install 'deepspeed==0.19.8')"
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -47,13 +49,29 @@ def launch(mode: str, out: Path, *args: str, timeout: float = 300, extra_env: di
     procs, logs = [], []
     started = time.perf_counter()
     for rank in range(WORLD):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": str(rank),
-               "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "PYTHONPATH": str(REPO), **(extra_env or {})}
+        env = {
+            **os.environ,
+            "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PYTHONPATH": str(REPO),
+            **(extra_env or {}),
+        }
         log = open(out / f"{mode}_rank{rank}.log", "w+")  # noqa: SIM115 (closed below, after the wait)
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "ds_worker.py"), mode, str(out), *args],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "ds_worker.py"), mode, str(out), *args],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     codes = []
     try:
         for p in procs:
@@ -95,14 +113,25 @@ def plain_run() -> dict:
     cfg = W.tiny_config()
     student, target = W.models(cfg, 0)
     optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
-    step = TrainStep(student, target, optimizer, W.schedules(cfg), torch.device("cpu"), None,
-                     StepOptions(grad_clip=cfg.optim.grad_clip))
+    step = TrainStep(
+        student,
+        target,
+        optimizer,
+        W.schedules(cfg),
+        torch.device("cpu"),
+        None,
+        StepOptions(grad_clip=cfg.optim.grad_clip),
+    )
     losses = []
     for i in range(W.STEPS):
         images, masks = W.global_batch(i, WORLD)
         losses.append(step(images, masks, i)["loss"].item())
-    return {"losses": losses, "encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict(),
-            "target_encoder": target.state_dict()}
+    return {
+        "losses": losses,
+        "encoder": student.encoder.state_dict(),
+        "predictor": student.predictor.state_dict(),
+        "target_encoder": target.state_dict(),
+    }
 
 
 def _assert_states_close(got: dict, want: dict, **tol) -> None:
@@ -113,6 +142,7 @@ def _assert_states_close(got: dict, want: dict, **tol) -> None:
 
 
 # ----------------------------------------------------------------------------- two processes
+
 
 @needs_ds
 @pytest.mark.parametrize("stage", STAGES)
@@ -132,8 +162,16 @@ def test_gradient_accumulation_under_zero_matches_the_plain_step(zero_runs):
     cfg = W.tiny_config()
     student, target = W.models(cfg, 0)
     optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
-    step = TrainStep(student, target, optimizer, W.schedules(cfg), torch.device("cpu"), None,
-                     StepOptions(grad_clip=cfg.optim.grad_clip), grad_accum=W.ACCUM)
+    step = TrainStep(
+        student,
+        target,
+        optimizer,
+        W.schedules(cfg),
+        torch.device("cpu"),
+        None,
+        StepOptions(grad_clip=cfg.optim.grad_clip),
+        grad_accum=W.ACCUM,
+    )
     losses, stepped = [], []
     for i in range(W.ACCUM_STEPS):
         for j in range(W.ACCUM):
@@ -141,8 +179,11 @@ def test_gradient_accumulation_under_zero_matches_the_plain_step(zero_runs):
             stepped.append(step.stepped)
     assert run["stepped"] == stepped == [False, True] * W.ACCUM_STEPS
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(losses), **LOSS_TOL)
-    want = {"encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict(),
-            "target_encoder": target.state_dict()}
+    want = {
+        "encoder": student.encoder.state_dict(),
+        "predictor": student.predictor.state_dict(),
+        "target_encoder": target.state_dict(),
+    }
     _assert_states_close(run["final"], want, **WEIGHT_TOL)
     assert run["ds_config"]["gradient_accumulation_steps"] == W.ACCUM
     assert run["ds_config"]["train_batch_size"] == W.PER_RANK * WORLD * W.ACCUM
@@ -153,7 +194,7 @@ def test_gradient_accumulation_under_zero_matches_the_plain_step(zero_runs):
 def test_resume_from_step_3_matches_the_uninterrupted_run(stage, zero_runs):
     run = zero_runs[stage]
     assert run["resumed_from"] == W.SAVE_AT
-    assert run["resumed"] == run["losses"][W.SAVE_AT:]  # bitwise: same world size, same partitions
+    assert run["resumed"] == run["losses"][W.SAVE_AT :]  # bitwise: same world size, same partitions
     _assert_states_close(run["final_resumed"], run["final"], rtol=0, atol=0)
 
 
@@ -198,6 +239,7 @@ def test_a_stalled_rank_times_out_its_peer(tmp_path):
 
 # ----------------------------------------------------------------------------- config generation
 
+
 def _cfg(**run):
     cfg = W.tiny_config(2)
     for k, v in run.items():
@@ -232,11 +274,17 @@ def test_user_ds_config_overrides_other_keys_and_may_repeat_ours(tmp_path):
     from ijepa_fast.engine_deepspeed import deepspeed_config
 
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": W.PER_RANK,
-                                "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345,
-                                                      "offload_optimizer": {"device": "cpu"}},
-                                "optimizer": {"params": {"betas": [0.9, 0.999]}},
-                                "steps_per_print": 50}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "train_micro_batch_size_per_gpu": W.PER_RANK,
+                "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345, "offload_optimizer": {"device": "cpu"}},
+                "optimizer": {"params": {"betas": [0.9, 0.999]}},
+                "steps_per_print": 50,
+            }
+        )
+    )
     ds = deepspeed_config(_cfg(ds_config=str(path)), world_size=2)
     assert ds["train_batch_size"] == W.PER_RANK * 2  # "auto" takes ours
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 12345, "offload_optimizer": {"device": "cpu"}}
@@ -247,8 +295,16 @@ def test_conflicting_ds_config_is_an_error_naming_both_keys_and_values(tmp_path)
     from ijepa_fast.engine_deepspeed import deepspeed_config
 
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8,
-                                "zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR"}}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_batch_size": 64,
+                "train_micro_batch_size_per_gpu": 8,
+                "zero_optimization": {"stage": 3},
+                "scheduler": {"type": "WarmupLR"},
+            }
+        )
+    )
     with pytest.raises(ConfigError) as err:
         deepspeed_config(_cfg(ds_config=str(path)), world_size=2)
     msg = str(err.value)
@@ -278,13 +334,34 @@ def test_stage3_target_config_partitions_without_optimizer_or_persistence():
 
 # ----------------------------------------------------------------------------- launcher environments
 
+
 def test_detect_torchrun_slurm_and_single_process():
-    env = dist_.detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29501",
-                        "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"})  # torchrun inside SLURM: torchrun wins
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == \
-        (3, 8, 1, "n1", 29501, "env")
-    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "123456",
-             "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    env = dist_.detect(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "n1",
+            "MASTER_PORT": "29501",
+            "SLURM_PROCID": "0",
+            "SLURM_STEP_NUM_TASKS": "2",
+        }
+    )  # torchrun inside SLURM: torchrun wins
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
+        3,
+        8,
+        1,
+        "n1",
+        29501,
+        "env",
+    )
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "16",
+        "SLURM_LOCALID": "5",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+    }
     env = dist_.detect(slurm)
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (5, 16, 5, "gpu07", "slurm")
     assert env.master_port == 20000 + 123456 % 20000 == dist_.detect({**slurm, "SLURM_PROCID": "9"}).master_port
@@ -316,28 +393,65 @@ def test_timeout_and_engine_resolution():
 
 # ----------------------------------------------------------------------------- launch scripts
 
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-@pytest.mark.parametrize("script, env, expected", [
-    ("single_node.sh", {"NUM_GPUS": "2"},
-     ["-m deepspeed.launcher.runner --num_gpus 2 --master_port 29500 --no_local_rank --module ijepa_fast.pretrain"]),
-    ("multi_node.sh", {"HOSTFILE": "hosts.txt", "NUM_NODES": "2", "NUM_GPUS": "8", "MASTER_ADDR": "n1"},
-     ["--hostfile hosts.txt", "--num_nodes 2", "--num_gpus 8", "--master_addr n1", "--module ijepa_fast.pretrain"]),
-    ("torchrun.sh", {"NPROC_PER_NODE": "2"}, ["-m torch.distributed.run --standalone --nproc_per_node 2 "
-                                              "-m ijepa_fast.pretrain"]),
-    ("torchrun.sh", {"NNODES": "2", "NPROC_PER_NODE": "8", "NODE_RANK": "1", "MASTER_ADDR": "n1"},
-     ["--nnodes 2 --node_rank 1 --master_addr n1 --master_port 29500 --nproc_per_node 8"]),
-    ("slurm.sbatch", {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42",
-                      "GPUS_PER_NODE": "4"},
-     ["srun", "--nnodes 2 --nproc_per_node 4", "--rdzv_endpoint gpu01:", "-m ijepa_fast.pretrain"]),
-])
+@pytest.mark.parametrize(
+    "script, env, expected",
+    [
+        (
+            "single_node.sh",
+            {"NUM_GPUS": "2"},
+            [
+                "-m deepspeed.launcher.runner --num_gpus 2 --master_port 29500 --no_local_rank "
+                "--module ijepa_fast.pretrain"
+            ],
+        ),
+        (
+            "multi_node.sh",
+            {"HOSTFILE": "hosts.txt", "NUM_NODES": "2", "NUM_GPUS": "8", "MASTER_ADDR": "n1"},
+            [
+                "--hostfile hosts.txt",
+                "--num_nodes 2",
+                "--num_gpus 8",
+                "--master_addr n1",
+                "--module ijepa_fast.pretrain",
+            ],
+        ),
+        (
+            "torchrun.sh",
+            {"NPROC_PER_NODE": "2"},
+            ["-m torch.distributed.run --standalone --nproc_per_node 2 -m ijepa_fast.pretrain"],
+        ),
+        (
+            "torchrun.sh",
+            {"NNODES": "2", "NPROC_PER_NODE": "8", "NODE_RANK": "1", "MASTER_ADDR": "n1"},
+            ["--nnodes 2 --node_rank 1 --master_addr n1 --master_port 29500 --nproc_per_node 8"],
+        ),
+        (
+            "slurm.sbatch",
+            {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "4"},
+            ["srun", "--nnodes 2 --nproc_per_node 4", "--rdzv_endpoint gpu01:", "-m ijepa_fast.pretrain"],
+        ),
+    ],
+)
 def test_launch_scripts_build_their_commands(script, env, expected, tmp_path):
     fake = tmp_path / "scontrol"  # SLURM's `scontrol show hostnames gpu[01-02]`
     fake.write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\n'\n")
     fake.chmod(0o755)
-    run_env = {**os.environ, "IJEPA_LAUNCH_DRY_RUN": "1", "PYTHON": "python", **env,
-               "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(["bash", str(REPO / "launch" / script), "--config", "configs/demo.yaml", "optim.lr=5e-4"],
-                         env=run_env, capture_output=True, text=True, timeout=30)
+    run_env = {
+        **os.environ,
+        "IJEPA_LAUNCH_DRY_RUN": "1",
+        "PYTHON": "python",
+        **env,
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+    }
+    out = subprocess.run(
+        ["bash", str(REPO / "launch" / script), "--config", "configs/demo.yaml", "optim.lr=5e-4"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     command = out.stdout.strip().splitlines()[-1]
     for part in expected:
@@ -346,6 +460,7 @@ def test_launch_scripts_build_their_commands(script, env, expected, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLI under both launchers
+
 
 def _trainer_has_deepspeed() -> bool:
     from ijepa_fast import trainer
@@ -361,13 +476,27 @@ def test_pretrain_under_torchrun_then_the_deepspeed_launcher_resumes_like_one_ru
     from tests.test_trainer import DETERMINISTIC_ENV, losses, tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=96)  # 6 steps of 2 ranks x 8
-    env = {**os.environ, **DETERMINISTIC_ENV, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable,
-           "PYTHONPATH": str(REPO), "NPROC_PER_NODE": "2", "NUM_GPUS": "2", "MASTER_PORT": str(dist_.free_port())}
+    env = {
+        **os.environ,
+        **DETERMINISTIC_ENV,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        "NPROC_PER_NODE": "2",
+        "NUM_GPUS": "2",
+        "MASTER_PORT": str(dist_.free_port()),
+    }
 
     def run(script: str, name: str, *extra: str) -> None:
         args = tiny_overrides(data, tmp_path / "runs", name, **{"run.engine": "deepspeed", "run.zero_stage": 1})
-        out = subprocess.run(["bash", str(REPO / "launch" / script), *args, *extra], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            ["bash", str(REPO / "launch" / script), *args, *extra],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     run("torchrun.sh", "whole")  # checkpoints at steps 3 and 6

@@ -4,6 +4,7 @@ The images are separable by construction (class c is a bright horizontal band ov
 so the raw-pixel row must score 100% with both classifiers: an independent check that the table
 wires features, labels and test split together correctly.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def banded_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     labels = np.arange(n) % 10
     images = rng.integers(0, 40, (n, 28, 28))
     for i, c in enumerate(labels):
-        images[i, 2 * c + 4:2 * c + 7] = 255
+        images[i, 2 * c + 4 : 2 * c + 7] = 255
     return images.astype(np.uint8), labels.astype(np.uint8)
 
 
@@ -34,13 +35,27 @@ def banded_idx(tmp_path):
 
 
 def test_demo_trains_and_prints_probe_and_knn_for_three_feature_sets(banded_idx, tmp_path, capsys):
-    status = demo.main(["--data", str(banded_idx), "--probe-train", "60", "--probe-test", "30",
-                        "optim.epochs=1", "data.batch_size=16", "data.num_workers=0",
-                        f"run.out_dir={tmp_path / 'runs'}", "run.checkpoint_every=1000"])
+    status = demo.main(
+        [
+            "--data",
+            str(banded_idx),
+            "--probe-train",
+            "60",
+            "--probe-test",
+            "30",
+            "optim.epochs=1",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            f"run.out_dir={tmp_path / 'runs'}",
+            "run.checkpoint_every=1000",
+        ]
+    )
     assert status == 0
     out = capsys.readouterr().out
-    rows = dict((m.group(1), (float(m.group(2)), float(m.group(3))))
-                for m in re.finditer(r"^\| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M))
+    rows = dict(
+        (m.group(1), (float(m.group(2)), float(m.group(3))))
+        for m in re.finditer(r"^\| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    )
     assert list(rows) == ["I-JEPA (pretrained)", "same ViT, random init", "raw pixels"]
     assert rows["raw pixels"] == (100.0, 100.0)
     assert "first 60 training images, top-1 on the first 30 test images" in out

@@ -1,4 +1,5 @@
 """Frozen-feature evaluation: features (avgpool, last4), the linear probe, kNN, and ijepa-eval end to end."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- helpers (also used by test_interop)
 
+
 def write_idx_split(root: Path, split: str, n: int, seed: int) -> None:
     """An IDX pair (magic 0x803 images uint8 [n, 28, 28], 0x801 labels): 4 classes of blobs, one per quadrant."""
     rng = np.random.default_rng(seed)
@@ -33,7 +35,7 @@ def write_idx_split(root: Path, split: str, n: int, seed: int) -> None:
     labels = rng.integers(0, 4, n).astype(np.uint8)
     cy = np.where(labels % 2 == 0, 8.0, 20.0) + rng.normal(0, 1.5, n)
     cx = np.where(labels < 2, 8.0, 20.0) + rng.normal(0, 1.5, n)
-    imgs = (255 * np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 18.0))
+    imgs = 255 * np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 18.0)
     prefix = "train" if split == "train" else "t10k"
     root.mkdir(parents=True, exist_ok=True)
     with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
@@ -50,23 +52,39 @@ def write_idx_data(root: Path, n_train: int = 160, n_test: int = 48) -> Path:
 
 def write_our_run(run_dir: Path) -> Path:
     """A run folder with one checkpoint in our format (as the trainer writes it) of a tiny model."""
-    cfg = config_mod.from_dict({"model": {"name": "vit_tiny", "patch_size": 7, "pred_depth": 1, "pred_emb_dim": 48},
-                                "data": {"dataset": "idx", "crop_size": 28}})
+    cfg = config_mod.from_dict(
+        {
+            "model": {"name": "vit_tiny", "patch_size": 7, "pred_depth": 1, "pred_emb_dim": 48},
+            "data": {"dataset": "idx", "crop_size": 28},
+        }
+    )
     torch.manual_seed(0)
     student, target = build_models(cfg.model, cfg.data.crop_size)
     with torch.no_grad():  # a target that differs from the context encoder, as after training
         for p in target.parameters():
             p.add_(0.01 * torch.randn_like(p))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    state = {"encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict(),
-             "target_encoder": target.state_dict(), "opt": opt.state_dict(), "epoch": 1, "loss": 0.5,
-             "batch_size": 8, "world_size": 1, "lr": 1e-3, "schedules": {}, "mask_sampler": {}, "rng": {},
-             "config": cfg.to_dict()}
+    state = {
+        "encoder": student.encoder.state_dict(),
+        "predictor": student.predictor.state_dict(),
+        "target_encoder": target.state_dict(),
+        "opt": opt.state_dict(),
+        "epoch": 1,
+        "loss": 0.5,
+        "batch_size": 8,
+        "world_size": 1,
+        "lr": 1e-3,
+        "schedules": {},
+        "mask_sampler": {},
+        "rng": {},
+        "config": cfg.to_dict(),
+    }
     ckpt_mod.save_checkpoint(run_dir / "checkpoints", state, step=10, keep=2)
     return run_dir
 
 
 # ----------------------------------------------------------------------------- features
+
 
 @pytest.fixture(scope="module")
 def encoder():
@@ -98,9 +116,11 @@ def test_last4_matches_hooked_blocks(encoder):
 @pytest.mark.parametrize("kind", ["pair", "dataset", "iterable"])
 def test_extract_features_from_any_source_in_order(encoder, kind):
     images, labels = torch.randn(11, 3, 32, 32), torch.arange(11)
-    source = {"pair": (images, labels),
-              "dataset": torch.utils.data.TensorDataset(images, labels),
-              "iterable": ((images[i], int(labels[i])) for i in range(11))}[kind]
+    source = {
+        "pair": (images, labels),
+        "dataset": torch.utils.data.TensorDataset(images, labels),
+        "iterable": ((images[i], int(labels[i])) for i in range(11)),
+    }[kind]
     encoder.train()
     feats, y = extract_features(encoder, source, batch_size=4, dtype="fp32", progress=False)
     assert encoder.training  # the mode is restored
@@ -126,10 +146,12 @@ def test_bad_feature_mode_is_named(encoder):
 
 # ----------------------------------------------------------------------------- probe
 
+
 def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int, centre_seed: int | None = None):
     """Gaussian blobs around ``classes`` centres (drawn from ``centre_seed``, default ``seed``), shuffled."""
-    centres = 3.0 * torch.randn(classes, dim, generator=torch.Generator().manual_seed(
-        seed if centre_seed is None else centre_seed))
+    centres = 3.0 * torch.randn(
+        classes, dim, generator=torch.Generator().manual_seed(seed if centre_seed is None else centre_seed)
+    )
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(classes).repeat_interleave(n_per_class)
     x = centres[y] + spread * torch.randn(len(y), dim, generator=g)
@@ -165,8 +187,14 @@ def test_probe_recovers_a_signal_hidden_in_correlated_features():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (3000,), generator=g)
     base = 10.0 * torch.randn(3000, 1, generator=g)
-    x = torch.cat([base + 0.01 * (2.0 * y[:, None] - 1) + 0.002 * torch.randn(3000, 1, generator=g),
-                   base, torch.randn(3000, 6, generator=g)], dim=1)
+    x = torch.cat(
+        [
+            base + 0.01 * (2.0 * y[:, None] - 1) + 0.002 * torch.randn(3000, 1, generator=g),
+            base,
+            torch.randn(3000, 6, generator=g),
+        ],
+        dim=1,
+    )
     result = linear_probe(x[:2000], y[:2000], x[2000:], y[2000:])
     assert result.top1 > 0.95
 
@@ -183,12 +211,13 @@ def test_batched_sweep_equals_separate_fits():
     lrs, wds = torch.tensor([0.01, 0.1]), torch.tensor([0.0, 1e-2])
     W, b = fit_softmax_regression(x, y, 3, lrs, wds, steps=40, batch_size=64)
     for p in range(2):
-        Wp, bp = fit_softmax_regression(x, y, 3, lrs[p:p + 1], wds[p:p + 1], steps=40, batch_size=64)
+        Wp, bp = fit_softmax_regression(x, y, 3, lrs[p : p + 1], wds[p : p + 1], steps=40, batch_size=64)
         torch.testing.assert_close(W[p], Wp[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(b[p], bp[0], atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- kNN
+
 
 def knn_brute_force(train_x, train_y, test_x, k, T, classes):
     """Reference: the whole similarity matrix, a full sort per row, votes summed one by one."""
@@ -214,8 +243,16 @@ def test_knn_equals_brute_force(chunks):
     t = torch.from_numpy
     _, idx = knn_topk(t(train_x), t(test_x), 20, *chunks)
     assert np.array_equal(idx.numpy(), ref_idx)
-    pred = knn_predict(t(train_x), t(train_y), t(test_x), k=20, temperature=0.07, num_classes=6,
-                       test_chunk=chunks[0], train_chunk=chunks[1])
+    pred = knn_predict(
+        t(train_x),
+        t(train_y),
+        t(test_x),
+        k=20,
+        temperature=0.07,
+        num_classes=6,
+        test_chunk=chunks[0],
+        train_chunk=chunks[1],
+    )
     assert np.array_equal(pred.numpy(), ref_pred)
 
 
@@ -227,6 +264,7 @@ def test_knn_accuracy_on_blobs_and_small_train_sets():
 
 
 # ----------------------------------------------------------------------------- ijepa-eval
+
 
 @pytest.fixture(scope="module")
 def idx_data(tmp_path_factory):
@@ -259,10 +297,30 @@ def test_ijepa_eval_on_our_checkpoint_and_idx(tmp_path, capsys, idx_data, run_di
 
 def test_python_m_eval_last4_without_probe(tmp_path, idx_data, run_dir):
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "ijepa_fast.eval", str(run_dir / "checkpoints" / "latest.pt"),
-                           "--data", str(idx_data), "--features", "last4", "--no-probe", "--which", "encoder",
-                           "--limit", "30", "--out", str(out), "--no-progress"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ijepa_fast.eval",
+            str(run_dir / "checkpoints" / "latest.pt"),
+            "--data",
+            str(idx_data),
+            "--features",
+            "last4",
+            "--no-probe",
+            "--which",
+            "encoder",
+            "--limit",
+            "30",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert "probe" not in report and report["feature_dim"] == 4 * 192 and report["which"] == "encoder"

@@ -4,6 +4,7 @@ FlopCounterMode counts matrix products and convolutions (and SDPA on CUDA, not t
 kernel), so the models here use the ``math`` attention backend, whose Q K^T and A V are plain
 matmuls; both sides then count the same operations and must agree to rounding.
 """
+
 from __future__ import annotations
 
 import pytest

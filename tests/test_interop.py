@@ -1,5 +1,6 @@
 """Checkpoints in and out: the authors' .pth.tar (strict, errors that list keys), ours, untrusted files,
 safetensors round trips, the timm mapping, and the ijepa-export / ijepa-extract command lines."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,20 @@ N = (IMG // P) ** 2
 
 def block_shapes(prefix: str, dim: int) -> dict[str, tuple]:
     h = 4 * dim
-    return {f"{prefix}.norm1.weight": (dim,), f"{prefix}.norm1.bias": (dim,),
-            f"{prefix}.attn.qkv.weight": (3 * dim, dim), f"{prefix}.attn.qkv.bias": (3 * dim,),
-            f"{prefix}.attn.proj.weight": (dim, dim), f"{prefix}.attn.proj.bias": (dim,),
-            f"{prefix}.norm2.weight": (dim,), f"{prefix}.norm2.bias": (dim,),
-            f"{prefix}.mlp.fc1.weight": (h, dim), f"{prefix}.mlp.fc1.bias": (h,),
-            f"{prefix}.mlp.fc2.weight": (dim, h), f"{prefix}.mlp.fc2.bias": (dim,)}
+    return {
+        f"{prefix}.norm1.weight": (dim,),
+        f"{prefix}.norm1.bias": (dim,),
+        f"{prefix}.attn.qkv.weight": (3 * dim, dim),
+        f"{prefix}.attn.qkv.bias": (3 * dim,),
+        f"{prefix}.attn.proj.weight": (dim, dim),
+        f"{prefix}.attn.proj.bias": (dim,),
+        f"{prefix}.norm2.weight": (dim,),
+        f"{prefix}.norm2.bias": (dim,),
+        f"{prefix}.mlp.fc1.weight": (h, dim),
+        f"{prefix}.mlp.fc1.bias": (h,),
+        f"{prefix}.mlp.fc2.weight": (dim, h),
+        f"{prefix}.mlp.fc2.bias": (dim,),
+    }
 
 
 def authors_encoder_shapes() -> dict[str, tuple]:
@@ -39,12 +48,20 @@ def authors_encoder_shapes() -> dict[str, tuple]:
 
 
 def authors_predictor_shapes() -> dict[str, tuple]:
-    shapes = {"mask_token": (1, 1, DP), "predictor_pos_embed": (1, N, DP), "predictor_embed.weight": (DP, D),
-              "predictor_embed.bias": (DP,)}
+    shapes = {
+        "mask_token": (1, 1, DP),
+        "predictor_pos_embed": (1, N, DP),
+        "predictor_embed.weight": (DP, D),
+        "predictor_embed.bias": (DP,),
+    }
     for i in range(PRED_DEPTH):
         shapes |= block_shapes(f"predictor_blocks.{i}", DP)
-    return shapes | {"predictor_norm.weight": (DP,), "predictor_norm.bias": (DP,),
-                     "predictor_proj.weight": (D, DP), "predictor_proj.bias": (D,)}
+    return shapes | {
+        "predictor_norm.weight": (DP,),
+        "predictor_norm.bias": (DP,),
+        "predictor_proj.weight": (D, DP),
+        "predictor_proj.bias": (D,),
+    }
 
 
 def random_state(shapes: dict[str, tuple], g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -67,14 +84,41 @@ def authors_checkpoint(seed: int = 0) -> dict:
     pred = random_state(authors_predictor_shapes(), g)
     prefixed = lambda sd: {f"module.{k}": v for k, v in sd.items()}  # noqa: E731
     params = list(enc.values()) + list(pred.values())
-    opt = {"state": {i: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros_like(p),
-                         "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(params[:3])},
-           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.04, "amsgrad": False,
-                             "params": list(range(len(params)))}]}
-    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-              "_growth_tracker": 0}
-    return {"encoder": prefixed(enc), "predictor": prefixed(pred), "target_encoder": prefixed(target), "opt": opt,
-            "scaler": scaler, "epoch": 300, "loss": 0.1234, "batch_size": 128, "world_size": 16, "lr": 1e-3}
+    opt = {
+        "state": {
+            i: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            for i, p in enumerate(params[:3])
+        },
+        "param_groups": [
+            {
+                "lr": 1e-3,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "weight_decay": 0.04,
+                "amsgrad": False,
+                "params": list(range(len(params))),
+            }
+        ],
+    }
+    scaler = {
+        "scale": 65536.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 0,
+    }
+    return {
+        "encoder": prefixed(enc),
+        "predictor": prefixed(pred),
+        "target_encoder": prefixed(target),
+        "opt": opt,
+        "scaler": scaler,
+        "epoch": 300,
+        "loss": 0.1234,
+        "batch_size": 128,
+        "world_size": 16,
+        "lr": 1e-3,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +142,22 @@ def images(n: int = 4, size: int = IMG, seed: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the authors' checkpoints
 
+
 def test_authors_checkpoint_loads_strictly(authors_file):
     raw = torch.load(authors_file, weights_only=True)
     loaded = interop.load_authors_checkpoint(authors_file)
-    assert (loaded.spec.name, loaded.spec.patch_size, loaded.spec.img_size, loaded.spec.num_heads) == \
-        ("vit_tiny", 16, 64, 3)
+    assert (loaded.spec.name, loaded.spec.patch_size, loaded.spec.img_size, loaded.spec.num_heads) == (
+        "vit_tiny",
+        16,
+        64,
+        3,
+    )
     assert loaded.meta == {"epoch": 300, "loss": 0.1234, "batch_size": 128, "world_size": 16, "lr": 1e-3}
-    for module, key in ((loaded.encoder, "encoder"), (loaded.target_encoder, "target_encoder"),
-                        (loaded.predictor, "predictor")):
+    for module, key in (
+        (loaded.encoder, "encoder"),
+        (loaded.target_encoder, "target_encoder"),
+        (loaded.predictor, "predictor"),
+    ):
         ours = module.state_dict()
         theirs = interop.strip_module_prefix(raw[key])
         assert set(ours) == set(theirs)
@@ -137,9 +189,12 @@ def test_user_stated_size_that_disagrees_lists_every_mismatch(authors_file):
     with pytest.raises(CheckpointMismatchError) as err:
         interop.load_encoder(authors_file, model="vit_small")  # 384 wide, 6 heads
     msg = str(err.value)
-    for key in ("patch_embed.proj.weight: (192, 3, 16, 16) vs (384, 3, 16, 16)",
-                "pos_embed: (1, 16, 192) vs (1, 16, 384)", "blocks.11.mlp.fc2.weight: (192, 768) vs (384, 1536)",
-                "norm.bias: (192,) vs (384,)"):
+    for key in (
+        "patch_embed.proj.weight: (192, 3, 16, 16) vs (384, 3, 16, 16)",
+        "pos_embed: (1, 16, 192) vs (1, 16, 384)",
+        "blocks.11.mlp.fc2.weight: (192, 768) vs (384, 1536)",
+        "norm.bias: (192,) vs (384,)",
+    ):
         assert key in msg
     assert "vit_small" in msg
     with pytest.raises(CheckpointMismatchError, match="patch size is 16, not 14"):
@@ -184,8 +239,10 @@ def test_predictor_mismatch_is_listed(tmp_path):
 
 
 def test_unknown_width_asks_for_the_model(tmp_path):
-    enc = {k: torch.zeros(tuple(200 if s == D else 3 * 200 if s == 3 * D else 800 if s == 4 * D else s for s in v))
-           for k, v in authors_encoder_shapes().items()}
+    enc = {
+        k: torch.zeros(tuple(200 if s == D else 3 * 200 if s == 3 * D else 800 if s == 4 * D else s for s in v))
+        for k, v in authors_encoder_shapes().items()
+    }
     path = tmp_path / "odd.pt"
     torch.save(enc, path)
     with pytest.raises(ValueError, match="--model"):
@@ -204,6 +261,7 @@ def test_strip_module_prefix():
 
 
 # ----------------------------------------------------------------------------- untrusted files
+
 
 def test_untrusted_objects_are_refused_unless_trusted(tmp_path):
     ckpt = authors_checkpoint()
@@ -225,6 +283,7 @@ def test_missing_file_and_unknown_content(tmp_path):
 
 # ----------------------------------------------------------------------------- our checkpoints
 
+
 def test_our_checkpoint_and_run_folder(tmp_path):
     run_dir = write_our_run(tmp_path / "run")
     raw = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
@@ -236,6 +295,7 @@ def test_our_checkpoint_and_run_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- safetensors
+
 
 def test_safetensors_round_trip(authors_file, tmp_path):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
@@ -253,6 +313,7 @@ def test_safetensors_round_trip(authors_file, tmp_path):
 
 # ----------------------------------------------------------------------------- timm
 
+
 def expected_timm_keys(depth: int) -> set[str]:
     """timm's VisionTransformer(class_token=False, global_pool='avg', fc_norm=False, num_classes=0) names."""
     keys = {"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
@@ -269,8 +330,14 @@ def test_timm_state_dict_names_and_kwargs(authors_file):
     assert all(torch.equal(sd[interop.timm_key(k)], v) for k, v in encoder.state_dict().items())
     kw = interop.timm_kwargs(encoder)
     assert kw["class_token"] is False and kw["global_pool"] == "avg" and kw["fc_norm"] is False
-    assert (kw["num_classes"], kw["embed_dim"], kw["depth"], kw["num_heads"], kw["img_size"], kw["patch_size"]) == \
-        (0, D, DEPTH, 3, IMG, P)
+    assert (kw["num_classes"], kw["embed_dim"], kw["depth"], kw["num_heads"], kw["img_size"], kw["patch_size"]) == (
+        0,
+        D,
+        DEPTH,
+        3,
+        IMG,
+        P,
+    )
     with pytest.raises(KeyError):
         interop.timm_key("head.weight")
 
@@ -287,6 +354,7 @@ def test_timm_model_gives_the_same_features(authors_file):
 
 
 # ----------------------------------------------------------------------------- command lines
+
 
 def test_ijepa_export(authors_file, tmp_path, capsys):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
@@ -311,8 +379,20 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
         pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
     data = write_idx_data(tmp_path / "data", n_train=20, n_test=4)
     out = tmp_path / f"feats{suffix}"
-    rc = interop.extract_main([str(authors_file), "--data", str(data), "--split", "test", "--out", str(out),
-                               "--no-progress", "--batch-size", "3"])
+    rc = interop.extract_main(
+        [
+            str(authors_file),
+            "--data",
+            str(data),
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--batch-size",
+            "3",
+        ]
+    )
     assert rc == 0
     if suffix == ".npy":
         feats, labels = np.load(out), np.load(tmp_path / "feats.labels.npy")
@@ -341,8 +421,20 @@ def test_ijepa_extract_image_folder_names_each_row(authors_file, tmp_path):
             pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
     out = tmp_path / "f.npy"
-    rc = interop.extract_main([str(authors_file), "--data", str(tmp_path / "imgs"), "--dataset", "folder",
-                               "--out", str(out), "--no-progress", "--num-workers", "0"])
+    rc = interop.extract_main(
+        [
+            str(authors_file),
+            "--data",
+            str(tmp_path / "imgs"),
+            "--dataset",
+            "folder",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert rc == 0
     assert np.load(out).shape == (6, D) and np.load(tmp_path / "f.labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
     rows = (tmp_path / "f.paths.txt").read_text().split()

@@ -1,6 +1,7 @@
 """Multi-block mask sampler: invariants over grids and scales (hypothesis), block sizes, the three
 fixed defects, statistics against the authors' figures and a re-statement of their sampler,
 determinism (DataLoader workers included), bad input."""
+
 from __future__ import annotations
 
 from itertools import combinations
@@ -49,13 +50,30 @@ def check_invariants(sampler: MultiBlockMaskSampler, B: int, step: int) -> MaskB
 
 
 @settings(max_examples=80, deadline=None)
-@given(grid=grids, pred=scales, enc=scales, aspect=aspects, M=st.integers(1, 6), B=st.integers(1, 9),
-       step=st.integers(0, 10**6), overlap=st.booleans(), keep=st.floats(0.0, 1.0))
+@given(
+    grid=grids,
+    pred=scales,
+    enc=scales,
+    aspect=aspects,
+    M=st.integers(1, 6),
+    B=st.integers(1, 9),
+    step=st.integers(0, 10**6),
+    overlap=st.booleans(),
+    keep=st.floats(0.0, 1.0),
+)
 def test_invariants_hold_on_every_grid_and_scale(grid, pred, enc, aspect, M, B, step, overlap, keep):
     probe = MultiBlockMaskSampler(grid, pred_scale=pred, enc_scale=enc, aspect_ratio=aspect, min_keep=1)
     min_keep = max(1, round(keep * probe.max_min_keep()))  # anything from 1 to the largest allowed
-    sampler = MultiBlockMaskSampler(grid, num_pred_masks=M, pred_scale=pred, enc_scale=enc, aspect_ratio=aspect,
-                                    min_keep=min_keep, allow_overlap=overlap, seed=1)
+    sampler = MultiBlockMaskSampler(
+        grid,
+        num_pred_masks=M,
+        pred_scale=pred,
+        enc_scale=enc,
+        aspect_ratio=aspect,
+        min_keep=min_keep,
+        allow_overlap=overlap,
+        seed=1,
+    )
     check_invariants(sampler, B, step)
 
 
@@ -73,8 +91,10 @@ def test_block_sizes_and_corners_are_within_their_bounds(grid, pred, enc, aspect
     assert 1 <= ph <= H and 1 <= pw <= W and 1 <= eh <= H and 1 <= ew <= W
     if eh < min(H, W) and ew < min(H, W):
         assert eh == ew  # aspect 1 unless clamped by the grid
-    for top, left, h, w in ((blocks.target_top, blocks.target_left, ph, pw),
-                            (blocks.context_top, blocks.context_left, eh, ew)):
+    for top, left, h, w in (
+        (blocks.target_top, blocks.target_left, ph, pw),
+        (blocks.context_top, blocks.context_left, eh, ew),
+    ):
         assert top.min() >= 0 and top.max() <= H - h and left.min() >= 0 and left.max() <= W - w
 
 
@@ -176,6 +196,7 @@ def ours_fn(sampler):
     def fn(B, step):
         m = sampler(B, step)
         return m.context, m.targets
+
     return fn
 
 
@@ -257,25 +278,28 @@ def test_state_dict_round_trip_and_mismatch():
         MultiBlockMaskSampler(16, min_keep=5).load_state_dict(a.state_dict())
 
 
-@pytest.mark.parametrize("grid,kwargs,match", [
-    (1, {}, "grid=1"),
-    ((2, 1), {}, r"grid=\(2, 1\)"),
-    ((2, 3, 4), {}, r"grid=\(2, 3, 4\)"),
-    (16, dict(pred_scale=(0.2, 1.5)), "pred_scale"),
-    (16, dict(pred_scale=(0.0, 0.5)), "pred_scale"),
-    (16, dict(pred_scale=(0.5, 0.2)), "pred_scale"),
-    (16, dict(enc_scale=(-0.1, 0.5)), "enc_scale"),
-    (16, dict(enc_scale=(0.9, 1.01)), "enc_scale"),
-    (16, dict(enc_scale="big"), "enc_scale"),
-    (16, dict(aspect_ratio=(1.5, 0.75)), "aspect_ratio"),
-    (16, dict(aspect_ratio=(-1, 2)), "aspect_ratio"),
-    (16, dict(aspect_ratio=(0, 2)), "aspect_ratio"),
-    (16, dict(num_pred_masks=0), "num_pred_masks=0"),
-    (16, dict(min_keep=0), "min_keep=0"),
-    (4, dict(min_keep=16), "min_keep=16.*4x4"),  # the whole grid: nothing left for the targets
-    (2, dict(min_keep=10), "min_keep=10.*2x2"),  # the authors' default on the smallest grid
-    (16, dict(enc_scale=(0.05, 0.1), min_keep=20), "min_keep=20.*16x16"),  # more than the smallest context block
-])
+@pytest.mark.parametrize(
+    "grid,kwargs,match",
+    [
+        (1, {}, "grid=1"),
+        ((2, 1), {}, r"grid=\(2, 1\)"),
+        ((2, 3, 4), {}, r"grid=\(2, 3, 4\)"),
+        (16, dict(pred_scale=(0.2, 1.5)), "pred_scale"),
+        (16, dict(pred_scale=(0.0, 0.5)), "pred_scale"),
+        (16, dict(pred_scale=(0.5, 0.2)), "pred_scale"),
+        (16, dict(enc_scale=(-0.1, 0.5)), "enc_scale"),
+        (16, dict(enc_scale=(0.9, 1.01)), "enc_scale"),
+        (16, dict(enc_scale="big"), "enc_scale"),
+        (16, dict(aspect_ratio=(1.5, 0.75)), "aspect_ratio"),
+        (16, dict(aspect_ratio=(-1, 2)), "aspect_ratio"),
+        (16, dict(aspect_ratio=(0, 2)), "aspect_ratio"),
+        (16, dict(num_pred_masks=0), "num_pred_masks=0"),
+        (16, dict(min_keep=0), "min_keep=0"),
+        (4, dict(min_keep=16), "min_keep=16.*4x4"),  # the whole grid: nothing left for the targets
+        (2, dict(min_keep=10), "min_keep=10.*2x2"),  # the authors' default on the smallest grid
+        (16, dict(enc_scale=(0.05, 0.1), min_keep=20), "min_keep=20.*16x16"),  # more than the smallest context block
+    ],
+)
 def test_bad_input_is_named(grid, kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiBlockMaskSampler(grid, **kwargs)

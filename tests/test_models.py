@@ -1,4 +1,5 @@
 """ViT encoder and predictor: sizes, the authors' names and shapes, init, forward semantics."""
+
 from __future__ import annotations
 
 import math
@@ -47,14 +48,31 @@ def test_giant_mlp_ratio():
 
 def authors_key_shapes(D: int, depth: int, p: int, N: int, hidden: int) -> dict[str, tuple]:
     """The authors' encoder state-dict keys and shapes, written out from PAPER.md's names."""
-    keys = {"patch_embed.proj.weight": (D, 3, p, p), "patch_embed.proj.bias": (D,), "pos_embed": (1, N, D),
-            "norm.weight": (D,), "norm.bias": (D,)}
+    keys = {
+        "patch_embed.proj.weight": (D, 3, p, p),
+        "patch_embed.proj.bias": (D,),
+        "pos_embed": (1, N, D),
+        "norm.weight": (D,),
+        "norm.bias": (D,),
+    }
     for i in range(depth):
         b = f"blocks.{i}."
-        keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
-                     b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
-                     b + "norm2.weight": (D,), b + "norm2.bias": (D,), b + "mlp.fc1.weight": (hidden, D),
-                     b + "mlp.fc1.bias": (hidden,), b + "mlp.fc2.weight": (D, hidden), b + "mlp.fc2.bias": (D,)})
+        keys.update(
+            {
+                b + "norm1.weight": (D,),
+                b + "norm1.bias": (D,),
+                b + "attn.qkv.weight": (3 * D, D),
+                b + "attn.qkv.bias": (3 * D,),
+                b + "attn.proj.weight": (D, D),
+                b + "attn.proj.bias": (D,),
+                b + "norm2.weight": (D,),
+                b + "norm2.bias": (D,),
+                b + "mlp.fc1.weight": (hidden, D),
+                b + "mlp.fc1.bias": (hidden,),
+                b + "mlp.fc2.weight": (D, hidden),
+                b + "mlp.fc2.bias": (D,),
+            }
+        )
     return keys
 
 
@@ -64,8 +82,14 @@ def test_state_dict_names_and_shapes_are_the_authors():
     assert got == authors_key_shapes(192, 12, 16, 16, 768)
     pred = build_predictor(enc, depth=2, embed_dim=96)
     names = set(pred.state_dict())
-    for k in ("mask_token", "predictor_pos_embed", "predictor_embed.weight", "predictor_norm.weight",
-              "predictor_proj.weight", "predictor_blocks.1.mlp.fc2.bias"):
+    for k in (
+        "mask_token",
+        "predictor_pos_embed",
+        "predictor_embed.weight",
+        "predictor_norm.weight",
+        "predictor_proj.weight",
+        "predictor_blocks.1.mlp.fc2.bias",
+    ):
         assert k in names
 
 
@@ -96,8 +120,7 @@ def test_sincos_position_embedding_matches_the_formula():
     np.testing.assert_allclose(sincos_pos_embed_2d(16, 5), reference_sincos(16, 5), rtol=0, atol=1e-12)
     enc = build_encoder("vit_tiny", 32, 8)
     assert not enc.pos_embed.requires_grad
-    torch.testing.assert_close(enc.pos_embed[0].double(), torch.from_numpy(reference_sincos(192, 4)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(enc.pos_embed[0].double(), torch.from_numpy(reference_sincos(192, 4)), rtol=0, atol=1e-6)
 
 
 def test_initialisation_follows_the_authors():
@@ -161,7 +184,7 @@ def manual_predictor(pred, ctx, ctx_idx, tgt_idx):
             h = torch.cat([x, q])[None]
             for blk in pred.predictor_blocks:
                 h = blk(h)
-            rows.append(pred.predictor_proj(pred.predictor_norm(h))[0, x.shape[0]:])
+            rows.append(pred.predictor_proj(pred.predictor_norm(h))[0, x.shape[0] :])
         outs.append(torch.stack(rows))
     return torch.cat(outs)  # (M*B, Kt, D)
 

@@ -1,4 +1,5 @@
 """Schedules: pure functions of the step equal the authors' stateful schedulers stepped in place."""
+
 from __future__ import annotations
 
 import math

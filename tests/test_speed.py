@@ -1,5 +1,6 @@
 """Optimisation switches (issue 5): every combination runs, the authors' preset computes the same
 loss, compiled blocks agree with eager ones."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,8 +13,17 @@ from ijepa_fast.masks import MultiBlockMaskSampler
 from ijepa_fast.models.vit import VisionTransformer
 from ijepa_fast.trainer import build_train_step, compile_blocks
 
-TINY = ["model.name=vit_tiny", "model.patch_size=8", "model.pred_depth=1", "model.pred_emb_dim=48",
-        "data.crop_size=32", "mask.min_keep=2", "run.device=cpu", "optim.epochs=1", "optim.warmup_epochs=0"]
+TINY = [
+    "model.name=vit_tiny",
+    "model.patch_size=8",
+    "model.pred_depth=1",
+    "model.pred_emb_dim=48",
+    "data.crop_size=32",
+    "mask.min_keep=2",
+    "run.device=cpu",
+    "optim.epochs=1",
+    "optim.warmup_epochs=0",
+]
 
 
 def batch(B=4):
@@ -32,8 +42,13 @@ def test_authors_preset_gives_the_default_loss():
     torch.testing.assert_close(losses(["speed.preset=authors"]), losses([]), rtol=1e-5, atol=1e-6)
 
 
-SWITCHES = ["speed.fused_ema", "speed.fused_gather", "speed.fused_optimizer", "speed.grad_scaler",
-            "speed.sync_every_step"]
+SWITCHES = [
+    "speed.fused_ema",
+    "speed.fused_gather",
+    "speed.fused_optimizer",
+    "speed.grad_scaler",
+    "speed.sync_every_step",
+]
 
 
 @pytest.mark.parametrize("values", list(itertools.product([False, True], repeat=len(SWITCHES)))[::3])

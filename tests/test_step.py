@@ -1,4 +1,5 @@
 """One training step: the loss falls, EMA follows its formula, runs are reproducible, no host syncs."""
+
 from __future__ import annotations
 
 import copy
@@ -74,8 +75,9 @@ def test_one_step_equals_a_plain_restatement():
 
     with torch.no_grad():
         h = F.layer_norm(ref_target(images), (192,))
-        h = torch.cat([torch.stack([h[b, masks.targets[m, b]] for b in range(h.shape[0])])
-                       for m in range(masks.targets.shape[0])])
+        h = torch.cat(
+            [torch.stack([h[b, masks.targets[m, b]] for b in range(h.shape[0])]) for m in range(masks.targets.shape[0])]
+        )
     z = ref_student.predictor(ref_student.encoder(images, masks.context), masks.context, masks.targets)
     loss = F.smooth_l1_loss(z, h)
     torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-6, atol=1e-7)
@@ -125,10 +127,13 @@ def test_loss_kinds(kind):
         jepa_loss(a, b[:, :2], kind)
 
 
-@pytest.mark.parametrize("opts", [
-    StepOptions(fused_ema=False, fused_gather=False, grad_scaler=True, sync_every_step=True),  # the authors' side
-    StepOptions(loss="l2", grad_clip=1.0),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        StepOptions(fused_ema=False, fused_gather=False, grad_scaler=True, sync_every_step=True),  # the authors' side
+        StepOptions(loss="l2", grad_clip=1.0),
+    ],
+)
 def test_switch_combinations_run_and_match(opts):
     images, masks = fixed_batch()
     fast = make_step(options=StepOptions())
@@ -149,22 +154,32 @@ def test_targets_are_normalised_per_token():
 
 
 def _weights(step: TrainStep) -> dict[str, torch.Tensor]:
-    return {f"{k}.{n}": v.detach().clone() for k, m in (("student", step.student), ("target", step.target_encoder))
-            for n, v in m.state_dict().items()}
+    return {
+        f"{k}.{n}": v.detach().clone()
+        for k, m in (("student", step.student), ("target", step.target_encoder))
+        for n, v in m.state_dict().items()
+    }
 
 
-@pytest.mark.parametrize("sgd,options", [(True, StepOptions()), (True, StepOptions(grad_clip=0.05)),
-                                         (False, StepOptions(grad_clip=0.05)),
-                                         (False, StepOptions(grad_clip=0.05, grad_scaler=True))],
-                         ids=["sgd", "sgd+clip", "adamw+clip", "adamw+clip+scaler"])
+@pytest.mark.parametrize(
+    "sgd,options",
+    [
+        (True, StepOptions()),
+        (True, StepOptions(grad_clip=0.05)),
+        (False, StepOptions(grad_clip=0.05)),
+        (False, StepOptions(grad_clip=0.05, grad_scaler=True)),
+    ],
+    ids=["sgd", "sgd+clip", "adamw+clip", "adamw+clip+scaler"],
+)
 def test_two_accumulated_halves_equal_one_step_on_the_whole_batch(sgd, options):
     """The loss is a mean over equally sized halves, so (grad half 1 + grad half 2) / 2 is the whole
     batch's gradient; clipping (0.05, below the norm) must act on the sum, once, as must the optimizer
     and the EMA. SGD (lr 0.5) is there because AdamW barely sees a gradient's scale: it catches a
     missing 1/k."""
     images, masks = fixed_batch(B=8)
-    halves = [(images[rows], type(masks)(masks.context[rows], masks.targets[:, rows]))
-              for rows in (slice(0, 4), slice(4, 8))]
+    halves = [
+        (images[rows], type(masks)(masks.context[rows], masks.targets[:, rows])) for rows in (slice(0, 4), slice(4, 8))
+    ]
     lr = 0.5 if sgd else 1e-3
     whole, accum = make_step(options=options, sgd=sgd, lr=lr), make_step(options=options, grad_accum=2, sgd=sgd, lr=lr)
     for i in range(2):

@@ -1,4 +1,5 @@
 """The trainer end to end on CPU: bitwise resume after SIGKILL, bad files, NaN stop, CLI errors."""
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,12 @@ def write_idx(root: Path, n: int = 96, seed: int = 0) -> Path:
     yy, xx = np.mgrid[0:28, 0:28]
     labels = rng.integers(0, 10, n).astype(np.uint8)
     cy, cx = 6 + 16 * rng.random((2, n))
-    imgs = (255 * np.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2)
-                         / (8 + labels[:, None, None]))).astype(np.uint8)
+    imgs = (
+        255
+        * np.exp(
+            -((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / (8 + labels[:, None, None])
+        )
+    ).astype(np.uint8)
     root.mkdir(parents=True, exist_ok=True)
     with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as fh:
         fh.write(struct.pack(">IIII", 0x803, n, 28, 28) + imgs.tobytes())
@@ -39,12 +44,27 @@ def write_idx(root: Path, n: int = 96, seed: int = 0) -> Path:
 
 def tiny_overrides(data: Path, out: Path, name: str, **extra) -> list[str]:
     values = {
-        "model.name": "vit_tiny", "model.patch_size": 7, "model.pred_depth": 1, "model.pred_emb_dim": 48,
-        "mask.min_keep": 2, "data.dataset": "idx", "data.root": str(data), "data.crop_size": 28,
-        "data.batch_size": 8, "data.num_workers": 0, "data.pin_memory": "false",
-        "optim.epochs": 1, "optim.warmup_epochs": 0.25, "run.out_dir": str(out), "run.name": name,
-        "run.log_every": 1, "run.checkpoint_every": 3, "run.progress": "false", "run.tensorboard": "false",
-        "run.device": "cpu", "run.dtype": "fp32",
+        "model.name": "vit_tiny",
+        "model.patch_size": 7,
+        "model.pred_depth": 1,
+        "model.pred_emb_dim": 48,
+        "mask.min_keep": 2,
+        "data.dataset": "idx",
+        "data.root": str(data),
+        "data.crop_size": 28,
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "data.pin_memory": "false",
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0.25,
+        "run.out_dir": str(out),
+        "run.name": name,
+        "run.log_every": 1,
+        "run.checkpoint_every": 3,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "run.device": "cpu",
+        "run.dtype": "fp32",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -65,8 +85,22 @@ def test_a_run_writes_its_folder(tmp_path):
     assert sorted(losses(run)) == list(range(1, 7))
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3, 6]
     state = load_latest(run / "checkpoints")
-    assert set(state) >= {"encoder", "predictor", "target_encoder", "opt", "step", "epoch", "schedules",
-                          "mask_sampler", "rng", "config", "loss", "batch_size", "world_size", "lr"}
+    assert set(state) >= {
+        "encoder",
+        "predictor",
+        "target_encoder",
+        "opt",
+        "step",
+        "epoch",
+        "schedules",
+        "mask_sampler",
+        "rng",
+        "config",
+        "loss",
+        "batch_size",
+        "world_size",
+        "lr",
+    }
     with pytest.raises(FileExistsError, match="--resume"):  # never clobber a run
         Trainer(cfg).fit()
 
@@ -78,8 +112,13 @@ DETERMINISTIC_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMI
 
 
 def pretrain_process(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ijepa_fast.pretrain", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **DETERMINISTIC_ENV})
+    return subprocess.Popen(
+        [sys.executable, "-m", "ijepa_fast.pretrain", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **DETERMINISTIC_ENV},
+    )
 
 
 def test_sigkill_then_resume_gives_the_same_losses_bitwise(tmp_path):
@@ -221,8 +260,15 @@ def test_cli_names_a_misspelt_key(tmp_path, capsys):
 
 
 def test_import_prints_nothing_and_touches_no_device():
-    code = ("import sys, torch, ijepa_fast, ijepa_fast.trainer, ijepa_fast.step, ijepa_fast.masks;"
-            "print(torch.cuda.is_initialized(), 'TRITON_INTERPRET' in __import__('os').environ)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    code = (
+        "import sys, torch, ijepa_fast, ijepa_fast.trainer, ijepa_fast.step, ijepa_fast.masks;"
+        "print(torch.cuda.is_initialized(), 'TRITON_INTERPRET' in __import__('os').environ)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
     assert out.stdout.strip() == "False False" and out.stderr == ""

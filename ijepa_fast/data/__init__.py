@@ -9,6 +9,7 @@
 Modules: ``idx`` (IDX files), ``folder`` (scan and decode to RGB), ``transforms`` (seeded
 RandomResizedCrop, centre crop, normalisation), ``loader`` (sampler, dataset, collate, loader).
 """
+
 from ijepa_fast.data.folder import ImageFolderDataset, load_rgb, scan_folder
 from ijepa_fast.data.idx import IdxDataset, IdxFormatError, read_idx, write_idx
 from ijepa_fast.data.loader import (
@@ -21,6 +22,19 @@ from ijepa_fast.data.loader import (
     check_data_source,
 )
 
-__all__ = ["Batch", "EvalDataset", "IdxDataset", "IdxFormatError", "ImageFolderDataset", "PretrainLoader",
-           "StepBatchSampler", "build_eval_dataset", "build_pretrain_loader", "check_data_source", "load_rgb",
-           "read_idx", "scan_folder", "write_idx"]
+__all__ = [
+    "Batch",
+    "EvalDataset",
+    "IdxDataset",
+    "IdxFormatError",
+    "ImageFolderDataset",
+    "PretrainLoader",
+    "StepBatchSampler",
+    "build_eval_dataset",
+    "build_pretrain_loader",
+    "check_data_source",
+    "load_rgb",
+    "read_idx",
+    "scan_folder",
+    "write_idx",
+]

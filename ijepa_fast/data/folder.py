@@ -19,6 +19,7 @@ with a transparency entry) are composited over white. EXIF orientation is not ap
 (torchvision does not apply it either, and the DALI loader computes the same crop windows on the
 stored size). Whatever fails to decode raises; the loader substitutes the next image and counts it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,8 +82,9 @@ def no_images_message(root: Path) -> str:
 def _scan(root: Path) -> tuple[list[str], list[int], list[str]]:
     """(relative paths with os.sep, labels, classes) in the deterministic order; see ``scan_folder``."""
     require_dir(root)
-    rel: list[tuple[str, ...]] = [(*parts, name) for parts, names in _walk(root) for name in names
-                                  if _is_image_name(name)]
+    rel: list[tuple[str, ...]] = [
+        (*parts, name) for parts, names in _walk(root) for name in names if _is_image_name(name)
+    ]
     if not rel:
         raise FileNotFoundError(no_images_message(root))
     rel.sort()
@@ -90,8 +92,12 @@ def _scan(root: Path) -> tuple[list[str], list[int], list[str]]:
     if classes:
         loose = sum(1 for r in rel if len(r) == 1)
         if loose:
-            log.warning("%s: %d image(s) lie directly in the root, outside the %d class folders, and are left out",
-                        root, loose, len(classes))
+            log.warning(
+                "%s: %d image(s) lie directly in the root, outside the %d class folders, and are left out",
+                root,
+                loose,
+                len(classes),
+            )
             rel = [r for r in rel if len(r) > 1]
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r[0]] if classes else 0 for r in rel]
@@ -126,8 +132,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return _sixteen_to_eight(np.asarray(img)).convert("RGB")
     if img.mode == "I":
         arr = np.asarray(img)
-        return (_sixteen_to_eight(arr) if arr.max(initial=0) > 255
-                else Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))).convert("RGB")
+        return (
+            _sixteen_to_eight(arr)
+            if arr.max(initial=0) > 255
+            else Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        ).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
@@ -144,8 +153,10 @@ def load_rgb(source: str | Path | BinaryIO) -> Image.Image:
     global _warned_truncated_flag
     if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated_flag:
         _warned_truncated_flag = True
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some other code: truncated images "
-                    "now decode (padded) instead of being skipped and counted")
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some other code: truncated images "
+            "now decode (padded) instead of being skipped and counted"
+        )
     with Image.open(source) as img:
         img.load()  # the full decode: a truncated file fails here
         return to_rgb(img)
@@ -169,7 +180,7 @@ class _PathTable:
         if not -len(self) <= i < len(self):
             raise IndexError(f"path index {i} out of range for {len(self)} paths")
         i %= len(self)
-        return self.prefix + os.fsdecode(self.blob[self.offsets[i]:self.offsets[i + 1]])
+        return self.prefix + os.fsdecode(self.blob[self.offsets[i] : self.offsets[i + 1]])
 
 
 class ImageFolderDataset:

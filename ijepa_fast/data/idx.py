@@ -9,6 +9,7 @@ by the file name. A bad magic number, a header cut short and a body of the wrong
 and the matching labels under ``root`` (also the ``train-images.idx3-ubyte`` spelling some mirrors
 use); Debian's ``dataset-fashion-mnist`` installs them under /usr/share/datasets/fashion-mnist.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,8 +21,12 @@ import numpy as np
 
 # type byte -> element type (big-endian where it matters)
 _DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
@@ -36,7 +41,7 @@ def _read_bytes(path: Path, limit: int = -1) -> bytes:
     with open(path, "rb") as fh:
         gz = fh.read(2) == _GZIP_MAGIC
     try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
             return fh.read(limit)
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise IdxFormatError(f"{path}: corrupt or truncated gzip stream ({type(err).__name__}: {err})") from None
@@ -45,8 +50,10 @@ def _read_bytes(path: Path, limit: int = -1) -> bytes:
 def _parse_header(path: Path, raw: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     """(element type, dims, header length) from the first bytes of an IDX file."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES or raw[3] == 0:
-        raise IdxFormatError(f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty file)'} "
-                             "(expected 00 00 <type 08|09|0b|0c|0d|0e> <ndim >= 1>)")
+        raise IdxFormatError(
+            f"{path} is not an IDX file: bad magic number {raw[:4].hex() or '(empty file)'} "
+            "(expected 00 00 <type 08|09|0b|0c|0d|0e> <ndim >= 1>)"
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -70,8 +77,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
         kind = "truncated" if len(raw) - header < expected else "longer than its header says"
-        raise IdxFormatError(f"{path} is {kind}: header says {dims} x {dtype.itemsize} bytes = {expected} bytes "
-                             f"of data, the file holds {len(raw) - header}")
+        raise IdxFormatError(
+            f"{path} is {kind}: header says {dims} x {dtype.itemsize} bytes = {expected} bytes "
+            f"of data, the file holds {len(raw) - header}"
+        )
     array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return array.astype(dtype.newbyteorder("="), copy=False) if dtype.byteorder == ">" else array
 
@@ -87,7 +96,7 @@ def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None)
     body = array.astype(_DTYPES[code], copy=False).tobytes()
     data = struct.pack(f">BBBB{array.ndim}I", 0, 0, code, array.ndim, *array.shape) + body
     compress = path.suffix == ".gz" if compress is None else compress
-    with (gzip.open(path, "wb") if compress else open(path, "wb")) as fh:
+    with gzip.open(path, "wb") if compress else open(path, "wb") as fh:
         fh.write(data)
 
 

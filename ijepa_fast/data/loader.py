@@ -24,6 +24,7 @@ bad file once. Each skipped *sample* counts one (its own file is bad, whatever t
 the way), so over an epoch that uses every index, ``skipped`` grows by exactly the number of bad
 files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,16 +82,24 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Page-locked copies (the DataLoader's pin-memory thread calls this)."""
-        return dataclasses.replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
-                                   masks=MaskBatch(self.masks.context.pin_memory(), self.masks.targets.pin_memory()))
+        return dataclasses.replace(
+            self,
+            images=self.images.pin_memory(),
+            labels=self.labels.pin_memory(),
+            masks=MaskBatch(self.masks.context.pin_memory(), self.masks.targets.pin_memory()),
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return dataclasses.replace(self, images=self.images.to(device, non_blocking=non_blocking),
-                                   labels=self.labels.to(device, non_blocking=non_blocking),
-                                   masks=self.masks.to(device, non_blocking=non_blocking))
+        return dataclasses.replace(
+            self,
+            images=self.images.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            masks=self.masks.to(device, non_blocking=non_blocking),
+        )
 
 
 # ----------------------------------------------------------------------------- sources
+
 
 def folder_root(cfg: DataConfig) -> Path:
     """``root/split`` when that sub-folder exists (the ImageNet layout), else ``root`` itself."""
@@ -151,11 +160,14 @@ def _load_with_substitutes(source: Source, n: int, index: int) -> tuple[int, Any
                 bad = f"{source.describe(i)} ({type(err).__name__}: {err})"
             continue
         return i, img, label, bad
-    raise RuntimeError(f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row from {source.describe(index)} could not be "
-                       f"decoded (first: {bad}); is the data source readable?")
+    raise RuntimeError(
+        f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row from {source.describe(index)} could not be "
+        f"decoded (first: {bad}); is the data source readable?"
+    )
 
 
 # ----------------------------------------------------------------------------- pretraining
+
 
 class PretrainDataset(torch.utils.data.Dataset):
     """``ds[(index, step, epoch)] -> (image [C, S, S] uint8, label, step, epoch, bad)``.
@@ -175,8 +187,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, int, int, str]:
         index, step, epoch = key
         used, img, label, bad = _load_with_substitutes(self.source, self.n, index)
-        view = random_resized_crop_pil(_as_pil(img), self.crop_size, self.crop_scale,
-                                       crop_rng(self.seed, epoch, used))
+        view = random_resized_crop_pil(_as_pil(img), self.crop_size, self.crop_scale, crop_rng(self.seed, epoch, used))
         return pil_to_uint8(view), label, step, epoch, bad
 
 
@@ -190,10 +201,15 @@ class Collate:
         images, labels, steps, epochs, bad = zip(*items)
         step, epoch = steps[0], epochs[0]
         bad_paths = tuple(b for b in bad if b)
-        return Batch(images=normalize(torch.stack(images)),  # [B, 3, S, S]
-                     labels=torch.as_tensor(labels, dtype=torch.int64),
-                     masks=self.mask_sampler(len(images), step),
-                     step=step, epoch=epoch, skipped=len(bad_paths), bad_paths=bad_paths)
+        return Batch(
+            images=normalize(torch.stack(images)),  # [B, 3, S, S]
+            labels=torch.as_tensor(labels, dtype=torch.int64),
+            masks=self.mask_sampler(len(images), step),
+            step=step,
+            epoch=epoch,
+            skipped=len(bad_paths),
+            bad_paths=bad_paths,
+        )
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -209,8 +225,10 @@ class StepBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"start_step={start_step} must be >= 0")
         self.steps_per_epoch = n // (batch_size * world_size)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{n} images are fewer than one global batch ({batch_size} per rank x {world_size} "
-                             "ranks): lower data.batch_size or add images")
+            raise ValueError(
+                f"{n} images are fewer than one global batch ({batch_size} per rank x {world_size} "
+                "ranks): lower data.batch_size or add images"
+            )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
 
@@ -218,7 +236,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         """This rank's dataset indices of ``epoch`` in step order: [steps_per_epoch * batch_size] int64."""
         g = torch.Generator().manual_seed(_mix(self.seed, epoch) ^ 0x2545F491)
         used = self.steps_per_epoch * self.batch_size * self.world_size
-        return torch.randperm(self.n, generator=g)[:used][self.rank::self.world_size]
+        return torch.randperm(self.n, generator=g)[:used][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         step, epoch, order = self.start_step, -1, []
@@ -226,7 +244,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             e, i = divmod(step, self.steps_per_epoch)
             if e != epoch:
                 epoch, order = e, self.epoch_indices(e).tolist()
-            yield [(idx, step, e) for idx in order[i * self.batch_size:(i + 1) * self.batch_size]]
+            yield [(idx, step, e) for idx in order[i * self.batch_size : (i + 1) * self.batch_size]]
             step += 1
 
 
@@ -239,8 +257,14 @@ class PretrainLoader:
     persistent workers.
     """
 
-    def __init__(self, dataset: PretrainDataset, mask_sampler: MultiBlockMaskSampler, batch_sampler: StepBatchSampler,
-                 num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self,
+        dataset: PretrainDataset,
+        mask_sampler: MultiBlockMaskSampler,
+        batch_sampler: StepBatchSampler,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
         self.dataset, self.mask_sampler, self.batch_sampler = dataset, mask_sampler, batch_sampler
         self.steps_per_epoch = batch_sampler.steps_per_epoch
         self.batch_size, self.start_step = batch_sampler.batch_size, batch_sampler.start_step
@@ -250,8 +274,14 @@ class PretrainLoader:
         # (which a resumed run restores and must not see consumed by the loader).
         generator = torch.Generator().manual_seed(_mix(dataset.seed, batch_sampler.rank))
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batch_sampler, collate_fn=Collate(mask_sampler), num_workers=num_workers,
-            persistent_workers=num_workers > 0, pin_memory=pin_memory, generator=generator)
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=Collate(mask_sampler),
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=pin_memory,
+            generator=generator,
+        )
 
     @property
     def epoch_size(self) -> int:
@@ -281,8 +311,16 @@ class PretrainLoader:
         self.close()
 
 
-def build_pretrain_loader(cfg: DataConfig, *, grid: int | tuple[int, int], mask_kwargs: dict, seed: int, rank: int = 0,
-                          world_size: int = 1, start_step: int = 0) -> PretrainLoader:
+def build_pretrain_loader(
+    cfg: DataConfig,
+    *,
+    grid: int | tuple[int, int],
+    mask_kwargs: dict,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+) -> PretrainLoader:
     """The CPU pretraining loader of a ``DataConfig``.
 
     ``grid``: the patch grid (``crop_size // patch_size``, or (H, W)); ``mask_kwargs``: the
@@ -298,6 +336,7 @@ def build_pretrain_loader(cfg: DataConfig, *, grid: int | tuple[int, int], mask_
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 class EvalDataset(torch.utils.data.Dataset):
     """Centre-cropped normalised images for frozen-feature evaluation:
@@ -325,8 +364,9 @@ class EvalDataset(torch.utils.data.Dataset):
         return center_crop_eval(_as_pil(img), self.crop_size, self.crop_fraction), label
 
 
-def build_eval_dataset(cfg: DataConfig, split: str = "train", limit: int = 0,
-                       crop_fraction: float | None = None) -> EvalDataset:
+def build_eval_dataset(
+    cfg: DataConfig, split: str = "train", limit: int = 0, crop_fraction: float | None = None
+) -> EvalDataset:
     """Centre-crop evaluation dataset of ``split`` (idx: train|test; folder: a sub-folder of root).
 
     ``crop_fraction`` defaults to 1.0 for IDX (the whole small image) and 0.875 for folders.

@@ -13,6 +13,7 @@ torchvision's ``antialias=True``).
 a run with more or fewer workers, and the DALI loader (which computes the same windows) all see
 the same crop of the same image at the same step.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ def crop_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(_mix(seed, epoch * 1_000_003 + index))
 
 
-def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
-             rng: random.Random) -> Box:
+def crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> Box:
     """(left, top, w, h) of a RandomResizedCrop window of a ``width`` x ``height`` image.
 
     Area fraction ~ U(scale), log-aspect ~ U(log ratio); ten attempts, then the largest centre crop
@@ -71,8 +73,9 @@ def resized_crop(img: Image.Image, box: tuple[float, float, float, float], size:
     return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
 
 
-def random_resized_crop_pil(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
-                            ratio: tuple[float, float] = CROP_RATIO) -> Image.Image:
+def random_resized_crop_pil(
+    img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = CROP_RATIO
+) -> Image.Image:
     """The pretraining view as a ``size`` x ``size`` PIL image of ``img``'s mode."""
     return resized_crop(img, crop_box(img.width, img.height, scale, ratio, rng), size)
 
@@ -101,14 +104,16 @@ def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
     return normalize(pil_to_uint8(img))
 
 
-def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
-                        ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+def random_resized_crop(
+    img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = CROP_RATIO
+) -> torch.Tensor:
     """The pretraining view of an L or RGB image: [3, size, size] float32, normalised."""
     return to_normalized_tensor(random_resized_crop_pil(img, size, scale, rng, ratio))
 
 
-def center_box(width: int, height: int, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> \
-        tuple[float, float, float, float]:
+def center_box(
+    width: int, height: int, size: int, crop_fraction: float = EVAL_CROP_FRACTION
+) -> tuple[float, float, float, float]:
     """(left, top, w, h), possibly fractional, of the centre crop that "resize the shorter side to
     size / crop_fraction, then cut size x size from the centre" takes from the source image."""
     if not 0 < crop_fraction <= 1:

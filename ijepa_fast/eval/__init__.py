@@ -1,16 +1,27 @@
 """Frozen-feature evaluation: feature extraction, linear probe, kNN, and the ``ijepa-eval`` CLI.
 
-    from ijepa_fast.interop import load_encoder
-    from ijepa_fast.eval import extract_features, linear_probe, knn_accuracy
+from ijepa_fast.interop import load_encoder
+from ijepa_fast.eval import extract_features, linear_probe, knn_accuracy
 
-    enc = load_encoder("runs/demo/checkpoints/latest.pt").encoder
-    train_x, train_y = extract_features(enc, train_set)
-    test_x, test_y = extract_features(enc, test_set)
-    print(linear_probe(train_x, train_y, test_x, test_y).top1, knn_accuracy(train_x, train_y, test_x, test_y).top1)
+enc = load_encoder("runs/demo/checkpoints/latest.pt").encoder
+train_x, train_y = extract_features(enc, train_set)
+test_x, test_y = extract_features(enc, test_set)
+print(linear_probe(train_x, train_y, test_x, test_y).top1, knn_accuracy(train_x, train_y, test_x, test_y).top1)
 """
+
 from ijepa_fast.eval.features import FEATURE_MODES, encode, extract_features
 from ijepa_fast.eval.knn import KnnResult, knn_accuracy, knn_predict, knn_topk
 from ijepa_fast.eval.probe import ProbeResult, linear_probe, standardize
 
-__all__ = ["FEATURE_MODES", "KnnResult", "ProbeResult", "encode", "extract_features", "knn_accuracy", "knn_predict",
-           "knn_topk", "linear_probe", "standardize"]
+__all__ = [
+    "FEATURE_MODES",
+    "KnnResult",
+    "ProbeResult",
+    "encode",
+    "extract_features",
+    "knn_accuracy",
+    "knn_predict",
+    "knn_topk",
+    "linear_probe",
+    "standardize",
+]

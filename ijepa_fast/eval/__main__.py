@@ -1,4 +1,5 @@
 """``python -m ijepa_fast.eval``: the ``ijepa-eval`` command line."""
+
 import sys
 
 from ijepa_fast.eval.cli import main

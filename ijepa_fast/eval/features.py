@@ -13,6 +13,7 @@ Extraction is batched, under ``torch.no_grad`` and in eval mode (the model's mod
 afterwards), with bf16 autocast by default on CUDA and on CPUs with native bf16 (``resolve_dtype``),
 and shows a tqdm progress bar.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,11 +84,12 @@ def _batches(dataset: Any, batch_size: int, num_workers: int) -> Iterator[tuple[
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
         images, labels = dataset
         for i in range(0, len(images), batch_size):
-            yield images[i:i + batch_size], torch.as_tensor(labels[i:i + batch_size])
+            yield images[i : i + batch_size], torch.as_tensor(labels[i : i + batch_size])
         return
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                             persistent_workers=False)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False
+        )
         for images, labels in loader:
             yield images, torch.as_tensor(labels)
         return
@@ -112,9 +114,16 @@ def _length(dataset: Any) -> int | None:
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, dataset: Iterable | tuple[torch.Tensor, torch.Tensor], mode: str = "avgpool",
-                     batch_size: int = 256, num_workers: int = 0, dtype: str = "auto", progress: bool = True,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    encoder: nn.Module,
+    dataset: Iterable | tuple[torch.Tensor, torch.Tensor],
+    mode: str = "avgpool",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    dtype: str = "auto",
+    progress: bool = True,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [N, F] (float32, CPU) and labels [N] (int64) of every image of ``dataset``.
 
     ``dataset``: a map-style dataset of (image [3, S, S] normalised, label), e.g.
@@ -134,8 +143,10 @@ def extract_features(encoder: nn.Module, dataset: Iterable | tuple[torch.Tensor,
     was_training = encoder.training
     encoder.eval()
     try:
-        with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar, \
-                _autocast(device, dtype):
+        with (
+            tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
+            _autocast(device, dtype),
+        ):
             for images, y in _batches(dataset, batch_size, num_workers):
                 images = images.to(device, non_blocking=True)
                 feats.append(encode(encoder, images, mode).cpu())

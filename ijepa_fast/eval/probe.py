@@ -20,6 +20,7 @@ pairs, K classes) over the same mini-batches: one matmul per step serves the who
 are written out (softmax minus one-hot) rather than taken by autograd, and accumulated over row
 chunks so that no more than ``MAX_LOGIT_ELEMENTS`` logits are held at once (ImageNet: 1000 classes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,7 +84,7 @@ def whiten(train_x: torch.Tensor, *others: torch.Tensor, eps: float = WHITEN_EPS
     mean = train_x.mean(0, dtype=torch.float64)
     cov = torch.zeros(D, D, dtype=torch.float64, device=train_x.device)
     for i in range(0, N, COV_CHUNK_ROWS):
-        xc = train_x[i:i + COV_CHUNK_ROWS].double() - mean  # (n, D)
+        xc = train_x[i : i + COV_CHUNK_ROWS].double() - mean  # (n, D)
         cov.addmm_(xc.T, xc)
     lam, U = torch.linalg.eigh(cov / max(N, 1))  # ascending eigenvalues, (D,), (D, D)
     T = (U / (lam.clamp(min=0) + eps * lam.max().clamp(min=1e-30)).sqrt()).float()  # (D, D)
@@ -96,9 +97,16 @@ def default_steps(n: int, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
     return max(DEFAULT_STEPS, math.ceil(MIN_EPOCHS * n / max(1, min(batch_size, n))))
 
 
-def fit_softmax_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: torch.Tensor,
-                           wds: torch.Tensor, steps: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_softmax_regression(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lrs: torch.Tensor,
+    wds: torch.Tensor,
+    steps: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit P independent softmax regressions at once, pair p with (lrs[p], wds[p]).
 
     x [N, D] float, y [N] int64 -> weights [P, D, K], biases [P, K]. Mini-batches of ``batch_size``
@@ -130,13 +138,13 @@ def fit_softmax_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l
             else:
                 if pos + B > N:
                     order, pos = torch.randperm(N, generator=gen).to(dev), 0
-                idx = order[pos:pos + B]
+                idx = order[pos : pos + B]
                 pos += B
                 xb, ob = x[idx], onehot[idx]
             gW.zero_()
             gb.zero_()
             for i in range(0, B, chunk):
-                xc, oc = xb[i:i + chunk], ob[i:i + chunk]  # (n, D), (n, K)
+                xc, oc = xb[i : i + chunk], ob[i : i + chunk]  # (n, D), (n, K)
                 z = torch.addmm(b, W, xc.T).view(P, K, -1)  # (P, K, n)
                 g = torch.softmax(z, dim=1).sub_(oc.T[None]).view(P * K, -1)  # dCE/dz
                 gW.addmm_(g, xc)  # (P*K, D)
@@ -147,8 +155,8 @@ def fit_softmax_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, l
             for p, g, m, v in ((W, gW, mW, vW), (b, gb, mb, vb)):
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
-                p.sub_(lr_t * (m / (1 - beta1 ** t)) / denom)
+                denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
+                p.sub_(lr_t * (m / (1 - beta1**t)) / denom)
     return W.view(P, K, D).transpose(1, 2).contiguous(), b.view(P, K)
 
 
@@ -173,17 +181,28 @@ def top1(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> 
     rows = max(1, MAX_LOGIT_ELEMENTS // (P * K))
     correct = torch.zeros(P, device=x.device)
     for i in range(0, len(x), rows):
-        pred = torch.addmm(b.reshape(-1), x[i:i + rows], W2).view(-1, P, K).argmax(-1)  # (n, P)
-        correct += (pred == y[i:i + rows, None]).sum(0)
+        pred = torch.addmm(b.reshape(-1), x[i : i + rows], W2).view(-1, P, K).argmax(-1)  # (n, P)
+        correct += (pred == y[i : i + rows, None]).sum(0)
     return correct / max(len(x), 1)
 
 
 @torch.no_grad()
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
-                 lrs: tuple[float, ...] = DEFAULT_LRS, wds: tuple[float, ...] = DEFAULT_WDS,
-                 steps: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, val_fraction: float = 0.1,
-                 seed: int = 0, device: str | torch.device | None = None, num_classes: int | None = None,
-                 preprocess: str = "whiten") -> ProbeResult:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    lrs: tuple[float, ...] = DEFAULT_LRS,
+    wds: tuple[float, ...] = DEFAULT_WDS,
+    steps: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    num_classes: int | None = None,
+    preprocess: str = "whiten",
+) -> ProbeResult:
     """Sweep (lr, wd) on a held-out part of train, refit the best on all of train, test it.
 
     train_x [N, D], train_y [N] int, test_x [M, D], test_y [M] int. Runs on ``device`` (default:
@@ -192,8 +211,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     started = time.perf_counter()
     device = torch.device(device) if device is not None else train_x.device
     if len(train_x) < 2 or len(train_x) != len(train_y) or len(test_x) != len(test_y):
-        raise ValueError(f"need matching features and labels: train {tuple(train_x.shape)} / {tuple(train_y.shape)}, "
-                         f"test {tuple(test_x.shape)} / {tuple(test_y.shape)}")
+        raise ValueError(
+            f"need matching features and labels: train {tuple(train_x.shape)} / {tuple(train_y.shape)}, "
+            f"test {tuple(test_x.shape)} / {tuple(test_y.shape)}"
+        )
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must lie in (0, 1)")
     if preprocess not in PREPROCESS:
@@ -216,8 +237,16 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     best = max(range(len(grid)), key=lambda i: (val_acc[i], grid[i][1], -grid[i][0]))
     lr, wd = grid[best]
 
-    W, b = fit_softmax_regression(xs, ys, K, lr_t[best:best + 1], wd_t[best:best + 1], steps, batch_size, seed)
-    return ProbeResult(top1=top1(xt, yt, W, b).item() if len(xt) else float("nan"), best_lr=lr, best_wd=wd,
-                       val_top1=val_acc[best], train_top1=top1(xs, ys, W, b).item(), num_classes=K, steps=steps,
-                       seconds=time.perf_counter() - started, preprocess=preprocess,
-                       sweep=[{"lr": g[0], "wd": g[1], "val_top1": a} for g, a in zip(grid, val_acc)])
+    W, b = fit_softmax_regression(xs, ys, K, lr_t[best : best + 1], wd_t[best : best + 1], steps, batch_size, seed)
+    return ProbeResult(
+        top1=top1(xt, yt, W, b).item() if len(xt) else float("nan"),
+        best_lr=lr,
+        best_wd=wd,
+        val_top1=val_acc[best],
+        train_top1=top1(xs, ys, W, b).item(),
+        num_classes=K,
+        steps=steps,
+        seconds=time.perf_counter() - started,
+        preprocess=preprocess,
+        sweep=[{"lr": g[0], "wd": g[1], "val_top1": a} for g, a in zip(grid, val_acc)],
+    )

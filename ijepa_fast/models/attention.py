@@ -6,6 +6,7 @@ memory-efficient kernels on GPU), ``flash_attn`` (flash_attn_func, FA2/FA3), ``x
 formulation). None of them returns the N x N attention matrix. Parameter names (``qkv``, ``proj``)
 match the authors' checkpoints whatever the backend.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,10 @@ def resolve_backend(requested: str, device: torch.device | str, head_dim: int) -
         if dev.type != "cuda":
             raise ValueError(f"attention backend '{requested}' runs only on CUDA devices, not on {dev.type}")
         if requested == "flash_attn" and (head_dim % 8 or head_dim > _FLASH_ATTN_MAX_HEAD_DIM):
-            raise ValueError(f"attention backend 'flash_attn' cannot serve head width {head_dim}: it needs a multiple "
-                             f"of 8 up to {_FLASH_ATTN_MAX_HEAD_DIM}; use attention=sdpa")
+            raise ValueError(
+                f"attention backend 'flash_attn' cannot serve head width {head_dim}: it needs a multiple "
+                f"of 8 up to {_FLASH_ATTN_MAX_HEAD_DIM}; use attention=sdpa"
+            )
     return requested
 
 

@@ -1,4 +1,5 @@
 """The I-JEPA model: context encoder + predictor (trained) and target encoder (EMA, no gradients)."""
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,9 @@ class JEPAStudent(nn.Module):
         self.predictor = predictor
         self.loss = loss
 
-    def forward(self, images: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
-                target_feats: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor, target_feats: torch.Tensor
+    ) -> torch.Tensor:
         z = self.encoder(images, context_idx)  # (B, Kc, D)
         pred = self.predictor(z, context_idx, target_idx)  # (M*B, Kt, D)
         return jepa_loss(pred, target_feats, self.loss)
@@ -40,8 +42,9 @@ def make_target_encoder(encoder: VisionTransformer) -> VisionTransformer:
 
 
 @torch.no_grad()
-def compute_targets(target_encoder: VisionTransformer, images: torch.Tensor, masks: MaskBatch,
-                    fused: bool = True) -> torch.Tensor:
+def compute_targets(
+    target_encoder: VisionTransformer, images: torch.Tensor, masks: MaskBatch, fused: bool = True
+) -> torch.Tensor:
     """Target features: the target encoder on the whole image, normalised, at the target indices.
 
     images [B,3,S,S], masks.targets [M,B,Kt] -> [M*B, Kt, D].
@@ -50,11 +53,24 @@ def compute_targets(target_encoder: VisionTransformer, images: torch.Tensor, mas
     return ops.normalized_targets(h, masks.targets, fused=fused)
 
 
-def build_models(model_cfg, img_size: int, attention: str = "sdpa", fused_gather: bool = True,
-                 loss: str = "smooth_l1") -> tuple[JEPAStudent, VisionTransformer]:
+def build_models(
+    model_cfg, img_size: int, attention: str = "sdpa", fused_gather: bool = True, loss: str = "smooth_l1"
+) -> tuple[JEPAStudent, VisionTransformer]:
     """(student, target_encoder) for a ``ModelConfig``; the target starts as a copy of the encoder."""
-    encoder = build_encoder(model_cfg.name, img_size=img_size, patch_size=model_cfg.patch_size,
-                            init_std=model_cfg.init_std, attention=attention, fused_gather=fused_gather)
-    predictor = build_predictor(encoder, depth=model_cfg.pred_depth, embed_dim=model_cfg.pred_emb_dim,
-                                init_std=model_cfg.init_std, attention=attention, fused_gather=fused_gather)
+    encoder = build_encoder(
+        model_cfg.name,
+        img_size=img_size,
+        patch_size=model_cfg.patch_size,
+        init_std=model_cfg.init_std,
+        attention=attention,
+        fused_gather=fused_gather,
+    )
+    predictor = build_predictor(
+        encoder,
+        depth=model_cfg.pred_depth,
+        embed_dim=model_cfg.pred_emb_dim,
+        init_std=model_cfg.init_std,
+        attention=attention,
+        fused_gather=fused_gather,
+    )
     return JEPAStudent(encoder, predictor, loss), make_target_encoder(encoder)

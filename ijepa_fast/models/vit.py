@@ -4,6 +4,7 @@ State dicts load the authors' released ``encoder`` / ``target_encoder`` / ``pred
 (``module.`` prefix stripped) with ``strict=True``. Position embeddings are fixed 2-D sin-cos
 buffers stored as non-trainable parameters (as the authors do, so their checkpoints carry them).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,10 @@ def grid_size(img_size: int, patch_size: int) -> int:
     if patch_size < 1 or img_size < 1:
         raise ValueError(f"image size {img_size} and patch size {patch_size} must be positive")
     if img_size % patch_size:
-        raise ValueError(f"patch size {patch_size} does not divide the image size {img_size} "
-                         f"(choose an image size that is a multiple of {patch_size})")
+        raise ValueError(
+            f"patch size {patch_size} does not divide the image size {img_size} "
+            f"(choose an image size that is a multiple of {patch_size})"
+        )
     return img_size // patch_size
 
 
@@ -162,9 +165,18 @@ class VisionTransformer(_BlockStack):
     tokens, only those at ``context_idx`` when given (the tokens are dropped before the blocks).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, init_std: float = 0.02, attention: str = "sdpa",
-                 fused_gather: bool = True):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        init_std: float = 0.02,
+        attention: str = "sdpa",
+        fused_gather: bool = True,
+    ):
         super().__init__()
         self.grid = grid_size(img_size, patch_size)
         self.embed_dim = embed_dim
@@ -197,9 +209,18 @@ class VisionTransformerPredictor(_BlockStack):
     pass over all M blocks: each block's sequence is (the B context tokens, that block's Kt mask tokens).
     """
 
-    def __init__(self, num_patches: int, embed_dim: int = 768, predictor_embed_dim: int = 384, depth: int = 6,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, init_std: float = 0.02, attention: str = "sdpa",
-                 fused_gather: bool = True):
+    def __init__(
+        self,
+        num_patches: int,
+        embed_dim: int = 768,
+        predictor_embed_dim: int = 384,
+        depth: int = 6,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        init_std: float = 0.02,
+        attention: str = "sdpa",
+        fused_gather: bool = True,
+    ):
         super().__init__()
         grid = math.isqrt(num_patches)
         if grid * grid != num_patches:
@@ -209,7 +230,8 @@ class VisionTransformerPredictor(_BlockStack):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
         self.predictor_pos_embed = _fixed_pos_embed(predictor_embed_dim, grid)
         self.predictor_blocks = nn.ModuleList(
-            Block(predictor_embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth))
+            Block(predictor_embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth)
+        )
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
         self.apply(lambda m: _init_weights(m, init_std))
@@ -220,13 +242,16 @@ class VisionTransformerPredictor(_BlockStack):
         target_idx = ops.as_blocks(target_idx)
         M, B, _ = target_idx.shape
         if ctx.shape[0] != B or context_idx.shape != ctx.shape[:2]:
-            raise ValueError(f"context tokens {tuple(ctx.shape)} do not match context indices "
-                             f"{tuple(context_idx.shape)} and target indices {tuple(target_idx.shape)}")
+            raise ValueError(
+                f"context tokens {tuple(ctx.shape)} do not match context indices "
+                f"{tuple(context_idx.shape)} and target indices {tuple(target_idx.shape)}"
+            )
         x = self.predictor_embed(ctx)  # (B, Kc, Dp)
         x = x + ops.gather_tokens(self.predictor_pos_embed.expand(B, -1, -1), context_idx, fused=self.fused_gather)
         Kc = x.shape[1]
-        queries = ops.predictor_mask_tokens(self.mask_token, self.predictor_pos_embed, target_idx,
-                                            fused=self.fused_gather)  # (M*B, Kt, Dp)
+        queries = ops.predictor_mask_tokens(
+            self.mask_token, self.predictor_pos_embed, target_idx, fused=self.fused_gather
+        )  # (M*B, Kt, Dp)
         x = torch.cat([x.repeat(M, 1, 1), queries], dim=1)  # (M*B, Kc+Kt, Dp)
         x = self.predictor_norm(self._run_blocks(self.predictor_blocks, x))
         return self.predictor_proj(x[:, Kc:])  # (M*B, Kt, D)
@@ -235,13 +260,26 @@ class VisionTransformerPredictor(_BlockStack):
 def build_encoder(name: str, img_size: int = 224, patch_size: int = 16, **kwargs) -> VisionTransformer:
     """An encoder of a named size (vit_tiny ... vit_giant)."""
     size = vit_size(name)
-    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=size.embed_dim, depth=size.depth,
-                             num_heads=size.num_heads, mlp_ratio=size.mlp_ratio, **kwargs)
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=size.embed_dim,
+        depth=size.depth,
+        num_heads=size.num_heads,
+        mlp_ratio=size.mlp_ratio,
+        **kwargs,
+    )
 
 
-def build_predictor(encoder: VisionTransformer, depth: int, embed_dim: int = 384,
-                    **kwargs) -> VisionTransformerPredictor:
+def build_predictor(
+    encoder: VisionTransformer, depth: int, embed_dim: int = 384, **kwargs
+) -> VisionTransformerPredictor:
     """The predictor for ``encoder``: the encoder's number of heads (authors), width ``embed_dim``."""
-    return VisionTransformerPredictor(num_patches=encoder.num_patches, embed_dim=encoder.embed_dim,
-                                      predictor_embed_dim=embed_dim, depth=depth, num_heads=encoder.num_heads,
-                                      **kwargs)
+    return VisionTransformerPredictor(
+        num_patches=encoder.num_patches,
+        embed_dim=encoder.embed_dim,
+        predictor_embed_dim=embed_dim,
+        depth=depth,
+        num_heads=encoder.num_heads,
+        **kwargs,
+    )

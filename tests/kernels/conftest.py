@@ -8,6 +8,7 @@ own duration (the kernels read it at call time), so the rest of the suite keeps 
 With CUDA, triton stays compiled: the interpreter tests skip and the ``gpu`` tests run on the device.
 Ahead-of-time compiles for an H100 run in a subprocess, where triton is imported compiled.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,7 @@ def triton_path():
     """Skip unless the kernels can run through the interpreter here; check that CPU calls take them."""
     if not triton_interpreted():
         pytest.skip("needs triton imported in interpreter mode (a machine without CUDA, triton installed)")
-    from kernels import _dispatch
+    from ijepa_fast.kernels import _dispatch
 
     assert _dispatch.use_triton(torch.device("cpu"))
 
@@ -99,8 +100,9 @@ def compile_for_h100(snippet: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     code = _AOT_DRIVER + textwrap.dedent(snippet)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     if proc.returncode != 0 and "nvidia" in proc.stderr and "backend" in proc.stderr.lower():
         pytest.skip(f"triton cannot target NVIDIA here: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -112,8 +114,9 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), exp - 8)
 
 
-def assert_lowp_close(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, name: str,
-                      truncating: bool) -> None:
+def assert_lowp_close(
+    out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor, name: str, truncating: bool
+) -> None:
     """out within 2x PyTorch's own low-precision error against a float64 reference.
 
     Bound per element: 2 * max|torch_lowp - ref64| (+ one bf16 ulp of ref64 when ``truncating``).
@@ -127,4 +130,5 @@ def assert_lowp_close(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.
     err = (out64 - ref64).abs()
     assert bool(torch.isfinite(out64).all()), f"{name}: non-finite values"
     assert bool((err <= bound).all()), (
-        f"{name}: max error {err.max().item():.3g} beyond bound (torch's own bf16 error {torch_err.item():.3g})")
+        f"{name}: max error {err.max().item():.3g} beyond bound (torch's own bf16 error {torch_err.item():.3g})"
+    )

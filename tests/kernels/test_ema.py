@@ -4,6 +4,7 @@ The Triton kernel runs through the interpreter (see conftest.py). ``_BLOCK``/``_
 so that tiny tensors still cross chunk and block edges. ``vit_param_shapes`` and
 ``make_ema_inputs`` are also the benchmark's setup (profiling/bench_ema.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import json
 import pytest
 import torch
 
-from kernels import ema
-from kernels.ema import ema_update_, ema_update_foreach, ema_update_reference
+from ijepa_fast.kernels import ema
+from ijepa_fast.kernels.ema import ema_update_, ema_update_foreach, ema_update_reference
 
 from .conftest import assert_lowp_close, compile_for_h100
 
@@ -20,8 +21,9 @@ from .conftest import assert_lowp_close, compile_for_h100
 SHAPES = [(3, 5), (31,), (32,), (33,), (5, 13), (1,), (), (0, 4), (2, 3, 7)]
 
 
-def vit_param_shapes(depth: int, width: int, patch: int, grid: int, mlp_ratio: int = 4,
-                     in_chans: int = 3) -> list[tuple]:
+def vit_param_shapes(
+    depth: int, width: int, patch: int, grid: int, mlp_ratio: int = 4, in_chans: int = 3
+) -> list[tuple]:
     """Parameter shapes of the I-JEPA ViT encoder, in ``parameters()`` order (pos_embed included)."""
     D, H = width, width * mlp_ratio
     shapes = [(1, grid * grid, D), (D, in_chans, patch, patch), (D,)]  # pos_embed, patch_embed
@@ -29,8 +31,14 @@ def vit_param_shapes(depth: int, width: int, patch: int, grid: int, mlp_ratio: i
     return shapes + block * depth + [(D,), (D,)]  # ..., final norm
 
 
-def make_ema_inputs(shapes: list[tuple], t_dtype=torch.float32, s_dtype=torch.float32, device="cpu",
-                    seed: int = 0, bf16_out: bool = False):
+def make_ema_inputs(
+    shapes: list[tuple],
+    t_dtype=torch.float32,
+    s_dtype=torch.float32,
+    device="cpu",
+    seed: int = 0,
+    bf16_out: bool = False,
+):
     """targets, sources (random, of ``shapes``) and the bf16 copies to fill (or None)."""
     g = torch.Generator().manual_seed(seed)
     ts = [torch.randn(s, generator=g).to(device=device, dtype=t_dtype) for s in shapes]
@@ -65,7 +73,7 @@ def test_fp32_matches_reference(triton_path, small_chunks, momentum):
         torch.testing.assert_close(t, r, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(t.double(), w, rtol=2e-7, atol=1e-7)
         # the copy: one fp32 -> bf16 rounding (truncation in the interpreter: within one ulp)
-        torch.testing.assert_close(o.float(), t, rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(o.float(), t, rtol=2**-7, atol=0)
     if momentum in (0.0, 1.0):
         expected = ss if momentum == 0.0 else ts_ref
         assert all(torch.equal(t, e) for t, e in zip(ts, expected))
@@ -95,7 +103,7 @@ def test_flat_buffers_and_mixed_groups(triton_path, small_chunks):
     want = _fp64(targets, sources, 0.9)
     ema_update_(targets, sources, 0.9)
     for t, w in zip(targets, want):
-        tol = 1e-6 if t.dtype == torch.float32 else 2 ** -7
+        tol = 1e-6 if t.dtype == torch.float32 else 2**-7
         torch.testing.assert_close(t.double(), w, rtol=tol, atol=tol)
 
 
@@ -146,6 +154,7 @@ def test_vith14_has_631m_parameters():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_bad_inputs_name_the_argument():
     ts, ss, outs = make_ema_inputs([(3,), (4, 2)], bf16_out=True)
     with pytest.raises(ValueError, match="targets has 2 tensors but sources has 1"):
@@ -171,6 +180,7 @@ def test_bad_inputs_name_the_argument():
 
 # ----------------------------------------------------------------------------- torch.compile
 
+
 def test_torch_compile_fullgraph(reference_path):
     ts, ss, outs = make_ema_inputs([(5, 3), (7,)], bf16_out=True, seed=8)
     ts_ref = _clone(ts)
@@ -186,7 +196,7 @@ def test_torch_compile_fullgraph(reference_path):
 
 def test_kernel_compiles_for_h100_with_wide_loads():
     compile_for_h100("""
-        from kernels.ema import _kernel
+        from ijepa_fast.kernels.ema import _kernel
         sig = {"t_ptrs": "*i64", "s_ptrs": "*i64", "o_ptrs": "*i64", "numels": "*i64", "chunk_tensor": "*i64",
                "chunk_start": "*i64", "t0": "*fp32", "s0": "*fp32", "o0": "*bf16", "m_ptr": "*fp32"}
         ptx = compile_for_h100(_kernel(), sig, {"HAS_OUT": True, "ALIGNED": True, "BLOCK": 1024, "ITERS": 8})
@@ -197,6 +207,7 @@ def test_kernel_compiles_for_h100_with_wide_loads():
 
 
 # ----------------------------------------------------------------------------- GPU and benchmark
+
 
 def _compiled_variants(kernel) -> int:
     """How many binaries triton.jit has built for ``kernel`` (its per-device kernel caches)."""
@@ -231,5 +242,6 @@ def test_benchmark_runs_on_cpu(tmp_path, reference_path, capsys):
     bench_ema.main(["--device", "cpu", "--size", "tiny", "--reps", "3", "--json", str(tmp_path / "r.json")])
     assert "| case |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert {(r["case"], r["method"]) for r in rows} == {(c, m) for c in bench_ema.CONFIGS
-                                                        for m in ("authors", "builtin", "kernel")}
+    assert {(r["case"], r["method"]) for r in rows} == {
+        (c, m) for c in bench_ema.CONFIGS for m in ("authors", "builtin", "kernel")
+    }

@@ -3,6 +3,7 @@
 The Triton kernels run through the interpreter (see conftest.py); sizes stay tiny because it is slow.
 ``make_gather_inputs`` is also the benchmark's setup (profiling/bench_masked_gather.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import json
 import pytest
 import torch
 
-import kernels.masked_gather as mg
-from kernels.masked_gather import (
+import ijepa_fast.kernels.masked_gather as mg
+from ijepa_fast.kernels.masked_gather import (
     mask_tokens,
     mask_tokens_reference,
     masked_gather,
@@ -26,8 +27,19 @@ from .conftest import assert_lowp_close, compile_for_h100, triton_interpreted
 SHAPES = [(1, 1, 1, 1, 1), (1, 5, 3, 1, 1), (2, 1, 7, 3, 2), (3, 7, 123, 2, 4), (2, 9, 5, 7, 5), (3, 7, 1, 4, 3)]
 
 
-def make_gather_inputs(B: int, N: int, D: int, M: int, K: int, dtype=torch.float32, device="cpu", seed: int = 0,
-                       unique: bool = False, pos_batch: int = 1, pos_grad: bool = True) -> dict:
+def make_gather_inputs(
+    B: int,
+    N: int,
+    D: int,
+    M: int,
+    K: int,
+    dtype=torch.float32,
+    device="cpu",
+    seed: int = 0,
+    unique: bool = False,
+    pos_batch: int = 1,
+    pos_grad: bool = True,
+) -> dict:
     """x [B, N, D], pos [pos_batch, N, D], mask_token [1, 1, D] (float, requiring grad) and idx [M, B, K].
 
     ``unique=False`` draws indices with replacement: duplicates inside and across blocks, the hard
@@ -53,8 +65,10 @@ OPS = {  # name -> (fast op, reference, names of its tensor arguments)
 
 def _run(fn, inputs: dict, names: tuple, grad_out: torch.Tensor | None = None, cast=None):
     """Output and the gradients of every input that requires one (grad_out drawn when None)."""
-    args = [inputs[n] if cast is None else inputs[n].detach().to(cast).requires_grad_(inputs[n].requires_grad)
-            for n in names]
+    args = [
+        inputs[n] if cast is None else inputs[n].detach().to(cast).requires_grad_(inputs[n].requires_grad)
+        for n in names
+    ]
     out = fn(*args, inputs["idx"])
     if grad_out is None:
         grad_out = torch.randn_like(out)
@@ -186,6 +200,7 @@ def test_dispatch(monkeypatch):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_bad_inputs_name_the_argument():
     x = torch.randn(2, 5, 3)
     idx = torch.randint(0, 5, (2, 2, 4))
@@ -246,6 +261,7 @@ def test_out_of_range_index_adds_no_gradient(triton_path):
 
 # ----------------------------------------------------------------------------- torch.compile
 
+
 def test_torch_compile_fullgraph(reference_path):
     """The custom ops' fake implementations let torch.compile trace the whole step (forward and backward)."""
     inputs = make_gather_inputs(2, 6, 4, 3, 2, seed=7)
@@ -271,7 +287,7 @@ def test_custom_ops_pass_opcheck(reference_path):
 def test_kernels_compile_for_h100():
     """Ahead-of-time compile for sm_90: the GPU code generator accepts the kernels (no GPU needed)."""
     compile_for_h100("""
-        from kernels.masked_gather import _kernels
+        from ijepa_fast.kernels.masked_gather import _kernels
         gather_add, segment_sum = _kernels()
         ints = dict.fromkeys(["rows", "K", "B", "N", "D", "sxb", "sxn", "spb", "spn"], "i32")
         for has_pos in (False, True):
@@ -283,6 +299,7 @@ def test_kernels_compile_for_h100():
 
 
 # ----------------------------------------------------------------------------- GPU and benchmark
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", list(OPS))

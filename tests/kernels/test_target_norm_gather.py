@@ -2,14 +2,15 @@
 
 The Triton kernel runs through the interpreter (see conftest.py); sizes stay tiny.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.target_norm_gather as tng
-from kernels.target_norm_gather import target_norm_gather, target_norm_gather_reference
+import ijepa_fast.kernels.target_norm_gather as tng
+from ijepa_fast.kernels.target_norm_gather import target_norm_gather, target_norm_gather_reference
 
 from .conftest import assert_lowp_close, compile_for_h100
 from .test_masked_gather import SHAPES, make_gather_inputs
@@ -107,7 +108,7 @@ def test_torch_compile_fullgraph(reference_path):
 
 def test_kernel_compiles_for_h100():
     compile_for_h100("""
-        from kernels.target_norm_gather import _kernel
+        from ijepa_fast.kernels.target_norm_gather import _kernel
         sig = {"h_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*bf16", "eps": "fp32",
                **dict.fromkeys(["rows", "K", "B", "N", "D", "shb", "shn"], "i32")}
         compile_for_h100(_kernel(), sig, {"BLOCK_R": 2, "BLOCK_D": 2048})

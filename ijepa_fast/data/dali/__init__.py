@@ -10,6 +10,7 @@ Importing this package does not import DALI; building a loader does (``ijepa_fas
 See ``loader.py`` for the design (step-keyed folder source, webdataset sharding settings),
 ``validate.py`` for undecodable files and ``pipeline.py`` for the DALI graphs.
 """
+
 from ijepa_fast.data.dali.loader import (
     DaliPretrainLoader,
     build_dali_loader,
@@ -19,5 +20,12 @@ from ijepa_fast.data.dali.loader import (
 )
 from ijepa_fast.data.dali.validate import check_image, validate_images
 
-__all__ = ["DaliPretrainLoader", "build_dali_loader", "check_image", "parse_ascii_labels", "resolve_loader_kind",
-           "validate_images", "webdataset_tars"]
+__all__ = [
+    "DaliPretrainLoader",
+    "build_dali_loader",
+    "check_image",
+    "parse_ascii_labels",
+    "resolve_loader_kind",
+    "validate_images",
+    "webdataset_tars",
+]

@@ -5,6 +5,7 @@
 ROOT is an image folder or webdataset shards (a .tar, or a folder of them). Pass the same file as
 ``build_dali_loader(..., cache=...)``; the loader then re-checks only files that changed.
 """
+
 from __future__ import annotations
 
 import argparse

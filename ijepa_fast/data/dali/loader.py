@@ -38,6 +38,7 @@ validation, or ``validate="off"``), the loader checks the files of the batches D
 and then with DALI's own decoder, marks the culprits bad, and rebuilds the pipeline at the first
 batch not yet delivered; when no file is at fault the error is raised.
 """
+
 from __future__ import annotations
 
 import io
@@ -83,8 +84,10 @@ def resolve_loader_kind(cfg, device: torch.device | str) -> str:
     readable = cfg.dataset != "idx"
     if cfg.loader == "dali":
         if not readable:
-            raise ConfigError("data.loader='dali' reads image folders and webdataset tars, not IDX files: "
-                              "use data.loader=pytorch (or auto) with data.dataset=idx")
+            raise ConfigError(
+                "data.loader='dali' reads image folders and webdataset tars, not IDX files: "
+                "use data.loader=pytorch (or auto) with data.dataset=idx"
+            )
         require("dali", "data.loader=dali")
         return "dali"
     return "dali" if device.type == "cuda" and readable and available("dali") else "pytorch"
@@ -119,8 +122,19 @@ class FolderSource:
     """DALI external source: ``source(batch_info)`` -> (encoded files, crop anchors [B, 2],
     crop shapes [B, 2], labels [B]) of global step ``base_step + batch_info.iteration``."""
 
-    def __init__(self, paths: list[str], labels: list[int], bad: dict[str, str], *, batch_size: int, seed: int,
-                 rank: int, world_size: int, crop_scale: tuple[float, float], threads: int):
+    def __init__(
+        self,
+        paths: list[str],
+        labels: list[int],
+        bad: dict[str, str],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        crop_scale: tuple[float, float],
+        threads: int,
+    ):
         self.paths, self.labels, self.n = paths, labels, len(paths)
         self.bad = dict(bad)  # path -> reason; grows when a file fails at run time
         self.sampler = StepBatchSampler(self.n, batch_size, seed, rank, world_size)
@@ -152,7 +166,7 @@ class FolderSource:
         if self._order[0] != epoch:
             self._order = (epoch, self.sampler.epoch_indices(epoch).tolist())
         b = self.sampler.batch_size
-        return epoch, self._order[1][i * b:(i + 1) * b]
+        return epoch, self._order[1][i * b : (i + 1) * b]
 
     def _good_from(self, i: int) -> tuple[int, int]:
         """(first index at or after i, cyclically, not known to be bad; how many bad ones it passed)."""
@@ -173,8 +187,9 @@ class FolderSource:
             _, idx = self.indices(step)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-read")
-            self._reads[step] = [(j, self._pool.submit(self._read, self.paths[j]))
-                                 for j in (self._good_from(i)[0] for i in idx)]
+            self._reads[step] = [
+                (j, self._pool.submit(self._read, self.paths[j])) for j in (self._good_from(i)[0] for i in idx)
+            ]
 
     def _take(self, i: int, planned: tuple[int, Future]) -> tuple[np.ndarray, tuple[int, int], int, int]:
         """(encoded file, its (w, h), index used, bad files passed) for dataset index ``i``: the file
@@ -216,8 +231,12 @@ class FolderSource:
             record.paths.append(self.paths[j])
         record.bad, record.skipped = tuple(bad), len(bad)
         self.records[step] = record
-        return (data, np.asarray(anchors, dtype=np.int32), np.asarray(shapes, dtype=np.int32),
-                np.asarray(labels, dtype=np.int64))
+        return (
+            data,
+            np.asarray(anchors, dtype=np.int32),
+            np.asarray(shapes, dtype=np.int32),
+            np.asarray(labels, dtype=np.int64),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- loader
@@ -229,9 +248,22 @@ class DaliPretrainLoader:
     ``excluded`` {path: reason} (found by validation or at run time) and ``recoveries``.
     """
 
-    def __init__(self, *, kind: str, build, steps_per_epoch: int, batch_size: int, masks: DeviceMaskSampler,
-                 device: torch.device, dtype: torch.dtype, start_step: int, source: FolderSource | None = None,
-                 decode_check=None, excluded: dict[str, str] | None = None, tmpdir=None):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        build,
+        steps_per_epoch: int,
+        batch_size: int,
+        masks: DeviceMaskSampler,
+        device: torch.device,
+        dtype: torch.dtype,
+        start_step: int,
+        source: FolderSource | None = None,
+        decode_check=None,
+        excluded: dict[str, str] | None = None,
+        tmpdir=None,
+    ):
         self.kind, self._build, self.steps_per_epoch = kind, build, steps_per_epoch
         self.batch_size, self.masks, self.device, self.dtype = batch_size, masks, device, dtype
         self.source, self._decode_check = source, decode_check
@@ -300,8 +332,7 @@ class DaliPretrainLoader:
                 torch.set_num_threads(threads)
         else:
             masks = self.masks(images.shape[0], step, device=images.device)
-        return Batch(images=images, labels=labels, masks=masks, step=step, epoch=epoch, skipped=skipped,
-                     bad_paths=bad)
+        return Batch(images=images, labels=labels, masks=masks, step=step, epoch=epoch, skipped=skipped, bad_paths=bad)
 
     def _recover(self, err: RuntimeError) -> None:
         """Find the files behind a DALI decoder error among the batches DALI held, mark them bad and
@@ -316,8 +347,9 @@ class DaliPretrainLoader:
             why = "no file of the pending batches is undecodable" if not found else "too many recoveries"
             raise RuntimeError(f"the DALI pipeline failed at step {self.next_step} and {why}") from err
         for p, reason in found.items():
-            log.warning("DALI could not decode %s (%s): excluded; rebuilding the pipeline at step %d", p, reason,
-                        self.next_step)
+            log.warning(
+                "DALI could not decode %s (%s): excluded; rebuilding the pipeline at step %d", p, reason, self.next_step
+            )
         self.source.bad.update(found)
         self.excluded.update(found)
         self._iter = None
@@ -346,10 +378,22 @@ def parse_ascii_labels(cls: torch.Tensor) -> torch.Tensor:
     return torch.where(n[:, 0] > 0, value, -1)
 
 
-def build_dali_loader(cfg, *, grid, mask_kwargs: dict, seed: int, rank: int = 0, world_size: int = 1,
-                      start_step: int = 0, device: torch.device | str | None = None,
-                      dtype: torch.dtype = torch.float32, validate: str = "full", cache: str | Path | None = None,
-                      prefetch: int = 2, threads: int | None = None) -> DaliPretrainLoader:
+def build_dali_loader(
+    cfg,
+    *,
+    grid,
+    mask_kwargs: dict,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    validate: str = "full",
+    cache: str | Path | None = None,
+    prefetch: int = 2,
+    threads: int | None = None,
+) -> DaliPretrainLoader:
     """The DALI pretraining loader of a DataConfig (see the module docstring).
 
     ``device``: a CUDA device decodes on that GPU (``mixed``); None or CPU runs DALI's CPU mode.
@@ -359,8 +403,9 @@ def build_dali_loader(cfg, *, grid, mask_kwargs: dict, seed: int, rank: int = 0,
     """
     dp.dali()  # the install hint, before any work
     device = torch.device("cpu" if device is None else device)
-    device_id = None if device.type != "cuda" else (device.index if device.index is not None
-                                                   else torch.cuda.current_device())
+    device_id = (
+        None if device.type != "cuda" else (device.index if device.index is not None else torch.cuda.current_device())
+    )
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype={dtype} is not float32, float16 or bfloat16")
     if not 0 <= rank < world_size:
@@ -372,8 +417,9 @@ def build_dali_loader(cfg, *, grid, mask_kwargs: dict, seed: int, rank: int = 0,
     if tars:
         tmpdir = tempfile.TemporaryDirectory(prefix="ijepa-wds-idx-") if cache is None else None
         index_dir = tmpdir.name if tmpdir else Path(cache).with_suffix(".wds-index")
-        tars, index_paths, n, bad = prepare_webdataset(tars, index_dir, mode=validate, cache=cache, workers=threads,
-                                                       limit=cfg.limit, multiple_of=world_size)
+        tars, index_paths, n, bad = prepare_webdataset(
+            tars, index_dir, mode=validate, cache=cache, workers=threads, limit=cfg.limit, multiple_of=world_size
+        )
         steps_per_epoch = n // (B * world_size)
         if steps_per_epoch < 1:
             raise ValueError(f"{n} images are fewer than one global batch ({B} x {world_size} ranks)")
@@ -382,37 +428,97 @@ def build_dali_loader(cfg, *, grid, mask_kwargs: dict, seed: int, rank: int = 0,
 
         def build(step: int):
             pipe_seed = _mix(_mix(seed, rank), step) & 0x7FFFFFFF  # a resumed run reshuffles
-            pipe = dp.webdataset_pipeline(tars, index_paths, batch_size=B, threads=threads, device_id=device_id,
-                                          prefetch=prefetch, seed=pipe_seed, crop_size=cfg.crop_size,
-                                          crop_scale=tuple(cfg.crop_scale), half=half, shard_id=rank,
-                                          num_shards=world_size, initial_fill=min(4096, max(B, n // world_size)))
-            return DALIGenericIterator(pipe, ["images", "labels"], reader_name=dp.READER_NAME,
-                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+            pipe = dp.webdataset_pipeline(
+                tars,
+                index_paths,
+                batch_size=B,
+                threads=threads,
+                device_id=device_id,
+                prefetch=prefetch,
+                seed=pipe_seed,
+                crop_size=cfg.crop_size,
+                crop_scale=tuple(cfg.crop_scale),
+                half=half,
+                shard_id=rank,
+                num_shards=world_size,
+                initial_fill=min(4096, max(B, n // world_size)),
+            )
+            return DALIGenericIterator(
+                pipe,
+                ["images", "labels"],
+                reader_name=dp.READER_NAME,
+                last_batch_policy=LastBatchPolicy.DROP,
+                auto_reset=True,
+            )
 
-        log.info("DALI loader (%s): %d webdataset samples in %d tars, %d steps per epoch", device, n, len(tars),
-                 steps_per_epoch)
-        return DaliPretrainLoader(kind="webdataset", build=build, steps_per_epoch=steps_per_epoch, batch_size=B,
-                                  masks=masks, device=device, dtype=dtype, start_step=start_step, excluded=bad,
-                                  tmpdir=tmpdir)
+        log.info(
+            "DALI loader (%s): %d webdataset samples in %d tars, %d steps per epoch",
+            device,
+            n,
+            len(tars),
+            steps_per_epoch,
+        )
+        return DaliPretrainLoader(
+            kind="webdataset",
+            build=build,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=B,
+            masks=masks,
+            device=device,
+            dtype=dtype,
+            start_step=start_step,
+            excluded=bad,
+            tmpdir=tmpdir,
+        )
 
     paths, labels, _ = scan_folder(os.path.abspath(folder_root(cfg)), as_str=True)  # absolute: cache keys
     n = min(len(paths), cfg.limit) if cfg.limit else len(paths)
     paths, labels = paths[:n], labels[:n]
     bad = validate_images(paths, mode=validate, cache=cache, workers=threads)
     if bad:
-        log.warning("%d of %d images are undecodable: each is replaced by the next good one and counted in "
-                    "loader.skipped", len(bad), n)
-    source = FolderSource(paths, labels, bad, batch_size=B, seed=seed, rank=rank, world_size=world_size,
-                          crop_scale=tuple(cfg.crop_scale), threads=threads)
+        log.warning(
+            "%d of %d images are undecodable: each is replaced by the next good one and counted in loader.skipped",
+            len(bad),
+            n,
+        )
+    source = FolderSource(
+        paths,
+        labels,
+        bad,
+        batch_size=B,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        crop_scale=tuple(cfg.crop_scale),
+        threads=threads,
+    )
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     def build(step: int):
         source.restart(step)
-        pipe = dp.folder_pipeline(source, batch_size=B, threads=threads, device_id=device_id, prefetch=prefetch,
-                                  seed=_mix(_mix(seed, rank), step) & 0x7FFFFFFF, crop_size=cfg.crop_size, half=half)
+        pipe = dp.folder_pipeline(
+            source,
+            batch_size=B,
+            threads=threads,
+            device_id=device_id,
+            prefetch=prefetch,
+            seed=_mix(_mix(seed, rank), step) & 0x7FFFFFFF,
+            crop_size=cfg.crop_size,
+            half=half,
+        )
         return DALIGenericIterator(pipe, ["images", "labels"])
 
     log.info("DALI loader (%s): %d images, %d steps per epoch", device, n, source.steps_per_epoch)
-    return DaliPretrainLoader(kind="folder", build=build, steps_per_epoch=source.steps_per_epoch, batch_size=B,
-                              masks=masks, device=device, dtype=dtype, start_step=start_step, source=source,
-                              decode_check=dp.DecodeCheck(device_id), excluded=bad)
+    return DaliPretrainLoader(
+        kind="folder",
+        build=build,
+        steps_per_epoch=source.steps_per_epoch,
+        batch_size=B,
+        masks=masks,
+        device=device,
+        dtype=dtype,
+        start_step=start_step,
+        source=source,
+        decode_check=dp.DecodeCheck(device_id),
+        excluded=bad,
+    )

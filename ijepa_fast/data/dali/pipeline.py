@@ -5,6 +5,7 @@ otherwise decoding is ``mixed`` (nvJPEG and, on A100/H100, the hardware JPEG dec
 parses the bitstream) and resize/normalise run on the GPU. DALI is imported here, lazily, through
 ``ijepa_fast.optional``.
 """
+
 from __future__ import annotations
 
 from ijepa_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -26,10 +27,14 @@ def dali():
 def _normalise(fn, types, images, crop_size: int, half: bool):
     """Resize to crop_size x crop_size (bilinear with antialiasing, like PIL's BILINEAR resize) and
     normalise to CHW float with the ImageNet mean/std (on the 0-255 scale)."""
-    images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, interp_type=types.INTERP_LINEAR,
-                       antialias=True)
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if half else types.FLOAT, output_layout="CHW",
-                                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+    images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT16 if half else types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+    )
 
 
 def _decoder_args(types, device_id: int | None) -> dict:
@@ -42,28 +47,55 @@ def _decoder_args(types, device_id: int | None) -> dict:
     return args
 
 
-def folder_pipeline(source, *, batch_size: int, threads: int, device_id: int | None, prefetch: int, seed: int,
-                    crop_size: int, half: bool):
+def folder_pipeline(
+    source,
+    *,
+    batch_size: int,
+    threads: int,
+    device_id: int | None,
+    prefetch: int,
+    seed: int,
+    crop_size: int,
+    half: bool,
+):
     """Images from a Python source that returns, per step, the encoded files, their crop windows
     ([x, y] and [w, h] in pixels: ``fn.decoders.image_slice`` decodes only that region) and labels.
     Outputs: images [B, 3, S, S], labels [B] (on the GPU when ``device_id`` is set)."""
     module, fn, types = dali()
-    pipe = module.Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
-                           prefetch_queue_depth=prefetch, seed=seed)
+    pipe = module.Pipeline(
+        batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch, seed=seed
+    )
     with pipe:
         data, anchor, shape, labels = fn.external_source(
-            source=source, num_outputs=4, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.INT32, types.INT32, types.INT64], ndim=[1, 1, 1, 0])
+            source=source,
+            num_outputs=4,
+            batch=True,
+            batch_info=True,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT64],
+            ndim=[1, 1, 1, 0],
+        )
         images = fn.decoders.image_slice(data, anchor, shape, **_decoder_args(types, device_id))
         images = _normalise(fn, types, images, crop_size, half)
         pipe.set_outputs(images, labels if device_id is None else labels.gpu())
     return pipe
 
 
-def webdataset_pipeline(tars: list[str], index_paths: list[str], *, batch_size: int, threads: int,
-                        device_id: int | None, prefetch: int, seed: int, crop_size: int,
-                        crop_scale: tuple[float, float], half: bool, shard_id: int, num_shards: int,
-                        initial_fill: int):
+def webdataset_pipeline(
+    tars: list[str],
+    index_paths: list[str],
+    *,
+    batch_size: int,
+    threads: int,
+    device_id: int | None,
+    prefetch: int,
+    seed: int,
+    crop_size: int,
+    crop_scale: tuple[float, float],
+    half: bool,
+    shard_id: int,
+    num_shards: int,
+    initial_fill: int,
+):
     """Images from webdataset tars through DALI's reader, sharded and shuffled by it, cropped by
     ``fn.decoders.image_random_crop`` (RandomResizedCrop semantics: area ~ U(crop_scale), log aspect
     ratio ~ U(log 3/4, log 4/3), 10 attempts; DALI's RNG). Outputs: images [B, 3, S, S] and the
@@ -74,15 +106,33 @@ def webdataset_pipeline(tars: list[str], index_paths: list[str], *, batch_size: 
     number of full batches per epoch and never sees a sample twice within one.
     """
     module, fn, types = dali()
-    pipe = module.Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
-                           prefetch_queue_depth=prefetch, seed=seed)
+    pipe = module.Pipeline(
+        batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=prefetch, seed=seed
+    )
     with pipe:
         encoded, cls = fn.readers.webdataset(
-            paths=tars, index_paths=index_paths, ext=["img", "cls"], missing_component_behavior="empty",
-            random_shuffle=True, initial_fill=initial_fill, seed=seed, shard_id=shard_id, num_shards=num_shards,
-            pad_last_batch=True, stick_to_shard=True, prefetch_queue_depth=prefetch, name=READER_NAME)
-        images = fn.decoders.image_random_crop(encoded, random_area=list(crop_scale), random_aspect_ratio=list(RATIO),
-                                               num_attempts=10, seed=seed + 1, **_decoder_args(types, device_id))
+            paths=tars,
+            index_paths=index_paths,
+            ext=["img", "cls"],
+            missing_component_behavior="empty",
+            random_shuffle=True,
+            initial_fill=initial_fill,
+            seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            pad_last_batch=True,
+            stick_to_shard=True,
+            prefetch_queue_depth=prefetch,
+            name=READER_NAME,
+        )
+        images = fn.decoders.image_random_crop(
+            encoded,
+            random_area=list(crop_scale),
+            random_aspect_ratio=list(RATIO),
+            num_attempts=10,
+            seed=seed + 1,
+            **_decoder_args(types, device_id),
+        )
         images = _normalise(fn, types, images, crop_size, half)
         cls = fn.pad(cls, fill_value=0, axes=(0,))  # to the longest label of the batch: a dense tensor
         pipe.set_outputs(images, cls if device_id is None else cls.gpu())
@@ -99,8 +149,14 @@ class DecodeCheck:
 
     def _build(self):
         module, fn, types = dali()
-        pipe = module.Pipeline(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1,
-                               exec_async=False, exec_pipelined=False)
+        pipe = module.Pipeline(
+            batch_size=1,
+            num_threads=1,
+            device_id=self.device_id,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+        )
         with pipe:
             data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
             pipe.set_outputs(fn.decoders.image(data, **_decoder_args(types, self.device_id)))

@@ -14,6 +14,7 @@ CPU path does. Modes: ``full`` (decode everything), ``header`` (PIL's ``verify``
 misses truncated JPEG data), ``off`` (trust the files; the DALI loader still recovers from a
 decoder error by re-checking the files of the failed batches, see ``loader.py``).
 """
+
 from __future__ import annotations
 
 import io
@@ -107,8 +108,9 @@ def save_section(cache: str | Path, section: str, table: dict) -> None:
     os.replace(tmp, cache)
 
 
-def validate_images(paths: Iterable[str | Path], *, mode: str = "full", cache: str | Path | None = None,
-                    workers: int = 4) -> dict[str, str]:
+def validate_images(
+    paths: Iterable[str | Path], *, mode: str = "full", cache: str | Path | None = None, workers: int = 4
+) -> dict[str, str]:
     """{path: reason} of the undecodable files among ``paths`` (see the module docstring).
 
     ``cache``: a JSON file read and updated in place; entries whose size and mtime still match and
@@ -134,17 +136,27 @@ def validate_images(paths: Iterable[str | Path], *, mode: str = "full", cache: s
             todo.append((p, key))
     if todo:
         started = time.perf_counter()
-        log.info("validating %d of %d images (%s decode, %d threads)%s", len(todo), len(paths), mode, workers,
-                 f"; cache {cache}" if cache else "")
+        log.info(
+            "validating %d of %d images (%s decode, %d threads)%s",
+            len(todo),
+            len(paths),
+            mode,
+            workers,
+            f"; cache {cache}" if cache else "",
+        )
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for start in range(0, len(todo), _FLUSH_EVERY):
-                chunk = todo[start:start + _FLUSH_EVERY]
+                chunk = todo[start : start + _FLUSH_EVERY]
                 for (p, key), reason in zip(chunk, pool.map(lambda item: check_image(item[0], mode), chunk)):
                     files[p] = [key[0], key[1], mode, reason]
                     if reason:
                         bad[p] = reason
                 if cache is not None:
                     save_section(cache, "files", files)
-        log.info("validated %d images in %.1f s: %d undecodable", len(todo), time.perf_counter() - started,
-                 sum(1 for p, _ in todo if p in bad))
+        log.info(
+            "validated %d images in %.1f s: %d undecodable",
+            len(todo),
+            time.perf_counter() - started,
+            sum(1 for p, _ in todo if p in bad),
+        )
     return bad

@@ -9,6 +9,7 @@ index (DALI cannot skip them at decode time, see ``validate.py``), and ``data.li
 component is written with extension ``img`` and the label with ``cls``, so the reader's outputs do
 not depend on how the shards spell their extensions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,7 +45,7 @@ class WdsSample:
 def split_name(name: str) -> tuple[str, str]:
     """(basename, extension) as DALI's webdataset reader splits a member name."""
     dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
 def scan_tar(path: str | Path) -> tuple[list[WdsSample], int]:
@@ -98,9 +99,16 @@ def write_index(path: str | Path, samples: list[WdsSample]) -> None:
     os.replace(tmp, path)
 
 
-def prepare_webdataset(tars: list[str | Path], index_dir: str | Path, *, mode: str = "full",
-                       cache: str | Path | None = None, workers: int = 4, limit: int = 0, multiple_of: int = 1
-                       ) -> tuple[list[str], list[str], int, dict[str, str]]:
+def prepare_webdataset(
+    tars: list[str | Path],
+    index_dir: str | Path,
+    *,
+    mode: str = "full",
+    cache: str | Path | None = None,
+    workers: int = 4,
+    limit: int = 0,
+    multiple_of: int = 1,
+) -> tuple[list[str], list[str], int, dict[str, str]]:
     """Scan and validate ``tars`` and write one DALI index per tar (without bad samples) into
     ``index_dir``. Returns (tar paths, index paths, number of samples, {sample key: reason}).
 
@@ -128,8 +136,9 @@ def prepare_webdataset(tars: list[str | Path], index_dir: str | Path, *, mode: s
             bad = {s.key: r for s, r in zip(samples, reasons) if r}
             table[tar] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "mode": mode, "bad": bad}
             if left_out:
-                log.warning("%s: %d sample(s) without an image member or with whitespace in a name are left out",
-                            tar, left_out)
+                log.warning(
+                    "%s: %d sample(s) without an image member or with whitespace in a name are left out", tar, left_out
+                )
         bad_all.update(bad)
         found.append((tar, st, [s for s in samples if s.key not in bad]))
     if cache is not None:
@@ -138,11 +147,15 @@ def prepare_webdataset(tars: list[str | Path], index_dir: str | Path, *, mode: s
     keep = min(total, limit) if limit else total
     keep -= keep % max(1, multiple_of)
     if keep < total and not limit:
-        log.info("leaving out the last %d of %d samples: %d ranks need shards of equal size", total - keep, total,
-                 multiple_of)
+        log.info(
+            "leaving out the last %d of %d samples: %d ranks need shards of equal size",
+            total - keep,
+            total,
+            multiple_of,
+        )
     kept_tars, index_paths, used = [], [], 0
     for tar, st, good in found:
-        good = good[:keep - used]
+        good = good[: keep - used]
         if not good:
             continue
         digest = hashlib.sha1(f"{tar}:{st.st_size}:{st.st_mtime_ns}:{mode}:{len(good)}".encode()).hexdigest()[:12]
