@@ -12,9 +12,11 @@ setup(
     version="0.1.0",
     description="Fast, faithful I-JEPA pretraining: Triton kernels, SDPA/FlashAttention ViTs, DeepSpeed ZeRO, DALI",
     python_requires=">=3.10",
-    packages=[*find_packages(include=["ijepa_fast", "ijepa_fast.*"]), "ijepa_fast.kernels"],
-    # A top-level package named ``kernels`` would collide with the PyPI distribution of that name.
-    package_dir={"ijepa_fast.kernels": "kernels"},
+    packages=[*find_packages(include=["ijepa_fast", "ijepa_fast.*"]), "ijepa_fast.kernels", "ijepa_fast.configs"],
+    # A top-level package named ``kernels`` would collide with the PyPI distribution of that name; the
+    # configs ship as package data, so `--config demo` works from any folder.
+    package_dir={"ijepa_fast.kernels": "kernels", "ijepa_fast.configs": "configs"},
+    package_data={"ijepa_fast.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.11,<=2.13.0",
         "numpy",

@@ -20,7 +20,7 @@ import os
 import warnings
 from typing import Any
 
-from ijepa_fast.config import ConfigError, _nearest
+from ijepa_fast.errors import ConfigError, nearest_hint
 
 AUTHORS_SECTIONS = ("data", "logging", "mask", "meta", "optimization")
 # Sections only ours have; a file with any of them is in our format.
@@ -48,10 +48,10 @@ _RENAMES: dict[str, dict[str, str | None]] = {
     "mask": {
         "patch_size": "model.patch_size",
         "aspect_ratio": "mask.aspect_ratio",
-        "enc_mask_scale": "mask.enc_mask_scale",
-        "pred_mask_scale": "mask.pred_mask_scale",
+        "enc_mask_scale": "mask.enc_scale",
+        "pred_mask_scale": "mask.pred_scale",
         "min_keep": "mask.min_keep",
-        "num_enc_masks": "mask.num_enc_masks",
+        "num_enc_masks": None,  # must be 1: the method samples one context block
         "num_pred_masks": "mask.num_pred_masks",
         "allow_overlap": "mask.allow_overlap",
     },
@@ -102,7 +102,7 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for section, values in raw.items():
         if section not in _RENAMES:
             raise ConfigError(
-                f"unknown section '{section}' in an authors' config{_nearest(section, list(AUTHORS_SECTIONS))}"
+                f"unknown section '{section}' in an authors' config{nearest_hint(section, list(AUTHORS_SECTIONS))}"
             )
         if values is None:  # an empty section (`logging:` with nothing under it)
             continue
@@ -112,7 +112,7 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for key, value in values.items():
             if key not in schema:
                 raise ConfigError(
-                    f"unknown config key '{section}.{key}' in an authors' config{_nearest(key, list(schema))}"
+                    f"unknown config key '{section}.{key}' in an authors' config{nearest_hint(key, list(schema))}"
                 )
             if schema[key] is not None:
                 put(schema[key], value)
@@ -129,6 +129,10 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         # Kept as given, placeholders included: the trainer's data check rejects a missing folder.
         parts = [str(data[k]) for k in ("root_path", "image_folder") if data.get(k) not in (None, "")]
         put("data.root", os.path.join(*parts) if parts else "")
+
+    enc_masks = (raw.get("mask") or {}).get("num_enc_masks", 1)
+    if enc_masks != 1:  # several context blocks would only repeat the targets; every config of theirs has 1
+        raise ConfigError(f"mask.num_enc_masks={enc_masks!r} is not supported: the method samples one context block")
 
     meta = raw.get("meta") or {}
     if "use_bfloat16" in meta:

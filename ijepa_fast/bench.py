@@ -1,29 +1,30 @@
 """Profiling harness for the training step: throughput, MFU, phase split, ablation, GPU-hours.
 
-    ijepa-bench --model vit_huge --patch 14 --img 224 --batch 128 [--ablation] [--out DIR] [--record]
+    ijepa-bench [--config FILE] [section.key=value ...] [--ablation] [--out DIR] [--record]
     python -m profiling.bench_step ...   (the same CLI)
 
-What it measures, for one model preset, resolution and per-GPU batch:
+The run is described by the training ``Config`` itself (its defaults are the paper's ViT-H/14 at
+224 px, batch 128 per GPU), from ``--config`` and ``section.key=value`` overrides, exactly as
+``ijepa-pretrain`` reads it. What it measures:
 
-- **The trainer's step.** Each configuration builds the ``TrainStep`` that ``ijepa-pretrain`` runs
-  (``trainer.build_train_step``: models, attention backend, compile, AdamW, schedules, switches) and
-  times ``--steps`` calls of it after ``--warmup`` untimed ones (at least one per distinct batch, so
-  ``torch.compile`` has met every mask shape before the clock starts).
-- **Data.** ``--loader synthetic`` (default): ``--batches`` distinct batches made once on the device,
-  random images and masks from the real ``MultiBlockMaskSampler`` (steps 0, 1, ...), used in turn;
-  ``--loader pytorch``/``dali``: the real loaders over ``--data``, each batch copied to the device
-  inside the timed step.
+- **The trainer's step.** Each row builds the step ``ijepa-pretrain`` runs
+  (``engines.build_train_step``: models, attention backend, compile, engine, AdamW, schedules) and
+  times ``--steps`` optimizer steps (each of ``optim.grad_accum`` micro-batches) after ``--warmup``
+  untimed ones (at least one per distinct batch, so ``torch.compile`` has met every mask shape).
+- **Data.** ``--loader synthetic`` (default): ``--batches`` distinct micro-batches made once on the
+  device, random images and masks from the real ``MultiBlockMaskSampler``, used in turn;
+  ``--loader pytorch``/``dali``: the real loaders over ``data.root``, each batch copied to the
+  device inside the timed step.
 - **Timing.** CUDA: one event per step boundary, a single sync at the end; step times are the
-  differences (median, 20th and 80th percentiles), images/s is batch * steps over the wall time
-  between a sync before and after the timed steps. CPU: ``time.perf_counter`` per step.
+  differences (median, 20th and 80th percentiles), images/s is images over the wall time between
+  a sync before and after the timed steps. CPU: ``time.perf_counter`` per step.
 - **FLOPs and MFU.** ``ijepa_fast.flops`` per image for the mask sizes of the timed batches;
   achieved TFLOP/s = FLOPs per image * images/s; MFU against the device's dense bf16 peak
   (``PEAK_BF16_TFLOPS``, by device name; n/a on a CPU) and, on CUDA, against a measured bf16
   8192^3 matmul.
-- **Phase split.** ``--phase-steps`` further steps of ``phased_step``: the same building blocks as
-  ``TrainStep.__call__`` in the same order (target forward, context forward, predictor and loss,
-  backward, optimizer, EMA, host sync), with a boundary between phases: CUDA events (no sync
-  inside the step, so the split is GPU time and the step runs as it does unsplit) or
+- **Phase split.** ``--phase-steps`` further steps of the same ``TrainStep``, called with a phase
+  clock as its ``mark`` callback (data, target_fwd, context_fwd, predictor_fwd, backward,
+  optimizer, ema, sync): CUDA events (no sync inside the step, so it runs as it does unsplit) or
   ``perf_counter`` on a CPU. The table shows the split next to the plain step's median
   (``phases/step``: about 1 when the split is faithful).
 - **Ablation** (``--ablation``): the ``authors`` preset, then each optimisation switched on alone
@@ -31,7 +32,7 @@ What it measures, for one model preset, resolution and per-GPU batch:
   On a CPU the ``compile`` row is left out unless ``--compile-on-cpu`` (compile is off on CPUs).
 - **GPU-hours.** From the measured images/s per GPU, the GPU-hours of the paper's runs (ViT-H/14
   300 epochs of ImageNet-1k; ViT-H/16 at 448 px, 300 epochs), beside the paper's figure; a run of
-  another preset is scaled by the FLOP ratio and says so.
+  another model is scaled by the FLOP ratio and says so.
 - **Outputs.** A Markdown report (printed; appended to ``profiling/RESULTS.md`` with ``--record``,
   with device, date, commit and the exact command), JSON and PNG plots (``--out DIR``), and a
   torch.profiler Chrome trace of phase-labelled steps (``--trace PATH``, ``.gz`` compresses).
@@ -62,12 +63,12 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import Config
+from ijepa_fast.device import autocast_dtype, resolve_device
+from ijepa_fast.engines import build_train_step
 from ijepa_fast.flops import step_flops, step_flops_for_masks
-from ijepa_fast.loss import jepa_loss
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
-from ijepa_fast.models.ijepa import compute_targets
 from ijepa_fast.models.vit import grid_size
-from ijepa_fast.step import TrainStep, ema_update, set_lr_wd
+from ijepa_fast.step import TrainStep
 
 # Dense bf16 tensor-core peaks from the vendor's datasheets (TFLOP/s), matched in this order against
 # torch.cuda.get_device_name(); the H100 rows differ by form factor. Used for MFU only.
@@ -111,36 +112,41 @@ def default_pred_depth(model: str) -> int:
 
 @dataclass
 class BenchSpec:
-    """What to run: model preset, resolution, per-GPU batch, step counts, data source."""
+    """What to run: the training config (file and overrides) and how many steps of which data."""
 
-    model: str = "vit_huge"
-    patch: int = 14
-    img: int = 224
-    batch: int = 128
-    pred_depth: int | None = None  # None: default_pred_depth(model)
-    pred_dim: int = 384
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    config: str = ""  # a YAML config (ours or the authors'); "" is Config()'s defaults: ViT-H/14, 224 px, batch 128
+    overrides: list[str] = field(default_factory=list)  # section.key=value, applied to every row
     warmup: int = 5
     steps: int = 20
     phase_steps: int = 5
-    batches: int = 4  # distinct synthetic batches, used in turn
-    seed: int = 0
+    batches: int = 4  # distinct synthetic micro-batches, used in turn
     loader: str = "synthetic"  # synthetic|pytorch|dali
-    data: str = ""
-    dataset: str = "folder"
-    workers: int = 8
-    overrides: list[str] = field(default_factory=list)  # section.key=value, applied to every configuration
     compile_on_cpu: bool = False
     trace: str = ""
     trace_steps: int = 2
 
-    @property
-    def grid(self) -> int:
-        return grid_size(self.img, self.patch)
+    def config_for(self, speed: dict) -> Config:
+        """The Config of one row: the file, then the row's ``speed`` section, then the overrides."""
+        cfg = config_mod.from_dict({"speed": dict(speed)}, base=config_mod.load(self.config or None))
+        if self.loader != "synthetic":
+            cfg = config_mod.apply_overrides(cfg, [f"data.loader={self.loader}"])
+        cfg = config_mod.apply_overrides(cfg, self.overrides)
+        return config_mod.apply_overrides(cfg, ["run.progress=false", "run.tensorboard=false"])
 
-    def label(self) -> str:
-        return f"{self.model}/{self.patch} at {self.img} px, batch {self.batch}"
+    def describe(self) -> dict:
+        """The spec with the base config's shape (model, patch, img, batch...), for the reports."""
+        cfg = self.config_for({})
+        return {
+            **asdict(self),
+            "model": cfg.model.name,
+            "patch": cfg.model.patch_size,
+            "img": cfg.data.crop_size,
+            "batch": cfg.data.batch_size,
+            "grad_accum": cfg.optim.grad_accum,
+            "pred_depth": cfg.model.pred_depth,
+            "device": cfg.run.device,
+            "dtype": cfg.run.dtype,
+        }
 
 
 @dataclass(frozen=True)
@@ -182,44 +188,15 @@ def authors_config() -> BenchConfig:
     return BenchConfig("authors", {"preset": "authors"})
 
 
-# ----------------------------------------------------------------------------------------- config
-
-
-def make_config(spec: BenchSpec, speed: dict) -> Config:
-    """The run Config of one configuration (the trainer's own validation applies)."""
-    data = {
-        "model": {
-            "name": spec.model,
-            "patch_size": spec.patch,
-            "pred_emb_dim": spec.pred_dim,
-            "pred_depth": spec.pred_depth or default_pred_depth(spec.model),
-        },
-        "data": {
-            "crop_size": spec.img,
-            "batch_size": spec.batch,
-            "root": spec.data,
-            "dataset": spec.dataset,
-            "num_workers": spec.workers,
-            "loader": "dali" if spec.loader == "dali" else "pytorch",
-        },
-        "run": {"device": spec.device, "dtype": spec.dtype, "seed": spec.seed, "progress": False, "tensorboard": False},
-        "speed": dict(speed),
-    }
-    cfg = config_mod.from_dict(data)
-    return config_mod.apply_overrides(cfg, spec.overrides) if spec.overrides else cfg
-
-
 # ----------------------------------------------------------------------------------------- data
 
 
 class SyntheticBatches:
-    """``count`` device-resident batches: random images, masks from the real sampler (steps 0..)."""
+    """``count`` device-resident micro-batches: random images, masks from the real sampler (steps 0..)."""
 
-    def __init__(self, cfg: Config, device: torch.device, count: int, seed: int = 0):
-        from ijepa_fast.trainer import mask_kwargs
-
-        B, S = cfg.data.batch_size, cfg.data.crop_size
-        sampler = MultiBlockMaskSampler(grid_size(S, cfg.model.patch_size), seed=seed, **mask_kwargs(cfg))
+    def __init__(self, cfg: Config, device: torch.device, count: int):
+        B, S, seed = cfg.data.batch_size, cfg.data.crop_size, cfg.run.seed
+        sampler = MultiBlockMaskSampler(grid_size(S, cfg.model.patch_size), seed=seed, **asdict(cfg.mask))
         g = torch.Generator(device=device).manual_seed(seed)
         self.images = [torch.randn(B, 3, S, S, device=device, generator=g) for _ in range(count)]
         self.masks = [sampler(B, step=i, device=device) for i in range(count)]
@@ -228,49 +205,37 @@ class SyntheticBatches:
     def __len__(self) -> int:
         return len(self.images)
 
-    def get(self, step: int) -> tuple[torch.Tensor, MaskBatch]:
-        i = step % len(self.images)
-        return self.images[i], self.masks[i]
+    def get(self, i: int) -> tuple[torch.Tensor, MaskBatch]:
+        """Micro-batch ``i`` (the batches are used in turn)."""
+        return self.images[i % len(self.images)], self.masks[i % len(self.masks)]
 
     def close(self) -> None:
         pass
 
 
 class LoaderBatches:
-    """Batches of a real loader (``pytorch`` or ``dali``), copied to the device as the trainer does."""
+    """Micro-batches of the run's real loader (``pytorch`` or ``dali``), copied to the device as the trainer does."""
 
-    def __init__(self, cfg: Config, device: torch.device, kind: str, seed: int = 0):
-        from ijepa_fast.trainer import mask_kwargs
+    def __init__(self, cfg: Config, device: torch.device):
+        from ijepa_fast.data.build import build_loader
+        from ijepa_fast.data.loader import check_data_source
 
-        grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
+        kind = cfg.data.loader
         if not cfg.data.root:
             raise ValueError(
-                f"--loader {kind} reads real images: give --data DIR (an image folder, or IDX files with --dataset idx)"
+                f"--loader {kind} reads real images: give data.root=DIR (an image folder, or IDX files with "
+                f"data.dataset=idx)"
             )
-        if kind == "pytorch":
-            from ijepa_fast.data.loader import build_pretrain_loader, check_data_source
-
-            check_data_source(cfg.data)
-            self.loader = build_pretrain_loader(cfg.data, grid=grid, mask_kwargs=mask_kwargs(cfg), seed=seed)
-        elif kind == "dali":
-            from ijepa_fast.data.dali import build_dali_loader
-
-            self.loader = build_dali_loader(
-                cfg.data,
-                grid=grid,
-                mask_kwargs=mask_kwargs(cfg),
-                seed=seed,
-                device=device if device.type == "cuda" else None,
-            )
-        else:
-            raise ValueError(f"loader={kind!r}: choose synthetic, pytorch or dali")
+        check_data_source(cfg.data)
+        grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
+        self.loader = build_loader(cfg, grid, device, rank=0, world_size=1, start_step=0, run_dir=Path(cfg.run.out_dir))
         self.device, self.kind = device, kind
         self._it: Iterator = iter(self.loader)
 
     def __len__(self) -> int:
         return 1
 
-    def get(self, step: int) -> tuple[torch.Tensor, MaskBatch]:
+    def get(self, i: int) -> tuple[torch.Tensor, MaskBatch]:
         batch = next(self._it)
         return batch.images.to(self.device, non_blocking=True), batch.masks.to(self.device, non_blocking=True)
 
@@ -327,53 +292,15 @@ class PhaseClock:
         return out
 
 
-def _autocast(ts: TrainStep):
-    if ts.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(ts.device.type, dtype=ts.amp_dtype)
-
-
-def phased_step(
-    ts: TrainStep, fetch: Callable[[], tuple[torch.Tensor, MaskBatch]], step: int, clock: PhaseClock
-) -> dict[str, torch.Tensor]:
-    """``TrainStep.__call__`` cut into phases: the same calls in the same order, with a clock mark
-    between them (``tests/test_bench.py`` checks it gives the same loss and weights)."""
-    opts = ts.options
-    clock.phase("data")
-    images, masks = fetch()
-    clock.phase("target_fwd")
-    set_lr_wd(ts.optimizer, ts.schedules.lr_at(step), ts.schedules.wd_at(step))
-    with _autocast(ts):
-        targets = compute_targets(ts.target_encoder, images, masks, fused=opts.fused_gather)
-        clock.phase("context_fwd")
-        z = ts.student.encoder(images, masks.context)  # (B, Kc, D)
-        clock.phase("predictor_fwd")
-        pred = ts.student.predictor(z, masks.context, masks.targets)  # (M*B, Kt, D)
-        loss = jepa_loss(pred, targets, ts.student.loss)
-    params = [p for g in ts.optimizer.param_groups for p in g["params"]]
-    clock.phase("backward")
-    if ts.scaler is not None:
-        ts.scaler.scale(loss).backward()
-        clock.phase("optimizer")
-        ts.scaler.unscale_(ts.optimizer)
-        if opts.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-        ts.scaler.step(ts.optimizer)
-        ts.scaler.update()
-    else:
-        loss.backward()
-        clock.phase("optimizer")
-        if opts.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-        ts.optimizer.step()
-    ts.optimizer.zero_grad(set_to_none=True)
-    clock.phase("ema")
-    ema_update(ts.target_encoder, ts.student.encoder, ts.schedules.momentum_at(step), fused=opts.fused_ema)
-    out = {"loss": loss.detach()}
-    if opts.sync_every_step:
-        clock.phase("sync")
-        ts.last_host_loss = float(out["loss"])
-    clock.stop()
+def optimizer_step(ts: TrainStep, source, step: int, mark=None) -> dict[str, torch.Tensor]:
+    """One optimizer step of ``ts``: its ``grad_accum`` micro-batches (micro-batch ``step * k + j``),
+    each fetched under the ``data`` phase when a phase ``mark`` is given."""
+    k, out = ts.grad_accum, {}
+    for j in range(k):
+        if mark is not None:
+            mark("data")
+        images, masks = source.get(step * k + j)
+        out = ts(images, masks, step) if mark is None else ts(images, masks, step, mark=mark)
     return out
 
 
@@ -393,31 +320,26 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def time_steps(ts: TrainStep, source, first_step: int, count: int, device: torch.device) -> dict:
-    """Time ``count`` plain steps; returns per-step ms, data-wait ms, wall seconds, mask shapes, loss."""
+    """Time ``count`` optimizer steps; returns per-step ms, data-wait ms, wall seconds, mask shapes, loss."""
     cuda = device.type == "cuda"
     marks, waits, shapes = [], [], []
     out = None
+
+    def fetch_timed(i: int):
+        t0 = time.perf_counter()
+        images, masks = source.get(i)
+        waits.append((time.perf_counter() - t0) * 1e3)
+        shapes.append((masks.targets.shape[0], masks.context.shape[1], masks.targets.shape[2]))
+        return images, masks
+
+    timed = _Fetcher(fetch_timed)
     _sync(device)
     wall0 = time.perf_counter()
     for i in range(count):
-        if cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            marks.append(ev)
-        else:
-            marks.append(time.perf_counter())
-        t0 = time.perf_counter()
-        images, masks = source.get(first_step + i)
-        waits.append((time.perf_counter() - t0) * 1e3)
-        shapes.append((masks.targets.shape[0], masks.context.shape[1], masks.targets.shape[2]))
-        out = ts(images, masks, first_step + i)
-    if cuda:
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        marks.append(ev)
-        _sync(device)
-    else:
-        marks.append(time.perf_counter())
+        marks.append(_now(cuda))
+        out = optimizer_step(ts, timed, first_step + i)
+    marks.append(_now(cuda))
+    _sync(device)
     wall = time.perf_counter() - wall0
     step_ms = [a.elapsed_time(b) if cuda else (b - a) * 1e3 for a, b in itertools.pairwise(marks)]
     return {
@@ -425,17 +347,34 @@ def time_steps(ts: TrainStep, source, first_step: int, count: int, device: torch
         "data_wait_ms": waits,
         "wall_s": wall,
         "mask_shapes": shapes,
-        "loss": float(out["loss"]) if out is not None else math.nan,
+        "loss": float(out["loss"]) if out else math.nan,
     }
 
 
+class _Fetcher:
+    """A batch source whose ``get`` is a given function."""
+
+    def __init__(self, get):
+        self.get = get
+
+
+def _now(cuda: bool):
+    if cuda:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
 def time_phases(ts: TrainStep, source, first_step: int, count: int, device: torch.device) -> dict[str, float]:
-    """Median ms per phase over ``count`` phase-instrumented steps, run back to back as the plain
-    steps are (one sync after the last: on CUDA the host keeps queueing ahead of the GPU)."""
+    """Median ms per phase (summed over the micro-batches of a step) over ``count`` optimizer steps,
+    run back to back as the plain steps are (one sync after the last: on CUDA the host keeps
+    queueing ahead of the GPU)."""
     clocks = []
     for i in range(count):
         clocks.append(PhaseClock(device))
-        phased_step(ts, lambda s=first_step + i: source.get(s), first_step + i, clocks[-1])
+        optimizer_step(ts, source, first_step + i, mark=clocks[-1].phase)
+        clocks[-1].stop()
     _sync(device)
     per_phase: dict[str, list[float]] = {}
     for clock in clocks:
@@ -452,7 +391,9 @@ def write_trace(ts: TrainStep, source, first_step: int, count: int, device: torc
     with torch.profiler.profile(activities=activities) as prof:
         for i in range(count):
             with torch.profiler.record_function(f"step {first_step + i}"):
-                phased_step(ts, lambda s=first_step + i: source.get(s), first_step + i, PhaseClock(device, label=True))
+                clock = PhaseClock(device, label=True)
+                optimizer_step(ts, source, first_step + i, mark=clock.phase)
+                clock.stop()
         _sync(device)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -532,11 +473,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _build_step(cfg: Config, device: torch.device, seed: int) -> TrainStep:
-    from ijepa_fast.trainer import build_train_step
-
-    torch.manual_seed(seed)
-    steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // cfg.data.batch_size)
+def _build_step(cfg: Config, device: torch.device) -> TrainStep:
+    torch.manual_seed(cfg.run.seed)
+    steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // (cfg.data.batch_size * cfg.optim.grad_accum))
     # Parameters are created (and initialised) on the GPU directly: ViT-H's 1.3B on a CPU take long.
     with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
         return build_train_step(cfg, device, steps_per_epoch)
@@ -553,28 +492,30 @@ def run_config(
 ) -> dict:
     """Build, warm up and time one configuration; errors (OOM, a missing backend) become the row's
     ``error`` so one bad configuration does not lose the others."""
-    row: dict = {"name": conf.name, "speed": conf.speed, "batch": spec.batch}
+    row: dict = {"name": conf.name, "speed": conf.speed}
     ts = None
     try:
-        cfg = make_config(spec, conf.speed)
+        cfg = spec.config_for(conf.speed)
+        row["batch"] = cfg.data.batch_size * cfg.optim.grad_accum  # images per optimizer step
         if cfg.speed.compile == "on" or (cfg.speed.compile == "auto" and device.type == "cuda"):
             torch._dynamo.reset()  # each compiled configuration starts clean, as a training process does
         row["speed_resolved"] = asdict(cfg.speed)
-        ts = _build_step(cfg, device, spec.seed)
+        ts = _build_step(cfg, device)
         row["attention"] = ts.student.encoder.blocks[0].attn.backend
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        step = 0
-        for _ in range(max(spec.warmup, len(source))):
-            ts(*source.get(step), step)
-            step += 1
+        # at least one step per distinct micro-batch, so compile has met every mask shape
+        warmup = max(spec.warmup, -(-len(source) // ts.grad_accum))
+        for step in range(warmup):
+            optimizer_step(ts, source, step)
+        step = warmup
         _sync(device)
         row["warmup_s"] = time.perf_counter() - t0
         timing = time_steps(ts, source, step, spec.steps, device)
         step += spec.steps
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        row.update(_rates(spec, cfg, timing, peak, matmul_peak))
+        row.update(_rates(cfg, timing, peak, matmul_peak))
         if spec.phase_steps > 0:
             phases = time_phases(ts, source, step, spec.phase_steps, device)
             step += spec.phase_steps
@@ -594,17 +535,18 @@ def run_config(
     return row
 
 
-def _rates(spec: BenchSpec, cfg: Config, timing: dict, peak: float | None, matmul_peak: float | None) -> dict:
+def _rates(cfg: Config, timing: dict, peak: float | None, matmul_peak: float | None) -> dict:
     steps = len(timing["step_ms"])
-    ips = spec.batch * steps / timing["wall_s"]
+    images_per_step = cfg.data.batch_size * cfg.optim.grad_accum
+    ips = images_per_step * steps / timing["wall_s"]
     st = percentiles(timing["step_ms"])
     shapes = timing["mask_shapes"]
-    flops_img = step_flops_for_masks(cfg.model, spec.img, shapes)
+    flops_img = step_flops_for_masks(cfg.model, cfg.data.crop_size, shapes)
     tflops = flops_img * ips / 1e12
     return {
         "steps": steps,
         "images_per_s": ips,
-        "tokens_per_s": ips * spec.grid**2,
+        "tokens_per_s": ips * grid_size(cfg.data.crop_size, cfg.model.patch_size) ** 2,
         "step_ms_median": st["median"],
         "step_ms_p20": st["p20"],
         "step_ms_p80": st["p80"],
@@ -634,18 +576,17 @@ def run(
 
     ``on_row(result_so_far, row)`` is called after each row (the CLI rewrites its JSON there, so a
     run stopped by a timeout keeps what it measured)."""
-    from ijepa_fast.trainer import resolve_device
-
-    device = resolve_device(spec.device)
+    base_cfg = spec.config_for(configs[0].speed if configs else {})
+    device = resolve_device(base_cfg.run.device)
     driver_name = device_name(device)
     peak = peak_bf16_tflops(driver_name) if device.type == "cuda" else None
     name = device_label or driver_name
     matmul_peak = measure_matmul_tflops(device)
-    base_cfg = make_config(spec, configs[0].speed if configs else {})
     if spec.loader == "synthetic":
-        source = SyntheticBatches(base_cfg, device, spec.batches, spec.seed)
+        source = SyntheticBatches(base_cfg, device, spec.batches)
     else:
-        source = LoaderBatches(base_cfg, device, spec.loader, spec.seed)
+        source = LoaderBatches(base_cfg, device)
+    amp = autocast_dtype(device, base_cfg.run.dtype)
     meta = {
         "device": name,
         "device_driver_name": driver_name,
@@ -656,8 +597,8 @@ def run(
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
         "command": command or current_command(),
-        "spec": asdict(spec),
-        "amp": "bf16" if (spec.dtype == "bf16" or (spec.dtype == "auto" and device.type == "cuda")) else "fp32",
+        "spec": spec.describe(),
+        "amp": "bf16" if amp == torch.bfloat16 else "fp32",
         "pred_depth": base_cfg.model.pred_depth,
         "loader": spec.loader,
     }
@@ -676,7 +617,7 @@ def run(
             rows[i] = run_config(spec, configs[i], device, source, peak, matmul_peak, trace=configs[i].name == traced)
             result["rows"] = [rows[j] for j in sorted(rows)]
             add_speedups(result["rows"])
-            result["projection"] = project(result["rows"], spec, device_name=name)
+            result["projection"] = project(result["rows"], base_cfg, device_name=name)
             if on_row is not None:
                 on_row(result, rows[i])
     finally:
@@ -714,7 +655,7 @@ def mean_mask_sizes(
     return m, statistics.fmean(kc), statistics.fmean(kt)
 
 
-def project(rows: list[dict], spec: BenchSpec, device_name: str) -> list[dict]:
+def project(rows: list[dict], cfg: Config, device_name: str) -> list[dict]:
     """GPU-hours of each ``PAPER_RUNS`` entry from the default configuration's images/s (or, when
     it did not run, the fastest configuration's).
 
@@ -726,15 +667,15 @@ def project(rows: list[dict], spec: BenchSpec, device_name: str) -> list[dict]:
     default = [r for r in ok if r["name"] == default_config().name]
     best = default[0] if default else max(ok, key=lambda r: r["images_per_s"])
     out = []
+    model, patch, img = cfg.model.name, cfg.model.patch_size, cfg.data.crop_size
     for pr in PAPER_RUNS:
-        same = (pr.model, pr.patch, pr.img) == (spec.model, spec.patch, spec.img)
-        if same:
-            ips, basis = best["images_per_s"], f"measured ({best['name']}, batch {spec.batch})"
+        if (pr.model, pr.patch, pr.img) == (model, patch, img):
+            ips, basis = best["images_per_s"], f"measured ({best['name']}, batch {best['batch']})"
         else:
             m, kc, kt = mean_mask_sizes(grid_size(pr.img, pr.patch), batch=32, batches=2)
             target = step_flops(pr.model, pr.patch, pr.img, kc, kt, m, default_pred_depth(pr.model), 384).total
             ips = best["images_per_s"] * best["gflop_per_image"] * 1e9 / target
-            basis = f"FLOP-scaled from {spec.model}/{spec.patch}@{spec.img} ({best['name']})"
+            basis = f"FLOP-scaled from {model}/{patch}@{img} ({best['name']})"
         out.append(
             {
                 "run": pr.label,
@@ -1018,32 +959,28 @@ def _bench_figure(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="ijepa-bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ijepa-bench",
+        description=__doc__.split("\n\n")[0] + "\n\n" + config_mod.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="vit_huge", choices=config_mod.MODEL_NAMES)
-    p.add_argument("--patch", type=int, default=14)
-    p.add_argument("--img", type=int, default=224)
-    p.add_argument("--batch", type=int, default=128, help="per-GPU batch")
-    p.add_argument("--pred-depth", type=int, default=None, help="default: 6 (T/S/B), 12 (L/H), 16 (G)")
-    p.add_argument("--pred-dim", type=int, default=384)
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps (at least one per synthetic batch)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    p.add_argument("--phase-steps", type=int, default=5, help="phase-split steps per configuration (0: none)")
-    p.add_argument("--batches", type=int, default=4, help="distinct synthetic batches, used in turn")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loader", default="synthetic", choices=("synthetic", "pytorch", "dali"))
-    p.add_argument("--data", default="", help="data root for --loader pytorch|dali")
-    p.add_argument("--dataset", default="folder", choices=("folder", "idx"))
-    p.add_argument("--workers", type=int, default=8, help="loader workers (DALI threads)")
+    p.add_argument(
+        "--config", default="", help="YAML config (ours or the authors'); default: ViT-H/14, 224 px, batch 128"
+    )
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides for every row")
     p.add_argument(
         "--set",
-        dest="overrides",
+        dest="more_overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="config override for every configuration, e.g. --set speed.activation_checkpointing=true",
+        help="one more override",
+    )
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps (at least one per synthetic batch)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
+    p.add_argument("--phase-steps", type=int, default=5, help="phase-split steps per configuration (0: none)")
+    p.add_argument("--batches", type=int, default=4, help="distinct synthetic micro-batches, used in turn")
+    p.add_argument(
+        "--loader", default="synthetic", choices=("synthetic", "pytorch", "dali"), help="real loaders read data.root"
     )
     p.add_argument("--ablation", action="store_true", help="authors, each switch alone, all on")
     p.add_argument(
@@ -1078,29 +1015,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(or of the last one run when the default is not among them); .json or .json.gz",
     )
     p.add_argument("--trace-steps", type=int, default=2)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     return BenchSpec(
-        model=args.model,
-        patch=args.patch,
-        img=args.img,
-        batch=args.batch,
-        pred_depth=args.pred_depth,
-        pred_dim=args.pred_dim,
-        device=args.device,
-        dtype=args.dtype,
+        config=args.config,
+        overrides=[*args.overrides, *args.more_overrides],
         warmup=args.warmup,
         steps=args.steps,
         phase_steps=args.phase_steps,
         batches=args.batches,
-        seed=args.seed,
         loader=args.loader,
-        data=args.data,
-        dataset=args.dataset,
-        workers=args.workers,
-        overrides=list(args.overrides),
         compile_on_cpu=args.compile_on_cpu,
         trace=args.trace,
         trace_steps=args.trace_steps,
@@ -1129,11 +1055,10 @@ def run_cli(argv: list[str] | None = None) -> dict:
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     spec = spec_from_args(args)
-    from ijepa_fast.trainer import resolve_device
-
-    device = resolve_device(spec.device)
+    shape = spec.describe()
+    device = resolve_device(shape["device"])
     configs = select_configs(args, device)
-    tag = args.tag or f"step_{spec.model}_{spec.patch}_{spec.img}"
+    tag = args.tag or f"step_{shape['model']}_{shape['patch']}_{shape['img']}"
     json_path = args.json or (str(Path(args.out) / f"{tag}.json") if args.out else "")
 
     def on_row(result: dict, row: dict) -> None:
@@ -1146,7 +1071,9 @@ def run_cli(argv: list[str] | None = None) -> dict:
         if json_path:
             write_json(result, json_path)
 
-    print(f"[ijepa-bench] {spec.label()} on {device_name(device)}: {len(configs)} configuration(s)", flush=True)
+    label = f"{shape['model']}/{shape['patch']} at {shape['img']} px, batch {shape['batch']}"
+    accum = f" x {shape['grad_accum']} accumulation" if shape["grad_accum"] > 1 else ""
+    print(f"[ijepa-bench] {label}{accum} on {device_name(device)}: {len(configs)} configuration(s)", flush=True)
     result = run(spec, configs, on_row, device_label=args.device_label, command=current_command(argv))
     report = markdown_report(result)
     if args.out:

@@ -3,29 +3,47 @@
 A config is five sections (model, mask, data, optim, run) plus ``speed`` (the optimisation
 switches). It loads from our own YAML/dict form, from the authors' YAML files (sections data,
 logging, mask, meta, optimization; see ``ijepa_fast.authors_config``), and takes ``key=value``
-overrides such as ``optim.lr=5e-4``. The resolved config is written into every run folder.
+overrides such as ``optim.lr=5e-4``. The resolved config is written into every run folder. Each
+choice list belongs to the module that implements the choices; the sections validate against it.
+The comment beside a field is its documentation (``describe`` prints them for ``--help``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
+from ijepa_fast import authors_config
+from ijepa_fast.data.build import LOADERS
+from ijepa_fast.data.loader import DATASETS
+from ijepa_fast.device import DTYPES
+from ijepa_fast.engines import ENGINES
+from ijepa_fast.errors import ConfigError, nearest_hint
+from ijepa_fast.loss import LOSSES
+from ijepa_fast.models.attention import BACKENDS
+from ijepa_fast.models.vit import VIT_SIZES
 
+__all__ = ["Config", "ConfigError", "apply_overrides", "describe", "from_dict", "load", "save"]
 
-class ConfigError(ValueError):
-    """A config key is unknown or a value is invalid; the message names the key."""
+MODEL_NAMES = tuple(VIT_SIZES)
+PRESETS = ("fast", "authors")
+COMPILE_MODES = ("auto", "on", "off")
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
 
 
 def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_open: bool = True) -> None:
@@ -37,14 +55,14 @@ def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_o
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_huge"
-    patch_size: int = 14
-    pred_depth: int = 12
-    pred_emb_dim: int = 384
-    init_std: float = 0.02
+    name: str = "vit_huge"  # encoder size: vit_tiny|vit_small|vit_base|vit_large|vit_huge|vit_giant
+    patch_size: int = 14  # pixels per patch side (14 or 16 in the paper)
+    pred_depth: int = 12  # predictor blocks (6 for ViT-B, 12 for ViT-L/H, 16 for ViT-G)
+    pred_emb_dim: int = 384  # predictor width
+    init_std: float = 0.02  # truncated-normal std of the initial weights
 
     def validate(self, prefix: str = "model") -> None:
-        _check(self.name in MODEL_NAMES, f"{prefix}.name", self.name, f"one of {MODEL_NAMES}")
+        _check_choice(f"{prefix}.name", self.name, MODEL_NAMES)
         _check(self.patch_size >= 1, f"{prefix}.patch_size", self.patch_size, "a positive integer (14 or 16 usually)")
         _check(self.pred_depth >= 1, f"{prefix}.pred_depth", self.pred_depth, "an integer >= 1")
         _check(self.pred_emb_dim >= 1, f"{prefix}.pred_emb_dim", self.pred_emb_dim, "an integer >= 1")
@@ -53,64 +71,61 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    num_pred_masks: int = 4
-    num_enc_masks: int = 1
-    pred_mask_scale: tuple[float, float] = (0.15, 0.2)
-    enc_mask_scale: tuple[float, float] = (0.85, 1.0)
-    aspect_ratio: tuple[float, float] = (0.75, 1.5)
-    min_keep: int = 10
-    allow_overlap: bool = False
+    """The multi-block mask sampler's arguments, under its own names (``masks.MultiBlockMaskSampler``)."""
+
+    num_pred_masks: int = 4  # target blocks per image
+    pred_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid each target block covers
+    enc_scale: tuple[float, float] = (0.85, 1.0)  # share of the grid the context block covers
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)  # target blocks' height / width
+    min_keep: int = 10  # fewest context patches an image keeps
+    allow_overlap: bool = False  # true: contexts keep the patches of the targets
 
     def validate(self, prefix: str = "mask") -> None:
         _check(self.num_pred_masks >= 1, f"{prefix}.num_pred_masks", self.num_pred_masks, "an integer >= 1")
-        # The authors' configs all use one context block; several would only repeat the targets.
-        _check(
-            self.num_enc_masks == 1, f"{prefix}.num_enc_masks", self.num_enc_masks, "1 (the only value the method uses)"
-        )
-        _check_range(f"{prefix}.pred_mask_scale", self.pred_mask_scale, 0.0, 1.0)
-        _check_range(f"{prefix}.enc_mask_scale", self.enc_mask_scale, 0.0, 1.0)
+        _check_range(f"{prefix}.pred_scale", self.pred_scale, 0.0, 1.0)
+        _check_range(f"{prefix}.enc_scale", self.enc_scale, 0.0, 1.0)
         _check_range(f"{prefix}.aspect_ratio", self.aspect_ratio, 0.0, math.inf)
         _check(self.min_keep >= 1, f"{prefix}.min_keep", self.min_keep, "an integer >= 1")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "folder"  # folder: ImageNet-style tree; idx: MNIST/Fashion-MNIST IDX files
-    root: str = ""
+    dataset: str = "folder"  # folder: ImageNet-style tree or webdataset tars; idx: MNIST/Fashion-MNIST IDX files
+    root: str = ""  # the data folder
     split: str = "train"  # idx: train|test; folder: a sub-folder name, or "" for the root itself
-    crop_size: int = 224
-    crop_scale: tuple[float, float] = (0.3, 1.0)
-    batch_size: int = 128  # per rank
-    num_workers: int = 8
-    pin_memory: bool = True
-    loader: str = "auto"  # auto|pytorch|dali
+    crop_size: int = 224  # RandomResizedCrop output, pixels
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area range
+    batch_size: int = 128  # per rank, per micro-batch
+    num_workers: int = 8  # loader worker processes (DALI: threads)
+    pin_memory: bool = True  # page-locked host batches for faster copies to the GPU
+    loader: str = "auto"  # auto (DALI on a GPU when installed)|pytorch|dali
     limit: int = 0  # use only the first N images (0: all)
 
     def validate(self, prefix: str = "data") -> None:
-        _check(self.dataset in ("folder", "idx"), f"{prefix}.dataset", self.dataset, "'folder' or 'idx'")
+        _check_choice(f"{prefix}.dataset", self.dataset, DATASETS)
         _check(self.crop_size >= 1, f"{prefix}.crop_size", self.crop_size, "a positive integer")
         _check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0)
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
-        _check(self.loader in ("auto", "pytorch", "dali"), f"{prefix}.loader", self.loader, "auto, pytorch or dali")
+        _check_choice(f"{prefix}.loader", self.loader, LOADERS)
         _check(self.limit >= 0, f"{prefix}.limit", self.limit, "an integer >= 0")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 300
+    epochs: int = 300  # length of the schedules
     max_steps: int = 0  # stop after this many steps (0: run all epochs); schedules still span `epochs`
     ipe_scale: float = 1.0  # schedules span epochs * iterations-per-epoch * ipe_scale steps (authors)
-    warmup_epochs: float = 40.0
-    start_lr: float = 2e-4
-    lr: float = 1e-3
-    final_lr: float = 1e-6
-    weight_decay: float = 0.04
-    final_weight_decay: float = 0.4
-    ema: tuple[float, float] = (0.996, 1.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 0.0  # 0: off (the authors do not clip)
+    warmup_epochs: float = 40.0  # linear lr warm-up from start_lr to lr
+    start_lr: float = 2e-4  # lr at step 0
+    lr: float = 1e-3  # peak lr, after warm-up
+    final_lr: float = 1e-6  # lr at the end of the cosine
+    weight_decay: float = 0.04  # weight decay at step 0 (cosine to final_weight_decay)
+    final_weight_decay: float = 0.4  # weight decay at the end
+    ema: tuple[float, float] = (0.996, 1.0)  # target-encoder momentum, linear from first to second
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 0.0  # max gradient norm; 0: off (the authors do not clip)
     # Micro-batches per optimizer step: the global batch is data.batch_size x ranks x grad_accum, and
     # a "step" (schedules, max_steps, checkpoints, logs) is one optimizer step.
     grad_accum: int = 1
@@ -133,35 +148,30 @@ class OptimConfig:
         _check_range(f"{prefix}.ema", self.ema, 0.0, 1.0, lo_open=False)
         _check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", self.betas, "two floats in [0, 1)")
         _check(self.eps > 0, f"{prefix}.eps", self.eps, "a positive float")
-        _check(self.loss in ("smooth_l1", "l2"), f"{prefix}.loss", self.loss, "smooth_l1 or l2")
+        _check_choice(f"{prefix}.loss", self.loss, LOSSES)
 
 
 @dataclass
 class SpeedConfig:
     """Every optimisation is a switch, so the profiler can measure what each buys.
 
-    ``preset: authors`` turns all of them to the authors' side (see ``apply_preset``).
+    ``preset: authors`` turns all of them to the authors' side (``AUTHORS_SPEED``).
     """
 
     preset: str = "fast"  # fast|authors: applied first, explicit keys win
-    attention: str = "auto"  # auto|sdpa|flash_attn|xformers|math
-    compile: str = "auto"  # auto (on for CUDA, off for CPU)|on|off
+    attention: str = "auto"  # auto|sdpa|flash_attn|xformers|math (math: the authors' explicit softmax)
+    compile: str = "auto"  # auto (on for CUDA, off for CPU)|on|off: torch.compile of each block
     fused_ema: bool = True  # False: the authors' per-parameter mul_/add_ loop
     fused_gather: bool = True  # False: the authors' expand + gather + cat masks
-    fused_optimizer: bool = True  # AdamW fused on CUDA, foreach on CPU; False: for-loop AdamW
+    fused_optimizer: bool = True  # AdamW fused on CUDA, foreach on CPU; False: torch's default, as the authors
     grad_scaler: bool = False  # True: a GradScaler as the authors (not needed for bf16)
-    sync_every_step: bool = False  # True: read loss and grad norms to the host every step (authors)
-    activation_checkpointing: bool = False
+    sync_every_step: bool = False  # True: read the loss and every weight's gradient norm to the host every step
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory, more time)
 
     def validate(self, prefix: str = "speed") -> None:
-        _check(self.preset in ("fast", "authors"), f"{prefix}.preset", self.preset, "fast or authors")
-        _check(
-            self.attention in ("auto", "sdpa", "flash_attn", "xformers", "math"),
-            f"{prefix}.attention",
-            self.attention,
-            "auto, sdpa, flash_attn, xformers or math",
-        )
-        _check(self.compile in ("auto", "on", "off"), f"{prefix}.compile", self.compile, "auto, on or off")
+        _check_choice(f"{prefix}.preset", self.preset, PRESETS)
+        _check_choice(f"{prefix}.attention", self.attention, BACKENDS)
+        _check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
 
 
 AUTHORS_SPEED = dict(
@@ -177,32 +187,30 @@ AUTHORS_SPEED = dict(
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs"
-    name: str = "ijepa"
-    seed: int = 0
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    name: str = "ijepa"  # the run folder's name
+    seed: int = 0  # weights, crops and masks all follow from it
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU)|bf16|fp32
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
     engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed
-    zero_stage: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     ds_config: str = ""  # a DeepSpeed JSON whose values override the generated ones
     dist_timeout_s: float = 0.0  # a dead or stalled rank fails the others after this; 0: $IJEPA_DIST_TIMEOUT_S or 1800
-    progress: bool = True
-    tensorboard: bool = True
+    progress: bool = True  # a progress bar on rank 0
+    tensorboard: bool = True  # TensorBoard events in run_dir/tb
 
     def validate(self, prefix: str = "run") -> None:
         _check(bool(self.name), f"{prefix}.name", self.name, "a non-empty string")
-        _check(self.dtype in ("auto", "bf16", "fp32"), f"{prefix}.dtype", self.dtype, "auto, bf16 or fp32")
+        _check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "an integer >= 1")
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        _check(
-            self.engine in ("auto", "plain", "deepspeed"), f"{prefix}.engine", self.engine, "auto, plain or deepspeed"
-        )
+        _check_choice(f"{prefix}.engine", self.engine, ENGINES)
         _check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
-        _check(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+        _check_choice(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
 
 
 @dataclass
@@ -230,11 +238,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _nearest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(options))}"
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -288,7 +291,7 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     sections = {f.name: f for f in fields(Config)}
     for section, values in (data or {}).items():
         if section not in sections:
-            raise ConfigError(f"unknown config section '{section}'{_nearest(section, list(sections))}")
+            raise ConfigError(f"unknown config section '{section}'{nearest_hint(section, list(sections))}")
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
         _apply_section(cfg, section, values)
@@ -303,7 +306,7 @@ def _apply_section(cfg: Config, section: str, values: dict[str, Any]) -> None:
             setattr(obj, k, v)
     for key, value in values.items():
         if key not in types_:
-            raise ConfigError(f"unknown config key '{section}.{key}'{_nearest(key, list(types_))}")
+            raise ConfigError(f"unknown config key '{section}.{key}'{nearest_hint(key, list(types_))}")
         setattr(obj, key, _coerce(f"{section}.{key}", value, types_[key]))
 
 
@@ -325,19 +328,44 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(nested, base=cfg)
 
 
+def packaged_configs() -> dict[str, Any]:
+    """{name: file} of the configs that ship with the package (``demo``, the authors' four, ...)."""
+    from importlib import resources
+
+    folder = resources.files("ijepa_fast.configs")
+    return {f.name.removesuffix(".yaml"): f for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def find_config(name: str):
+    """A config file: ``name`` as a path, else the packaged config of that name (``demo``,
+    ``in1k_vith14_ep300``; with or without ``.yaml``)."""
+    from pathlib import Path
+
+    path = Path(name)
+    if path.exists() or len(path.parts) > 1:
+        return path
+    packaged = packaged_configs()
+    stem = path.name.removesuffix(".yaml")
+    if stem in packaged:
+        return packaged[stem]
+    raise FileNotFoundError(
+        f"{name}: no such config file, and no packaged config of that name ({', '.join(sorted(packaged))})"
+    )
+
+
 def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (ours, or the authors' format, detected by its sections) plus overrides."""
+    """Load a YAML config (ours, or the authors' format, detected by its sections) plus overrides.
+
+    ``path`` is a file, or the name of a packaged config (``find_config``)."""
     import yaml
 
     cfg = Config()
     if path:
-        with open(path) as fh:
+        with find_config(path).open() as fh:
             raw = yaml.safe_load(fh) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        from ijepa_fast.authors_config import is_authors_format, translate
-
-        cfg = from_dict(translate(raw) if is_authors_format(raw) else raw)
+        cfg = from_dict(authors_config.translate(raw) if authors_config.is_authors_format(raw) else raw)
     return apply_overrides(cfg, overrides or []).validate()
 
 
@@ -351,3 +379,39 @@ def save(cfg: Config, path: str) -> None:
     }
     with open(path, "w") as fh:
         yaml.safe_dump(data, fh, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- documentation
+
+_FIELD_LINE = re.compile(r"^\s+(\w+):[^=#]+=[^#]*?(?:#\s*(.*))?$")
+_COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
+
+
+def field_comments(section_cls: type) -> dict[str, str]:
+    """{field: its comment}: the comment at the end of the field's line, or the comment lines
+    directly above it."""
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(section_cls).splitlines():
+        if m := _COMMENT_LINE.match(line):
+            above.append(m.group(1).strip())
+            continue
+        if m := _FIELD_LINE.match(line):
+            out[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+        above = []
+    return out
+
+
+def describe() -> str:
+    """Every section and key with its default and documentation, for ``--help``."""
+    lines = ["config keys (section.key=value; defaults shown):"]
+    defaults = Config()
+    for section in fields(Config):
+        cls = type(getattr(defaults, section.name))
+        comments = field_comments(cls)
+        lines.append(f"  {section.name}:")
+        for f in fields(cls):
+            value = getattr(getattr(defaults, section.name), f.name)
+            shown = list(value) if isinstance(value, tuple) else value
+            lines.append(f"    {section.name}.{f.name}={shown!s}  {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ import torch
 
 from ijepa_fast import config as config_mod
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # the packaged configs/demo.yaml
 # Probe on a subset: feature extraction of all 70,000 images twice would double the demo's time
 # on 2 cores, and 20,000 training images already separate the three rows clearly.
 PROBE_TRAIN, PROBE_TEST = 20_000, 10_000
@@ -64,7 +64,7 @@ def demo_config(args) -> config_mod.Config:
     overrides = [f"run.name=demo-{time.strftime('%Y%m%d-%H%M%S')}"]
     overrides += [f"data.root={args.data}"] if args.data else []
     overrides += [f"data.dataset={args.dataset}"] if args.dataset else []
-    return config_mod.load(str(DEMO_CONFIG), overrides + list(args.overrides))
+    return config_mod.load(DEMO_CONFIG, overrides + list(args.overrides))
 
 
 def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN, n_test: int = PROBE_TEST) -> dict:

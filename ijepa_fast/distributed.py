@@ -31,6 +31,8 @@ from datetime import timedelta
 
 import torch
 
+from ijepa_fast.device import resolve_device
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 1800.0  # 30 min: a slow checkpoint write or a data stall on one rank must not kill the run
@@ -145,32 +147,18 @@ def resolve_timeout(timeout_s: float | None = None, environ: Mapping[str, str] |
     return timedelta(seconds=timeout_s)
 
 
-def resolve_engine(engine: str, env: DistEnv) -> str:
-    """``auto`` -> deepspeed under a multi-process launcher, plain otherwise; plain with several
-    processes is refused (the plain trainer has no data parallelism)."""
-    if engine == "auto":
-        return "deepspeed" if env.world_size > 1 else "plain"
-    if engine == "plain" and env.world_size > 1:
-        raise ValueError(
-            f"run.engine=plain is single-process but the launcher started {env.world_size} processes: "
-            f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism)"
-        )
-    return engine
-
-
 def device_for(env: DistEnv, requested: str = "auto") -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is used, else the CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if requested not in ("auto", "cuda"):
-        dev = torch.device(requested)
-        if env.world_size > 1 and dev.index is not None and dev.index != env.local_rank:
-            raise ValueError(
-                f"run.device={requested} but this is local rank {env.local_rank} of a multi-process "
-                f"run: use run.device=cuda (each rank takes cuda:LOCAL_RANK)"
-            )
-        return dev
-    return torch.device("cuda", env.local_rank)
+    """This rank's device: ``cuda:LOCAL_RANK`` for auto/cuda when CUDA is there, else ``requested``
+    (``device.resolve_device``: the CPU, or a named CUDA device)."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    dev = resolve_device(requested)
+    if dev.type == "cuda" and env.world_size > 1 and dev.index not in (None, env.local_rank):
+        raise ValueError(
+            f"run.device={requested} but this is local rank {env.local_rank} of a multi-process "
+            f"run: use run.device=cuda (each rank takes cuda:LOCAL_RANK)"
+        )
+    return dev
 
 
 def init(

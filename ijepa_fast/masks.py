@@ -45,6 +45,8 @@ from typing import NamedTuple
 
 import torch
 
+from ijepa_fast.rng import mix
+
 # Vectorised context redraw rounds before the fallback. With the paper's scales no image needs even
 # one on 16x16 or 14x14 grids (0 of 38,400); on 8x8, 70 of 38,400 fall short and 18 are left after
 # 8 rounds for the fallback, which finishes the job, so more rounds would only add draws.
@@ -76,20 +78,6 @@ class _Blocks(NamedTuple):
     context: torch.Tensor  # [B, H, W] bool: the context block minus the targets (or the fallback)
     targets: torch.Tensor | None  # [M, B, H, W] bool where the fallback edited them; None: the rectangles
     fell_back: torch.Tensor  # [B] bool: images whose context came from the fallback
-
-
-def _mix(seed: int, step: int) -> int:
-    """splitmix64 of (seed, step): independent streams for neighbouring steps and seeds."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) & (2**63 - 1)
-
-
-def mask_seed(seed: int, rank: int) -> int:
-    """The mask sampler's seed on ``rank``: ``seed`` itself on rank 0 (a one-process run is unchanged),
-    an independent stream on every other rank, so the ranks of one step draw different masks."""
-    return seed if rank == 0 else _mix(seed, 0x5EED0000 + rank) & 0x7FFFFFFFFFFF
 
 
 def _check_pair(name: str, pair, lo_open: float, hi: float | None) -> tuple[float, float]:
@@ -208,7 +196,7 @@ class MultiBlockMaskSampler:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         H, W, M, B = self.height, self.width, self.num_pred_masks, batch_size
-        g = torch.Generator().manual_seed(_mix(self.seed, step))
+        g = torch.Generator().manual_seed(mix(self.seed, step))
         # Three independent numbers: target scale, target aspect ratio, context scale. (The authors
         # draw one number per block and use it for both scale and ratio; we do not copy that.)
         u = torch.rand(3, generator=g, dtype=torch.float64).tolist()

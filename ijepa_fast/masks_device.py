@@ -27,7 +27,8 @@ import math
 
 import torch
 
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler, _mix
+from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.rng import mix
 
 # Context redraw rounds before the fallback, as the CPU sampler. Drawn all at once here: with the
 # paper's scales on a 16x16 grid the first draw almost always keeps min_keep patches.
@@ -70,7 +71,7 @@ def _randint(key: int, shape: tuple[int, ...], n: int, device: torch.device) -> 
 
 def _uniform(key: int, i: int) -> float:
     """A host-side uniform float in [0, 1) from (key, i): 53 bits of splitmix64."""
-    return (_mix(key, i) >> 10) / float(1 << 53)
+    return (mix(key, i) >> 10) / float(1 << 53)
 
 
 def _block_size(scale: float, ratio: float, height: int, width: int) -> tuple[int, int]:
@@ -95,7 +96,7 @@ class DeviceMaskSampler(MultiBlockMaskSampler):
         self._streams: dict[int, torch.cuda.Stream] = {}
 
     def _key(self, step: int, stream: int) -> int:
-        return _mix(_mix(self.seed, step), stream)
+        return mix(mix(self.seed, step), stream)
 
     def block_sizes(self, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """((h, w) of the target blocks, (h, w) of the context block) of ``step``: host-side."""

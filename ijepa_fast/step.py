@@ -1,164 +1,178 @@
-"""One I-JEPA training step in plain PyTorch (single process), free of host syncs.
+"""The I-JEPA training step, written once for every engine.
 
-target forward (no grad) -> normalise + gather -> context forward -> predictor -> loss -> backward
--> AdamW step -> EMA update of the target encoder. bf16 autocast on CUDA, fp32 on CPU, no GradScaler
-unless the authors' preset asks for one. The step returns device tensors; reading them is the
-caller's choice (the trainer does it every ``log_every`` steps).
+targets (target encoder on the whole image, normalised, gathered) -> context encoder -> predictor ->
+loss -> backward -> optimizer step -> EMA of the target encoder. Whatever owns the weights and the
+optimizer (plain PyTorch, DeepSpeed ZeRO) implements ``Engine``; this module owns what is the same
+for all of them: the schedules, gradient accumulation, autocast and the EMA. The step returns device
+tensors and reads nothing back, unless the authors' habits are switched on to measure them.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
+from ijepa_fast.optim import set_lr_wd
 from ijepa_fast.schedules import Schedules
 
-
-def param_groups(module: nn.Module) -> list[dict]:
-    """AdamW groups as the authors: weight decay on weights, none on biases and 1-D parameters."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay, "wd_exclude": False}, {"params": no_decay, "wd_exclude": True, "weight_decay": 0.0}]
+PhaseMark = Callable[[str], None]
+"""Called with a phase name as that phase of the step begins (the profiler's clock)."""
 
 
-def build_optimizer(student: nn.Module, optim_cfg, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over the student; fused kernels on CUDA, foreach on CPU, plain loop when not ``fused``."""
-    kwargs: dict = {
-        "betas": tuple(optim_cfg.betas),
-        "eps": optim_cfg.eps,
-        "lr": optim_cfg.start_lr,
-        "weight_decay": optim_cfg.weight_decay,
-    }
-    if fused and device.type == "cuda":
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = fused
-    return torch.optim.AdamW(param_groups(student), **kwargs)
+def no_mark(phase: str) -> None:
+    """The default phase mark: nothing."""
 
 
-def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        if not group.get("wd_exclude", False):
-            group["weight_decay"] = wd
+class Engine(Protocol):
+    """What the step needs from whatever owns the student's weights and its optimizer."""
+
+    student: JEPAStudent  # the trained modules (context encoder + predictor)
+    target_encoder: nn.Module
+    optimizer: torch.optim.Optimizer  # its param_groups take the schedules' lr and wd
+    device: torch.device
+
+    def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
+        """The student's loss on one micro-batch."""
+
+    def target_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The target encoder on whole images: [B, 3, S, S] -> [B, N, D]."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add the gradients of ``loss`` (already divided by the accumulation count)."""
+
+    def step(self) -> None:
+        """Clip, step the optimizer and zero the gradients: the end of one optimizer step."""
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(target tensors, source tensors) the EMA updates in place: full parameters or local shards."""
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over data-parallel ranks (itself on one process); no host sync."""
+
+    def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
+        """Checkpoint the state after ``step`` optimizer steps; returns what ijepa-eval reads."""
+
+    def load(self, run_dir: Path) -> dict | None:
+        """Restore the newest checkpoint of ``run_dir``; returns its ``meta`` (with ``step``) or None."""
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, momentum: float, fused: bool = True) -> None:
-    """target = m * target + (1 - m) * source over every parameter (buffers untouched)."""
-    t_params = list(target.parameters())
-    s_params = list(source.parameters())
+def ema_update(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float, fused: bool = True) -> None:
+    """target = m * target + (1 - m) * source, pair by pair, in place."""
     if fused:
         from ijepa_fast.kernels.ema import ema_update_
 
-        ema_update_(t_params, s_params, momentum)
+        ema_update_(targets, sources, momentum)
     else:  # the authors: one mul_ and one add_ per parameter
-        for t, s in zip(t_params, s_params):
-            t.mul_(momentum).add_((1.0 - momentum) * s.detach())
-
-
-def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """bf16 autocast on CUDA ('auto' or 'bf16'), none (fp32) on CPU unless 'bf16' is asked for."""
-    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
+        for t, s in zip(targets, sources):
+            t.mul_(momentum).add_((1.0 - momentum) * s.detach().to(t.dtype))
 
 
 @dataclass
 class StepOptions:
-    loss: str = "smooth_l1"
-    grad_clip: float = 0.0
-    fused_ema: bool = True
-    fused_gather: bool = True
-    grad_scaler: bool = False
+    fused_ema: bool = True  # False: the authors' per-parameter mul_/add_ loop
+    fused_gather: bool = True  # False: the authors' expand + gather + cat (targets; the models take their own)
+    # True: what the authors' loop does every step, for measuring its cost: the loss and the norm of
+    # every weight's gradient read to the host (``read_grad_norms``), and a device synchronize.
     sync_every_step: bool = False
 
 
 class TrainStep:
-    """Callable training step over (student, target encoder, optimizer, schedules).
-
-    ``step(images [B,3,S,S], masks: MaskBatch, step: int) -> {"loss": 0-d tensor, ...}``.
+    """``step(images [B,3,S,S], masks, step) -> {"loss": 0-d device tensor}`` over an ``Engine``.
 
     With ``grad_accum`` = k > 1 call it once per micro-batch, k times with the same optimizer
-    ``step``: each call adds the gradient of its loss / k, and the k-th clips, steps the optimizer
-    and updates the EMA (``stepped`` tells which call did). The same interface as
-    ``engine_deepspeed.DeepSpeedTrainStep``.
+    ``step``: each call adds the gradients of its loss / k, and the k-th steps the optimizer and
+    updates the EMA (``stepped`` tells which call did). ``mark`` receives the phase names in order
+    (target_fwd, context_fwd, predictor_fwd, backward, optimizer, ema, sync) for the profiler.
     """
 
     def __init__(
         self,
-        student: JEPAStudent,
-        target_encoder: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        engine: Engine,
         schedules: Schedules,
-        device: torch.device,
         amp_dtype: torch.dtype | None,
         options: StepOptions | None = None,
         grad_accum: int = 1,
     ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum={grad_accum} must be >= 1")
-        self.student = student
-        self.target_encoder = target_encoder
-        self.optimizer = optimizer
+        self.engine = engine
         self.schedules = schedules
-        self.device = device
         self.amp_dtype = amp_dtype
         self.options = options or StepOptions()
         self.grad_accum = grad_accum
         self.micro = 0  # micro-batches since the last optimizer step
         self.stepped = False
-        self.scaler = torch.amp.GradScaler(device.type) if self.options.grad_scaler else None
-        self.last_host_loss: float | None = None  # filled only when sync_every_step (authors' habit)
+        self.last_host_loss: float | None = None  # filled only with sync_every_step
+
+    @property
+    def student(self) -> JEPAStudent:
+        return self.engine.student
+
+    @property
+    def target_encoder(self) -> nn.Module:
+        return self.engine.target_encoder
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def __call__(self, images: torch.Tensor, masks: MaskBatch, step: int) -> dict[str, torch.Tensor]:
-        opts = self.options
+    def __call__(
+        self, images: torch.Tensor, masks: MaskBatch, step: int, mark: PhaseMark = no_mark
+    ) -> dict[str, torch.Tensor]:
+        engine, opts = self.engine, self.options
         if self.micro == 0:
-            set_lr_wd(self.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
+            set_lr_wd(engine.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
+        mark("target_fwd")
         with self._autocast():
-            targets = compute_targets(self.target_encoder, images, masks, fused=opts.fused_gather)
-            loss = self.student(images, masks.context, masks.targets, targets)
-        self._backward(loss / self.grad_accum if self.grad_accum > 1 else loss)
+            with torch.no_grad():
+                targets = compute_targets(engine.target_forward, images, masks, fused=opts.fused_gather)
+            loss = engine.forward(images, masks, targets, mark)
+        mark("backward")
+        engine.backward(loss / self.grad_accum if self.grad_accum > 1 else loss)
         self.micro += 1
         self.stepped = self.micro == self.grad_accum
         if self.stepped:
             self.micro = 0
-            self._update()
-            ema_update(
-                self.target_encoder, self.student.encoder, self.schedules.momentum_at(step), fused=opts.fused_ema
-            )
-        out = {"loss": loss.detach()}
+            mark("optimizer")
+            if opts.sync_every_step:
+                read_grad_norms(self.student.encoder)
+            engine.step()
+            mark("ema")
+            ema_update(*engine.ema_pairs(), self.schedules.momentum_at(step), fused=opts.fused_ema)
+        out = {"loss": engine.mean_over_ranks(loss.detach())}
         if opts.sync_every_step:
-            self.last_host_loss = float(out["loss"])  # the authors read the loss to the host every step
+            mark("sync")
+            self.last_host_loss = float(out["loss"])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         return out
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def _update(self) -> None:
-        """Clip, step and zero the gradients (through the GradScaler when there is one)."""
-        opts = self.options
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if opts.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+def read_grad_norms(encoder: nn.Module) -> list[float]:
+    """The norm of every weight's gradient read to the host, one tensor at a time, as the authors'
+    ``grad_logger`` does every step (biases and 1-D parameters skipped). They read them after the
+    optimizer step, before zeroing; here it is just before the step: either way the host waits for
+    the GPU once per weight."""
+    norms = []
+    for name, p in encoder.named_parameters():
+        if p.grad is not None and not (name.endswith(".bias") or p.ndim == 1):
+            norms.append(float(torch.norm(p.grad)))
+    return norms

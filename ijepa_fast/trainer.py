@@ -1,9 +1,10 @@
-"""The I-JEPA trainer: build everything from a Config, loop step -> log -> checkpoint, resume.
+"""The training loop: step -> log -> checkpoint, with resume and clean stops.
 
 The loop reads the device once every ``run.log_every`` steps (loss, non-finite check), writes
-metrics.csv / TensorBoard / a progress bar, and checkpoints atomically every
+metrics.csv / TensorBoard / a progress bar, and has the engine checkpoint every
 ``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
-exit cleanly; a non-finite loss stops the run naming the step and leaves the last good checkpoint.
+exit; a non-finite loss stops the run naming the step and leaves the last good checkpoint. What is
+built (models, engine, loader, step) comes from ``engines``, ``data.build`` and ``step``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,13 +21,12 @@ from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import config as config_mod
 from ijepa_fast import distributed
 from ijepa_fast.config import Config
+from ijepa_fast.data.build import build_loader
+from ijepa_fast.engines import build_engine, resolve_engine, start_process, train_step_for
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.metrics import DeviceMeter, MetricsWriter, plot_loss
-from ijepa_fast.models.attention import resolve_backend
-from ijepa_fast.models.ijepa import build_models
+from ijepa_fast.models.ijepa import models_from_config
 from ijepa_fast.models.vit import grid_size
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import StepOptions, TrainStep, autocast_dtype, build_optimizer
 
 log = logging.getLogger("ijepa_fast")
 
@@ -45,191 +45,35 @@ class RunResult:
     checkpoint: Path | None
 
 
-def resolve_device(name: str, option: str = "run.device") -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; a CUDA device without CUDA names ``option``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{option}={name!r} but no CUDA device is available; use {option}=cpu")
-    return dev
-
-
-def mask_kwargs(cfg: Config) -> dict:
-    """Keyword arguments of MultiBlockMaskSampler from the mask section."""
-    m = cfg.mask
-    return dict(
-        num_pred_masks=m.num_pred_masks,
-        pred_scale=tuple(m.pred_mask_scale),
-        enc_scale=tuple(m.enc_mask_scale),
-        aspect_ratio=tuple(m.aspect_ratio),
-        min_keep=m.min_keep,
-        allow_overlap=m.allow_overlap,
-    )
-
-
-def compile_blocks(module: torch.nn.Module) -> None:
-    """Regional compilation: each transformer block on its own, so compile time stays small."""
-    from ijepa_fast.models.vit import Block
-
-    for sub in module.modules():
-        if isinstance(sub, Block):
-            sub.compile()
-
-
-def build_models_for(cfg: Config, device: torch.device):
-    """(student, target encoder) on ``device`` with the attention backend, checkpointing and compile
-    switches of ``cfg.speed`` applied."""
-    from ijepa_fast.models.vit import vit_size
-
-    size = vit_size(cfg.model.name)
-    enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads)
-    pred_backend = resolve_backend(cfg.speed.attention, device, cfg.model.pred_emb_dim // size.num_heads)
-    student, target = build_models(
-        cfg.model, cfg.data.crop_size, attention=enc_backend, fused_gather=cfg.speed.fused_gather, loss=cfg.optim.loss
-    )
-    student.predictor.set_attention_backend(pred_backend)
-    for module in (student.encoder, student.predictor):
-        module.activation_checkpointing = cfg.speed.activation_checkpointing
-    student.to(device)
-    target.to(device)
-    if cfg.speed.compile == "on" or (cfg.speed.compile == "auto" and device.type == "cuda"):
-        compile_blocks(student)
-        compile_blocks(target)
-    log.info(
-        "model %s/%d at %d px: encoder %.1fM params, predictor %.1fM; attention %s (encoder) / %s "
-        "(predictor); device %s",
-        cfg.model.name,
-        cfg.model.patch_size,
-        cfg.data.crop_size,
-        _millions(student.encoder),
-        _millions(student.predictor),
-        enc_backend,
-        pred_backend,
-        device,
-    )
-    return student, target
-
-
-def build_loader(
-    cfg: Config,
-    grid: tuple[int, int] | int,
-    device: torch.device,
-    rank: int,
-    world_size: int,
-    start_step: int,
-    run_dir: Path,
-):
-    """The pretraining loader ``data.loader`` names (auto: DALI on a GPU when installed and the data
-    are images, else the PyTorch one); both yield the same ``Batch`` and resume at ``start_step``."""
-    from ijepa_fast.data.dali.loader import resolve_loader_kind
-
-    kwargs = dict(
-        grid=grid,
-        mask_kwargs=mask_kwargs(cfg),
-        seed=cfg.run.seed,
-        rank=rank,
-        world_size=world_size,
-        start_step=start_step,
-    )
-    if resolve_loader_kind(cfg.data, device) == "dali":
-        from ijepa_fast.data.dali.loader import build_dali_loader
-
-        # The verdicts of the image check are cached in the run folder: a resumed run skips the scan.
-        log.info("data loader: DALI (%s)", "GPU decoding" if device.type == "cuda" else "CPU mode")
-        return build_dali_loader(
-            cfg.data,
-            device=device if device.type == "cuda" else None,
-            cache=run_dir / f"image_check.rank{rank}.json",
-            **kwargs,
-        )
-    from ijepa_fast.data.loader import build_pretrain_loader
-
-    return build_pretrain_loader(cfg.data, **kwargs)
-
-
-def step_options(cfg: Config) -> StepOptions:
-    return StepOptions(
-        loss=cfg.optim.loss,
-        grad_clip=cfg.optim.grad_clip,
-        fused_ema=cfg.speed.fused_ema,
-        fused_gather=cfg.speed.fused_gather,
-        grad_scaler=cfg.speed.grad_scaler,
-        sync_every_step=cfg.speed.sync_every_step,
-    )
-
-
-def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int) -> TrainStep:
-    """The training step the trainer runs (models, optimizer, schedules, switches) from a Config."""
-    student, target = build_models_for(cfg, device)
-    optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
-    schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
-    return TrainStep(
-        student,
-        target,
-        optimizer,
-        schedules,
-        device,
-        autocast_dtype(device, cfg.run.dtype),
-        step_options(cfg),
-        grad_accum=cfg.optim.grad_accum,
-    )
-
-
-def build_deepspeed_step(cfg: Config, device: torch.device, steps_per_epoch: int, world_size: int):
-    """The DeepSpeed step (ZeRO stage ``run.zero_stage``) over the same models and schedules."""
-    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
-
-    ds_config = deepspeed_config(cfg, world_size, device_type=device.type, grad_accum=cfg.optim.grad_accum)
-    student, target = build_models_for(cfg, device)
-    schedules = Schedules.from_config(cfg.optim, steps_per_epoch)
-    return DeepSpeedTrainStep(student, target, schedules, ds_config, device, step_options(cfg))
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg.validate()
         self.resume = resume
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.dist_env = distributed.detect()
-        self.engine = distributed.resolve_engine(cfg.run.engine, self.dist_env)
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
-        if self.engine == "deepspeed":
-            self.device = distributed.device_for(self.dist_env, cfg.run.device)
-        else:
-            self.device = resolve_device(cfg.run.device)
+        self.engine_name = resolve_engine(cfg.run.engine, self.world_size)
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ building
     def build(self) -> None:
+        """Engine first (restoring a checkpoint), then the loader at the restored step, then the step."""
         cfg = self.cfg
         from ijepa_fast.data.loader import check_data_source
 
-        if self.engine == "deepspeed":
-            distributed.init(
-                self.dist_env, deepspeed=True, device=self.device, timeout_s=cfg.run.dist_timeout_s or None
-            )
+        self.device = start_process(cfg, self.dist_env)
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
         self._prepare_run_dir()
-        state, ds_step = None, None
-        if self.engine == "deepspeed":
-            from ijepa_fast.engine_deepspeed import latest_step
-
-            ds_step = latest_step(self.ds_dir) if self.resume else None
-            found = ds_step is not None
-        else:
-            state = ckpt.load_latest(self.run_dir / "checkpoints") if self.resume else None
-            found = state is not None
-        if self.resume and not found:
-            log.warning(
-                "--resume: no checkpoint in %s, starting from scratch",
-                self.ds_dir if self.engine == "deepspeed" else self.run_dir / "checkpoints",
-            )
-        self.start_step = int(state["step"]) if state else (ds_step or 0)
-
         torch.manual_seed(cfg.run.seed)
         self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
+        self.engine = build_engine(cfg, *models_from_config(cfg, self.device), self.device, self.world_size)
+        restored = self.engine.load(self.run_dir, check=self._check_model) if self.resume else None
+        if self.resume and restored is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+        self.start_step = int(restored["step"]) if restored else 0
+        if restored:
+            log.info("resumed from step %d (%s)", self.start_step, self.run_dir)
         # The loader counts micro-batches; a step (schedules, logs, checkpoints) is one optimizer step
         # of grad_accum of them, so a resumed run restarts the loader at step x grad_accum.
         self.accum = cfg.optim.grad_accum
@@ -242,27 +86,15 @@ class Trainer:
                 f"optim.grad_accum={self.accum} exceeds the {self.loader.steps_per_epoch} "
                 f"micro-batches of one epoch on this rank"
             )
-        if self.engine == "deepspeed":
-            self.step_fn = build_deepspeed_step(cfg, self.device, self.steps_per_epoch, self.world_size)
-        else:
-            self.step_fn = build_train_step(cfg, self.device, self.steps_per_epoch)
-        self.student, self.target = self.step_fn.student, self.step_fn.target_encoder
-        self.optimizer, self.schedules = self.step_fn.optimizer, self.step_fn.schedules
+        self.step_fn = train_step_for(cfg, self.engine, self.steps_per_epoch)
+        self.schedules = self.step_fn.schedules
         total = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
-        if state:
-            self._load_state(state)
-        if ds_step is not None:
-            self._check_model(self.step_fn.load_checkpoint(self.ds_dir, ds_step))
-            log.info("resumed from step %d (%s)", self.start_step, self.ds_dir)
-        resume_step = self.start_step if found else None
         self.writer = (
-            MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=resume_step) if self.is_main else _NoWriter()
+            MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=self.start_step if restored else None)
+            if self.is_main
+            else _NoWriter()
         )
-
-    @property
-    def ds_dir(self) -> Path:
-        return self.run_dir / "deepspeed"
 
     def _prepare_run_dir(self) -> None:
         ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")
@@ -276,12 +108,18 @@ class Trainer:
             config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
         distributed.barrier()
 
+    def _check_model(self, state: dict) -> None:
+        saved = state.get("config", {}).get("model", {})
+        if saved and saved != asdict(self.cfg.model):
+            ours = asdict(self.cfg.model)
+            raise ValueError(f"--resume: the checkpoint's model {saved} differs from the config's {ours}")
+
     def _epoch(self, step: int) -> int:
         """The epoch of optimizer step ``step`` (the loader's epochs count micro-batches)."""
         return step * self.accum // self.loader.steps_per_epoch
 
     def _meta(self, step: int, last_loss: float) -> dict:
-        """What a checkpoint holds besides weights and optimizer state (the same on every rank)."""
+        """What a checkpoint holds besides the engine's state (the same on every rank)."""
         return {
             "epoch": self._epoch(step),
             "loss": last_loss,
@@ -289,35 +127,9 @@ class Trainer:
             "world_size": self.world_size,
             "lr": self.schedules.lr_at(max(step - 1, 0)),
             "schedules": self.schedules.state_dict(),
-            "mask_sampler": {"seed": self.cfg.run.seed, "grid": self.grid, **mask_kwargs(self.cfg)},
+            "mask_sampler": {"seed": self.cfg.run.seed, "grid": self.grid, **asdict(self.cfg.mask)},
             "config": self.cfg.to_dict(),
         }
-
-    def _state(self, step: int, last_loss: float) -> dict:
-        return {
-            "encoder": self.student.encoder.state_dict(),
-            "predictor": self.student.predictor.state_dict(),
-            "target_encoder": self.target.state_dict(),
-            "opt": self.optimizer.state_dict(),
-            **self._meta(step, last_loss),
-            "rng": ckpt.rng_state(),
-        }
-
-    def _check_model(self, state: dict) -> None:
-        saved = state.get("config", {}).get("model", {})
-        if saved and saved != self.cfg.to_dict()["model"]:
-            raise ValueError(
-                f"--resume: the checkpoint's model {saved} differs from the config's {self.cfg.to_dict()['model']}"
-            )
-
-    def _load_state(self, state: dict) -> None:
-        self._check_model(state)
-        self.student.encoder.load_state_dict(state["encoder"])
-        self.student.predictor.load_state_dict(state["predictor"])
-        self.target.load_state_dict(state["target_encoder"])
-        self.optimizer.load_state_dict(state["opt"])
-        ckpt.set_rng_state(state["rng"])
-        log.info("resumed from step %d (%s)", self.start_step, self.run_dir / "checkpoints")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
@@ -329,8 +141,8 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
         log.info(
-            "training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s) x %d "
-            "accumulation, engine %s",
+            "training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s) x %d accumulation, "
+            "engine %s",
             step,
             self.total_steps,
             self.steps_per_epoch,
@@ -338,7 +150,7 @@ class Trainer:
             cfg.data.batch_size,
             self.world_size,
             self.accum,
-            self.engine,
+            self.engine_name,
         )
         between_steps = True  # with grad_accum > 1 a step spans several batches: stop only between steps
         with _StopOnSignals(self):
@@ -346,8 +158,7 @@ class Trainer:
                 if between_steps and (step >= self.total_steps or self._should_stop(step)):
                     break
                 images = batch.images.to(self.device, non_blocking=True)
-                masks = _masks_to(batch.masks, self.device)
-                out = self.step_fn(images, masks, step)
+                out = self.step_fn(images, _masks_to(batch.masks, self.device), step)
                 meter.update(out["loss"], step)
                 skipped += batch.skipped
                 window_images += images.shape[0] * self.world_size
@@ -356,15 +167,10 @@ class Trainer:
                     continue
                 step += 1
                 if step % cfg.run.log_every == 0 or step % cfg.run.checkpoint_every == 0 or step == self.total_steps:
-                    last_loss = self._log(
-                        meter,
-                        step,
-                        window_images / (time.perf_counter() - window_start),
-                        skipped,
-                        time.perf_counter() - started,
-                        bar,
-                    )
-                    window_start, window_images = time.perf_counter(), 0
+                    now = time.perf_counter()
+                    rate = window_images / (now - window_start)
+                    last_loss = self._log(meter, step, rate, skipped, now - started, bar)
+                    window_start, window_images = now, 0
                 if step % cfg.run.checkpoint_every == 0:
                     last_ckpt, saved_step = self._save(step, last_loss), step
             if meter.count:  # a signal between two log points: check and log what is pending
@@ -409,19 +215,10 @@ class Trainer:
         return loss
 
     def _save(self, step: int, loss: float) -> Path | None:
-        """Plain: one checkpoint file. DeepSpeed (collective): the engine checkpoint in run_dir/deepspeed,
-        then a consolidated fp32 export in run_dir/checkpoints (rank 0; what ijepa-eval reads)."""
-        keep = self.cfg.run.keep_checkpoints
-        if self.engine == "deepspeed":
-            meta = self._meta(step, loss)
-            tag = self.step_fn.save_checkpoint(self.ds_dir, step, meta, keep=keep)
-            path = self.step_fn.export_consolidated(
-                self.run_dir / "checkpoints", step, {**meta, "rng": ckpt.rng_state()}, keep=keep
-            )
-            log.info("checkpoint %s (DeepSpeed: %s)", path, tag)
-            return path
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self._state(step, loss), step, keep)
-        log.info("checkpoint %s", path)
+        """The engine's checkpoint (collective under DeepSpeed); its path on rank 0."""
+        path = self.engine.save(self.run_dir, step, self._meta(step, loss), self.cfg.run.keep_checkpoints)
+        if path is not None:
+            log.info("checkpoint %s", path)
         return path
 
     def _progress_bar(self):
@@ -437,10 +234,9 @@ class Trainer:
         self.writer.close()
         if self.is_main:
             plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
-        if self.engine == "deepspeed":
-            distributed.cleanup()
+        distributed.cleanup()
         stopped = "signal" if self._stop_signal is not None else "finished"
-        bad = self.loader.skipped_paths if hasattr(self.loader, "skipped_paths") else []
+        bad = getattr(self.loader, "skipped_paths", [])
         log.info(
             "%s at step %d: last loss %.4f, %d undecodable image(s) skipped%s",
             stopped,
@@ -492,10 +288,4 @@ class _StopOnSignals:
 def _masks_to(masks: MaskBatch, device: torch.device) -> MaskBatch:
     if masks.context.device == device:
         return masks
-    return MaskBatch(
-        context=masks.context.to(device, non_blocking=True), targets=masks.targets.to(device, non_blocking=True)
-    )
-
-
-def _millions(module: torch.nn.Module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
+    return masks.to(device, non_blocking=True)

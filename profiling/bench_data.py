@@ -36,7 +36,8 @@ import torch
 from ijepa_fast.config import DataConfig
 from ijepa_fast.data.folder import load_rgb, scan_folder
 from ijepa_fast.data.loader import build_pretrain_loader
-from ijepa_fast.data.transforms import CROP_RATIO, crop_box, crop_rng, normalize, pil_to_uint8, resized_crop
+from ijepa_fast.data.transforms import CROP_RATIO, crop_box, normalize, pil_to_uint8, resized_crop
+from ijepa_fast.rng import crop_rng
 from ijepa_fast.masks import MultiBlockMaskSampler
 
 

@@ -57,6 +57,28 @@ def models(cfg: Config, seed: int = 0):
     return build_models(cfg.model, IMG)
 
 
+def plain_step(cfg: Config, seed: int = 0, grad_accum: int = 1):
+    """The single-process reference: the plain engine over the same models and schedules."""
+    from ijepa_fast.engines.plain import PlainEngine
+    from ijepa_fast.optim import build_optimizer
+    from ijepa_fast.step import TrainStep
+
+    student, target = models(cfg, seed)
+    optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
+    engine = PlainEngine(student, target, optimizer, torch.device("cpu"), grad_clip=cfg.optim.grad_clip)
+    return TrainStep(engine, schedules(cfg), None, grad_accum=grad_accum)
+
+
+def deepspeed_step(cfg: Config, world: int, seed: int = 0, grad_accum: int = 1):
+    """The same step over the DeepSpeed engine (ZeRO stage ``cfg.run.zero_stage``)."""
+    from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
+    from ijepa_fast.step import TrainStep
+
+    ds_cfg = deepspeed_config(cfg, world, device_type="cpu", grad_accum=grad_accum)
+    engine = DeepSpeedEngine(*models(cfg, seed), ds_cfg, torch.device("cpu"))
+    return TrainStep(engine, schedules(cfg), None, grad_accum=grad_accum)
+
+
 def global_batch(step: int, world: int) -> tuple[torch.Tensor, MaskBatch]:
     """The step's global batch: images [PER_RANK*world, 3, 32, 32] and its masks."""
     n = PER_RANK * world
@@ -110,46 +132,38 @@ class _CountCollectives:
 
 
 def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
-    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
-    from ijepa_fast.step import StepOptions
-
     cfg = tiny_config(stage)
-    ds_cfg = deepspeed_config(cfg, world, device_type="cpu")
-    options = StepOptions(grad_clip=cfg.optim.grad_clip)
     ckpt_dir = out / f"ds_zero{stage}"
-
-    def build(seed: int) -> DeepSpeedTrainStep:
-        student, target = models(cfg, seed)
-        return DeepSpeedTrainStep(student, target, schedules(cfg), ds_cfg, torch.device("cpu"), options)
-
-    step_fn = build(0)
+    step_fn = deepspeed_step(cfg, world, 0)
+    engine = step_fn.engine
     losses = []
     for i in range(STEPS):
         images, masks = local_batch(i, rank, world)
         losses.append(step_fn(images, masks, i)["loss"].item())
         if i + 1 == SAVE_AT:
-            step_fn.save_checkpoint(ckpt_dir, SAVE_AT, {"schedules": step_fn.schedules.state_dict()}, keep=2)
-    final = step_fn.consolidated_state()
-    exported = step_fn.export_consolidated(out / f"export_zero{stage}", STEPS, {"loss": losses[-1]})
+            engine.save_checkpoint(ckpt_dir, SAVE_AT, {"schedules": step_fn.schedules.state_dict()}, keep=2)
+    final = engine.consolidated_state()
+    exported = engine.export_consolidated(out / f"export_zero{stage}", STEPS, {"loss": losses[-1]})
 
     ema_check = None
     if stage == 3:  # shard-local EMA against the EMA of the gathered tensors
         from ijepa_fast.kernels.ema import ema_update_
+        from ijepa_fast.step import ema_update
 
         expected = {k: v.clone() for k, v in final["target_encoder"].items()}
         ema_update_(list(expected.values()), list(final["encoder"].values()), 0.75)
         with _CountCollectives() as counter:
-            step_fn.ema_update(0.75)
-        got = step_fn.consolidated_state()["target_encoder"]
+            ema_update(*engine.ema_pairs(), 0.75)
+        got = engine.consolidated_state()["target_encoder"]
         ema_check = {"expected": expected, "got": got, "collectives": counter.count}
 
-    resumed_fn = build(123)  # other initial weights: everything must come from the checkpoint
-    client = resumed_fn.load_checkpoint(ckpt_dir)
+    resumed_fn = deepspeed_step(cfg, world, 123)  # other initial weights: everything must come from the checkpoint
+    client = resumed_fn.engine.load_checkpoint(ckpt_dir)
     resumed = []
     for i in range(client["step"], STEPS):
         images, masks = local_batch(i, rank, world)
         resumed.append(resumed_fn(images, masks, i)["loss"].item())
-    final_resumed = resumed_fn.consolidated_state()
+    final_resumed = resumed_fn.engine.consolidated_state()
     if rank == 0:
         torch.save(
             {
@@ -160,7 +174,7 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
                 "final_resumed": final_resumed,
                 "exported": str(exported),
                 "ema_check": ema_check,
-                "ds_config": ds_cfg,
+                "ds_config": engine.ds_config,
             },
             out / f"result_zero{stage}.pt",
         )
@@ -168,24 +182,20 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
 
 def run_accumulation(out: Path, rank: int, world: int) -> None:
     """ACCUM_STEPS optimizer steps of ACCUM micro-batches (micro-batch j of step i is batch ACCUM*i+j)."""
-    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
-    from ijepa_fast.step import StepOptions
-
     cfg = tiny_config(ACCUM_STAGE)
-    ds_cfg = deepspeed_config(cfg, world, device_type="cpu", grad_accum=ACCUM)
-    student, target = models(cfg, 0)
-    step_fn = DeepSpeedTrainStep(
-        student, target, schedules(cfg), ds_cfg, torch.device("cpu"), StepOptions(grad_clip=cfg.optim.grad_clip)
-    )
+    step_fn = deepspeed_step(cfg, world, 0, grad_accum=ACCUM)
     losses, stepped = [], []
     for i in range(ACCUM_STEPS):
         for j in range(ACCUM):
             images, masks = local_batch(ACCUM * i + j, rank, world)
             losses.append(step_fn(images, masks, i)["loss"].item())
             stepped.append(step_fn.stepped)
-    final = step_fn.consolidated_state()
+    final = step_fn.engine.consolidated_state()
     if rank == 0:
-        torch.save({"losses": losses, "stepped": stepped, "final": final, "ds_config": ds_cfg}, out / "result_accum.pt")
+        torch.save(
+            {"losses": losses, "stepped": stepped, "final": final, "ds_config": step_fn.engine.ds_config},
+            out / "result_accum.pt",
+        )
 
 
 def main(argv: list[str]) -> int:

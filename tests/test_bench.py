@@ -14,39 +14,32 @@ import pytest
 import torch
 
 from ijepa_fast import bench
-from ijepa_fast.bench import BenchSpec, PhaseClock, make_config, phased_step
+from ijepa_fast import config as config_mod
+from ijepa_fast.bench import BenchSpec, PhaseClock
+from ijepa_fast.engines import build_train_step
 from ijepa_fast.flops import step_flops
-from ijepa_fast.masks import MultiBlockMaskSampler
 from profiling import scaling
 
 REPO = Path(__file__).resolve().parent.parent
 # ViT-tiny on a 4 x 4 grid, batch 2, a 1-block predictor: a few tens of ms per step on a CPU core.
-TINY_ARGS = [
-    "--model",
-    "vit_tiny",
-    "--patch",
-    "8",
-    "--img",
-    "32",
-    "--batch",
-    "2",
-    "--pred-depth",
-    "1",
-    "--pred-dim",
-    "48",
-    "--set",
+TINY = [
+    "model.name=vit_tiny",
+    "model.patch_size=8",
+    "data.crop_size=32",
+    "data.batch_size=2",
+    "model.pred_depth=1",
+    "model.pred_emb_dim=48",
     "mask.min_keep=4",
-    "--device",
-    "cpu",
-    "--warmup",
-    "1",
-    "--steps",
-    "2",
-    "--phase-steps",
-    "1",
-    "--batches",
-    "2",
+    "run.device=cpu",
 ]
+TINY_ARGS = [*TINY, "--warmup", "1", "--steps", "2", "--phase-steps", "1", "--batches", "2"]
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag``'s value replaced."""
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
 
 
 def test_harness_runs_the_ablation_end_to_end(tmp_path):
@@ -111,58 +104,67 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
     assert (REPO / "profiling" / "RESULTS.md").read_text() != text  # the real file is untouched
 
 
-def _tiny_spec(**kw) -> BenchSpec:
-    return BenchSpec(
-        model="vit_tiny",
-        patch=8,
-        img=32,
-        batch=2,
-        pred_depth=1,
-        pred_dim=48,
-        device="cpu",
-        overrides=["mask.min_keep=4"],
-        **kw,
-    )
+def _tiny_spec(*extra: str, **kw) -> BenchSpec:
+    return BenchSpec(overrides=[*TINY, *extra], **kw)
 
 
-@pytest.mark.parametrize("preset", ["authors", "fast"])
-def test_phased_step_is_the_trainers_step(preset):
-    """Same loss, same student and target weights after two steps as TrainStep.__call__."""
-    from ijepa_fast.trainer import build_train_step
-
-    cfg = make_config(_tiny_spec(), {"preset": preset})
+@pytest.mark.parametrize("preset, accum", [("authors", 1), ("fast", 1), ("fast", 2)])
+def test_profiled_step_is_the_trainers_step(preset, accum):
+    """The phase-marked steps (the profiler's) give the same losses and the same student and target
+    weights, bit for bit, as the unmarked steps the trainer runs, with accumulation too."""
+    spec = _tiny_spec(f"optim.grad_accum={accum}")
+    cfg = spec.config_for({"preset": preset})
     torch.manual_seed(0)
     plain = build_train_step(cfg, torch.device("cpu"), steps_per_epoch=100)
-    split = copy.deepcopy(plain)
-    masks = MultiBlockMaskSampler(4, min_keep=4, seed=0)
-    images = torch.randn(2, 3, 32, 32)
+    marked = copy.deepcopy(plain)
+    source = bench.SyntheticBatches(cfg, torch.device("cpu"), count=3)
     for step in range(2):
-        batch = (images, masks(2, step))
-        a = plain(*batch, step)["loss"]
+        a = bench.optimizer_step(plain, source, step)["loss"]
         clock = PhaseClock(torch.device("cpu"))
-        b = phased_step(split, lambda batch=batch: batch, step, clock)["loss"]
+        b = bench.optimizer_step(marked, source, step, mark=clock.phase)["loss"]
+        clock.stop()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-        assert set(clock.durations_ms()) >= {"target_fwd", "backward", "ema"}
-    for mod_a, mod_b in ((plain.student, split.student), (plain.target_encoder, split.target_encoder)):
+        assert plain.stepped and marked.stepped
+        phases = clock.durations_ms()
+        assert set(phases) >= {"data", "target_fwd", "context_fwd", "predictor_fwd", "backward", "optimizer", "ema"}
+        assert clock.names.count("target_fwd") == accum and clock.names.count("optimizer") == 1
+    for mod_a, mod_b in ((plain.student, marked.student), (plain.target_encoder, marked.target_encoder)):
         for (name, pa), pb in zip(mod_a.named_parameters(), mod_b.parameters()):
             torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+
+
+def test_accumulation_is_timed_per_optimizer_step(tmp_path):
+    """With optim.grad_accum=2 a timed step is two micro-batches: twice the images per step, and the
+    phase split (summed over both) still adds up to the plain step."""
+    result = bench.run_cli([*TINY_ARGS, "optim.grad_accum=2", "--json", str(tmp_path / "r.json")])
+    (row,) = result["rows"]
+    assert row["ok"], row
+    assert row["batch"] == 4 and result["meta"]["spec"]["grad_accum"] == 2
+    assert 0.4 < row["phases_over_step"] < 2.5, row  # loose: a shared 2-core machine
 
 
 def test_harness_with_the_pytorch_loader(tmp_path):
     from tests.data_fixtures import write_jpeg_folder
 
     write_jpeg_folder(tmp_path / "imgs", 8, size=(64, 48))
-    args = list(TINY_ARGS)
-    args[args.index("--batches") + 1] = "1"
-    result = bench.run_cli([*args, "--loader", "pytorch", "--data", str(tmp_path / "imgs"), "--workers", "0"])
+    args = _set(TINY_ARGS, "--batches", "1")
+    result = bench.run_cli(
+        [
+            *args,
+            "--loader",
+            "pytorch",
+            f"data.root={tmp_path / 'imgs'}",
+            "data.num_workers=0",
+            f"run.out_dir={tmp_path}",
+        ]
+    )
     (row,) = result["rows"]
     assert row["ok"], row
     assert result["meta"]["loader"] == "pytorch" and row["data_wait_ms_median"] > 0
 
 
 def test_console_entry_returns_an_exit_status(tmp_path):
-    args = list(TINY_ARGS)
-    args[args.index("--steps") + 1] = "1"
+    args = _set(TINY_ARGS, "--steps", "1")
     assert bench.main([*args, "--configs", "authors", "--phase-steps", "0", "--json", str(tmp_path / "r.json")]) == 0
     (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert row["name"] == "authors" and "phases_ms" not in row
@@ -172,8 +174,8 @@ def test_console_entry_returns_an_exit_status(tmp_path):
 
 def test_real_loader_without_data_is_a_clear_error():
     spec = _tiny_spec(loader="pytorch")
-    with pytest.raises(ValueError, match="--data"):
-        bench.LoaderBatches(make_config(spec, {"preset": "fast"}), torch.device("cpu"), "pytorch")
+    with pytest.raises(ValueError, match="data.root"):
+        bench.LoaderBatches(spec.config_for({"preset": "fast"}), torch.device("cpu"))
 
 
 def test_peak_table_matches_device_names():
@@ -193,20 +195,21 @@ def test_gpu_hours_of_the_papers_figure():
 
 
 def test_projection_measured_and_flop_scaled():
-    spec = BenchSpec(model="vit_huge", patch=14, img=224, batch=128)
+    cfg = config_mod.Config()  # ViT-H/14 at 224 px
     flops = step_flops("vit_huge", 14, 224).total
     rows = [
         {"name": "authors", "ok": True, "images_per_s": 50.0, "gflop_per_image": flops / 1e9},
         {"name": "all on (default)", "ok": True, "images_per_s": 89.0, "gflop_per_image": flops / 1e9},
     ]
-    h14, h16 = bench.project(rows, spec, device_name="test GPU")
+    rows = [{**r, "batch": 128} for r in rows]
+    h14, h16 = bench.project(rows, cfg, device_name="test GPU")
     assert h14["basis"].startswith("measured (all on")
     assert h14["gpu_hours"] == pytest.approx(1199.5, abs=0.1)
     assert h14["paper_gpu_hours"] == 1200.0 and h14["paper_images_per_s_per_gpu"] == pytest.approx(89.0, abs=0.1)
     assert h16["basis"].startswith("FLOP-scaled") and h16["paper_gpu_hours"] is None
     # 448 px / 16 = 784 patches: about 3x the FLOPs per image, so about 3x the GPU-hours
     assert 2.5 < h16["gpu_hours"] / h14["gpu_hours"] < 3.6
-    assert bench.project([{"name": "x", "ok": False}], spec, "d") == []
+    assert bench.project([{"name": "x", "ok": False}], cfg, "d") == []
 
 
 def test_percentiles():
@@ -358,10 +361,8 @@ def test_scaling_cli_prints_a_table(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_harness_on_cuda_phase_split_matches_the_step(tmp_path):
-    args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
-    args[args.index("--batch") + 1] = "32"
-    args[args.index("--steps") + 1] = "10"
-    args[args.index("--phase-steps") + 1] = "5"
+    args = [a.replace("run.device=cpu", "run.device=cuda").replace("batch_size=2", "batch_size=32") for a in TINY_ARGS]
+    args = _set(_set(args, "--steps", "10"), "--phase-steps", "5")
     # compile off: the check is the phase split, and compiling takes longer than the rest of this test
     result = bench.run_cli([*args, "--compare-authors", "--set", "speed.compile=off", "--out", str(tmp_path)])
     for r in result["rows"]:

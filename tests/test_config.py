@@ -50,8 +50,8 @@ def test_authors_config_loads_expected_values(name):
     assert (cfg.data.num_workers, cfg.data.pin_memory) == (10, True)
     assert cfg.data.root == "$replace_this_with_absolute_path_to_your_datasets_directory/imagenet_full_size/061417/"
     m = cfg.mask
-    assert (m.num_pred_masks, m.num_enc_masks, m.min_keep, m.allow_overlap) == (4, 1, 10, False)
-    assert (m.pred_mask_scale, m.enc_mask_scale, m.aspect_ratio) == ((0.15, 0.2), (0.85, 1.0), (0.75, 1.5))
+    assert (m.num_pred_masks, m.min_keep, m.allow_overlap) == (4, 10, False)
+    assert (m.pred_scale, m.enc_scale, m.aspect_ratio) == ((0.15, 0.2), (0.85, 1.0), (0.75, 1.5))
     o = cfg.optim
     assert (o.epochs, o.warmup_epochs, o.ipe_scale) == (epochs, warmup, 1.0)
     assert (o.start_lr, o.lr, o.final_lr) == (2e-4, 1e-3, 1e-6)
@@ -201,8 +201,8 @@ def test_unknown_section_is_named(tmp_path):
 @pytest.mark.parametrize(
     "section,key,value,allowed",
     [
-        ("mask", "pred_mask_scale", [0.0, 0.2], r"0\.0 < lo <= hi <= 1\.0"),
-        ("mask", "pred_mask_scale", [0.15, 1.5], r"0\.0 < lo <= hi <= 1\.0"),
+        ("mask", "pred_scale", [0.0, 0.2], r"0\.0 < lo <= hi <= 1\.0"),
+        ("mask", "pred_scale", [0.15, 1.5], r"0\.0 < lo <= hi <= 1\.0"),
         ("data", "batch_size", 0, r"integer >= 1"),
         ("optim", "warmup_epochs", 500, r"\[0, epochs=300\]"),
         ("model", "name", "vit_huuge", r"one of"),

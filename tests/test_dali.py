@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import statistics
 import tarfile
 from pathlib import Path
@@ -22,12 +21,14 @@ from PIL import Image, ImageDraw
 
 from ijepa_fast import optional
 from ijepa_fast.config import ConfigError, DataConfig
-from ijepa_fast.data.dali import build_dali_loader, check_image, parse_ascii_labels, resolve_loader_kind
+from ijepa_fast.data.build import resolve_loader_kind
+from ijepa_fast.data.dali import build_dali_loader, check_image, parse_ascii_labels
 from ijepa_fast.data.dali.validate import load_section, validate_images
 from ijepa_fast.data.loader import StepBatchSampler, build_pretrain_loader
 from ijepa_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_box
-from ijepa_fast.masks import MultiBlockMaskSampler, _mix, check_masks
+from ijepa_fast.masks import MultiBlockMaskSampler, check_masks
 from ijepa_fast.masks_device import DeviceMaskSampler, hash_uint32
+from ijepa_fast.rng import crop_rng
 
 needs_dali = pytest.mark.skipif(
     not optional.available("dali"), reason="nvidia-dali is not installed (pip install nvidia-dali-cuda130)"
@@ -209,7 +210,7 @@ def test_crop_windows_are_the_cpu_loaders(tmp_path):
     for batch in take(loader, 3):
         order = loader.source.indices(batch.step)[1]
         for (left, top, cw, ch), i in zip(crop_windows(batch.images, 160, 120), order):
-            rng = random.Random(_mix(5, batch.epoch * 1_000_003 + i))
+            rng = crop_rng(5, batch.epoch, i)
             el, et, ew, eh = crop_box(160, 120, (0.3, 1.0), (3 / 4, 4 / 3), rng)
             assert abs(cw - ew) < 2.5 and abs(ch - eh) < 2.5 and abs(left - el) < 2 and abs(top - et) < 2
             assert 0.3 - 0.03 <= cw * ch / (160 * 120) <= 1.0 + 0.03
@@ -415,11 +416,11 @@ def test_resolve_loader_kind(monkeypatch):
     with pytest.raises(ConfigError, match="data.loader='dali'.*IDX"):
         resolve_loader_kind(DataConfig(dataset="idx", loader="dali"), "cpu")
     assert resolve_loader_kind(DataConfig(dataset="idx", loader="auto"), "cpu") == "pytorch"
-    import ijepa_fast.data.dali.loader as dali_loader
+    import ijepa_fast.data.build as data_build
 
-    monkeypatch.setattr(dali_loader, "available", lambda name: True)
+    monkeypatch.setattr(data_build, "available", lambda name: True)
     assert resolve_loader_kind(cfg, "cuda") == "dali"
-    monkeypatch.setattr(dali_loader, "available", lambda name: False)
+    monkeypatch.setattr(data_build, "available", lambda name: False)
     assert resolve_loader_kind(cfg, "cuda") == "pytorch"
     monkeypatch.setattr(optional, "_try_import", lambda name: None)
     with pytest.raises(optional.MissingDependencyError, match="pip install nvidia-dali-cuda130"):

@@ -28,13 +28,13 @@ from ijepa_fast.data.transforms import (
     center_box,
     center_crop_eval,
     crop_box,
-    crop_rng,
     normalize,
     pil_to_uint8,
     random_resized_crop,
     to_normalized_tensor,
 )
 from ijepa_fast.masks import check_masks
+from ijepa_fast.rng import crop_rng
 from tests.data_fixtures import (
     encode,
     idx_bytes,

@@ -27,8 +27,8 @@ import torch
 
 from ijepa_fast import distributed as dist_
 from ijepa_fast.config import ConfigError
+from ijepa_fast.engines import resolve_engine
 from ijepa_fast.optional import available
-from ijepa_fast.step import StepOptions, TrainStep, build_optimizer
 from tests import ds_worker as W
 
 pytestmark = pytest.mark.deepspeed
@@ -110,18 +110,8 @@ def zero_runs(tmp_path_factory) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def plain_run() -> dict:
     """The single-process plain step on the global batches (both ranks' halves together)."""
-    cfg = W.tiny_config()
-    student, target = W.models(cfg, 0)
-    optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
-    step = TrainStep(
-        student,
-        target,
-        optimizer,
-        W.schedules(cfg),
-        torch.device("cpu"),
-        None,
-        StepOptions(grad_clip=cfg.optim.grad_clip),
-    )
+    step = W.plain_step(W.tiny_config())
+    student, target = step.student, step.target_encoder
     losses = []
     for i in range(W.STEPS):
         images, masks = W.global_batch(i, WORLD)
@@ -159,19 +149,8 @@ def test_gradient_accumulation_under_zero_matches_the_plain_step(zero_runs):
     """Two ranks, ZeRO-2, two micro-batches a step against one process accumulating the same two
     global micro-batches: same per-micro-batch losses, same weights after three optimizer steps."""
     run = zero_runs["accum"]
-    cfg = W.tiny_config()
-    student, target = W.models(cfg, 0)
-    optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
-    step = TrainStep(
-        student,
-        target,
-        optimizer,
-        W.schedules(cfg),
-        torch.device("cpu"),
-        None,
-        StepOptions(grad_clip=cfg.optim.grad_clip),
-        grad_accum=W.ACCUM,
-    )
+    step = W.plain_step(W.tiny_config(), grad_accum=W.ACCUM)
+    student, target = step.student, step.target_encoder
     losses, stepped = [], []
     for i in range(W.ACCUM_STEPS):
         for j in range(W.ACCUM):
@@ -248,7 +227,7 @@ def _cfg(**run):
 
 
 def test_generated_config_follows_our_config():
-    from ijepa_fast.engine_deepspeed import deepspeed_config, global_batch
+    from ijepa_fast.engines.deepspeed import deepspeed_config, global_batch
 
     cfg = _cfg()
     ds = deepspeed_config(cfg, world_size=4, grad_accum=3, device_type="cpu")
@@ -263,15 +242,16 @@ def test_generated_config_follows_our_config():
     gpu = deepspeed_config(_cfg(dtype="auto"), world_size=8, device_type="cuda")
     assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
     assert gpu["torch_autocast"]["enabled"] is False
-    # no ZeRO: fp32 weights and gradients under autocast (DeepSpeed has no fp32-master bf16 path there)
+    # no ZeRO: fp32 weights and gradients, the step's autocast (DeepSpeed has no fp32-master bf16 path there)
     ddp = deepspeed_config(_cfg(dtype="bf16", zero_stage=0), world_size=8, device_type="cuda")
-    assert ddp["bf16"]["enabled"] is False
-    assert ddp["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert ddp["bf16"]["enabled"] is False and ddp["torch_autocast"]["enabled"] is False
+    # the step owns gradient accumulation: every engine step() is an optimizer step
+    assert ddp["managed_gradient_accumulation"] is False
     json.dumps(ds)  # serialisable as DeepSpeed's JSON
 
 
 def test_user_ds_config_overrides_other_keys_and_may_repeat_ours(tmp_path):
-    from ijepa_fast.engine_deepspeed import deepspeed_config
+    from ijepa_fast.engines.deepspeed import deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(
@@ -292,7 +272,7 @@ def test_user_ds_config_overrides_other_keys_and_may_repeat_ours(tmp_path):
 
 
 def test_conflicting_ds_config_is_an_error_naming_both_keys_and_values(tmp_path):
-    from ijepa_fast.engine_deepspeed import deepspeed_config
+    from ijepa_fast.engines.deepspeed import deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(
@@ -322,7 +302,7 @@ def test_conflicting_ds_config_is_an_error_naming_both_keys_and_values(tmp_path)
 
 
 def test_stage3_target_config_partitions_without_optimizer_or_persistence():
-    from ijepa_fast.engine_deepspeed import deepspeed_config, target_config
+    from ijepa_fast.engines.deepspeed import deepspeed_config, target_config
 
     ds = deepspeed_config(_cfg(zero_stage=3, dtype="bf16"), world_size=2, device_type="cuda")
     tc = target_config(ds)
@@ -386,9 +366,9 @@ def test_timeout_and_engine_resolution():
         dist_.resolve_timeout(None, {dist_.TIMEOUT_ENV: "soon"})
     one = dist_.detect({})
     two = dist_.detect({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
-    assert dist_.resolve_engine("auto", one) == "plain" and dist_.resolve_engine("auto", two) == "deepspeed"
+    assert resolve_engine("auto", one.world_size) == "plain" and resolve_engine("auto", two.world_size) == "deepspeed"
     with pytest.raises(ValueError, match="run.engine=deepspeed"):
-        dist_.resolve_engine("plain", two)
+        resolve_engine("plain", two.world_size)
 
 
 # ----------------------------------------------------------------------------- launch scripts

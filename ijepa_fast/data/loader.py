@@ -11,7 +11,7 @@ How a batch is made:
   epoch's permutation and slices it: nothing before s is decoded.
 - ``PretrainDataset`` (worker) decodes item ``index``; when the file is undecodable it takes the
   next index (wrapping) until one decodes, and marks the sample as skipped with the file's path and
-  error. The crop is drawn by ``transforms.crop_rng(seed, epoch, index actually used)``.
+  error. The crop is drawn by ``rng.crop_rng(seed, epoch, index actually used)``.
 - ``Collate`` (worker) stacks the crops, normalises them (one vectorised op per batch) and samples
   the masks with ``MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)`` at the batch's
   step (rank 0 uses ``seed`` itself; every rank draws its own masks).
@@ -43,12 +43,12 @@ from ijepa_fast.data.idx import IdxDataset, check_idx_pair
 from ijepa_fast.data.transforms import (
     EVAL_CROP_FRACTION,
     center_crop_eval,
-    crop_rng,
     normalize,
     pil_to_uint8,
     random_resized_crop_pil,
 )
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler, _mix, mask_seed
+from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.rng import crop_rng, mask_seed, mix
 
 if TYPE_CHECKING:
     from ijepa_fast.config import DataConfig
@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 # After this many undecodable files in a row the data source is taken to be unreadable (a lost
 # mount, a wrong format) and the loader raises instead of scanning the whole dataset per sample.
 MAX_CONSECUTIVE_BAD = 1000
+
+
+DATASETS = ("folder", "idx")  # folder: an image tree or webdataset tars; idx: IDX files
 
 
 class Source(Protocol):
@@ -234,7 +237,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's dataset indices of ``epoch`` in step order: [steps_per_epoch * batch_size] int64."""
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch) ^ 0x2545F491)
+        g = torch.Generator().manual_seed(mix(self.seed, epoch) ^ 0x2545F491)
         used = self.steps_per_epoch * self.batch_size * self.world_size
         return torch.randperm(self.n, generator=g)[:used][self.rank :: self.world_size]
 
@@ -272,7 +275,7 @@ class PretrainLoader:
         self.skipped_paths: set[str] = set()
         # The DataLoader draws its workers' base seed from this generator, not from the global RNG
         # (which a resumed run restores and must not see consumed by the loader).
-        generator = torch.Generator().manual_seed(_mix(dataset.seed, batch_sampler.rank))
+        generator = torch.Generator().manual_seed(mix(dataset.seed, batch_sampler.rank))
         self._loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batch_sampler,

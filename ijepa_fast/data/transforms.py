@@ -9,7 +9,7 @@ whose aspect ratio lies in the range. The crop is cut and resized in one Pillow 
 (``resize(box=...)``, bilinear with a support widened by the downscale factor, i.e. antialiased as
 torchvision's ``antialias=True``).
 
-``crop_rng(seed, epoch, index)`` is the only source of a sample's crop randomness: a resumed run,
+``ijepa_fast.rng.crop_rng(seed, epoch, index)`` is the only source of a sample's crop randomness: a resumed run,
 a run with more or fewer workers, and the DALI loader (which computes the same windows) all see
 the same crop of the same image at the same step.
 """
@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ijepa_fast.masks import _mix
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_SCALE = (0.3, 1.0)  # the paper's RandomResizedCrop area range (torchvision's default is 0.08)
@@ -32,11 +30,6 @@ CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875  # the centre crop is 87.5% of the shorter side (resize 256 -> crop 224)
 
 Box = tuple[int, int, int, int]  # (left, top, width, height) in pixels of the source image
-
-
-def crop_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The crop generator of dataset item ``index`` in ``epoch`` (never the process's global RNG)."""
-    return random.Random(_mix(seed, epoch * 1_000_003 + index))
 
 
 def crop_box(

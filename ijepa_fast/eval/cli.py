@@ -57,7 +57,7 @@ def num_workers(args: argparse.Namespace) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    from ijepa_fast.trainer import resolve_device as resolve
+    from ijepa_fast.device import resolve_device as resolve
 
     return resolve(name, option="--device")
 

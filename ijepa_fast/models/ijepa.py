@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -10,13 +12,17 @@ from torch import nn
 from ijepa_fast import ops
 from ijepa_fast.loss import jepa_loss
 from ijepa_fast.masks import MaskBatch
-from ijepa_fast.models.vit import VisionTransformer, build_encoder, build_predictor
+from ijepa_fast.models.attention import resolve_backend
+from ijepa_fast.models.vit import VisionTransformer, build_encoder, build_predictor, compile_blocks, vit_size
+
+log = logging.getLogger(__name__)
 
 
 class JEPAStudent(nn.Module):
     """The trained part (what the optimizer and a DeepSpeed engine see): encoder + predictor.
 
-    forward(images [B,3,S,S], context [B,Kc], targets_idx [M,B,Kt], target_feats [M*B,Kt,D]) -> loss
+    forward(images [B,3,S,S], context [B,Kc], targets_idx [M,B,Kt], target_feats [M*B,Kt,D]) -> loss;
+    ``mark`` (optional) is called with "context_fwd" and "predictor_fwd" as each part starts.
     """
 
     def __init__(self, encoder: VisionTransformer, predictor: nn.Module, loss: str = "smooth_l1"):
@@ -26,9 +32,18 @@ class JEPAStudent(nn.Module):
         self.loss = loss
 
     def forward(
-        self, images: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor, target_feats: torch.Tensor
+        self,
+        images: torch.Tensor,
+        context_idx: torch.Tensor,
+        target_idx: torch.Tensor,
+        target_feats: torch.Tensor,
+        mark: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
+        if mark is not None:
+            mark("context_fwd")
         z = self.encoder(images, context_idx)  # (B, Kc, D)
+        if mark is not None:
+            mark("predictor_fwd")
         pred = self.predictor(z, context_idx, target_idx)  # (M*B, Kt, D)
         return jepa_loss(pred, target_feats, self.loss)
 
@@ -74,3 +89,39 @@ def build_models(
         fused_gather=fused_gather,
     )
     return JEPAStudent(encoder, predictor, loss), make_target_encoder(encoder)
+
+
+def models_from_config(cfg, device: torch.device) -> tuple[JEPAStudent, VisionTransformer]:
+    """(student, target encoder) of a run ``Config`` on ``device``, with its attention backend,
+    activation checkpointing and compile switches (``cfg.speed``) applied."""
+    size = vit_size(cfg.model.name)
+    enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads)
+    pred_backend = resolve_backend(cfg.speed.attention, device, cfg.model.pred_emb_dim // size.num_heads)
+    student, target = build_models(
+        cfg.model, cfg.data.crop_size, attention=enc_backend, fused_gather=cfg.speed.fused_gather, loss=cfg.optim.loss
+    )
+    student.predictor.set_attention_backend(pred_backend)
+    for module in (student.encoder, student.predictor):
+        module.activation_checkpointing = cfg.speed.activation_checkpointing
+    student.to(device)
+    target.to(device)
+    if cfg.speed.compile == "on" or (cfg.speed.compile == "auto" and device.type == "cuda"):
+        compile_blocks(student)
+        compile_blocks(target)
+    log.info(
+        "model %s/%d at %d px: encoder %.1fM params, predictor %.1fM; attention %s (encoder) / %s (predictor); "
+        "device %s",
+        cfg.model.name,
+        cfg.model.patch_size,
+        cfg.data.crop_size,
+        _millions(student.encoder),
+        _millions(student.predictor),
+        enc_backend,
+        pred_backend,
+        device,
+    )
+    return student, target
+
+
+def _millions(module: nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6

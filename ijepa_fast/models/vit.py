@@ -283,3 +283,10 @@ def build_predictor(
         num_heads=encoder.num_heads,
         **kwargs,
     )
+
+
+def compile_blocks(module: nn.Module) -> None:
+    """Regional compilation: each transformer block on its own, so compile time stays small."""
+    for sub in module.modules():
+        if isinstance(sub, Block):
+            sub.compile()

@@ -3,7 +3,6 @@ GPU (``mixed`` decoding), or in DALI's CPU mode; same interface as ``ijepa_fast.
 
 Importing this package does not import DALI; building a loader does (``ijepa_fast.optional``).
 
-    kind = resolve_loader_kind(cfg.data, device)  # "dali" | "pytorch"
     loader = build_dali_loader(cfg.data, grid=..., mask_kwargs=..., seed=..., rank=..., world_size=...,
                                start_step=..., device=device, cache=run_dir / "data_check.json")
 
@@ -15,7 +14,6 @@ from ijepa_fast.data.dali.loader import (
     DaliPretrainLoader,
     build_dali_loader,
     parse_ascii_labels,
-    resolve_loader_kind,
     webdataset_tars,
 )
 from ijepa_fast.data.dali.validate import check_image, validate_images
@@ -25,7 +23,6 @@ __all__ = [
     "build_dali_loader",
     "check_image",
     "parse_ascii_labels",
-    "resolve_loader_kind",
     "validate_images",
     "webdataset_tars",
 ]

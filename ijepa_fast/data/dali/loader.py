@@ -44,7 +44,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import random
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,42 +54,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ijepa_fast.config import ConfigError
 from ijepa_fast.data.dali import pipeline as dp
 from ijepa_fast.data.dali.validate import check_image, describe, validate_images
 from ijepa_fast.data.dali.webdataset import prepare_webdataset
 from ijepa_fast.data.folder import scan_folder
 from ijepa_fast.data.loader import Batch, StepBatchSampler, folder_root
 from ijepa_fast.data.transforms import crop_box
-from ijepa_fast.masks import _mix, mask_seed
 from ijepa_fast.masks_device import DeviceMaskSampler
-from ijepa_fast.optional import available, require
+from ijepa_fast.rng import crop_rng, mask_seed, mix
 
 log = logging.getLogger(__name__)
 
 _READ_AHEAD = 2  # steps read beyond the one DALI asks for (DALI itself asks `prefetch` steps ahead)
 _MAX_RECOVERIES = 100  # pipeline rebuilds after decoder errors before giving up (each names its files)
-
-
-def resolve_loader_kind(cfg, device: torch.device | str) -> str:
-    """``"dali"`` or ``"pytorch"`` for ``cfg.loader`` (auto|dali|pytorch) on ``device``.
-
-    ``auto`` takes DALI on a CUDA device when it is installed and the dataset is an image folder or
-    webdataset tars; ``dali`` requested without DALI installed raises with the install command.
-    """
-    device = torch.device(device)
-    if cfg.loader == "pytorch":
-        return "pytorch"
-    readable = cfg.dataset != "idx"
-    if cfg.loader == "dali":
-        if not readable:
-            raise ConfigError(
-                "data.loader='dali' reads image folders and webdataset tars, not IDX files: "
-                "use data.loader=pytorch (or auto) with data.dataset=idx"
-            )
-        require("dali", "data.loader=dali")
-        return "dali"
-    return "dali" if device.type == "cuda" and readable and available("dali") else "pytorch"
 
 
 def webdataset_tars(cfg) -> list[Path]:
@@ -222,7 +198,7 @@ class FolderSource:
             encoded, (w, h), j, tries = self._take(i, plan)
             if tries:  # as the CPU loader: a sample whose own file is bad counts one, and names it
                 bad.append(f"{self.paths[i]} ({self.bad.get(self.paths[i], 'undecodable')})")
-            rng = random.Random(_mix(self.seed, epoch * 1_000_003 + j))  # the CPU loader's crop stream
+            rng = crop_rng(self.seed, epoch, j)  # the CPU loader's crop stream
             left, top, cw, ch = crop_box(w, h, self.crop_scale, dp.RATIO, rng)
             data.append(encoded)
             anchors.append((left, top))
@@ -427,7 +403,7 @@ def build_dali_loader(
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         def build(step: int):
-            pipe_seed = _mix(_mix(seed, rank), step) & 0x7FFFFFFF  # a resumed run reshuffles
+            pipe_seed = mix(mix(seed, rank), step) & 0x7FFFFFFF  # a resumed run reshuffles
             pipe = dp.webdataset_pipeline(
                 tars,
                 index_paths,
@@ -502,7 +478,7 @@ def build_dali_loader(
             threads=threads,
             device_id=device_id,
             prefetch=prefetch,
-            seed=_mix(_mix(seed, rank), step) & 0x7FFFFFFF,
+            seed=mix(mix(seed, rank), step) & 0x7FFFFFFF,
             crop_size=cfg.crop_size,
             half=half,
         )

@@ -1,11 +1,13 @@
-"""DeepSpeed ZeRO engine for I-JEPA: config generation, the training step, ZeRO-aware EMA, checkpoints.
+"""The DeepSpeed ZeRO engine (stages 0-3): config generation, ``step.Engine``, ZeRO-aware EMA views,
+checkpoints and a consolidated export.
 
-The student (context encoder + predictor, ``JEPAStudent``) trains inside ``deepspeed.initialize``
-with ZeRO stage 0-3; our schedules set the learning rate and weight decay of each AdamW group every
-step (weight decay only on groups whose ``wd_exclude`` is False). The target encoder:
+The student (context encoder + predictor, ``JEPAStudent``) trains inside ``deepspeed.initialize``;
+``step.TrainStep`` drives it like any engine: our schedules set each AdamW group's learning rate
+and weight decay, the step divides the loss for gradient accumulation and DeepSpeed runs with
+``managed_gradient_accumulation`` off, so every ``step()`` is an optimizer step. The target encoder:
 
-- stages 0-2: a full replica on every rank, EMA over full parameters (``ijepa_fast.kernels.ema`` fused kernel);
-  every rank applies the same update to the same (all-gathered) student weights, so replicas agree.
+- stages 0-2: a full replica on every rank, EMA over full parameters; every rank applies the same
+  update to the same (all-gathered) student weights, so replicas agree.
 - stage 3: partitioned exactly like the student by a second engine without optimizer. A parameter's
   partition depends only on its size and the world size, so ``target.ds_tensor`` and
   ``student.encoder.ds_tensor`` hold the same slice: the EMA runs shard by shard on the local
@@ -14,20 +16,18 @@ step (weight decay only on groups whose ``wd_exclude`` is False). The target enc
   and goes stale after the EMA writes the partitions.
 
 Precision: ``run.dtype`` bf16 -> with ZeRO, DeepSpeed ``bf16`` (bf16 weights, fp32 master weights
-and AdamW state in the optimizer); without ZeRO (stage 0), fp32 weights under ``torch_autocast``
-(see ``_owned``). The target encoder stays fp32 (an EMA with momentum 0.9999 vanishes in bf16) and
-runs its forward under bf16 autocast. fp32 (the CPU default) -> no mixed precision.
+and AdamW state in the optimizer); without ZeRO (stage 0), fp32 weights (see ``_owned``). The step
+runs the forward under bf16 autocast either way. The target encoder stays fp32 (an EMA with
+momentum 0.9999 vanishes in bf16). fp32 (the CPU default) -> no mixed precision.
 
-Checkpoints (``save_checkpoint`` / ``load_checkpoint``) go through the engine, plus one small file
-per rank with what differs per rank (RNG, stage-3 target partitions); ``latest`` is written last,
-atomically, after every rank has finished. ``export_consolidated`` writes a plain fp32 checkpoint
-in ``ijepa_fast.checkpoint``'s format (encoder / predictor / target_encoder state dicts) that
-``ijepa-eval`` and ``interop.load_encoder`` read without DeepSpeed.
+Checkpoints go through the engine, plus one small file per rank with what differs per rank (RNG,
+stage-3 target partitions); ``latest`` is written last, atomically, after every rank has finished.
+``export_consolidated`` writes a plain fp32 checkpoint in ``ijepa_fast.checkpoint``'s format
+(encoder / predictor / target_encoder state dicts) that ``ijepa-eval`` reads without DeepSpeed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -36,19 +36,23 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import distributed as dist_
-from ijepa_fast.config import Config, ConfigError
+from ijepa_fast.device import autocast_dtype
+from ijepa_fast.errors import ConfigError
 from ijepa_fast.masks import MaskBatch
-from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
+from ijepa_fast.models.ijepa import JEPAStudent
+from ijepa_fast.optim import param_groups
 from ijepa_fast.optional import require
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import StepOptions, autocast_dtype, ema_update, param_groups, set_lr_wd
+from ijepa_fast.step import PhaseMark
+
+if TYPE_CHECKING:
+    from ijepa_fast.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,9 @@ def _owned(cfg: Config, world_size: int, grad_accum: int, bf16: bool) -> list[tu
     """(DeepSpeed key, our value, where it comes from) for every value our config decides.
 
     bf16 with ZeRO: DeepSpeed's ``bf16`` (bf16 weights, fp32 master copy in the optimizer). Stage 0
-    has no fp32 master path for bf16 weights (DeepSpeed refuses fp32 gradient accumulation there;
-    its bf16-gradient path left the fp32 losses after one step on the tiny test model: 0.4254 vs
-    0.4184, where stages 1-3 stayed within 3e-4), so stage 0 keeps fp32 weights and gradients and
-    runs the forward under ``torch_autocast``, as the plain trainer does.
+    has no fp32 master path for bf16 weights (DeepSpeed refuses fp32 gradient accumulation there,
+    and its bf16-gradient path drifts from the fp32 losses), so stage 0 keeps fp32 weights and
+    gradients, and the step's autocast runs the forward in bf16, as with the plain engine.
     """
     o = cfg.optim
     bf16_weights = bf16 and cfg.run.zero_stage > 0
@@ -81,11 +84,8 @@ def _owned(cfg: Config, world_size: int, grad_accum: int, bf16: bool) -> list[tu
         ),
         ("zero_optimization.stage", cfg.run.zero_stage, f"run.zero_stage={cfg.run.zero_stage}"),
         ("bf16.enabled", bf16_weights, f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}"),
-        (
-            "torch_autocast.enabled",
-            bf16 and not bf16_weights,
-            f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}",
-        ),
+        ("torch_autocast.enabled", False, "the training step's own autocast"),
+        ("managed_gradient_accumulation", False, "the training step's gradient accumulation"),
         ("fp16.enabled", False, "run.dtype (fp16 is not supported; bf16 or fp32)"),
         ("gradient_clipping", float(o.grad_clip), f"optim.grad_clip={o.grad_clip}"),
         ("optimizer.params.lr", o.start_lr, f"optim.start_lr={o.start_lr} (then our schedule, every step)"),
@@ -200,8 +200,6 @@ def deepspeed_config(
     }
     for key, value, _ in owned:
         _set(ours, key, value)
-    if _get(ours, "torch_autocast.enabled"):  # stage 0 bf16: gradients reduced in fp32 too
-        ours["torch_autocast"].update(dtype="bfloat16", lower_precision_safe_modules=[])
     merged = _merge(ours, user_cfg)
     for key, value, _ in owned:  # "auto" and absent keys take ours
         if _get(merged, key) in (None, "auto"):
@@ -231,36 +229,24 @@ def global_batch(ds_config: Mapping) -> tuple[int, int, int, int]:
     return ds_config["train_batch_size"], micro, ds_config["train_batch_size"] // (micro * accum), accum
 
 
-# ----------------------------------------------------------------------------- the step
+# ----------------------------------------------------------------------------- the engine
 
 
-class DeepSpeedTrainStep:
-    """The training step of ``step.TrainStep`` run by a DeepSpeed engine (same call interface).
+class DeepSpeedEngine:
+    """Implements ``step.Engine`` with a DeepSpeed engine; every rank calls every method (collectives).
 
-    ``step(images [B,3,S,S], masks: MaskBatch, step: int) -> {"loss": 0-d tensor}`` with B the
-    per-rank micro batch and masks this rank's rows; ``loss`` is the mean over ranks (every rank
-    sees the same value, so a non-finite loss stops all of them at the same step). With gradient
-    accumulation, call it once per micro batch with the same optimizer ``step``: the weights and
-    the EMA move on the last one (``stepped`` tells which).
+    ``forward`` takes this rank's micro batch; ``mean_over_ranks`` gives every rank the same loss,
+    so a non-finite loss stops all of them at the same step.
     """
 
-    def __init__(
-        self,
-        student: JEPAStudent,
-        target_encoder: nn.Module,
-        schedules: Schedules,
-        ds_config: dict,
-        device: torch.device,
-        options: StepOptions | None = None,
-    ):
+    name = "deepspeed"
+
+    def __init__(self, student: JEPAStudent, target_encoder: nn.Module, ds_config: dict, device: torch.device):
         ds = require("deepspeed", "run.engine=deepspeed")
         self.ds_config = ds_config
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))  # bf16 weights in the engine
-        autocast = bool(ds_config.get("torch_autocast", {}).get("enabled", False))
-        self.schedules, self.device = schedules, device
-        self.options = options or StepOptions()
-        self.amp_dtype = torch.bfloat16 if self.bf16 or autocast else None  # the target encoder's forward
+        self.device = device
         self.engine, self.optimizer, _, _ = ds.initialize(
             model=student, model_parameters=param_groups(student), config=ds_config
         )
@@ -274,38 +260,32 @@ class DeepSpeedTrainStep:
             self.target_engine = None
             self.target_encoder = target_encoder.to(device)
             self._target_forward = self.target_encoder
-        self.stepped = False
         total, micro, ranks, accum = global_batch(ds_config)
-        precision = "bf16 weights" if self.bf16 else "fp32, bf16 autocast" if autocast else "fp32"
         log.info(
             "DeepSpeed ZeRO stage %d, %s: global batch %d = %d per rank x %d ranks x %d accumulation",
             self.zero_stage,
-            precision,
+            "bf16 weights" if self.bf16 else "fp32 weights",
             total,
             micro,
             ranks,
             accum,
         )
 
-    # ------------------------------------------------------------------ step
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    # ------------------------------------------------------------------ the step's calls
+    def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
+        return self.engine(images, masks.context, masks.targets, targets, mark=mark)
 
-    def __call__(self, images: torch.Tensor, masks: MaskBatch, step: int) -> dict[str, torch.Tensor]:
-        set_lr_wd(self.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
-        with self._autocast():
-            targets = compute_targets(self._target_forward, images, masks, fused=self.options.fused_gather)
-        if self.bf16:  # the engine's weights are bf16; it does not cast inputs
-            images = images.to(torch.bfloat16)
-        loss = self.engine(images, masks.context, masks.targets, targets)
-        self.engine.backward(loss)
-        self.stepped = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        if self.stepped:
-            self.ema_update(self.schedules.momentum_at(step))
-        return {"loss": dist_.all_mean_(loss.detach().float().clone())}
+    def target_forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._target_forward(images)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the step already divided it
+
+    def step(self) -> None:
+        self.engine.step()  # unmanaged accumulation: reduce, clip, step, zero
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return dist_.all_mean_(value.float().clone())
 
     # ------------------------------------------------------------------ EMA
     def _shards(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -323,25 +303,29 @@ class DeepSpeedTrainStep:
                     f"{tuple(s.ds_shape)} differ: the shard-local EMA needs identical layouts"
                 )
 
-    @torch.no_grad()
-    def ema_update(self, momentum: float) -> None:
-        """target <- m * target + (1 - m) * encoder. Stage 3: on this rank's partitions only."""
-        if self.zero_stage < 3:
-            ema_update(self.target_encoder, self.student.encoder, momentum, fused=self.options.fused_ema)
-            return
-        targets, sources = self._shards()
-        if self.options.fused_ema:
-            from ijepa_fast.kernels.ema import ema_update_
-
-            ema_update_(targets, sources, momentum)
-        else:
-            for t, s in zip(targets, sources):
-                t.mul_(momentum).add_((1.0 - momentum) * s.float())
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Stages 0-2: the full parameters. Stage 3: this rank's partitions only (no collective)."""
+        if self.zero_stage == 3:
+            return self._shards()
+        return list(self.target_encoder.parameters()), list(self.student.encoder.parameters())
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
     def tag(step: int) -> str:
         return f"step_{step:08d}"
+
+    def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
+        """Collective: the engine checkpoint in ``run_dir/deepspeed`` (what ``--resume`` reads), then
+        a consolidated fp32 export in ``run_dir/checkpoints`` (what ijepa-eval reads; its path on
+        rank 0, None elsewhere)."""
+        run_dir = Path(run_dir)
+        self.save_checkpoint(run_dir / "deepspeed", step, meta, keep=keep)
+        return self.export_consolidated(run_dir / "checkpoints", step, {**meta, "rng": ckpt.rng_state()}, keep=keep)
+
+    def load(self, run_dir: Path, check=None) -> dict | None:
+        """Collective: restore ``run_dir/deepspeed``'s latest tag; ``check(client_state)`` may refuse
+        it. Returns the client state (with ``step``) or None when there is no checkpoint."""
+        return self.load_checkpoint(Path(run_dir) / "deepspeed", check=check)
 
     def save_checkpoint(self, save_dir: str | Path, step: int, client_state: dict | None = None, keep: int = 0) -> Path:
         """Collective: every rank calls it. Returns ``save_dir/step_XXXXXXXX``.
@@ -370,7 +354,7 @@ class DeepSpeedTrainStep:
         dist_.barrier()
         return save_dir / tag
 
-    def load_checkpoint(self, load_dir: str | Path, step: int | None = None) -> dict | None:
+    def load_checkpoint(self, load_dir: str | Path, step: int | None = None, check=None) -> dict | None:
         """Collective. Restore engine, optimizer, target encoder and RNG from ``step`` (default:
         ``latest``); return the client state, or None when there is no checkpoint."""
         load_dir = Path(load_dir)
@@ -396,6 +380,8 @@ class DeepSpeedTrainStep:
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {load_dir}")
+        if check is not None:
+            check(client)
         if client.get("zero_stage") != self.zero_stage:
             raise ValueError(
                 f"{load_dir / tag} was written with ZeRO stage {client.get('zero_stage')}, this run uses "

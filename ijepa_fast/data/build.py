@@ -1,0 +1,67 @@
+"""The pretraining loader a run's ``data`` section asks for: DALI or the PyTorch one.
+
+Both yield the same ``Batch`` (images, masks, step, epoch, skipped count) and restart at any step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ijepa_fast.errors import ConfigError
+from ijepa_fast.optional import available, require
+
+LOADERS = ("auto", "pytorch", "dali")
+log = logging.getLogger(__name__)
+
+
+def resolve_loader_kind(cfg, device: torch.device | str) -> str:
+    """``"dali"`` or ``"pytorch"`` for ``cfg.loader`` (auto|dali|pytorch) on ``device``.
+
+    ``auto`` takes DALI on a CUDA device when it is installed and the dataset is an image folder or
+    webdataset tars; ``dali`` requested without DALI installed raises with the install command.
+    """
+    device = torch.device(device)
+    if cfg.loader == "pytorch":
+        return "pytorch"
+    readable = cfg.dataset != "idx"
+    if cfg.loader == "dali":
+        if not readable:
+            raise ConfigError(
+                "data.loader='dali' reads image folders and webdataset tars, not IDX files: "
+                "use data.loader=pytorch (or auto) with data.dataset=idx"
+            )
+        require("dali", "data.loader=dali")
+        return "dali"
+    return "dali" if device.type == "cuda" and readable and available("dali") else "pytorch"
+
+
+def build_loader(
+    cfg, grid: int | tuple[int, int], device: torch.device, rank: int, world_size: int, start_step: int, run_dir: Path
+):
+    """The loader of a run ``Config`` on this rank, resuming at micro-batch ``start_step``."""
+    kwargs = dict(
+        grid=grid,
+        mask_kwargs=asdict(cfg.mask),
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
+    )
+    if resolve_loader_kind(cfg.data, device) == "dali":
+        from ijepa_fast.data.dali.loader import build_dali_loader
+
+        # The verdicts of the image check are cached in the run folder: a resumed run skips the scan.
+        log.info("data loader: DALI (%s)", "GPU decoding" if device.type == "cuda" else "CPU mode")
+        return build_dali_loader(
+            cfg.data,
+            device=device if device.type == "cuda" else None,
+            cache=Path(run_dir) / f"image_check.rank{rank}.json",
+            **kwargs,
+        )
+    from ijepa_fast.data.loader import build_pretrain_loader
+
+    return build_pretrain_loader(cfg.data, **kwargs)

@@ -1,0 +1,84 @@
+"""Engines: what owns the student's weights and optimizer (``step.Engine``), and their construction.
+
+``plain`` is one process with a torch AdamW; ``deepspeed`` is DeepSpeed ZeRO 0-3 over the ranks a
+launcher started. ``build_train_step`` is the one place where a run's models, engine, schedules and
+step are put together: the trainer and the profiler both call it, so the profiler times the step
+that trains.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ijepa_fast import distributed
+from ijepa_fast.device import autocast_dtype
+from ijepa_fast.distributed import DistEnv
+from ijepa_fast.models.ijepa import models_from_config
+from ijepa_fast.optim import build_optimizer
+from ijepa_fast.schedules import Schedules
+from ijepa_fast.step import Engine, StepOptions, TrainStep
+
+ENGINES = ("auto", "plain", "deepspeed")
+log = logging.getLogger(__name__)
+
+
+def resolve_engine(engine: str, world_size: int) -> str:
+    """``auto`` -> deepspeed under a multi-process launcher, plain otherwise; plain with several
+    processes is refused (the plain engine has no data parallelism)."""
+    if engine not in ENGINES:
+        raise ValueError(f"run.engine={engine!r}: choose one of {ENGINES}")
+    if engine == "auto":
+        return "deepspeed" if world_size > 1 else "plain"
+    if engine == "plain" and world_size > 1:
+        raise ValueError(
+            f"run.engine=plain is single-process but the launcher started {world_size} processes: "
+            f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism)"
+        )
+    return engine
+
+
+def start_process(cfg, env: DistEnv) -> torch.device:
+    """This process's device; the process group is set up first when the engine needs one."""
+    device = distributed.device_for(env, cfg.run.device)
+    if resolve_engine(cfg.run.engine, env.world_size) == "deepspeed":
+        distributed.init(env, deepspeed=True, device=device, timeout_s=cfg.run.dist_timeout_s or None)
+    return device
+
+
+def build_engine(cfg, student, target_encoder, device: torch.device, world_size: int = 1) -> Engine:
+    """The engine ``run.engine`` names over ``student`` and ``target_encoder``."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the patch embedding's convolution, as the authors set it
+    if resolve_engine(cfg.run.engine, world_size) == "deepspeed":
+        from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
+
+        ds_config = deepspeed_config(cfg, world_size, device_type=device.type, grad_accum=cfg.optim.grad_accum)
+        return DeepSpeedEngine(student, target_encoder, ds_config, device)
+    from ijepa_fast.engines.plain import PlainEngine
+
+    optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
+    return PlainEngine(
+        student, target_encoder, optimizer, device, grad_clip=cfg.optim.grad_clip, grad_scaler=cfg.speed.grad_scaler
+    )
+
+
+def train_step_for(cfg, engine: Engine, steps_per_epoch: int) -> TrainStep:
+    """The training step over ``engine``: the schedules, precision and speed switches of ``cfg``."""
+    options = StepOptions(
+        fused_ema=cfg.speed.fused_ema, fused_gather=cfg.speed.fused_gather, sync_every_step=cfg.speed.sync_every_step
+    )
+    return TrainStep(
+        engine,
+        Schedules.from_config(cfg.optim, steps_per_epoch),
+        autocast_dtype(engine.device, cfg.run.dtype),
+        options,
+        grad_accum=cfg.optim.grad_accum,
+    )
+
+
+def build_train_step(cfg, device: torch.device, steps_per_epoch: int, world_size: int = 1) -> TrainStep:
+    """A run's training step from scratch: models, engine and step (the profiler's entry point; the
+    trainer makes the same calls with a checkpoint restored in between)."""
+    return train_step_for(cfg, build_engine(cfg, *models_from_config(cfg, device), device, world_size), steps_per_epoch)

@@ -1,0 +1,106 @@
+"""The plain PyTorch engine: one process, an AdamW over the student, checkpoints as one file.
+
+A checkpoint (``ijepa_fast.checkpoint``'s format) holds the ``encoder``, ``predictor`` and
+``target_encoder`` state dicts, ``opt`` (and ``scaler`` with a GradScaler), the trainer's metadata
+and every RNG state; it is written atomically into ``run_dir/checkpoints``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ijepa_fast import checkpoint as ckpt
+from ijepa_fast.masks import MaskBatch
+from ijepa_fast.models.ijepa import JEPAStudent
+from ijepa_fast.step import PhaseMark
+
+
+class PlainEngine:
+    """Implements ``step.Engine`` with a torch optimizer, optional gradient clipping and GradScaler."""
+
+    name = "plain"
+
+    def __init__(
+        self,
+        student: JEPAStudent,
+        target_encoder: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        grad_clip: float = 0.0,
+        grad_scaler: bool = False,
+    ):
+        self.student = student
+        self.target_encoder = target_encoder
+        self.optimizer = optimizer
+        self.device = device
+        self.grad_clip = grad_clip
+        self.scaler = torch.amp.GradScaler(device.type) if grad_scaler else None
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ the step's calls
+    def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
+        return self.student(images, masks.context, masks.targets, targets, mark=mark)
+
+    def target_forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.target_encoder(images)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return list(self.target_encoder.parameters()), list(self.student.encoder.parameters())
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        state = {
+            "encoder": self.student.encoder.state_dict(),
+            "predictor": self.student.predictor.state_dict(),
+            "target_encoder": self.target_encoder.state_dict(),
+            "opt": self.optimizer.state_dict(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.encoder.load_state_dict(state["encoder"])
+        self.student.predictor.load_state_dict(state["predictor"])
+        self.target_encoder.load_state_dict(state["target_encoder"])
+        self.optimizer.load_state_dict(state["opt"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
+        state = {**self.state_dict(), **meta, "rng": ckpt.rng_state()}
+        return ckpt.save_checkpoint(Path(run_dir) / "checkpoints", state, step, keep)
+
+    def load(self, run_dir: Path, check: Callable[[dict], None] | None = None) -> dict | None:
+        """Restore the newest loadable checkpoint; ``check(state)`` may refuse it before anything
+        is applied. Returns the checkpoint (its metadata included) or None when there is none."""
+        state = ckpt.load_latest(Path(run_dir) / "checkpoints")
+        if state is None:
+            return None
+        if check is not None:
+            check(state)
+        self.load_state_dict(state)
+        ckpt.set_rng_state(state["rng"])
+        return state

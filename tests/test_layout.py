@@ -1,0 +1,210 @@
+"""Package boundaries: no import cycles among the project's modules, no library module importing a
+command-line module, the kernels installed under the project's namespace, and a non-editable
+install that runs from any folder."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE_DIRS = {"ijepa_fast": REPO / "ijepa_fast", "ijepa_fast.kernels": REPO / "kernels"}
+# Modules whose job is a command line (their `main` is a console script or `python -m` target).
+CLI_MODULES = {
+    "ijepa_fast.pretrain",
+    "ijepa_fast.demo",
+    "ijepa_fast.bench",
+    "ijepa_fast.eval.cli",
+    "ijepa_fast.eval.__main__",
+    "ijepa_fast.data.dali.__main__",
+}
+
+
+def project_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the installed package layout."""
+    out = {}
+    for package, root in PACKAGE_DIRS.items():
+        for path in root.rglob("*.py"):
+            rel = path.relative_to(root).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([package, *parts])
+            if package == "ijepa_fast" and parts[:1] == ["kernels"]:
+                continue
+            out[name] = path
+    return out
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules ``name`` imports anywhere in its file (lazy imports included)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        if _type_checking_only(tree, node):
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _type_checking_only(tree: ast.AST, node: ast.AST) -> bool:
+    """True for an import under ``if TYPE_CHECKING:`` (never run)."""
+    guards = [
+        p
+        for p in ast.walk(tree)
+        if isinstance(p, ast.If) and isinstance(p.test, ast.Name) and p.test.id == "TYPE_CHECKING"
+    ]
+    return any(node is child for guard in guards for stmt in guard.body for child in ast.walk(stmt))
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
+    # Importing a module imports its parent packages first; a package's own imports are its edges.
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_module_graph_has_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_library_module_imports_a_command_line_module():
+    graph = import_graph()
+    offenders = {name: sorted(deps & CLI_MODULES) for name, deps in graph.items() if name not in CLI_MODULES}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_kernels_install_under_the_project_namespace():
+    import ijepa_fast.kernels.ema as ema
+
+    assert Path(ema.__file__).resolve().parent == (REPO / "kernels").resolve()
+    with pytest.raises(ModuleNotFoundError):
+        __import__("kernels")  # no bare top-level package (a PyPI distribution has that name)
+
+
+def test_profiling_and_tests_do_not_import_each_other():
+    """Benchmarks run where pytest is not installed; tests may run a benchmark's CLI, nothing else."""
+    for path in (REPO / "profiling").glob("*.py"):
+        text = path.read_text()
+        assert "from tests" not in text and "import tests" not in text, path
+        assert "import pytest" not in text, path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_non_editable_install_runs_the_demo_config_from_another_folder(tmp_path):
+    """``pip install .`` (not editable) into a fresh venv that sees this one's packages, then
+    ``ijepa-demo --help`` and a 2-step pretraining run on the packaged demo config, elsewhere."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    # The dependencies come from this environment (torch among them), so nothing is downloaded.
+    site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (
+        env_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "deps.pth"
+    ).write_text(site + "\n")
+    src = tmp_path / "src"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(src)], check=True)
+    subprocess.run(["git", "-C", str(src), "checkout", "-q", "-f", "HEAD"], check=True)
+    for rel in _uncommitted():
+        target = src / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / rel).exists():
+            shutil.copy2(REPO / rel, target)
+        elif target.exists():
+            target.unlink()
+    run = dict(env=_clean_env(), capture_output=True, text=True, timeout=600)
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)], **run)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(src)  # nothing may come from the source tree
+    bin_dir = env_dir / "bin"
+    help_ = subprocess.run([str(bin_dir / "ijepa-demo"), "--help"], cwd=elsewhere, **run)
+    assert help_.returncode == 0 and "ijepa-demo" in help_.stdout, help_.stderr[-3000:]
+    from tests.test_trainer import write_idx
+
+    data = write_idx(tmp_path / "idx", n=32)
+    cmd = [
+        str(bin_dir / "ijepa-pretrain"),
+        "--config",
+        "demo",  # a packaged config, by name
+        f"data.root={data}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "optim.max_steps=2",
+        "run.progress=false",
+        "run.tensorboard=false",
+        f"run.out_dir={tmp_path / 'runs'}",
+        "run.name=packaged",
+    ]
+    train = subprocess.run(cmd, cwd=elsewhere, **run)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "steps: 2" in train.stdout
+    assert (tmp_path / "runs" / "packaged" / "checkpoints" / "latest.pt").exists()
+
+
+def _uncommitted() -> list[str]:
+    """Tracked files changed in the work tree and untracked files git does not ignore."""
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line[3:].split(" -> ")[-1] for line in out.splitlines() if line[3:]]
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PIP_NO_INDEX"] = "1"
+    return env
