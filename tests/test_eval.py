@@ -139,6 +139,19 @@ def test_bf16_features_are_close_to_fp32(encoder):
     assert ((low - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_the_trainers_decision(encoder, monkeypatch, native):
+    """dtype=auto extracts in bf16 exactly where the run's precision.resolve_precision picks bf16."""
+    from ijepa_fast import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    x = torch.randn(4, 3, 32, 32)
+    auto, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="auto", progress=False)
+    same, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="bf16" if native else "fp32", progress=False)
+    other, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="fp32" if native else "bf16", progress=False)
+    assert torch.equal(auto, same) and not torch.equal(auto, other)
+
+
 def test_bad_feature_mode_is_named(encoder):
     with pytest.raises(ValueError, match="avgpool"):
         extract_features(encoder, (torch.zeros(1, 3, 32, 32), torch.zeros(1)), mode="cls", progress=False)
