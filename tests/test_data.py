@@ -4,6 +4,7 @@ clear errors for missing or empty sources, and the loader benchmark at a tiny si
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import math
@@ -177,6 +178,25 @@ def test_flat_folder_is_one_class_and_loose_images_are_left_out_loudly(tmp_path,
         paths, labels, classes = scan_folder(tmp_path)
     assert [p.name for p in paths] == ["x.jpg"] and labels == [0] and classes == ["b"]
     assert "3 image(s) lie directly in the root" in caplog.text
+
+
+def test_an_unreadable_class_folder_is_named_not_dropped_silently(tmp_path, monkeypatch, caplog):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.jpg").write_bytes(encode(synthetic_photo()))
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # the OS refuses to list b/ (as chmod 000 would for a user other than root)
+        if os.path.basename(os.fspath(path)) == "b":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING):
+        paths, labels, classes = scan_folder(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a/x.jpg", "c/x.jpg"]
+    assert classes == ["a", "c"] and labels == [0, 1]
+    assert f"1 folder(s) could not be read and are left out: {tmp_path / 'b'} (Permission denied)" in caplog.text
 
 
 def test_folder_scan_survives_a_link_cycle(tmp_path):
