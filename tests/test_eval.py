@@ -340,6 +340,21 @@ def test_python_m_eval_last4_without_probe(tmp_path, idx_data, run_dir):
     assert report["data"]["n_train"] == 30 and report["data"]["n_test"] == 30
 
 
+def test_ijepa_eval_reports_the_undecodable_images_it_replaced(tmp_path, capsys, run_dir):
+    from tests.data_fixtures import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "data" / "train", 12, size=(40, 32))
+    write_jpeg_folder(tmp_path / "data" / "val", 8, size=(40, 32), seed=50)
+    (tmp_path / "data" / "val" / "class000" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "data" / "val" / "class001" / "notes.jpg").write_text("not an image")
+    out = tmp_path / "r.json"
+    argv = [str(run_dir), "--data", str(tmp_path / "data"), "--dataset", "folder", "--no-probe", "--no-progress"]
+    assert cli.main([*argv, "--num-workers", "2", "--out", str(out)]) == 0  # counted across workers
+    data = json.loads(out.read_text())["data"]
+    assert (data["n_train"], data["replaced_train"], data["n_test"], data["replaced_test"]) == (12, 0, 10, 2)
+    assert "undecodable images replaced: 0 train / 2 test" in capsys.readouterr().out
+
+
 def test_ijepa_eval_names_missing_data(tmp_path, capsys, run_dir):
     rc = cli.main([str(run_dir), "--data", str(tmp_path / "nowhere"), "--no-progress"])
     assert rc == 1 and "nowhere" in capsys.readouterr().err

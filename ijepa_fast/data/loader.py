@@ -343,13 +343,16 @@ class EvalDataset(torch.utils.data.Dataset):
     ``ds[i] -> (image [3, S, S] float32, label int)``.
 
     An undecodable file is replaced by the next decodable one (as in pretraining) with a warning
-    naming it; ``bad`` holds the ones this process met.
+    naming it; ``bad`` holds the ones this process met. ``replaced`` [N] bool marks the indices
+    that were replaced; it lives in shared memory, so DataLoader workers' marks reach the main
+    process (``replaced_count()``).
     """
 
     def __init__(self, source: Source, crop_size: int, limit: int = 0, crop_fraction: float = EVAL_CROP_FRACTION):
         self.source, self.crop_size, self.crop_fraction = source, int(crop_size), float(crop_fraction)
         self.n = min(len(source), limit) if limit else len(source)
         self.bad: set[str] = set()
+        self.replaced = torch.zeros(self.n, dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return self.n
@@ -358,10 +361,16 @@ class EvalDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} images")
         _, img, label, bad = _load_with_substitutes(self.source, self.n, i)
-        if bad and bad not in self.bad:
-            self.bad.add(bad)
-            log.warning("evaluation: undecodable image replaced by the next one: %s", bad)
+        if bad:
+            self.replaced[i] = True
+            if bad not in self.bad:
+                self.bad.add(bad)
+                log.warning("evaluation: undecodable image replaced by the next one: %s", bad)
         return center_crop_eval(_as_pil(img), self.crop_size, self.crop_fraction), label
+
+    def replaced_count(self) -> int:
+        """How many of the images read so far (by any worker) were undecodable and replaced."""
+        return int(self.replaced.sum())
 
 
 def build_eval_dataset(

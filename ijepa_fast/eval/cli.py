@@ -160,6 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         feats.append((x, y))
         report["data"][f"n_{role}"] = len(y)
+        report["data"][f"replaced_{role}"] = replaced = dataset.replaced_count()
+        if replaced:
+            log.warning("%s split: %d undecodable image(s) replaced by the next decodable one", split, replaced)
         report[f"extract_seconds_{role}"] = time.perf_counter() - started
     (train_x, train_y), (test_x, test_y) = feats
     report["feature_dim"] = train_x.shape[1]
@@ -194,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"eval-{Path(report['checkpoint']).stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    name = report["model"]["name"] or "custom"
+    name, data = report["model"]["name"] or "custom", report["data"]
     print(
         f"{name} {report['which']} ({report['format']} checkpoint), {report['features']} features "
-        f"[{report['feature_dim']}], {report['data']['n_train']} train / {report['data']['n_test']} test"
+        f"[{report['feature_dim']}], {data['n_train']} train / {data['n_test']} test; "
+        f"undecodable images replaced: {data['replaced_train']} train / {data['replaced_test']} test"
     )
     if "probe" in report:
         p = report["probe"]
