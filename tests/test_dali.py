@@ -644,3 +644,25 @@ def test_corrupt_webdataset_members_are_counted_in_the_summary_and_the_metrics(t
     with open(tmp_path / "runs" / "wds" / "metrics.csv") as fh:
         assert [int(row["skipped"]) for row in csv.DictReader(fh)] == [3, 3, 3, 3]
     assert "3 undecodable image(s) skipped (3 distinct files)" in caplog.text
+
+
+@needs_dali
+def test_a_truncated_webdataset_shard_is_one_line_naming_it(tmp_path, capsys):
+    from ijepa_fast import pretrain
+
+    make_shards(tmp_path / "data", 16)
+    shard = tmp_path / "data" / "shard-001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])  # cut inside a member
+    assert pretrain.main(dali_overrides(tmp_path / "data", tmp_path / "runs", "cut")) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if " ERROR " in line]
+    assert f"webdataset shard {shard} is truncated or damaged" in line and "Traceback" not in err
+
+
+@needs_dali
+def test_a_folder_of_undecodable_images_is_one_error_naming_it_on_dali(tmp_path):
+    for i in range(4):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{i}.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: none of its 4 images can be decoded"):  # the CLIs' class
+        take(build_dali_loader(cfg_for(tmp_path), grid=4, mask_kwargs=MASKS, seed=0), 1)

@@ -529,3 +529,19 @@ def test_benchmark_runs_quick(tmp_path, capsys):
     rows = main(["--quick", "--workers", "0", "--dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| loader | workers |" in out and rows and rows[0]["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pretraining_on_a_folder_of_undecodable_images_is_one_line_naming_it(tmp_path, capsys, workers):
+    from ijepa_fast import pretrain
+    from tests.test_trainer import tiny_overrides
+
+    for i in range(6):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / f"c{i % 2}" / f"{i}.jpg").write_text("not an image")
+    extra = {"data.dataset": "folder", "data.split": "", "data.batch_size": 2, "data.num_workers": workers}
+    assert pretrain.main(tiny_overrides(tmp_path / "data", tmp_path / "runs", "bad", **extra)) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if " ERROR " in line]
+    assert f"{tmp_path / 'data'}: none of its 6 images can be decoded (first: " in line
+    assert "Traceback" not in err and not list((tmp_path / "runs" / "bad").glob("checkpoints/*"))

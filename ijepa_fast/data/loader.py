@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ijepa_fast.data.errors import DataSourceError, no_decodable_image
 from ijepa_fast.data.folder import ImageFolderDataset, first_image, no_images_message, require_dir
 from ijepa_fast.data.idx import IdxDataset, check_idx_pair
 from ijepa_fast.data.transforms import (
@@ -62,6 +63,8 @@ MAX_CONSECUTIVE_BAD = 1000
 
 class Source(Protocol):
     """A raw dataset: ``IdxDataset`` or ``ImageFolderDataset``."""
+
+    root: Path
 
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> tuple[Any, int]: ...
@@ -160,9 +163,11 @@ def _load_with_substitutes(source: Source, n: int, index: int) -> tuple[int, Any
                 bad = f"{source.describe(i)} ({type(err).__name__}: {err})"
             continue
         return i, img, label, bad
-    raise RuntimeError(
-        f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row from {source.describe(index)} could not be "
-        f"decoded (first: {bad}); is the data source readable?"
+    if n <= MAX_CONSECUTIVE_BAD:
+        raise no_decodable_image(source.root, n, bad)
+    raise DataSourceError(
+        f"{source.root}: {MAX_CONSECUTIVE_BAD} images in a row from {source.describe(index)} cannot be decoded "
+        f"(first: {bad}); is the data source readable?"
     )
 
 

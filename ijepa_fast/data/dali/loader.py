@@ -59,6 +59,7 @@ from ijepa_fast.config import ConfigError
 from ijepa_fast.data.dali import pipeline as dp
 from ijepa_fast.data.dali.validate import check_image, describe, validate_images
 from ijepa_fast.data.dali.webdataset import prepare_webdataset
+from ijepa_fast.data.errors import no_decodable_image
 from ijepa_fast.data.folder import scan_folder
 from ijepa_fast.data.loader import Batch, StepBatchSampler, folder_root
 from ijepa_fast.data.transforms import crop_box
@@ -479,6 +480,9 @@ def build_dali_loader(
     n = min(len(paths), cfg.limit) if cfg.limit else len(paths)
     paths, labels = paths[:n], labels[:n]
     bad = validate_images(paths, mode=validate, cache=cache, workers=threads)
+    if len(bad) == n:
+        first = min(bad)
+        raise no_decodable_image(folder_root(cfg), n, f"{first} ({bad[first]})")
     if bad:
         log.warning(
             "%d of %d images are undecodable: each is replaced by the next good one and counted in loader.skipped",
