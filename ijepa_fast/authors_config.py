@@ -62,7 +62,7 @@ _RENAMES: dict[str, dict[str, str | None]] = {
         "model_name": "model.name",
         "pred_depth": "model.pred_depth",
         "pred_emb_dim": "model.pred_emb_dim",
-        "use_bfloat16": None,  # true: run.dtype auto (bf16 autocast on CUDA); false: fp32
+        "use_bfloat16": None,  # true: run.dtype auto (bf16 where the device has native bf16); false: fp32
         "load_checkpoint": None,
         "read_checkpoint": None,
         "copy_data": None,
