@@ -3,6 +3,8 @@ counted instead)."""
 
 from __future__ import annotations
 
+import os
+
 
 class DataSourceError(ValueError):
     """A data source that cannot be read: every image undecodable, a damaged webdataset shard.
@@ -18,7 +20,7 @@ class DataSourceError(ValueError):
         super().__init__(message.replace("\n", " "))
 
 
-def no_decodable_image(root, n: int, first: str) -> DataSourceError:
+def no_decodable_image(root: str | os.PathLike, n: int, first: str) -> DataSourceError:
     """The error for a source none of whose ``n`` images decodes; ``first``: "path (error)" of one."""
     return DataSourceError(
         f"{root}: none of its {n} images can be decoded (first: {first}); check that the files are images"
