@@ -87,7 +87,8 @@ def _trainer(tmp_path: Path, dtype: str):
     from ijepa_fast.trainer import Trainer
 
     data = write_idx(tmp_path / "data", n=16)
-    overrides = tiny_overrides(data, tmp_path / "runs", dtype, **{"run.dtype": dtype, "optim.max_steps": 1})
+    extra = {"run.dtype": dtype, "optim.max_steps": 1, "data.batch_size": 2}
+    overrides = tiny_overrides(data, tmp_path / "runs", dtype, **extra)
     return Trainer(config_mod.load(None, overrides))
 
 
