@@ -67,6 +67,7 @@ from ijepa_fast.loss import jepa_loss
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
 from ijepa_fast.models.ijepa import compute_targets
 from ijepa_fast.models.vit import grid_size
+from ijepa_fast.precision import DTYPES, autocast, resolve_precision
 from ijepa_fast.step import TrainStep, ema_update, set_lr_wd
 
 # Dense bf16 tensor-core peaks from the vendor's datasheets (TFLOP/s), matched in this order against
@@ -120,7 +121,7 @@ class BenchSpec:
     pred_depth: int | None = None  # None: default_pred_depth(model)
     pred_dim: int = 384
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    dtype: str = "auto"  # auto|bf16|fp32, as run.dtype (precision.resolve_precision)
     warmup: int = 5
     steps: int = 20
     phase_steps: int = 5
@@ -327,12 +328,6 @@ class PhaseClock:
         return out
 
 
-def _autocast(ts: TrainStep):
-    if ts.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(ts.device.type, dtype=ts.amp_dtype)
-
-
 def phased_step(
     ts: TrainStep, fetch: Callable[[], tuple[torch.Tensor, MaskBatch]], step: int, clock: PhaseClock
 ) -> dict[str, torch.Tensor]:
@@ -343,7 +338,7 @@ def phased_step(
     images, masks = fetch()
     clock.phase("target_fwd")
     set_lr_wd(ts.optimizer, ts.schedules.lr_at(step), ts.schedules.wd_at(step))
-    with _autocast(ts):
+    with autocast(ts.device, ts.amp_dtype):
         targets = compute_targets(ts.target_encoder, images, masks, fused=opts.fused_gather)
         clock.phase("context_fwd")
         z = ts.student.encoder(images, masks.context)  # (B, Kc, D)
@@ -641,6 +636,7 @@ def run(
     peak = peak_bf16_tflops(driver_name) if device.type == "cuda" else None
     name = device_label or driver_name
     matmul_peak = measure_matmul_tflops(device)
+    precision = resolve_precision(device, spec.dtype, option="--dtype")
     base_cfg = make_config(spec, configs[0].speed if configs else {})
     if spec.loader == "synthetic":
         source = SyntheticBatches(base_cfg, device, spec.batches, spec.seed)
@@ -657,7 +653,8 @@ def run(
         "commit": git_commit(),
         "command": command or current_command(),
         "spec": asdict(spec),
-        "amp": "bf16" if (spec.dtype == "bf16" or (spec.dtype == "auto" and device.type == "cuda")) else "fp32",
+        "amp": precision.name,
+        "amp_reason": precision.reason,
         "pred_depth": base_cfg.model.pred_depth,
         "loader": spec.loader,
     }
@@ -773,7 +770,8 @@ def markdown_report(result: dict) -> str:
         f"- device: {meta['device']} (bf16 peak {_f(meta['peak_bf16_tflops'], '.0f')} TFLOP/s datasheet"
         f", {_f(meta['matmul_bf16_tflops'], '.0f')} measured 8192^3 matmul); torch {meta['torch']}",
         f"- commit: `{meta['commit']}`; command: `{meta['command']}`",
-        f"- autocast: {meta['amp']}; data: {meta['loader']}; predictor depth {meta['pred_depth']}; "
+        f"- autocast: {meta['amp']} ({meta.get('amp_reason', 'reason not recorded')}); data: {meta['loader']}; "
+        f"predictor depth {meta['pred_depth']}; "
         f"steps: {spec['warmup']} warm-up, {spec['steps']} timed, {spec['phase_steps']} phase-split",
     ]
     if ok:
@@ -1027,7 +1025,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pred-depth", type=int, default=None, help="default: 6 (T/S/B), 12 (L/H), 16 (G)")
     p.add_argument("--pred-dim", type=int, default=384)
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps (at least one per synthetic batch)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--phase-steps", type=int, default=5, help="phase-split steps per configuration (0: none)")

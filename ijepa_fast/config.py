@@ -181,7 +181,7 @@ class RunConfig:
     name: str = "ijepa"
     seed: int = 0
     device: str = "auto"  # auto|cpu|cuda|cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU)|bf16|fp32
+    dtype: str = "auto"  # auto (bf16 autocast where the device has native bf16, else fp32)|bf16|fp32
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3

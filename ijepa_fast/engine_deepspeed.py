@@ -16,7 +16,8 @@ step (weight decay only on groups whose ``wd_exclude`` is False). The target enc
 Precision: ``run.dtype`` bf16 -> with ZeRO, DeepSpeed ``bf16`` (bf16 weights, fp32 master weights
 and AdamW state in the optimizer); without ZeRO (stage 0), fp32 weights under ``torch_autocast``
 (see ``_owned``). The target encoder stays fp32 (an EMA with momentum 0.9999 vanishes in bf16) and
-runs its forward under bf16 autocast. fp32 (the CPU default) -> no mixed precision.
+runs its forward under bf16 autocast. fp32 -> no mixed precision. ``auto`` is decided by
+``precision.resolve_precision`` (bf16 where the device has native bf16).
 
 Checkpoints (``save_checkpoint`` / ``load_checkpoint``) go through the engine, plus one small file
 per rank with what differs per rank (RNG, stage-3 target partitions); ``latest`` is written last,
@@ -27,7 +28,6 @@ in ``ijepa_fast.checkpoint``'s format (encoder / predictor / target_encoder stat
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -47,8 +47,9 @@ from ijepa_fast.config import Config, ConfigError
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
 from ijepa_fast.optional import require
+from ijepa_fast.precision import autocast, resolve_precision
 from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import StepOptions, autocast_dtype, ema_update, param_groups, set_lr_wd
+from ijepa_fast.step import StepOptions, ema_update, param_groups, set_lr_wd
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def deepspeed_config(
         source = f"run.ds_config={cfg.run.ds_config}"
     else:
         source = "the user ds_config" if isinstance(user, Mapping) else str(user)
-    bf16 = autocast_dtype(torch.device(device_type), cfg.run.dtype) == torch.bfloat16
+    bf16 = resolve_precision(torch.device(device_type), cfg.run.dtype).name == "bf16"
     owned = _owned(cfg, world_size, grad_accum, bf16)
     conflicts = []
     for key, ours, origin in owned:
@@ -288,14 +289,9 @@ class DeepSpeedTrainStep:
         )
 
     # ------------------------------------------------------------------ step
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def __call__(self, images: torch.Tensor, masks: MaskBatch, step: int) -> dict[str, torch.Tensor]:
         set_lr_wd(self.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             targets = compute_targets(self._target_forward, images, masks, fused=self.options.fused_gather)
         if self.bf16:  # the engine's weights are bf16; it does not cast inputs
             images = images.to(torch.bfloat16)

@@ -1,14 +1,14 @@
 """One I-JEPA training step in plain PyTorch (single process), free of host syncs.
 
 target forward (no grad) -> normalise + gather -> context forward -> predictor -> loss -> backward
--> AdamW step -> EMA update of the target encoder. bf16 autocast on CUDA, fp32 on CPU, no GradScaler
-unless the authors' preset asks for one. The step returns device tensors; reading them is the
-caller's choice (the trainer does it every ``log_every`` steps).
+-> AdamW step -> EMA update of the target encoder. Autocast to the dtype the caller resolved
+(``precision.resolve_precision``), no GradScaler unless the authors' preset asks for one. The step
+returns device tensors; reading them is the caller's choice (the trainer does it every ``log_every``
+steps).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
+from ijepa_fast.precision import autocast
 from ijepa_fast.schedules import Schedules
 
 
@@ -65,13 +66,6 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float, fused: boo
             t.mul_(momentum).add_((1.0 - momentum) * s.detach())
 
 
-def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """bf16 autocast on CUDA ('auto' or 'bf16'), none (fp32) on CPU unless 'bf16' is asked for."""
-    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
 @dataclass
 class StepOptions:
     loss: str = "smooth_l1"
@@ -119,16 +113,11 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type) if self.options.grad_scaler else None
         self.last_host_loss: float | None = None  # filled only when sync_every_step (authors' habit)
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def __call__(self, images: torch.Tensor, masks: MaskBatch, step: int) -> dict[str, torch.Tensor]:
         opts = self.options
         if self.micro == 0:
             set_lr_wd(self.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             targets = compute_targets(self.target_encoder, images, masks, fused=opts.fused_gather)
             loss = self.student(images, masks.context, masks.targets, targets)
         self._backward(loss / self.grad_accum if self.grad_accum > 1 else loss)

@@ -25,8 +25,9 @@ from ijepa_fast.metrics import DeviceMeter, MetricsWriter, plot_loss
 from ijepa_fast.models.attention import resolve_backend
 from ijepa_fast.models.ijepa import build_models
 from ijepa_fast.models.vit import grid_size
+from ijepa_fast.precision import resolve_precision
 from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import StepOptions, TrainStep, autocast_dtype, build_optimizer
+from ijepa_fast.step import StepOptions, TrainStep, build_optimizer
 
 log = logging.getLogger("ijepa_fast")
 
@@ -170,7 +171,7 @@ def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int) ->
         optimizer,
         schedules,
         device,
-        autocast_dtype(device, cfg.run.dtype),
+        resolve_precision(device, cfg.run.dtype).autocast_dtype,
         step_options(cfg),
         grad_accum=cfg.optim.grad_accum,
     )
@@ -228,6 +229,9 @@ class Trainer:
             )
         self.start_step = int(state["step"]) if state else (ds_step or 0)
 
+        self.precision = resolve_precision(self.device, cfg.run.dtype)
+        if self.is_main:
+            log.log(logging.WARNING if self.precision.slow else logging.INFO, "precision: %s", self.precision)
         torch.manual_seed(cfg.run.seed)
         self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
         # The loader counts micro-batches; a step (schedules, logs, checkpoints) is one optimizer step

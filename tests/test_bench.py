@@ -170,6 +170,20 @@ def test_console_entry_returns_an_exit_status(tmp_path):
         bench.main([*args, "--configs", "no such row"])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_the_reported_autocast_is_the_trainers_decision(monkeypatch, native):
+    """--dtype auto: the report's autocast and the trainer's step both follow precision.resolve_precision."""
+    from ijepa_fast import precision
+    from ijepa_fast.trainer import build_train_step
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(bench, "run_config", lambda spec, conf, *a, **k: {"name": conf.name, "ok": False})
+    meta = bench.run_cli([*TINY_ARGS, "--configs", "authors"])["meta"]
+    step = build_train_step(make_config(_tiny_spec(), {}), torch.device("cpu"), steps_per_epoch=10)
+    assert meta["amp"] == ("bf16" if native else "fp32") and meta["amp_reason"].startswith("auto: ")
+    assert step.amp_dtype == (torch.bfloat16 if native else None)
+
+
 def test_real_loader_without_data_is_a_clear_error():
     spec = _tiny_spec(loader="pytorch")
     with pytest.raises(ValueError, match="--data"):

@@ -341,8 +341,9 @@ def test_webdataset_ranks_see_each_sample_at_most_once_per_epoch(tmp_path, n):
     good = n - 1
     spe = loaders[0].steps_per_epoch
     assert spe == good // 8 and all(lo.steps_per_epoch == spe for lo in loaders)
-    assert loaders[0].skipped == 1 and any(":s00003 " in p for p in loaders[0].skipped_paths)
+    assert any(":s00003 " in p for p in loaders[0].skipped_paths)
     batches = [take(loader, 3 * spe) for loader in loaders]
+    assert loaders[0].skipped == 1 and [b.skipped for b in batches[0][:2]] == [1, 0]  # counted once
     for epoch in range(3):
         seen = [i for rank in batches for b in rank[epoch * spe : (epoch + 1) * spe] for i in b.labels.tolist()]
         assert len(seen) == len(set(seen)) == spe * 8, (epoch, sorted(seen))
@@ -596,3 +597,72 @@ def test_the_trainer_trains_with_the_dali_loader_by_config(tmp_path):
     assert runs["dali"].steps == runs["pytorch"].steps == 14  # 14 files / batch 2, two epochs
     assert runs["dali"].skipped == runs["pytorch"].skipped == 6  # 3 bad files, met once per epoch
     assert (tmp_path / "runs" / "dali" / "checkpoints" / "latest.pt").exists()
+
+
+def dali_overrides(data: Path, out: Path, name: str) -> list[str]:
+    """A ViT-tiny run of one epoch on DALI's CPU mode."""
+    values = {
+        "model.name": "vit_tiny",
+        "model.patch_size": 8,
+        "model.pred_depth": 1,
+        "model.pred_emb_dim": 48,
+        "mask.min_keep": 2,
+        "data.dataset": "folder",
+        "data.root": str(data),
+        "data.split": "",
+        "data.crop_size": 32,
+        "data.batch_size": 2,
+        "data.num_workers": 1,
+        "data.pin_memory": "false",
+        "data.loader": "dali",
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0.5,
+        "run.out_dir": str(out),
+        "run.name": name,
+        "run.log_every": 1,
+        "run.checkpoint_every": 100,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "run.device": "cpu",
+        "run.dtype": "fp32",
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@needs_dali
+def test_corrupt_webdataset_members_are_counted_in_the_summary_and_the_metrics(tmp_path, caplog):
+    import csv
+    import logging
+
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.trainer import Trainer
+
+    make_shards(tmp_path / "data", 11, bad=(1, 4, 7))  # 8 good samples: 4 steps of 2
+    with caplog.at_level(logging.INFO, logger="ijepa_fast"):
+        result = Trainer(config_mod.load(None, dali_overrides(tmp_path / "data", tmp_path / "runs", "wds"))).fit()
+    assert (result.steps, result.skipped) == (4, 3)
+    with open(tmp_path / "runs" / "wds" / "metrics.csv") as fh:
+        assert [int(row["skipped"]) for row in csv.DictReader(fh)] == [3, 3, 3, 3]
+    assert "3 undecodable image(s) skipped (3 distinct files)" in caplog.text
+
+
+@needs_dali
+def test_a_truncated_webdataset_shard_is_one_line_naming_it(tmp_path, capsys):
+    from ijepa_fast import pretrain
+
+    make_shards(tmp_path / "data", 16)
+    shard = tmp_path / "data" / "shard-001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])  # cut inside a member
+    assert pretrain.main(dali_overrides(tmp_path / "data", tmp_path / "runs", "cut")) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if " ERROR " in line]
+    assert f"webdataset shard {shard} is truncated or damaged" in line and "Traceback" not in err
+
+
+@needs_dali
+def test_a_folder_of_undecodable_images_is_one_error_naming_it_on_dali(tmp_path):
+    for i in range(4):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{i}.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: none of its 4 images can be decoded"):  # the CLIs' class
+        take(build_dali_loader(cfg_for(tmp_path), grid=4, mask_kwargs=MASKS, seed=0), 1)

@@ -247,8 +247,11 @@ def _cfg(**run):
     return cfg
 
 
-def test_generated_config_follows_our_config():
+def test_generated_config_follows_our_config(monkeypatch):
+    from ijepa_fast import precision
     from ijepa_fast.engine_deepspeed import deepspeed_config, global_batch
+
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device: True)  # a bf16 GPU, on any machine
 
     cfg = _cfg()
     ds = deepspeed_config(cfg, world_size=4, grad_accum=3, device_type="cpu")
@@ -267,6 +270,9 @@ def test_generated_config_follows_our_config():
     ddp = deepspeed_config(_cfg(dtype="bf16", zero_stage=0), world_size=8, device_type="cuda")
     assert ddp["bf16"]["enabled"] is False
     assert ddp["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device: False)  # e.g. a V100: auto is fp32
+    old_gpu = deepspeed_config(_cfg(dtype="auto"), world_size=8, device_type="cuda")
+    assert old_gpu["bf16"]["enabled"] is False and old_gpu["torch_autocast"]["enabled"] is False
     json.dumps(ds)  # serialisable as DeepSpeed's JSON
 
 

@@ -139,6 +139,19 @@ def test_bf16_features_are_close_to_fp32(encoder):
     assert ((low - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_the_trainers_decision(encoder, monkeypatch, native):
+    """dtype=auto extracts in bf16 exactly where the run's precision.resolve_precision picks bf16."""
+    from ijepa_fast import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    x = torch.randn(4, 3, 32, 32)
+    auto, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="auto", progress=False)
+    same, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="bf16" if native else "fp32", progress=False)
+    other, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="fp32" if native else "bf16", progress=False)
+    assert torch.equal(auto, same) and not torch.equal(auto, other)
+
+
 def test_bad_feature_mode_is_named(encoder):
     with pytest.raises(ValueError, match="avgpool"):
         extract_features(encoder, (torch.zeros(1, 3, 32, 32), torch.zeros(1)), mode="cls", progress=False)
@@ -325,6 +338,21 @@ def test_python_m_eval_last4_without_probe(tmp_path, idx_data, run_dir):
     report = json.loads(out.read_text())
     assert "probe" not in report and report["feature_dim"] == 4 * 192 and report["which"] == "encoder"
     assert report["data"]["n_train"] == 30 and report["data"]["n_test"] == 30
+
+
+def test_ijepa_eval_reports_the_undecodable_images_it_replaced(tmp_path, capsys, run_dir):
+    from tests.data_fixtures import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "data" / "train", 12, size=(40, 32))
+    write_jpeg_folder(tmp_path / "data" / "val", 8, size=(40, 32), seed=50)
+    (tmp_path / "data" / "val" / "class000" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "data" / "val" / "class001" / "notes.jpg").write_text("not an image")
+    out = tmp_path / "r.json"
+    argv = [str(run_dir), "--data", str(tmp_path / "data"), "--dataset", "folder", "--no-probe", "--no-progress"]
+    assert cli.main([*argv, "--num-workers", "2", "--out", str(out)]) == 0  # counted across workers
+    data = json.loads(out.read_text())["data"]
+    assert (data["n_train"], data["replaced_train"], data["n_test"], data["replaced_test"]) == (12, 0, 10, 2)
+    assert "undecodable images replaced: 0 train / 2 test" in capsys.readouterr().out
 
 
 def test_ijepa_eval_names_missing_data(tmp_path, capsys, run_dir):

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ijepa_fast.precision import DTYPES, resolve_precision
+
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +44,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="autocast for feature extraction: auto = bf16 on CUDA and on CPUs with native bf16, else fp32",
+        choices=DTYPES,
+        help="autocast for feature extraction: auto = bf16 where the device has native bf16, else fp32",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -107,12 +109,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, extract, probe, kNN; returns the report (also written to ``--out``)."""
-    from ijepa_fast.eval.features import extract_features, resolve_dtype
+    from ijepa_fast.eval.features import extract_features
     from ijepa_fast.eval.knn import knn_accuracy
     from ijepa_fast.eval.probe import linear_probe
     from ijepa_fast.interop import load_from_args
 
     device = resolve_device(args.device)
+    precision = resolve_precision(device, args.dtype, option="--dtype")
+    if precision.slow:
+        log.warning("precision: %s", precision)
     loaded = load_from_args(args)
     encoder = loaded.encoder.to(device)
     spec = loaded.spec
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "limit": args.limit,
         },
         "device": str(device),
-        "dtype": resolve_dtype(device, args.dtype),
+        "dtype": precision.name,
         "torch": torch.__version__,
         "host": platform.node(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -155,6 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         feats.append((x, y))
         report["data"][f"n_{role}"] = len(y)
+        report["data"][f"replaced_{role}"] = replaced = dataset.replaced_count()
+        if replaced:
+            log.warning("%s split: %d undecodable image(s) replaced by the next decodable one", split, replaced)
         report[f"extract_seconds_{role}"] = time.perf_counter() - started
     (train_x, train_y), (test_x, test_y) = feats
     report["feature_dim"] = train_x.shape[1]
@@ -189,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"eval-{Path(report['checkpoint']).stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    name = report["model"]["name"] or "custom"
+    name, data = report["model"]["name"] or "custom", report["data"]
     print(
         f"{name} {report['which']} ({report['format']} checkpoint), {report['features']} features "
-        f"[{report['feature_dim']}], {report['data']['n_train']} train / {report['data']['n_test']} test"
+        f"[{report['feature_dim']}], {data['n_train']} train / {data['n_test']} test; "
+        f"undecodable images replaced: {data['replaced_train']} train / {data['replaced_test']} test"
     )
     if "probe" in report:
         p = report["probe"]

@@ -10,22 +10,21 @@ Modes (``FEATURE_MODES``):
   ``return_layers`` argument on the model).
 
 Extraction is batched, under ``torch.no_grad`` and in eval mode (the model's mode is restored
-afterwards), with bf16 autocast by default on CUDA and on CPUs with native bf16 (``resolve_dtype``),
-and shows a tqdm progress bar.
+afterwards), with bf16 autocast by default where the device has native bf16
+(``precision.resolve_precision``), and shows a tqdm progress bar.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from ijepa_fast.precision import autocast, resolve_precision
+
 FEATURE_MODES = ("avgpool", "last4")
-DTYPES = ("auto", "bf16", "fp32")
 
 
 def feature_dim(encoder: nn.Module, mode: str = "avgpool") -> int:
@@ -48,34 +47,6 @@ def encode(encoder: nn.Module, images: torch.Tensor, mode: str = "avgpool") -> t
         if i >= len(blocks) - 4:
             parts.append(encoder.norm(x).float().mean(1))  # (B, D)
     return torch.cat(parts, dim=1)  # (B, 4D)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (x86 flags avx512_bf16 or amx_bf16; Linux only)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(device: torch.device, dtype: str = "auto") -> str:
-    """``bf16`` or ``fp32``. ``auto``: bf16 on CUDA and on CPUs with native bf16 (measured on a 2-core
-    AMD EPYC with avx512_bf16, ViT-tiny/7 at 28 px: 850 img/s vs 500 in fp32, features within 0.1%
-    relative), fp32 elsewhere."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}")
-    if dtype != "auto":
-        return dtype
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-
-
-def _autocast(device: torch.device, dtype: str):
-    if resolve_dtype(device, dtype) == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _batches(dataset: Any, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,7 +100,7 @@ def extract_features(
     ``dataset``: a map-style dataset of (image [3, S, S] normalised, label), e.g.
     ``ijepa_fast.data.loader.build_eval_dataset``, a pair of tensors (images [N, 3, S, S], labels
     [N]), or any iterable of (image, label). The encoder runs where its parameters are; ``dtype``:
-    ``auto`` (see ``resolve_dtype``), ``bf16`` or ``fp32`` (autocast). ``mode``: see the module
+    ``auto`` (see ``precision.resolve_precision``), ``bf16`` or ``fp32`` (autocast). ``mode``: see the module
     docstring.
     """
     from tqdm.auto import tqdm
@@ -145,7 +116,7 @@ def extract_features(
     try:
         with (
             tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
-            _autocast(device, dtype),
+            autocast(device, resolve_precision(device, dtype, option="dtype").autocast_dtype),
         ):
             for images, y in _batches(dataset, batch_size, num_workers):
                 images = images.to(device, non_blocking=True)
