@@ -581,6 +581,12 @@ TIMM_KEY_MAP: tuple[tuple[str, str], ...] = (
 )
 
 
+# The registered timm model an export loads into, with ``timm_kwargs`` setting its size: timm's
+# ViTs without class token and with average pooling (the I-JEPA ones are vit_huge_patch14_gap_224
+# and kin). Its own defaults are not ours (16 heads at width 768), so the kwargs always go with it.
+TIMM_GAP_MODEL = "vit_base_patch16_gap_224"
+
+
 def timm_key(name: str) -> str:
     for pattern, repl in TIMM_KEY_MAP:
         if re.match(pattern, name):
@@ -905,8 +911,9 @@ def load_from_args(args) -> LoadedEncoder:
 EXPORT_HELP = """\
 Export one encoder of a checkpoint:
   --out FILE.safetensors         our (the authors') parameter names and the architecture as metadata
-  --out FILE.safetensors --timm  timm's names, for VisionTransformer(**kwargs) as printed (the
-                                 vit_*_gap models: no class token, average pooling, no fc_norm)
+  --out FILE.safetensors --timm  timm's names, for timm.create_model("vit_base_patch16_gap_224",
+                                 **timm_kwargs) with the kwargs printed and stored in the file (a
+                                 vit_*_gap model: no class token, average pooling, no fc_norm)
   --hf DIR                       a Hugging Face transformers IJepaModel folder: config.json,
                                  model.safetensors, preprocessor_config.json
 
@@ -961,13 +968,15 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def _export_timm(encoder: VisionTransformer, out: str, meta: dict[str, str]) -> None:
+    """timm's names; the metadata name the model and kwargs to build (LayerNorm eps and GELU are timm's defaults)."""
     st = _safetensors_torch("exporting to safetensors")
     kwargs = {k: v for k, v in timm_kwargs(encoder).items() if k not in ("norm_layer", "act_layer")}
-    meta = {**meta, "format": "timm-vit", "timm_kwargs": json.dumps(kwargs)}
+    meta = {**meta, "format": "timm-vit", "timm_model": TIMM_GAP_MODEL, "timm_kwargs": json.dumps(kwargs)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_timm_state_dict(encoder).items()}
     _write_atomically(Path(out), lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
-    print(f"timm kwargs: {json.dumps(kwargs)} + norm_layer=partial(nn.LayerNorm, eps=1e-6)")
+    print(f"timm kwargs: {json.dumps(kwargs)}")
+    print(f"timm: timm.create_model({TIMM_GAP_MODEL!r}, pretrained=False, **timm_kwargs), then load_state_dict")
 
 
 def extract_main(argv: list[str] | None = None) -> int:

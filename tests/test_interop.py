@@ -4,7 +4,10 @@ safetensors round trips, the timm mapping, and the ijepa-export / ijepa-extract 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +354,33 @@ def test_timm_model_gives_the_same_features(authors_file):
         ours, theirs = encoder(x).mean(1), model(x)
     assert theirs.shape == (3, D)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_timm_export_loads_into_timms_gap_models(authors_file, tmp_path):
+    """timm's vit_*_gap models as installed (torchvision stubbed out when it cannot import): the
+    export loads strictly and gives our features; its names and shapes are vit_huge_patch14_gap_224's."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (pip install --no-deps timm)")
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    export, x = tmp_path / "timm.safetensors", images(3)
+    assert interop.export_main([str(authors_file), "--out", str(export), "--timm"]) == 0
+    torch.save(x, tmp_path / "images.pt")
+    worker = Path(__file__).with_name("timm_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(export), str(tmp_path / "images.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    encoder = interop.load_encoder(authors_file).encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(result["features"], encoder(x).mean(1), atol=1e-5, rtol=0)
+    vit_h = interop.EncoderSpec(1280, 32, 16, 14, 224).build(device="meta")
+    ours = {k: tuple(v.shape) for k, v in interop.to_timm_state_dict(vit_h).items()}
+    assert ours == result["vit_huge_shapes"]
 
 
 # ----------------------------------------------------------------------------- Hugging Face transformers
