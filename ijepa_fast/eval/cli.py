@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="JSON report path (default: eval-<checkpoint stem>.json); Markdown beside it")
     args = p.parse_args(argv)
     if not args.full and not args.low_shot:
-        p.error("--no-full leaves nothing to evaluate: add --low-shot 1%% or --low-shot N")
+        p.error("--no-full leaves nothing to evaluate: add --low-shot 1% or --low-shot N")
     return args
 
 
