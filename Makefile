@@ -8,12 +8,15 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# Every pin is in setup.py. The `cpu` extra names the exact CPU build of torch that lies on the CPU
-# machines' disk, which keeps pip from downloading a multi-GB CUDA build.
+# Every pin is in setup.py, but timm's below. The `cpu` extra names the exact CPU build of torch that
+# lies on the CPU machines' disk, which keeps pip from downloading a multi-GB CUDA build. timm comes
+# without its dependencies: no torchvision imports beside the CPU torch wheel, and the timm export
+# test (tests/timm_worker.py) runs timm's ViT with torchvision stubbed out.
 $(STAMP): setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[cpu,dev,test]'
+	$(VPY) -m pip install -q --no-deps 'timm==1.0.31'
 	touch $(STAMP)
 
 FMNIST := /usr/share/datasets/fashion-mnist

@@ -11,12 +11,13 @@ Modes (``FEATURE_MODES``):
 
 Extraction is batched, under ``torch.no_grad`` and in eval mode (the model's mode is restored
 afterwards), with bf16 autocast by default where the device has native bf16
-(``precision.resolve_precision``), and shows a tqdm progress bar.
+(``precision.resolve_precision``), and shows a tqdm progress bar. ``extract_tokens`` keeps the last
+layer's tokens [N, T, D] instead, for the attentive probe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -103,28 +104,64 @@ def extract_features(
     ``auto`` (see ``precision.resolve_precision``), ``bf16`` or ``fp32`` (autocast). ``mode``: see the module
     docstring.
     """
-    from tqdm.auto import tqdm
-
     if mode not in FEATURE_MODES:
         raise ValueError(f"feature mode {mode!r}: choose one of {FEATURE_MODES}")
+    feats, labels = _run_frozen(
+        encoder, dataset, lambda images: encode(encoder, images, mode), batch_size, num_workers, dtype, progress, desc
+    )
+    if not feats:
+        return torch.empty(0, feature_dim(encoder, mode)), torch.empty(0, dtype=torch.int64)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def extract_tokens(
+    encoder: nn.Module,
+    dataset: Iterable | tuple[torch.Tensor, torch.Tensor],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    dtype: str = "auto",
+    progress: bool = True,
+    desc: str = "tokens",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's normed patch tokens [N, T, D] (float32, CPU) and labels [N] of every image of
+    ``dataset`` (as ``extract_features``), for the attentive probe; ``tokens.mean(1)`` is ``avgpool``."""
+    tokens, labels = _run_frozen(
+        encoder, dataset, lambda images: encoder(images).float(), batch_size, num_workers, dtype, progress, desc
+    )
+    if not tokens:
+        return torch.empty(0, encoder.num_patches, encoder.embed_dim), torch.empty(0, dtype=torch.int64)
+    return torch.cat(tokens), torch.cat(labels)
+
+
+def _run_frozen(
+    encoder: nn.Module,
+    dataset: Any,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+    num_workers: int,
+    dtype: str,
+    progress: bool,
+    desc: str,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """([fn(images) on the CPU per batch], [labels per batch]) in eval mode under ``dtype``'s autocast,
+    the encoder's mode restored afterwards."""
+    from tqdm.auto import tqdm
+
     device = next(encoder.parameters()).device
-    total = _length(dataset)
-    feats: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     was_training = encoder.training
     encoder.eval()
     try:
         with (
-            tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
+            tqdm(total=_length(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
             autocast(device, resolve_precision(device, dtype, option="dtype").autocast_dtype),
         ):
             for images, y in _batches(dataset, batch_size, num_workers):
-                images = images.to(device, non_blocking=True)
-                feats.append(encode(encoder, images, mode).cpu())
+                outputs.append(fn(images.to(device, non_blocking=True)).cpu())
                 labels.append(y.to(torch.int64).reshape(-1))
                 bar.update(len(y))
     finally:
         encoder.train(was_training)
-    if not feats:
-        return torch.empty(0, feature_dim(encoder, mode)), torch.empty(0, dtype=torch.int64)
-    return torch.cat(feats), torch.cat(labels)
+    return outputs, labels
