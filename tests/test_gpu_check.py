@@ -1,14 +1,19 @@
-"""``make gpu-check``'s own pieces: the list of packages that travel to a bare GPU machine and
-the folder check."""
+"""``make gpu-check``'s own pieces: the list of packages that travel to a bare GPU machine, the
+folder check and the preflight."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 
-from profiling import gpu_wheels
+from ijepa_fast import optional
+from profiling import gpu_wheels, preflight
 from profiling.gpu_wheels import normalize
 
 # The requirement markers of the GPU machines' Python (only what a marker can name).
@@ -90,3 +95,75 @@ def test_the_folder_check_finds_strays_gaps_and_an_overflow(tmp_path):
     assert "within" in gpu_wheels.check_fits(folder, tree=500, limit=1500)
     with pytest.raises(ValueError, match="over the"):
         gpu_wheels.check_fits(folder, tree=501, limit=1500)
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+def read_facts(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in shlex.split(path.read_text()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU form")
+def test_preflight_on_a_cpu_reports_each_check_and_its_facts(tmp_path, capsys):
+    assert preflight.main(["--facts", str(tmp_path / "facts")]) == 0
+    out = capsys.readouterr().out.split("preflight:\n", 1)[1]  # (importing DeepSpeed may log first)
+    names = [line.split()[0] for line in out.splitlines()]
+    assert names == ["python", "cuda", "bf16", "memory", "compiler", "Python.h", "triton", "optional"]
+    assert "triton    launch skipped (no CUDA)" in out
+    optional_line = next(line for line in out.splitlines() if line.strip().startswith("optional"))
+    present, absent = (part.split(", ") for part in optional_line.split("present: ")[1].split("; absent: "))
+    assert [item.split()[0] for item in present if item != "none"] == [
+        n for n in optional.known() if optional.available(n)
+    ]
+    assert [item for item in absent if item != "none"] == [n for n in optional.known() if not optional.available(n)]
+    facts = read_facts(tmp_path / "facts")
+    assert facts == {
+        "CUDA": "0",
+        "DEVICE": "CPU (no CUDA)",
+        "TRITON": "skipped: no CUDA",
+        "DALI": "1" if optional.available("dali") else "0",
+    }
+
+
+@pytest.fixture
+def stub_cuda(monkeypatch):
+    """torch.cuda answering as one Hopper GPU would (the preflight only asks)."""
+    props = SimpleNamespace(name="Stub H100", major=9, minor=0, multi_processor_count=132)
+    for name, value in {
+        "is_available": lambda: True,
+        "current_device": lambda: 0,
+        "device_count": lambda: 1,
+        "get_device_properties": lambda dev: props,
+        "is_bf16_supported": lambda: True,
+        "mem_get_info": lambda dev: (80 * 2**30, 96 * 2**30),
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_preflight_on_cuda_names_a_missing_compiler_and_a_failed_launch(tmp_path, capsys, monkeypatch, stub_cuda):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
+    monkeypatch.setattr(optional, "available", lambda name: name == "triton")
+
+    def launch(device):
+        raise RuntimeError("Failed to compile\n/tmp/main.c: fatal error: Python.h: No such file or directory")
+
+    monkeypatch.setattr(preflight, "triton_launch", launch)
+    assert preflight.main(["--facts", str(tmp_path / "facts")]) == 1
+    out = capsys.readouterr().out
+    assert "Stub H100, capability 9.0 (sm_90), 132 SMs" in out and "80.0 GiB free of 96.0 GiB" in out
+    assert "compiler  NONE: Triton cannot build its launcher (install gcc, or set CC)   <-- FAILS" in out
+    assert "launch failed: RuntimeError: /tmp/main.c: fatal error: Python.h: No such file or directory" in out
+    facts = read_facts(tmp_path / "facts")
+    assert facts["CUDA"] == "1" and facts["DEVICE"] == "Stub H100" and facts["TRITON"].startswith("failed: ")
+
+
+@pytest.mark.skipif(not optional.available("triton"), reason="triton is not installed")
+def test_preflight_launch_checks_the_kernel_against_its_reference(monkeypatch):
+    """Under Triton's interpreter the preflight's launch runs the real kernel on the CPU; a kernel
+    that computes the wrong thing is reported."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert preflight.triton_launch(torch.device("cpu")).startswith("ok (")
+    from ijepa_fast.kernels import ema
+
+    monkeypatch.setattr(ema, "ema_update_", lambda t, s, m: t[0].add_(1e-3))
+    assert preflight.triton_launch(torch.device("cpu")).startswith("failed: ran, but differs from the reference")
