@@ -47,9 +47,10 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# The one command for a lent GPU (profiling/gpu_check.sh): GPU-marked tests, then the step, kernel,
-# attention and data benchmarks, a summary table last. No venv there: python3 from PATH, wheels from
-# .whl/ when present. Without CUDA it runs the CPU-safe parts at tiny sizes.
+# The one command for a lent GPU (profiling/gpu_check.sh): a preflight, GPU-marked tests, then the
+# step, kernel, attention and data benchmarks, a summary table last. No venv there: python3 from
+# PATH, with the package and the wheels of .whl/ installed offline into a throwaway virtualenv over
+# it. Without CUDA it runs the CPU-safe parts at tiny sizes.
 gpu-check:
 	bash profiling/gpu_check.sh
 

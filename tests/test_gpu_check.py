@@ -1,10 +1,15 @@
 """``make gpu-check``'s own pieces: the list of packages that travel to a bare GPU machine, the
-folder check and the preflight."""
+folder check, the preflight, the environment builder, and the whole CPU form of the check in a
+virtualenv as bare as a GPU machine's."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shlex
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +18,10 @@ import torch
 from packaging.requirements import Requirement
 
 from ijepa_fast import optional
-from profiling import gpu_wheels, preflight
+from profiling import gpu_env, gpu_wheels, preflight
 from profiling.gpu_wheels import normalize
 
+REPO = Path(__file__).resolve().parent.parent
 # The requirement markers of the GPU machines' Python (only what a marker can name).
 GPU_MARKERS = {
     "python_version": gpu_wheels.GPU_PYTHON,
@@ -167,3 +173,113 @@ def test_preflight_launch_checks_the_kernel_against_its_reference(monkeypatch):
 
     monkeypatch.setattr(ema, "ema_update_", lambda t, s, m: t[0].add_(1e-3))
     assert preflight.triton_launch(torch.device("cpu")).startswith("failed: ran, but differs from the reference")
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def test_gpu_env_keeps_a_python_that_imports_the_package(tmp_path, capsys):
+    assert gpu_env.main(["--env", str(tmp_path / "env"), "--wheels", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == sys.executable
+    assert not (tmp_path / "env").exists()
+
+
+def test_gpu_env_refuses_to_replace_a_folder_that_is_not_a_virtualenv(tmp_path):
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / "keep.txt").write_text("mine")
+    with pytest.raises(gpu_env.EnvError, match="exists and is not a virtualenv"):
+        gpu_env.build(sys.executable, tmp_path / "env", [])
+    assert (tmp_path / "env" / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------- bare venv
+def offline_pip_options() -> list[str]:
+    """pip options that reach only this machine's own package sources: the find-links folders and
+    file:// indexes of pip's configuration (the network indexes left out)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    values: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        values.setdefault(key.rsplit(".", 1)[-1], []).extend(value.strip("'\"").split())
+    links = sorted(set(values.get("find-links", [])))
+    indexes = [u for k in ("index-url", "extra-index-url") for u in values.get(k, []) if u.startswith("file:")]
+    options = [f"--find-links={link}" for link in links]
+    if not indexes:
+        return ["--no-index", *options]
+    return [f"--index-url={indexes[0]}", *(f"--extra-index-url={u}" for u in indexes[1:]), *options]
+
+
+@pytest.mark.slow
+def test_the_cpu_form_of_gpu_check_runs_end_to_end_in_a_bare_virtualenv(tmp_path):
+    """A virtualenv with only torch (CPU), triton, numpy and pillow, as a GPU machine has besides
+    CUDA: gpu_check.sh installs the package itself, offline, runs every CPU part and ends with the
+    summary table. Parts may fail only for want of pytest, which the GPU machine gets from .whl/."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", str(bare)], check=True)
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "triton", "numpy")]
+    # Only this machine's sources: the test must not download a CUDA build of torch.
+    pip_env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    pip = [str(bare / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check"]
+    install = subprocess.run(
+        [*pip, *offline_pip_options(), *pins, "pillow"],
+        capture_output=True,
+        text=True,
+        env=pip_env,
+    )
+    if install.returncode != 0 and "No matching distribution" in install.stderr:
+        pytest.skip(f"not available offline here: {install.stderr.strip().splitlines()[-1]}")
+    assert install.returncode == 0, install.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TRITON_INTERPRET")} | {
+        "PYTHON": str(bare / "bin" / "python"),
+        "GPU_CHECK_ENV": str(tmp_path / "env"),
+        "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"),
+        "OUT": str(tmp_path / "out"),
+    }
+    run = subprocess.run(["bash", "profiling/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    out = run.stdout
+    assert run.returncode in (0, 1), out[-3000:] + run.stderr[-2000:]
+    assert out.rfind("==================== gpu-check summary") > out.rfind("\n=== "), "the summary is not last"
+    rows = {}
+    for line in (tmp_path / "out" / "summary.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 3 and cells[0] not in ("part", "---"):
+            rows[cells[0]] = cells[1]
+    assert rows["environment"] == "ok" and rows["preflight"] == "ok", rows
+    assert rows["pytest_gpu"] == rows["step_vith16_448"] == "skipped (no CUDA)"
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        logs = {
+            Path(m.name).stem: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".log")
+        }
+    for part in ("step_vith14", "masked_gather", "ema", "attention", "data", "scaling"):
+        if rows[part] != "ok":
+            assert "No module named 'pytest'" in logs[part], (part, rows[part], logs[part][-2000:])
+
+
+def test_an_interrupted_gpu_check_still_ends_with_the_summary(tmp_path):
+    """SIGTERM while a part runs (as when a device call runs out of time) stops that part and prints
+    the summary table last, with what finished and the exit status of the signal."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "PYTHON": sys.executable,
+        "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"),
+        "GPU_CHECK_SKIP": "preflight masked_gather ema attention data",
+        "OUT": str(tmp_path / "out"),
+    }
+    proc = subprocess.Popen(
+        ["bash", "profiling/gpu_check.sh"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("=== step_vith14"):
+            proc.terminate()
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 143
+    out = "".join(lines)
+    assert out.rfind("==================== gpu-check summary") > out.rfind("\n=== ")
+    assert "| environment | ok |" in out and "| preflight | skipped (GPU_CHECK_SKIP) |" in out
+    assert "step_vith14 |" not in out and "stopped early (exit status 143)" in out
+    assert (tmp_path / "out" / "gpu_check.tar.gz").exists()
