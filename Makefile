@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-data test gpu-check lint format clean
+.PHONY: venv demo demo-data test gpu-check gpu-wheels lint format clean
 
 venv: $(STAMP)
 
@@ -50,8 +50,15 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# The one command for a lent GPU (profiling/gpu_check.sh): GPU-marked tests, then the step, kernel,
-# attention and data benchmarks, a summary table last. No venv there: python3 from PATH, wheels from
-# .whl/ when present. Without CUDA it runs the CPU-safe parts at tiny sizes.
+# The one command for a lent GPU (profiling/gpu_check.sh): a preflight, GPU-marked tests, then the
+# step, kernel, attention and data benchmarks, a summary table last. No venv there: python3 from
+# PATH, with the package and the wheels of .whl/ installed offline into a throwaway virtualenv over
+# it. Without CUDA it runs the CPU-safe parts at tiny sizes.
 gpu-check:
 	bash profiling/gpu_check.sh
+
+# The packages a bare GPU machine lacks (pytest, DeepSpeed's sdist, ...: the list and why each is
+# there in profiling/gpu_wheels.txt), downloaded into the git-ignored .whl/ that travels with the
+# working tree; fails when the two together exceed the 64 MiB one device call sends. Needs network.
+gpu-wheels: $(STAMP)
+	$(VPY) -m profiling.gpu_wheels

@@ -327,10 +327,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (ours, or the authors' format, detected by its sections) plus overrides."""
-    import yaml
-
     cfg = Config()
     if path:
+        import yaml  # only files need it: a config from overrides alone loads without PyYAML
+
         with open(path) as fh:
             raw = yaml.safe_load(fh) or {}
         if not isinstance(raw, dict):

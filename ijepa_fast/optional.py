@@ -39,6 +39,11 @@ def _try_import(name: str) -> ModuleType | None:
         return None
 
 
+def known() -> list[str]:
+    """The names ``available`` and ``require`` accept, in a fixed order."""
+    return list(_PACKAGES)
+
+
 def available(name: str) -> bool:
     """True when the optional package ``name`` (a key of ``_PACKAGES``) imports."""
     return _try_import(name) is not None

@@ -545,12 +545,104 @@ def test_hash_is_exact_uniform_and_independent():
     assert abs(torch.corrcoef(torch.stack([u, other]))[0, 1].item()) < 0.05
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_sampler_on_cuda_equals_cpu():
+# Everything that brings a tensor's values to the host (on CUDA: waits for the tensor's stream).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def recording(method, reads: list):
+    """``method`` that first appends the tensor it is called on to ``reads``."""
+
+    def spy(self, *args, **kwargs):
+        reads.append(self)
+        return method(self, *args, **kwargs)
+
+    return spy
+
+
+def test_device_sampler_reads_back_only_what_the_previous_call_started(monkeypatch, one_thread):
+    """In steady state a call reads back nothing it computed itself (on CUDA that read would wait
+    behind the training step): only the widths whose copy to the host the previous call started."""
     sampler = DeviceMaskSampler(16, seed=0)
-    for step in range(5):
-        c, g = sampler(64, step), sampler(64, step, device="cuda")
+    sampler(8, 0)  # the first call samples its own step (and reads it back), then the next one
+    reads = []
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name), reads))
+    seen = []
+    for step in range(1, 4):
+        started = getattr(sampler, "_ahead", None)  # the read-back the previous call started
+        reads.clear()
+        sampler(8, step)
+        seen.append([t is started.widths if started else "computed in the call" for t in reads])
+    monkeypatch.undo()
+    assert seen == [[True]] * 3
+
+
+def test_device_sampler_masks_do_not_depend_on_the_order_of_calls(one_thread):
+    """Sampling a step ahead changes no mask: consecutive, repeated and skipped steps, another batch
+    size, another device and a reloaded seed give what a fresh sampler gives."""
+    sampler = DeviceMaskSampler(14, seed=5)
+    calls = [(8, 0), (8, 1), (8, 2), (8, 2), (8, 7), (8, 8), (4, 9), (8, 10), (8, 11)]
+    for i, (batch_size, step) in enumerate(calls):
+        if i == 7:  # a resume with another seed: the step sampled ahead was for the old one
+            sampler.load_state_dict({**sampler.state_dict(), "seed": 6})
+        got, want = sampler(batch_size, step), DeviceMaskSampler(14, seed=sampler.seed)(batch_size, step)
+        assert torch.equal(got.context, want.context) and torch.equal(got.targets, want.targets), (batch_size, step)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_device_sampler_on_cuda_equals_cpu():
+    """Bit-identical masks on CUDA, for steps sampled ahead and for a restart at another step."""
+    cpu, gpu = DeviceMaskSampler(16, seed=0), DeviceMaskSampler(16, seed=0)
+    for step in (0, 1, 2, 3, 9, 10):
+        c, g = cpu(64, step), gpu(64, step, device="cuda")
         assert g.context.is_cuda and torch.equal(c.context, g.context.cpu()) and torch.equal(c.targets, g.targets.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_device_sampler_on_cuda_never_waits_for_the_current_stream():
+    """A step sampled ahead is returned without any synchronising CUDA call, while work queued on
+    the current stream (a stand-in for the training step) is still running; the masks are right."""
+    sampler, cpu = DeviceMaskSampler(16, seed=0), DeviceMaskSampler(16, seed=0)
+    sampler(64, 0, device="cuda")  # samples step 0, then starts step 1
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of one busy thread on the current stream
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call (.tolist() of a CUDA tensor) raises
+    try:
+        got = [sampler(64, step, device="cuda") for step in (1, 2, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream().query()  # the host did not wait for the current stream
+    torch.cuda.synchronize()
+    for step, g in zip((1, 2, 3), got):
+        c = cpu(64, step)
+        assert torch.equal(c.context, g.context.cpu()) and torch.equal(c.targets, g.targets.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_dali
+def test_mixed_decoding_on_cuda_matches_the_cpu_mode(tmp_path):
+    """The GPU path (``mixed`` decoding, masks sampled on the GPU) gives DALI's CPU mode's steps,
+    labels and masks exactly, and its pixels within what two JPEG decoders disagree by."""
+    make_photo_folder(tmp_path)
+    cfg = cfg_for(tmp_path)
+    gpu = take(build_dali_loader(cfg, grid=4, mask_kwargs=MASKS, seed=3, device="cuda"), 5)
+    cpu = take(build_dali_loader(cfg, grid=4, mask_kwargs=MASKS, seed=3), 5)
+    for a, b in zip(gpu, cpu):
+        assert a.images.is_cuda and a.labels.is_cuda and a.masks.context.is_cuda and a.masks.targets.is_cuda
+        assert a.images.shape == (4, 3, 32, 32) and a.images.dtype == torch.float32
+        assert (a.step, a.epoch, a.skipped) == (b.step, b.epoch, b.skipped) and torch.equal(a.labels.cpu(), b.labels)
+        assert torch.equal(a.masks.context.cpu(), b.masks.context)
+        assert torch.equal(a.masks.targets.cpu(), b.masks.targets)
+        # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: a few grey levels on average
+        diff = (a.images.cpu() - b.images).abs()
+        assert diff.mean() < 0.05 and diff.max() < 0.5, (diff.mean(), diff.max())  # ~3 and ~25 grey levels
+    assert [b.epoch for b in gpu] == [0, 0, 0, 1, 1]
 
 
 @needs_dali
