@@ -1,4 +1,5 @@
-"""What the kernels in this folder share: the Triton-or-reference decision and input checks.
+"""What the kernels in this folder share: lazy jitting, the Triton-or-reference decision and input
+checks.
 
 Dispatch rule (read at call time, never at import):
 - CUDA tensors run the Triton kernel when Triton imports, else the plain-PyTorch reference (with a
@@ -16,13 +17,16 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
 from ijepa_fast.optional import available, require
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+T = TypeVar("T")
 
 
 def interpret_mode() -> bool:
@@ -33,6 +37,21 @@ def interpret_mode() -> bool:
 def triton_module() -> ModuleType:
     """The imported ``triton`` package, or a clear error naming what to install."""
     return require("triton", "the Triton kernels in kernels/")
+
+
+def lazy_jit(build: Callable[[], T]) -> Callable[[], T]:
+    """Decorator for the function that defines a file's ``@triton.jit`` kernels and returns them.
+
+    The kernels are built on first call, so importing a kernel file imports no triton, and built
+    once per ``TRITON_INTERPRET`` setting, because ``triton.jit`` reads that setting when it decorates.
+    """
+    built = functools.cache(lambda interpret: build())
+
+    @functools.wraps(build)
+    def kernels() -> T:
+        return built(interpret_mode())
+
+    return kernels
 
 
 @functools.cache

@@ -13,8 +13,6 @@ from a device tensor inside the kernel, so a new value each step neither recompi
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ijepa_fast.kernels import _dispatch as dsp
@@ -29,15 +27,9 @@ _TABLE_CACHE: dict[tuple, tuple[torch.Tensor, int, bool]] = {}
 _TABLE_CACHE_MAX = 16
 
 
+@dsp.lazy_jit
 def _kernel():
-    """The jitted kernel, built on first use for the current TRITON_INTERPRET setting."""
-    return _build(dsp.interpret_mode())
-
-
-@functools.cache
-def _build(interpret: bool):
-    # triton.jit reads TRITON_INTERPRET when it decorates, so the setting keys the cache.
-    del interpret
+    """The EMA kernel."""
     triton = dsp.triton_module()
     tl = triton.language
 

@@ -23,8 +23,6 @@ bad index can never fault the GPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ijepa_fast.kernels import _dispatch as dsp
@@ -36,15 +34,9 @@ _FWD_ELEMS = 4096
 _BWD_MAX_BLOCK_D = 1024
 
 
+@dsp.lazy_jit
 def _kernels():
-    """The jitted kernels, built on first use for the current TRITON_INTERPRET setting."""
-    return _build(dsp.interpret_mode())
-
-
-@functools.cache
-def _build(interpret: bool):
-    # triton.jit reads TRITON_INTERPRET when it decorates, so the setting keys the cache.
-    del interpret
+    """(gather_add_kernel, segment_sum_kernel)."""
     triton = dsp.triton_module()
     tl = triton.language
 

@@ -12,8 +12,6 @@ anyway (plain PyTorch plus the gather's scatter kernel) so the op is safe to use
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ijepa_fast.kernels import _dispatch as dsp
@@ -25,15 +23,9 @@ _ELEMS = 4096
 _MAX_D = 16384
 
 
+@dsp.lazy_jit
 def _kernel():
-    """The jitted kernel, built on first use for the current TRITON_INTERPRET setting."""
-    return _build(dsp.interpret_mode())
-
-
-@functools.cache
-def _build(interpret: bool):
-    # triton.jit reads TRITON_INTERPRET when it decorates, so the setting keys the cache.
-    del interpret
+    """The normalise-and-gather kernel."""
     triton = dsp.triton_module()
     tl = triton.language
 
