@@ -1,5 +1,5 @@
-"""What the kernels in this folder share: lazy jitting, the Triton-or-reference decision and input
-checks.
+"""What the kernels in this folder share: lazy jitting, the launch, the Triton-or-reference decision
+and input checks.
 
 Dispatch rule (read at call time, never at import):
 - CUDA tensors run the Triton kernel when Triton imports, else the plain-PyTorch reference (with a
@@ -10,10 +10,14 @@ Dispatch rule (read at call time, never at import):
 Range checks on indices cost a host sync on a GPU, so the Triton path does them only under the
 debug switch: ``debug=True`` on the call or ``IJEPA_FAST_DEBUG=1`` in the environment. The reference
 path always does them.
+
+Every launch goes through ``launch``, which makes the tensors' CUDA device current first: Triton
+launches on the current device and its current stream, whatever device the tensors are on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -52,6 +56,19 @@ def lazy_jit(build: Callable[[], T]) -> Callable[[], T]:
         return built(interpret_mode())
 
     return kernels
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device for the block (a no-op off CUDA, e.g. the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)  # cheap when it is already current
+    return contextlib.nullcontext()
+
+
+def launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs)`` on ``device``, the device of the tensors it reads and writes."""
+    with on_device(device):
+        kernel[grid](*args, **constexprs)
 
 
 @functools.cache

@@ -119,8 +119,19 @@ def _launch_group(
     n = len(ts)
     views = [table[i * n : (i + 1) * n] for i in range(4)]  # t_ptrs, s_ptrs, o_ptrs, numels
     views += [table[4 * n : 4 * n + n_chunks], table[4 * n + n_chunks :]]  # chunk_tensor, chunk_start
-    _kernel()[(n_chunks,)](
-        *views, ts[0], ss[0], os_[0], m, HAS_OUT=has_out, ALIGNED=aligned, BLOCK=_BLOCK, ITERS=_ITERS
+    dsp.launch(
+        _kernel(),
+        (n_chunks,),
+        ts[0].device,
+        *views,
+        ts[0],
+        ss[0],
+        os_[0],
+        m,
+        HAS_OUT=has_out,
+        ALIGNED=aligned,
+        BLOCK=_BLOCK,
+        ITERS=_ITERS,
     )
 
 

@@ -121,7 +121,10 @@ def _launch_gather_add(
     rows = M * B * K
     grid = (_cdiv(rows, block_r), _cdiv(D, block_d))
     gather_add, _ = _kernels()
-    gather_add[grid](
+    dsp.launch(
+        gather_add,
+        grid,
+        x.device,
         x,
         pos_arg,
         idx.contiguous(),
@@ -168,7 +171,7 @@ def _launch_segment_sum(
     block_d = min(dsp.next_pow2(D), _BWD_MAX_BLOCK_D)
     grid = (batch_dst * n_tokens, _cdiv(D, block_d))
     _, segment_sum = _kernels()
-    segment_sum[grid](grad.contiguous(), order, offsets, out, D, BLOCK_D=block_d)
+    dsp.launch(segment_sum, grid, grad.device, grad.contiguous(), order, offsets, out, D, BLOCK_D=block_d)
     return out
 
 

@@ -65,7 +65,10 @@ def _launch(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
     rows = M * B * K
     block_r = max(1, min(_ELEMS // block_d, dsp.next_pow2(rows)))
     grid = (-(-rows // block_r),)
-    _kernel()[grid](
+    dsp.launch(
+        _kernel(),
+        grid,
+        h.device,
         h,
         idx.contiguous(),
         out,
