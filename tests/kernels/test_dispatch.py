@@ -11,9 +11,7 @@ import ijepa_fast.kernels.ema as ema
 import ijepa_fast.kernels.masked_gather as mg
 import ijepa_fast.kernels.target_norm_gather as tng
 from ijepa_fast.kernels import _dispatch as dsp
-
-from .test_ema import make_ema_inputs
-from .test_masked_gather import make_gather_inputs
+from ijepa_fast.kernels.inputs import make_ema_inputs, make_gather_inputs
 
 
 def test_lazy_jit_builds_on_first_call_once_per_interpreter_setting(monkeypatch):

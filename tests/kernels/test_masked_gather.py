@@ -1,7 +1,7 @@
 """masked_gather, masked_gather_add and mask_tokens: outputs and every gradient against the references.
 
 The Triton kernels run through the interpreter (see conftest.py); sizes stay tiny because it is slow.
-``make_gather_inputs`` is also the benchmark's setup (profiling/bench_masked_gather.py).
+The inputs come from ``kernels/inputs.py``, as the benchmark's (profiling/bench_masked_gather.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ijepa_fast.kernels.masked_gather as mg
+from ijepa_fast.kernels.inputs import make_gather_inputs
 from ijepa_fast.kernels.masked_gather import (
     mask_tokens,
     mask_tokens_reference,
@@ -25,35 +26,6 @@ from .conftest import assert_lowp_close, compile_for_h100, triton_interpreted
 
 # (B, N, D, M, K): B=1, K=1, N=1 (every index the same), D=1, D not a multiple of any block, large M.
 SHAPES = [(1, 1, 1, 1, 1), (1, 5, 3, 1, 1), (2, 1, 7, 3, 2), (3, 7, 123, 2, 4), (2, 9, 5, 7, 5), (3, 7, 1, 4, 3)]
-
-
-def make_gather_inputs(
-    B: int,
-    N: int,
-    D: int,
-    M: int,
-    K: int,
-    dtype=torch.float32,
-    device="cpu",
-    seed: int = 0,
-    unique: bool = False,
-    pos_batch: int = 1,
-    pos_grad: bool = True,
-) -> dict:
-    """x [B, N, D], pos [pos_batch, N, D], mask_token [1, 1, D] (float, requiring grad) and idx [M, B, K].
-
-    ``unique=False`` draws indices with replacement: duplicates inside and across blocks, the hard
-    case for the backward. ``unique=True`` draws sorted distinct indices per block, as the masks do.
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    pos = torch.randn(pos_batch, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_(pos_grad)
-    mask_token = torch.randn(1, 1, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    if unique:
-        idx = torch.rand(M, B, N, generator=g).argsort(-1)[..., :K].sort(-1).values
-    else:
-        idx = torch.randint(0, N, (M, B, K), generator=g)
-    return {"x": x, "pos": pos, "mask_token": mask_token, "idx": idx.to(device)}
 
 
 OPS = {  # name -> (fast op, reference, names of its tensor arguments)

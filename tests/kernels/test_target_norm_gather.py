@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import ijepa_fast.kernels.target_norm_gather as tng
+from ijepa_fast.kernels.inputs import make_gather_inputs
 from ijepa_fast.kernels.target_norm_gather import target_norm_gather, target_norm_gather_reference
 
 from .conftest import assert_lowp_close, compile_for_h100
-from .test_masked_gather import SHAPES, make_gather_inputs
+from .test_masked_gather import SHAPES
 
 
 def _authors(h: torch.Tensor, idx: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
