@@ -48,6 +48,12 @@ def make_ema_inputs(
     return ts, ss, outs
 
 
+def patch_layout(tokens: torch.Tensor) -> torch.Tensor:
+    """The values of ``tokens`` [B, N, D] laid out as PatchEmbed returns them: a view of a contiguous
+    [B, D, N] (strides N*D, 1, N), as ``conv(images).flatten(2).transpose(1, 2)`` gives."""
+    return tokens.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def make_gather_inputs(
     B: int,
     N: int,
@@ -60,14 +66,17 @@ def make_gather_inputs(
     unique: bool = False,
     pos_batch: int = 1,
     pos_grad: bool = True,
+    patch_strides: bool = False,
 ) -> dict:
     """x [B, N, D], pos [pos_batch, N, D], mask_token [1, 1, D] (float, requiring grad) and idx [M, B, K].
 
     ``unique=False`` draws indices with replacement: duplicates inside and across blocks, the hard
     case for the backward. ``unique=True`` draws sorted distinct indices per block, as the masks do.
+    ``patch_strides=True`` lays x out as PatchEmbed's output (see ``patch_layout``); it stays a leaf.
     """
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    x = torch.randn(B, N, D, generator=g).to(device=device, dtype=dtype)
+    x = (patch_layout(x) if patch_strides else x).requires_grad_()
     pos = torch.randn(pos_batch, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_(pos_grad)
     mask_token = torch.randn(1, 1, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
     if unique:

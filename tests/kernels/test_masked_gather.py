@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ijepa_fast.kernels.masked_gather as mg
+from ijepa_fast import ops
 from ijepa_fast.kernels.inputs import make_gather_inputs
 from ijepa_fast.kernels.masked_gather import (
     mask_tokens,
@@ -21,6 +22,7 @@ from ijepa_fast.kernels.masked_gather import (
     masked_gather_add_reference,
     masked_gather_reference,
 )
+from ijepa_fast.models.vit import PatchEmbed
 
 from .conftest import assert_lowp_close, compile_for_h100, triton_interpreted
 
@@ -109,28 +111,58 @@ def test_two_d_index_is_one_block(triton_path):
     torch.testing.assert_close(out2, masked_gather(inputs["x"], inputs["idx"]), rtol=0, atol=0)
 
 
-def test_non_contiguous_tokens(triton_path):
-    """Patch embeddings arrive as conv(...).flatten(2).transpose(1, 2): a strided [B, N, D]."""
-    base = torch.randn(2, 6, 5, requires_grad=True)  # (B, D, N)
-    x = base.transpose(1, 2)  # (B, N, D), stride(-1) != 1
-    idx = torch.randint(0, 5, (3, 2, 4))
-    g = torch.randn(6, 4, 6)
-    out = masked_gather(x, idx)
-    (gb,) = torch.autograd.grad(out, base, g)
-    (gb_ref,) = torch.autograd.grad(masked_gather_reference(x, idx), base, g)
-    torch.testing.assert_close(out, masked_gather_reference(x, idx), rtol=0, atol=0)
-    torch.testing.assert_close(gb, gb_ref, rtol=1e-5, atol=1e-5)  # <= 12-term fp32 sums, in another order
+def test_patch_embed_tokens_reach_the_kernel_in_place(triton_path, monkeypatch):
+    """No copy before the context gather: the kernel reads PatchEmbed's output where it lies (a
+    transposed view, strides N*D, 1, N), and gives the authors' gather of x + pos exactly."""
+    gather_add, segment_sum = mg._kernels()
+    received = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(x, *args, **kwargs):
+                received.append((x.data_ptr(), x.stride()))
+                return gather_add[grid](x, *args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(mg, "_kernels", lambda: (Spy(), segment_sum))
+    x = PatchEmbed(patch_size=4, embed_dim=37)(torch.randn(3, 3, 12, 28))  # (B=3, N=21, D=37)
+    pos, idx = torch.randn(1, 21, 37), torch.randint(0, 21, (1, 3, 5))
+    out = ops.gather_tokens_with_pos(x, pos, idx)
+    assert received == [(x.data_ptr(), (21 * 37, 1, 21))]
+    torch.testing.assert_close(out, ops.gather_tokens_with_pos(x, pos, idx, fused=False), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op", list(OPS))
-def test_bf16_within_twice_torch_error(triton_path, op):
-    """bf16 inputs: compared with a float64 reference, bounded by PyTorch's own bf16 error (see conftest)."""
-    _check_bf16(op, "cpu", truncating=True)
-
-
-def _check_bf16(op: str, device: str, truncating: bool) -> None:
+@pytest.mark.parametrize(
+    "shape", [(3, 7, 123, 2, 4), (2, 9, 5, 7, 5), (1, 5, 3, 1, 1)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("op", ["gather", "gather_add"])
+def test_patch_layout_tokens_fp32(triton_path, op, shape):
+    """Tokens laid out as PatchEmbed's output: the output exact, every gradient within the sum bound."""
     fast, ref, names = OPS[op]
-    inputs = make_gather_inputs(3, 7, 123, 4, 5, dtype=torch.bfloat16, device=device, seed=11)
+    N, D = shape[1:3]
+    inputs = make_gather_inputs(*shape, seed=sum(shape), patch_strides=True)
+    assert inputs["x"].stride() == (N * D, 1, N)
+    out, grads, g = _run(fast, inputs, names)
+    out_ref, grads_ref, _ = _run(ref, inputs, names, g)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    assert [x.shape for x in grads] == [x.shape for x in grads_ref]
+    assert_grads_within_sum_bound(fast, ref, inputs, names, grads, g)
+
+
+@pytest.mark.parametrize(
+    "op,patch_strides", [(op, False) for op in OPS] + [("gather", True), ("gather_add", True)], ids=str
+)
+def test_bf16_within_twice_torch_error(triton_path, op, patch_strides):
+    """bf16 inputs: compared with a float64 reference, bounded by PyTorch's own bf16 error (see conftest)."""
+    _check_bf16(op, "cpu", truncating=True, patch_strides=patch_strides)
+
+
+def _check_bf16(op: str, device: str, truncating: bool, patch_strides: bool = False) -> None:
+    fast, ref, names = OPS[op]
+    inputs = make_gather_inputs(
+        3, 7, 123, 4, 5, dtype=torch.bfloat16, device=device, seed=11, patch_strides=patch_strides
+    )
     out, grads, g = _run(fast, inputs, names)
     out_t, grads_t, _ = _run(ref, inputs, names, g)  # PyTorch in bf16
     out64, grads64, _ = _run(ref, inputs, names, g.double(), cast=torch.float64)
