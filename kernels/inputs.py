@@ -9,10 +9,11 @@ import torch
 
 # Token-gather shapes (B, N, D, M, K = target tokens per block, K_ctx = context tokens, D_pred =
 # predictor width). vith14: ViT-H/14 at 224 px, batch 128, the mean mask sizes of the multi-block
-# sampler. tiny: the CPU benchmark.
+# sampler. odd: no size divisible by 16 (so Triton specialises none of them). tiny: the CPU benchmark.
 GATHER_SHAPES: dict[str, dict[str, int]] = {
     "tiny": {"B": 2, "N": 16, "D": 32, "M": 4, "K": 3, "K_ctx": 5, "D_pred": 16},
     "vith14": {"B": 128, "N": 256, "D": 1280, "M": 4, "K": 43, "K_ctx": 72, "D_pred": 384},
+    "odd": {"B": 3, "N": 7, "D": 123, "M": 2, "K": 3, "K_ctx": 5, "D_pred": 37},
 }
 
 # Encoder sizes whose parameters the EMA benchmark updates (arguments of ``vit_param_shapes``).

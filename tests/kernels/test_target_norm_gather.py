@@ -13,7 +13,7 @@ import ijepa_fast.kernels.target_norm_gather as tng
 from ijepa_fast.kernels.inputs import make_gather_inputs
 from ijepa_fast.kernels.target_norm_gather import target_norm_gather, target_norm_gather_reference
 
-from .conftest import assert_lowp_close, compile_for_h100
+from .conftest import assert_lowp_close
 from .test_masked_gather import SHAPES
 
 
@@ -133,15 +133,6 @@ def test_torch_compile_fullgraph(reference_path):
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(h, idx)
     torch.testing.assert_close(got, f(h, idx))
     torch.library.opcheck(torch.ops.ijepa_fast.target_norm_gather, (h, idx, 1e-5, False))
-
-
-def test_kernel_compiles_for_h100():
-    compile_for_h100("""
-        from ijepa_fast.kernels.target_norm_gather import _kernel
-        sig = {"h_ptr": "*bf16", "idx_ptr": "*i64", "out_ptr": "*bf16", "eps": "fp32",
-               **dict.fromkeys(["rows", "K", "B", "N", "D", "shb", "shn"], "i32")}
-        compile_for_h100(_kernel(), sig, {"BLOCK_R": 2, "BLOCK_D": 2048})
-    """)
 
 
 @pytest.mark.gpu
