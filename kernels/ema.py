@@ -18,8 +18,8 @@ import torch
 from ijepa_fast.kernels import _dispatch as dsp
 
 # Elements per load (BLOCK) and loads per program (ITERS): a chunk of 8192 elements per program,
-# 77k programs for ViT-H/14's 631M parameters. Common defaults for a memory-bound stream; not yet
-# tuned on a GPU (no GPU in the session that wrote it). Tests shrink them to cover chunk edges.
+# 77k programs for ViT-H/14's 631M parameters. Common defaults for a memory-bound stream, not yet
+# tuned on a GPU. Tests shrink them to cover chunk edges.
 _BLOCK = 1024
 _ITERS = 8
 _TARGET_DTYPES = (torch.float32, torch.bfloat16)
@@ -282,6 +282,6 @@ def ema_update_(
         if torch.compiler.is_compiling():
             _ema_op(targets, sources, m, outs)  # opaque to the tracer, with its fake
         else:
-            # Eager: skip the op dispatcher, whose per-tensor work costs ~1 us x 3 lists of ~400
-            # tensors (measured on this CPU), as much as the update itself moves for a small model.
+            # Eager: skip the op dispatcher, whose per-tensor work over 3 lists of ~400 tensors costs
+            # as much as the update itself for a small model.
             _ema_impl(targets, sources, m, outs)

@@ -28,7 +28,7 @@ import torch
 from ijepa_fast.kernels import _dispatch as dsp
 
 # Elements per program in the forward gather: 4096 (16 KiB of fp32) is the usual size for a
-# memory-bound copy; not yet tuned on a GPU (no GPU in the session that wrote it).
+# memory-bound copy; not yet tuned on a GPU.
 _FWD_ELEMS = 4096
 # Feature columns per program in the backward; each program loops over its sources serially.
 _BWD_MAX_BLOCK_D = 1024
