@@ -8,7 +8,7 @@ stage of one image in this process, to show where the time goes.
                                    [--repeats 3] [--quick]
 
 Without ``--root`` it writes ``--num-images`` photo-like JPEGs (500x375, about ImageNet's mean
-size; ``tests/data_fixtures.py``) to ``--dir`` or a temporary folder. Timing: per worker count, a
+size; ``ijepa_fast.data.synthetic``) to ``--dir`` or a temporary folder. Timing: per worker count, a
 fresh loader; the first ``2 * workers + 1`` batches (start-up and the prefetch queue) are not timed,
 then ``--steps`` batches are (at least ``4 * workers``, so that the batches in progress when the
 clock starts stay a small part of the window). ``--repeats`` rounds, each over every loader and
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root = args.root
         if root is None:
-            from tests.data_fixtures import write_jpeg_folder
+            from ijepa_fast.data.synthetic import write_jpeg_folder
 
             root = args.dir if args.dir is not None else Path(tmp)
             write_jpeg_folder(root, args.num_images, size=tuple(args.image_size))

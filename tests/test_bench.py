@@ -149,7 +149,7 @@ def test_phased_step_is_the_trainers_step(preset):
 
 
 def test_harness_with_the_pytorch_loader(tmp_path):
-    from tests.data_fixtures import write_jpeg_folder
+    from ijepa_fast.data.synthetic import write_jpeg_folder
 
     write_jpeg_folder(tmp_path / "imgs", 8, size=(64, 48))
     args = list(TINY_ARGS)
