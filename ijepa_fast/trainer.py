@@ -84,7 +84,7 @@ def build_models_for(cfg: Config, device: torch.device):
     from ijepa_fast.models.vit import vit_size
 
     size = vit_size(cfg.model.name)
-    attn_dtype = autocast_dtype(device, cfg.run.dtype) or torch.float32  # what q, k, v arrive in
+    attn_dtype = resolve_precision(device, cfg.run.dtype).autocast_dtype or torch.float32  # what q, k, v arrive in
     enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads, attn_dtype)
     pred_backend = resolve_backend(cfg.speed.attention, device, cfg.model.pred_emb_dim // size.num_heads, attn_dtype)
     student, target = build_models(
