@@ -5,6 +5,10 @@
     ijepa-pretrain --config configs/demo.yaml --resume      # continue the run folder's latest checkpoint
 
 The config may be ours or one of the authors' YAML files; ``section.key=value`` overrides follow.
+
+``--resume`` reads checkpoints with weights-only loading: a file holding any other object is
+refused, naming the file, and there is no override (this trainer never writes one; ``ijepa-eval``
+and ``ijepa-export`` take ``--trust-checkpoint`` for files from elsewhere).
 """
 
 from __future__ import annotations
@@ -54,12 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(Path(cfg.run.out_dir) / cfg.run.name if main_rank else None)
     if not main_rank:  # one log for the run: other ranks report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
+    from ijepa_fast.checkpoint import UntrustedCheckpointError
     from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
+    log = logging.getLogger("ijepa_fast")
     try:
         result = Trainer(cfg, resume=args.resume).fit()
-    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
-        logging.getLogger("ijepa_fast").error("%s", err)
+    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError, UntrustedCheckpointError) as err:
+        log.error("%s", err)
         return 1
     if not main_rank:
         return 0
