@@ -21,7 +21,10 @@ runs its forward under bf16 autocast. fp32 -> no mixed precision. ``auto`` is de
 
 Checkpoints (``save_checkpoint`` / ``load_checkpoint``) go through the engine, plus one small file
 per rank with what differs per rank (RNG, stage-3 target partitions); ``latest`` is written last,
-atomically, after every rank has finished. ``export_consolidated`` writes a plain fp32 checkpoint
+atomically, after every rank has finished. Every file is read back with ``checkpoint.load_file``
+(weights only; DeepSpeed's own loader unpickles in full): its engine gets a checkpoint engine whose
+``load`` is ours, allowing only the plain records DeepSpeed stores (``deepspeed_safe_globals``).
+``export_consolidated`` writes a plain fp32 checkpoint
 in ``ijepa_fast.checkpoint``'s format (encoder / predictor / target_encoder state dicts) that
 ``ijepa-eval`` and ``interop.load_encoder`` read without DeepSpeed.
 """
@@ -232,6 +235,42 @@ def global_batch(ds_config: Mapping) -> tuple[int, int, int, int]:
     return ds_config["train_batch_size"], micro, ds_config["train_batch_size"] // (micro * accum), accum
 
 
+# ----------------------------------------------------------------------------- safe loading
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles into ZeRO 0-3 checkpoints (fp32 and bf16) besides tensors and
+    containers: plain records, rebuilt from data without running code. Found by loading real
+    checkpoints of each stage with ``weights_only=True``; any other object is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` is ``checkpoint.load_file``; everything else
+    (saving, commit, the decoupled writers) is the wrapped engine's. DeepSpeed's own ``load`` calls
+    ``torch.load(weights_only=False)``, which runs whatever a planted object asks for."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._allowed = deepspeed_safe_globals()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        # resuming has no override: DeepSpeed and this package store only plain records
+        return ckpt.load_file(path, allowed=self._allowed, map_location=map_location, override=None)
+
+
+def _load_weights_only(engine: Any) -> Any:
+    engine.checkpoint_engine = _WeightsOnlyLoads(engine.checkpoint_engine)
+    return engine
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -265,9 +304,12 @@ class DeepSpeedTrainStep:
         self.engine, self.optimizer, _, _ = ds.initialize(
             model=student, model_parameters=param_groups(student), config=ds_config
         )
+        _load_weights_only(self.engine)
         self.student: JEPAStudent = self.engine.module
         if self.zero_stage == 3:
-            self.target_engine = ds.initialize(model=target_encoder, config=target_config(ds_config))[0]
+            self.target_engine = _load_weights_only(
+                ds.initialize(model=target_encoder, config=target_config(ds_config))[0]
+            )
             self.target_encoder = self.target_engine.module
             self._target_forward = self.target_engine
             self._check_partitions()
@@ -381,7 +423,9 @@ class DeepSpeedTrainStep:
                 f"{load_dir / tag} was written by {saved} rank(s) and holds no file for rank {rank} of "
                 f"{world}: resume on the same world size"
             )
-        own = torch.load(own_path, map_location="cpu", weights_only=True)
+        if self.engine.load_universal_checkpoint():  # read by DeepSpeed with the full unpickler, past our engine
+            raise ValueError("checkpoint.load_universal in run.ds_config is not supported: resume from our own tags")
+        own = ckpt.load_file(own_path, override=None)
         if own["world_size"] != world:
             raise ValueError(
                 f"{load_dir / tag} was written by {own['world_size']} ranks, this run has {world}: "

@@ -10,9 +10,10 @@ Loading
     DeepSpeed) is one ``(name, detect, load)`` entry. A Hugging Face IJepa folder (one with a
     ``config.json``) is read by ``load_hf_encoder``.
 
-    Every file is opened with ``torch.load(weights_only=True)``: it cannot run code. A file that
-    holds other objects is refused with a message saying so; ``trust=True`` (``--trust-checkpoint``)
-    loads it with the full unpickler, which can run arbitrary code: only for files you trust.
+    Every file is opened with ``checkpoint.load_file`` (``torch.load(weights_only=True)``): it cannot
+    run code. A file that holds other objects is refused with a message saying so; ``trust=True``
+    (``--trust-checkpoint``) loads it with the full unpickler, which can run arbitrary code: only for
+    files you trust. A file that is not a checkpoint, or a damaged one, is a ``NotACheckpointError``.
 
     Strict loading: missing keys, unexpected keys and shape mismatches raise
     ``CheckpointMismatchError``, which lists every one of them.
@@ -36,7 +37,6 @@ import contextlib
 import json
 import logging
 import math
-import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ijepa_fast.checkpoint import NotACheckpointError, load_file
+from ijepa_fast.checkpoint import UntrustedCheckpointError as UntrustedCheckpointError  # part of this API
 from ijepa_fast.models.vit import VIT_SIZES, VisionTransformer, VisionTransformerPredictor, grid_size
 from ijepa_fast.optional import require
 
@@ -58,10 +60,6 @@ SAFETENSORS_FORMAT = "ijepa_fast-encoder/1"
 ENCODER_KEYS = ("target_encoder", "encoder")
 # What the command lines' --which also accepts: context (the encoder the predictor reads) and target (its EMA).
 WHICH_ALIASES = {"target": "target_encoder", "context": "encoder"}
-
-
-class UntrustedCheckpointError(RuntimeError):
-    """The file holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -92,32 +90,7 @@ class CheckpointMismatchError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def load_checkpoint_file(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``; refuse other objects unless ``trust=True``.
-
-    Our checkpoints and the authors' hold only tensors, numbers, strings and containers, so they
-    load safely. A file holding other Python objects raises ``UntrustedCheckpointError`` naming the
-    way out (``trust=True`` / ``--trust-checkpoint``), which unpickles it in full and can run code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        detail = f"it needs {found.group(1)}" if found else (str(err).strip().splitlines() or [""])[0][:200]
-        if not trust:
-            raise UntrustedCheckpointError(
-                f"{path} holds objects other than tensors, numbers, strings, lists and dicts ({detail}), so the safe "
-                f"loader (torch.load weights_only=True) refuses it: unpickling such objects can run arbitrary code. If "
-                f"you trust where the file comes from, load it with trust=True (command line: --trust-checkpoint)."
-            ) from err
-        log.warning("%s: loading with the full unpickler (trust=True); it holds non-tensor objects (%s)", path, detail)
-        return torch.load(path, map_location=map_location, weights_only=False)
+# ----------------------------------------------------------------------------- state dicts
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
@@ -472,7 +445,7 @@ def load_encoder(
     if path.suffix == ".safetensors":
         encoder, spec, meta = load_safetensors_encoder(path)
         return LoadedEncoder(encoder, spec, "safetensors", meta.get("which", which), str(path), meta)
-    ckpt = load_checkpoint_file(path, trust=trust)
+    ckpt = load_file(path, trust=trust)
     for name, detect, load in _FORMATS:
         if detect(ckpt):
             log.info("%s: %s checkpoint, loading %s", path, name, which)
@@ -499,7 +472,7 @@ def load_authors_checkpoint(
     ratio come from its own tensors and its heads are the encoder's (as the authors build it).
     """
     path = resolve_checkpoint_path(path)
-    ckpt = load_checkpoint_file(path, trust=trust)
+    ckpt = load_file(path, trust=trust)
     if not _detect_authors(ckpt):
         raise ValueError(
             f"{path} is not in the authors' format (encoder / target_encoder / predictor state dicts "
@@ -548,11 +521,16 @@ def export_safetensors(encoder: VisionTransformer, path: str | Path, metadata: M
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file."""
+    """(tensors, metadata) of a safetensors file; a damaged one is a ``NotACheckpointError``."""
     st = _safetensors_torch("reading safetensors files")
-    with st.safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    from safetensors import SafetensorError
+
+    try:
+        with st.safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except SafetensorError as err:
+        raise NotACheckpointError(f"{path} is not a readable safetensors file ({err})") from None
     return tensors, meta
 
 
@@ -840,7 +818,7 @@ def read_hf_weights(folder: Path, trust: bool = False) -> tuple[dict[str, torch.
             tensors |= read_safetensors(folder / shard)[0]
         return tensors, {}
     if (folder / "pytorch_model.bin").is_file():
-        return dict(load_checkpoint_file(folder / "pytorch_model.bin", trust=trust)), {}
+        return dict(load_file(folder / "pytorch_model.bin", trust=trust)), {}
     raise FileNotFoundError(
         f"{folder} has a {HF_CONFIG_FILE} but no {HF_WEIGHTS_FILE}, shard index or pytorch_model.bin"
     )

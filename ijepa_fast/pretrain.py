@@ -5,6 +5,12 @@
     ijepa-pretrain --config configs/demo.yaml --resume      # continue the run folder's latest checkpoint
 
 The config may be ours or one of the authors' YAML files; ``section.key=value`` overrides follow.
+
+``--resume`` reads checkpoints (ours and DeepSpeed's) with weights-only loading: a file holding any
+other object is refused, naming the file, and there is no override (this trainer never writes one;
+``ijepa-eval`` and ``ijepa-export`` take ``--trust-checkpoint`` for files from elsewhere). Under
+several processes, a collective that fails because another rank stalled past ``run.dist_timeout_s``
+or died ends this rank with one line naming the timeout.
 """
 
 from __future__ import annotations
@@ -48,18 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"ijepa-pretrain: config error: {err}", file=sys.stderr)
         return 2
-    from ijepa_fast.distributed import detect
+    from ijepa_fast.distributed import collective_failure, detect
 
     main_rank = detect().rank == 0
     setup_logging(Path(cfg.run.out_dir) / cfg.run.name if main_rank else None)
     if not main_rank:  # one log for the run: other ranks report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
+    from ijepa_fast.checkpoint import UntrustedCheckpointError
     from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
+    log = logging.getLogger("ijepa_fast")
     try:
         result = Trainer(cfg, resume=args.resume).fit()
-    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
-        logging.getLogger("ijepa_fast").error("%s", err)
+    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError, UntrustedCheckpointError) as err:
+        log.error("%s", err)
+        return 1
+    except RuntimeError as err:
+        failure = collective_failure(err, cfg.run.dist_timeout_s or None)
+        if failure is None:
+            raise
+        log.error("%s", failure)
         return 1
     if not main_rank:
         return 0

@@ -1,17 +1,21 @@
-"""Checkpoints: atomic writes, keep-last-K, a kill mid-write leaves the previous one loadable."""
+"""Checkpoints: atomic writes, keep-last-K, a kill mid-write leaves the previous one loadable, and
+nothing but plain data is ever unpickled."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from ijepa_fast import checkpoint as ckpt
+from tests.payloads import plant
 
 
 def test_save_keeps_last_k_and_points_latest(tmp_path):
@@ -28,6 +32,28 @@ def test_damaged_newest_falls_back_to_the_previous(tmp_path, caplog):
     (tmp_path / ckpt.checkpoint_name(2)).write_bytes(b"not a checkpoint")
     assert ckpt.load_latest(tmp_path)["step"] == 1
     assert "does not load" in caplog.text
+
+
+def test_a_payload_planted_in_the_latest_checkpoint_is_refused_naming_it_and_runs_nothing(tmp_path):
+    ckpt.save_checkpoint(tmp_path, {"w": torch.ones(2)}, 1, keep=3)
+    path = ckpt.save_checkpoint(tmp_path, {"w": torch.ones(2)}, 2, keep=3)
+    plant(path, tmp_path / "ran")
+    # refused, not skipped for step 1 as a damaged file would be: someone put it there
+    with pytest.raises(ckpt.UntrustedCheckpointError, match=re.escape(str(path))) as err:
+        ckpt.load_latest(tmp_path)
+    assert "posix.system" in str(err.value) and "no override" in str(err.value)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3)}, good)
+    contents = {"empty": b"", "text": b"step: 3\n", "garbage": bytes(range(7, 250)), "half": good.read_bytes()[:300]}
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ckpt.NotACheckpointError, match=re.escape(str(tmp_path / name))) as err:
+            ckpt.load_file(tmp_path / name)
+        assert "not a checkpoint" in str(err.value) and "trust" not in str(err.value)
 
 
 _SLOW_WRITER = """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,11 @@ import pytest
 import torch
 
 from ijepa_fast import interop
+from ijepa_fast.eval import cli as eval_cli
 from ijepa_fast.eval.features import extract_features
 from ijepa_fast.interop import CheckpointMismatchError, UntrustedCheckpointError
 from ijepa_fast.models.vit import sincos_pos_embed_2d
+from tests.payloads import plant
 from tests.test_eval import write_idx_data, write_our_run
 
 # The synthetic authors' model: ViT-tiny/16 at 64 px (4x4 grid), predictor 2 blocks of width 96.
@@ -282,6 +285,57 @@ def test_missing_file_and_unknown_content(tmp_path):
     torch.save({"weights": [1, 2, 3]}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="unrecognised checkpoint"):
         interop.load_encoder(tmp_path / "odd.pt")
+
+
+CLIS = ("ijepa-eval", "ijepa-export")
+
+
+def run_cli(tool: str, checkpoint: Path, tmp_path: Path) -> int:
+    if tool == "ijepa-eval":
+        return eval_cli.main([str(checkpoint), "--data", str(tmp_path), "--no-progress"])
+    return interop.export_main([str(checkpoint), "--out", str(tmp_path / "out.safetensors")])
+
+
+def one_error_line(tool: str, capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("tool", CLIS)
+def test_a_planted_payload_is_refused_by_the_command_lines_and_runs_nothing(tool, authors_file, tmp_path, capsys):
+    path = tmp_path / "planted.pth.tar"
+    shutil.copy(authors_file, path)
+    plant(path, tmp_path / "ran")
+    assert run_cli(tool, path, tmp_path) == 1
+    line = one_error_line(tool, capsys)
+    assert str(path) in line and "posix.system" in line and "--trust-checkpoint" in line
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("tool", CLIS)
+@pytest.mark.parametrize(
+    "content", [b"", b"encoder: vit_huge\n", bytes(range(3, 256)) * 4], ids=["empty", "text", "bytes"]
+)
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tool, content, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    assert run_cli(tool, path, tmp_path) == 1
+    line = one_error_line(tool, capsys)
+    assert str(path) in line and "not a checkpoint" in line and "trust" not in line
+
+
+@pytest.mark.parametrize("tool", CLIS)
+@pytest.mark.parametrize("damage", ["truncated", "bytes"])
+def test_a_bad_safetensors_file_is_one_line_naming_it(tool, damage, authors_file, tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    encoder = interop.load_authors_checkpoint(authors_file, predictor=False).target_encoder
+    good = interop.export_safetensors(encoder, tmp_path / "good.safetensors")
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(good.read_bytes()[:-100] if damage == "truncated" else bytes(range(3, 256)) * 4)
+    assert run_cli(tool, path, tmp_path) == 1
+    line = one_error_line(tool, capsys)
+    assert str(path) in line and "safetensors" in line
 
 
 # ----------------------------------------------------------------------------- our checkpoints

@@ -254,6 +254,20 @@ def test_missing_data_is_an_error_before_any_model_is_built(tmp_path, capsys):
     assert not (tmp_path / "runs" / "x" / "checkpoints").exists()
 
 
+def test_resume_refuses_a_planted_checkpoint_in_one_line(tmp_path, capsys):
+    from ijepa_fast.checkpoint import save_checkpoint
+    from tests.payloads import plant
+
+    data = write_idx(tmp_path / "data", n=48)
+    path = save_checkpoint(tmp_path / "runs" / "x" / "checkpoints", {"w": torch.ones(2)}, 3, keep=1)
+    plant(path, tmp_path / "ran")
+    assert pretrain.main([*tiny_overrides(data, tmp_path / "runs", "x"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "ERROR" in line]
+    assert "Traceback" not in err and len(errors) == 1 and str(path) in errors[0] and "posix.system" in errors[0]
+    assert not (tmp_path / "ran").exists()
+
+
 def test_cli_names_a_misspelt_key(tmp_path, capsys):
     assert pretrain.main(["optim.lrr=1e-3"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
