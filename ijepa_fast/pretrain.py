@@ -14,12 +14,14 @@ import logging
 import sys
 from pathlib import Path
 
-from ijepa_fast.config import ConfigError, load
+from ijepa_fast.config import Config, ConfigError, load
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="ijepa-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ijepa-pretrain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (ours or the authors' format)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
@@ -40,33 +42,63 @@ def setup_logging(run_dir: Path | None = None) -> None:
     )
 
 
+def open_run_folder(cfg: Config) -> bool:
+    """Check that the run folder can be written, then log there (rank 0; other ranks log warnings
+    and errors only, to stderr). True on rank 0."""
+    from ijepa_fast.checkpoint import check_writable
+    from ijepa_fast.distributed import detect
+    from ijepa_fast.trainer import RUN_FOLDER_SETTINGS
+
+    main_rank = detect().rank == 0
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if main_rank:
+        check_writable(run_dir, "the run folder", RUN_FOLDER_SETTINGS)
+    setup_logging(run_dir if main_rank else None)
+    if not main_rank:  # one log for the run
+        logging.getLogger().setLevel(logging.WARNING)
+    return main_rank
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message; an OSError that carries a file name (no message of ours) names the file."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err)
+
+
+def _fail(message: str, status: int, logged: bool) -> int:
+    """Report ``message`` on stderr (and in train.log once the run logs there); return ``status``."""
+    if logged:
+        logging.getLogger("ijepa_fast").error("%s", message)
+    else:
+        print(f"ijepa-pretrain: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     try:
         cfg = load(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"ijepa-pretrain: config error: {err}", file=sys.stderr)
-        return 2
-    from ijepa_fast.distributed import detect
-
-    main_rank = detect().rank == 0
-    setup_logging(Path(cfg.run.out_dir) / cfg.run.name if main_rank else None)
-    if not main_rank:  # one log for the run: other ranks report warnings and errors only
-        logging.getLogger().setLevel(logging.WARNING)
+    except ConfigError as err:
+        return _fail(f"config error: {err}", 2, logged=False)
     from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
+    logged = False
+    # Known failures end as one line and an exit status; anything else is a bug and keeps its traceback.
     try:
+        main_rank = open_run_folder(cfg)
+        logged = True
         result = Trainer(cfg, resume=args.resume).fit()
-    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
-        logging.getLogger("ijepa_fast").error("%s", err)
-        return 1
-    if not main_rank:
-        return 0
-    print(
-        f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
-        f"skipped images: {result.skipped}  ({result.stopped})"
-    )
+    except ConfigError as err:
+        return _fail(f"config error: {err}", 2, logged)
+    except (OSError, ValueError, NonFiniteLossError) as err:
+        return _fail(one_line(err), 1, logged)
+    if main_rank:
+        print(
+            f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
+            f"skipped images: {result.skipped}  ({result.stopped})"
+        )
     return 0
 
 

@@ -30,6 +30,8 @@ from ijepa_fast.step import StepOptions, TrainStep, autocast_dtype, build_optimi
 
 log = logging.getLogger("ijepa_fast")
 
+RUN_FOLDER_SETTINGS = "run.out_dir or run.name"  # what chooses the run folder, named in its errors
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -273,7 +275,10 @@ class Trainer:
             )
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.check_writable(self.run_dir / "checkpoints", "the checkpoints folder", RUN_FOLDER_SETTINGS)
             config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
+        if self.engine == "deepspeed":  # every rank writes its own files there
+            ckpt.check_writable(self.ds_dir, "the DeepSpeed checkpoints folder", RUN_FOLDER_SETTINGS)
         distributed.barrier()
 
     def _epoch(self, step: int) -> int:
@@ -366,11 +371,11 @@ class Trainer:
                     )
                     window_start, window_images = time.perf_counter(), 0
                 if step % cfg.run.checkpoint_every == 0:
-                    last_ckpt, saved_step = self._save(step, last_loss), step
+                    last_ckpt, saved_step = self._checkpoint(step, last_loss), step
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
             if saved_step != step:
-                last_ckpt = self._save(step, last_loss)
+                last_ckpt = self._checkpoint(step, last_loss)
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
     def _should_stop(self, step: int) -> bool:
@@ -407,6 +412,19 @@ class Trainer:
         elif self.is_main:
             log.info("step %d loss %.4f lr %.2e %.0f img/s", step, loss, row["lr"], ips)
         return loss
+
+    def _checkpoint(self, step: int, loss: float) -> Path | None:
+        """Save the checkpoint of ``step``; a failed write (a full disk...) is one error that names the
+        file and what to do."""
+        try:
+            return self._save(step, loss)
+        except OSError as err:
+            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            kept = f"then --resume; the last checkpoint, {latest[-1][1]}, is unchanged" if latest else "then run again"
+            raise ckpt.NotWritableError(
+                f"the checkpoint of step {step} could not be written to {err.filename or self.run_dir} "
+                f"({err.strerror or err}): {ckpt.write_remedy(err)}, {kept}"
+            ) from err
 
     def _save(self, step: int, loss: float) -> Path | None:
         """Plain: one checkpoint file. DeepSpeed (collective): the engine checkpoint in run_dir/deepspeed,

@@ -18,7 +18,7 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast import pretrain
-from ijepa_fast.checkpoint import list_checkpoints, load_latest
+from ijepa_fast.checkpoint import checkpoint_name, list_checkpoints, load_latest
 from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
 
@@ -252,6 +252,66 @@ def test_missing_data_is_an_error_before_any_model_is_built(tmp_path, capsys):
     rc = pretrain.main(tiny_overrides(tmp_path / "nowhere", tmp_path / "runs", "x"))
     assert rc == 1
     assert not (tmp_path / "runs" / "x" / "checkpoints").exists()
+
+
+def one_error_line(capsys) -> str:
+    """The one error line on stderr (printed before the run logs, logged after), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("ijepa-pretrain: ") or " ERROR " in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _make_unwritable(folder: Path, how: str) -> None:
+    if how == "a file in its place":
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_text("")
+        return
+    folder.mkdir(parents=True)
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        return
+    (folder / "probe").unlink()
+    pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE)")
+
+
+UNWRITABLE = ["a file in its place", "read-only"]
+
+
+@pytest.mark.parametrize("how", UNWRITABLE)
+def test_an_unwritable_run_folder_is_one_line(tmp_path, capsys, how):
+    data = write_idx(tmp_path / "data", n=48)
+    _make_unwritable(tmp_path / "runs" / "x", how)
+    assert pretrain.main(tiny_overrides(data, tmp_path / "runs", "x")) == 1
+    line = one_error_line(capsys)
+    assert f"the run folder {tmp_path / 'runs' / 'x'} cannot be written" in line and "run.out_dir or run.name" in line
+
+
+@pytest.mark.parametrize("how", UNWRITABLE)
+def test_an_unwritable_checkpoints_folder_fails_before_any_training(tmp_path, capsys, how):
+    data = write_idx(tmp_path / "data", n=48)
+    run = tmp_path / "runs" / "x"
+    _make_unwritable(run / "checkpoints", how)
+    assert pretrain.main(tiny_overrides(data, tmp_path / "runs", "x")) == 1
+    assert f"the checkpoints folder {run / 'checkpoints'} cannot be written" in one_error_line(capsys)
+    assert not (run / "metrics.csv").exists()  # no step ran
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    from tests.test_checkpoint import fill_disk_while_writing
+
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps, checkpoints after steps 3 and 6
+    fill_disk_while_writing(monkeypatch, checkpoint_name(6))
+    assert pretrain.main(tiny_overrides(data, tmp_path / "runs", "full")) == 1
+    ckpts = tmp_path / "runs" / "full" / "checkpoints"
+    line = one_error_line(capsys)
+    assert f"{ckpts / checkpoint_name(6)} (No space left on device): free space on that disk" in line
+    assert f"the last checkpoint, {ckpts / checkpoint_name(3)}, is unchanged" in line
+    assert sorted(p.name for p in ckpts.iterdir()) == [checkpoint_name(3), "latest.pt"]  # no partial file
+    assert load_latest(ckpts)["step"] == 3
 
 
 def test_cli_names_a_misspelt_key(tmp_path, capsys):
