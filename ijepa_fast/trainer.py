@@ -213,6 +213,7 @@ class Trainer:
                 self.dist_env, deepspeed=True, device=self.device, timeout_s=cfg.run.dist_timeout_s or None
             )
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
+        self._check_resumed_engine()
         self._prepare_run_dir()
         state, ds_step = None, None
         if self.engine == "deepspeed":
@@ -265,6 +266,17 @@ class Trainer:
     @property
     def ds_dir(self) -> Path:
         return self.run_dir / "deepspeed"
+
+    def _check_resumed_engine(self) -> None:
+        """A plain resume of a DeepSpeed run would not see its checkpoints and would start over."""
+        from ijepa_fast.engine_deepspeed import latest_step
+
+        if self.resume and self.engine == "plain" and latest_step(self.ds_dir) is not None:
+            raise ValueError(
+                f"--resume: {self.ds_dir} holds the checkpoints of a DeepSpeed run, but this single process "
+                f"runs the plain engine (run.engine={self.cfg.run.engine}): resume under the launcher that "
+                f"started the run (torchrun or deepspeed), or with run.engine=deepspeed"
+            )
 
     def _prepare_run_dir(self) -> None:
         ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")

@@ -314,6 +314,17 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     assert load_latest(ckpts)["step"] == 3
 
 
+def test_a_plain_resume_of_a_deepspeed_run_is_refused_naming_the_engine(tmp_path, capsys):
+    data = write_idx(tmp_path / "data", n=48)
+    run = tmp_path / "runs" / "ds"
+    (run / "deepspeed" / "step_00000003").mkdir(parents=True)  # what a DeepSpeed run leaves: a tag and
+    (run / "deepspeed" / "latest").write_text("step_00000003")  # the pointer to it
+    assert pretrain.main([*tiny_overrides(data, tmp_path / "runs", "ds"), "--resume"]) == 1
+    line = one_error_line(capsys)
+    assert f"{run / 'deepspeed'} holds the checkpoints of a DeepSpeed run" in line and "run.engine=deepspeed" in line
+    assert not (run / "metrics.csv").exists() and not (run / "config.yaml").exists()  # nothing ran or changed
+
+
 def test_cli_names_a_misspelt_key(tmp_path, capsys):
     assert pretrain.main(["optim.lrr=1e-3"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
