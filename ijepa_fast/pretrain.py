@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from ijepa_fast.config import Config, ConfigError, load
+
+EXIT_STATUS = """exit status:
+  0    the run finished
+  1    an error, named in one line: the file, folder or setting, and what to do
+  2    a config or command-line error, named in one line
+  130  stopped by SIGINT (Ctrl-C) after saving a checkpoint; --resume continues the run
+  143  stopped by SIGTERM (a scheduler's preemption) after saving a checkpoint; --resume continues
+A second SIGINT or SIGTERM stops at once, without saving: 130 or 143 as well, and the last checkpoint stays."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ijepa-pretrain",
         description=__doc__,
+        epilog=EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (ours or the authors' format)")
@@ -85,21 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
     logged = False
-    # Known failures end as one line and an exit status; anything else is a bug and keeps its traceback.
+    # Known failures end as one line and an exit status (EXIT_STATUS); anything else is a bug and
+    # keeps its traceback.
     try:
         main_rank = open_run_folder(cfg)
         logged = True
         result = Trainer(cfg, resume=args.resume).fit()
+    except KeyboardInterrupt as err:  # Ctrl-C before the trainer handles signals, or a second signal
+        return _fail(str(err) or "interrupted", 128 + getattr(err, "signum", signal.SIGINT), logged)
     except ConfigError as err:
         return _fail(f"config error: {err}", 2, logged)
     except (OSError, ValueError, NonFiniteLossError) as err:
         return _fail(one_line(err), 1, logged)
+    status = 0 if result.stop_signal is None else 128 + result.stop_signal
     if main_rank:
         print(
             f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
             f"skipped images: {result.skipped}  ({result.stopped})"
         )
-    return 0
+    return status
 
 
 if __name__ == "__main__":

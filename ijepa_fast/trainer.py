@@ -3,12 +3,14 @@
 The loop reads the device once every ``run.log_every`` steps (loss, non-finite check), writes
 metrics.csv / TensorBoard / a progress bar, and checkpoints atomically every
 ``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
-exit cleanly; a non-finite loss stops the run naming the step and leaves the last good checkpoint.
+exit cleanly (``RunResult.stop_signal`` says which); a second one stops at once, without saving. A
+non-finite loss stops the run naming the step and leaves the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -37,6 +39,17 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, without a checkpoint (the last one stays)."""
+
+    def __init__(self, signum: int):
+        super().__init__(
+            f"{signal.Signals(signum).name} received again: stopped at once without saving; "
+            f"--resume continues from the last checkpoint"
+        )
+        self.signum = signum
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -45,6 +58,7 @@ class RunResult:
     skipped: int  # undecodable images skipped (and counted) by this process
     stopped: str  # "finished" | "signal"
     checkpoint: Path | None
+    stop_signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
 
 def resolve_device(name: str, option: str = "run.device") -> torch.device:
@@ -479,7 +493,7 @@ class Trainer:
             skipped,
             f" ({len(bad)} distinct files)" if bad else "",
         )
-        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt)
+        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt, self._stop_signal)
 
 
 class _NoWriter:
@@ -493,17 +507,27 @@ class _NoWriter:
 
 
 class _StopOnSignals:
-    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits)."""
+    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits).
+
+    Data-loader workers forked inside inherit the handler; they keep serving batches after the first
+    signal (the loop may still fetch one) and leave the message to the main process."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.previous: dict[int, object] = {}
+        self.pid = os.getpid()
 
     def _handle(self, signum, frame):
         if self.trainer._stop_signal is not None:  # a second signal: give up at once
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.trainer._stop_signal = signum
-        log.warning("signal %d received: finishing this step, saving a checkpoint and exiting", signum)
+        if os.getpid() != self.pid:  # a forked worker
+            return
+        log.warning(
+            "%s received: finishing this step, saving a checkpoint and exiting (a second one stops at once, "
+            "without saving)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

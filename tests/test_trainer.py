@@ -18,6 +18,7 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast import pretrain
+from ijepa_fast import trainer as trainer_mod
 from ijepa_fast.checkpoint import checkpoint_name, list_checkpoints, load_latest
 from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
@@ -147,7 +148,7 @@ def test_sigkill_then_resume_gives_the_same_losses_bitwise(tmp_path):
     assert losses(out / "killed") == losses(out / "ref")  # the CSV strings: every digit equal
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_then_exits_with_status_143(tmp_path):
     data = write_idx(tmp_path / "data", n=400)
     out = tmp_path / "runs"
     overrides = tiny_overrides(data, out, "t", **{"run.checkpoint_every": 1000})
@@ -159,14 +160,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 128 + signal.SIGTERM == 143, output  # a scheduler tells preemption from success
     assert "(signal)" in output
     steps = [s for s, _ in list_checkpoints(out / "t" / "checkpoints")]
     assert len(steps) == 1 and 2 <= steps[0] < 50
 
 
 class SpyStep:
-    """The trainer's step with ``before(step)`` called ahead of each call; ``stepped`` passes through."""
+    """The trainer's step with ``before(step)`` called ahead of each call; attributes pass through."""
 
     def __init__(self, step_fn, before):
         self.step_fn, self.before = step_fn, before
@@ -175,9 +176,53 @@ class SpyStep:
         self.before(step)
         return self.step_fn(images, masks, step)
 
-    @property
-    def stepped(self):
-        return self.step_fn.stepped
+    def __getattr__(self, name):
+        return getattr(self.step_fn, name)
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_by_signal_saves_then_exits_with_128_plus_the_signal(tmp_path, monkeypatch, signum, status):
+    data = write_idx(tmp_path / "data", n=96)
+    build = trainer_mod.build_train_step
+
+    def signal_during_step_1(step):  # 0-based: the run stops after step 2 and saves it
+        if step == 1:
+            os.kill(os.getpid(), signum)
+
+    def spied(*args):
+        return SpyStep(build(*args), signal_during_step_1)
+
+    monkeypatch.setattr(trainer_mod, "build_train_step", spied)
+    rc = pretrain.main(tiny_overrides(data, tmp_path / "runs", "s", **{"run.checkpoint_every": 1000}))
+    assert rc == 128 + signum == status
+    assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "s" / "checkpoints")] == [2]
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
+    """Ctrl-C signals the whole process group: the trainer and its data-loader workers."""
+    data = write_idx(tmp_path / "data", n=400)
+    out = tmp_path / "runs"
+    overrides = tiny_overrides(data, out, "twice", **{"run.checkpoint_every": 1000, "data.num_workers": 2})
+    args = [sys.executable, "-m", "ijepa_fast.pretrain", *overrides]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = out / "twice" / "train.log", time.time() + 120
+
+    def wait_for(text: str) -> None:
+        while not (log.exists() and text in log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, text
+            time.sleep(0.02)
+
+    wait_for("step 2 loss")
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for("SIGINT received")  # the first one: the run finishes its step, saves and exits...
+    os.killpg(proc.pid, signal.SIGINT)  # ...unless a second one comes
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err
+    assert err.count("SIGINT received:") == 1, err  # said once, by the trainer, not by each worker
+    last = err.strip().splitlines()[-1]
+    assert "SIGINT received again: stopped at once without saving" in last or "interrupted" in last, last
+    assert not [p for p in (out / "twice" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
