@@ -15,15 +15,20 @@ Every checkpoint this package reads (ours, DeepSpeed's, the authors', an export)
 ``load_file``: ``torch.load(weights_only=True)``, which cannot run code. A file holding other objects
 is refused (``UntrustedCheckpointError``, naming the file and the object); a file that is not a
 PyTorch checkpoint at all, or is damaged, is a ``NotACheckpointError``.
+
+A write that fails (a full disk, a folder that cannot be written) raises an ``OSError`` naming the
+checkpoint and removes its temporary file; ``check_writable`` finds an unwritable folder at start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import random
 import re
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,10 @@ class NotACheckpointError(ValueError):
     """The file is not a PyTorch checkpoint (empty, text, other bytes), or it is damaged."""
 
 
+class NotWritableError(OSError):
+    """A folder or file of the run cannot be written; the message names it, the cause and what to do."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
@@ -59,8 +68,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unmasked(err: BaseException) -> BaseException:
+    """The exception behind ``err``: when a write fails (OSError) or a signal interrupts it
+    (KeyboardInterrupt), torch.save's zip writer fails again while closing, and its RuntimeError
+    hides the first exception as its context."""
+    if isinstance(err, RuntimeError) and isinstance(err.__context__, (OSError, KeyboardInterrupt)):
+        return err.__context__
+    return err
+
+
+def write_remedy(err: OSError) -> str:
+    """What to do about a failed write, from its cause."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make it writable"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "move away the file that stands in its path"
+    return "check that disk and folder"
+
+
+def check_writable(folder: Path, what: str, setting: str) -> None:
+    """Create ``folder`` and write and remove a small file in it, so that a folder that cannot be
+    written fails at start rather than at the first checkpoint. The error names ``what`` the folder
+    is and the ``setting`` that chooses another."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise NotWritableError(
+            f"{what} {folder} cannot be written ({reason}): {write_remedy(err)}, or choose another {setting}"
+        ) from None
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    """torch.save to ``path`` so that a reader sees the old file or the whole new one, never a part.
+
+    A failed write raises an OSError naming ``path``; it, or a signal, leaves no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -69,6 +117,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        cause = _unmasked(err)
+        if isinstance(cause, OSError):  # named after the checkpoint, not its temporary file
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
+        if cause is not err:
+            raise cause from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

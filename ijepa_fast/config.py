@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
@@ -325,14 +326,46 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(nested, base=cfg)
 
 
+def _read_yaml(path: str) -> Any:
+    """The parsed YAML file; a folder, an unreadable file or a syntax error is a one-line ConfigError."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: give the path of a YAML file in it") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"config file {path} cannot be read ({reason}): check the path") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML{_yaml_where(err)}; fix it there") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+
+
+def _yaml_where(err) -> str:
+    """' at line L, column C: problem (while parsing X that starts at line L', column C')', 1-based."""
+
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = err.problem_mark or err.context_mark
+    text = (f" at {at(mark)}" if mark else "") + f": {err.problem or err.context}"
+    if err.context and err.problem:
+        starts = f" that starts at {at(err.context_mark)}" if err.context_mark else ""
+        text += f" ({err.context}{starts})"
+    return text
+
+
 def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (ours, or the authors' format, detected by its sections) plus overrides."""
     cfg = Config()
     if path:
-        import yaml  # only files need it: a config from overrides alone loads without PyYAML
-
-        with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
         from ijepa_fast.authors_config import is_authors_format, translate

@@ -20,11 +20,12 @@ runs its forward under bf16 autocast. fp32 -> no mixed precision. ``auto`` is de
 ``precision.resolve_precision`` (bf16 where the device has native bf16).
 
 Checkpoints (``save_checkpoint`` / ``load_checkpoint``) go through the engine, plus one small file
-per rank with what differs per rank (RNG, stage-3 target partitions); ``latest`` is written last,
-atomically, after every rank has finished. Every file is read back with ``checkpoint.load_file``
-(weights only; DeepSpeed's own loader unpickles in full): its engine gets a checkpoint engine whose
-``load`` is ours, allowing only the plain records DeepSpeed stores (``deepspeed_safe_globals``).
-``export_consolidated`` writes a plain fp32 checkpoint
+per rank with what differs per rank (RNG, stage-3 target partitions) and the world size and ZeRO
+stage, checked before the engine loads; ``latest`` is written last, atomically, after every rank
+has finished. Every file is read back with ``checkpoint.load_file`` (weights only; DeepSpeed's own
+loader unpickles in full): its engine gets a checkpoint engine whose ``load`` is ours, allowing only
+the plain records DeepSpeed stores (``deepspeed_safe_globals``). ``export_consolidated`` writes a
+plain fp32 checkpoint
 in ``ijepa_fast.checkpoint``'s format (encoder / predictor / target_encoder state dicts) that
 ``ijepa-eval`` and ``interop.load_encoder`` read without DeepSpeed.
 """
@@ -391,7 +392,13 @@ class DeepSpeedTrainStep:
         save_dir, tag = Path(save_dir), self.tag(step)
         rank, world = dist_.get_rank(), dist_.get_world_size()
         (save_dir / tag).mkdir(parents=True, exist_ok=True)
-        own: dict[str, Any] = {"step": step, "rank": rank, "world_size": world, "rng": ckpt.rng_state()}
+        own: dict[str, Any] = {
+            "step": step,
+            "rank": rank,
+            "world_size": world,
+            "zero_stage": self.zero_stage,
+            "rng": ckpt.rng_state(),
+        }
         if self.zero_stage == 3:
             own["target_partitions"] = [t.detach().cpu().clone() for t in self._shards()[0]]
         ckpt.atomic_torch_save(own, save_dir / tag / _RANK_FILE.format(rank))
@@ -431,16 +438,14 @@ class DeepSpeedTrainStep:
                 f"{load_dir / tag} was written by {own['world_size']} ranks, this run has {world}: "
                 f"resume on the same world size"
             )
+        # Before the engine loads: DeepSpeed meets another stage's files with a bare assertion.
+        _check_zero_stage(load_dir / tag, own.get("zero_stage"), self.zero_stage)
         path, client = self.engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {load_dir}")
-        if client.get("zero_stage") != self.zero_stage:
-            raise ValueError(
-                f"{load_dir / tag} was written with ZeRO stage {client.get('zero_stage')}, this run uses "
-                f"{self.zero_stage}"
-            )
+        _check_zero_stage(load_dir / tag, client.get("zero_stage"), self.zero_stage)
         with torch.no_grad():
             if self.zero_stage == 3:
                 for t, saved in zip(self._shards()[0], own["target_partitions"], strict=True):
@@ -503,6 +508,15 @@ class DeepSpeedTrainStep:
 
 
 # ----------------------------------------------------------------------------- checkpoint folder
+
+
+def _check_zero_stage(tag_dir: Path, saved: int | None, stage: int) -> None:
+    """A checkpoint resumes under the ZeRO stage that wrote it (``saved``; None: not recorded)."""
+    if saved is not None and saved != stage:
+        raise ValueError(
+            f"--resume: {tag_dir} was written with run.zero_stage={saved}, this run has run.zero_stage={stage}: "
+            f"resume with run.zero_stage={saved}"
+        )
 
 
 def _write_latest(save_dir: Path, tag: str) -> None:

@@ -3,12 +3,14 @@
 The loop reads the device once every ``run.log_every`` steps (loss, non-finite check), writes
 metrics.csv / TensorBoard / a progress bar, and checkpoints atomically every
 ``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
-exit cleanly; a non-finite loss stops the run naming the step and leaves the last good checkpoint.
+exit cleanly (``RunResult.stop_signal`` says which); a second one stops at once, without saving. A
+non-finite loss stops the run naming the step and leaves the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -31,9 +33,22 @@ from ijepa_fast.step import StepOptions, TrainStep, build_optimizer
 
 log = logging.getLogger("ijepa_fast")
 
+RUN_FOLDER_SETTINGS = "run.out_dir or run.name"  # what chooses the run folder, named in its errors
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, without a checkpoint (the last one stays)."""
+
+    def __init__(self, signum: int):
+        super().__init__(
+            f"{signal.Signals(signum).name} received again: stopped at once without saving; "
+            f"--resume continues from the last checkpoint"
+        )
+        self.signum = signum
 
 
 @dataclass
@@ -44,6 +59,7 @@ class RunResult:
     skipped: int  # undecodable images skipped (and counted) by this process
     stopped: str  # "finished" | "signal"
     checkpoint: Path | None
+    stop_signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
 
 def resolve_device(name: str, option: str = "run.device") -> torch.device:
@@ -213,6 +229,7 @@ class Trainer:
                 self.dist_env, deepspeed=True, device=self.device, timeout_s=cfg.run.dist_timeout_s or None
             )
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
+        self._check_resumed_engine()
         self._prepare_run_dir()
         state, ds_step = None, None
         if self.engine == "deepspeed":
@@ -269,6 +286,17 @@ class Trainer:
     def ds_dir(self) -> Path:
         return self.run_dir / "deepspeed"
 
+    def _check_resumed_engine(self) -> None:
+        """A plain resume of a DeepSpeed run would not see its checkpoints and would start over."""
+        from ijepa_fast.engine_deepspeed import latest_step
+
+        if self.resume and self.engine == "plain" and latest_step(self.ds_dir) is not None:
+            raise ValueError(
+                f"--resume: {self.ds_dir} holds the checkpoints of a DeepSpeed run, but this single process "
+                f"runs the plain engine (run.engine={self.cfg.run.engine}): resume under the launcher that "
+                f"started the run (torchrun or deepspeed), or with run.engine=deepspeed"
+            )
+
     def _prepare_run_dir(self) -> None:
         ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")
         if ckpts and not self.resume:  # every rank checks (the same files), so every rank raises
@@ -278,7 +306,10 @@ class Trainer:
             )
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.check_writable(self.run_dir / "checkpoints", "the checkpoints folder", RUN_FOLDER_SETTINGS)
             config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
+        if self.engine == "deepspeed":  # every rank writes its own files there
+            ckpt.check_writable(self.ds_dir, "the DeepSpeed checkpoints folder", RUN_FOLDER_SETTINGS)
         distributed.barrier()
 
     def _epoch(self, step: int) -> int:
@@ -371,11 +402,11 @@ class Trainer:
                     )
                     window_start, window_images = time.perf_counter(), 0
                 if step % cfg.run.checkpoint_every == 0:
-                    last_ckpt, saved_step = self._save(step, last_loss), step
+                    last_ckpt, saved_step = self._checkpoint(step, last_loss), step
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
             if saved_step != step:
-                last_ckpt = self._save(step, last_loss)
+                last_ckpt = self._checkpoint(step, last_loss)
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
     def _should_stop(self, step: int) -> bool:
@@ -412,6 +443,19 @@ class Trainer:
         elif self.is_main:
             log.info("step %d loss %.4f lr %.2e %.0f img/s", step, loss, row["lr"], ips)
         return loss
+
+    def _checkpoint(self, step: int, loss: float) -> Path | None:
+        """Save the checkpoint of ``step``; a failed write (a full disk...) is one error that names the
+        file and what to do."""
+        try:
+            return self._save(step, loss)
+        except OSError as err:
+            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            kept = f"then --resume; the last checkpoint, {latest[-1][1]}, is unchanged" if latest else "then run again"
+            raise ckpt.NotWritableError(
+                f"the checkpoint of step {step} could not be written to {err.filename or self.run_dir} "
+                f"({err.strerror or err}): {ckpt.write_remedy(err)}, {kept}"
+            ) from err
 
     def _save(self, step: int, loss: float) -> Path | None:
         """Plain: one checkpoint file. DeepSpeed (collective): the engine checkpoint in run_dir/deepspeed,
@@ -454,7 +498,7 @@ class Trainer:
             skipped,
             f" ({len(bad)} distinct files)" if bad else "",
         )
-        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt)
+        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt, self._stop_signal)
 
 
 class _NoWriter:
@@ -468,17 +512,27 @@ class _NoWriter:
 
 
 class _StopOnSignals:
-    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits)."""
+    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits).
+
+    Data-loader workers forked inside inherit the handler; they keep serving batches after the first
+    signal (the loop may still fetch one) and leave the message to the main process."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.previous: dict[int, object] = {}
+        self.pid = os.getpid()
 
     def _handle(self, signum, frame):
         if self.trainer._stop_signal is not None:  # a second signal: give up at once
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.trainer._stop_signal = signum
-        log.warning("signal %d received: finishing this step, saving a checkpoint and exiting", signum)
+        if os.getpid() != self.pid:  # a forked worker
+            return
+        log.warning(
+            "%s received: finishing this step, saving a checkpoint and exiting (a second one stops at once, "
+            "without saving)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,8 @@ nothing but plain data is ever unpickled."""
 
 from __future__ import annotations
 
+import builtins
+import errno
 import os
 import re
 import signal
@@ -54,6 +56,49 @@ def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
         with pytest.raises(ckpt.NotACheckpointError, match=re.escape(str(tmp_path / name))) as err:
             ckpt.load_file(tmp_path / name)
         assert "not a checkpoint" in str(err.value) and "trust" not in str(err.value)
+
+
+class _FullDiskFile:
+    """A file on a disk with ``room`` bytes left: a write past it raises ENOSPC, as the kernel does."""
+
+    def __init__(self, fh, room: int):
+        self.fh, self.room = fh, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def fill_disk_while_writing(monkeypatch, name: str, room: int = 4096) -> None:
+    """Checkpoint files whose name contains ``name`` run out of disk after ``room`` bytes."""
+
+    def open_(path, mode="r", *args, **kwargs):
+        fh = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (the caller closes it)
+        return _FullDiskFile(fh, room) if "w" in mode and name in os.path.basename(path) else fh
+
+    monkeypatch.setattr(ckpt, "open", open_, raising=False)
+
+
+def test_a_full_disk_names_the_checkpoint_keeps_the_previous_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, {"w": torch.arange(5.0)}, 1, keep=3)
+    fill_disk_while_writing(monkeypatch, ckpt.checkpoint_name(2))
+    with pytest.raises(OSError) as raised:  # torch's zip writer turns the write error into a RuntimeError
+        ckpt.save_checkpoint(tmp_path, {"w": torch.zeros(1 << 16)}, 2, keep=3)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / ckpt.checkpoint_name(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.checkpoint_name(1), "latest.pt"]
+    assert os.readlink(tmp_path / "latest.pt") == ckpt.checkpoint_name(1)
+    assert torch.equal(ckpt.load_latest(tmp_path)["w"], torch.arange(5.0))
 
 
 _SLOW_WRITER = """

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ijepa_fast import config
+from ijepa_fast import config, pretrain
 from ijepa_fast.authors_config import is_authors_format, translate
 from ijepa_fast.config import AUTHORS_SPEED, Config, ConfigError
+from tests.test_trainer import one_error_line
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -287,3 +288,29 @@ def test_save_load_round_trip(tmp_path, name):
     assert again == cfg
     assert not is_authors_format(yaml.safe_load(Path(path).read_text()))
     assert isinstance(again, Config) and dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- files that do not load, via the CLI
+
+
+def test_a_config_path_that_is_a_folder_is_one_line_naming_it(tmp_path, capsys):
+    assert pretrain.main(["--config", str(tmp_path)]) == 2
+    assert f"config file {tmp_path} is a folder" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "text,bad_line,where,extra",
+    [
+        # a key indented deeper than its sibling: the parser fails at its colon
+        ("run:\n  name: a\n   seed: 1\n", 3, "   seed:", ""),
+        # an unclosed list: the parser fails at the end of the file and names where the list starts
+        ("run:\n  name: a\n  seed: [1, 2\n", 4, None, "that starts at line 3, column 9"),
+    ],
+)
+def test_malformed_yaml_names_the_line_and_column(tmp_path, capsys, text, bad_line, where, extra):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert pretrain.main(["--config", str(path)]) == 2
+    column = len(where) if where else 1  # 1-based: the colon of `where`, or the start of the line
+    line = one_error_line(capsys)
+    assert f"{path} is not valid YAML at line {bad_line}, column {column}" in line and extra in line

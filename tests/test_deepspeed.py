@@ -452,6 +452,34 @@ def test_stage3_target_config_partitions_without_optimizer_or_persistence():
     assert tc["train_batch_size"] == ds["train_batch_size"]
 
 
+class _EngineStandIn:
+    """DeepSpeed's engine as far as our checkpoint code reaches it: saving takes the client state;
+    loading fails as DeepSpeed's does on a checkpoint of another ZeRO stage, with a bare assertion."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        pass
+
+    def load_checkpoint(self, *args, **kwargs):
+        raise AssertionError
+
+
+def _step_on_stand_in(stage: int):
+    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep
+
+    step = DeepSpeedTrainStep.__new__(DeepSpeedTrainStep)  # no engine: only the checkpoint code runs
+    step.zero_stage, step.engine, step.target_encoder = stage, _EngineStandIn(), torch.nn.Linear(2, 2)
+    return step
+
+
+def test_a_changed_zero_stage_is_refused_before_deepspeed_loads(tmp_path):
+    _step_on_stand_in(1).save_checkpoint(tmp_path, 3)
+    refusal = (
+        r"step_00000003 was written with run.zero_stage=1, this run has run.zero_stage=3: resume with run.zero_stage=1"
+    )
+    with pytest.raises(ValueError, match=refusal):
+        _step_on_stand_in(3).load_checkpoint(tmp_path)
+
+
 # ----------------------------------------------------------------------------- launcher environments
 
 
