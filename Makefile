@@ -4,16 +4,19 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-data test gpu-check lint format clean
+.PHONY: venv demo demo-data test gpu-check gpu-wheels lint format clean
 
 venv: $(STAMP)
 
-# Every pin is in setup.py. The `cpu` extra names the exact CPU build of torch that lies on the CPU
-# machines' disk, which keeps pip from downloading a multi-GB CUDA build.
+# Every pin is in setup.py, but timm's below. The `cpu` extra names the exact CPU build of torch that
+# lies on the CPU machines' disk, which keeps pip from downloading a multi-GB CUDA build. timm comes
+# without its dependencies: no torchvision imports beside the CPU torch wheel, and the timm export
+# test (tests/timm_worker.py) runs timm's ViT with torchvision stubbed out.
 $(STAMP): setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[cpu,dev,test]'
+	$(VPY) -m pip install -q --no-deps 'timm==1.0.31'
 	touch $(STAMP)
 
 FMNIST := /usr/share/datasets/fashion-mnist
@@ -47,8 +50,15 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# The one command for a lent GPU (profiling/gpu_check.sh): GPU-marked tests, then the step, kernel,
-# attention and data benchmarks, a summary table last. No venv there: python3 from PATH, wheels from
-# .whl/ when present. Without CUDA it runs the CPU-safe parts at tiny sizes.
+# The one command for a lent GPU (profiling/gpu_check.sh): a preflight, GPU-marked tests, then the
+# step, kernel, attention and data benchmarks, a summary table last. No venv there: python3 from
+# PATH, with the package and the wheels of .whl/ installed offline into a throwaway virtualenv over
+# it. Without CUDA it runs the CPU-safe parts at tiny sizes.
 gpu-check:
 	bash profiling/gpu_check.sh
+
+# The packages a bare GPU machine lacks (pytest, DeepSpeed's sdist, ...: the list and why each is
+# there in profiling/gpu_wheels.txt), downloaded into the git-ignored .whl/ that travels with the
+# working tree; fails when the two together exceed the 64 MiB one device call sends. Needs network.
+gpu-wheels: $(STAMP)
+	$(VPY) -m profiling.gpu_wheels

@@ -38,6 +38,8 @@ setup(
             "nvidia-dali-cuda130==2.4.0",
             "safetensors",
             "deepspeed==0.19.8",
+            # The Hugging Face IJepa round trip is tested against transformers itself (it needs no torch of its own).
+            "transformers>=4.47",
         ],
     },
     entry_points={

@@ -12,6 +12,9 @@ Keys they have and we do not need:
 - ``meta.load_checkpoint``, ``meta.read_checkpoint``: resuming is ``--resume`` on our command
   line, from the run folder's latest checkpoint; a warning says so when either is set.
 - ``meta.copy_data``: their cluster's copy of the data to local disk; ignored.
+
+Their placeholder ``logging.folder: $replace_this_with_path...`` is not a folder name: it leaves
+``run.out_dir`` as it is (the default, or a command-line override), with a warning.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ _RENAMES: dict[str, dict[str, str | None]] = {
         "color_jitter_strength": None,
     },
     "logging": {
-        "folder": "run.out_dir",
+        "folder": None,  # run.out_dir, unless it is their placeholder
         "write_tag": "run.name",
     },
     "mask": {
@@ -59,7 +62,7 @@ _RENAMES: dict[str, dict[str, str | None]] = {
         "model_name": "model.name",
         "pred_depth": "model.pred_depth",
         "pred_emb_dim": "model.pred_emb_dim",
-        "use_bfloat16": None,  # true: run.dtype auto (bf16 autocast on CUDA); false: fp32
+        "use_bfloat16": None,  # true: run.dtype auto (bf16 where the device has native bf16); false: fp32
         "load_checkpoint": None,
         "read_checkpoint": None,
         "copy_data": None,
@@ -76,6 +79,9 @@ _RENAMES: dict[str, dict[str, str | None]] = {
         "weight_decay": "optim.weight_decay",
     },
 }
+
+# The authors' files hold "$replace_this_with_..." where the user must put a path.
+_PLACEHOLDER = "$replace_this"
 
 _AUGMENTATIONS = ("use_color_distortion", "use_gaussian_blur", "use_horizontal_flip", "color_jitter_strength")
 
@@ -133,6 +139,17 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     enc_masks = (raw.get("mask") or {}).get("num_enc_masks", 1)
     if enc_masks != 1:  # several context blocks would only repeat the targets; every config of theirs has 1
         raise ConfigError(f"mask.num_enc_masks={enc_masks!r} is not supported: the method samples one context block")
+
+    folder = (raw.get("logging") or {}).get("folder")
+    if isinstance(folder, str) and folder.startswith(_PLACEHOLDER):
+        warnings.warn(
+            f"logging.folder={folder!r} is the authors' placeholder, not a folder: run folders go under "
+            "run.out_dir (default 'runs'; set run.out_dir=DIR to choose)",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif folder is not None:
+        put("run.out_dir", folder)
 
     meta = raw.get("meta") or {}
     if "use_bfloat16" in meta:

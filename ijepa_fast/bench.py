@@ -63,7 +63,7 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import Config
-from ijepa_fast.device import autocast_dtype, resolve_device
+from ijepa_fast.device import resolve_device, resolve_precision
 from ijepa_fast.engines import build_train_step
 from ijepa_fast.flops import step_flops, step_flops_for_masks
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
@@ -586,7 +586,7 @@ def run(
         source = SyntheticBatches(base_cfg, device, spec.batches)
     else:
         source = LoaderBatches(base_cfg, device)
-    amp = autocast_dtype(device, base_cfg.run.dtype)
+    precision = resolve_precision(device, base_cfg.run.dtype)
     meta = {
         "device": name,
         "device_driver_name": driver_name,
@@ -598,7 +598,8 @@ def run(
         "commit": git_commit(),
         "command": command or current_command(),
         "spec": spec.describe(),
-        "amp": "bf16" if amp == torch.bfloat16 else "fp32",
+        "amp": precision.name,
+        "amp_reason": precision.reason,
         "pred_depth": base_cfg.model.pred_depth,
         "loader": spec.loader,
     }
@@ -714,7 +715,8 @@ def markdown_report(result: dict) -> str:
         f"- device: {meta['device']} (bf16 peak {_f(meta['peak_bf16_tflops'], '.0f')} TFLOP/s datasheet"
         f", {_f(meta['matmul_bf16_tflops'], '.0f')} measured 8192^3 matmul); torch {meta['torch']}",
         f"- commit: `{meta['commit']}`; command: `{meta['command']}`",
-        f"- autocast: {meta['amp']}; data: {meta['loader']}; predictor depth {meta['pred_depth']}; "
+        f"- autocast: {meta['amp']} ({meta.get('amp_reason', 'reason not recorded')}); data: {meta['loader']}; "
+        f"predictor depth {meta['pred_depth']}; "
         f"steps: {spec['warmup']} warm-up, {spec['steps']} timed, {spec['phase_steps']} phase-split",
     ]
     if ok:

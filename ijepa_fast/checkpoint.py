@@ -10,14 +10,26 @@ Contents (``FORMAT``): ``encoder``, ``predictor``, ``target_encoder`` (plain sta
 ``world_size``, ``lr`` (the authors' keys, so their tools read ours), plus ``schedules``,
 ``mask_sampler``, ``rng``, ``config`` and ``format``. Only tensors, numbers, strings, lists and dicts:
 ``torch.load(weights_only=True)`` reads it.
+
+Every checkpoint this package reads (ours, DeepSpeed's, the authors', an export) goes through
+``load_file``: ``torch.load(weights_only=True)``, which cannot run code. A file holding other objects
+is refused (``UntrustedCheckpointError``, naming the file and the object); a file that is not a
+PyTorch checkpoint at all, or is damaged, is a ``NotACheckpointError``.
+
+A write that fails (a full disk, a folder that cannot be written) raises an ``OSError`` naming the
+checkpoint and removes its temporary file; ``check_writable`` finds an unwritable folder at start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
 import re
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +38,22 @@ import torch
 
 FORMAT = "ijepa_fast/1"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a pickle (protocol >= 2)
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+TRUST_FLAG = "--trust-checkpoint (in Python: trust=True)"
 log = logging.getLogger(__name__)
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """The file holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
+
+
+class NotACheckpointError(ValueError):
+    """The file is not a PyTorch checkpoint (empty, text, other bytes), or it is damaged."""
+
+
+class NotWritableError(OSError):
+    """A folder or file of the run cannot be written; the message names it, the cause and what to do."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,8 +68,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unmasked(err: BaseException) -> BaseException:
+    """The exception behind ``err``: when a write fails (OSError) or a signal interrupts it
+    (KeyboardInterrupt), torch.save's zip writer fails again while closing, and its RuntimeError
+    hides the first exception as its context."""
+    if isinstance(err, RuntimeError) and isinstance(err.__context__, (OSError, KeyboardInterrupt)):
+        return err.__context__
+    return err
+
+
+def write_remedy(err: OSError) -> str:
+    """What to do about a failed write, from its cause."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make it writable"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "move away the file that stands in its path"
+    return "check that disk and folder"
+
+
+def check_writable(folder: Path, what: str, setting: str) -> None:
+    """Create ``folder`` and write and remove a small file in it, so that a folder that cannot be
+    written fails at start rather than at the first checkpoint. The error names ``what`` the folder
+    is and the ``setting`` that chooses another."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise NotWritableError(
+            f"{what} {folder} cannot be written ({reason}): {write_remedy(err)}, or choose another {setting}"
+        ) from None
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    """torch.save to ``path`` so that a reader sees the old file or the whole new one, never a part.
+
+    A failed write raises an OSError naming ``path``; it, or a signal, leaves no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -51,6 +117,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        cause = _unmasked(err)
+        if isinstance(cause, OSError):  # named after the checkpoint, not its temporary file
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
+        if cause is not err:
+            raise cause from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -86,12 +159,82 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], step: int, keep: int)
     return path
 
 
+def _check_torch_file(path: Path) -> None:
+    """Raise ``NotACheckpointError`` unless ``path`` starts like a file torch.save writes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise NotACheckpointError(f"{path} is empty, not a checkpoint")
+    if not head.startswith(_TORCH_FILE_STARTS):
+        raise NotACheckpointError(f"{path} is not a checkpoint: it is not a file written by torch.save")
+
+
+def load_file(
+    path: str | Path,
+    *,
+    trust: bool = False,
+    allowed: Iterable[Callable] = (),
+    map_location: Any = "cpu",
+    override: str | None = TRUST_FLAG,
+) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only.
+
+    ``allowed``: further classes the file may hold (plain records, e.g. DeepSpeed's), allowed for
+    this load only. Anything else raises ``UntrustedCheckpointError`` naming the file and the
+    object: unpickling it could run arbitrary code. ``trust=True`` loads such a file with the full
+    unpickler; ``override`` is the option that sets it, named in the error (None: the caller has no
+    override). A file that torch.save did not write, or a damaged one, raises ``NotACheckpointError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_torch_file(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if not found:  # no refused object: bytes the unpickler cannot read
+            raise NotACheckpointError(f"{path} is damaged or not a checkpoint: it does not unpickle") from None
+        if not trust:
+            raise UntrustedCheckpointError(_refusal(path, found.group(1), override)) from None
+    except EOFError:
+        raise NotACheckpointError(f"{path} is truncated or not a checkpoint: it ends too early") from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" not in str(err):  # not the archive reader: not about the file's bytes
+            raise
+        raise NotACheckpointError(f"{path} is damaged or not a checkpoint ({_first_line(err)})") from None
+    log.warning("%s: loading with the full unpickler (trusted); it holds %s", path, found.group(1))
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def _refusal(path: Path, name: str, override: str | None) -> str:
+    way_out = (
+        f"if you trust where the file comes from, pass {override}"
+        if override
+        else "there is no override here: this package never writes such objects"
+    )
+    return (
+        f"{path} holds an object other than tensors, numbers, strings and containers ({name}), so it is "
+        f"refused: unpickling it could run arbitrary code; {way_out}"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0][:200] if lines else "") or type(err).__name__
+
+
 def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The newest checkpoint that loads; a damaged one is reported and the one before it tried."""
+    """The newest checkpoint that loads; a damaged one is reported and the one before it tried.
+
+    A checkpoint holding objects other than plain data is not damaged but foreign: it raises
+    ``UntrustedCheckpointError`` (resuming has no override: the trainer never writes such objects).
+    """
     for step, path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # a damaged file must not hide the good one before it
+            return load_file(path, map_location=map_location, override=None)
+        except NotACheckpointError as err:  # a damaged file must not hide the good one before it
             log.warning("checkpoint %s (step %d) does not load (%s); trying the previous one", path, step, err)
     return None
 

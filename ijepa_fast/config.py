@@ -17,6 +17,7 @@ import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from ijepa_fast import authors_config
@@ -191,7 +192,7 @@ class RunConfig:
     name: str = "ijepa"  # the run folder's name
     seed: int = 0  # weights, crops and masks all follow from it
     device: str = "auto"  # auto|cpu|cuda|cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU)|bf16|fp32
+    dtype: str = "auto"  # auto (bf16 autocast where the device has native bf16, else fp32)|bf16|fp32
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
@@ -339,8 +340,6 @@ def packaged_configs() -> dict[str, Any]:
 def find_config(name: str):
     """A config file: ``name`` as a path, else the packaged config of that name (``demo``,
     ``in1k_vith14_ep300``; with or without ``.yaml``)."""
-    from pathlib import Path
-
     path = Path(name)
     if path.exists() or len(path.parts) > 1:
         return path
@@ -348,21 +347,54 @@ def find_config(name: str):
     stem = path.name.removesuffix(".yaml")
     if stem in packaged:
         return packaged[stem]
-    raise FileNotFoundError(
-        f"{name}: no such config file, and no packaged config of that name ({', '.join(sorted(packaged))})"
+    raise ConfigError(
+        f"config file {name} does not exist, and no packaged config has that name "
+        f"({', '.join(sorted(packaged))}): check the path"
     )
+
+
+def _read_yaml(path: str) -> Any:
+    """The parsed YAML file; a folder, an unreadable file or a syntax error is a one-line ConfigError."""
+    import yaml  # only files need it: a config from overrides alone loads without PyYAML
+
+    try:
+        text = find_config(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: give the path of a YAML file in it") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"config file {path} cannot be read ({reason}): check the path") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML{_yaml_where(err)}; fix it there") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+
+
+def _yaml_where(err) -> str:
+    """' at line L, column C: problem (while parsing X that starts at line L', column C')', 1-based."""
+
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = err.problem_mark or err.context_mark
+    text = (f" at {at(mark)}" if mark else "") + f": {err.problem or err.context}"
+    if err.context and err.problem:
+        starts = f" that starts at {at(err.context_mark)}" if err.context_mark else ""
+        text += f" ({err.context}{starts})"
+    return text
 
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (ours, or the authors' format, detected by its sections) plus overrides.
 
     ``path`` is a file, or the name of a packaged config (``find_config``)."""
-    import yaml
-
     cfg = Config()
     if path:
-        with find_config(path).open() as fh:
-            raw = yaml.safe_load(fh) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
         cfg = from_dict(authors_config.translate(raw) if authors_config.is_authors_format(raw) else raw)

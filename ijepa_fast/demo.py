@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = time.perf_counter() - started
     report = probe_table(cfg, run_dir, trainer.target, args.probe_train, args.probe_test)
     print(f"\nI-JEPA demo: {result.steps} steps in {trained / 60:.1f} min; run folder {run_dir}")
-    print(f"skipped images: {result.skipped}\n")
+    print(f"precision: {trainer.precision}; skipped images: {result.skipped}\n")
     print(
         f"frozen average-pooled features: classifiers fit on the first {report['train_images']:,} "
         f"training images, top-1 on the first {report['test_images']:,} test images\n"

@@ -13,10 +13,13 @@ How each launcher describes the process (``detect``):
 
 ``init`` exports those variables (DeepSpeed and ``env://`` read them), picks NCCL on CUDA and
 gloo on CPU, and sets the collective timeout: an argument, else ``IJEPA_DIST_TIMEOUT_S``, else
-30 minutes. A rank that dies or stalls makes its peers' next collective fail within the timeout
-instead of waiting forever: gloo raises at once on a closed connection and at the timeout
-otherwise; NCCL's watchdog aborts the process at the timeout (PyTorch's default
-``TORCH_NCCL_ASYNC_ERROR_HANDLING``). Nothing here runs at import.
+30 minutes. The timeout holds for every process group of the job, not only the default one:
+``torch.distributed.new_group`` without a timeout takes torch's module default (30 minutes on gloo),
+and DeepSpeed creates its data-parallel groups that way, so ``init`` makes the job's timeout that
+default too (``cleanup`` restores torch's). A rank that dies or stalls makes its peers' next
+collective fail within the timeout instead of waiting forever: gloo raises at once on a closed
+connection and at the timeout otherwise; NCCL's watchdog aborts the process at the timeout
+(PyTorch's default ``TORCH_NCCL_ASYNC_ERROR_HANDLING``). Nothing here runs at import.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from ijepa_fast.device import resolve_device
 
 log = logging.getLogger(__name__)
 
+_TORCH_GROUP_DEFAULTS = ("default_pg_timeout", "default_pg_nccl_timeout")  # read by new_group at each call
+_saved_group_defaults: dict[str, object] = {}  # torch's values while init's timeout replaces them
 DEFAULT_TIMEOUT_S = 1800.0  # 30 min: a slow checkpoint write or a data stall on one rank must not kill the run
 TIMEOUT_ENV = "IJEPA_DIST_TIMEOUT_S"
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -147,6 +152,26 @@ def resolve_timeout(timeout_s: float | None = None, environ: Mapping[str, str] |
     return timedelta(seconds=timeout_s)
 
 
+# What gloo and NCCL say when a collective's peer stalled (timeout) or died (closed connection).
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|timed out|connection (closed|reset)", re.IGNORECASE)
+
+
+def collective_failure(err: BaseException, timeout_s: float | None = None) -> str | None:
+    """One line for an error of a collective whose peer stalled or died, naming the timeout in force
+    (``timeout_s`` as ``init`` got it: ``run.dist_timeout_s``, else the environment or default);
+    None when ``err`` is something else."""
+    several = is_initialized() and get_world_size() > 1
+    if not isinstance(err, torch.distributed.DistError) and not (several and _COLLECTIVE_FAILURE.search(str(err))):
+        return None
+    seconds = resolve_timeout(timeout_s).total_seconds()
+    source = "run.dist_timeout_s" if timeout_s else TIMEOUT_ENV if os.environ.get(TIMEOUT_ENV) else "the default"
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return (
+        f"a collective failed after the {seconds:g} s timeout ({source}) or on a lost connection: another rank "
+        f"stalled or died ({detail})"
+    )
+
+
 def device_for(env: DistEnv, requested: str = "auto") -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` for auto/cuda when CUDA is there, else ``requested``
     (``device.resolve_device``: the CPU, or a named CUDA device)."""
@@ -184,6 +209,7 @@ def init(
         torch.cuda.set_device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     timeout = resolve_timeout(timeout_s)
+    _set_new_group_timeout(timeout)  # first: groups made during init take it too
     if deepspeed:
         from ijepa_fast.optional import require
 
@@ -210,6 +236,24 @@ def init(
         timeout.total_seconds(),
     )
     return env
+
+
+def _set_new_group_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the one every later process group takes when its creator passes none
+    (DeepSpeed's ``new_group(ranks)``; also ``new_subgroups``, ``split_group``, device meshes)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for name in _TORCH_GROUP_DEFAULTS:
+        _saved_group_defaults.setdefault(name, getattr(c10d, name))
+        setattr(c10d, name, timeout)
+
+
+def _restore_new_group_timeout() -> None:
+    from torch.distributed import distributed_c10d as c10d
+
+    for name, value in _saved_group_defaults.items():
+        setattr(c10d, name, value)
+    _saved_group_defaults.clear()
 
 
 def is_initialized() -> bool:
@@ -252,6 +296,7 @@ def any_rank(flag: bool, device: torch.device | None = None) -> bool:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if this process made one."""
+    """Destroy the default process group if this process made one; torch's group timeout again."""
     if is_initialized():
         torch.distributed.destroy_process_group()
+    _restore_new_group_timeout()

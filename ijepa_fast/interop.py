@@ -1,4 +1,4 @@
-"""Checkpoints in and out: ours, the authors' ``.pth.tar``, safetensors, and timm.
+"""Checkpoints in and out: ours, the authors' ``.pth.tar``, safetensors, timm, and Hugging Face.
 
 Loading
     ``load_encoder(path, which="target_encoder")`` opens any supported file and returns the encoder
@@ -7,11 +7,13 @@ Loading
     with the resolved config inside), the authors' checkpoint (``module.``-prefixed state dicts and
     no config: the model size is inferred from the tensor shapes or given by the caller), or a bare
     encoder state dict. A run folder stands for its ``checkpoints/latest.pt``. Adding a format (e.g.
-    DeepSpeed) is one ``(name, detect, load)`` entry.
+    DeepSpeed) is one ``(name, detect, load)`` entry. A Hugging Face IJepa folder (one with a
+    ``config.json``) is read by ``load_hf_encoder``.
 
-    Every file is opened with ``torch.load(weights_only=True)``: it cannot run code. A file that
-    holds other objects is refused with a message saying so; ``trust=True`` (``--trust-checkpoint``)
-    loads it with the full unpickler, which can run arbitrary code: only for files you trust.
+    Every file is opened with ``checkpoint.load_file`` (``torch.load(weights_only=True)``): it cannot
+    run code. A file that holds other objects is refused with a message saying so; ``trust=True``
+    (``--trust-checkpoint``) loads it with the full unpickler, which can run arbitrary code: only for
+    files you trust. A file that is not a checkpoint, or a damaged one, is a ``NotACheckpointError``.
 
     Strict loading: missing keys, unexpected keys and shape mismatches raise
     ``CheckpointMismatchError``, which lists every one of them.
@@ -21,9 +23,10 @@ Exporting
     the architecture as string metadata; ``load_safetensors_encoder`` rebuilds it.
     ``to_timm_state_dict(encoder)`` and ``timm_kwargs(encoder)`` give a state dict and the
     constructor arguments of timm's ``VisionTransformer`` that computes the same features (see
-    ``TIMM_KEY_MAP``).
+    ``TIMM_KEY_MAP``). ``export_hf(encoder, folder)`` writes a folder that transformers'
+    ``IJepaModel.from_pretrained`` loads (see ``HF_NAMES``).
 
-Command lines: ``ijepa-export`` (safetensors / timm files) and ``ijepa-extract`` (features of a
+Command lines: ``ijepa-export`` (safetensors / timm files / Hugging Face folders) and ``ijepa-extract`` (features of a
 dataset to .npy or .safetensors).
 """
 
@@ -34,7 +37,6 @@ import contextlib
 import json
 import logging
 import math
-import pickle
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -46,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ijepa_fast.checkpoint import NotACheckpointError, load_file
+from ijepa_fast.checkpoint import UntrustedCheckpointError as UntrustedCheckpointError  # part of this API
 from ijepa_fast.models.vit import VIT_SIZES, VisionTransformer, VisionTransformerPredictor, grid_size
 from ijepa_fast.optional import require
 
@@ -54,10 +58,8 @@ log = logging.getLogger(__name__)
 OURS_FORMAT_PREFIX = "ijepa_fast/"
 SAFETENSORS_FORMAT = "ijepa_fast-encoder/1"
 ENCODER_KEYS = ("target_encoder", "encoder")
-
-
-class UntrustedCheckpointError(RuntimeError):
-    """The file holds objects that ``torch.load(weights_only=True)`` refuses to unpickle."""
+# What the command lines' --which also accepts: context (the encoder the predictor reads) and target (its EMA).
+WHICH_ALIASES = {"target": "target_encoder", "context": "encoder"}
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -88,32 +90,7 @@ class CheckpointMismatchError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def load_checkpoint_file(path: str | Path, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``; refuse other objects unless ``trust=True``.
-
-    Our checkpoints and the authors' hold only tensors, numbers, strings and containers, so they
-    load safely. A file holding other Python objects raises ``UntrustedCheckpointError`` naming the
-    way out (``trust=True`` / ``--trust-checkpoint``), which unpickles it in full and can run code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        detail = f"it needs {found.group(1)}" if found else (str(err).strip().splitlines() or [""])[0][:200]
-        if not trust:
-            raise UntrustedCheckpointError(
-                f"{path} holds objects other than tensors, numbers, strings, lists and dicts ({detail}), so the safe "
-                f"loader (torch.load weights_only=True) refuses it: unpickling such objects can run arbitrary code. If "
-                f"you trust where the file comes from, load it with trust=True (command line: --trust-checkpoint)."
-            ) from err
-        log.warning("%s: loading with the full unpickler (trust=True); it holds non-tensor objects (%s)", path, detail)
-        return torch.load(path, map_location=map_location, weights_only=False)
+# ----------------------------------------------------------------------------- state dicts
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
@@ -335,7 +312,7 @@ def build_encoder_from_state_dict(
 class LoadedEncoder:
     encoder: VisionTransformer
     spec: EncoderSpec
-    format: str  # ijepa_fast | authors | safetensors | state_dict
+    format: str  # ijepa_fast | authors | safetensors | state_dict | hf
     which: str  # target_encoder | encoder
     path: str
     meta: dict[str, Any] = field(default_factory=dict)  # epoch, step, ... (numbers and strings only)
@@ -455,16 +432,20 @@ def load_encoder(
 ) -> LoadedEncoder:
     """The encoder of any supported checkpoint, weights loaded strictly, in fp32 on the CPU.
 
-    ``which``: ``target_encoder`` (the EMA encoder, what the authors evaluate) or ``encoder``.
+    ``which``: ``target_encoder`` (the EMA encoder, what the authors evaluate) or ``encoder``. A
+    Hugging Face IJepa folder holds one encoder: the result's ``which`` says which it was.
     ``model`` / ``patch_size`` / ``img_size``: for files without a config (the authors'); stated
-    values are checked against the tensors. Raises ``CheckpointMismatchError`` (keys listed),
-    ``UntrustedCheckpointError`` (unsafe file without ``trust``), ``FileNotFoundError``.
+    values are checked against the tensors (or the folder's config.json). Raises
+    ``CheckpointMismatchError`` (keys listed), ``UntrustedCheckpointError`` (unsafe file without
+    ``trust``), ``FileNotFoundError``.
     """
+    if (folder := hf_folder(path)) is not None:
+        return load_hf_encoder(folder, model=model, patch_size=patch_size, img_size=img_size, trust=trust)
     path = resolve_checkpoint_path(path)
     if path.suffix == ".safetensors":
         encoder, spec, meta = load_safetensors_encoder(path)
         return LoadedEncoder(encoder, spec, "safetensors", meta.get("which", which), str(path), meta)
-    ckpt = load_checkpoint_file(path, trust=trust)
+    ckpt = load_file(path, trust=trust)
     for name, detect, load in _FORMATS:
         if detect(ckpt):
             log.info("%s: %s checkpoint, loading %s", path, name, which)
@@ -491,7 +472,7 @@ def load_authors_checkpoint(
     ratio come from its own tensors and its heads are the encoder's (as the authors build it).
     """
     path = resolve_checkpoint_path(path)
-    ckpt = load_checkpoint_file(path, trust=trust)
+    ckpt = load_file(path, trust=trust)
     if not _detect_authors(ckpt):
         raise ValueError(
             f"{path} is not in the authors' format (encoder / target_encoder / predictor state dicts "
@@ -540,11 +521,16 @@ def export_safetensors(encoder: VisionTransformer, path: str | Path, metadata: M
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file."""
+    """(tensors, metadata) of a safetensors file; a damaged one is a ``NotACheckpointError``."""
     st = _safetensors_torch("reading safetensors files")
-    with st.safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    from safetensors import SafetensorError
+
+    try:
+        with st.safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except SafetensorError as err:
+        raise NotACheckpointError(f"{path} is not a readable safetensors file ({err})") from None
     return tensors, meta
 
 
@@ -571,6 +557,12 @@ TIMM_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"blocks.\1.mlp.\2.\3"),
     (r"^norm\.(weight|bias)$", r"norm.\1"),
 )
+
+
+# The registered timm model an export loads into, with ``timm_kwargs`` setting its size: timm's
+# ViTs without class token and with average pooling (the I-JEPA ones are vit_huge_patch14_gap_224
+# and kin). Its own defaults are not ours (16 heads at width 768), so the kwargs always go with it.
+TIMM_GAP_MODEL = "vit_base_patch16_gap_224"
 
 
 def timm_key(name: str) -> str:
@@ -625,12 +617,254 @@ def build_timm_model(encoder: VisionTransformer) -> nn.Module:
     return load_state_strict(model, to_timm_state_dict(encoder), "timm VisionTransformer")
 
 
+# ----------------------------------------------------------------------------- Hugging Face transformers
+
+HF_FORMAT = "hf-ijepa"
+# Our (the authors') parameter names and Hugging Face ``IJepaModel``'s, as written by its
+# ``save_pretrained`` and published in the facebook/ijepa_* checkpoints (recent transformers versions
+# rename them to their internal names on load). ``{i}``: block index, ``{p}``: weight or bias. The
+# fused ``attn.qkv`` is split into query, key and value rows, in that order (``HF_QKV``).
+HF_NAMES: tuple[tuple[str, str], ...] = (
+    ("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}"),
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("blocks.{i}.norm1.{p}", "encoder.layer.{i}.layernorm_before.{p}"),
+    ("blocks.{i}.attn.proj.{p}", "encoder.layer.{i}.attention.output.dense.{p}"),
+    ("blocks.{i}.norm2.{p}", "encoder.layer.{i}.layernorm_after.{p}"),
+    ("blocks.{i}.mlp.fc1.{p}", "encoder.layer.{i}.intermediate.dense.{p}"),
+    ("blocks.{i}.mlp.fc2.{p}", "encoder.layer.{i}.output.dense.{p}"),
+    ("norm.{p}", "layernorm.{p}"),
+)
+HF_QKV = ("blocks.{i}.attn.qkv.{p}", ("query", "key", "value"), "encoder.layer.{i}.attention.attention.{part}.{p}")
+HF_WEIGHTS_FILE, HF_CONFIG_FILE, HF_PREPROCESSOR_FILE = "model.safetensors", "config.json", "preprocessor_config.json"
+HF_LAYER_NORM_EPS = 1e-6
+# IJepaConfig's defaults for the keys a config.json may leave out.
+HF_CONFIG_DEFAULTS = {"hidden_act": "gelu", "qkv_bias": True, "num_channels": 3, "layer_norm_eps": 1e-12}
+# Which encoder of the authors' checkpoint the Hugging Face and timm converters take.
+THIRD_PARTY_CONVERTERS_TAKE = "encoder"
+
+
+def _name_pattern(template: str) -> re.Pattern:
+    escaped = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(escaped.replace(r"\{part\}", r"(?P<part>query|key|value)") + "$")
+
+
+def _rename(name: str, pairs: tuple[tuple[str, str], ...]) -> str | None:
+    """``name`` matched against the first template of each pair, written with the second; None if none matches."""
+    for source, target in pairs:
+        if m := _name_pattern(source).match(name):
+            return target.format(**m.groupdict())
+    return None
+
+
+def to_hf_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+    """The encoder's weights under ``IJepaModel``'s names (``HF_NAMES``), qkv split into query/key/value."""
+    qkv_pattern, parts, qkv_target = _name_pattern(HF_QKV[0]), HF_QKV[1], HF_QKV[2]
+    out = {}
+    for name, tensor in encoder.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if m := qkv_pattern.match(name):
+            for part, chunk in zip(parts, tensor.chunk(3, dim=0)):  # rows: [query; key; value]
+                out[qkv_target.format(part=part, **m.groupdict())] = chunk.contiguous().clone()
+        elif (target := _rename(name, HF_NAMES)) is not None:
+            out[target] = tensor.contiguous().clone()
+        else:
+            raise KeyError(f"no Hugging Face IJepa name for parameter {name!r}")
+    return out
+
+
+def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``IJepaModel``'s names -> ours (query/key/value rows joined into qkv). An ``ijepa.`` prefix (the
+    classification model's) is dropped; names that map to nothing are kept as they are, so that
+    strict loading lists them."""
+    qkv_pattern, parts = _name_pattern(HF_QKV[2]), HF_QKV[1]
+    inverse = tuple((hf, ours) for ours, hf in HF_NAMES)
+    out, pieces = {}, {}
+    for name, tensor in strip_module_prefix(state_dict, "ijepa.").items():
+        if m := qkv_pattern.match(name):
+            pieces.setdefault(HF_QKV[0].format(i=m["i"], p=m["p"]), {})[m["part"]] = (name, tensor)
+        else:
+            out[_rename(name, inverse) or name] = tensor
+    for fused, found in pieces.items():
+        if len(found) == len(parts):
+            out[fused] = torch.cat([found[part][1] for part in parts], dim=0)
+        else:  # incomplete: keep the parts under their own names (unexpected) and let qkv be missing
+            out |= {name: tensor for name, tensor in found.values()}
+    return out
+
+
+def hf_config(spec: EncoderSpec, provenance: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``config.json`` of an ``IJepaModel`` (no pooler) with the architecture of ``spec``."""
+    config = {
+        "architectures": ["IJepaModel"],
+        "model_type": "ijepa",
+        "hidden_size": spec.embed_dim,
+        "num_hidden_layers": spec.depth,
+        "num_attention_heads": spec.num_heads,
+        "intermediate_size": int(spec.embed_dim * spec.mlp_ratio),
+        "hidden_act": "gelu",  # exact (erf) GELU, as nn.GELU()
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": HF_LAYER_NORM_EPS,
+        "image_size": spec.img_size,
+        "patch_size": spec.patch_size,
+        "num_channels": 3,
+        "qkv_bias": True,
+        "dtype": "float32",
+    }
+    if provenance:
+        config["ijepa_fast"] = dict(provenance)
+    return config
+
+
+def hf_preprocessor_config(spec: EncoderSpec) -> dict[str, Any]:
+    """``preprocessor_config.json``: resize to the model's size, scale to [0, 1], ImageNet mean and std."""
+    from ijepa_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": spec.img_size, "width": spec.img_size},
+        "resample": 2,  # PIL bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+    }
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename onto ``path``: an interrupted export leaves no half-written file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_hf(encoder: VisionTransformer, out_dir: str | Path, provenance: Mapping[str, str] | None = None) -> Path:
+    """Write a folder that ``transformers.IJepaModel.from_pretrained`` loads: ``config.json``,
+    ``model.safetensors`` and ``preprocessor_config.json``. ``provenance`` (strings: which encoder,
+    source) goes into the config's ``ijepa_fast`` entry and the weights' metadata."""
+    st = _safetensors_torch("exporting to Hugging Face")
+    spec = EncoderSpec.of(encoder)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_state_dict(encoder)
+    meta = {"format": "pt", **{f"ijepa_fast.{k}": str(v) for k, v in (provenance or {}).items()}}
+    _write_atomically(out_dir / HF_WEIGHTS_FILE, lambda p: st.save_file(tensors, str(p), metadata=meta))
+    for name, content in (
+        (HF_CONFIG_FILE, hf_config(spec, provenance)),
+        (HF_PREPROCESSOR_FILE, hf_preprocessor_config(spec)),
+    ):
+        _write_atomically(out_dir / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n"))
+    return out_dir
+
+
+def hf_folder(path: str | Path) -> Path | None:
+    """The Hugging Face model folder ``path`` stands for (the folder, or its config.json or
+    model.safetensors), or None when it is not one: a folder with a config.json that is not one of
+    our run or checkpoints folders (those hold ``latest.pt``)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name in (HF_CONFIG_FILE, HF_WEIGHTS_FILE) else None
+    if folder is None or not (folder / HF_CONFIG_FILE).is_file():
+        return None
+    if (folder / "latest.pt").exists() or (folder / "checkpoints" / "latest.pt").exists():
+        return None
+    return folder
+
+
+def _square(config: Mapping[str, Any], key: str) -> int:
+    value = config.get(key)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{HF_CONFIG_FILE}: {key}={value!r} must be a positive integer (square images and patches)")
+    return value
+
+
+def hf_encoder_spec(config: Mapping[str, Any]) -> EncoderSpec:
+    """The encoder an IJepa ``config.json`` describes; settings our encoder cannot compute are refused,
+    each error naming its key."""
+    fixed = {"model_type": "ijepa", "hidden_act": "gelu", "qkv_bias": True, "num_channels": 3}
+    fixed["layer_norm_eps"] = HF_LAYER_NORM_EPS
+    for key, want in fixed.items():
+        have = config.get(key, HF_CONFIG_DEFAULTS.get(key))
+        if have != want:
+            raise ValueError(
+                f"{HF_CONFIG_FILE}: {key}={have!r}, but ijepa_fast's encoder (the authors' ViT) has {key}={want!r}"
+            )
+    try:
+        D, depth, heads, hidden = (
+            int(config[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        )
+    except KeyError as err:
+        raise ValueError(f"{HF_CONFIG_FILE}: the key {err.args[0]!r} is missing") from err
+    patch, img = _square(config, "patch_size"), _square(config, "image_size")
+    name = next((n for n, s in VIT_SIZES.items() if (s.embed_dim, s.depth, s.num_heads) == (D, depth, heads)), "")
+    return EncoderSpec(D, depth, heads, patch, img, _mlp_ratio(hidden, D), name)
+
+
+def read_hf_weights(folder: Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, safetensors metadata) of a Hugging Face folder: model.safetensors, its shards
+    (model.safetensors.index.json), or pytorch_model.bin (through the safe loader)."""
+    index = folder / f"{HF_WEIGHTS_FILE}.index.json"
+    if (folder / HF_WEIGHTS_FILE).is_file():
+        return read_safetensors(folder / HF_WEIGHTS_FILE)
+    if index.is_file():
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            tensors |= read_safetensors(folder / shard)[0]
+        return tensors, {}
+    if (folder / "pytorch_model.bin").is_file():
+        return dict(load_file(folder / "pytorch_model.bin", trust=trust)), {}
+    raise FileNotFoundError(
+        f"{folder} has a {HF_CONFIG_FILE} but no {HF_WEIGHTS_FILE}, shard index or pytorch_model.bin"
+    )
+
+
+def load_hf_encoder(
+    folder: str | Path,
+    *,
+    model: str | None = None,
+    patch_size: int | None = None,
+    img_size: int | None = None,
+    trust: bool = False,
+) -> LoadedEncoder:
+    """Our encoder from a Hugging Face IJepa folder (``export_hf``'s, or a published facebook/ijepa_*
+    one), loaded strictly. ``which`` is what the export recorded, else ``encoder``: Hugging Face's
+    converter takes the authors' context encoder."""
+    folder = Path(folder)
+    config = json.loads((folder / HF_CONFIG_FILE).read_text())
+    spec = hf_encoder_spec(config)
+    stated = {
+        "model": (model, spec.name),
+        "patch": (patch_size, spec.patch_size),
+        "img-size": (img_size, spec.img_size),
+    }
+    for option, (want, have) in stated.items():
+        if want is not None and want != have:
+            raise ValueError(f"{folder / HF_CONFIG_FILE} describes {option} {have!r}, not --{option} {want!r}")
+    tensors, meta = read_hf_weights(folder, trust)
+    encoder, spec = build_encoder_from_state_dict(from_hf_state_dict(tensors), str(folder), spec=spec)
+    provenance = config.get("ijepa_fast") if isinstance(config.get("ijepa_fast"), Mapping) else {}
+    which = provenance.get("which", THIRD_PARTY_CONVERTERS_TAKE)
+    return LoadedEncoder(encoder, spec, "hf", which, str(folder), {**provenance, **meta})
+
+
 # ----------------------------------------------------------------------------- command lines
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="ours (.pt or a run folder), the authors' .pth.tar, or a .safetensors export")
-    p.add_argument("--which", default="target_encoder", choices=ENCODER_KEYS, help="which encoder (default: target)")
+    p.add_argument(
+        "--which",
+        default="target_encoder",
+        type=lambda name: WHICH_ALIASES.get(name, name),
+        choices=ENCODER_KEYS,
+        help="target (target_encoder, the EMA encoder; default) or context (encoder)",
+    )
     p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
     p.add_argument("--patch", type=int, help="patch size, checked against the file")
     p.add_argument("--img-size", type=int, help="image size, checked against the file's position embedding")
@@ -652,36 +886,75 @@ def load_from_args(args) -> LoadedEncoder:
     )
 
 
+EXPORT_HELP = """\
+Export one encoder of a checkpoint:
+  --out FILE.safetensors         our (the authors') parameter names and the architecture as metadata
+  --out FILE.safetensors --timm  timm's names, for timm.create_model("vit_base_patch16_gap_224",
+                                 **timm_kwargs) with the kwargs printed and stored in the file (a
+                                 vit_*_gap model: no class token, average pooling, no fc_norm)
+  --hf DIR                       a Hugging Face transformers IJepaModel folder: config.json,
+                                 model.safetensors, preprocessor_config.json
+
+Which encoder: --which target (default; the EMA encoder, what the paper evaluates) or --which
+context. The Hugging Face and timm converters of the authors' checkpoints take the CONTEXT encoder
+('encoder'), so an export of the target encoder differs from their published weights. The export
+records which one it holds: 'which' and 'weights' in its metadata (for --hf, also under
+'ijepa_fast' in config.json).
+"""
+
+
+def weights_label(which: str) -> str:
+    """``target`` or ``context``: the name the reports and exports give ``which``."""
+    return {v: k for k, v in WHICH_ALIASES.items()}.get(which, which)
+
+
 def export_main(argv: list[str] | None = None) -> int:
-    """``ijepa-export CHECKPOINT --out encoder.safetensors [--timm]``."""
+    """``ijepa-export CHECKPOINT (--out encoder.safetensors [--timm] | --hf DIR) [--which target|context]``."""
     p = argparse.ArgumentParser(
-        prog="ijepa-export",
-        description="Export an encoder to safetensors: our names "
-        "(default) or timm's (--timm; prints the timm constructor kwargs).",
+        prog="ijepa-export", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_checkpoint_args(p)
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--timm", action="store_true", help="write timm's names and print timm's constructor kwargs")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", help="output .safetensors file")
+    dest.add_argument("--hf", metavar="DIR", help="output folder for Hugging Face transformers (IJepaModel)")
+    p.add_argument("--timm", action="store_true", help="with --out: timm's names; prints timm's constructor kwargs")
     args = p.parse_args(argv)
+    if args.timm and args.hf:
+        p.error("--timm goes with --out FILE, not with --hf")
     try:
         loaded = load_from_args(args)
-        meta = {"source": str(loaded.path), "source_format": loaded.format, "which": loaded.which}
-        if args.timm:
-            st = _safetensors_torch("exporting to safetensors")
-            kwargs = {k: v for k, v in timm_kwargs(loaded.encoder).items() if k not in ("norm_layer", "act_layer")}
-            meta |= {"format": "timm-vit", "timm_kwargs": json.dumps(kwargs)}
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            st.save_file(
-                {k: v.contiguous() for k, v in to_timm_state_dict(loaded.encoder).items()}, args.out, metadata=meta
-            )
-            print(f"timm kwargs: {json.dumps(kwargs)} + norm_layer=partial(nn.LayerNorm, eps=1e-6)")
+        meta = {
+            "source": str(loaded.path),
+            "source_format": loaded.format,
+            "which": loaded.which,
+            "weights": weights_label(loaded.which),
+        }
+        if args.hf:
+            export_hf(loaded.encoder, args.hf, meta)
+        elif args.timm:
+            _export_timm(loaded.encoder, args.out, meta)
         else:
             export_safetensors(loaded.encoder, args.out, meta)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
         print(f"ijepa-export: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out} ({loaded.spec.name or 'custom'} {loaded.which} from a {loaded.format} checkpoint)")
+    print(
+        f"wrote {args.hf or args.out} ({loaded.spec.name or 'custom'}, {weights_label(loaded.which)} encoder, "
+        f"from a {loaded.format} checkpoint)"
+    )
     return 0
+
+
+def _export_timm(encoder: VisionTransformer, out: str, meta: dict[str, str]) -> None:
+    """timm's names; the metadata name the model and kwargs to build (LayerNorm eps and GELU are timm's defaults)."""
+    st = _safetensors_torch("exporting to safetensors")
+    kwargs = {k: v for k, v in timm_kwargs(encoder).items() if k not in ("norm_layer", "act_layer")}
+    meta = {**meta, "format": "timm-vit", "timm_model": TIMM_GAP_MODEL, "timm_kwargs": json.dumps(kwargs)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in to_timm_state_dict(encoder).items()}
+    _write_atomically(Path(out), lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
+    print(f"timm kwargs: {json.dumps(kwargs)}")
+    print(f"timm: timm.create_model({TIMM_GAP_MODEL!r}, pretrained=False, **timm_kwargs), then load_state_dict")
 
 
 def extract_main(argv: list[str] | None = None) -> int:

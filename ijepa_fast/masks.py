@@ -15,6 +15,13 @@ patch is kept, max/min over the grid; 16x16 grid, default scales, 64 batches of 
   block's *centre* uniformly over the grid and shift the block inside it,
   top = clamp(c - h // 2, 0, H - h): every position 0..H-h is reachable and blocks stay full size
   (shifted, not clipped).
+- (a') Size cap. The authors shrink every block side to at most H - 1 (``while h >= self.height:
+  h -= 1``), which their corner draw needs (``randint(0, H - h)`` is empty at h = H). Centre-drawn
+  positions need no cap, so here a block side may reach H (``block_size`` clamps to the grid): a
+  context block can cover the whole grid, as enc_scale up to 1.0 asks. We keep it so rather than
+  copy the cap, which would hold the context below enc_scale[0] on small grids: with the default
+  enc_scale (0.85, 1.0) the context is the whole 4x4 grid of the demo here, 3x3 = 56% of it under
+  the cap; on 16x16 the cap takes blocks of scale above about 0.94 down to 15x15 (88%).
 - (b) Centre under-represented in contexts. Uniform corners cover a centre patch about h times as
   often as an edge patch per axis, and overlap removal then strips the centre from contexts.
   Centre-drawn blocks: target coverage max/min 6.8 (authors: 46 over the patches they reach,

@@ -1,5 +1,5 @@
 """The multi-block mask sampler as device code: same semantics as ``ijepa_fast.masks``, computed
-where the batch lives (CUDA for the DALI loader), with one stream-local read-back per batch.
+where the batch lives (CUDA for the DALI loader), with one read-back per batch started a step early.
 
 ``masks.MultiBlockMaskSampler`` runs on the CPU by design (inside the DataLoader's collate): it
 draws from a CPU ``torch.Generator``, branches on ``.any()`` and reads counts back with ``int()``;
@@ -16,14 +16,20 @@ its ``device`` argument only copies the result. Here every step is branch-free t
   patches nearest the block centre, uncovered first) and the repair of emptied targets are computed
   for every image and selected with ``torch.where``.
 - Output widths (the batch minima of context / target counts) decide tensor shapes, so they must
-  reach the host: one three-number read per batch. On CUDA the sampler runs on its own stream, so
-  that read waits for the sampler's kernels only, never for the training step queued on the
-  current stream; the current stream then waits for the sampler's stream (an event, no host sync).
+  reach the host, and the host must not wait for them behind the training step. Each call
+  therefore samples the blocks of the *next* step as well and starts copying its three widths to
+  the host; the next call reads them from host memory. On CUDA that work runs on a high-priority
+  side stream (its kernels go ahead of the step's GEMMs) and the copy lands in pinned memory with
+  an event behind it, so the host waits, if at all, for an event recorded a whole step earlier,
+  never for the current stream. The current stream waits for the side stream's masks through an
+  event (no host sync). A call for any other step (the first, a restart, another batch size)
+  samples its own blocks first and waits for their widths only.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -94,6 +100,7 @@ class DeviceMaskSampler(MultiBlockMaskSampler):
         if self.height * self.width > 1 << 16:  # equalisation keys pack the patch index in 16 bits
             raise ValueError(f"grid {self.height}x{self.width} has more than 65536 patches")
         self._streams: dict[int, torch.cuda.Stream] = {}
+        self._ahead: _Ahead | None = None  # the next step's blocks, sampled by the last call
 
     def _key(self, step: int, stream: int) -> int:
         return mix(mix(self.seed, step), stream)
@@ -183,36 +190,72 @@ class DeviceMaskSampler(MultiBlockMaskSampler):
         nearest.scatter_(2, key.argmin(2, keepdim=True), True)
         return torch.where(empty[..., None, None], nearest.view(M, B, H, W), targets)
 
-    def _sample(self, batch_size: int, step: int, device: torch.device) -> MaskBatch:
+    def _start(self, batch_size: int, step: int, device: torch.device) -> _Ahead:
+        """Sample the blocks of ``step`` and start copying its output widths to the host."""
         blocks = self.sample_blocks(batch_size, step, device)
         targets, context = blocks["targets"], blocks["context"]
         M, B = targets.shape[:2]
         ctx = context.flatten(1)  # (B, H*W)
         tgt = targets.flatten(2).reshape(M * B, -1)  # (M*B, H*W)
-        # The one read-back: the batch minima decide the output widths, and the maximum whether
-        # target rows need a random subset at all (each holds ph*pw patches unless repaired).
+        # The batch minima decide the output widths, and the maximum whether target rows need a
+        # random subset at all (each holds ph*pw patches unless repaired).
         ctx_n, tgt_n = ctx.sum(1), tgt.sum(1)
-        kc, kt, kt_max = torch.stack([ctx_n.min(), tgt_n.min(), tgt_n.max()]).clamp(min=1).tolist()
-        ctx_idx = _equalise(ctx, kc, self._key(step, _CONTEXT_KEEP))  # (B, Kc)
+        widths = torch.stack([ctx_n.min(), tgt_n.min(), tgt_n.max()]).clamp(min=1)  # (3,)
+        ready = None
+        if device.type == "cuda":
+            host = torch.empty(3, dtype=widths.dtype, pin_memory=True)
+            widths = host.copy_(widths, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Ahead((self.seed, batch_size, step, device), ctx, tgt, widths, ready)
+
+    def _finish(self, ahead: _Ahead) -> MaskBatch:
+        """The masks of a started step: read its widths (on the host by now), then equalise."""
+        if ahead.ready is not None:
+            ahead.ready.synchronize()  # recorded on the side stream only, normally a step ago
+        kc, kt, kt_max = ahead.widths.tolist()
+        _, batch_size, step, _ = ahead.key
+        M = ahead.tgt.shape[0] // batch_size
+        ctx_idx = _equalise(ahead.ctx, kc, self._key(step, _CONTEXT_KEEP))  # (B, Kc)
         tgt_key = self._key(step, _TARGET_KEEP) if kt_max > kt else None
-        tgt_idx = _equalise(tgt, kt, tgt_key).view(M, B, kt)  # (M, B, Kt)
+        tgt_idx = _equalise(ahead.tgt, kt, tgt_key).view(M, batch_size, kt)  # (M, B, Kt)
         return MaskBatch(ctx_idx, tgt_idx)
 
     def __call__(self, batch_size: int, step: int, device: torch.device | str | None = None) -> MaskBatch:
         device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        ahead = self._ahead
+        self._ahead = None
+        if ahead is None or ahead.key != (self.seed, batch_size, step, device):
+            ahead = None  # sampled for another step: the caller restarted or changed batch size
         if device.type != "cuda":
-            return self._sample(batch_size, step, device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        side = self._streams.get(index)
-        if side is None:
-            side = self._streams[index] = torch.cuda.Stream(device=index)
-        current = torch.cuda.current_stream(index)
+            batch = self._finish(ahead or self._start(batch_size, step, device))
+            self._ahead = self._start(batch_size, step + 1, device)
+            return batch
+        side = self._streams.get(device.index)
+        if side is None:  # high priority: the sampler's small kernels go ahead of the step's
+            side = self._streams[device.index] = torch.cuda.Stream(device=device, priority=-1)
+        current = torch.cuda.current_stream(device)
         with torch.cuda.stream(side):
-            batch = self._sample(batch_size, step, torch.device("cuda", index))
-        current.wait_stream(side)
+            batch = self._finish(ahead or self._start(batch_size, step, device))
+            current.wait_stream(side)  # this step's masks only: the next step's work follows
+            self._ahead = self._start(batch_size, step + 1, device)
         batch.context.record_stream(current)  # allocated on the side stream, used on the current one
         batch.targets.record_stream(current)
         return batch
+
+
+@dataclass
+class _Ahead:
+    """The blocks of one step, sampled before it is asked for, with its output widths on their
+    way to the host."""
+
+    key: tuple[int, int, int, torch.device]  # (seed, batch_size, step, device)
+    ctx: torch.Tensor  # (B, H*W) bool
+    tgt: torch.Tensor  # (M*B, H*W) bool
+    widths: torch.Tensor  # (3,) int64 on the host (pinned on CUDA): Kc, Kt, largest target count
+    ready: torch.cuda.Event | None  # recorded after the copy to the host (CUDA only)
 
 
 def _equalise(mask: torch.Tensor, k: int, key: int | None) -> torch.Tensor:

@@ -17,7 +17,12 @@ _PACKAGES: dict[str, tuple[str, str]] = {
     "deepspeed": ("deepspeed", "pip install 'deepspeed>=0.19'  (or: pip install -e '.[gpu]')"),
     "dali": ("nvidia.dali", "pip install nvidia-dali-cuda130  (CUDA 12: nvidia-dali-cuda120)"),
     "flash_attn": ("flash_attn", "pip install flash-attn --no-build-isolation  (needs a CUDA GPU)"),
-    "xformers": ("xformers", "pip install xformers  (needs a CUDA GPU)"),
+    # FlashAttention-3 (Hopper): built from the flash-attention repository's hopper/ folder.
+    "flash_attn_interface": (
+        "flash_attn_interface",
+        "cd flash-attention/hopper && python setup.py install  (needs a Hopper GPU)",
+    ),
+    "xformers": ("xformers.ops", "pip install xformers  (needs a CUDA GPU)"),
     "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard"),
     "matplotlib": ("matplotlib", "pip install matplotlib"),
     "safetensors": ("safetensors", "pip install safetensors"),
@@ -37,6 +42,11 @@ def _try_import(name: str) -> ModuleType | None:
         return importlib.import_module(_PACKAGES[name][0])
     except Exception:  # a broken install (e.g. missing CUDA libs) counts as missing
         return None
+
+
+def known() -> list[str]:
+    """The names ``available`` and ``require`` accept, in a fixed order."""
+    return list(_PACKAGES)
 
 
 def available(name: str) -> bool:

@@ -5,21 +5,39 @@
     ijepa-pretrain --config configs/demo.yaml --resume      # continue the run folder's latest checkpoint
 
 The config may be ours or one of the authors' YAML files; ``section.key=value`` overrides follow.
+
+``--resume`` reads checkpoints (ours and DeepSpeed's) with weights-only loading: a file holding any
+other object is refused, naming the file, and there is no override (this trainer never writes one;
+``ijepa-eval`` and ``ijepa-export`` take ``--trust-checkpoint`` for files from elsewhere). Under
+several processes, a collective that fails because another rank stalled past ``run.dist_timeout_s``
+or died ends this rank with one line naming the timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from ijepa_fast.config import ConfigError, load
+from ijepa_fast.config import Config, ConfigError, load
+
+EXIT_STATUS = """exit status:
+  0    the run finished
+  1    an error, named in one line: the file, folder or setting, and what to do
+  2    a config or command-line error, named in one line
+  130  stopped by SIGINT (Ctrl-C) after saving a checkpoint; --resume continues the run
+  143  stopped by SIGTERM (a scheduler's preemption) after saving a checkpoint; --resume continues
+A second SIGINT or SIGTERM stops at once, without saving: 130 or 143 as well, and the last checkpoint stays."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="ijepa-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ijepa-pretrain",
+        description=__doc__,
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (ours or the authors' format)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
@@ -40,34 +58,75 @@ def setup_logging(run_dir: Path | None = None) -> None:
     )
 
 
+def open_run_folder(cfg: Config) -> bool:
+    """Check that the run folder can be written, then log there (rank 0; other ranks log warnings
+    and errors only, to stderr). True on rank 0."""
+    from ijepa_fast.checkpoint import check_writable
+    from ijepa_fast.distributed import detect
+    from ijepa_fast.trainer import RUN_FOLDER_SETTINGS
+
+    main_rank = detect().rank == 0
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if main_rank:
+        check_writable(run_dir, "the run folder", RUN_FOLDER_SETTINGS)
+    setup_logging(run_dir if main_rank else None)
+    if not main_rank:  # one log for the run
+        logging.getLogger().setLevel(logging.WARNING)
+    return main_rank
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message; an OSError that carries a file name (no message of ours) names the file."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err)
+
+
+def _fail(message: str, status: int, logged: bool) -> int:
+    """Report ``message`` on stderr (and in train.log once the run logs there); return ``status``."""
+    if logged:
+        logging.getLogger("ijepa_fast").error("%s", message)
+    else:
+        print(f"ijepa-pretrain: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     try:
         cfg = load(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"ijepa-pretrain: config error: {err}", file=sys.stderr)
-        return 2
-    from ijepa_fast.distributed import detect
-
-    main_rank = detect().rank == 0
-    setup_logging(Path(cfg.run.out_dir) / cfg.run.name if main_rank else None)
-    if not main_rank:  # one log for the run: other ranks report warnings and errors only
-        logging.getLogger().setLevel(logging.WARNING)
+    except ConfigError as err:
+        return _fail(f"config error: {err}", 2, logged=False)
+    from ijepa_fast.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.distributed import collective_failure
     from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
+    logged = False
+    # Known failures end as one line and an exit status (EXIT_STATUS); anything else is a bug and
+    # keeps its traceback.
     try:
+        main_rank = open_run_folder(cfg)
+        logged = True
         result = Trainer(cfg, resume=args.resume).fit()
-    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
-        logging.getLogger("ijepa_fast").error("%s", err)
-        return 1
-    if not main_rank:
-        return 0
-    print(
-        f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
-        f"skipped images: {result.skipped}  ({result.stopped})"
-    )
-    return 0
+    except KeyboardInterrupt as err:  # Ctrl-C before the trainer handles signals, or a second signal
+        return _fail(str(err) or "interrupted", 128 + getattr(err, "signum", signal.SIGINT), logged)
+    except ConfigError as err:
+        return _fail(f"config error: {err}", 2, logged)
+    except (OSError, ValueError, NonFiniteLossError, UntrustedCheckpointError) as err:
+        return _fail(one_line(err), 1, logged)
+    except RuntimeError as err:
+        failure = collective_failure(err, cfg.run.dist_timeout_s or None)
+        if failure is None:
+            raise
+        return _fail(failure, 1, logged)
+    status = 0 if result.stop_signal is None else 128 + result.stop_signal
+    if main_rank:
+        print(
+            f"run folder: {result.run_dir}  steps: {result.steps}  last loss: {result.last_loss:.4f}  "
+            f"skipped images: {result.skipped}  ({result.stopped})"
+        )
+    return status
 
 
 if __name__ == "__main__":

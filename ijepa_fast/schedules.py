@@ -6,7 +6,9 @@ holds only the constants: resuming at step s needs nothing but s.
 
 Conventions match the authors' code exactly: their LR and WD schedulers increment their counter
 before computing, so optimizer step s uses the value at s + 1; their momentum generator yields the
-value at s for step s.
+value at s for step s. Their arithmetic too, since float products depend on the order: the LR and
+WD schedules span ``int(ipe_scale * epochs * ipe)`` steps (their ``init_opt``), while the momentum
+divides by the unrounded ``ipe * epochs * ipe_scale`` (their ``train.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Schedules:
-    total_steps: int  # T = iterations per epoch * epochs * ipe_scale
+    total_steps: int  # T = int(ipe_scale * epochs * iterations per epoch), the LR and WD span
     warmup_steps: int
     start_lr: float
     lr: float
@@ -26,6 +28,7 @@ class Schedules:
     final_weight_decay: float
     ema_start: float = 0.996
     ema_end: float = 1.0
+    momentum_span: float | None = None  # unrounded ipe * epochs * ipe_scale; None: total_steps
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -36,7 +39,8 @@ class Schedules:
     @classmethod
     def from_config(cls, optim, steps_per_epoch: int) -> Schedules:
         """From an ``OptimConfig`` and the iterations per epoch (authors: ipe)."""
-        total = max(int(steps_per_epoch * optim.epochs * optim.ipe_scale), 1)
+        ipe = steps_per_epoch
+        total = max(int(optim.ipe_scale * optim.epochs * ipe), 1)
         return cls(
             total_steps=total,
             warmup_steps=min(int(optim.warmup_epochs * steps_per_epoch), total),
@@ -47,6 +51,7 @@ class Schedules:
             final_weight_decay=optim.final_weight_decay,
             ema_start=optim.ema[0],
             ema_end=optim.ema[1],
+            momentum_span=ipe * optim.epochs * optim.ipe_scale,
         )
 
     def lr_at(self, step: int) -> float:
@@ -66,9 +71,11 @@ class Schedules:
         return max(end, wd) if end <= start else min(end, wd)
 
     def momentum_at(self, step: int) -> float:
-        """EMA momentum rising linearly ema_start -> ema_end over total_steps (held at the end)."""
-        frac = min(step, self.total_steps) / self.total_steps
-        return self.ema_start + frac * (self.ema_end - self.ema_start)
+        """EMA momentum rising linearly ema_start -> ema_end over ``momentum_span`` steps, held at the
+        authors' last value (step int(span)) beyond it."""
+        span = self.momentum_span or self.total_steps
+        i = min(step, int(span))
+        return self.ema_start + i * (self.ema_end - self.ema_start) / span
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -9,7 +9,6 @@ tensors and reads nothing back, unless the authors' habits are switched on to me
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ijepa_fast.device import autocast
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
 from ijepa_fast.optim import set_lr_wd
@@ -129,11 +129,6 @@ class TrainStep:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def __call__(
         self, images: torch.Tensor, masks: MaskBatch, step: int, mark: PhaseMark = no_mark
     ) -> dict[str, torch.Tensor]:
@@ -141,7 +136,7 @@ class TrainStep:
         if self.micro == 0:
             set_lr_wd(engine.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
         mark("target_fwd")
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             with torch.no_grad():
                 targets = compute_targets(engine.target_forward, images, masks, fused=opts.fused_gather)
             loss = engine.forward(images, masks, targets, mark)

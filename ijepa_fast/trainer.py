@@ -3,13 +3,15 @@
 The loop reads the device once every ``run.log_every`` steps (loss, non-finite check), writes
 metrics.csv / TensorBoard / a progress bar, and has the engine checkpoint every
 ``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
-exit; a non-finite loss stops the run naming the step and leaves the last good checkpoint. What is
-built (models, engine, loader, step) comes from ``engines``, ``data.build`` and ``step``.
+exit (``RunResult.stop_signal`` says which); a second one stops at once, without saving. A
+non-finite loss stops the run naming the step and leaves the last good checkpoint. What is built
+(models, engine, loader, step) comes from ``engines``, ``data.build`` and ``step``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +24,15 @@ from ijepa_fast import config as config_mod
 from ijepa_fast import distributed
 from ijepa_fast.config import Config
 from ijepa_fast.data.build import build_loader
-from ijepa_fast.engines import build_engine, resolve_engine, start_process, train_step_for
+from ijepa_fast.device import resolve_precision
+from ijepa_fast.engines import (
+    build_engine,
+    check_resume,
+    check_run_folder,
+    resolve_engine,
+    start_process,
+    train_step_for,
+)
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.metrics import DeviceMeter, MetricsWriter, plot_loss
 from ijepa_fast.models.ijepa import models_from_config
@@ -30,9 +40,22 @@ from ijepa_fast.models.vit import grid_size
 
 log = logging.getLogger("ijepa_fast")
 
+RUN_FOLDER_SETTINGS = "run.out_dir or run.name"  # what chooses the run folder, named in its errors
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, without a checkpoint (the last one stays)."""
+
+    def __init__(self, signum: int):
+        super().__init__(
+            f"{signal.Signals(signum).name} received again: stopped at once without saving; "
+            f"--resume continues from the last checkpoint"
+        )
+        self.signum = signum
 
 
 @dataclass
@@ -43,6 +66,7 @@ class RunResult:
     skipped: int  # undecodable images skipped (and counted) by this process
     stopped: str  # "finished" | "signal"
     checkpoint: Path | None
+    stop_signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
 
 class Trainer:
@@ -64,7 +88,12 @@ class Trainer:
 
         self.device = start_process(cfg, self.dist_env)
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
+        if self.resume:
+            check_resume(self.run_dir, self.engine_name, cfg.run.engine)
         self._prepare_run_dir()
+        self.precision = resolve_precision(self.device, cfg.run.dtype)
+        if self.is_main:
+            log.log(logging.WARNING if self.precision.slow else logging.INFO, "precision: %s", self.precision)
         torch.manual_seed(cfg.run.seed)
         self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
         self.engine = build_engine(cfg, *models_from_config(cfg, self.device), self.device, self.world_size)
@@ -106,6 +135,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
+        check_run_folder(self.run_dir, self.engine_name, self.is_main, RUN_FOLDER_SETTINGS)
         distributed.barrier()
 
     def _check_model(self, state: dict) -> None:
@@ -215,8 +245,17 @@ class Trainer:
         return loss
 
     def _save(self, step: int, loss: float) -> Path | None:
-        """The engine's checkpoint (collective under DeepSpeed); its path on rank 0."""
-        path = self.engine.save(self.run_dir, step, self._meta(step, loss), self.cfg.run.keep_checkpoints)
+        """The engine's checkpoint (collective under DeepSpeed); its path on rank 0. A failed write (a
+        full disk...) is one error that names the file and what to do."""
+        try:
+            path = self.engine.save(self.run_dir, step, self._meta(step, loss), self.cfg.run.keep_checkpoints)
+        except OSError as err:
+            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            kept = f"then --resume; the last checkpoint, {latest[-1][1]}, is unchanged" if latest else "then run again"
+            raise ckpt.NotWritableError(
+                f"the checkpoint of step {step} could not be written to {err.filename or self.run_dir} "
+                f"({err.strerror or err}): {ckpt.write_remedy(err)}, {kept}"
+            ) from err
         if path is not None:
             log.info("checkpoint %s", path)
         return path
@@ -245,7 +284,7 @@ class Trainer:
             skipped,
             f" ({len(bad)} distinct files)" if bad else "",
         )
-        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt)
+        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt, self._stop_signal)
 
 
 class _NoWriter:
@@ -259,17 +298,27 @@ class _NoWriter:
 
 
 class _StopOnSignals:
-    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits)."""
+    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits).
+
+    Data-loader workers forked inside inherit the handler; they keep serving batches after the first
+    signal (the loop may still fetch one) and leave the message to the main process."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.previous: dict[int, object] = {}
+        self.pid = os.getpid()
 
     def _handle(self, signum, frame):
         if self.trainer._stop_signal is not None:  # a second signal: give up at once
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.trainer._stop_signal = signum
-        log.warning("signal %d received: finishing this step, saving a checkpoint and exiting", signum)
+        if os.getpid() != self.pid:  # a forked worker
+            return
+        log.warning(
+            "%s received: finishing this step, saving a checkpoint and exiting (a second one stops at once, "
+            "without saving)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,4 +1,5 @@
-"""What the kernels in this folder share: the Triton-or-reference decision and input checks.
+"""What the kernels in this folder share: lazy jitting, the launch, the Triton-or-reference decision
+and input checks.
 
 Dispatch rule (read at call time, never at import):
 - CUDA tensors run the Triton kernel when Triton imports, else the plain-PyTorch reference (with a
@@ -9,20 +10,27 @@ Dispatch rule (read at call time, never at import):
 Range checks on indices cost a host sync on a GPU, so the Triton path does them only under the
 debug switch: ``debug=True`` on the call or ``IJEPA_FAST_DEBUG=1`` in the environment. The reference
 path always does them.
+
+Every launch goes through ``launch``, which makes the tensors' CUDA device current first: Triton
+launches on the current device and its current stream, whatever device the tensors are on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
 from ijepa_fast.optional import available, require
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+T = TypeVar("T")
 
 
 def interpret_mode() -> bool:
@@ -33,6 +41,34 @@ def interpret_mode() -> bool:
 def triton_module() -> ModuleType:
     """The imported ``triton`` package, or a clear error naming what to install."""
     return require("triton", "the Triton kernels in kernels/")
+
+
+def lazy_jit(build: Callable[[], T]) -> Callable[[], T]:
+    """Decorator for the function that defines a file's ``@triton.jit`` kernels and returns them.
+
+    The kernels are built on first call, so importing a kernel file imports no triton, and built
+    once per ``TRITON_INTERPRET`` setting, because ``triton.jit`` reads that setting when it decorates.
+    """
+    built = functools.cache(lambda interpret: build())
+
+    @functools.wraps(build)
+    def kernels() -> T:
+        return built(interpret_mode())
+
+    return kernels
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device for the block (a no-op off CUDA, e.g. the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)  # cheap when it is already current
+    return contextlib.nullcontext()
+
+
+def launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs)`` on ``device``, the device of the tensors it reads and writes."""
+    with on_device(device):
+        kernel[grid](*args, **constexprs)
 
 
 @functools.cache

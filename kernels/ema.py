@@ -13,15 +13,13 @@ from a device tensor inside the kernel, so a new value each step neither recompi
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ijepa_fast.kernels import _dispatch as dsp
 
 # Elements per load (BLOCK) and loads per program (ITERS): a chunk of 8192 elements per program,
-# 77k programs for ViT-H/14's 631M parameters. Common defaults for a memory-bound stream; not yet
-# tuned on a GPU (no GPU in the session that wrote it). Tests shrink them to cover chunk edges.
+# 77k programs for ViT-H/14's 631M parameters. Common defaults for a memory-bound stream, not yet
+# tuned on a GPU. Tests shrink them to cover chunk edges.
 _BLOCK = 1024
 _ITERS = 8
 _TARGET_DTYPES = (torch.float32, torch.bfloat16)
@@ -29,15 +27,9 @@ _TABLE_CACHE: dict[tuple, tuple[torch.Tensor, int, bool]] = {}
 _TABLE_CACHE_MAX = 16
 
 
+@dsp.lazy_jit
 def _kernel():
-    """The jitted kernel, built on first use for the current TRITON_INTERPRET setting."""
-    return _build(dsp.interpret_mode())
-
-
-@functools.cache
-def _build(interpret: bool):
-    # triton.jit reads TRITON_INTERPRET when it decorates, so the setting keys the cache.
-    del interpret
+    """The EMA kernel."""
     triton = dsp.triton_module()
     tl = triton.language
 
@@ -127,8 +119,19 @@ def _launch_group(
     n = len(ts)
     views = [table[i * n : (i + 1) * n] for i in range(4)]  # t_ptrs, s_ptrs, o_ptrs, numels
     views += [table[4 * n : 4 * n + n_chunks], table[4 * n + n_chunks :]]  # chunk_tensor, chunk_start
-    _kernel()[(n_chunks,)](
-        *views, ts[0], ss[0], os_[0], m, HAS_OUT=has_out, ALIGNED=aligned, BLOCK=_BLOCK, ITERS=_ITERS
+    dsp.launch(
+        _kernel(),
+        (n_chunks,),
+        ts[0].device,
+        *views,
+        ts[0],
+        ss[0],
+        os_[0],
+        m,
+        HAS_OUT=has_out,
+        ALIGNED=aligned,
+        BLOCK=_BLOCK,
+        ITERS=_ITERS,
     )
 
 
@@ -279,6 +282,6 @@ def ema_update_(
         if torch.compiler.is_compiling():
             _ema_op(targets, sources, m, outs)  # opaque to the tracer, with its fake
         else:
-            # Eager: skip the op dispatcher, whose per-tensor work costs ~1 us x 3 lists of ~400
-            # tensors (measured on this CPU), as much as the update itself moves for a small model.
+            # Eager: skip the op dispatcher, whose per-tensor work over 3 lists of ~400 tensors costs
+            # as much as the update itself for a small model.
             _ema_impl(targets, sources, m, outs)

@@ -23,28 +23,20 @@ bad index can never fault the GPU.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ijepa_fast.kernels import _dispatch as dsp
 
 # Elements per program in the forward gather: 4096 (16 KiB of fp32) is the usual size for a
-# memory-bound copy; not yet tuned on a GPU (no GPU in the session that wrote it).
+# memory-bound copy; not yet tuned on a GPU.
 _FWD_ELEMS = 4096
 # Feature columns per program in the backward; each program loops over its sources serially.
 _BWD_MAX_BLOCK_D = 1024
 
 
+@dsp.lazy_jit
 def _kernels():
-    """The jitted kernels, built on first use for the current TRITON_INTERPRET setting."""
-    return _build(dsp.interpret_mode())
-
-
-@functools.cache
-def _build(interpret: bool):
-    # triton.jit reads TRITON_INTERPRET when it decorates, so the setting keys the cache.
-    del interpret
+    """(gather_add_kernel, segment_sum_kernel)."""
     triton = dsp.triton_module()
     tl = triton.language
 
@@ -61,8 +53,10 @@ def _build(interpret: bool):
         D,
         sxb,
         sxn,
+        sxd,
         spb,
         spn,
+        spd,
         HAS_POS: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -76,9 +70,12 @@ def _build(interpret: bool):
         d_ok = (d < D)[None, :]
         # Out-of-range indices read zeros instead of faulting (checked only under the debug switch).
         load_ok = (r_ok & (n >= 0) & (n < N))[:, None] & d_ok
-        acc = tl.load(x_ptr + (b * sxb + n * sxn)[:, None] + d[None, :], mask=load_ok, other=0.0).to(tl.float32)
+        # Strides in elements; a feature stride of 1 is specialised by Triton into contiguous loads.
+        x_offs = (b * sxb + n * sxn)[:, None] + (d * sxd)[None, :]
+        acc = tl.load(x_ptr + x_offs, mask=load_ok, other=0.0).to(tl.float32)
         if HAS_POS:
-            acc += tl.load(pos_ptr + (b * spb + n * spn)[:, None] + d[None, :], mask=load_ok, other=0.0).to(tl.float32)
+            pos_offs = (b * spb + n * spn)[:, None] + (d * spd)[None, :]
+            acc += tl.load(pos_ptr + pos_offs, mask=load_ok, other=0.0).to(tl.float32)
         out_offs = r.to(tl.int64)[:, None] * D + d[None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok)
 
@@ -108,28 +105,39 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _bcast_strides(t: torch.Tensor) -> tuple[int, int]:
-    """(batch, token) strides of t [B' , N', D], 0 along size-1 dims so they broadcast."""
-    return (t.stride(0) if t.size(0) > 1 else 0, t.stride(1) if t.size(1) > 1 else 0)
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, feature) strides of t [B', N', D]: 0 along size-1 batch and token dims so they
+    broadcast, 1 for a single feature (so it takes the kernel's contiguous variant)."""
+    return (
+        t.stride(0) if t.size(0) > 1 else 0,
+        t.stride(1) if t.size(1) > 1 else 0,
+        t.stride(2) if t.size(2) > 1 else 1,
+    )
 
 
 def _launch_gather_add(
     x: torch.Tensor, pos: torch.Tensor | None, idx: torch.Tensor, n_tokens: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """x [1|B, 1|N, D], pos [1|B, N, D] or None, idx [M, B, K] -> [M*B, K, D] in out_dtype."""
+    """x [1|B, 1|N, D], pos [1|B, N, D] or None, idx [M, B, K] -> [M*B, K, D] in out_dtype.
+
+    x and pos are read in place, whatever their strides: PatchEmbed's tokens are a transposed view
+    (strides N*D, 1, N), and a copy to make them contiguous would move more bytes than the gather.
+    """
     M, B, K = idx.shape
     D = x.size(-1)
     out = torch.empty((M * B, K, D), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    pos_arg = x if pos is None else (pos if pos.stride(-1) == 1 else pos.contiguous())
+    pos_arg = x if pos is None else pos
     block_d = min(dsp.next_pow2(D), _FWD_ELEMS)
     block_r = max(1, min(_FWD_ELEMS // block_d, dsp.next_pow2(M * B * K)))
     rows = M * B * K
     grid = (_cdiv(rows, block_r), _cdiv(D, block_d))
     gather_add, _ = _kernels()
-    gather_add[grid](
+    dsp.launch(
+        gather_add,
+        grid,
+        x.device,
         x,
         pos_arg,
         idx.contiguous(),
@@ -139,8 +147,8 @@ def _launch_gather_add(
         B,
         n_tokens,
         D,
-        *_bcast_strides(x),
-        *_bcast_strides(pos_arg),
+        *_strides(x),
+        *_strides(pos_arg),
         HAS_POS=pos is not None,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
@@ -176,7 +184,7 @@ def _launch_segment_sum(
     block_d = min(dsp.next_pow2(D), _BWD_MAX_BLOCK_D)
     grid = (batch_dst * n_tokens, _cdiv(D, block_d))
     _, segment_sum = _kernels()
-    segment_sum[grid](grad.contiguous(), order, offsets, out, D, BLOCK_D=block_d)
+    dsp.launch(segment_sum, grid, grad.device, grad.contiguous(), order, offsets, out, D, BLOCK_D=block_d)
     return out
 
 

@@ -12,8 +12,6 @@ anyway (plain PyTorch plus the gather's scatter kernel) so the op is safe to use
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ijepa_fast.kernels import _dispatch as dsp
@@ -25,21 +23,15 @@ _ELEMS = 4096
 _MAX_D = 16384
 
 
+@dsp.lazy_jit
 def _kernel():
-    """The jitted kernel, built on first use for the current TRITON_INTERPRET setting."""
-    return _build(dsp.interpret_mode())
-
-
-@functools.cache
-def _build(interpret: bool):
-    # triton.jit reads TRITON_INTERPRET when it decorates, so the setting keys the cache.
-    del interpret
+    """The normalise-and-gather kernel."""
     triton = dsp.triton_module()
     tl = triton.language
 
     @triton.jit
     def norm_gather_kernel(
-        h_ptr, idx_ptr, out_ptr, rows, K, B, N, D, shb, shn, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+        h_ptr, idx_ptr, out_ptr, rows, K, B, N, D, shb, shn, shd, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
     ):
         # One program: BLOCK_R output rows (flat over M*B*K), each whole row in one tile.
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -49,7 +41,8 @@ def _build(interpret: bool):
         b = ((r // K) % B).to(tl.int64)
         d_ok = (d < D)[None, :]
         load_ok = (r_ok & (n >= 0) & (n < N))[:, None] & d_ok  # bad indices read zeros, never fault
-        x = tl.load(h_ptr + (b * shb + n * shn)[:, None] + d[None, :], mask=load_ok, other=0.0).to(tl.float32)
+        h_offs = (b * shb + n * shn)[:, None] + (d * shd)[None, :]  # shd == 1 is specialised: contiguous loads
+        x = tl.load(h_ptr + h_offs, mask=load_ok, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / D
         # Two-pass variance on the tile in registers: as accurate as torch's, no extra memory pass.
         xc = tl.where(d_ok, x - mean[:, None], 0.0)
@@ -62,18 +55,20 @@ def _build(interpret: bool):
 
 
 def _launch(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
-    """h [B, N, D], idx [M, B, K] -> [M*B, K, D] through the Triton kernel."""
+    """h [B, N, D] (any strides, read in place), idx [M, B, K] -> [M*B, K, D] through the Triton kernel."""
     M, B, K = idx.shape
     D = h.size(-1)
     out = torch.empty((M * B, K, D), dtype=h.dtype, device=h.device)
     if out.numel() == 0:
         return out
-    h = h if h.stride(-1) == 1 else h.contiguous()
     block_d = dsp.next_pow2(D)
     rows = M * B * K
     block_r = max(1, min(_ELEMS // block_d, dsp.next_pow2(rows)))
     grid = (-(-rows // block_r),)
-    _kernel()[grid](
+    dsp.launch(
+        _kernel(),
+        grid,
+        h.device,
         h,
         idx.contiguous(),
         out,
@@ -84,6 +79,7 @@ def _launch(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
         D,
         h.stride(0),
         h.stride(1),
+        h.stride(2) if D > 1 else 1,
         float(eps),
         BLOCK_R=block_r,
         BLOCK_D=block_d,

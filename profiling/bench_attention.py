@@ -14,7 +14,8 @@ forward + backward above what q, k, v and g hold. TFLOP/s counts the model's att
 
 Backends: ``math`` (the reference, the authors' formulation), ``sdpa`` (PyTorch's own choice) and,
 on CUDA, SDPA forced to one kernel (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``) plus
-``flash_attn`` and ``xformers`` when installed. A kernel that refuses a shape is reported as such.
+``flash_attn`` (FlashAttention-2), ``flash_attn3`` (FlashAttention-3, Hopper) and ``xformers`` when
+installed. A kernel that refuses a shape is reported as such.
 On a CPU (default ``--batch 1``, ViT-B/16 and ViT-H/14 only) the run only shows the script works.
 """
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_fast.bench import git_commit, mean_mask_sizes
-from ijepa_fast.models.attention import attention_math
+from ijepa_fast.models.attention import attention_function, attention_math
 from ijepa_fast.models.vit import vit_size
 from ijepa_fast.optional import available
 from profiling import _bench_util as bu
@@ -62,11 +63,13 @@ def backends(device: str) -> dict:
         )
         for name, kind in forced:
             fns[name] = functools.partial(_sdpa_forced, kind)
-        from ijepa_fast.models import attention as attn_mod
-
-        for name in ("flash_attn", "xformers"):
-            if available(name):
-                fns[name] = attn_mod._IMPLS[name]
+        for impl, package in (
+            ("flash_attn", "flash_attn"),
+            ("flash_attn3", "flash_attn_interface"),
+            ("xformers", "xformers"),
+        ):
+            if available(package):
+                fns[impl] = attention_function(impl)
     return fns
 
 

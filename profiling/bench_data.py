@@ -8,7 +8,7 @@ stage of one image in this process, to show where the time goes.
                                    [--repeats 3] [--quick]
 
 Without ``--root`` it writes ``--num-images`` photo-like JPEGs (500x375, about ImageNet's mean
-size; ``tests/data_fixtures.py``) to ``--dir`` or a temporary folder. Timing: per worker count, a
+size; ``ijepa_fast.data.synthetic``) to ``--dir`` or a temporary folder. Timing: per worker count, a
 fresh loader; the first ``2 * workers + 1`` batches (start-up and the prefetch queue) are not timed,
 then ``--steps`` batches are (at least ``4 * workers``, so that the batches in progress when the
 clock starts stay a small part of the window). ``--repeats`` rounds, each over every loader and
@@ -37,8 +37,8 @@ from ijepa_fast.config import DataConfig
 from ijepa_fast.data.folder import load_rgb, scan_folder
 from ijepa_fast.data.loader import build_pretrain_loader
 from ijepa_fast.data.transforms import CROP_RATIO, crop_box, normalize, pil_to_uint8, resized_crop
-from ijepa_fast.rng import crop_rng
 from ijepa_fast.masks import MultiBlockMaskSampler
+from ijepa_fast.rng import crop_rng
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         root = args.root
         if root is None:
-            from tests.data_fixtures import write_jpeg_folder
+            from ijepa_fast.data.synthetic import write_jpeg_folder
 
             root = args.dir if args.dir is not None else Path(tmp)
             write_jpeg_folder(root, args.num_images, size=tuple(args.image_size))

@@ -13,13 +13,9 @@ from __future__ import annotations
 import torch
 
 from ijepa_fast.kernels.ema import ema_update_, ema_update_foreach, ema_update_reference
+from ijepa_fast.kernels.inputs import VIT_PARAM_SIZES, make_ema_inputs, vit_param_shapes
 from profiling import _bench_util as bu
-from tests.kernels.test_ema import make_ema_inputs, vit_param_shapes
 
-SIZES = {
-    "tiny": {"depth": 2, "width": 32, "patch": 4, "grid": 4},
-    "vith14": {"depth": 32, "width": 1280, "patch": 14, "grid": 16},
-}
 CONFIGS = {  # name -> (target dtype, source dtype, bf16 copy)
     "fp32": (torch.float32, torch.float32, False),
     "bf16": (torch.bfloat16, torch.bfloat16, False),
@@ -50,7 +46,7 @@ def run_config(name: str, shapes: list[tuple], device: str, reps: int) -> list[d
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = bu.parse_args(argv, "Benchmark the fused EMA update of the target encoder.")
-    shapes = vit_param_shapes(**SIZES[args.size])
+    shapes = vit_param_shapes(**VIT_PARAM_SIZES[args.size])
     rows = []
     for name in CONFIGS:
         rows += run_config(name, shapes, args.device, args.reps)

@@ -20,15 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ijepa_fast.kernels.inputs import GATHER_SHAPES, make_gather_inputs
 from ijepa_fast.kernels.masked_gather import mask_tokens, masked_gather, masked_gather_add
 from ijepa_fast.kernels.target_norm_gather import target_norm_gather
 from profiling import _bench_util as bu
-from tests.kernels.test_masked_gather import make_gather_inputs
-
-SIZES = {  # B, N, D, M, K (targets), K (context), predictor width
-    "tiny": {"B": 2, "N": 16, "D": 32, "M": 4, "K": 3, "K_ctx": 5, "D_pred": 16},
-    "vith14": {"B": 128, "N": 256, "D": 1280, "M": 4, "K": 43, "K_ctx": 72, "D_pred": 384},
-}
 
 
 def apply_masks_authors(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -128,7 +123,7 @@ def run_case(case: str, s: dict, device: str, dtype: torch.dtype, reps: int) -> 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = bu.parse_args(argv, "Benchmark the masked-token gathers (forward + backward).")
-    s = SIZES[args.size]
+    s = GATHER_SHAPES[args.size]
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for case in ("gather", "context+pos", "mask_tokens", "targets"):

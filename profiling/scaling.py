@@ -24,7 +24,7 @@ ZeRO stage    collectives                                             bytes (ful
               its forward
 ============  =====================================================  ==============================
 
-Element sizes as ``ijepa_fast.engine_deepspeed`` runs with ``--precision bf16`` (the GPU default):
+Element sizes as ``ijepa_fast.engines.deepspeed`` runs with ``--precision bf16`` (the GPU default):
 stage 0 keeps fp32 weights under autocast, so fp32 gradients (g = 4); stages 1-3 use DeepSpeed's
 bf16 mode, bf16 weights and gradients (g = w = 2; fp32 master weights stay in the optimizer); the
 target encoder is fp32 (4 bytes) in every stage. ``--precision fp32``: everything 4 bytes.

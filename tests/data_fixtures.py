@@ -1,5 +1,6 @@
-"""Data fixtures shared by tests and benchmarks: photo-like images, IDX files written byte by byte
-(independently of ``ijepa_fast.data.idx``), and image folders with planted awkward and bad files.
+"""Data fixtures of the tests: IDX files written byte by byte (independently of ``ijepa_fast.data.idx``)
+and image folders with planted awkward and bad files, made of the photo-like images of
+``ijepa_fast.data.synthetic``.
 
     planted = make_planted_folder(tmp_path / "data")
     planted.n_files, planted.n_bad, planted.bad  # 17 files, 3 undecodable: their relative paths
@@ -8,7 +9,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,26 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
-def synthetic_photo(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
-    """[height, width, 3] uint8: smooth colour gradients, a few discs and mild noise, so JPEG sizes
-    and decode times resemble photographs' (pure noise compresses far worse, flat colour far better)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    phase = rng.uniform(0, 2 * np.pi, 3)
-    img = np.stack([127 + 100 * np.sin(xx / width * (2 + c) + yy / height * (3 - c) + phase[c]) for c in range(3)], -1)
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.05, 0.3) * min(width, height)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 8, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def encode(arr: np.ndarray | Image.Image, fmt: str = "JPEG", **kw) -> bytes:
-    buf = io.BytesIO()
-    (arr if isinstance(arr, Image.Image) else Image.fromarray(arr)).save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
+from ijepa_fast.data.synthetic import encode, synthetic_photo
 
 # ----------------------------------------------------------------------------- IDX
 
@@ -127,16 +108,3 @@ def make_planted_folder(root: Path, size: tuple[int, int] = (64, 48), good_per_c
     p.write("dogs/empty.jpg", b"", "bad")
     p.write("dogs/empty_text.jpg", b"this is a text file, not a JPEG\n", "bad")
     return p
-
-
-def write_jpeg_folder(
-    root: Path, n: int, size: tuple[int, int] = (500, 375), classes: int = 4, seed: int = 0, quality: int = 90
-) -> list[Path]:
-    """``n`` photo-like JPEGs of ``size`` in ``classes`` class folders (for benchmarks)."""
-    paths = []
-    for i in range(n):
-        path = root / f"class{i % classes:03d}" / f"img{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode(synthetic_photo(*size, seed=seed + i), quality=quality))
-        paths.append(path)
-    return paths

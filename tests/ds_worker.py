@@ -2,8 +2,9 @@
 
     python tests/ds_worker.py zero OUT_DIR 1,2,3     # per stage: 5 steps with a save at 3, resume, EMA check;
                                                      # then gradient accumulation under ZeRO-2
+    python tests/ds_worker.py single OUT_DIR         # a world of one, ZeRO 0-3: process-group timeouts, and
+                                                     # a payload planted in each checkpoint file, resumed
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
-    python tests/ds_worker.py stall OUT_DIR          # rank 1 stops answering; rank 0 must time out
 
 Rank and world come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun
 and the deepspeed launcher set them. Rank 0 writes ``OUT_DIR/result_zero{stage}.pt``. The
@@ -13,9 +14,12 @@ single-process reference.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -198,6 +202,47 @@ def run_accumulation(out: Path, rank: int, world: int) -> None:
         )
 
 
+SINGLE_TIMEOUT_S = 42.0  # the world-of-one run's collective timeout: a value no library picks by default
+
+
+def group_timeouts() -> list[float]:
+    """The collective timeout of every process group of this process, in seconds."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return [pg._get_backend(torch.device("cpu")).options._timeout.total_seconds() for pg in c10d._world.pg_map]
+
+
+def run_single(out: Path) -> None:
+    """ZeRO 0-3 in a world of one: save after one step; resume the clean checkpoint; then, for each
+    file of it, resume a copy with a payload planted in that file. Writes ``OUT_DIR/single.json``."""
+    from ijepa_fast.checkpoint import UntrustedCheckpointError
+    from tests.payloads import plant
+
+    report: dict = {"planted": [], "clean_resume": {}, "exports": {}}
+    for stage in (0, 1, 2, 3):
+        cfg = tiny_config(stage)
+        build = partial(deepspeed_step, cfg, 1)
+        step_fn = build(0)
+        step_fn(*local_batch(0, 0, 1), 0)
+        tag_dir = step_fn.engine.save_checkpoint(out / f"single{stage}", 1)
+        report["exports"][stage] = str(step_fn.engine.export_consolidated(out / f"export{stage}", 1))
+        report["clean_resume"][stage] = build(1).engine.load_checkpoint(out / f"single{stage}")["step"]
+        for path in sorted(tag_dir.glob("*.pt")):
+            copy = out / f"planted{stage}_{path.stem}"
+            shutil.copytree(tag_dir.parent, copy)
+            marker = out / f"ran{stage}_{path.stem}"
+            planted = copy / tag_dir.name / path.name
+            plant(planted, marker)
+            try:
+                build(1).engine.load_checkpoint(copy)
+                error = ""
+            except UntrustedCheckpointError as err:
+                error = str(err)
+            report["planted"].append({"stage": stage, "file": str(planted), "marker": str(marker), "error": error})
+    report["group_timeouts"] = group_timeouts()
+    (out / "single.json").write_text(json.dumps(report, indent=1))
+
+
 def main(argv: list[str]) -> int:
     mode, out = argv[0], Path(argv[1])
     from ijepa_fast import distributed as dist_
@@ -210,14 +255,16 @@ def main(argv: list[str]) -> int:
         dist_.barrier()
         dist_.cleanup()
         return 0
+    if mode == "single":
+        dist_.init(deepspeed=True, timeout_s=SINGLE_TIMEOUT_S)
+        run_single(out)
+        dist_.cleanup()
+        return 0
     env = dist_.init(timeout_s=float(os.environ.get("IJEPA_DIST_TIMEOUT_S", 5)))
     t = torch.ones(1)
     torch.distributed.all_reduce(t)  # everyone is up
-    if env.rank == 1:
-        if mode == "die":
-            os._exit(3)  # a crash: no clean-up, sockets closed by the OS
-        time.sleep(float(os.environ.get("STALL_S", 60)))  # "stall": alive, late for the next collective
-        return 0
+    if env.rank == 1:  # "die"
+        os._exit(3)  # a crash: no clean-up, sockets closed by the OS
     started = time.perf_counter()
     try:
         torch.distributed.all_reduce(t)

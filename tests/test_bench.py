@@ -144,7 +144,7 @@ def test_accumulation_is_timed_per_optimizer_step(tmp_path):
 
 
 def test_harness_with_the_pytorch_loader(tmp_path):
-    from tests.data_fixtures import write_jpeg_folder
+    from ijepa_fast.data.synthetic import write_jpeg_folder
 
     write_jpeg_folder(tmp_path / "imgs", 8, size=(64, 48))
     args = _set(TINY_ARGS, "--batches", "1")
@@ -170,6 +170,19 @@ def test_console_entry_returns_an_exit_status(tmp_path):
     assert row["name"] == "authors" and "phases_ms" not in row
     with pytest.raises(SystemExit):
         bench.main([*args, "--configs", "no such row"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_reported_autocast_is_the_trainers_decision(monkeypatch, native):
+    """run.dtype=auto: the report's autocast and the trainer's step both follow device.resolve_precision."""
+    from ijepa_fast import device as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(bench, "run_config", lambda spec, conf, *a, **k: {"name": conf.name, "ok": False})
+    meta = bench.run_cli([*TINY_ARGS, "--configs", "authors"])["meta"]
+    step = build_train_step(_tiny_spec().config_for({}), torch.device("cpu"), steps_per_epoch=10)
+    assert meta["amp"] == ("bf16" if native else "fp32") and meta["amp_reason"].startswith("auto: ")
+    assert step.amp_dtype == (torch.bfloat16 if native else None)
 
 
 def test_real_loader_without_data_is_a_clear_error():

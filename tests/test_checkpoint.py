@@ -1,17 +1,23 @@
-"""Checkpoints: atomic writes, keep-last-K, a kill mid-write leaves the previous one loadable."""
+"""Checkpoints: atomic writes, keep-last-K, a kill mid-write leaves the previous one loadable, and
+nothing but plain data is ever unpickled."""
 
 from __future__ import annotations
 
+import builtins
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from ijepa_fast import checkpoint as ckpt
+from tests.payloads import plant
 
 
 def test_save_keeps_last_k_and_points_latest(tmp_path):
@@ -28,6 +34,71 @@ def test_damaged_newest_falls_back_to_the_previous(tmp_path, caplog):
     (tmp_path / ckpt.checkpoint_name(2)).write_bytes(b"not a checkpoint")
     assert ckpt.load_latest(tmp_path)["step"] == 1
     assert "does not load" in caplog.text
+
+
+def test_a_payload_planted_in_the_latest_checkpoint_is_refused_naming_it_and_runs_nothing(tmp_path):
+    ckpt.save_checkpoint(tmp_path, {"w": torch.ones(2)}, 1, keep=3)
+    path = ckpt.save_checkpoint(tmp_path, {"w": torch.ones(2)}, 2, keep=3)
+    plant(path, tmp_path / "ran")
+    # refused, not skipped for step 1 as a damaged file would be: someone put it there
+    with pytest.raises(ckpt.UntrustedCheckpointError, match=re.escape(str(path))) as err:
+        ckpt.load_latest(tmp_path)
+    assert "posix.system" in str(err.value) and "no override" in str(err.value)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3)}, good)
+    contents = {"empty": b"", "text": b"step: 3\n", "garbage": bytes(range(7, 250)), "half": good.read_bytes()[:300]}
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ckpt.NotACheckpointError, match=re.escape(str(tmp_path / name))) as err:
+            ckpt.load_file(tmp_path / name)
+        assert "not a checkpoint" in str(err.value) and "trust" not in str(err.value)
+
+
+class _FullDiskFile:
+    """A file on a disk with ``room`` bytes left: a write past it raises ENOSPC, as the kernel does."""
+
+    def __init__(self, fh, room: int):
+        self.fh, self.room = fh, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def fill_disk_while_writing(monkeypatch, name: str, room: int = 4096) -> None:
+    """Checkpoint files whose name contains ``name`` run out of disk after ``room`` bytes."""
+
+    def open_(path, mode="r", *args, **kwargs):
+        fh = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (the caller closes it)
+        return _FullDiskFile(fh, room) if "w" in mode and name in os.path.basename(path) else fh
+
+    monkeypatch.setattr(ckpt, "open", open_, raising=False)
+
+
+def test_a_full_disk_names_the_checkpoint_keeps_the_previous_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, {"w": torch.arange(5.0)}, 1, keep=3)
+    fill_disk_while_writing(monkeypatch, ckpt.checkpoint_name(2))
+    with pytest.raises(OSError) as raised:  # torch's zip writer turns the write error into a RuntimeError
+        ckpt.save_checkpoint(tmp_path, {"w": torch.zeros(1 << 16)}, 2, keep=3)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / ckpt.checkpoint_name(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.checkpoint_name(1), "latest.pt"]
+    assert os.readlink(tmp_path / "latest.pt") == ckpt.checkpoint_name(1)
+    assert torch.equal(ckpt.load_latest(tmp_path)["w"], torch.arange(5.0))
 
 
 _SLOW_WRITER = """

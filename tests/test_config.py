@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ijepa_fast import config
+from ijepa_fast import config, pretrain
 from ijepa_fast.authors_config import is_authors_format, translate
 from ijepa_fast.config import AUTHORS_SPEED, Config, ConfigError
+from tests.test_trainer import one_error_line
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -43,7 +44,8 @@ def _authors_raw(name: str = "in1k_vith14_ep300.yaml") -> dict:
 def test_authors_config_loads_expected_values(name):
     (model, patch, depth, width), (crop, batch), (epochs, warmup) = AUTHORS[name]
     assert is_authors_format(_authors_raw(name))
-    cfg = config.load(str(CONFIGS / name))
+    with pytest.warns(UserWarning, match="logging.folder=.*placeholder"):
+        cfg = config.load(str(CONFIGS / name))
     m = cfg.model
     assert (m.name, m.patch_size, m.pred_depth, m.pred_emb_dim) == (model, patch, depth, width)
     assert (cfg.data.crop_size, cfg.data.batch_size, cfg.data.crop_scale) == (crop, batch, (0.3, 1.0))
@@ -57,7 +59,21 @@ def test_authors_config_loads_expected_values(name):
     assert (o.start_lr, o.lr, o.final_lr) == (2e-4, 1e-3, 1e-6)
     assert (o.weight_decay, o.final_weight_decay, o.ema) == (0.04, 0.4, (0.996, 1.0))
     assert (cfg.run.dtype, cfg.run.name) == ("auto", "jepa")  # use_bfloat16: true; write_tag
-    assert cfg.run.out_dir.startswith("$replace_this_with_path_for_experiment_logs/")
+    assert cfg.run.out_dir == "runs"  # their logging.folder is a placeholder: never a folder name
+
+
+def test_authors_logging_folder_is_the_out_dir_unless_a_placeholder(tmp_path):
+    raw = _authors_raw()
+    raw["logging"]["folder"] = "/logs/ijepa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config.load(_write(tmp_path, raw)).run.out_dir == "/logs/ijepa"
+    raw["logging"]["folder"] = "$replace_this_with_path_for_experiment_logs/vith14/"
+    with pytest.warns(UserWarning, match=r"logging\.folder=.*placeholder.*run\.out_dir"):
+        cfg = config.load(_write(tmp_path, raw), ["run.out_dir=/scratch/runs"])
+    assert cfg.run.out_dir == "/scratch/runs"
+    with pytest.warns(UserWarning, match="placeholder"):
+        assert config.load(_write(tmp_path, raw)).run.out_dir == "runs"
 
 
 def test_authors_format_detection():
@@ -108,6 +124,7 @@ def test_authors_augmentations_on_are_rejected(tmp_path, key, value):
 
 def test_authors_checkpoint_keys_warn_and_are_ignored(tmp_path):
     raw = _authors_raw()
+    raw["logging"]["folder"] = str(tmp_path / "logs")  # not their placeholder, which warns
     raw["meta"]["copy_data"] = True
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -271,3 +288,29 @@ def test_save_load_round_trip(tmp_path, name):
     assert again == cfg
     assert not is_authors_format(yaml.safe_load(Path(path).read_text()))
     assert isinstance(again, Config) and dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- files that do not load, via the CLI
+
+
+def test_a_config_path_that_is_a_folder_is_one_line_naming_it(tmp_path, capsys):
+    assert pretrain.main(["--config", str(tmp_path)]) == 2
+    assert f"config file {tmp_path} is a folder" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "text,bad_line,where,extra",
+    [
+        # a key indented deeper than its sibling: the parser fails at its colon
+        ("run:\n  name: a\n   seed: 1\n", 3, "   seed:", ""),
+        # an unclosed list: the parser fails at the end of the file and names where the list starts
+        ("run:\n  name: a\n  seed: [1, 2\n", 4, None, "that starts at line 3, column 9"),
+    ],
+)
+def test_malformed_yaml_names_the_line_and_column(tmp_path, capsys, text, bad_line, where, extra):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert pretrain.main(["--config", str(path)]) == 2
+    column = len(where) if where else 1  # 1-based: the colon of `where`, or the start of the line
+    line = one_error_line(capsys)
+    assert f"{path} is not valid YAML at line {bad_line}, column {column}" in line and extra in line

@@ -342,8 +342,9 @@ def test_webdataset_ranks_see_each_sample_at_most_once_per_epoch(tmp_path, n):
     good = n - 1
     spe = loaders[0].steps_per_epoch
     assert spe == good // 8 and all(lo.steps_per_epoch == spe for lo in loaders)
-    assert loaders[0].skipped == 1 and any(":s00003 " in p for p in loaders[0].skipped_paths)
+    assert any(":s00003 " in p for p in loaders[0].skipped_paths)
     batches = [take(loader, 3 * spe) for loader in loaders]
+    assert loaders[0].skipped == 1 and [b.skipped for b in batches[0][:2]] == [1, 0]  # counted once
     for epoch in range(3):
         seen = [i for rank in batches for b in rank[epoch * spe : (epoch + 1) * spe] for i in b.labels.tolist()]
         assert len(seen) == len(set(seen)) == spe * 8, (epoch, sorted(seen))
@@ -545,12 +546,104 @@ def test_hash_is_exact_uniform_and_independent():
     assert abs(torch.corrcoef(torch.stack([u, other]))[0, 1].item()) < 0.05
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_sampler_on_cuda_equals_cpu():
+# Everything that brings a tensor's values to the host (on CUDA: waits for the tensor's stream).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def recording(method, reads: list):
+    """``method`` that first appends the tensor it is called on to ``reads``."""
+
+    def spy(self, *args, **kwargs):
+        reads.append(self)
+        return method(self, *args, **kwargs)
+
+    return spy
+
+
+def test_device_sampler_reads_back_only_what_the_previous_call_started(monkeypatch, one_thread):
+    """In steady state a call reads back nothing it computed itself (on CUDA that read would wait
+    behind the training step): only the widths whose copy to the host the previous call started."""
     sampler = DeviceMaskSampler(16, seed=0)
-    for step in range(5):
-        c, g = sampler(64, step), sampler(64, step, device="cuda")
+    sampler(8, 0)  # the first call samples its own step (and reads it back), then the next one
+    reads = []
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name), reads))
+    seen = []
+    for step in range(1, 4):
+        started = getattr(sampler, "_ahead", None)  # the read-back the previous call started
+        reads.clear()
+        sampler(8, step)
+        seen.append([t is started.widths if started else "computed in the call" for t in reads])
+    monkeypatch.undo()
+    assert seen == [[True]] * 3
+
+
+def test_device_sampler_masks_do_not_depend_on_the_order_of_calls(one_thread):
+    """Sampling a step ahead changes no mask: consecutive, repeated and skipped steps, another batch
+    size, another device and a reloaded seed give what a fresh sampler gives."""
+    sampler = DeviceMaskSampler(14, seed=5)
+    calls = [(8, 0), (8, 1), (8, 2), (8, 2), (8, 7), (8, 8), (4, 9), (8, 10), (8, 11)]
+    for i, (batch_size, step) in enumerate(calls):
+        if i == 7:  # a resume with another seed: the step sampled ahead was for the old one
+            sampler.load_state_dict({**sampler.state_dict(), "seed": 6})
+        got, want = sampler(batch_size, step), DeviceMaskSampler(14, seed=sampler.seed)(batch_size, step)
+        assert torch.equal(got.context, want.context) and torch.equal(got.targets, want.targets), (batch_size, step)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_device_sampler_on_cuda_equals_cpu():
+    """Bit-identical masks on CUDA, for steps sampled ahead and for a restart at another step."""
+    cpu, gpu = DeviceMaskSampler(16, seed=0), DeviceMaskSampler(16, seed=0)
+    for step in (0, 1, 2, 3, 9, 10):
+        c, g = cpu(64, step), gpu(64, step, device="cuda")
         assert g.context.is_cuda and torch.equal(c.context, g.context.cpu()) and torch.equal(c.targets, g.targets.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_device_sampler_on_cuda_never_waits_for_the_current_stream():
+    """A step sampled ahead is returned without any synchronising CUDA call, while work queued on
+    the current stream (a stand-in for the training step) is still running; the masks are right."""
+    sampler, cpu = DeviceMaskSampler(16, seed=0), DeviceMaskSampler(16, seed=0)
+    sampler(64, 0, device="cuda")  # samples step 0, then starts step 1
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of one busy thread on the current stream
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call (.tolist() of a CUDA tensor) raises
+    try:
+        got = [sampler(64, step, device="cuda") for step in (1, 2, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream().query()  # the host did not wait for the current stream
+    torch.cuda.synchronize()
+    for step, g in zip((1, 2, 3), got):
+        c = cpu(64, step)
+        assert torch.equal(c.context, g.context.cpu()) and torch.equal(c.targets, g.targets.cpu())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_dali
+def test_mixed_decoding_on_cuda_matches_the_cpu_mode(tmp_path):
+    """The GPU path (``mixed`` decoding, masks sampled on the GPU) gives DALI's CPU mode's steps,
+    labels and masks exactly, and its pixels within what two JPEG decoders disagree by."""
+    make_photo_folder(tmp_path)
+    cfg = cfg_for(tmp_path)
+    gpu = take(build_dali_loader(cfg, grid=4, mask_kwargs=MASKS, seed=3, device="cuda"), 5)
+    cpu = take(build_dali_loader(cfg, grid=4, mask_kwargs=MASKS, seed=3), 5)
+    for a, b in zip(gpu, cpu):
+        assert a.images.is_cuda and a.labels.is_cuda and a.masks.context.is_cuda and a.masks.targets.is_cuda
+        assert a.images.shape == (4, 3, 32, 32) and a.images.dtype == torch.float32
+        assert (a.step, a.epoch, a.skipped) == (b.step, b.epoch, b.skipped) and torch.equal(a.labels.cpu(), b.labels)
+        assert torch.equal(a.masks.context.cpu(), b.masks.context)
+        assert torch.equal(a.masks.targets.cpu(), b.masks.targets)
+        # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: a few grey levels on average
+        diff = (a.images.cpu() - b.images).abs()
+        assert diff.mean() < 0.05 and diff.max() < 0.5, (diff.mean(), diff.max())  # ~3 and ~25 grey levels
+    assert [b.epoch for b in gpu] == [0, 0, 0, 1, 1]
 
 
 @needs_dali
@@ -597,3 +690,72 @@ def test_the_trainer_trains_with_the_dali_loader_by_config(tmp_path):
     assert runs["dali"].steps == runs["pytorch"].steps == 14  # 14 files / batch 2, two epochs
     assert runs["dali"].skipped == runs["pytorch"].skipped == 6  # 3 bad files, met once per epoch
     assert (tmp_path / "runs" / "dali" / "checkpoints" / "latest.pt").exists()
+
+
+def dali_overrides(data: Path, out: Path, name: str) -> list[str]:
+    """A ViT-tiny run of one epoch on DALI's CPU mode."""
+    values = {
+        "model.name": "vit_tiny",
+        "model.patch_size": 8,
+        "model.pred_depth": 1,
+        "model.pred_emb_dim": 48,
+        "mask.min_keep": 2,
+        "data.dataset": "folder",
+        "data.root": str(data),
+        "data.split": "",
+        "data.crop_size": 32,
+        "data.batch_size": 2,
+        "data.num_workers": 1,
+        "data.pin_memory": "false",
+        "data.loader": "dali",
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0.5,
+        "run.out_dir": str(out),
+        "run.name": name,
+        "run.log_every": 1,
+        "run.checkpoint_every": 100,
+        "run.progress": "false",
+        "run.tensorboard": "false",
+        "run.device": "cpu",
+        "run.dtype": "fp32",
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@needs_dali
+def test_corrupt_webdataset_members_are_counted_in_the_summary_and_the_metrics(tmp_path, caplog):
+    import csv
+    import logging
+
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.trainer import Trainer
+
+    make_shards(tmp_path / "data", 11, bad=(1, 4, 7))  # 8 good samples: 4 steps of 2
+    with caplog.at_level(logging.INFO, logger="ijepa_fast"):
+        result = Trainer(config_mod.load(None, dali_overrides(tmp_path / "data", tmp_path / "runs", "wds"))).fit()
+    assert (result.steps, result.skipped) == (4, 3)
+    with open(tmp_path / "runs" / "wds" / "metrics.csv") as fh:
+        assert [int(row["skipped"]) for row in csv.DictReader(fh)] == [3, 3, 3, 3]
+    assert "3 undecodable image(s) skipped (3 distinct files)" in caplog.text
+
+
+@needs_dali
+def test_a_truncated_webdataset_shard_is_one_line_naming_it(tmp_path, capsys):
+    from ijepa_fast import pretrain
+
+    make_shards(tmp_path / "data", 16)
+    shard = tmp_path / "data" / "shard-001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])  # cut inside a member
+    assert pretrain.main(dali_overrides(tmp_path / "data", tmp_path / "runs", "cut")) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if " ERROR " in line]
+    assert f"webdataset shard {shard} is truncated or damaged" in line and "Traceback" not in err
+
+
+@needs_dali
+def test_a_folder_of_undecodable_images_is_one_error_naming_it_on_dali(tmp_path):
+    for i in range(4):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{i}.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: none of its 4 images can be decoded"):  # the CLIs' class
+        take(build_dali_loader(cfg_for(tmp_path), grid=4, mask_kwargs=MASKS, seed=0), 1)

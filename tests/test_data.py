@@ -4,6 +4,7 @@ clear errors for missing or empty sources, and the loader benchmark at a tiny si
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import math
@@ -177,6 +178,25 @@ def test_flat_folder_is_one_class_and_loose_images_are_left_out_loudly(tmp_path,
         paths, labels, classes = scan_folder(tmp_path)
     assert [p.name for p in paths] == ["x.jpg"] and labels == [0] and classes == ["b"]
     assert "3 image(s) lie directly in the root" in caplog.text
+
+
+def test_an_unreadable_class_folder_is_named_not_dropped_silently(tmp_path, monkeypatch, caplog):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.jpg").write_bytes(encode(synthetic_photo()))
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # the OS refuses to list b/ (as chmod 000 would for a user other than root)
+        if os.path.basename(os.fspath(path)) == "b":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING):
+        paths, labels, classes = scan_folder(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a/x.jpg", "c/x.jpg"]
+    assert classes == ["a", "c"] and labels == [0, 1]
+    assert f"1 folder(s) could not be read and are left out: {tmp_path / 'b'} (Permission denied)" in caplog.text
 
 
 def test_folder_scan_survives_a_link_cycle(tmp_path):
@@ -509,3 +529,19 @@ def test_benchmark_runs_quick(tmp_path, capsys):
     rows = main(["--quick", "--workers", "0", "--dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| loader | workers |" in out and rows and rows[0]["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pretraining_on_a_folder_of_undecodable_images_is_one_line_naming_it(tmp_path, capsys, workers):
+    from ijepa_fast import pretrain
+    from tests.test_trainer import tiny_overrides
+
+    for i in range(6):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / f"c{i % 2}" / f"{i}.jpg").write_text("not an image")
+    extra = {"data.dataset": "folder", "data.split": "", "data.batch_size": 2, "data.num_workers": workers}
+    assert pretrain.main(tiny_overrides(tmp_path / "data", tmp_path / "runs", "bad", **extra)) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if " ERROR " in line]
+    assert f"{tmp_path / 'data'}: none of its 6 images can be decoded (first: " in line
+    assert "Traceback" not in err and not list((tmp_path / "runs" / "bad").glob("checkpoints/*"))

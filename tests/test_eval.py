@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import torch
 
 from ijepa_fast import checkpoint as ckpt_mod
 from ijepa_fast import config as config_mod
-from ijepa_fast.eval import cli
-from ijepa_fast.eval.features import encode, extract_features
+from ijepa_fast.eval import attentive, cli
+from ijepa_fast.eval.attentive import AttentiveProbe, attentive_probe
+from ijepa_fast.eval.features import encode, extract_features, extract_tokens
 from ijepa_fast.eval.knn import knn_accuracy, knn_predict, knn_topk
+from ijepa_fast.eval.lowshot import LowShot, label_subset
 from ijepa_fast.eval.probe import fit_softmax_regression, linear_probe, whiten
 from ijepa_fast.models.ijepa import build_models
 from ijepa_fast.models.vit import build_encoder
@@ -137,6 +140,29 @@ def test_bf16_features_are_close_to_fp32(encoder):
     low, _ = extract_features(encoder, (x, torch.zeros(6)), dtype="bf16", progress=False)
     assert low.dtype == torch.float32
     assert ((low - ref).norm(dim=1) / ref.norm(dim=1)).max() < 2e-2
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_the_trainers_decision(encoder, monkeypatch, native):
+    """dtype=auto extracts in bf16 exactly where the run's device.resolve_precision picks bf16."""
+    from ijepa_fast import device as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    x = torch.randn(4, 3, 32, 32)
+    auto, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="auto", progress=False)
+    same, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="bf16" if native else "fp32", progress=False)
+    other, _ = extract_features(encoder, (x, torch.zeros(4)), dtype="fp32" if native else "bf16", progress=False)
+    assert torch.equal(auto, same) and not torch.equal(auto, other)
+
+
+def test_tokens_are_the_encoders_output_and_average_to_avgpool(encoder):
+    images, labels = torch.randn(5, 3, 32, 32), torch.arange(5)
+    tokens, y = extract_tokens(encoder, (images, labels), batch_size=2, dtype="fp32", progress=False)
+    feats, _ = extract_features(encoder, (images, labels), batch_size=2, dtype="fp32", progress=False)
+    assert tokens.shape == (5, 4, 192) and torch.equal(y, labels)
+    with torch.no_grad():
+        torch.testing.assert_close(tokens, encoder.eval()(images))
+    torch.testing.assert_close(tokens.mean(1), feats)
 
 
 def test_bad_feature_mode_is_named(encoder):
@@ -327,6 +353,146 @@ def test_python_m_eval_last4_without_probe(tmp_path, idx_data, run_dir):
     assert report["data"]["n_train"] == 30 and report["data"]["n_test"] == 30
 
 
+def test_ijepa_eval_reports_the_undecodable_images_it_replaced(tmp_path, capsys, run_dir):
+    from tests.data_fixtures import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "data" / "train", 12, size=(40, 32))
+    write_jpeg_folder(tmp_path / "data" / "val", 8, size=(40, 32), seed=50)
+    (tmp_path / "data" / "val" / "class000" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "data" / "val" / "class001" / "notes.jpg").write_text("not an image")
+    out = tmp_path / "r.json"
+    argv = [str(run_dir), "--data", str(tmp_path / "data"), "--dataset", "folder", "--no-probe", "--no-progress"]
+    assert cli.main([*argv, "--num-workers", "2", "--out", str(out)]) == 0  # counted across workers
+    data = json.loads(out.read_text())["data"]
+    assert (data["n_train"], data["replaced_train"], data["n_test"], data["replaced_test"]) == (12, 0, 10, 2)
+    assert "undecodable images replaced: 0 train / 2 test" in capsys.readouterr().out
+
+
 def test_ijepa_eval_names_missing_data(tmp_path, capsys, run_dir):
     rc = cli.main([str(run_dir), "--data", str(tmp_path / "nowhere"), "--no-progress"])
     assert rc == 1 and "nowhere" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- low-shot subsets
+
+
+def test_low_shot_protocols_parse():
+    assert LowShot.parse("1%") == LowShot(fraction=0.01) and LowShot.parse(" 5 ") == LowShot(per_class=5)
+    assert LowShot.parse("1%").name == "1% of the labels" and LowShot.parse("5").name == "5 per class"
+    for bad in ("x", "0", "150%", "-3"):
+        with pytest.raises(ValueError):
+            LowShot.parse(bad)
+
+
+def test_low_shot_subset_is_class_balanced_seeded_and_recorded():
+    sizes = {0: 100, 1: 200, 2: 300, 3: 50}
+    labels = torch.cat([torch.full((n,), c) for c, n in sizes.items()])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+
+    tenth = label_subset(labels, LowShot(fraction=0.1), seed=3)
+    assert torch.bincount(labels[tenth.indices]).tolist() == [10, 20, 30, 5]  # each class keeps its share
+    assert tenth.per_class == {0: 10, 1: 20, 2: 30, 3: 5}
+    assert torch.equal(tenth.indices, tenth.indices.unique())  # distinct rows, ascending
+    assert torch.equal(label_subset(labels, LowShot(fraction=0.1), seed=3).indices, tenth.indices)
+    assert not torch.equal(label_subset(labels, LowShot(fraction=0.1), seed=4).indices, tenth.indices)
+    # 1% of a 50-image class rounds to 0.5: every class keeps at least one image
+    assert label_subset(labels, LowShot(fraction=0.01)).per_class == {0: 1, 1: 2, 2: 3, 3: 1}
+
+    seven = label_subset(labels, LowShot(per_class=7), seed=3)
+    assert torch.bincount(labels[seven.indices]).tolist() == [7, 7, 7, 7]
+    five = label_subset(labels, LowShot(per_class=5), seed=3)
+    assert set(five.indices.tolist()) <= set(seven.indices.tolist())  # the same seeded order, a shorter prefix
+
+    record = json.loads(json.dumps(seven.to_dict()))
+    assert record["seed"] == 3 and record["images_per_class"] == 7 and record["n"] == 28
+    assert record["indices"] == seven.indices.tolist() and record["per_class_counts"] == {str(c): 7 for c in sizes}
+    with pytest.raises(ValueError, match="class 3 has 50 train images, fewer than the 60"):
+        label_subset(labels, LowShot(per_class=60))
+
+
+# ----------------------------------------------------------------------------- attentive probe
+
+
+def attentive_reference(probe, tokens):
+    """The probe's forward written out: LayerNorm, key/value projections, per-head softmax over tokens, linear."""
+    D, H = tokens.shape[-1], probe.num_heads
+    x = (tokens - tokens.mean(-1, keepdim=True)) / torch.sqrt(tokens.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    x = x * probe.norm.weight + probe.norm.bias
+    w_k, w_v = probe.kv.weight[:D], probe.kv.weight[D:]
+    b_k, b_v = probe.kv.bias[:D], probe.kv.bias[D:]
+    pooled = []
+    for h in range(H):
+        part = slice(h * D // H, (h + 1) * D // H)
+        keys = x @ w_k[part].T + b_k[part]  # (B, N, D/H)
+        values = x @ w_v[part].T + b_v[part]
+        scores = keys @ probe.query[h] / math.sqrt(D // H)  # (B, N)
+        pooled.append((torch.softmax(scores, dim=1)[..., None] * values).sum(1))  # (B, D/H)
+    return torch.cat(pooled, dim=1) @ probe.head.weight.T + probe.head.bias
+
+
+def test_attentive_probe_forward_matches_plain_pytorch():
+    torch.manual_seed(0)
+    probe = AttentiveProbe(dim=48, num_classes=5, num_heads=4)
+    with torch.no_grad():  # away from the initialisation's near-zero query and LayerNorm 1/0
+        for p in probe.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    tokens = torch.randn(3, 11, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(probe(tokens), attentive_reference(probe, tokens), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="heads"):
+        AttentiveProbe(dim=48, num_classes=5, num_heads=5)
+
+
+def marked_tokens(n: int, seed: int, T: int = 16, D: int = 32, K: int = 4):
+    """Tokens [n, T, D] holding every class's pattern at K random positions; only the image's own class's
+    token carries a marker (channel 0). Their average is the same for every class: only attention reads it."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = 3.0 * torch.randn(K, D, generator=torch.Generator().manual_seed(123))
+    patterns[:, 0] = 0.0
+    y = torch.randint(0, K, (n,), generator=g)
+    x = torch.randn(n, T, D, generator=g)
+    where = torch.argsort(torch.rand(n, T, generator=g), dim=1)[:, :K]  # (n, K) distinct positions
+    x[torch.arange(n)[:, None], where] += patterns[None]
+    x[torch.arange(n), where[torch.arange(n), y], 0] += 6.0
+    return x, y
+
+
+def test_attentive_probe_reads_a_label_that_average_pooling_cannot():
+    train_x, train_y = marked_tokens(400, seed=10)
+    test_x, test_y = marked_tokens(200, seed=20)
+    result = attentive_probe(train_x, train_y, test_x, test_y, num_heads=4)
+    assert result.top1 > 0.9 and result.num_classes == 4 and result.steps == attentive.MIN_STEPS
+    pooled = linear_probe(train_x.mean(1), train_y, test_x.mean(1), test_y)
+    assert pooled.top1 < 0.45  # chance is 0.25: the average holds no label
+
+
+# ----------------------------------------------------------------------------- ijepa-eval: low-shot, attentive
+
+
+def test_ijepa_eval_low_shot_and_attentive_reports(tmp_path, capsys, idx_data, run_dir):
+    out = tmp_path / "r.json"
+    args = [str(run_dir), "--data", str(idx_data), "--out", str(out), "--no-progress", "--no-knn", "--no-full"]
+    args += ["--low-shot", "5%", "--low-shot", "3", "--attentive", "--attentive-heads", "4", "--attentive-steps", "40"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["weights"] == "target" and report["encoder"].startswith("vit_tiny: width 192")
+    assert report["pooling"] == "avgpool" and (report["data"]["n_train"], report["data"]["n_test"]) == (160, 48)
+    assert "probe" not in report and "knn" not in report  # --no-full
+    # the subsets are the ones label_subset draws from the train labels with --seed 0, and recorded as such
+    with gzip.open(idx_data / "train-labels-idx1-ubyte.gz") as fh:
+        labels = torch.from_numpy(np.frombuffer(fh.read()[8:], np.uint8).copy())
+    for section, protocol in zip(report["low_shot"], (LowShot(fraction=0.05), LowShot(per_class=3))):
+        expected = label_subset(labels.long(), protocol, seed=0)
+        assert section["subset"]["indices"] == expected.indices.tolist() and section["subset"]["seed"] == 0
+        assert section["probe"]["num_classes"] == 4 and section["attentive"]["steps"] == 40
+    assert [(r["train_labels"], r["n_train"], r["head"]) for r in report["results"]] == [
+        ("5% of the labels (seed 0)", 8, "linear probe"),
+        ("3 per class (seed 0)", 12, "linear probe"),
+        ("5% of the labels (seed 0)", 8, "attentive probe"),
+        ("3 per class (seed 0)", 12, "attentive probe"),
+    ]
+    markdown = out.with_suffix(".md").read_text()
+    assert "| weights | target (the EMA encoder) |" in markdown and "160 train images" in markdown
+    assert "| 3 per class (seed 0) | 12 | attentive probe | attentive |" in markdown
+    with pytest.raises(SystemExit):  # nothing left to evaluate
+        cli.parse_args([str(run_dir), "--data", str(idx_data), "--no-full"])

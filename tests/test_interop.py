@@ -4,7 +4,11 @@ safetensors round trips, the timm mapping, and the ijepa-export / ijepa-extract 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +16,11 @@ import pytest
 import torch
 
 from ijepa_fast import interop
+from ijepa_fast.eval import cli as eval_cli
 from ijepa_fast.eval.features import extract_features
 from ijepa_fast.interop import CheckpointMismatchError, UntrustedCheckpointError
 from ijepa_fast.models.vit import sincos_pos_embed_2d
+from tests.payloads import plant
 from tests.test_eval import write_idx_data, write_our_run
 
 # The synthetic authors' model: ViT-tiny/16 at 64 px (4x4 grid), predictor 2 blocks of width 96.
@@ -281,6 +287,57 @@ def test_missing_file_and_unknown_content(tmp_path):
         interop.load_encoder(tmp_path / "odd.pt")
 
 
+CLIS = ("ijepa-eval", "ijepa-export")
+
+
+def run_cli(tool: str, checkpoint: Path, tmp_path: Path) -> int:
+    if tool == "ijepa-eval":
+        return eval_cli.main([str(checkpoint), "--data", str(tmp_path), "--no-progress"])
+    return interop.export_main([str(checkpoint), "--out", str(tmp_path / "out.safetensors")])
+
+
+def one_error_line(tool: str, capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tool}: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("tool", CLIS)
+def test_a_planted_payload_is_refused_by_the_command_lines_and_runs_nothing(tool, authors_file, tmp_path, capsys):
+    path = tmp_path / "planted.pth.tar"
+    shutil.copy(authors_file, path)
+    plant(path, tmp_path / "ran")
+    assert run_cli(tool, path, tmp_path) == 1
+    line = one_error_line(tool, capsys)
+    assert str(path) in line and "posix.system" in line and "--trust-checkpoint" in line
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("tool", CLIS)
+@pytest.mark.parametrize(
+    "content", [b"", b"encoder: vit_huge\n", bytes(range(3, 256)) * 4], ids=["empty", "text", "bytes"]
+)
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tool, content, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    assert run_cli(tool, path, tmp_path) == 1
+    line = one_error_line(tool, capsys)
+    assert str(path) in line and "not a checkpoint" in line and "trust" not in line
+
+
+@pytest.mark.parametrize("tool", CLIS)
+@pytest.mark.parametrize("damage", ["truncated", "bytes"])
+def test_a_bad_safetensors_file_is_one_line_naming_it(tool, damage, authors_file, tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    encoder = interop.load_authors_checkpoint(authors_file, predictor=False).target_encoder
+    good = interop.export_safetensors(encoder, tmp_path / "good.safetensors")
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(good.read_bytes()[:-100] if damage == "truncated" else bytes(range(3, 256)) * 4)
+    assert run_cli(tool, path, tmp_path) == 1
+    line = one_error_line(tool, capsys)
+    assert str(path) in line and "safetensors" in line
+
+
 # ----------------------------------------------------------------------------- our checkpoints
 
 
@@ -351,6 +408,172 @@ def test_timm_model_gives_the_same_features(authors_file):
         ours, theirs = encoder(x).mean(1), model(x)
     assert theirs.shape == (3, D)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_timm_export_loads_into_timms_gap_models(authors_file, tmp_path):
+    """timm's vit_*_gap models as installed (torchvision stubbed out when it cannot import): the
+    export loads strictly and gives our features; its names and shapes are vit_huge_patch14_gap_224's."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (pip install --no-deps timm)")
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    export, x = tmp_path / "timm.safetensors", images(3)
+    assert interop.export_main([str(authors_file), "--out", str(export), "--timm"]) == 0
+    torch.save(x, tmp_path / "images.pt")
+    worker = Path(__file__).with_name("timm_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(export), str(tmp_path / "images.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    encoder = interop.load_encoder(authors_file).encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(result["features"], encoder(x).mean(1), atol=1e-5, rtol=0)
+    vit_h = interop.EncoderSpec(1280, 32, 16, 14, 224).build(device="meta")
+    ours = {k: tuple(v.shape) for k, v in interop.to_timm_state_dict(vit_h).items()}
+    assert ours == result["vit_huge_shapes"]
+
+
+# ----------------------------------------------------------------------------- Hugging Face transformers
+
+
+def hf_model(folder: Path):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install transformers)"
+    )
+    return transformers.IJepaModel.from_pretrained(str(folder)).eval()
+
+
+def hf_features(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixel_values=x).last_hidden_state
+
+
+def test_ijepa_export_hf_gives_transformers_the_same_outputs(authors_file, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert interop.export_main([str(authors_file), "--hf", str(out), "--which", "context"]) == 0
+    assert "context encoder" in capsys.readouterr().out
+    model = hf_model(out)
+    context = interop.load_encoder(authors_file, "encoder").encoder.eval()
+    x = images(3)
+    with torch.no_grad():
+        ours = context(x)
+    torch.testing.assert_close(hf_features(model, x), ours, atol=1e-5, rtol=0)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["layer_norm_eps"], config["hidden_act"], config["qkv_bias"]) == (1e-6, "gelu", True)
+    assert (config["image_size"], config["patch_size"], config["intermediate_size"]) == (IMG, P, 4 * D)
+    assert config["ijepa_fast"]["which"] == "encoder" and config["ijepa_fast"]["weights"] == "context"
+    assert model.pooler is None
+    _, meta = interop.read_safetensors(out / "model.safetensors")
+    assert meta["format"] == "pt" and meta["ijepa_fast.weights"] == "context"
+    prep = json.loads((out / "preprocessor_config.json").read_text())
+    assert prep["size"] == {"height": IMG, "width": IMG} and prep["image_mean"] == [0.485, 0.456, 0.406]
+    assert prep["image_std"] == [0.229, 0.224, 0.225] and prep["rescale_factor"] == pytest.approx(1 / 255)
+
+
+def test_hf_export_uses_the_names_save_pretrained_writes(authors_file, tmp_path):
+    """The published facebook/ijepa_* checkpoints were written by save_pretrained: same names, same shapes."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    encoder = interop.load_encoder(authors_file).encoder
+    interop.export_hf(encoder, tmp_path / "ours")
+    config = transformers.IJepaConfig.from_pretrained(str(tmp_path / "ours"))
+    transformers.IJepaModel(config).save_pretrained(str(tmp_path / "theirs"))
+    ours, _ = interop.read_safetensors(tmp_path / "ours" / "model.safetensors")
+    theirs, _ = interop.read_safetensors(tmp_path / "theirs" / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert "encoder.layer.11.attention.attention.value.bias" in ours and "layernorm.weight" in ours
+
+
+def test_hf_folder_loads_as_our_encoder(tmp_path):
+    """A folder written by transformers itself (random weights) imports into our encoder, same outputs."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(0)
+    config = transformers.IJepaConfig(
+        hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384,
+        image_size=28, patch_size=7, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    model = transformers.IJepaModel(config).eval()
+    with torch.no_grad():  # LayerNorms away from 1/0, so that a swapped weight and bias shows
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path / "hf"))
+    loaded = interop.load_encoder(tmp_path / "hf")
+    assert (loaded.format, loaded.which) == ("hf", "encoder")  # Hugging Face's converter takes the context encoder
+    assert (loaded.spec.embed_dim, loaded.spec.depth, loaded.spec.num_heads, loaded.spec.img_size) == (96, 2, 4, 28)
+    x = images(2, size=28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encoder.eval()(x), hf_features(model, x), atol=1e-5, rtol=0)
+    # the file itself and ijepa-eval's --model check lead to the same folder
+    assert interop.load_encoder(tmp_path / "hf" / "model.safetensors").spec == loaded.spec
+    with pytest.raises(ValueError, match="patch 7"):
+        interop.load_encoder(tmp_path / "hf", patch_size=16)
+
+
+def test_hf_round_trip_keeps_which_and_every_weight(authors_file, tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    target = interop.load_encoder(authors_file).encoder
+    assert interop.export_main([str(authors_file), "--hf", str(tmp_path / "hf")]) == 0  # default: target
+    back = interop.load_encoder(tmp_path / "hf")
+    assert (back.format, back.which, back.spec) == ("hf", "target_encoder", interop.EncoderSpec.of(target))
+    a, b = target.state_dict(), back.encoder.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_config_our_encoder_cannot_compute_is_refused_by_key(authors_file, tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    interop.export_hf(interop.load_encoder(authors_file).encoder, tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    for key, value in (("layer_norm_eps", 1e-12), ("hidden_act", "relu"), ("qkv_bias", False)):
+        config_path.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=f"config.json: {key}="):
+            interop.load_encoder(tmp_path / "hf")
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "layer_norm_eps"}))
+    assert interop.export_main([str(tmp_path / "hf"), "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "layer_norm_eps=1e-12" in capsys.readouterr().err  # IJepaConfig's default is not the authors' 1e-6
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        interop.load_encoder(tmp_path / "hf")
+
+
+def test_hf_export_leaves_no_partial_file_when_writing_fails(authors_file, tmp_path, monkeypatch):
+    st = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(st, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        interop.export_hf(interop.load_encoder(authors_file).encoder, tmp_path / "hf")
+    assert list((tmp_path / "hf").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_hf_export_of_the_vit_h14_shape(tmp_path):
+    """ViT-H/14 at 224 px (random weights): the shape of facebook/ijepa_vith14_1k, one image."""
+    spec = interop.EncoderSpec(1280, 32, 16, 14, 224, 4.0, "vit_huge")
+    encoder = spec.build(device="meta").to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            if name != "pos_embed":  # keep the fixed sin-cos table: to_empty left it uninitialised
+                param.normal_(0.0, 0.02, generator=g)
+        encoder.pos_embed.copy_(torch.from_numpy(sincos_pos_embed_2d(1280, 16)).float()[None])
+    interop.export_hf(encoder.eval(), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (1280, 32, 16)
+    assert (config["intermediate_size"], config["patch_size"], config["image_size"]) == (5120, 14, 224)
+    model = hf_model(tmp_path / "hf")
+    x = images(1, size=224)
+    with torch.no_grad():
+        ours = encoder(x)
+    torch.testing.assert_close(hf_features(model, x), ours, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -106,6 +106,14 @@ def test_block_size_rounds_the_paper_formula():
     assert block_size(0.001, 1.0, 2, 2) == (1, 1)  # never empty
 
 
+def test_a_context_block_may_cover_the_whole_grid():
+    """No authors' cap at grid - 1 (see the masks module docstring): on the demo's 4x4 grid the
+    default enc_scale gives the whole grid, where the cap would give 3x3, below enc_scale[0]."""
+    sampler = MultiBlockMaskSampler(4, min_keep=3)
+    assert {sampler._blocks(8, step)[0].enc_hw for step in range(20)} == {(4, 4)}
+    assert MultiBlockMaskSampler(16, enc_scale=(1.0, 1.0))._blocks(2, 0)[0].enc_hw == (16, 16)
+
+
 def test_scale_and_ratio_are_drawn_independently():
     """The authors use one random number for both, so h/w and the area move together; ours do not."""
     sampler = MultiBlockMaskSampler(40, pred_scale=(0.1, 0.4), aspect_ratio=(0.5, 2.0), min_keep=1)

@@ -228,7 +228,7 @@ def test_attention_module_backends_agree_and_names_do_not_change():
 
 def test_missing_or_unfit_backends_are_errors():
     with pytest.raises(ValueError, match="not a backend"):
-        resolve_backend("flash", "cpu", 64)
-    assert resolve_backend("auto", "cpu", 80) == "sdpa"
+        resolve_backend("flash", "cpu", 64, torch.float32)
+    assert resolve_backend("auto", "cpu", 80, torch.float32) == "sdpa"
     with pytest.raises((ValueError, ImportError), match="flash_attn"):
-        resolve_backend("flash_attn", "cpu", 64)
+        resolve_backend("flash_attn", "cpu", 64, torch.bfloat16)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from ijepa_fast import config as config_mod
-from ijepa_fast.masks import MultiBlockMaskSampler
-from ijepa_fast.models.vit import VisionTransformer
 from ijepa_fast.engines import build_train_step
-from ijepa_fast.models.vit import compile_blocks
+from ijepa_fast.masks import MultiBlockMaskSampler
+from ijepa_fast.models.vit import VisionTransformer, compile_blocks
 
 TINY = [
     "model.name=vit_tiny",

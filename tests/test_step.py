@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_fast.config import ModelConfig, OptimConfig
+from ijepa_fast.engines.plain import PlainEngine
 from ijepa_fast.loss import jepa_loss
 from ijepa_fast.masks import MultiBlockMaskSampler
 from ijepa_fast.models.ijepa import build_models, compute_targets
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.engines.plain import PlainEngine
 from ijepa_fast.optim import build_optimizer, param_groups
+from ijepa_fast.schedules import Schedules
 from ijepa_fast.step import StepOptions, TrainStep, ema_update
 
 TINY = ModelConfig(name="vit_tiny", patch_size=8, pred_depth=2, pred_emb_dim=96)

@@ -18,7 +18,8 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast import pretrain
-from ijepa_fast.checkpoint import list_checkpoints, load_latest
+from ijepa_fast import trainer as trainer_mod
+from ijepa_fast.checkpoint import checkpoint_name, list_checkpoints, load_latest
 from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
 
@@ -147,7 +148,7 @@ def test_sigkill_then_resume_gives_the_same_losses_bitwise(tmp_path):
     assert losses(out / "killed") == losses(out / "ref")  # the CSV strings: every digit equal
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_then_exits_with_status_143(tmp_path):
     data = write_idx(tmp_path / "data", n=400)
     out = tmp_path / "runs"
     overrides = tiny_overrides(data, out, "t", **{"run.checkpoint_every": 1000})
@@ -159,14 +160,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 128 + signal.SIGTERM == 143, output  # a scheduler tells preemption from success
     assert "(signal)" in output
     steps = [s for s, _ in list_checkpoints(out / "t" / "checkpoints")]
     assert len(steps) == 1 and 2 <= steps[0] < 50
 
 
 class SpyStep:
-    """The trainer's step with ``before(step)`` called ahead of each call; ``stepped`` passes through."""
+    """The trainer's step with ``before(step)`` called ahead of each call; attributes pass through."""
 
     def __init__(self, step_fn, before):
         self.step_fn, self.before = step_fn, before
@@ -175,9 +176,53 @@ class SpyStep:
         self.before(step)
         return self.step_fn(images, masks, step)
 
-    @property
-    def stepped(self):
-        return self.step_fn.stepped
+    def __getattr__(self, name):
+        return getattr(self.step_fn, name)
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_by_signal_saves_then_exits_with_128_plus_the_signal(tmp_path, monkeypatch, signum, status):
+    data = write_idx(tmp_path / "data", n=96)
+    build = trainer_mod.build_train_step
+
+    def signal_during_step_1(step):  # 0-based: the run stops after step 2 and saves it
+        if step == 1:
+            os.kill(os.getpid(), signum)
+
+    def spied(*args):
+        return SpyStep(build(*args), signal_during_step_1)
+
+    monkeypatch.setattr(trainer_mod, "build_train_step", spied)
+    rc = pretrain.main(tiny_overrides(data, tmp_path / "runs", "s", **{"run.checkpoint_every": 1000}))
+    assert rc == 128 + signum == status
+    assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "s" / "checkpoints")] == [2]
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
+    """Ctrl-C signals the whole process group: the trainer and its data-loader workers."""
+    data = write_idx(tmp_path / "data", n=400)
+    out = tmp_path / "runs"
+    overrides = tiny_overrides(data, out, "twice", **{"run.checkpoint_every": 1000, "data.num_workers": 2})
+    args = [sys.executable, "-m", "ijepa_fast.pretrain", *overrides]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = out / "twice" / "train.log", time.time() + 120
+
+    def wait_for(text: str) -> None:
+        while not (log.exists() and text in log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, text
+            time.sleep(0.02)
+
+    wait_for("step 2 loss")
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for("SIGINT received")  # the first one: the run finishes its step, saves and exits...
+    os.killpg(proc.pid, signal.SIGINT)  # ...unless a second one comes
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err
+    assert err.count("SIGINT received:") == 1, err  # said once, by the trainer, not by each worker
+    last = err.strip().splitlines()[-1]
+    assert "SIGINT received again: stopped at once without saving" in last or "interrupted" in last, last
+    assert not [p for p in (out / "twice" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
@@ -252,6 +297,91 @@ def test_missing_data_is_an_error_before_any_model_is_built(tmp_path, capsys):
     rc = pretrain.main(tiny_overrides(tmp_path / "nowhere", tmp_path / "runs", "x"))
     assert rc == 1
     assert not (tmp_path / "runs" / "x" / "checkpoints").exists()
+
+
+def test_resume_refuses_a_planted_checkpoint_in_one_line(tmp_path, capsys):
+    from ijepa_fast.checkpoint import save_checkpoint
+    from tests.payloads import plant
+
+    data = write_idx(tmp_path / "data", n=48)
+    path = save_checkpoint(tmp_path / "runs" / "x" / "checkpoints", {"w": torch.ones(2)}, 3, keep=1)
+    plant(path, tmp_path / "ran")
+    assert pretrain.main([*tiny_overrides(data, tmp_path / "runs", "x"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "ERROR" in line]
+    assert "Traceback" not in err and len(errors) == 1 and str(path) in errors[0] and "posix.system" in errors[0]
+    assert not (tmp_path / "ran").exists()
+
+
+def one_error_line(capsys) -> str:
+    """The one error line on stderr (printed before the run logs, logged after), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("ijepa-pretrain: ") or " ERROR " in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _make_unwritable(folder: Path, how: str) -> None:
+    if how == "a file in its place":
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_text("")
+        return
+    folder.mkdir(parents=True)
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        return
+    (folder / "probe").unlink()
+    pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE)")
+
+
+UNWRITABLE = ["a file in its place", "read-only"]
+
+
+@pytest.mark.parametrize("how", UNWRITABLE)
+def test_an_unwritable_run_folder_is_one_line(tmp_path, capsys, how):
+    data = write_idx(tmp_path / "data", n=48)
+    _make_unwritable(tmp_path / "runs" / "x", how)
+    assert pretrain.main(tiny_overrides(data, tmp_path / "runs", "x")) == 1
+    line = one_error_line(capsys)
+    assert f"the run folder {tmp_path / 'runs' / 'x'} cannot be written" in line and "run.out_dir or run.name" in line
+
+
+@pytest.mark.parametrize("how", UNWRITABLE)
+def test_an_unwritable_checkpoints_folder_fails_before_any_training(tmp_path, capsys, how):
+    data = write_idx(tmp_path / "data", n=48)
+    run = tmp_path / "runs" / "x"
+    _make_unwritable(run / "checkpoints", how)
+    assert pretrain.main(tiny_overrides(data, tmp_path / "runs", "x")) == 1
+    assert f"the checkpoints folder {run / 'checkpoints'} cannot be written" in one_error_line(capsys)
+    assert not (run / "metrics.csv").exists()  # no step ran
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    from tests.test_checkpoint import fill_disk_while_writing
+
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps, checkpoints after steps 3 and 6
+    fill_disk_while_writing(monkeypatch, checkpoint_name(6))
+    assert pretrain.main(tiny_overrides(data, tmp_path / "runs", "full")) == 1
+    ckpts = tmp_path / "runs" / "full" / "checkpoints"
+    line = one_error_line(capsys)
+    assert f"{ckpts / checkpoint_name(6)} (No space left on device): free space on that disk" in line
+    assert f"the last checkpoint, {ckpts / checkpoint_name(3)}, is unchanged" in line
+    assert sorted(p.name for p in ckpts.iterdir()) == [checkpoint_name(3), "latest.pt"]  # no partial file
+    assert load_latest(ckpts)["step"] == 3
+
+
+def test_a_plain_resume_of_a_deepspeed_run_is_refused_naming_the_engine(tmp_path, capsys):
+    data = write_idx(tmp_path / "data", n=48)
+    run = tmp_path / "runs" / "ds"
+    (run / "deepspeed" / "step_00000003").mkdir(parents=True)  # what a DeepSpeed run leaves: a tag and
+    (run / "deepspeed" / "latest").write_text("step_00000003")  # the pointer to it
+    assert pretrain.main([*tiny_overrides(data, tmp_path / "runs", "ds"), "--resume"]) == 1
+    line = one_error_line(capsys)
+    assert f"{run / 'deepspeed'} holds the checkpoints of a DeepSpeed run" in line and "run.engine=deepspeed" in line
+    assert not (run / "metrics.csv").exists() and not (run / "config.yaml").exists()  # nothing ran or changed
 
 
 def test_cli_names_a_misspelt_key(tmp_path, capsys):

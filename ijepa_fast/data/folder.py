@@ -5,7 +5,8 @@ Layout: ``root/<class>/**/<image>``; extensions .jpg .jpeg .png .webp in any cas
 sorted names of the first-level sub-folders that hold images (at any depth); the label of an image
 is its class's index. A folder without sub-folders is one unlabelled class (every label 0). When
 there are class folders, images lying directly in ``root`` belong to none and are left out with a
-warning that counts them (as torchvision's ImageFolder leaves them out, but not silently). The
+warning that counts them (as torchvision's ImageFolder leaves them out, but not silently). A
+sub-folder that cannot be read (permissions, I/O error) is left out with a warning naming it. The
 order is the sorted relative paths (by path components), the same on every machine and every run.
 Symbolic links to folders are followed (each real folder visited once).
 
@@ -42,10 +43,12 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in EXTENSIONS
 
 
-def _walk(root: Path):
-    """(relative directory parts, file names) of every folder under ``root``, links followed once."""
+def _walk(root: Path, unreadable: list[OSError] | None = None):
+    """(relative directory parts, file names) of every folder under ``root``, links followed once.
+    Folders that cannot be listed are skipped; their errors go to ``unreadable`` when given."""
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    onerror = unreadable.append if unreadable is not None else None
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=onerror):
         real = os.path.realpath(dirpath)
         if real in seen:  # a link cycle, or a second link to a folder already scanned
             dirnames[:] = []
@@ -82,9 +85,17 @@ def no_images_message(root: Path) -> str:
 def _scan(root: Path) -> tuple[list[str], list[int], list[str]]:
     """(relative paths with os.sep, labels, classes) in the deterministic order; see ``scan_folder``."""
     require_dir(root)
+    unreadable: list[OSError] = []
     rel: list[tuple[str, ...]] = [
-        (*parts, name) for parts, names in _walk(root) for name in names if _is_image_name(name)
+        (*parts, name) for parts, names in _walk(root, unreadable) for name in names if _is_image_name(name)
     ]
+    if unreadable:
+        log.warning(
+            "%s: %d folder(s) could not be read and are left out: %s",
+            root,
+            len(unreadable),
+            "; ".join(f"{err.filename} ({err.strerror or err})" for err in unreadable),
+        )
     if not rel:
         raise FileNotFoundError(no_images_message(root))
     rel.sort()

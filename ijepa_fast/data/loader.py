@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ijepa_fast.data.errors import DataSourceError, no_decodable_image
 from ijepa_fast.data.folder import ImageFolderDataset, first_image, no_images_message, require_dir
 from ijepa_fast.data.idx import IdxDataset, check_idx_pair
 from ijepa_fast.data.transforms import (
@@ -65,6 +66,8 @@ DATASETS = ("folder", "idx")  # folder: an image tree or webdataset tars; idx: I
 
 class Source(Protocol):
     """A raw dataset: ``IdxDataset`` or ``ImageFolderDataset``."""
+
+    root: Path
 
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> tuple[Any, int]: ...
@@ -163,9 +166,11 @@ def _load_with_substitutes(source: Source, n: int, index: int) -> tuple[int, Any
                 bad = f"{source.describe(i)} ({type(err).__name__}: {err})"
             continue
         return i, img, label, bad
-    raise RuntimeError(
-        f"{min(n, MAX_CONSECUTIVE_BAD)} images in a row from {source.describe(index)} could not be "
-        f"decoded (first: {bad}); is the data source readable?"
+    if n <= MAX_CONSECUTIVE_BAD:
+        raise no_decodable_image(source.root, n, bad)
+    raise DataSourceError(
+        f"{source.root}: {MAX_CONSECUTIVE_BAD} images in a row from {source.describe(index)} cannot be decoded "
+        f"(first: {bad}); is the data source readable?"
     )
 
 
@@ -346,13 +351,16 @@ class EvalDataset(torch.utils.data.Dataset):
     ``ds[i] -> (image [3, S, S] float32, label int)``.
 
     An undecodable file is replaced by the next decodable one (as in pretraining) with a warning
-    naming it; ``bad`` holds the ones this process met.
+    naming it; ``bad`` holds the ones this process met. ``replaced`` [N] bool marks the indices
+    that were replaced; it lives in shared memory, so DataLoader workers' marks reach the main
+    process (``replaced_count()``).
     """
 
     def __init__(self, source: Source, crop_size: int, limit: int = 0, crop_fraction: float = EVAL_CROP_FRACTION):
         self.source, self.crop_size, self.crop_fraction = source, int(crop_size), float(crop_fraction)
         self.n = min(len(source), limit) if limit else len(source)
         self.bad: set[str] = set()
+        self.replaced = torch.zeros(self.n, dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return self.n
@@ -361,10 +369,16 @@ class EvalDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} images")
         _, img, label, bad = _load_with_substitutes(self.source, self.n, i)
-        if bad and bad not in self.bad:
-            self.bad.add(bad)
-            log.warning("evaluation: undecodable image replaced by the next one: %s", bad)
+        if bad:
+            self.replaced[i] = True
+            if bad not in self.bad:
+                self.bad.add(bad)
+                log.warning("evaluation: undecodable image replaced by the next one: %s", bad)
         return center_crop_eval(_as_pil(img), self.crop_size, self.crop_fraction), label
+
+    def replaced_count(self) -> int:
+        """How many of the images read so far (by any worker) were undecodable and replaced."""
+        return int(self.replaced.sum())
 
 
 def build_eval_dataset(

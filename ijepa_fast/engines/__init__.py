@@ -9,9 +9,11 @@ that trains.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
+from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import distributed
 from ijepa_fast.device import autocast_dtype
 from ijepa_fast.distributed import DistEnv
@@ -37,6 +39,36 @@ def resolve_engine(engine: str, world_size: int) -> str:
             f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism)"
         )
     return engine
+
+
+def engine_class(name: str) -> type:
+    """The class of a resolved engine name (its module imported on demand)."""
+    if name == "deepspeed":
+        from ijepa_fast.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    from ijepa_fast.engines.plain import PlainEngine
+
+    return PlainEngine
+
+
+def check_run_folder(run_dir: Path, name: str, is_main: bool, setting: str) -> None:
+    """Every folder engine ``name`` writes checkpoints to (on this rank) can be written: fail at start,
+    not at the first checkpoint. ``setting`` names what chooses another run folder."""
+    for folder, what in engine_class(name).checkpoint_folders(Path(run_dir), is_main):
+        ckpt.check_writable(folder, what, setting)
+
+
+def check_resume(run_dir: Path, name: str, requested: str) -> None:
+    """A resume runs the engine that wrote the run's checkpoints: another engine would not see them
+    and would start over."""
+    for other in ENGINES[1:]:
+        if other != name and engine_class(other).latest_step(Path(run_dir)) is not None:
+            raise ValueError(
+                f"--resume: {run_dir} holds the checkpoints of a run of the {other} engine, but this process runs "
+                f"the {name} engine (run.engine={requested}): resume as the run was started (under torchrun or "
+                f"the deepspeed launcher for DeepSpeed), or with run.engine={other}"
+            )
 
 
 def start_process(cfg, env: DistEnv) -> torch.device:

@@ -18,12 +18,17 @@ and weight decay, the step divides the loss for gradient accumulation and DeepSp
 Precision: ``run.dtype`` bf16 -> with ZeRO, DeepSpeed ``bf16`` (bf16 weights, fp32 master weights
 and AdamW state in the optimizer); without ZeRO (stage 0), fp32 weights (see ``_owned``). The step
 runs the forward under bf16 autocast either way. The target encoder stays fp32 (an EMA with
-momentum 0.9999 vanishes in bf16). fp32 (the CPU default) -> no mixed precision.
+momentum 0.9999 vanishes in bf16). fp32 -> no mixed precision. ``auto`` is decided by
+``device.resolve_precision`` (bf16 where the device has native bf16).
 
 Checkpoints go through the engine, plus one small file per rank with what differs per rank (RNG,
-stage-3 target partitions); ``latest`` is written last, atomically, after every rank has finished.
-``export_consolidated`` writes a plain fp32 checkpoint in ``ijepa_fast.checkpoint``'s format
-(encoder / predictor / target_encoder state dicts) that ``ijepa-eval`` reads without DeepSpeed.
+stage-3 target partitions) and the world size and ZeRO stage, checked before the engine loads;
+``latest`` is written last, atomically, after every rank has finished. Every file is read back with
+``checkpoint.load_file`` (weights only; DeepSpeed's own loader unpickles in full): its engine gets a
+checkpoint engine whose ``load`` is ours, allowing only the plain records DeepSpeed stores
+(``deepspeed_safe_globals``). ``export_consolidated`` writes a plain fp32 checkpoint in
+``ijepa_fast.checkpoint``'s format (encoder / predictor / target_encoder state dicts) that
+``ijepa-eval`` and ``interop.load_encoder`` read without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from torch import nn
 
 from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import distributed as dist_
-from ijepa_fast.device import autocast_dtype
+from ijepa_fast.device import resolve_precision
 from ijepa_fast.errors import ConfigError
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
@@ -174,7 +179,7 @@ def deepspeed_config(
         source = f"run.ds_config={cfg.run.ds_config}"
     else:
         source = "the user ds_config" if isinstance(user, Mapping) else str(user)
-    bf16 = autocast_dtype(torch.device(device_type), cfg.run.dtype) == torch.bfloat16
+    bf16 = resolve_precision(torch.device(device_type), cfg.run.dtype).name == "bf16"
     owned = _owned(cfg, world_size, grad_accum, bf16)
     conflicts = []
     for key, ours, origin in owned:
@@ -229,6 +234,42 @@ def global_batch(ds_config: Mapping) -> tuple[int, int, int, int]:
     return ds_config["train_batch_size"], micro, ds_config["train_batch_size"] // (micro * accum), accum
 
 
+# ----------------------------------------------------------------------------- safe loading
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles into ZeRO 0-3 checkpoints (fp32 and bf16) besides tensors and
+    containers: plain records, rebuilt from data without running code. Found by loading real
+    checkpoints of each stage with ``weights_only=True``; any other object is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` is ``checkpoint.load_file``; everything else
+    (saving, commit, the decoupled writers) is the wrapped engine's. DeepSpeed's own ``load`` calls
+    ``torch.load(weights_only=False)``, which runs whatever a planted object asks for."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._allowed = deepspeed_safe_globals()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        # resuming has no override: DeepSpeed and this package store only plain records
+        return ckpt.load_file(path, allowed=self._allowed, map_location=map_location, override=None)
+
+
+def _load_weights_only(engine: Any) -> Any:
+    engine.checkpoint_engine = _WeightsOnlyLoads(engine.checkpoint_engine)
+    return engine
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -250,9 +291,12 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = ds.initialize(
             model=student, model_parameters=param_groups(student), config=ds_config
         )
+        _load_weights_only(self.engine)
         self.student: JEPAStudent = self.engine.module
         if self.zero_stage == 3:
-            self.target_engine = ds.initialize(model=target_encoder, config=target_config(ds_config))[0]
+            self.target_engine = _load_weights_only(
+                ds.initialize(model=target_encoder, config=target_config(ds_config))[0]
+            )
             self.target_encoder = self.target_engine.module
             self._target_forward = self.target_engine
             self._check_partitions()
@@ -314,6 +358,18 @@ class DeepSpeedEngine:
     def tag(step: int) -> str:
         return f"step_{step:08d}"
 
+    @staticmethod
+    def checkpoint_folders(run_dir: Path, is_main: bool) -> list[tuple[Path, str]]:
+        """(folder, what it is) of every folder this rank writes: its own files in ``deepspeed/``,
+        and on rank 0 the consolidated export in ``checkpoints/``."""
+        own = [(run_dir / "deepspeed", "the DeepSpeed checkpoints folder")]
+        return own + ([(run_dir / "checkpoints", "the checkpoints folder")] if is_main else [])
+
+    @staticmethod
+    def latest_step(run_dir: Path) -> int | None:
+        """The step ``run_dir/deepspeed/latest`` names (None: no DeepSpeed checkpoint)."""
+        return latest_step(run_dir / "deepspeed")
+
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
         """Collective: the engine checkpoint in ``run_dir/deepspeed`` (what ``--resume`` reads), then
         a consolidated fp32 export in ``run_dir/checkpoints`` (what ijepa-eval reads; its path on
@@ -337,7 +393,13 @@ class DeepSpeedEngine:
         save_dir, tag = Path(save_dir), self.tag(step)
         rank, world = dist_.get_rank(), dist_.get_world_size()
         (save_dir / tag).mkdir(parents=True, exist_ok=True)
-        own: dict[str, Any] = {"step": step, "rank": rank, "world_size": world, "rng": ckpt.rng_state()}
+        own: dict[str, Any] = {
+            "step": step,
+            "rank": rank,
+            "world_size": world,
+            "zero_stage": self.zero_stage,
+            "rng": ckpt.rng_state(),
+        }
         if self.zero_stage == 3:
             own["target_partitions"] = [t.detach().cpu().clone() for t in self._shards()[0]]
         ckpt.atomic_torch_save(own, save_dir / tag / _RANK_FILE.format(rank))
@@ -369,24 +431,24 @@ class DeepSpeedEngine:
                 f"{load_dir / tag} was written by {saved} rank(s) and holds no file for rank {rank} of "
                 f"{world}: resume on the same world size"
             )
-        own = torch.load(own_path, map_location="cpu", weights_only=True)
+        if self.engine.load_universal_checkpoint():  # read by DeepSpeed with the full unpickler, past our engine
+            raise ValueError("checkpoint.load_universal in run.ds_config is not supported: resume from our own tags")
+        own = ckpt.load_file(own_path, override=None)
         if own["world_size"] != world:
             raise ValueError(
                 f"{load_dir / tag} was written by {own['world_size']} ranks, this run has {world}: "
                 f"resume on the same world size"
             )
+        # Before the engine loads: DeepSpeed meets another stage's files with a bare assertion.
+        _check_zero_stage(load_dir / tag, own.get("zero_stage"), self.zero_stage)
         path, client = self.engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {load_dir}")
+        _check_zero_stage(load_dir / tag, client.get("zero_stage"), self.zero_stage)
         if check is not None:
             check(client)
-        if client.get("zero_stage") != self.zero_stage:
-            raise ValueError(
-                f"{load_dir / tag} was written with ZeRO stage {client.get('zero_stage')}, this run uses "
-                f"{self.zero_stage}"
-            )
         with torch.no_grad():
             if self.zero_stage == 3:
                 for t, saved in zip(self._shards()[0], own["target_partitions"], strict=True):
@@ -449,6 +511,15 @@ class DeepSpeedEngine:
 
 
 # ----------------------------------------------------------------------------- checkpoint folder
+
+
+def _check_zero_stage(tag_dir: Path, saved: int | None, stage: int) -> None:
+    """A checkpoint resumes under the ZeRO stage that wrote it (``saved``; None: not recorded)."""
+    if saved is not None and saved != stage:
+        raise ValueError(
+            f"--resume: {tag_dir} was written with run.zero_stage={saved}, this run has run.zero_stage={stage}: "
+            f"resume with run.zero_stage={saved}"
+        )
 
 
 def _write_latest(save_dir: Path, tag: str) -> None:

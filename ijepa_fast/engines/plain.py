@@ -70,6 +70,17 @@ class PlainEngine:
         return value
 
     # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def checkpoint_folders(run_dir: Path, is_main: bool) -> list[tuple[Path, str]]:
+        """(folder, what it is) of every folder this process writes checkpoints to."""
+        return [(run_dir / "checkpoints", "the checkpoints folder")] if is_main else []
+
+    @staticmethod
+    def latest_step(run_dir: Path) -> int | None:
+        """The step of the newest checkpoint file in ``run_dir`` (None: there is none)."""
+        found = ckpt.list_checkpoints(run_dir / "checkpoints")
+        return found[-1][0] if found else None
+
     def state_dict(self) -> dict:
         state = {
             "encoder": self.student.encoder.state_dict(),

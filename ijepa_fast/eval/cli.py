@@ -1,13 +1,32 @@
-"""``ijepa-eval`` / ``python -m ijepa_fast.eval``: linear probe and kNN on frozen features.
+"""``ijepa-eval`` / ``python -m ijepa_fast.eval``: linear probe, kNN, low-shot and attentive probes on frozen features.
 
     ijepa-eval runs/demo-20260101-120000 --data /usr/share/datasets/fashion-mnist
-    ijepa-eval IN1K-vit.h.14-300e.pth.tar --data /data/imagenet --dataset folder --model vit_huge --patch 14
+    ijepa-eval IN1K-vit.h.14-300e.pth.tar --data /data/imagenet --dataset folder --model vit_huge --patch 14 \
+        --low-shot 1% --no-full
+    ijepa-eval ijepa_vith14_1k/ --data /data/imagenet --dataset folder --low-shot 5 --attentive --no-full
 
 CHECKPOINT: ours (a ``.pt`` file, or a run folder: its ``checkpoints/latest.pt``), the authors'
-``.pth.tar`` (size inferred from the tensor shapes, or ``--model/--patch/--img-size``), or a
-``.safetensors`` export. Data: IDX files (``--dataset idx``: train and t10k pairs) or an
-ImageNet-style folder (``--dataset folder``: ``ROOT/train`` and ``ROOT/val`` with one sub-folder per
-class), centre-cropped to the encoder's image size. Prints top-1 and writes a JSON report.
+``.pth.tar`` (size inferred from the tensor shapes, or ``--model/--patch/--img-size``), a
+``.safetensors`` export, or a Hugging Face IJepa folder. Data: IDX files (``--dataset idx``: train
+and t10k pairs) or an ImageNet-style folder (``--dataset folder``: ``ROOT/train`` and ``ROOT/val``
+with one sub-folder per class), centre-cropped to the encoder's image size.
+
+Protocol. The encoder is frozen; heads are fitted on the train split and scored (top-1) on the
+whole test split.
+  linear probe  multinomial logistic regression on the PCA-whitened --features (avgpool: the mean of
+                the last layer's normed patch tokens, the paper's probe); learning rate and weight
+                decay swept on a held-out 10% of the training images, then refitted on all of them.
+  kNN           cosine similarity; the k=20 nearest training images vote with weight exp(s / 0.07).
+  low-shot      --low-shot 1% and/or --low-shot N (repeatable): the probes trained on a seeded,
+                class-balanced subset of the train labels: 1% of each class's images (the paper's
+                ImageNet-1% evaluation: 12 or 13 images per class), or N images of each class. The
+                seed is --seed; the report records each subset's per-class counts and indices.
+  attentive     --attentive: a learned query's multi-head cross-attention over the frozen patch
+                tokens, then a linear layer (the successor papers' attentive probe), trained with
+                AdamW on each training set (all labels, and each low-shot subset).
+--no-full skips the heads on all labels (only the low-shot subsets). Reports: JSON (--out) and
+Markdown beside it (.md), each naming the encoder, its weights (target or context), the pooling,
+the data sizes and the top-1 of every head.
 """
 
 from __future__ import annotations
@@ -22,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ijepa_fast.device import DTYPES, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +63,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="autocast for feature extraction: auto = bf16 on CUDA and on CPUs with native bf16, else fp32",
+        choices=DTYPES,
+        help="autocast for feature extraction: auto = bf16 where the device has native bf16, else fp32",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -73,6 +94,15 @@ def open_eval_dataset(args: argparse.Namespace, split: str, img_size: int):
     return build_eval_dataset(cfg, split=split, limit=args.limit)
 
 
+def _low_shot(spec: str):
+    from ijepa_fast.eval.lowshot import LowShot
+
+    try:
+        return LowShot.parse(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ijepa_fast.eval.features import FEATURE_MODES
     from ijepa_fast.interop import add_checkpoint_args
@@ -100,30 +130,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="kNN (k=20, T=0.07)")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe's held-out split and shuffling")
-    p.add_argument("--out", help="JSON report path (default: eval-<checkpoint stem>.json in the working folder)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--low-shot",
+        type=_low_shot,
+        action="append",
+        default=[],
+        metavar="1%|N",
+        help="also train the probes on a class-balanced subset: a percentage of each class's labels, or N per class",
+    )
+    p.add_argument(
+        "--full", action=argparse.BooleanOptionalAction, default=True, help="run the heads on all train labels"
+    )
+    p.add_argument("--attentive", action="store_true", help="also train an attentive (cross-attention) probe")
+    p.add_argument("--attentive-epochs", type=int, default=None, help="attentive probe epochs (default 20)")
+    p.add_argument("--attentive-steps", type=int, default=None, help="attentive probe steps (overrides the epochs)")
+    p.add_argument("--attentive-lr", type=float, default=None, help="attentive probe AdamW learning rate")
+    p.add_argument("--attentive-heads", type=int, default=8, help="attentive probe heads (must divide the width)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the low-shot subsets, held-out split and shuffling")
+    p.add_argument("--out", help="JSON report path (default: eval-<checkpoint stem>.json); Markdown beside it")
+    args = p.parse_args(argv)
+    if not args.full and not args.low_shot:
+        p.error("--no-full leaves nothing to evaluate: add --low-shot 1% or --low-shot N")
+    return args
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Load, extract, probe, kNN; returns the report (also written to ``--out``)."""
-    from ijepa_fast.eval.features import extract_features, resolve_dtype
-    from ijepa_fast.eval.knn import knn_accuracy
-    from ijepa_fast.eval.probe import linear_probe
-    from ijepa_fast.interop import load_from_args
+def _report_header(
+    args: argparse.Namespace, loaded, device: torch.device, dtype: str, test_split: str
+) -> dict[str, Any]:
+    from ijepa_fast.interop import weights_label
 
-    device = resolve_device(args.device)
-    loaded = load_from_args(args)
-    encoder = loaded.encoder.to(device)
     spec = loaded.spec
-    test_split = args.test_split or ("test" if args.dataset == "idx" else "val")
-    report: dict[str, Any] = {
+    return {
         "checkpoint": str(loaded.path),
         "format": loaded.format,
         "which": loaded.which,
+        "weights": weights_label(loaded.which),
+        "encoder": f"{spec.name or 'custom'}: width {spec.embed_dim}, depth {spec.depth}, {spec.num_heads} heads, "
+        f"patch {spec.patch_size}, {spec.img_size} px",
         "checkpoint_meta": loaded.meta,
         "model": spec.to_metadata(),
         "features": args.features,
+        "pooling": args.features,
         "data": {
             "root": str(args.data),
             "dataset": args.dataset,
@@ -132,41 +179,155 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "limit": args.limit,
         },
         "device": str(device),
-        "dtype": resolve_dtype(device, args.dtype),
+        "dtype": dtype,
         "torch": torch.__version__,
         "host": platform.node(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": [],
     }
+
+
+def _extract(args: argparse.Namespace, encoder, dataset, split: str, tokens: bool = False):
+    from ijepa_fast.eval.features import extract_features, extract_tokens
+
+    common = dict(
+        batch_size=args.batch_size,
+        num_workers=num_workers(args),
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    if tokens:
+        return extract_tokens(encoder, dataset, desc=f"tokens {split}", **common)
+    return extract_features(encoder, dataset, mode=args.features, desc=f"features {split}", **common)
+
+
+def _check_token_memory(images: int, spec) -> None:
+    """Refuse an attentive probe whose cached tokens would take more than half the machine's memory."""
+    import os
+
+    need = images * spec.grid**2 * spec.embed_dim * 4
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total // 2:
+        raise ValueError(
+            f"--attentive keeps the patch tokens of {images} images in memory ({need / 2**30:.1f} GiB, more than "
+            f"half of this machine's {total / 2**30:.0f} GiB): evaluate fewer images (--limit N) or only the "
+            f"low-shot subsets (--no-full)"
+        )
+
+
+def _add_result(report: dict, train_labels: str, n_train: int, head: str, pooling: str, top1: float) -> None:
+    report["results"].append(
+        {"train_labels": train_labels, "n_train": n_train, "head": head, "pooling": pooling, "top1": top1}
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load, extract, fit and score every requested head; returns the report (also written to ``--out``)."""
+    from ijepa_fast.eval.knn import knn_accuracy
+    from ijepa_fast.eval.lowshot import label_subset
+    from ijepa_fast.eval.probe import linear_probe
+    from ijepa_fast.interop import load_from_args
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(device, args.dtype, option="--dtype")
+    if precision.slow:
+        log.warning("precision: %s", precision)
+    loaded = load_from_args(args)
+    encoder = loaded.encoder.to(device)
+    test_split = args.test_split or ("test" if args.dataset == "idx" else "val")
+    report = _report_header(args, loaded, device, precision.name, test_split)
     if test_split == args.train_split:
         log.warning("train and test split are both %r: the accuracies measure fitting, not generalisation", test_split)
-    feats = []
+    datasets, feats = {}, []
     for role, split in (("train", args.train_split), ("test", test_split)):
         started = time.perf_counter()
-        dataset = open_eval_dataset(args, split, spec.img_size)
-        x, y = extract_features(
-            encoder,
-            dataset,
-            mode=args.features,
-            batch_size=args.batch_size,
-            num_workers=num_workers(args),
-            dtype=args.dtype,
-            progress=not args.no_progress,
-            desc=f"features {split}",
-        )
+        datasets[role] = open_eval_dataset(args, split, loaded.spec.img_size)
+        x, y = _extract(args, encoder, datasets[role], split)
         feats.append((x, y))
         report["data"][f"n_{role}"] = len(y)
+        report["data"][f"replaced_{role}"] = replaced = datasets[role].replaced_count()
+        if replaced:
+            log.warning("%s split: %d undecodable image(s) replaced by the next decodable one", split, replaced)
         report[f"extract_seconds_{role}"] = time.perf_counter() - started
     (train_x, train_y), (test_x, test_y) = feats
     report["feature_dim"] = train_x.shape[1]
-    if args.probe:
-        result = linear_probe(
-            train_x, train_y, test_x, test_y, seed=args.seed, device=device, preprocess=args.probe_preprocess
-        )
-        report["probe"] = result.to_dict()
-    if args.knn:
-        result = knn_accuracy(train_x, train_y, test_x, test_y, k=args.k, temperature=args.temperature, device=device)
-        report["knn"] = result.to_dict()
+    num_classes = int(max(train_y.max(), test_y.max() if len(test_y) else 0)) + 1
+    subsets = [label_subset(train_y, protocol, args.seed) for protocol in args.low_shot]
+    # training sets: (name, rows of the train split or None for all, the report section to fill)
+    training_sets = [("all", None, report)] if args.full else []
+    for subset in subsets:
+        section = {"subset": subset.to_dict()}
+        report.setdefault("low_shot", []).append(section)
+        training_sets.append((f"{subset.protocol.name} (seed {subset.seed})", subset.indices, section))
+    for name, rows, section in training_sets:
+        xs, ys = (train_x, train_y) if rows is None else (train_x[rows], train_y[rows])
+        if args.probe:
+            result = linear_probe(
+                xs, ys, test_x, test_y, seed=args.seed, device=device, preprocess=args.probe_preprocess,
+                num_classes=num_classes,
+            )  # fmt: skip
+            section["probe"] = result.to_dict()
+            _add_result(report, name, len(ys), "linear probe", args.features, result.top1)
+        if args.knn and rows is None:
+            result = knn_accuracy(xs, ys, test_x, test_y, k=args.k, temperature=args.temperature, device=device)
+            section["knn"] = result.to_dict()
+            _add_result(report, name, len(ys), "kNN", args.features, result.top1)
+    if args.attentive:
+        _run_attentive(args, encoder, loaded.spec, datasets, training_sets, num_classes, report, device)
     return report
+
+
+def _run_attentive(args, encoder, spec, datasets, training_sets, num_classes, report, device) -> None:
+    """The attentive probe on each training set: the tokens of the rows it needs, extracted once."""
+    from ijepa_fast.eval.attentive import attentive_probe
+
+    full = any(rows is None for _, rows, _ in training_sets)
+    rows_needed = None if full else torch.unique(torch.cat([rows for _, rows, _ in training_sets]))
+    n_train = len(datasets["train"]) if full else len(rows_needed)
+    _check_token_memory(n_train + len(datasets["test"]), spec)
+    source = datasets["train"] if full else torch.utils.data.Subset(datasets["train"], rows_needed.tolist())
+    train_tokens, train_y = _extract(args, encoder, source, args.train_split, tokens=True)
+    test_tokens, test_y = _extract(args, encoder, datasets["test"], report["data"]["test_split"], tokens=True)
+    fit = {"num_heads": args.attentive_heads, "seed": args.seed}
+    options = (("epochs", args.attentive_epochs), ("steps", args.attentive_steps), ("lr", args.attentive_lr))
+    fit |= {k: v for k, v in options if v is not None}
+    for name, rows, section in training_sets:
+        if rows is None or full:
+            pick = slice(None) if rows is None else rows
+        else:
+            pick = torch.searchsorted(rows_needed, rows)  # rows of the split -> positions among the cached ones
+        result = attentive_probe(
+            train_tokens[pick], train_y[pick], test_tokens, test_y, num_classes=num_classes, device=device, **fit
+        )
+        section["attentive"] = result.to_dict()
+        _add_result(report, name, len(train_y[pick]), "attentive probe", "attentive", result.top1)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: what was evaluated, then one row per (training labels, head)."""
+    data = report["data"]
+    weights = {"target": "target (the EMA encoder)", "context": "context"}.get(report["weights"], report["weights"])
+    lines = [
+        f"# ijepa-eval: {report['checkpoint']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| encoder | {report['encoder']} ({report['format']} checkpoint) |",
+        f"| weights | {weights} |",
+        f"| pooling | {report['pooling']} (linear probe, kNN); attentive: cross-attention over the patch tokens |",
+        f"| data | {data['root']} ({data['dataset']}): {data['n_train']} train images ({data['train_split']}), "
+        f"{data['n_test']} test images ({data['test_split']}) |",
+        f"| device | {report['device']}, {report['dtype']}, torch {report['torch']} |",
+        f"| date | {report['date']} |",
+        "",
+        "| train labels | train images | head | pooling | top-1 |",
+        "|---|---:|---|---|---:|",
+    ]
+    lines += [
+        f"| {r['train_labels']} | {r['n_train']} | {r['head']} | {r['pooling']} | {100 * r['top1']:.2f}% |"
+        for r in report["results"]
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,21 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"eval-{Path(report['checkpoint']).stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    name = report["model"]["name"] or "custom"
+    out.with_suffix(".md").write_text(markdown_report(report))
+    data = report["data"]
     print(
-        f"{name} {report['which']} ({report['format']} checkpoint), {report['features']} features "
-        f"[{report['feature_dim']}], {report['data']['n_train']} train / {report['data']['n_test']} test"
+        f"{report['encoder']}, {report['weights']} weights ({report['format']} checkpoint), {report['features']} "
+        f"features [{report['feature_dim']}], {data['n_train']} train / {data['n_test']} test; "
+        f"undecodable images replaced: {data['replaced_train']} train / {data['replaced_test']} test"
     )
-    if "probe" in report:
-        p = report["probe"]
-        print(
-            f"linear probe top-1: {100 * p['top1']:.2f}%  (lr {p['best_lr']:g}, wd {p['best_wd']:g}, "
-            f"{p['seconds']:.1f} s)"
-        )
-    if "knn" in report:
-        k = report["knn"]
-        print(f"kNN top-1: {100 * k['top1']:.2f}%  (k={k['k']}, T={k['temperature']:g}, {k['seconds']:.1f} s)")
-    print(f"report: {out}")
+    for r in report["results"]:
+        print(f"{r['head']} top-1: {100 * r['top1']:.2f}%  ({r['train_labels']}: {r['n_train']} train images)")
+    print(f"report: {out} and {out.with_suffix('.md')}")
     return 0
 
 

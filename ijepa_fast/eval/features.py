@@ -10,22 +10,22 @@ Modes (``FEATURE_MODES``):
   ``return_layers`` argument on the model).
 
 Extraction is batched, under ``torch.no_grad`` and in eval mode (the model's mode is restored
-afterwards), with bf16 autocast by default on CUDA and on CPUs with native bf16 (``resolve_dtype``),
-and shows a tqdm progress bar.
+afterwards), with bf16 autocast by default where the device has native bf16
+(``device.resolve_precision``), and shows a tqdm progress bar. ``extract_tokens`` keeps the last
+layer's tokens [N, T, D] instead, for the attentive probe.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from ijepa_fast.device import autocast, resolve_precision
+
 FEATURE_MODES = ("avgpool", "last4")
-DTYPES = ("auto", "bf16", "fp32")
 
 
 def feature_dim(encoder: nn.Module, mode: str = "avgpool") -> int:
@@ -48,34 +48,6 @@ def encode(encoder: nn.Module, images: torch.Tensor, mode: str = "avgpool") -> t
         if i >= len(blocks) - 4:
             parts.append(encoder.norm(x).float().mean(1))  # (B, D)
     return torch.cat(parts, dim=1)  # (B, 4D)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (x86 flags avx512_bf16 or amx_bf16; Linux only)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(device: torch.device, dtype: str = "auto") -> str:
-    """``bf16`` or ``fp32``. ``auto``: bf16 on CUDA and on CPUs with native bf16 (measured on a 2-core
-    AMD EPYC with avx512_bf16, ViT-tiny/7 at 28 px: 850 img/s vs 500 in fp32, features within 0.1%
-    relative), fp32 elsewhere."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}")
-    if dtype != "auto":
-        return dtype
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-
-
-def _autocast(device: torch.device, dtype: str):
-    if resolve_dtype(device, dtype) == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _batches(dataset: Any, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,31 +101,67 @@ def extract_features(
     ``dataset``: a map-style dataset of (image [3, S, S] normalised, label), e.g.
     ``ijepa_fast.data.loader.build_eval_dataset``, a pair of tensors (images [N, 3, S, S], labels
     [N]), or any iterable of (image, label). The encoder runs where its parameters are; ``dtype``:
-    ``auto`` (see ``resolve_dtype``), ``bf16`` or ``fp32`` (autocast). ``mode``: see the module
+    ``auto`` (see ``device.resolve_precision``), ``bf16`` or ``fp32`` (autocast). ``mode``: see the module
     docstring.
     """
-    from tqdm.auto import tqdm
-
     if mode not in FEATURE_MODES:
         raise ValueError(f"feature mode {mode!r}: choose one of {FEATURE_MODES}")
+    feats, labels = _run_frozen(
+        encoder, dataset, lambda images: encode(encoder, images, mode), batch_size, num_workers, dtype, progress, desc
+    )
+    if not feats:
+        return torch.empty(0, feature_dim(encoder, mode)), torch.empty(0, dtype=torch.int64)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def extract_tokens(
+    encoder: nn.Module,
+    dataset: Iterable | tuple[torch.Tensor, torch.Tensor],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    dtype: str = "auto",
+    progress: bool = True,
+    desc: str = "tokens",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's normed patch tokens [N, T, D] (float32, CPU) and labels [N] of every image of
+    ``dataset`` (as ``extract_features``), for the attentive probe; ``tokens.mean(1)`` is ``avgpool``."""
+    tokens, labels = _run_frozen(
+        encoder, dataset, lambda images: encoder(images).float(), batch_size, num_workers, dtype, progress, desc
+    )
+    if not tokens:
+        return torch.empty(0, encoder.num_patches, encoder.embed_dim), torch.empty(0, dtype=torch.int64)
+    return torch.cat(tokens), torch.cat(labels)
+
+
+def _run_frozen(
+    encoder: nn.Module,
+    dataset: Any,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+    num_workers: int,
+    dtype: str,
+    progress: bool,
+    desc: str,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """([fn(images) on the CPU per batch], [labels per batch]) in eval mode under ``dtype``'s autocast,
+    the encoder's mode restored afterwards."""
+    from tqdm.auto import tqdm
+
     device = next(encoder.parameters()).device
-    total = _length(dataset)
-    feats: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     was_training = encoder.training
     encoder.eval()
     try:
         with (
-            tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
-            _autocast(device, dtype),
+            tqdm(total=_length(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
+            autocast(device, resolve_precision(device, dtype, option="dtype").autocast_dtype),
         ):
             for images, y in _batches(dataset, batch_size, num_workers):
-                images = images.to(device, non_blocking=True)
-                feats.append(encode(encoder, images, mode).cpu())
+                outputs.append(fn(images.to(device, non_blocking=True)).cpu())
                 labels.append(y.to(torch.int64).reshape(-1))
                 bar.update(len(y))
     finally:
         encoder.train(was_training)
-    if not feats:
-        return torch.empty(0, feature_dim(encoder, mode)), torch.empty(0, dtype=torch.int64)
-    return torch.cat(feats), torch.cat(labels)
+    return outputs, labels

@@ -131,7 +131,7 @@ def fit_softmax_regression(
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.arange(N, device=dev), 0
     gW, gb = torch.empty_like(W), torch.empty_like(b)
-    with _cpu_threads(dev, 2 * B * P * K * D):
+    with cpu_threads(dev, 2 * B * P * K * D):
         for t in range(1, steps + 1):
             if B == N:
                 xb, ob = x, onehot
@@ -161,7 +161,7 @@ def fit_softmax_regression(
 
 
 @contextlib.contextmanager
-def _cpu_threads(device: torch.device, macs_per_step: int):
+def cpu_threads(device: torch.device, macs_per_step: int):
     """One intra-op thread for small CPU fits (see ``SINGLE_THREAD_MACS``), restored afterwards."""
     before = torch.get_num_threads()
     if device.type == "cpu" and macs_per_step < SINGLE_THREAD_MACS and before > 1:

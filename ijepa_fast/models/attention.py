@@ -1,15 +1,21 @@
 """Multi-head self-attention with one backend dispatch shared by every block.
 
-Backends: ``sdpa`` (torch.nn.functional.scaled_dot_product_attention: FlashAttention-2, cuDNN or
-memory-efficient kernels on GPU), ``flash_attn`` (flash_attn_func, FA2/FA3), ``xformers``
-(memory_efficient_attention) and ``math`` (the explicit softmax(QK^T)V reference, the authors'
-formulation). None of them returns the N x N attention matrix. Parameter names (``qkv``, ``proj``)
-match the authors' checkpoints whatever the backend.
+Backends (``speed.attention``): ``sdpa`` (torch.nn.functional.scaled_dot_product_attention:
+FlashAttention-2, cuDNN or memory-efficient kernels on GPU), ``flash_attn`` (FlashAttention-3's
+``flash_attn_interface`` on Hopper when installed, else FlashAttention-2's ``flash_attn``),
+``xformers`` (memory_efficient_attention), ``math`` (the explicit softmax(QK^T)V reference, the
+authors' formulation) and ``auto``. ``resolve_backend`` turns the setting into the implementation
+that runs (``IMPLEMENTATIONS``), from the device, the head width and the dtype the attention runs
+in. Each block binds that implementation's function at construction, so its forward holds no
+import or package lookup (which would break a ``torch.compile`` graph). None of them returns the
+N x N attention matrix. Parameter names (``qkv``, ``proj``) match the authors' checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +24,15 @@ from torch import nn
 from ijepa_fast.optional import available, require
 
 BACKENDS = ("auto", "sdpa", "flash_attn", "xformers", "math")
+# What runs: flash_attn is FlashAttention-2 (package flash_attn), flash_attn3 FlashAttention-3
+# (package flash_attn_interface, Hopper only).
+IMPLEMENTATIONS = ("sdpa", "flash_attn", "flash_attn3", "xformers", "math")
 
-# flash_attn's kernels take head widths that are multiples of 8 up to 256 (FA2) in fp16/bf16 only.
+# FlashAttention (2 and 3) takes fp16/bf16 only, head widths that are multiples of 8 up to 256.
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_ATTN_MAX_HEAD_DIM = 256
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -30,57 +42,91 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def _attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def _attention_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    flash_attn = require("flash_attn", "attention backend 'flash_attn'")
-    # flash_attn wants (B, N, H, Dh)
-    out = flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def _tokens_major(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Run ``fn``, which takes and returns [B, N, H, Dh], on q, k, v [B, H, N, Dh]."""
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if isinstance(out, tuple):  # FlashAttention-3 releases that also return the log-sum-exp
+        out = out[0]
     return out.transpose(1, 2)
 
 
-def _attention_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    require("xformers", "attention backend 'xformers'")
-    import xformers.ops as xops
+def attention_function(impl: str) -> AttentionFn:
+    """The function of implementation ``impl`` (one of ``IMPLEMENTATIONS``): q, k, v [B, H, N, Dh] -> [B, H, N, Dh].
 
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    Imports the optional package it needs now (a clear error when it is missing).
+    """
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention
+    if impl == "math":
+        return attention_math
+    if impl == "flash_attn":
+        return functools.partial(_tokens_major, require("flash_attn", "attention backend 'flash_attn'").flash_attn_func)
+    if impl == "flash_attn3":
+        fa3 = require("flash_attn_interface", "attention backend 'flash_attn' (FlashAttention-3)")
+        return functools.partial(_tokens_major, fa3.flash_attn_func)
+    if impl == "xformers":
+        xops = require("xformers", "attention backend 'xformers'")
+        return functools.partial(_tokens_major, xops.memory_efficient_attention)
+    raise ValueError(f"attention implementation {impl!r} is not one of {IMPLEMENTATIONS}")
 
 
-_IMPLS = {
-    "sdpa": _attention_sdpa,
-    "flash_attn": _attention_flash_attn,
-    "xformers": _attention_xformers,
-    "math": attention_math,
-}
+def _flash_unfit(device: torch.device, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why FlashAttention cannot serve these inputs, or None when it can."""
+    if device.type != "cuda":
+        return f"it runs only on CUDA devices, not on {device.type}"
+    if dtype not in _FLASH_DTYPES:
+        return f"it takes fp16/bf16 only, and attention runs in {dtype} here (run.dtype=fp32?)"
+    if head_dim % 8 or head_dim > _FLASH_ATTN_MAX_HEAD_DIM:
+        return f"it needs a head width that is a multiple of 8 up to {_FLASH_ATTN_MAX_HEAD_DIM}, not {head_dim}"
+    return None
 
 
-def resolve_backend(requested: str, device: torch.device | str, head_dim: int) -> str:
-    """Pick the backend to use; a requested backend that cannot serve is an error saying why.
+def _installed_flash(device: torch.device) -> str | None:
+    """flash_attn3 on Hopper when installed, else flash_attn (FA2 needs Ampere or newer) when installed."""
+    major, _ = torch.cuda.get_device_capability(device)
+    if major == 9 and available("flash_attn_interface"):
+        return "flash_attn3"
+    if major >= 8 and available("flash_attn"):
+        return "flash_attn"
+    return None
 
-    ``auto``: sdpa everywhere (on CUDA it dispatches to FlashAttention-2 / cuDNN itself), except
-    flash_attn when it is installed and the device is CUDA (FA3 on Hopper is faster than SDPA's FA2).
+
+def resolve_backend(requested: str, device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str:
+    """The implementation that runs for ``speed.attention=requested`` (one of ``IMPLEMENTATIONS``), for
+    attention on ``device`` with heads of ``head_dim`` computed in ``dtype`` (the autocast dtype, or
+    the weights'). A requested backend that cannot serve is an error saying why.
+
+    ``auto``: FlashAttention when it can serve and is installed (FA3 on Hopper, else FA2), otherwise
+    sdpa (on CUDA it dispatches to FlashAttention-2 / cuDNN itself).
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention={requested!r} is not a backend: choose one of {BACKENDS}")
     dev = torch.device(device)
     if requested == "auto":
-        flash_ok = head_dim % 8 == 0 and head_dim <= _FLASH_ATTN_MAX_HEAD_DIM
-        if dev.type == "cuda" and available("flash_attn") and flash_ok:
-            return "flash_attn"
-        return "sdpa"
-    if requested in ("flash_attn", "xformers"):
-        require(requested, f"attention backend '{requested}'")
+        flash = None if _flash_unfit(dev, head_dim, dtype) else _installed_flash(dev)
+        return flash or "sdpa"
+    if requested == "flash_attn":
+        return _require_flash(dev, head_dim, dtype)
+    if requested == "xformers":
+        require("xformers", "attention backend 'xformers'")
         if dev.type != "cuda":
-            raise ValueError(f"attention backend '{requested}' runs only on CUDA devices, not on {dev.type}")
-        if requested == "flash_attn" and (head_dim % 8 or head_dim > _FLASH_ATTN_MAX_HEAD_DIM):
-            raise ValueError(
-                f"attention backend 'flash_attn' cannot serve head width {head_dim}: it needs a multiple "
-                f"of 8 up to {_FLASH_ATTN_MAX_HEAD_DIM}; use attention=sdpa"
-            )
+            raise ValueError(f"attention backend 'xformers' runs only on CUDA devices, not on {dev.type}")
     return requested
+
+
+def _require_flash(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+    why = _flash_unfit(device, head_dim, dtype)
+    if why is not None:
+        raise ValueError(f"attention backend 'flash_attn' cannot serve: {why}; use attention=sdpa")
+    flash = _installed_flash(device)
+    if flash is None:
+        require("flash_attn", "attention backend 'flash_attn'")  # raises when missing, naming the install
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(
+            f"attention backend 'flash_attn' (FlashAttention-2) needs an Ampere or newer GPU (capability "
+            f"8.0+), this one has {capability}; use attention=sdpa"
+        )
+    return flash
 
 
 class Attention(nn.Module):
@@ -96,8 +142,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = backend
 
+    @property
+    def backend(self) -> str:
+        """The implementation that runs (one of ``IMPLEMENTATIONS``); setting it binds its function."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, impl: str) -> None:
+        self._attend = attention_function(impl)
+        self._backend = impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        out = _IMPLS[self.backend](qkv[0], qkv[1], qkv[2])  # (B, H, N, Dh)
+        out = self._attend(qkv[0], qkv[1], qkv[2])  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ijepa_fast import ops
+from ijepa_fast.device import resolve_precision
 from ijepa_fast.loss import jepa_loss
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.attention import resolve_backend
@@ -95,8 +96,9 @@ def models_from_config(cfg, device: torch.device) -> tuple[JEPAStudent, VisionTr
     """(student, target encoder) of a run ``Config`` on ``device``, with its attention backend,
     activation checkpointing and compile switches (``cfg.speed``) applied."""
     size = vit_size(cfg.model.name)
-    enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads)
-    pred_backend = resolve_backend(cfg.speed.attention, device, cfg.model.pred_emb_dim // size.num_heads)
+    attn_dtype = resolve_precision(device, cfg.run.dtype).autocast_dtype or torch.float32  # what q, k, v arrive in
+    enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads, attn_dtype)
+    pred_backend = resolve_backend(cfg.speed.attention, device, cfg.model.pred_emb_dim // size.num_heads, attn_dtype)
     student, target = build_models(
         cfg.model, cfg.data.crop_size, attention=enc_backend, fused_gather=cfg.speed.fused_gather, loss=cfg.optim.loss
     )

@@ -6,15 +6,15 @@ So on a machine without CUDA this file imports triton with ``TRITON_INTERPRET=1`
 else does, and restores the environment; each kernel test then sets ``TRITON_INTERPRET=1`` for its
 own duration (the kernels read it at call time), so the rest of the suite keeps the fast CPU path.
 With CUDA, triton stays compiled: the interpreter tests skip and the ``gpu`` tests run on the device.
-Ahead-of-time compiles for an H100 run in a subprocess, where triton is imported compiled.
+Ahead-of-time builds for NVIDIA GPUs (``aot_build``) run in a subprocess, where triton is imported compiled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -78,34 +78,22 @@ def reference_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-_AOT_DRIVER = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-def compile_for_h100(fn, signature, constexprs):
-    signature = {**signature, **{k: "constexpr" for k in constexprs}}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-"""
-
-
-def compile_for_h100(snippet: str) -> None:
-    """Run ``snippet`` in a fresh Python where triton is compiled, with ``compile_for_h100(fn, sig,
-    constexprs) -> PTX`` defined: an ahead-of-time build for sm_90, no GPU needed. Catches what the
-    interpreter does not check (types, loop-carried values, layouts)."""
+def aot_build(tmp_path: Path, *args: str) -> dict:
+    """``python -m ijepa_fast.kernels.aot *args`` in a fresh Python where triton imports compiled:
+    ahead-of-time builds of every kernel launch for NVIDIA GPUs, no GPU needed. Returns its JSON
+    report (meta, rows); fails with its output when a build fails or a kernel spills."""
     if not available("triton"):
         pytest.skip("triton is not installed")
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    code = _AOT_DRIVER + textwrap.dedent(snippet)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    report = tmp_path / "aot.json"
+    cmd = [sys.executable, "-m", "ijepa_fast.kernels.aot", *args, "--json", str(report)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0 and "nvidia" in proc.stderr and "backend" in proc.stderr.lower():
         pytest.skip(f"triton cannot target NVIDIA here: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return json.loads(report.read_text())
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:

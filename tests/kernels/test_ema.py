@@ -1,8 +1,8 @@
 """ema_update_: the fused EMA against fp64 math and the authors' loop, on awkward sets of tensors.
 
 The Triton kernel runs through the interpreter (see conftest.py). ``_BLOCK``/``_ITERS`` are shrunk
-so that tiny tensors still cross chunk and block edges. ``vit_param_shapes`` and
-``make_ema_inputs`` are also the benchmark's setup (profiling/bench_ema.py).
+so that tiny tensors still cross chunk and block edges. The inputs come from ``kernels/inputs.py``,
+as the benchmark's (profiling/bench_ema.py).
 """
 
 from __future__ import annotations
@@ -14,37 +14,12 @@ import torch
 
 from ijepa_fast.kernels import ema
 from ijepa_fast.kernels.ema import ema_update_, ema_update_foreach, ema_update_reference
+from ijepa_fast.kernels.inputs import make_ema_inputs, vit_param_shapes
 
-from .conftest import assert_lowp_close, compile_for_h100
+from .conftest import assert_lowp_close
 
 # Around the shrunk chunk (16 x 2 = 32 elements): 1, 31, 32, 33, 65; a 0-d tensor; an empty one.
 SHAPES = [(3, 5), (31,), (32,), (33,), (5, 13), (1,), (), (0, 4), (2, 3, 7)]
-
-
-def vit_param_shapes(
-    depth: int, width: int, patch: int, grid: int, mlp_ratio: int = 4, in_chans: int = 3
-) -> list[tuple]:
-    """Parameter shapes of the I-JEPA ViT encoder, in ``parameters()`` order (pos_embed included)."""
-    D, H = width, width * mlp_ratio
-    shapes = [(1, grid * grid, D), (D, in_chans, patch, patch), (D,)]  # pos_embed, patch_embed
-    block = [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,), (D,), (D,), (H, D), (H,), (D, H), (D,)]
-    return shapes + block * depth + [(D,), (D,)]  # ..., final norm
-
-
-def make_ema_inputs(
-    shapes: list[tuple],
-    t_dtype=torch.float32,
-    s_dtype=torch.float32,
-    device="cpu",
-    seed: int = 0,
-    bf16_out: bool = False,
-):
-    """targets, sources (random, of ``shapes``) and the bf16 copies to fill (or None)."""
-    g = torch.Generator().manual_seed(seed)
-    ts = [torch.randn(s, generator=g).to(device=device, dtype=t_dtype) for s in shapes]
-    ss = [torch.randn(s, generator=g).to(device=device, dtype=s_dtype) for s in shapes]
-    outs = [torch.full(s, float("nan"), dtype=torch.bfloat16, device=device) for s in shapes] if bf16_out else None
-    return ts, ss, outs
 
 
 @pytest.fixture
@@ -192,18 +167,6 @@ def test_torch_compile_fullgraph(reference_path):
     torch.compile(step, fullgraph=True, backend="aot_eager")(ts, ss, torch.tensor(0.9), outs)
     assert all(torch.equal(t, r) for t, r in zip(ts, ts_ref))
     assert all(torch.equal(o, t.bfloat16()) for o, t in zip(outs, ts))
-
-
-def test_kernel_compiles_for_h100_with_wide_loads():
-    compile_for_h100("""
-        from ijepa_fast.kernels.ema import _kernel
-        sig = {"t_ptrs": "*i64", "s_ptrs": "*i64", "o_ptrs": "*i64", "numels": "*i64", "chunk_tensor": "*i64",
-               "chunk_start": "*i64", "t0": "*fp32", "s0": "*fp32", "o0": "*bf16", "m_ptr": "*fp32"}
-        ptx = compile_for_h100(_kernel(), sig, {"HAS_OUT": True, "ALIGNED": True, "BLOCK": 1024, "ITERS": 8})
-        assert "ld.global.v4" in ptx, "full blocks should use 128-bit loads"
-        sig.update(t0="*bf16", s0="*bf16")
-        compile_for_h100(_kernel(), sig, {"HAS_OUT": False, "ALIGNED": False, "BLOCK": 1024, "ITERS": 8})
-    """)
 
 
 # ----------------------------------------------------------------------------- GPU and benchmark

@@ -1,7 +1,7 @@
 """masked_gather, masked_gather_add and mask_tokens: outputs and every gradient against the references.
 
 The Triton kernels run through the interpreter (see conftest.py); sizes stay tiny because it is slow.
-``make_gather_inputs`` is also the benchmark's setup (profiling/bench_masked_gather.py).
+The inputs come from ``kernels/inputs.py``, as the benchmark's (profiling/bench_masked_gather.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import ijepa_fast.kernels.masked_gather as mg
+from ijepa_fast import ops
+from ijepa_fast.kernels.inputs import make_gather_inputs
 from ijepa_fast.kernels.masked_gather import (
     mask_tokens,
     mask_tokens_reference,
@@ -20,40 +22,12 @@ from ijepa_fast.kernels.masked_gather import (
     masked_gather_add_reference,
     masked_gather_reference,
 )
+from ijepa_fast.models.vit import PatchEmbed
 
-from .conftest import assert_lowp_close, compile_for_h100, triton_interpreted
+from .conftest import assert_lowp_close, triton_interpreted
 
 # (B, N, D, M, K): B=1, K=1, N=1 (every index the same), D=1, D not a multiple of any block, large M.
 SHAPES = [(1, 1, 1, 1, 1), (1, 5, 3, 1, 1), (2, 1, 7, 3, 2), (3, 7, 123, 2, 4), (2, 9, 5, 7, 5), (3, 7, 1, 4, 3)]
-
-
-def make_gather_inputs(
-    B: int,
-    N: int,
-    D: int,
-    M: int,
-    K: int,
-    dtype=torch.float32,
-    device="cpu",
-    seed: int = 0,
-    unique: bool = False,
-    pos_batch: int = 1,
-    pos_grad: bool = True,
-) -> dict:
-    """x [B, N, D], pos [pos_batch, N, D], mask_token [1, 1, D] (float, requiring grad) and idx [M, B, K].
-
-    ``unique=False`` draws indices with replacement: duplicates inside and across blocks, the hard
-    case for the backward. ``unique=True`` draws sorted distinct indices per block, as the masks do.
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    pos = torch.randn(pos_batch, N, D, generator=g).to(device=device, dtype=dtype).requires_grad_(pos_grad)
-    mask_token = torch.randn(1, 1, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    if unique:
-        idx = torch.rand(M, B, N, generator=g).argsort(-1)[..., :K].sort(-1).values
-    else:
-        idx = torch.randint(0, N, (M, B, K), generator=g)
-    return {"x": x, "pos": pos, "mask_token": mask_token, "idx": idx.to(device)}
 
 
 OPS = {  # name -> (fast op, reference, names of its tensor arguments)
@@ -137,28 +111,58 @@ def test_two_d_index_is_one_block(triton_path):
     torch.testing.assert_close(out2, masked_gather(inputs["x"], inputs["idx"]), rtol=0, atol=0)
 
 
-def test_non_contiguous_tokens(triton_path):
-    """Patch embeddings arrive as conv(...).flatten(2).transpose(1, 2): a strided [B, N, D]."""
-    base = torch.randn(2, 6, 5, requires_grad=True)  # (B, D, N)
-    x = base.transpose(1, 2)  # (B, N, D), stride(-1) != 1
-    idx = torch.randint(0, 5, (3, 2, 4))
-    g = torch.randn(6, 4, 6)
-    out = masked_gather(x, idx)
-    (gb,) = torch.autograd.grad(out, base, g)
-    (gb_ref,) = torch.autograd.grad(masked_gather_reference(x, idx), base, g)
-    torch.testing.assert_close(out, masked_gather_reference(x, idx), rtol=0, atol=0)
-    torch.testing.assert_close(gb, gb_ref, rtol=1e-5, atol=1e-5)  # <= 12-term fp32 sums, in another order
+def test_patch_embed_tokens_reach_the_kernel_in_place(triton_path, monkeypatch):
+    """No copy before the context gather: the kernel reads PatchEmbed's output where it lies (a
+    transposed view, strides N*D, 1, N), and gives the authors' gather of x + pos exactly."""
+    gather_add, segment_sum = mg._kernels()
+    received = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(x, *args, **kwargs):
+                received.append((x.data_ptr(), x.stride()))
+                return gather_add[grid](x, *args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(mg, "_kernels", lambda: (Spy(), segment_sum))
+    x = PatchEmbed(patch_size=4, embed_dim=37)(torch.randn(3, 3, 12, 28))  # (B=3, N=21, D=37)
+    pos, idx = torch.randn(1, 21, 37), torch.randint(0, 21, (1, 3, 5))
+    out = ops.gather_tokens_with_pos(x, pos, idx)
+    assert received == [(x.data_ptr(), (21 * 37, 1, 21))]
+    torch.testing.assert_close(out, ops.gather_tokens_with_pos(x, pos, idx, fused=False), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op", list(OPS))
-def test_bf16_within_twice_torch_error(triton_path, op):
-    """bf16 inputs: compared with a float64 reference, bounded by PyTorch's own bf16 error (see conftest)."""
-    _check_bf16(op, "cpu", truncating=True)
-
-
-def _check_bf16(op: str, device: str, truncating: bool) -> None:
+@pytest.mark.parametrize(
+    "shape", [(3, 7, 123, 2, 4), (2, 9, 5, 7, 5), (1, 5, 3, 1, 1)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("op", ["gather", "gather_add"])
+def test_patch_layout_tokens_fp32(triton_path, op, shape):
+    """Tokens laid out as PatchEmbed's output: the output exact, every gradient within the sum bound."""
     fast, ref, names = OPS[op]
-    inputs = make_gather_inputs(3, 7, 123, 4, 5, dtype=torch.bfloat16, device=device, seed=11)
+    N, D = shape[1:3]
+    inputs = make_gather_inputs(*shape, seed=sum(shape), patch_strides=True)
+    assert inputs["x"].stride() == (N * D, 1, N)
+    out, grads, g = _run(fast, inputs, names)
+    out_ref, grads_ref, _ = _run(ref, inputs, names, g)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    assert [x.shape for x in grads] == [x.shape for x in grads_ref]
+    assert_grads_within_sum_bound(fast, ref, inputs, names, grads, g)
+
+
+@pytest.mark.parametrize(
+    "op,patch_strides", [(op, False) for op in OPS] + [("gather", True), ("gather_add", True)], ids=str
+)
+def test_bf16_within_twice_torch_error(triton_path, op, patch_strides):
+    """bf16 inputs: compared with a float64 reference, bounded by PyTorch's own bf16 error (see conftest)."""
+    _check_bf16(op, "cpu", truncating=True, patch_strides=patch_strides)
+
+
+def _check_bf16(op: str, device: str, truncating: bool, patch_strides: bool = False) -> None:
+    fast, ref, names = OPS[op]
+    inputs = make_gather_inputs(
+        3, 7, 123, 4, 5, dtype=torch.bfloat16, device=device, seed=11, patch_strides=patch_strides
+    )
     out, grads, g = _run(fast, inputs, names)
     out_t, grads_t, _ = _run(ref, inputs, names, g)  # PyTorch in bf16
     out64, grads64, _ = _run(ref, inputs, names, g.double(), cast=torch.float64)
@@ -282,20 +286,6 @@ def test_custom_ops_pass_opcheck(reference_path):
     x, pos, idx = inputs["x"].detach(), inputs["pos"].detach(), inputs["idx"]
     torch.library.opcheck(torch.ops.ijepa_fast.gather_add, (x, pos, idx, 6, False))
     torch.library.opcheck(torch.ops.ijepa_fast.gather_add_backward, (torch.randn(6, 2, 4), idx, 2, 6, torch.float32))
-
-
-def test_kernels_compile_for_h100():
-    """Ahead-of-time compile for sm_90: the GPU code generator accepts the kernels (no GPU needed)."""
-    compile_for_h100("""
-        from ijepa_fast.kernels.masked_gather import _kernels
-        gather_add, segment_sum = _kernels()
-        ints = dict.fromkeys(["rows", "K", "B", "N", "D", "sxb", "sxn", "spb", "spn"], "i32")
-        for has_pos in (False, True):
-            sig = {"x_ptr": "*bf16", "pos_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*fp32", **ints}
-            compile_for_h100(gather_add, sig, {"HAS_POS": has_pos, "BLOCK_R": 2, "BLOCK_D": 2048})
-        sig = {"grad_ptr": "*bf16", "order_ptr": "*i64", "offsets_ptr": "*i64", "out_ptr": "*bf16", "D": "i32"}
-        compile_for_h100(segment_sum, sig, {"BLOCK_D": 1024})
-    """)
 
 
 # ----------------------------------------------------------------------------- GPU and benchmark

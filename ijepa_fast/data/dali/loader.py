@@ -57,6 +57,7 @@ from PIL import Image
 from ijepa_fast.data.dali import pipeline as dp
 from ijepa_fast.data.dali.validate import check_image, describe, validate_images
 from ijepa_fast.data.dali.webdataset import prepare_webdataset
+from ijepa_fast.data.errors import no_decodable_image
 from ijepa_fast.data.folder import scan_folder
 from ijepa_fast.data.loader import Batch, StepBatchSampler, folder_root
 from ijepa_fast.data.transforms import crop_box
@@ -221,7 +222,9 @@ class DaliPretrainLoader:
     labels [B] int64, masks, all on ``device``), as ``PretrainLoader``: ``steps_per_epoch``,
     ``epoch_size``, ``skipped`` (samples whose own file was undecodable), ``skipped_paths`` (each
     logged once), every ``iter()`` starts again at ``start_step``, ``close()`` or ``with``. Also
-    ``excluded`` {path: reason} (found by validation or at run time) and ``recoveries``.
+    ``excluded`` {path: reason} (found by validation or at run time) and ``recoveries``. Webdataset
+    samples that validation left out of the index are counted with the first batch delivered
+    (``Batch.skipped``), so the trainer's count and metrics include them.
     """
 
     def __init__(
@@ -250,10 +253,11 @@ class DaliPretrainLoader:
         self.start_step = self.next_step = start_step
         self.recoveries = 0
         self._iter = None
-        if kind == "webdataset" and self.excluded:  # left out of the index: counted once, here
-            self.skipped = len(self.excluded)
-            self.skipped_paths = {f"{k} ({v})" for k, v in self.excluded.items()}
-            for path in sorted(self.skipped_paths):
+        self._left_out: tuple[str, ...] = ()  # webdataset samples not in the index, not yet reported
+        if kind == "webdataset" and self.excluded:
+            self._left_out = tuple(sorted(f"{k} ({v})" for k, v in self.excluded.items()))
+            self.skipped_paths = set(self._left_out)
+            for path in self._left_out:
                 log.warning("skipped an undecodable image: %s", path)
 
     @property
@@ -288,8 +292,9 @@ class DaliPretrainLoader:
             rec = self.source.records.pop(step)
             epoch, skipped, bad = rec.epoch, rec.skipped, rec.bad
             labels = labels.view(-1)
-        else:
-            epoch, skipped, bad = step // self.steps_per_epoch, 0, ()
+        else:  # each left-out sample counts once, with the first batch
+            epoch, skipped, bad = step // self.steps_per_epoch, len(self._left_out), self._left_out
+            self._left_out = ()
             labels = parse_ascii_labels(labels)
         self.skipped += skipped
         for path in bad:
@@ -451,6 +456,9 @@ def build_dali_loader(
     n = min(len(paths), cfg.limit) if cfg.limit else len(paths)
     paths, labels = paths[:n], labels[:n]
     bad = validate_images(paths, mode=validate, cache=cache, workers=threads)
+    if len(bad) == n:
+        first = min(bad)
+        raise no_decodable_image(folder_root(cfg), n, f"{first} ({bad[first]})")
     if bad:
         log.warning(
             "%d of %d images are undecodable: each is replaced by the next good one and counted in loader.skipped",

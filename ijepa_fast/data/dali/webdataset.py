@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ijepa_fast.data.dali.validate import MODES, check_image, covers, load_section, save_section
+from ijepa_fast.data.errors import DataSourceError
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,26 @@ def split_name(name: str) -> tuple[str, str]:
 
 def scan_tar(path: str | Path) -> tuple[list[WdsSample], int]:
     """The samples of one tar that hold an image, in archive order, and how many were left out
-    (no image member, or a name DALI's index format cannot hold)."""
+    (no image member, or a name DALI's index format cannot hold). ``DataSourceError`` naming the
+    shard when it is truncated or damaged."""
     samples: list[WdsSample] = []
     groups: list[tuple[str, list[tarfile.TarInfo]]] = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            base, _ = split_name(member.name)
-            if not base or base.endswith("/"):  # hidden files: DALI skips them too
-                continue
-            if groups and groups[-1][0] == base:
-                groups[-1][1].append(member)
-            else:
-                groups.append((base, [member]))
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                base, _ = split_name(member.name)
+                if not base or base.endswith("/"):  # hidden files: DALI skips them too
+                    continue
+                if groups and groups[-1][0] == base:
+                    groups[-1][1].append(member)
+                else:
+                    groups.append((base, [member]))
+    except (tarfile.TarError, EOFError) as err:
+        raise DataSourceError(
+            f"webdataset shard {path} is truncated or damaged ({err}): re-create it, or move it out of the data folder"
+        ) from None
     left_out = 0
     for base, members in groups:
         image = label = None

@@ -1,0 +1,117 @@
+"""run.dtype: which precision auto picks on each kind of device and why, with the capability probes
+monkeypatched so every branch runs on any machine; the trainer's log line and the slow-bf16 warning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from ijepa_fast import config as config_mod
+from ijepa_fast import device as precision
+from ijepa_fast.device import resolve_precision
+from tests.test_trainer import tiny_overrides, write_idx
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Set what PyTorch reports about native bf16 on this CPU."""
+
+    def set_native(native: bool) -> None:
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+
+    return set_native
+
+
+@pytest.fixture
+def cuda_bf16(monkeypatch):
+    def set_native(native: bool) -> None:
+        monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device: native)
+
+    return set_native
+
+
+def test_auto_on_a_cpu_follows_native_bf16_support(cpu_bf16):
+    cpu_bf16(False)
+    p = resolve_precision(CPU, "auto")
+    assert (p.name, p.autocast_dtype, p.slow) == ("fp32", None, False)
+    assert p.reason.startswith("auto: this CPU has no native bf16")
+    cpu_bf16(True)
+    p = resolve_precision(CPU, "auto")
+    assert (p.name, p.autocast_dtype, p.slow) == ("bf16", torch.bfloat16, False)
+    assert "native bf16" in p.reason
+
+
+def test_auto_on_cuda_follows_the_device(cuda_bf16, cpu_bf16):
+    cpu_bf16(False)  # the CPU's answer must not matter on a CUDA device
+    cuda_bf16(True)
+    assert resolve_precision(CUDA, "auto").name == "bf16"
+    cuda_bf16(False)
+    p = resolve_precision(CUDA, "auto")
+    assert p.name == "fp32" and "CUDA device has no native bf16" in p.reason
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_explicit_bf16_runs_everywhere_and_is_flagged_slow_without_native_support(device, cpu_bf16, cuda_bf16):
+    for native in (True, False):
+        cpu_bf16(native)
+        cuda_bf16(native)
+        p = resolve_precision(torch.device(device), "bf16")
+        assert p.name == "bf16" and p.autocast_dtype == torch.bfloat16
+        assert p.slow is (not native)
+        assert ("much slower" in p.reason) is (not native)
+
+
+def test_fp32_is_fp32_and_a_bad_value_names_the_option(cpu_bf16):
+    cpu_bf16(True)
+    assert resolve_precision(CPU, "fp32").autocast_dtype is None
+    with pytest.raises(ValueError, match="--dtype='fp16'"):
+        resolve_precision(CPU, "fp16", option="--dtype")
+
+
+def test_the_probe_asks_pytorch():
+    """The real probe returns PyTorch's own oneDNN answer (whatever this machine is)."""
+    assert precision.cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_the_demo_config_lets_the_device_decide():
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    assert config_mod.load(str(demo)).run.dtype == "auto"
+
+
+def _trainer(tmp_path: Path, dtype: str):
+    from ijepa_fast.trainer import Trainer
+
+    data = write_idx(tmp_path / "data", n=16)
+    extra = {"run.dtype": dtype, "optim.max_steps": 1, "data.batch_size": 2}
+    overrides = tiny_overrides(data, tmp_path / "runs", dtype, **extra)
+    return Trainer(config_mod.load(None, overrides))
+
+
+def _precision_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("precision:")]
+
+
+def test_the_trainer_logs_the_precision_and_why(tmp_path, caplog, cpu_bf16):
+    cpu_bf16(False)
+    trainer = _trainer(tmp_path, "auto")
+    with caplog.at_level(logging.INFO, logger="ijepa_fast"):
+        trainer.build()
+    (record,) = _precision_records(caplog)
+    assert record.levelno == logging.INFO
+    assert record.getMessage().startswith("precision: fp32 (auto: this CPU has no native bf16")
+    assert trainer.step_fn.amp_dtype is None
+
+
+def test_explicit_bf16_on_a_cpu_without_it_trains_with_one_warning(tmp_path, caplog, cpu_bf16):
+    cpu_bf16(False)
+    trainer = _trainer(tmp_path, "bf16")
+    with caplog.at_level(logging.INFO, logger="ijepa_fast"):
+        result = trainer.fit()
+    (record,) = _precision_records(caplog)
+    assert record.levelno == logging.WARNING and "much slower than fp32" in record.getMessage()
+    assert trainer.step_fn.amp_dtype == torch.bfloat16 and result.steps == 1
