@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_fast import interop
+from ijepa_fast import export_cli, interop
 from ijepa_fast.eval import cli as eval_cli
 from ijepa_fast.eval.features import extract_features
 from ijepa_fast.interop import CheckpointMismatchError, UntrustedCheckpointError
@@ -293,7 +293,7 @@ CLIS = ("ijepa-eval", "ijepa-export")
 def run_cli(tool: str, checkpoint: Path, tmp_path: Path) -> int:
     if tool == "ijepa-eval":
         return eval_cli.main([str(checkpoint), "--data", str(tmp_path), "--no-progress"])
-    return interop.export_main([str(checkpoint), "--out", str(tmp_path / "out.safetensors")])
+    return export_cli.export_main([str(checkpoint), "--out", str(tmp_path / "out.safetensors")])
 
 
 def one_error_line(tool: str, capsys) -> str:
@@ -418,7 +418,7 @@ def test_timm_export_loads_into_timms_gap_models(authors_file, tmp_path):
         pytest.skip("timm is not installed (pip install --no-deps timm)")
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
     export, x = tmp_path / "timm.safetensors", images(3)
-    assert interop.export_main([str(authors_file), "--out", str(export), "--timm"]) == 0
+    assert export_cli.export_main([str(authors_file), "--out", str(export), "--timm"]) == 0
     torch.save(x, tmp_path / "images.pt")
     worker = Path(__file__).with_name("timm_worker.py")
     proc = subprocess.run(
@@ -454,7 +454,7 @@ def hf_features(model, x: torch.Tensor) -> torch.Tensor:
 
 def test_ijepa_export_hf_gives_transformers_the_same_outputs(authors_file, tmp_path, capsys):
     out = tmp_path / "hf"
-    assert interop.export_main([str(authors_file), "--hf", str(out), "--which", "context"]) == 0
+    assert export_cli.export_main([str(authors_file), "--hf", str(out), "--which", "context"]) == 0
     assert "context encoder" in capsys.readouterr().out
     model = hf_model(out)
     context = interop.load_encoder(authors_file, "encoder").encoder.eval()
@@ -516,7 +516,7 @@ def test_hf_folder_loads_as_our_encoder(tmp_path):
 def test_hf_round_trip_keeps_which_and_every_weight(authors_file, tmp_path):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
     target = interop.load_encoder(authors_file).encoder
-    assert interop.export_main([str(authors_file), "--hf", str(tmp_path / "hf")]) == 0  # default: target
+    assert export_cli.export_main([str(authors_file), "--hf", str(tmp_path / "hf")]) == 0  # default: target
     back = interop.load_encoder(tmp_path / "hf")
     assert (back.format, back.which, back.spec) == ("hf", "target_encoder", interop.EncoderSpec.of(target))
     a, b = target.state_dict(), back.encoder.state_dict()
@@ -533,7 +533,7 @@ def test_hf_config_our_encoder_cannot_compute_is_refused_by_key(authors_file, tm
         with pytest.raises(ValueError, match=f"config.json: {key}="):
             interop.load_encoder(tmp_path / "hf")
     config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "layer_norm_eps"}))
-    assert interop.export_main([str(tmp_path / "hf"), "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert export_cli.export_main([str(tmp_path / "hf"), "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "layer_norm_eps=1e-12" in capsys.readouterr().err  # IJepaConfig's default is not the authors' 1e-6
     (tmp_path / "hf" / "model.safetensors").unlink()
     config_path.write_text(json.dumps(config))
@@ -582,17 +582,17 @@ def test_hf_export_of_the_vit_h14_shape(tmp_path):
 def test_ijepa_export(authors_file, tmp_path, capsys):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
     out = tmp_path / "enc.safetensors"
-    assert interop.export_main([str(authors_file), "--out", str(out), "--which", "encoder"]) == 0
+    assert export_cli.export_main([str(authors_file), "--out", str(out), "--which", "encoder"]) == 0
     back, _, meta = interop.load_safetensors_encoder(out)
     assert meta["which"] == "encoder" and meta["source_format"] == "authors"
     raw = interop.strip_module_prefix(torch.load(authors_file, weights_only=True)["encoder"])
     assert all(torch.equal(v, raw[k]) for k, v in back.state_dict().items())
     timm_out = tmp_path / "timm.safetensors"
-    assert interop.export_main([str(authors_file), "--out", str(timm_out), "--timm"]) == 0
+    assert export_cli.export_main([str(authors_file), "--out", str(timm_out), "--timm"]) == 0
     tensors, meta = interop.read_safetensors(timm_out)
     assert set(tensors) == expected_timm_keys(DEPTH) and json.loads(meta["timm_kwargs"])["fc_norm"] is False
     assert "timm kwargs" in capsys.readouterr().out
-    assert interop.export_main([str(authors_file), "--out", str(out), "--model", "vit_base"]) == 1
+    assert export_cli.export_main([str(authors_file), "--out", str(out), "--model", "vit_base"]) == 1
     assert "vs" in capsys.readouterr().err
 
 
@@ -602,7 +602,7 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
         pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
     data = write_idx_data(tmp_path / "data", n_train=20, n_test=4)
     out = tmp_path / f"feats{suffix}"
-    rc = interop.extract_main(
+    rc = export_cli.extract_main(
         [
             str(authors_file),
             "--data",
@@ -644,7 +644,7 @@ def test_ijepa_extract_image_folder_names_each_row(authors_file, tmp_path):
             pixels = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
     out = tmp_path / "f.npy"
-    rc = interop.extract_main(
+    rc = export_cli.extract_main(
         [
             str(authors_file),
             "--data",

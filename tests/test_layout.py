@@ -19,6 +19,7 @@ PACKAGE_DIRS = {"ijepa_fast": REPO / "ijepa_fast", "ijepa_fast.kernels": REPO / 
 # Modules whose job is a command line (their `main` is a console script or `python -m` target).
 CLI_MODULES = {
     "ijepa_fast.pretrain",
+    "ijepa_fast.export_cli",
     "ijepa_fast.demo",
     "ijepa_fast.bench",
     "ijepa_fast.eval.cli",
@@ -55,7 +56,9 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 base = ".".join(
                     package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
                 )
-            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
+            # `from package import submodule` imports the submodule; other names come from `base` itself
+            targets = submodules + ([base] if len(submodules) < len(node.names) else [])
         else:
             continue
         if _type_checking_only(tree, node):
@@ -63,7 +66,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         for target in targets:
             while target and target not in modules:
                 target = target.rpartition(".")[0]
-            if target and target != name:
+            if target and target != name and not name.startswith(target + "."):  # parents load first anyway
                 found.add(target)
     return found
 
@@ -123,12 +126,17 @@ def test_no_library_module_imports_a_command_line_module():
     assert not {k: v for k, v in offenders.items() if v}
 
 
-def test_kernels_install_under_the_project_namespace():
-    import ijepa_fast.kernels.ema as ema
-
-    assert Path(ema.__file__).resolve().parent == (REPO / "kernels").resolve()
-    with pytest.raises(ModuleNotFoundError):
-        __import__("kernels")  # no bare top-level package (a PyPI distribution has that name)
+def test_kernels_install_under_the_project_namespace(tmp_path):
+    """``ijepa_fast.kernels`` is the repository's kernels/ folder; no bare top-level ``kernels`` package
+    is installed (a PyPI distribution has that name). Run from another folder, so that the checkout
+    itself is not on the path."""
+    code = (
+        "import importlib.util, pathlib, ijepa_fast.kernels.ema as ema; "
+        "print(pathlib.Path(ema.__file__).resolve().parent); print(importlib.util.find_spec('kernels'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    where, bare = out.stdout.split()
+    assert Path(where) == (REPO / "kernels").resolve() and bare == "None"
 
 
 def test_profiling_and_tests_do_not_import_each_other():

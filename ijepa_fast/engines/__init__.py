@@ -15,7 +15,7 @@ import torch
 
 from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import distributed
-from ijepa_fast.device import autocast_dtype
+from ijepa_fast.device import resolve_precision
 from ijepa_fast.distributed import DistEnv
 from ijepa_fast.models.ijepa import models_from_config
 from ijepa_fast.optim import build_optimizer
@@ -104,7 +104,7 @@ def train_step_for(cfg, engine: Engine, steps_per_epoch: int) -> TrainStep:
     return TrainStep(
         engine,
         Schedules.from_config(cfg.optim, steps_per_epoch),
-        autocast_dtype(engine.device, cfg.run.dtype),
+        resolve_precision(engine.device, cfg.run.dtype).autocast_dtype,
         options,
         grad_accum=cfg.optim.grad_accum,
     )

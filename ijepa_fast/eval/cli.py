@@ -42,56 +42,17 @@ from typing import Any
 
 import torch
 
-from ijepa_fast.device import DTYPES, resolve_precision
+from ijepa_fast.cli_args import (
+    add_checkpoint_args,
+    add_data_args,
+    load_from_args,
+    num_workers,
+    open_eval_dataset,
+    resolve_device,
+)
+from ijepa_fast.device import resolve_precision
 
 log = logging.getLogger(__name__)
-
-
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """Data and extraction options shared by ``ijepa-eval`` and ``ijepa-extract``."""
-    p.add_argument("--data", required=True, help="data root: IDX files or an image folder")
-    p.add_argument("--dataset", default="idx", choices=["idx", "folder"], help="kind of data at --data")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument(
-        "--num-workers",
-        type=int,
-        default=None,
-        help="DataLoader workers decoding images (default: 0 for idx, up to 8 for folder)",
-    )
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images of each split (0: all)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPES,
-        help="autocast for feature extraction: auto = bf16 where the device has native bf16, else fp32",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def num_workers(args: argparse.Namespace) -> int:
-    if args.num_workers is not None:
-        return args.num_workers
-    import os
-
-    return 0 if args.dataset == "idx" else min(8, os.cpu_count() or 1)
-
-
-def resolve_device(name: str) -> torch.device:
-    from ijepa_fast.device import resolve_device as resolve
-
-    return resolve(name, option="--device")
-
-
-def open_eval_dataset(args: argparse.Namespace, split: str, img_size: int):
-    """Centre-cropped, normalised (image [3, S, S], label) dataset of ``split`` at ``img_size``."""
-    from ijepa_fast.config import DataConfig
-    from ijepa_fast.data.loader import build_eval_dataset
-
-    cfg = DataConfig(dataset=args.dataset, root=str(args.data), split=split, crop_size=img_size)
-    if not Path(cfg.root).exists():
-        raise FileNotFoundError(f"--data {cfg.root} does not exist")
-    return build_eval_dataset(cfg, split=split, limit=args.limit)
 
 
 def _low_shot(spec: str):
@@ -105,7 +66,6 @@ def _low_shot(spec: str):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ijepa_fast.eval.features import FEATURE_MODES
-    from ijepa_fast.interop import add_checkpoint_args
 
     p = argparse.ArgumentParser(
         prog="ijepa-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -226,7 +186,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ijepa_fast.eval.knn import knn_accuracy
     from ijepa_fast.eval.lowshot import label_subset
     from ijepa_fast.eval.probe import linear_probe
-    from ijepa_fast.interop import load_from_args
 
     device = resolve_device(args.device)
     precision = resolve_precision(device, args.dtype, option="--dtype")

@@ -1,0 +1,90 @@
+"""Command-line options shared by ``ijepa-eval``, ``ijepa-export`` and ``ijepa-extract``: which
+checkpoint and encoder, which data, and how to extract features."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ijepa_fast.device import DTYPES
+from ijepa_fast.interop import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder, load_encoder
+from ijepa_fast.models.vit import VIT_SIZES
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="ours (.pt or a run folder), the authors' .pth.tar, or a .safetensors export")
+    p.add_argument(
+        "--which",
+        default="target_encoder",
+        type=lambda name: WHICH_ALIASES.get(name, name),
+        choices=ENCODER_KEYS,
+        help="target (target_encoder, the EMA encoder; default) or context (encoder)",
+    )
+    p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
+    p.add_argument("--patch", type=int, help="patch size, checked against the file")
+    p.add_argument("--img-size", type=int, help="image size, checked against the file's position embedding")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow files holding arbitrary Python objects (full unpickler: can run code)",
+    )
+
+
+def load_from_args(args) -> LoadedEncoder:
+    return load_encoder(
+        args.checkpoint,
+        args.which,
+        model=args.model,
+        patch_size=args.patch,
+        img_size=args.img_size,
+        trust=args.trust_checkpoint,
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Data and extraction options shared by ``ijepa-eval`` and ``ijepa-extract``."""
+    p.add_argument("--data", required=True, help="data root: IDX files or an image folder")
+    p.add_argument("--dataset", default="idx", choices=["idx", "folder"], help="kind of data at --data")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers decoding images (default: 0 for idx, up to 8 for folder)",
+    )
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images of each split (0: all)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="autocast for feature extraction: auto = bf16 where the device has native bf16, else fp32",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def num_workers(args: argparse.Namespace) -> int:
+    if args.num_workers is not None:
+        return args.num_workers
+    import os
+
+    return 0 if args.dataset == "idx" else min(8, os.cpu_count() or 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    from ijepa_fast.device import resolve_device as resolve
+
+    return resolve(name, option="--device")
+
+
+def open_eval_dataset(args: argparse.Namespace, split: str, img_size: int):
+    """Centre-cropped, normalised (image [3, S, S], label) dataset of ``split`` at ``img_size``."""
+    from ijepa_fast.config import DataConfig
+    from ijepa_fast.data.loader import build_eval_dataset
+
+    cfg = DataConfig(dataset=args.dataset, root=str(args.data), split=split, crop_size=img_size)
+    if not Path(cfg.root).exists():
+        raise FileNotFoundError(f"--data {cfg.root} does not exist")
+    return build_eval_dataset(cfg, split=split, limit=args.limit)

@@ -1,0 +1,144 @@
+"""``ijepa-export`` (one encoder of a checkpoint to safetensors, timm or Hugging Face) and
+``ijepa-extract`` (frozen features of a dataset to a file)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ijepa_fast.cli_args import add_checkpoint_args, add_data_args, load_from_args, num_workers, open_eval_dataset
+from ijepa_fast.cli_args import resolve_device as resolve_cli_device
+from ijepa_fast.interop import (
+    TIMM_GAP_MODEL,
+    VisionTransformer,
+    _safetensors_torch,
+    _write_atomically,
+    export_hf,
+    export_safetensors,
+    timm_kwargs,
+    to_timm_state_dict,
+    weights_label,
+)
+
+EXPORT_HELP = """\
+Export one encoder of a checkpoint:
+  --out FILE.safetensors         our (the authors') parameter names and the architecture as metadata
+  --out FILE.safetensors --timm  timm's names, for timm.create_model("vit_base_patch16_gap_224",
+                                 **timm_kwargs) with the kwargs printed and stored in the file (a
+                                 vit_*_gap model: no class token, average pooling, no fc_norm)
+  --hf DIR                       a Hugging Face transformers IJepaModel folder: config.json,
+                                 model.safetensors, preprocessor_config.json
+
+Which encoder: --which target (default; the EMA encoder, what the paper evaluates) or --which
+context. The Hugging Face and timm converters of the authors' checkpoints take the CONTEXT encoder
+('encoder'), so an export of the target encoder differs from their published weights. The export
+records which one it holds: 'which' and 'weights' in its metadata (for --hf, also under
+'ijepa_fast' in config.json).
+"""
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``ijepa-export CHECKPOINT (--out encoder.safetensors [--timm] | --hf DIR) [--which target|context]``."""
+    p = argparse.ArgumentParser(
+        prog="ijepa-export", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_checkpoint_args(p)
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", help="output .safetensors file")
+    dest.add_argument("--hf", metavar="DIR", help="output folder for Hugging Face transformers (IJepaModel)")
+    p.add_argument("--timm", action="store_true", help="with --out: timm's names; prints timm's constructor kwargs")
+    args = p.parse_args(argv)
+    if args.timm and args.hf:
+        p.error("--timm goes with --out FILE, not with --hf")
+    try:
+        loaded = load_from_args(args)
+        meta = {
+            "source": str(loaded.path),
+            "source_format": loaded.format,
+            "which": loaded.which,
+            "weights": weights_label(loaded.which),
+        }
+        if args.hf:
+            export_hf(loaded.encoder, args.hf, meta)
+        elif args.timm:
+            _export_timm(loaded.encoder, args.out, meta)
+        else:
+            export_safetensors(loaded.encoder, args.out, meta)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
+        print(f"ijepa-export: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {args.hf or args.out} ({loaded.spec.name or 'custom'}, {weights_label(loaded.which)} encoder, "
+        f"from a {loaded.format} checkpoint)"
+    )
+    return 0
+
+
+def _export_timm(encoder: VisionTransformer, out: str, meta: dict[str, str]) -> None:
+    """timm's names; the metadata name the model and kwargs to build (LayerNorm eps and GELU are timm's defaults)."""
+    st = _safetensors_torch("exporting to safetensors")
+    kwargs = {k: v for k, v in timm_kwargs(encoder).items() if k not in ("norm_layer", "act_layer")}
+    meta = {**meta, "format": "timm-vit", "timm_model": TIMM_GAP_MODEL, "timm_kwargs": json.dumps(kwargs)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in to_timm_state_dict(encoder).items()}
+    _write_atomically(Path(out), lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
+    print(f"timm kwargs: {json.dumps(kwargs)}")
+    print(f"timm: timm.create_model({TIMM_GAP_MODEL!r}, pretrained=False, **timm_kwargs), then load_state_dict")
+
+
+def extract_main(argv: list[str] | None = None) -> int:
+    """``ijepa-extract CHECKPOINT --data ROOT --out feats.npy|feats.safetensors``."""
+    from ijepa_fast.eval.features import FEATURE_MODES, extract_features
+
+    p = argparse.ArgumentParser(
+        prog="ijepa-extract",
+        description="Write frozen features of a dataset (and its "
+        "labels) to .npy (labels beside it as <stem>.labels.npy) or .safetensors "
+        "(tensors 'features' and 'labels').",
+    )
+    add_checkpoint_args(p)
+    add_data_args(p)
+    p.add_argument("--split", default="", help="idx: train|test (default train); folder: a sub-folder or '' for root")
+    p.add_argument("--features", default="avgpool", choices=FEATURE_MODES)
+    p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".safetensors"):
+        print(f"ijepa-extract: --out must end in .npy or .safetensors, got {out.name}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_from_args(args)
+        split = args.split or ("train" if args.dataset == "idx" else "")
+        dataset = open_eval_dataset(args, split, loaded.spec.img_size)
+        device = resolve_cli_device(args.device)
+        feats, labels = extract_features(
+            loaded.encoder.to(device),
+            dataset,
+            mode=args.features,
+            batch_size=args.batch_size,
+            num_workers=num_workers(args),
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            desc=f"features {split}",
+        )
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
+        print(f"ijepa-extract: {err}", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, feats.numpy())
+        np.save(out.with_name(out.stem + ".labels.npy"), labels.numpy())
+    else:
+        st = _safetensors_torch("writing features to safetensors")
+        meta = {"checkpoint": str(loaded.path), "which": loaded.which, "features": args.features, "split": split}
+        st.save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(out), metadata=meta)
+    source = getattr(dataset, "source", None)
+    if args.dataset == "folder" and hasattr(source, "describe"):  # image folders: the file of each row
+        names = out.with_name(out.stem + ".paths.txt")
+        names.write_text("".join(f"{source.describe(i)}\n" for i in range(len(labels))))
+    print(f"wrote {out}: features {tuple(feats.shape)}, labels {tuple(labels.shape)}")
+    return 0
