@@ -442,6 +442,9 @@ class _EngineStandIn:
     def load_checkpoint(self, *args, **kwargs):
         raise AssertionError
 
+    def load_universal_checkpoint(self) -> bool:
+        return False
+
 
 def _step_on_stand_in(stage: int):
     from ijepa_fast.engines.deepspeed import DeepSpeedTrainStep
