@@ -447,9 +447,9 @@ class _EngineStandIn:
 
 
 def _step_on_stand_in(stage: int):
-    from ijepa_fast.engines.deepspeed import DeepSpeedTrainStep
+    from ijepa_fast.engines.deepspeed import DeepSpeedEngine
 
-    step = DeepSpeedTrainStep.__new__(DeepSpeedTrainStep)  # no engine: only the checkpoint code runs
+    step = DeepSpeedEngine.__new__(DeepSpeedEngine)  # no DeepSpeed engine: only the checkpoint code runs
     step.zero_stage, step.engine, step.target_encoder = stage, _EngineStandIn(), torch.nn.Linear(2, 2)
     return step
 
