@@ -215,6 +215,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> Config:
+        self._check_finite()
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
         _check(
@@ -225,8 +226,22 @@ class Config:
         )
         return self
 
+    def _check_finite(self) -> None:
+        """inf and nan pass most range checks (inf > 0) and then train to garbage: no float may be one."""
+        for key, value in flatten(self).items():
+            numbers = value if isinstance(value, tuple) else (value,)
+            finite = all(math.isfinite(x) for x in numbers if isinstance(x, float))
+            _check(
+                finite, key, value, "finite numbers (no inf or nan)" if isinstance(value, tuple) else "a finite number"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` over every field of every section."""
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
 # ----------------------------------------------------------------------------- loading
