@@ -65,6 +65,18 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float, fused: boo
             t.mul_(momentum).add_((1.0 - momentum) * s.detach())
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor on the tensors' device: no element of any of them is inf or nan. No host sync.
+
+    One fused max-|x| reduction (``_foreach_norm`` with ord=inf propagates nan): unlike a 2-norm it
+    does not overflow on large finite weights.
+    """
+    tensors = [t.detach() for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=float("inf")))).all()
+
+
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
     """bf16 autocast on CUDA ('auto' or 'bf16'), none (fp32) on CPU unless 'bf16' is asked for."""
     if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
@@ -123,6 +135,10 @@ class TrainStep:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def weights_finite(self) -> torch.Tensor:
+        """0-d bool tensor on the device: the student's and the target encoder's weights are finite."""
+        return all_finite([*self.student.parameters(), *self.target_encoder.parameters()])
 
     def __call__(self, images: torch.Tensor, masks: MaskBatch, step: int) -> dict[str, torch.Tensor]:
         opts = self.options

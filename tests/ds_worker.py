@@ -110,7 +110,7 @@ class _CountCollectives:
 
 
 def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
-    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config
+    from ijepa_fast.engine_deepspeed import DeepSpeedTrainStep, deepspeed_config, list_tags
     from ijepa_fast.step import StepOptions
 
     cfg = tiny_config(stage)
@@ -128,7 +128,12 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
         images, masks = local_batch(i, rank, world)
         losses.append(step_fn(images, masks, i)["loss"].item())
         if i + 1 == SAVE_AT:
-            step_fn.save_checkpoint(ckpt_dir, SAVE_AT, {"schedules": step_fn.schedules.state_dict()}, keep=2)
+            if rank == 0:  # a later step's save, killed half-way: its tag is newer, ``latest`` never named it
+                unfinished = ckpt_dir / step_fn.tag(SAVE_AT + 6)
+                unfinished.mkdir(parents=True)
+                (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 half a file")
+            step_fn.save_checkpoint(ckpt_dir, SAVE_AT, {"schedules": step_fn.schedules.state_dict()}, keep=1)
+            tags_after_save = list_tags(ckpt_dir)
     final = step_fn.consolidated_state()
     exported = step_fn.export_consolidated(out / f"export_zero{stage}", STEPS, {"loss": losses[-1]})
 
@@ -142,6 +147,13 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
             step_fn.ema_update(0.75)
         got = step_fn.consolidated_state()["target_encoder"]
         ema_check = {"expected": expected, "got": got, "collectives": counter.count}
+
+    finite_before = bool(step_fn.weights_finite())
+    if rank == 1:  # one NaN in rank 1's own copy (its partition under ZeRO-3): every rank must see it
+        first = next(step_fn.student.encoder.parameters())
+        with torch.no_grad():
+            (first.ds_tensor if stage == 3 else first.data).view(-1)[0] = float("nan")
+    finite_check = (finite_before, bool(step_fn.weights_finite()))
 
     resumed_fn = build(123)  # other initial weights: everything must come from the checkpoint
     client = resumed_fn.load_checkpoint(ckpt_dir)
@@ -160,6 +172,8 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
                 "final_resumed": final_resumed,
                 "exported": str(exported),
                 "ema_check": ema_check,
+                "finite_check": finite_check,
+                "tags_after_save": tags_after_save,
                 "ds_config": ds_cfg,
             },
             out / f"result_zero{stage}.pt",
