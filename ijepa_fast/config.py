@@ -244,6 +244,26 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
+# Keys a resumed run may change without --allow-config-change: they decide how long the run goes,
+# where its folder lies (moved or copied) and what it reports or keeps, not what a step computes.
+RESUME_MAY_CHANGE = (
+    "optim.max_steps",
+    "run.out_dir",
+    "run.name",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.progress",
+    "run.tensorboard",
+)
+
+
+def differences(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old value, new value)}`` for every key whose value differs."""
+    before, after = flatten(old), flatten(new)
+    return {key: (before[key], after[key]) for key in after if before[key] != after[key]}
+
+
 # ----------------------------------------------------------------------------- loading
 
 

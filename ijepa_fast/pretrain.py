@@ -4,7 +4,8 @@
     ijepa-pretrain --config configs/in1k_vith14_ep300.yaml data.root=/data/imagenet
     ijepa-pretrain --config configs/demo.yaml --resume      # continue the run folder's latest checkpoint
 
-The config may be ours or one of the authors' YAML files; ``section.key=value`` overrides follow.
+The config may be ours or one of the authors' YAML files; ``section.key=value`` overrides may come
+before or after the options.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ijepa_fast.config import ConfigError, load
+from ijepa_fast.config import RESUME_MAY_CHANGE, ConfigError, load
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,11 +24,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML config (ours or the authors' format)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept a config that differs from the run folder's config.yaml (the old one is "
+        f"kept as config.prev-<step>.yaml); without it only {', '.join(RESUME_MAY_CHANGE)} may change",
+    )
     p.add_argument("--data", help="shorthand for data.root=...")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=5e-4")
     # `deepspeed` (without --no_local_rank) passes this; the rank comes from LOCAL_RANK in the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow options: ... --resume optim.lr=1e-4
 
 
 def setup_logging(run_dir: Path | None = None) -> None:
@@ -54,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(Path(cfg.run.out_dir) / cfg.run.name if main_rank else None)
     if not main_rank:  # one log for the run: other ranks report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
+    from ijepa_fast.run_folder import RunFolderError
     from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
     try:
-        result = Trainer(cfg, resume=args.resume).fit()
-    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError) as err:
+        result = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change).fit()
+    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLossError, RunFolderError) as err:
         logging.getLogger("ijepa_fast").error("%s", err)
         return 1
     if not main_rank:

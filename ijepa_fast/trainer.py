@@ -3,7 +3,10 @@
 The loop reads the device once every ``run.log_every`` steps (loss, non-finite check), writes
 metrics.csv / TensorBoard / a progress bar, and checkpoints atomically every
 ``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
-exit cleanly; a non-finite loss stops the run naming the step and leaves the last good checkpoint.
+exit cleanly; a non-finite loss stops the run naming the step and leaves the last good checkpoint,
+and weights are checked finite before each save, so no checkpoint holds non-finite weights. One
+trainer at a time uses a run folder (``run_folder.RunLock``, taken by rank 0 for all ranks); at the
+start it deletes the temporary files a killed run left, and a resume checks config.yaml.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ from pathlib import Path
 import torch
 
 from ijepa_fast import checkpoint as ckpt
-from ijepa_fast import config as config_mod
-from ijepa_fast import distributed
+from ijepa_fast import distributed, run_folder
 from ijepa_fast.config import Config
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.metrics import DeviceMeter, MetricsWriter, plot_loss
@@ -32,7 +34,7 @@ log = logging.getLogger("ijepa_fast")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the weights about to be saved, became NaN or infinite."""
 
 
 @dataclass
@@ -187,9 +189,11 @@ def build_deepspeed_step(cfg: Config, device: torch.device, steps_per_epoch: int
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, allow_config_change: bool = False):
         self.cfg = cfg.validate()
         self.resume = resume
+        self.allow_config_change = allow_config_change  # on resume: see run_folder.write_config
+        self.lock: run_folder.RunLock | None = None  # rank 0's, while building and fitting
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.dist_env = distributed.detect()
         self.engine = distributed.resolve_engine(cfg.run.engine, self.dist_env)
@@ -203,6 +207,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ building
     def build(self) -> None:
+        try:
+            self._build()
+        except BaseException:
+            self._release()
+            raise
+
+    def _build(self) -> None:
         cfg = self.cfg
         from ijepa_fast.data.loader import check_data_source
 
@@ -211,7 +222,7 @@ class Trainer:
                 self.dist_env, deepspeed=True, device=self.device, timeout_s=cfg.run.dist_timeout_s or None
             )
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
-        self._prepare_run_dir()
+        self._on_main_then_agree(self._open_run_dir)
         state, ds_step = None, None
         if self.engine == "deepspeed":
             from ijepa_fast.engine_deepspeed import latest_step
@@ -227,6 +238,10 @@ class Trainer:
                 self.ds_dir if self.engine == "deepspeed" else self.run_dir / "checkpoints",
             )
         self.start_step = int(state["step"]) if state else (ds_step or 0)
+        resumed = self.start_step if found else None
+        self._on_main_then_agree(
+            lambda: run_folder.write_config(self.run_dir, cfg, resumed, allow_change=self.allow_config_change)
+        )
 
         torch.manual_seed(cfg.run.seed)
         self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
@@ -255,26 +270,52 @@ class Trainer:
         if ds_step is not None:
             self._check_model(self.step_fn.load_checkpoint(self.ds_dir, ds_step))
             log.info("resumed from step %d (%s)", self.start_step, self.ds_dir)
-        resume_step = self.start_step if found else None
         self.writer = (
-            MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=resume_step) if self.is_main else _NoWriter()
+            MetricsWriter(self.run_dir, cfg.run.tensorboard, start_step=self.start_step)
+            if self.is_main
+            else _NoWriter()
         )
 
     @property
     def ds_dir(self) -> Path:
         return self.run_dir / "deepspeed"
 
-    def _prepare_run_dir(self) -> None:
-        ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if ckpts and not self.resume:  # every rank checks (the same files), so every rank raises
+    def _on_main_then_agree(self, action) -> None:
+        """Run ``action`` on rank 0 only; when it fails, every rank raises (rank 0 its own error), so
+        no rank is left waiting in a collective that rank 0 never reaches."""
+        error = None
+        if self.is_main:
+            try:
+                action()
+            except Exception as err:
+                error = err
+        if distributed.any_rank(error is not None, self.device):
+            raise error or run_folder.RunFolderError(
+                f"rank 0 could not prepare the run folder {self.run_dir}; its log says why"
+            )
+
+    def _open_run_dir(self) -> None:
+        """Rank 0: lock the run folder, refuse to start over a run without --resume, and delete the
+        temporary files that a killed run left (no other trainer writes there now)."""
+        from ijepa_fast.engine_deepspeed import remove_partial_files
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = run_folder.RunLock(self.run_dir)
+        self.lock.acquire()
+        if ckpt.list_checkpoints(self.run_dir / "checkpoints") and not self.resume:
             raise FileExistsError(
                 f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
                 f"it, or choose another run.name / run.out_dir"
             )
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
-        distributed.barrier()
+        removed = ckpt.remove_partial_files(self.run_dir / "checkpoints") + remove_partial_files(self.ds_dir)
+        if removed:
+            log.warning(
+                "removed %d partial file(s) of an interrupted save: %s", len(removed), ", ".join(map(str, removed))
+            )
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def _epoch(self, step: int) -> int:
         """The epoch of optimizer step ``step`` (the loader's epochs count micro-batches)."""
@@ -323,6 +364,12 @@ class Trainer:
     def fit(self) -> RunResult:
         if not hasattr(self, "step_fn"):
             self.build()
+        try:
+            return self._fit()
+        finally:
+            self._release()
+
+    def _fit(self) -> RunResult:
         cfg, step = self.cfg, self.start_step
         meter, bar = DeviceMeter(self.device), self._progress_bar()
         skipped, last_loss, last_ckpt, saved_step = 0, float("nan"), None, None
@@ -384,10 +431,10 @@ class Trainer:
 
     def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar) -> float:
         loss, bad_step = meter.read()  # the one host sync of this window
-        if bad_step >= 0:
-            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-            keep = f"the last good checkpoint is {latest[-1][1]}" if latest else "no checkpoint was written yet"
-            raise NonFiniteLossError(f"the loss became non-finite at step {bad_step}; stopping ({keep})")
+        if bad_step >= 0:  # the meter holds the 0-based step index; logs count steps from 1
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {bad_step + 1}; stopping ({self._last_good()})"
+            )
         s = step - 1
         row = {
             "step": step,
@@ -411,6 +458,7 @@ class Trainer:
     def _save(self, step: int, loss: float) -> Path | None:
         """Plain: one checkpoint file. DeepSpeed (collective): the engine checkpoint in run_dir/deepspeed,
         then a consolidated fp32 export in run_dir/checkpoints (rank 0; what ijepa-eval reads)."""
+        self._check_weights(step)
         keep = self.cfg.run.keep_checkpoints
         if self.engine == "deepspeed":
             meta = self._meta(step, loss)
@@ -423,6 +471,18 @@ class Trainer:
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self._state(step, loss), step, keep)
         log.info("checkpoint %s", path)
         return path
+
+    def _check_weights(self, step: int) -> None:
+        """Stop before saving non-finite weights (one reduction on the device; a save reads the weights
+        to the host anyway, so reading its result adds no sync). Collective under DeepSpeed."""
+        if not bool(self.step_fn.weights_finite()):
+            raise NonFiniteLossError(
+                f"the weights became non-finite by step {step}; stopping without saving them ({self._last_good()})"
+            )
+
+    def _last_good(self) -> str:
+        good = ckpt.newest_loadable(self.run_dir / "checkpoints")
+        return f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
 
     def _progress_bar(self):
         if not self.cfg.run.progress or not self.is_main:

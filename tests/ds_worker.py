@@ -2,6 +2,7 @@
 
     python tests/ds_worker.py zero OUT_DIR 1,2,3     # per stage: 5 steps with a save at 3, resume, EMA check;
                                                      # then gradient accumulation under ZeRO-2
+    python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
     python tests/ds_worker.py stall OUT_DIR          # rank 1 stops answering; rank 0 must time out
 
@@ -202,10 +203,27 @@ def run_accumulation(out: Path, rank: int, world: int) -> None:
         torch.save({"losses": losses, "stepped": stepped, "final": final, "ds_config": ds_cfg}, out / "result_accum.pt")
 
 
+def run_on_locked_folder(overrides: list[str]) -> int:
+    """Build a trainer (run.engine=deepspeed) on a run folder whose lock another process holds:
+    every rank must stop with a RunFolderError (exit 5), none may wait for the others."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.run_folder import RunFolderError
+    from ijepa_fast.trainer import Trainer
+
+    try:
+        Trainer(config_mod.load(None, overrides)).build()
+    except RunFolderError as err:
+        print(f"refused: {err}", flush=True)
+        return 5
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, out = argv[0], Path(argv[1])
     from ijepa_fast import distributed as dist_
 
+    if mode == "locked":
+        return run_on_locked_folder(argv[2:])
     if mode == "zero":
         env = dist_.init(deepspeed=True, timeout_s=120)
         for stage in (int(s) for s in argv[2].split(",")):
