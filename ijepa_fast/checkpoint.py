@@ -3,7 +3,9 @@
 A checkpoint is written to a temporary file in the same folder, flushed, fsync'ed and renamed over
 its final name (rename is atomic on POSIX), then the folder is fsync'ed. ``latest.pt`` is a symlink
 swapped atomically the same way. A process killed mid-write leaves at most a ``*.tmp`` file, which
-loading ignores, so the previous checkpoint stays the latest loadable one.
+loading ignores, so the previous checkpoint stays the latest loadable one; ``remove_partial_files``
+deletes such files at the next start. Retention keeps the newest K checkpoints that load: a damaged
+file never counts as one of them.
 
 Contents (``FORMAT``): ``encoder``, ``predictor``, ``target_encoder`` (plain state dicts, no
 ``module.`` prefix), ``opt``, ``step`` (optimizer steps done), ``epoch``, ``loss``, ``batch_size``,
@@ -41,6 +43,7 @@ _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 # torch.save writes a zip archive; files from before PyTorch 1.6 are a pickle (protocol >= 2)
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 TRUST_FLAG = "--trust-checkpoint (in Python: trust=True)"
+_TEMP = re.compile(r"^\..+\.\d+\.tmp$")  # temp_path's names: .<final name>.<pid>.tmp
 log = logging.getLogger(__name__)
 
 
@@ -105,12 +108,32 @@ def check_writable(folder: Path, what: str, setting: str) -> None:
         ) from None
 
 
+def temp_path(path: Path) -> Path:
+    """Where ``path`` is written before its atomic rename (hidden, per process, removable after a crash)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in ``folder``; return them.
+
+    Only while no other process writes there (the trainer holds the run folder's lock).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    partial = [p for p in folder.iterdir() if _TEMP.match(p.name) and (p.is_symlink() or p.is_file())]
+    for path in partial:
+        path.unlink()
+    return partial
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to ``path`` so that a reader sees the old file or the whole new one, never a part.
 
     A failed write raises an OSError naming ``path``; it, or a signal, leaves no temporary file behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
@@ -131,7 +154,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _point_latest(ckpt_dir: Path, name: str) -> None:
-    tmp = ckpt_dir / f".latest.{os.getpid()}.tmp"
+    tmp = temp_path(ckpt_dir / "latest.pt")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(name, tmp)
@@ -148,14 +171,14 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
-    """Write ``state`` as the checkpoint of ``step``, point latest.pt at it, keep the newest ``keep``."""
+    """Write ``state`` as the checkpoint of ``step``, point latest.pt at it, keep the newest ``keep``
+    that load."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / checkpoint_name(step)
     atomic_torch_save({**state, "step": step, "format": FORMAT}, path)
     _point_latest(ckpt_dir, path.name)
-    for _, old in list_checkpoints(ckpt_dir)[:-keep]:
-        old.unlink()
+    _retain(ckpt_dir, keep, written=path)
     return path
 
 
@@ -223,6 +246,33 @@ def _refusal(path: Path, name: str, override: str | None) -> str:
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return (lines[0][:200] if lines else "") or type(err).__name__
+
+
+def _retain(ckpt_dir: Path, keep: int, written: Path) -> None:
+    """Delete every checkpoint older than the newest ``keep`` that load. One that does not load is
+    not counted, so it never displaces a loadable one; it stays until ``keep`` newer ones load."""
+    loadable = 0
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        if loadable >= keep:
+            path.unlink()
+        elif path == written or loads(path):
+            loadable += 1
+        else:
+            log.warning("checkpoint %s does not load: kept, but not counted in run.keep_checkpoints", path)
+
+
+def loads(path: Path) -> bool:
+    """True when ``path`` loads as a checkpoint (memory-mapped: the tensors' bytes are not read)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any damage (truncated, not a zip, not a checkpoint) means "does not load"
+        return False
+    return True
+
+
+def newest_loadable(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint in ``ckpt_dir`` that loads, or None."""
+    return next((path for _, path in reversed(list_checkpoints(ckpt_dir)) if loads(path)), None)
 
 
 def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:

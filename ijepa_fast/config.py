@@ -224,6 +224,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> Config:
+        self._check_finite()
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
         _check(
@@ -234,8 +235,42 @@ class Config:
         )
         return self
 
+    def _check_finite(self) -> None:
+        """inf and nan pass most range checks (inf > 0) and then train to garbage: no float may be one."""
+        for key, value in flatten(self).items():
+            numbers = value if isinstance(value, tuple) else (value,)
+            finite = all(math.isfinite(x) for x in numbers if isinstance(x, float))
+            _check(
+                finite, key, value, "finite numbers (no inf or nan)" if isinstance(value, tuple) else "a finite number"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` over every field of every section."""
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+# Keys a resumed run may change without --allow-config-change: they decide how long the run goes,
+# where its folder lies (moved or copied) and what it reports or keeps, not what a step computes.
+RESUME_MAY_CHANGE = (
+    "optim.max_steps",
+    "run.out_dir",
+    "run.name",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.progress",
+    "run.tensorboard",
+)
+
+
+def differences(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old value, new value)}`` for every key whose value differs."""
+    before, after = flatten(old), flatten(new)
+    return {key: (before[key], after[key]) for key in after if before[key] != after[key]}
 
 
 # ----------------------------------------------------------------------------- loading

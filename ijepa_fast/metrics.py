@@ -1,8 +1,9 @@
 """Run metrics: accumulated on the device, read to the host once every ``log_every`` steps.
 
 ``DeviceMeter`` sums the loss on the device (no sync) and remembers the first step whose loss was
-not finite; ``MetricsWriter`` appends rows to ``metrics.csv`` and TensorBoard event files, and can
-truncate rows past a resumed step so a resumed run's CSV reads as one uninterrupted run.
+not finite; ``MetricsWriter`` appends rows to ``metrics.csv`` and TensorBoard event files, first
+dropping the rows past the step the run starts from (left by an earlier attempt that got further, or
+cut short by a kill), so a resumed or restarted run's CSV reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class DeviceMeter:
 class MetricsWriter:
     """metrics.csv (always) and TensorBoard events (when installed and enabled) in the run folder."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, start_step: int = 0):
         self.path = Path(run_dir) / "metrics.csv"
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
+        if self.path.exists():
+            self._truncate_after(start_step)
         new = not self.path.exists()
         self._fh = open(self.path, "a", newline="")  # noqa: SIM115 (open for the writer's life; close())
         self._csv = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS)
@@ -63,7 +64,7 @@ class MetricsWriter:
             if available("tensorboard"):
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step)
             else:
                 log.warning(
                     "TensorBoard logging is on but tensorboard is not installed (pip install tensorboard); "
@@ -71,8 +72,8 @@ class MetricsWriter:
                 )
 
     def _truncate_after(self, step: int) -> None:
-        with open(self.path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        with open(self.path, newline="") as fh:  # a row cut short by a kill lacks its last field: dropped
+            rows = [r for r in csv.DictReader(fh) if r.get(CSV_FIELDS[-1]) is not None and int(r["step"]) <= step]
         with open(self.path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()

@@ -4,7 +4,8 @@
     ijepa-pretrain --config configs/in1k_vith14_ep300.yaml data.root=/data/imagenet
     ijepa-pretrain --config configs/demo.yaml --resume      # continue the run folder's latest checkpoint
 
-The config may be ours or one of the authors' YAML files; ``section.key=value`` overrides follow.
+The config may be ours, one of the authors' YAML files, or a packaged config by name (``demo``,
+``in1k_vith14_ep300``...); ``section.key=value`` overrides may come before or after the options.
 
 ``--resume`` reads checkpoints (ours and DeepSpeed's) with weights-only loading: a file holding any
 other object is refused, naming the file, and there is no override (this trainer never writes one;
@@ -21,7 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ijepa_fast.config import Config, ConfigError, load
+from ijepa_fast.config import RESUME_MAY_CHANGE, Config, ConfigError, describe, load
 
 EXIT_STATUS = """exit status:
   0    the run finished
@@ -36,16 +37,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ijepa-pretrain",
         description=__doc__,
-        epilog=EXIT_STATUS,
+        epilog=EXIT_STATUS + "\n\n" + describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="YAML config (ours or the authors' format)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept a config that differs from the run folder's config.yaml (the old one is "
+        f"kept as config.prev-<step>.yaml); without it only {', '.join(RESUME_MAY_CHANGE)} may change",
+    )
     p.add_argument("--data", help="shorthand for data.root=...")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=5e-4")
     # `deepspeed` (without --no_local_rank) passes this; the rank comes from LOCAL_RANK in the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow options: ... --resume optim.lr=1e-4
 
 
 def setup_logging(run_dir: Path | None = None) -> None:
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         main_rank = open_run_folder(cfg)
         logged = True
-        result = Trainer(cfg, resume=args.resume).fit()
+        result = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change).fit()
     except KeyboardInterrupt as err:  # Ctrl-C before the trainer handles signals, or a second signal
         return _fail(str(err) or "interrupted", 128 + getattr(err, "signum", signal.SIGINT), logged)
     except ConfigError as err:

@@ -57,11 +57,26 @@ class Engine(Protocol):
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` averaged over data-parallel ranks (itself on one process); no host sync."""
 
+    def weights_finite(self) -> torch.Tensor:
+        """0-d bool device tensor, the same on every rank: the student's and target's weights are finite."""
+
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
         """Checkpoint the state after ``step`` optimizer steps; returns what ijepa-eval reads."""
 
     def load(self, run_dir: Path) -> dict | None:
         """Restore the newest checkpoint of ``run_dir``; returns its ``meta`` (with ``step``) or None."""
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor on the tensors' device: no element of any of them is inf or nan. No host sync.
+
+    One fused max-|x| reduction (``_foreach_norm`` with ord=inf propagates nan): unlike a 2-norm it
+    does not overflow on large finite weights.
+    """
+    tensors = [t.detach() for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=float("inf")))).all()
 
 
 @torch.no_grad()

@@ -4,8 +4,11 @@ The loop reads the device once every ``run.log_every`` steps (loss, non-finite c
 metrics.csv / TensorBoard / a progress bar, and has the engine checkpoint every
 ``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
 exit (``RunResult.stop_signal`` says which); a second one stops at once, without saving. A
-non-finite loss stops the run naming the step and leaves the last good checkpoint. What is built
-(models, engine, loader, step) comes from ``engines``, ``data.build`` and ``step``.
+non-finite loss stops the run naming the step and leaves the last good checkpoint, and weights are
+checked finite before each save, so no checkpoint holds non-finite weights. One trainer at a time
+uses a run folder (``run_folder.RunLock``, taken by rank 0 for all ranks); at the start it deletes
+the temporary files a killed run left, and a resume checks config.yaml. What is built (models,
+engine, loader, step) comes from ``engines``, ``data.build`` and ``step``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from pathlib import Path
 import torch
 
 from ijepa_fast import checkpoint as ckpt
-from ijepa_fast import config as config_mod
-from ijepa_fast import distributed
+from ijepa_fast import distributed, run_folder
 from ijepa_fast.config import Config
 from ijepa_fast.data.build import build_loader
 from ijepa_fast.device import resolve_precision
@@ -29,6 +31,8 @@ from ijepa_fast.engines import (
     build_engine,
     check_resume,
     check_run_folder,
+    engine_class,
+    remove_partial_files,
     resolve_engine,
     start_process,
     train_step_for,
@@ -44,7 +48,7 @@ RUN_FOLDER_SETTINGS = "run.out_dir or run.name"  # what chooses the run folder, 
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the weights about to be saved, became NaN or infinite."""
 
 
 class Aborted(KeyboardInterrupt):
@@ -70,9 +74,11 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, allow_config_change: bool = False):
         self.cfg = cfg.validate()
         self.resume = resume
+        self.allow_config_change = allow_config_change  # on resume: see run_folder.write_config
+        self.lock: run_folder.RunLock | None = None  # rank 0's, while building and fitting
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.dist_env = distributed.detect()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
@@ -83,6 +89,13 @@ class Trainer:
     # ------------------------------------------------------------------ building
     def build(self) -> None:
         """Engine first (restoring a checkpoint), then the loader at the restored step, then the step."""
+        try:
+            self._build()
+        except BaseException:
+            self._release()
+            raise
+
+    def _build(self) -> None:
         cfg = self.cfg
         from ijepa_fast.data.loader import check_data_source
 
@@ -90,7 +103,8 @@ class Trainer:
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
         if self.resume:
             check_resume(self.run_dir, self.engine_name, cfg.run.engine)
-        self._prepare_run_dir()
+        self._agree(self._open_run_dir, main_only=True)
+        self._agree(lambda: check_run_folder(self.run_dir, self.engine_name, self.is_main, RUN_FOLDER_SETTINGS))
         self.precision = resolve_precision(self.device, cfg.run.dtype)
         if self.is_main:
             log.log(logging.WARNING if self.precision.slow else logging.INFO, "precision: %s", self.precision)
@@ -119,24 +133,48 @@ class Trainer:
         self.schedules = self.step_fn.schedules
         total = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
-        self.writer = (
-            MetricsWriter(self.run_dir, cfg.run.tensorboard, resume_step=self.start_step if restored else None)
-            if self.is_main
-            else _NoWriter()
-        )
+        if self.is_main:
+            self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, start_step=self.start_step)
+        else:
+            self.writer = _NoWriter()
 
-    def _prepare_run_dir(self) -> None:
-        ckpts = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        if ckpts and not self.resume:  # every rank checks (the same files), so every rank raises
+    def _agree(self, action, main_only: bool = False) -> None:
+        """Run ``action`` (on rank 0 only, or on every rank); when it fails anywhere, every rank raises
+        (a failed rank its own error), so no rank is left waiting in a collective."""
+        error = None
+        if self.is_main or not main_only:
+            try:
+                action()
+            except Exception as err:
+                error = err
+        if distributed.any_rank(error is not None, self.device):
+            raise error or run_folder.RunFolderError(
+                f"another rank could not prepare the run folder {self.run_dir}; its log says why"
+            )
+
+    def _open_run_dir(self) -> None:
+        """Rank 0: lock the run folder, refuse to start over a run without --resume, delete the
+        temporary files that a killed run left (no other trainer writes there now), and write
+        config.yaml (on resume: compared with the run's)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = run_folder.RunLock(self.run_dir)
+        self.lock.acquire()
+        if ckpt.list_checkpoints(self.run_dir / "checkpoints") and not self.resume:
             raise FileExistsError(
                 f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
                 f"it, or choose another run.name / run.out_dir"
             )
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_mod.save(self.cfg, str(self.run_dir / "config.yaml"))
-        check_run_folder(self.run_dir, self.engine_name, self.is_main, RUN_FOLDER_SETTINGS)
-        distributed.barrier()
+        removed = remove_partial_files(self.run_dir)
+        if removed:
+            log.warning(
+                "removed %d partial file(s) of an interrupted save: %s", len(removed), ", ".join(map(str, removed))
+            )
+        resumed = engine_class(self.engine_name).latest_step(self.run_dir) if self.resume else None
+        run_folder.write_config(self.run_dir, self.cfg, resumed, allow_change=self.allow_config_change)
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def _check_model(self, state: dict) -> None:
         saved = state.get("config", {}).get("model", {})
@@ -165,6 +203,12 @@ class Trainer:
     def fit(self) -> RunResult:
         if not hasattr(self, "step_fn"):
             self.build()
+        try:
+            return self._fit()
+        finally:
+            self._release()
+
+    def _fit(self) -> RunResult:
         cfg, step = self.cfg, self.start_step
         meter, bar = DeviceMeter(self.device), self._progress_bar()
         skipped, last_loss, last_ckpt, saved_step = 0, float("nan"), None, None
@@ -220,10 +264,10 @@ class Trainer:
 
     def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar) -> float:
         loss, bad_step = meter.read()  # the one host sync of this window
-        if bad_step >= 0:
-            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-            keep = f"the last good checkpoint is {latest[-1][1]}" if latest else "no checkpoint was written yet"
-            raise NonFiniteLossError(f"the loss became non-finite at step {bad_step}; stopping ({keep})")
+        if bad_step >= 0:  # the meter holds the 0-based step index; logs count steps from 1
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {bad_step + 1}; stopping ({self._last_good()})"
+            )
         s = step - 1
         row = {
             "step": step,
@@ -247,6 +291,7 @@ class Trainer:
     def _save(self, step: int, loss: float) -> Path | None:
         """The engine's checkpoint (collective under DeepSpeed); its path on rank 0. A failed write (a
         full disk...) is one error that names the file and what to do."""
+        self._check_weights(step)
         try:
             path = self.engine.save(self.run_dir, step, self._meta(step, loss), self.cfg.run.keep_checkpoints)
         except OSError as err:
@@ -259,6 +304,18 @@ class Trainer:
         if path is not None:
             log.info("checkpoint %s", path)
         return path
+
+    def _check_weights(self, step: int) -> None:
+        """Stop before saving non-finite weights (one reduction on the device; a save reads the weights
+        to the host anyway, so reading its result adds no sync). Collective under DeepSpeed."""
+        if not bool(self.engine.weights_finite()):
+            raise NonFiniteLossError(
+                f"the weights became non-finite by step {step}; stopping without saving them ({self._last_good()})"
+            )
+
+    def _last_good(self) -> str:
+        good = ckpt.newest_loadable(self.run_dir / "checkpoints")
+        return f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
 
     def _progress_bar(self):
         if not self.cfg.run.progress or not self.is_main:

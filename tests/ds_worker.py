@@ -4,6 +4,7 @@
                                                      # then gradient accumulation under ZeRO-2
     python tests/ds_worker.py single OUT_DIR         # a world of one, ZeRO 0-3: process-group timeouts, and
                                                      # a payload planted in each checkpoint file, resumed
+    python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
 
 Rank and world come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun
@@ -136,6 +137,8 @@ class _CountCollectives:
 
 
 def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
+    from ijepa_fast.engines.deepspeed import list_tags
+
     cfg = tiny_config(stage)
     ckpt_dir = out / f"ds_zero{stage}"
     step_fn = deepspeed_step(cfg, world, 0)
@@ -145,7 +148,12 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
         images, masks = local_batch(i, rank, world)
         losses.append(step_fn(images, masks, i)["loss"].item())
         if i + 1 == SAVE_AT:
-            engine.save_checkpoint(ckpt_dir, SAVE_AT, {"schedules": step_fn.schedules.state_dict()}, keep=2)
+            if rank == 0:  # a later step's save, killed half-way: its tag is newer, ``latest`` never named it
+                unfinished = ckpt_dir / engine.tag(SAVE_AT + 6)
+                unfinished.mkdir(parents=True)
+                (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 half a file")
+            engine.save_checkpoint(ckpt_dir, SAVE_AT, {"schedules": step_fn.schedules.state_dict()}, keep=1)
+            tags_after_save = list_tags(ckpt_dir)
     final = engine.consolidated_state()
     exported = engine.export_consolidated(out / f"export_zero{stage}", STEPS, {"loss": losses[-1]})
 
@@ -160,6 +168,13 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
             ema_update(*engine.ema_pairs(), 0.75)
         got = engine.consolidated_state()["target_encoder"]
         ema_check = {"expected": expected, "got": got, "collectives": counter.count}
+
+    finite_before = bool(engine.weights_finite())
+    if rank == 1:  # one NaN in rank 1's own copy (its partition under ZeRO-3): every rank must see it
+        first = next(step_fn.student.encoder.parameters())
+        with torch.no_grad():
+            (first.ds_tensor if stage == 3 else first.data).view(-1)[0] = float("nan")
+    finite_check = (finite_before, bool(engine.weights_finite()))
 
     resumed_fn = deepspeed_step(cfg, world, 123)  # other initial weights: everything must come from the checkpoint
     client = resumed_fn.engine.load_checkpoint(ckpt_dir)
@@ -178,6 +193,8 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
                 "final_resumed": final_resumed,
                 "exported": str(exported),
                 "ema_check": ema_check,
+                "finite_check": finite_check,
+                "tags_after_save": tags_after_save,
                 "ds_config": engine.ds_config,
             },
             out / f"result_zero{stage}.pt",
@@ -243,10 +260,27 @@ def run_single(out: Path) -> None:
     (out / "single.json").write_text(json.dumps(report, indent=1))
 
 
+def run_on_locked_folder(overrides: list[str]) -> int:
+    """Build a trainer (run.engine=deepspeed) on a run folder whose lock another process holds:
+    every rank must stop with a RunFolderError (exit 5), none may wait for the others."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.run_folder import RunFolderError
+    from ijepa_fast.trainer import Trainer
+
+    try:
+        Trainer(config_mod.load(None, overrides)).build()
+    except RunFolderError as err:
+        print(f"refused: {err}", flush=True)
+        return 5
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, out = argv[0], Path(argv[1])
     from ijepa_fast import distributed as dist_
 
+    if mode == "locked":
+        return run_on_locked_folder(argv[2:])
     if mode == "zero":
         env = dist_.init(deepspeed=True, timeout_s=120)
         for stage in (int(s) for s in argv[2].split(",")):

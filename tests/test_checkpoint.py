@@ -130,6 +130,29 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_loadable(tmp_path):
     state = ckpt.load_latest(tmp_path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.arange(5.0))
     assert os.readlink(tmp_path / "latest.pt") == "ckpt-00000001.pt"
+    # What the kill left is removed at the next start; the complete checkpoint and latest.pt stay.
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert left and sorted(ckpt.remove_partial_files(tmp_path)) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt", "latest.pt"]
+
+
+def test_retention_keeps_the_newest_k_that_load(tmp_path, caplog):
+    """keep=2 with a damaged checkpoint 3 (cut short, as by a full disk) among them: saving 4 keeps
+    2 and 4, the two newest that load; 1 goes; 3 is neither counted nor able to displace 2."""
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, {"w": torch.full((1000,), float(step))}, step, keep=3)
+    damaged = tmp_path / ckpt.checkpoint_name(3)
+    damaged.write_bytes(damaged.read_bytes()[:-200])
+    ckpt.save_checkpoint(tmp_path, {"w": torch.full((1000,), 4.0)}, 4, keep=2)
+    loadable = []
+    for step, path in ckpt.list_checkpoints(tmp_path):
+        try:
+            loadable.append(int(torch.load(path, weights_only=True)["step"]))
+        except Exception:
+            assert step == 3
+    assert loadable == [2, 4]
+    assert f"checkpoint {damaged} does not load" in caplog.text
+    assert ckpt.newest_loadable(tmp_path) == tmp_path / ckpt.checkpoint_name(4)
 
 
 def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 import warnings
 from pathlib import Path
 
@@ -228,6 +230,31 @@ def test_unknown_section_is_named(tmp_path):
 def test_bad_value_names_key_and_range(tmp_path, section, key, value, allowed):
     with pytest.raises(ConfigError, match=rf"{section}\.{key}=.*{allowed}"):
         config.load(_write(tmp_path, {section: {key: value}}))
+
+
+def _float_keys() -> list[tuple[str, bool]]:
+    """(section.key, is a pair) of every float field, read from the dataclasses' annotations."""
+    keys = []
+    for section, section_cls in typing.get_type_hints(Config).items():
+        for key, hint in typing.get_type_hints(section_cls).items():
+            if hint is float or typing.get_args(hint) == (float, float):
+                keys.append((f"{section}.{key}", hint is not float))
+    return keys
+
+
+@pytest.mark.parametrize("key,pair", _float_keys())
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_every_float_key_rejects_inf_and_nan_naming_the_key(key, pair, bad):
+    value = f"[{bad}, 1.0]" if pair else bad
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}=.*finite"):
+        config.load(None, [f"{key}={value}"])
+
+
+def test_inf_in_a_yaml_file_is_rejected_naming_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr=inf is invalid: expected a finite number"):
+        config.load(str(path))
 
 
 def test_crop_must_be_a_multiple_of_patch():

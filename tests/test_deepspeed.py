@@ -4,8 +4,10 @@ ZeRO stages 1, 2 and 3 against the single-process plain ``TrainStep`` on the sam
 and masks: per-step losses, the trained weights and the target encoder after five steps; a resume
 from the step-3 checkpoint matches the uninterrupted run bitwise; the consolidated fp32 export
 loads without DeepSpeed; the stage-3 shard-local EMA equals the EMA of the gathered tensors and
-makes no collective call. Plus the generated config, conflicting user configs, the launcher
-environment, the launch scripts (dry run), and a dead or stalled rank failing its peer in time.
+makes no collective call; a NaN on one rank makes ``weights_finite`` false on every rank; an
+unfinished tag of a later step does not displace the one just saved. Plus the generated config,
+conflicting user configs, the launcher environment, the launch scripts (dry run), a dead or stalled
+rank failing its peer in time, and a locked run folder stopping every rank.
 
 The two-process runs are one launch of ``tests/ds_worker.py`` for all three stages (each process
 pays ~10 s of imports); the first DeepSpeed run on a machine also JIT-builds its shared-memory
@@ -262,6 +264,41 @@ def test_a_payload_planted_in_a_consolidated_export_is_refused(single_rank, tmp_
         with pytest.raises(UntrustedCheckpointError, match=re.escape(str(path))):
             interop.load_encoder(path)
         assert not marker.exists()
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_weights_finite_is_false_on_every_rank_when_one_rank_holds_a_nan(stage, zero_runs):
+    assert zero_runs[stage]["finite_check"] == (True, False)  # rank 0's answer, before and after rank 1's NaN
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_unfinished_newer_tag_does_not_displace_the_checkpoint_just_saved(stage, zero_runs):
+    """keep=1, and a tag of a later step that a killed save left: the step-3 tag stays (and resumes)."""
+    assert zero_runs[stage]["tags_after_save"] == [W.SAVE_AT, W.SAVE_AT + 6]
+    assert zero_runs[stage]["resumed_from"] == W.SAVE_AT
+
+
+@needs_ds
+def test_a_locked_run_folder_stops_every_rank(tmp_path):
+    """Rank 0 alone takes the run folder's lock; when it cannot, rank 1 must stop too, not wait."""
+    from ijepa_fast.run_folder import RunLock
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=32)
+    run_dir = tmp_path / "runs" / "locked"
+    run_dir.mkdir(parents=True)
+    holder = RunLock(run_dir)
+    holder.acquire()
+    try:
+        overrides = tiny_overrides(data, tmp_path / "runs", "locked", **{"run.engine": "deepspeed"})
+        codes, texts, _ = launch("locked", tmp_path, *overrides, timeout=240, extra_env={dist_.TIMEOUT_ENV: "60"})
+    finally:
+        holder.release()
+    assert codes == [5, 5], _tail(texts)
+    assert f"in use by pid {os.getpid()} on host" in texts[0]
+    assert "another rank could not prepare the run folder" in texts[1]
 
 
 def test_a_dead_rank_fails_its_peer_instead_of_hanging(tmp_path):

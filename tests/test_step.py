@@ -15,7 +15,7 @@ from ijepa_fast.masks import MultiBlockMaskSampler
 from ijepa_fast.models.ijepa import build_models, compute_targets
 from ijepa_fast.optim import build_optimizer, param_groups
 from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import StepOptions, TrainStep, ema_update
+from ijepa_fast.step import StepOptions, TrainStep, all_finite, ema_update
 
 TINY = ModelConfig(name="vit_tiny", patch_size=8, pred_depth=2, pred_emb_dim=96)
 IMG = 32  # 4 x 4 grid
@@ -212,3 +212,37 @@ def test_two_accumulated_halves_equal_one_step_on_the_whole_batch(sgd, engine_kw
 def test_grad_accum_must_be_positive():
     with pytest.raises(ValueError, match="grad_accum=0"):
         make_step(grad_accum=0)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_finite_finds_one_bad_element_anywhere_and_accepts_huge_finite_ones(device):
+    """Against torch.isfinite element by element: shapes that split unevenly, mixed dtypes, an empty
+    tensor, one inf or nan at any position; 1e30 (whose square overflows float32) is finite."""
+    shapes, dtypes = [(6, 42), (123,), (0,), (3, 5, 7)], [torch.float32, torch.bfloat16, torch.float32, torch.float32]
+    g = torch.Generator().manual_seed(0)
+    clean = [torch.randn(s, generator=g).to(device, d) * 1e30 for s, d in zip(shapes, dtypes)]
+    assert bool(all_finite(clean))
+    assert all_finite(clean).device.type == device
+    for which in (0, 1, 3):
+        for position in (0, clean[which].numel() // 2, clean[which].numel() - 1):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                tensors = [t.clone() for t in clean]
+                tensors[which].view(-1)[position] = bad
+                assert not all(bool(torch.isfinite(t).all()) for t in tensors)  # the reference sees it
+                assert not bool(all_finite(tensors)), (which, position, bad)
+
+
+def test_weights_finite_sees_the_student_and_the_target():
+    step = make_step()
+    assert bool(step.weights_finite())
+    for module in (step.student.predictor, step.target_encoder):
+        weight = next(module.parameters())
+        with torch.no_grad():
+            saved = weight.view(-1)[3].item()
+            weight.view(-1)[3] = float("nan")
+            assert not bool(step.weights_finite())
+            weight.view(-1)[3] = saved
+    assert bool(step.weights_finite())

@@ -1,11 +1,16 @@
-"""The trainer end to end on CPU: bitwise resume after SIGKILL, bad files, NaN stop, CLI errors."""
+"""The trainer end to end on CPU: bitwise resume after SIGKILL, bad files, NaN stop, CLI errors, and
+nothing lost silently: the run folder lock, non-finite weights never saved, config changes on
+resume, leftovers of a killed run."""
 
 from __future__ import annotations
 
 import csv
 import gzip
 import os
+import re
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -20,6 +25,7 @@ from ijepa_fast import config as config_mod
 from ijepa_fast import pretrain
 from ijepa_fast import trainer as trainer_mod
 from ijepa_fast.checkpoint import checkpoint_name, list_checkpoints, load_latest
+from ijepa_fast.run_folder import ConfigChangedError, RunLockedError
 from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
 
@@ -167,14 +173,19 @@ def test_sigterm_saves_then_exits_with_status_143(tmp_path):
 
 
 class SpyStep:
-    """The trainer's step with ``before(step)`` called ahead of each call; attributes pass through."""
+    """The trainer's step with ``before(step)`` and ``after(step)`` called around each call (the
+    0-based step index); every other attribute (``stepped``, ``engine``...) passes through."""
 
-    def __init__(self, step_fn, before):
-        self.step_fn, self.before = step_fn, before
+    def __init__(self, step_fn, before=None, after=None):
+        self.step_fn, self.before, self.after = step_fn, before, after
 
     def __call__(self, images, masks, step):
-        self.before(step)
-        return self.step_fn(images, masks, step)
+        if self.before:
+            self.before(step)
+        out = self.step_fn(images, masks, step)
+        if self.after:
+            self.after(step)
+        return out
 
     def __getattr__(self, name):
         return getattr(self.step_fn, name)
@@ -183,7 +194,7 @@ class SpyStep:
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_by_signal_saves_then_exits_with_128_plus_the_signal(tmp_path, monkeypatch, signum, status):
     data = write_idx(tmp_path / "data", n=96)
-    build = trainer_mod.build_train_step
+    build = trainer_mod.train_step_for
 
     def signal_during_step_1(step):  # 0-based: the run stops after step 2 and saves it
         if step == 1:
@@ -192,7 +203,7 @@ def test_a_stop_by_signal_saves_then_exits_with_128_plus_the_signal(tmp_path, mo
     def spied(*args):
         return SpyStep(build(*args), signal_during_step_1)
 
-    monkeypatch.setattr(trainer_mod, "build_train_step", spied)
+    monkeypatch.setattr(trainer_mod, "train_step_for", spied)
     rc = pretrain.main(tiny_overrides(data, tmp_path / "runs", "s", **{"run.checkpoint_every": 1000}))
     assert rc == 128 + signum == status
     assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "s" / "checkpoints")] == [2]
@@ -225,6 +236,12 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     assert not [p for p in (out / "twice" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
+def assert_finite_checkpoint(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert all(torch.isfinite(v).all() for v in state[part].values()), (path, part)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     data = write_idx(tmp_path / "data", n=96)
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "nan", **{"run.log_every": 2}))
@@ -233,15 +250,135 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, 
     step_fn, forward = trainer.step_fn, trainer.step_fn.student.forward
     current = {"step": 0}
 
-    def poisoned_forward(*args):  # the loss turns NaN from step 4 on
-        loss = forward(*args)
+    def poisoned_forward(*args, **kwargs):  # the loss turns NaN from step index 4 on: step 5 as metrics.csv counts
+        loss = forward(*args, **kwargs)
         return loss * float("nan") if current["step"] >= 4 else loss
 
     monkeypatch.setattr(step_fn.student, "forward", poisoned_forward)
-    monkeypatch.setattr(trainer, "step_fn", SpyStep(step_fn, lambda step: current.update(step=step)))
-    with pytest.raises(NonFiniteLossError, match="non-finite at step 4.*ckpt-00000003.pt"):
+    monkeypatch.setattr(trainer, "step_fn", SpyStep(step_fn, before=lambda step: current.update(step=step)))
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 5;.*ckpt-00000003.pt"):
         trainer.fit()
-    assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "nan" / "checkpoints")] == [3]
+    ckpts = list_checkpoints(tmp_path / "runs" / "nan" / "checkpoints")
+    assert [s for s, _ in ckpts] == [3]
+    assert_finite_checkpoint(ckpts[0][1])
+
+
+def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
+    """The last step's update makes one weight NaN; its loss was computed before, so only a check of
+    the weights can catch it: the final checkpoint is refused, the one named is step 3's, finite."""
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps; checkpoints after steps 3 and 6
+    trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "w")))
+    trainer.build()
+    weight = next(trainer.step_fn.student.encoder.parameters())
+
+    def poison_after_the_last_update(step):
+        if step == 5:
+            with torch.no_grad():
+                weight.view(-1)[7] = float("nan")
+
+    trainer.step_fn = SpyStep(trainer.step_fn, after=poison_after_the_last_update)
+    with pytest.raises(NonFiniteLossError, match="weights became non-finite by step 6") as err:
+        trainer.fit()
+    ckpts = list_checkpoints(tmp_path / "runs" / "w" / "checkpoints")
+    assert [s for s, _ in ckpts] == [3]
+    named = re.search(r"last good checkpoint is (\S+)\)", str(err.value)).group(1)
+    assert Path(named) == ckpts[0][1]
+    assert_finite_checkpoint(Path(named))
+
+
+def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path, caplog):
+    data = write_idx(tmp_path / "data", n=400)
+    out = tmp_path / "runs"
+    overrides = tiny_overrides(data, out, "busy", **{"run.checkpoint_every": 1000})
+    first = pretrain_process(overrides)
+    host = socket.gethostname()
+    try:
+        deadline = time.time() + 120
+        while not (out / "busy" / "metrics.csv").exists() or not losses(out / "busy"):  # it is training
+            assert first.poll() is None and time.time() < deadline, "the first trainer stopped or never started"
+            time.sleep(0.05)
+        with pytest.raises(RunLockedError, match=f"in use by pid {first.pid} on host {re.escape(host)}"):
+            Trainer(config_mod.load(None, overrides)).build()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The kernel dropped the killed trainer's flock; its record still names it.
+    with caplog.at_level("WARNING"):
+        result = Trainer(config_mod.load(None, [*overrides, "optim.max_steps=2"]), resume=True).fit()
+    assert result.steps == 2
+    assert f"left by pid {first.pid} on {host}, which no longer holds it" in caplog.text
+    assert (out / "busy" / "run.lock").read_text() == ""  # released at the end of fit
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps
+    out, run = tmp_path / "runs", tmp_path / "runs" / "c"
+    first = config_mod.load(None, tiny_overrides(data, out, "c", **{"optim.max_steps": 3}))
+    Trainer(first).fit()
+    stored = (run / "config.yaml").read_text()
+    changed = config_mod.load(None, tiny_overrides(data, out, "c", **{"optim.lr": 0.002, "mask.min_keep": 3}))
+    with pytest.raises(ConfigChangedError) as err:
+        Trainer(changed, resume=True).fit()
+    message = str(err.value)
+    assert "in mask.min_keep, optim.lr (" in message  # the refused keys; max_steps may change
+    assert "mask.min_keep: 2 -> 3; optim.max_steps: 3 -> 0; optim.lr: 0.001 -> 0.002" in message
+    assert (run / "config.yaml").read_text() == stored
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3]
+
+    assert Trainer(changed, resume=True, allow_config_change=True).fit().steps == 6
+    assert config_mod.load(str(run / "config.yaml")) == changed
+    assert config_mod.load(str(run / "config.prev-00000003.yaml")) == first
+
+
+def test_overrides_may_follow_the_options():
+    args = pretrain.parse_args(
+        ["--config", "c.yaml", "optim.lr=1e-4", "--resume", "run.name=x", "--allow-config-change"]
+    )
+    assert args.overrides == ["optim.lr=1e-4", "run.name=x"]
+    assert args.resume and args.allow_config_change and args.config == "c.yaml"
+
+
+def test_help_lists_the_keys_a_resume_may_change(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for key in config_mod.RESUME_MAY_CHANGE:
+        assert key in help_text
+
+
+def test_a_restart_before_the_first_checkpoint_leaves_one_metrics_row_per_step(tmp_path):
+    """A run killed before its first checkpoint left rows 1-2 in metrics.csv. The restart (--resume,
+    which finds nothing to resume) starts from step 0 and must replace those rows, not append."""
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps
+    out = tmp_path / "runs"
+    Trainer(config_mod.load(None, tiny_overrides(data, out, "m", **{"optim.max_steps": 2}))).fit()
+    shutil.rmtree(out / "m" / "checkpoints")  # as if killed before its first checkpoint
+    Trainer(config_mod.load(None, tiny_overrides(data, out, "m")), resume=True).fit()
+    with open(out / "m" / "metrics.csv") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_partial_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path, caplog):
+    """The names an interrupted atomic save leaves (checkpoint, latest.pt link, DeepSpeed rank file and
+    latest) are gone after the next start; the complete checkpoint stays and is resumed."""
+    data = write_idx(tmp_path / "data", n=48)
+    out, run = tmp_path / "runs", tmp_path / "runs" / "p"
+    Trainer(config_mod.load(None, tiny_overrides(data, out, "p", **{"optim.max_steps": 3}))).fit()
+    (run / "deepspeed" / "step_00000006").mkdir(parents=True)
+    partial = [
+        run / "checkpoints" / ".ckpt-00000006.pt.4242.tmp",
+        run / "deepspeed" / ".latest.4242.tmp",
+        run / "deepspeed" / "step_00000006" / ".ijepa_rank00000.pt.4242.tmp",
+    ]
+    for path in partial:
+        path.write_bytes(b"PK\x03\x04 half a checkpoint")
+    os.symlink("ckpt-00000006.pt", run / "checkpoints" / ".latest.pt.4242.tmp")
+    partial.append(run / "checkpoints" / ".latest.pt.4242.tmp")
+    with caplog.at_level("WARNING"):
+        assert Trainer(config_mod.load(None, tiny_overrides(data, out, "p")), resume=True).fit().steps == 6
+    assert not [p for p in partial if p.is_symlink() or p.exists()]
+    assert "removed 4 partial file(s)" in caplog.text
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3, 6]
 
 
 def test_gradient_accumulation_counts_optimizer_steps_and_resumes_mid_stream(tmp_path, caplog):

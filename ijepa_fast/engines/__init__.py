@@ -59,6 +59,15 @@ def check_run_folder(run_dir: Path, name: str, is_main: bool, setting: str) -> N
         ckpt.check_writable(folder, what, setting)
 
 
+def remove_partial_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files an interrupted save of any engine left in ``run_dir``; return them.
+    Only while no other process writes there (the trainer holds the run folder's lock)."""
+    from ijepa_fast.engines.deepspeed import remove_partial_files_in
+
+    run_dir = Path(run_dir)
+    return ckpt.remove_partial_files(run_dir / "checkpoints") + remove_partial_files_in(run_dir / "deepspeed")
+
+
 def check_resume(run_dir: Path, name: str, requested: str) -> None:
     """A resume runs the engine that wrote the run's checkpoints: another engine would not see them
     and would start over."""

@@ -54,7 +54,7 @@ from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
 from ijepa_fast.optim import param_groups
 from ijepa_fast.optional import require
-from ijepa_fast.step import PhaseMark
+from ijepa_fast.step import PhaseMark, all_finite
 
 if TYPE_CHECKING:
     from ijepa_fast.config import Config
@@ -353,6 +353,13 @@ class DeepSpeedEngine:
             return self._shards()
         return list(self.target_encoder.parameters()), list(self.student.encoder.parameters())
 
+    def weights_finite(self) -> torch.Tensor:
+        """Collective: 0-d bool tensor, the same on every rank, true when every rank's weights (its
+        partitions under ZeRO-3) of the student and the target encoder are finite."""
+        params = [*self.student.parameters(), *self.target_encoder.parameters()]
+        local = all_finite([p.ds_tensor for p in params] if self.zero_stage == 3 else params)
+        return dist_.all_mean_(local.float()) == 1.0  # the mean of 0/1 flags is 1 only if every rank says 1
+
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
     def tag(step: int) -> str:
@@ -388,7 +395,9 @@ class DeepSpeedEngine:
 
         ``client_state`` (schedules, sampler state, config...: the same on every rank) goes through
         the engine; the target encoder goes there too (stages 0-2) or, with the RNG state, into
-        this rank's own file (its stage-3 partitions). ``keep`` > 0 deletes older tags.
+        this rank's own file (its stage-3 partitions). ``keep`` > 0 deletes tags older than the
+        newest ``keep`` up to this one; newer tags (left by an interrupted save: ``latest`` never
+        named them) are neither counted nor deleted.
         """
         save_dir, tag = Path(save_dir), self.tag(step)
         rank, world = dist_.get_rank(), dist_.get_world_size()
@@ -411,7 +420,7 @@ class DeepSpeedEngine:
         if rank == 0:
             _write_latest(save_dir, tag)
             if keep > 0:
-                for old in list_tags(save_dir)[:-keep]:
+                for old in [s for s in list_tags(save_dir) if s <= step][:-keep]:
                     shutil.rmtree(save_dir / self.tag(old), ignore_errors=True)
         dist_.barrier()
         return save_dir / tag
@@ -523,9 +532,22 @@ def _check_zero_stage(tag_dir: Path, saved: int | None, stage: int) -> None:
 
 
 def _write_latest(save_dir: Path, tag: str) -> None:
-    tmp = save_dir / f".latest.{os.getpid()}.tmp"
+    tmp = ckpt.temp_path(save_dir / "latest")
     tmp.write_text(tag)
     os.replace(tmp, save_dir / "latest")
+
+
+def remove_partial_files_in(save_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that an interrupted save left in ``save_dir`` and in its tags.
+
+    DeepSpeed writes its own files in place, without temporary files; a tag it did not finish is
+    never named by ``latest`` (written last) and is overwritten when the run saves that step again.
+    """
+    save_dir = Path(save_dir)
+    removed = ckpt.remove_partial_files(save_dir)
+    for step in list_tags(save_dir):
+        removed += ckpt.remove_partial_files(save_dir / DeepSpeedEngine.tag(step))
+    return removed
 
 
 def list_tags(save_dir: str | Path) -> list[int]:

@@ -16,7 +16,7 @@ from torch import nn
 from ijepa_fast import checkpoint as ckpt
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
-from ijepa_fast.step import PhaseMark
+from ijepa_fast.step import PhaseMark, all_finite
 
 
 class PlainEngine:
@@ -68,6 +68,9 @@ class PlainEngine:
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def weights_finite(self) -> torch.Tensor:
+        return all_finite([*self.student.parameters(), *self.target_encoder.parameters()])
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod

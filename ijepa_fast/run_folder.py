@@ -1,0 +1,197 @@
+"""A run folder used by one trainer at a time, with its config.yaml checked on resume.
+
+``RunLock``: an advisory lock (``flock`` on ``run.lock``) whose file records the holder's pid and
+host. The kernel drops a flock when its holder exits, however it exits (kill -9 included), so a lock
+left by a crashed trainer is free: the record still names it, and the next trainer takes over with a
+warning. A clean release empties the record. Where the filesystem has no flock, the record alone
+decides: a live pid on this host, or any pid on another host, holds the folder.
+
+``write_config``: the resolved config.yaml; on resume it is compared with the stored one first.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from ijepa_fast import config as config_mod
+from ijepa_fast.config import RESUME_MAY_CHANGE, Config
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "run.lock"
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # filesystems without flock
+
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker) shares them, and
+# would keep the folder locked after this process is killed: each child closes its copies at once.
+_held: set[int] = set()
+_fork_hook_registered = False
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (locked, or a config change refused)."""
+
+
+class RunLockedError(RunFolderError):
+    """Another trainer holds the run folder."""
+
+
+class ConfigChangedError(RunFolderError):
+    """--resume with a config that differs from the run's stored config.yaml."""
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ``RunLockedError`` naming the holder (pid, host)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _try_flock(fd)
+            holder = _read_record(fd)
+            if locked is False or (locked is None and holder is not None and _may_be_alive(holder)):
+                raise RunLockedError(self._held_message(holder, flock=locked is not None))
+            _write_record(fd, {"pid": os.getpid(), "host": socket.gethostname()})
+        except BaseException:
+            os.close(fd)
+            raise
+        if holder is not None:
+            log.warning(
+                "%s was left by pid %s on %s, which no longer holds it (killed?): taking it over",
+                self.path,
+                holder.get("pid"),
+                holder.get("host"),
+            )
+        self._fd = fd
+        _hold(fd)
+
+    def release(self) -> None:
+        """Empty the record and drop the lock (a no-op when not held)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        _held.discard(fd)
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing the last descriptor drops the flock
+
+    def _held_message(self, holder: dict | None, flock: bool) -> str:
+        who = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "another process"
+        hint = "wait for it to finish, or choose another run.name / run.out_dir"
+        if not flock:
+            hint += f"; this filesystem has no flock: if no trainer runs there, delete {self.path}"
+        return f"run folder {self.path.parent} is in use by {who} (lock {self.path}): {hint}"
+
+
+def _try_flock(fd: int) -> bool | None:
+    """True: locked; False: another open file holds it; None: the filesystem has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno in _NO_FLOCK:
+            return None
+        raise
+    return True
+
+
+def _read_record(fd: int) -> dict | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode(errors="replace").strip()
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        record = None
+    return record if isinstance(record, dict) else {"pid": "?", "host": f"? (unreadable record {text[:60]!r})"}
+
+
+def _write_record(fd: int, record: dict) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(record) + "\n").encode())
+    os.fsync(fd)
+
+
+def _may_be_alive(holder: dict) -> bool:
+    """False only for a pid known dead on this host (another host's processes cannot be checked)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _hold(fd: int) -> None:
+    global _fork_hook_registered
+    _held.add(fd)
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_close_held_in_child)
+        _fork_hook_registered = True
+
+
+def _close_held_in_child() -> None:
+    for fd in _held:
+        try:
+            os.close(fd)  # not LOCK_UN: that would release the parent's lock too
+        except OSError:
+            pass
+    _held.clear()
+
+
+def write_config(run_dir: Path, cfg: Config, resumed_step: int | None, allow_change: bool = False) -> None:
+    """Write ``run_dir/config.yaml``. When resuming from ``resumed_step``, compare it with the stored one
+    first: a change of any key outside ``RESUME_MAY_CHANGE`` raises ``ConfigChangedError`` listing the
+    changes, unless ``allow_change``; any change keeps the stored file as ``config.prev-<step>.yaml``."""
+    path = Path(run_dir) / "config.yaml"
+    if resumed_step is not None and path.exists():
+        changes = _changes_since(path, cfg)
+        refused = [key for key in changes if key not in RESUME_MAY_CHANGE]
+        lines = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]
+        if refused and not allow_change:
+            raise ConfigChangedError(
+                f"--resume: the config differs from the run's {path} in {', '.join(refused)} "
+                f"({'; '.join(lines)}): resume with the stored values, or pass --allow-config-change"
+            )
+        if changes:
+            kept = _keep_previous(path, resumed_step)
+            log.warning(
+                "--resume from step %d with a changed config (%s); the old one is %s",
+                resumed_step,
+                "; ".join(lines),
+                kept,
+            )
+    config_mod.save(cfg, str(path))
+
+
+def _changes_since(path: Path, cfg: Config) -> dict:
+    try:
+        stored = config_mod.load(str(path))
+    except Exception as err:  # unreadable, bad YAML or invalid values: each means it cannot be compared
+        raise ConfigChangedError(
+            f"--resume: the run's stored {path} does not load ({err}): fix it or move it away"
+        ) from None
+    return config_mod.differences(stored, cfg)
+
+
+def _keep_previous(path: Path, step: int) -> Path:
+    """Copy ``path`` to ``config.prev-<step>.yaml`` (``-2``, ``-3``... when that name is taken)."""
+    kept, n = path.with_name(f"config.prev-{step:08d}.yaml"), 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"config.prev-{step:08d}-{n}.yaml")
+    shutil.copy2(path, kept)
+    return kept

@@ -1,0 +1,106 @@
+"""The run folder lock on its own: held across processes, not kept by forked children, released
+cleanly, and decided by its record where the filesystem has no flock."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from ijepa_fast import run_folder
+from ijepa_fast.run_folder import RunLock, RunLockedError
+
+# Takes the lock, forks a child that outlives it (as a DataLoader worker does), then waits to be killed.
+_HOLDER_WITH_CHILD = """
+import os, sys, time
+from ijepa_fast.run_folder import RunLock
+RunLock(sys.argv[1]).acquire()
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_holder_is_killed(tmp_path, caplog):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER_WITH_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid} on host"):
+            RunLock(tmp_path).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the child still runs...
+        lock = RunLock(tmp_path)
+        lock.acquire()  # ...and the lock is free all the same
+        assert f"left by pid {holder.pid}" in caplog.text
+        lock.release()
+    finally:
+        for pid in (holder.pid, child):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_released_lock_is_free_and_leaves_no_warning(tmp_path, caplog):
+    first = RunLock(tmp_path)
+    first.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    with pytest.raises(RunLockedError):  # another open file description in this very process
+        RunLock(tmp_path).acquire()
+    first.release()
+    assert (tmp_path / "run.lock").read_text() == ""
+    second = RunLock(tmp_path)
+    second.acquire()
+    second.release()
+    assert "taking it over" not in caplog.text
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize(
+    "record,taken",
+    [
+        (lambda: {"pid": _dead_pid(), "host": socket.gethostname()}, True),
+        (lambda: {"pid": os.getpid(), "host": socket.gethostname()}, False),
+        (lambda: {"pid": 1, "host": "another-host.invalid"}, False),
+    ],
+    ids=["dead-pid-here", "live-pid-here", "other-host"],
+)
+def test_without_flock_the_record_decides(tmp_path, monkeypatch, caplog, record, taken):
+    """A filesystem without flock (ENOLCK): a dead pid on this host is taken over with a warning; a
+    live one, or any pid on another host (which cannot be checked), holds the folder."""
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    held = record()
+    (tmp_path / "run.lock").write_text(json.dumps(held))
+    lock = RunLock(tmp_path)
+    if taken:
+        lock.acquire()
+        assert f"left by pid {held['pid']}" in caplog.text
+        lock.release()
+    else:
+        with pytest.raises(RunLockedError, match=f"pid {held['pid']} on host {held['host']}.*delete"):
+            lock.acquire()
+    assert not run_folder._held
+    if not taken:  # a refused attempt leaves the holder's record as it was
+        assert json.loads((tmp_path / "run.lock").read_text()) == held
