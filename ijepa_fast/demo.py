@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("ijepa_fast").error("%s", err)
         return 1
     trained = time.perf_counter() - started
-    report = probe_table(cfg, run_dir, trainer.target, args.probe_train, args.probe_test)
+    report = probe_table(cfg, run_dir, trainer.engine.target_encoder, args.probe_train, args.probe_test)
     print(f"\nI-JEPA demo: {result.steps} steps in {trained / 60:.1f} min; run folder {run_dir}")
     print(f"precision: {trainer.precision}; skipped images: {result.skipped}\n")
     print(

@@ -176,6 +176,10 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
+    def close(self) -> None:
+        """Release the run folder without training (``fit`` releases it when it ends)."""
+        self._release()
+
     def _check_model(self, state: dict) -> None:
         saved = state.get("config", {}).get("model", {})
         if saved and saved != asdict(self.cfg.model):

@@ -101,6 +101,7 @@ def test_the_trainer_logs_the_precision_and_why(tmp_path, caplog, cpu_bf16):
     trainer = _trainer(tmp_path, "auto")
     with caplog.at_level(logging.INFO, logger="ijepa_fast"):
         trainer.build()
+    trainer.close()
     (record,) = _precision_records(caplog)
     assert record.levelno == logging.INFO
     assert record.getMessage().startswith("precision: fp32 (auto: this CPU has no native bf16")

@@ -354,7 +354,7 @@ def test_python_m_eval_last4_without_probe(tmp_path, idx_data, run_dir):
 
 
 def test_ijepa_eval_reports_the_undecodable_images_it_replaced(tmp_path, capsys, run_dir):
-    from tests.data_fixtures import write_jpeg_folder
+    from ijepa_fast.data.synthetic import write_jpeg_folder
 
     write_jpeg_folder(tmp_path / "data" / "train", 12, size=(40, 32))
     write_jpeg_folder(tmp_path / "data" / "val", 8, size=(40, 32), seed=50)

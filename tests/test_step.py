@@ -237,12 +237,12 @@ def test_all_finite_finds_one_bad_element_anywhere_and_accepts_huge_finite_ones(
 
 def test_weights_finite_sees_the_student_and_the_target():
     step = make_step()
-    assert bool(step.weights_finite())
+    assert bool(step.engine.weights_finite())
     for module in (step.student.predictor, step.target_encoder):
         weight = next(module.parameters())
         with torch.no_grad():
             saved = weight.view(-1)[3].item()
             weight.view(-1)[3] = float("nan")
-            assert not bool(step.weights_finite())
+            assert not bool(step.engine.weights_finite())
             weight.view(-1)[3] = saved
-    assert bool(step.weights_finite())
+    assert bool(step.engine.weights_finite())

@@ -517,7 +517,7 @@ def test_a_plain_resume_of_a_deepspeed_run_is_refused_naming_the_engine(tmp_path
     (run / "deepspeed" / "latest").write_text("step_00000003")  # the pointer to it
     assert pretrain.main([*tiny_overrides(data, tmp_path / "runs", "ds"), "--resume"]) == 1
     line = one_error_line(capsys)
-    assert f"{run / 'deepspeed'} holds the checkpoints of a DeepSpeed run" in line and "run.engine=deepspeed" in line
+    assert f"{run} holds the checkpoints of a run of the deepspeed engine" in line and "run.engine=deepspeed" in line
     assert not (run / "metrics.csv").exists() and not (run / "config.yaml").exists()  # nothing ran or changed
 
 
