@@ -3,9 +3,8 @@
 A thin command line over ``ijepa_fast.bench`` (also installed as ``ijepa-bench``); see that
 module for what is measured and how. Run from the repository root, e.g.::
 
-    python -m profiling.bench_step --model vit_huge --patch 14 --img 224 --batch 128 --ablation \\
-        --out profiling/out --record
-    python -m profiling.bench_step --model vit_tiny --patch 8 --img 64 --batch 8 --steps 5   # CPU, seconds
+    python -m profiling.bench_step --ablation --out profiling/out --record      # ViT-H/14, 224 px, batch 128
+    python -m profiling.bench_step --config demo run.device=cpu --steps 5      # the CPU demo's model, seconds
 """
 
 from __future__ import annotations

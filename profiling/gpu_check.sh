@@ -172,7 +172,8 @@ if [ "$CUDA" = 1 ]; then
     # shellcheck disable=SC2086  # the file list is meant to split
     run_part pytest_gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rs -m gpu $GPU_TESTS
   fi
-  run_part step_vith14 240 "$PY" -m profiling.bench_step --model vit_huge --patch 14 --img 224 --batch 128 \
+  # The default config is the paper's ViT-H/14 at 224 px, batch 128 per GPU.
+  run_part step_vith14 240 "$PY" -m profiling.bench_step \
     --ablation --warmup 3 --steps 10 --phase-steps 3 --out "$W" --tag step_vith14 --record "$APPEND" \
     --trace "$W/trace_vith14.json.gz" --trace-steps 1 "${LABEL[@]}"
   if [ "${TRITON%% *}" = ok ]; then
@@ -189,14 +190,15 @@ if [ "$CUDA" = 1 ]; then
   else
     skip data "nvidia-dali not installed; its ~190 MiB wheel does not travel"
   fi
-  run_part step_vith16_448 150 "$PY" -m profiling.bench_step --model vit_huge --patch 16 --img 448 --batch 64 \
+  run_part step_vith16_448 150 "$PY" -m profiling.bench_step model.patch_size=16 data.crop_size=448 data.batch_size=64 \
     --warmup 3 --steps 6 --phase-steps 2 --out "$W" --tag step_vith16_448 --record "$APPEND" "${LABEL[@]}"
 else
   skip pytest_gpu "no CUDA"
   # The authors' preset against the default only: the harness's plumbing, in seconds (the CPU tests
   # run the full ablation).
-  run_part step_vith14 120 "$PY" -m profiling.bench_step --model vit_tiny --patch 8 --img 32 --batch 2 \
-    --pred-depth 1 --pred-dim 48 --set mask.min_keep=4 --device cpu --compare-authors --warmup 1 --steps 2 \
+  run_part step_vith14 120 "$PY" -m profiling.bench_step model.name=vit_tiny model.patch_size=8 data.crop_size=32 \
+    data.batch_size=2 model.pred_depth=1 model.pred_emb_dim=48 mask.min_keep=4 run.device=cpu --compare-authors \
+    --warmup 1 --steps 2 \
     --phase-steps 1 --batches 2 --out "$W" --tag step_vith14 --record "$APPEND" \
     --trace "$W/trace_vith14.json.gz" --trace-steps 1 "${LABEL[@]}"
   run_part masked_gather 60 "$PY" -m profiling.bench_masked_gather --device cpu --size tiny --reps 3 \
