@@ -756,33 +756,75 @@ def test_timeout_and_engine_resolution():
         (
             "slurm.sbatch",
             {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "4"},
-            ["srun", "--nnodes 2 --nproc_per_node 4", "--rdzv_endpoint gpu01:", "-m ijepa_fast.pretrain"],
+            [
+                "srun",
+                "--nnodes 2 --nproc_per_node 4",
+                "--rdzv_endpoint gpu01:20042 --rdzv_conf join_timeout=1800",
+                "-m ijepa_fast.pretrain",
+            ],
         ),
     ],
 )
 def test_launch_scripts_build_their_commands(script, env, expected, tmp_path):
-    fake = tmp_path / "scontrol"  # SLURM's `scontrol show hostnames gpu[01-02]`
-    fake.write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\n'\n")
-    fake.chmod(0o755)
-    run_env = {
-        **os.environ,
-        "IJEPA_LAUNCH_DRY_RUN": "1",
-        "PYTHON": "python",
-        **env,
-        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
-    }
-    out = subprocess.run(
-        ["bash", str(REPO / "launch" / script), "--config", "configs/demo.yaml", "optim.lr=5e-4"],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _dry_run(script, env, tmp_path, "--config", "configs/demo.yaml", "optim.lr=5e-4")
     assert out.returncode == 0, out.stderr
     command = out.stdout.strip().splitlines()[-1]
     for part in expected:
         assert part in command, (part, command)
-    assert command.endswith("--config configs/demo.yaml optim.lr=5e-4"), command
+    # the multi-node scripts pass the resolved collective timeout on to every process
+    passed = " run.dist_timeout_s=1800" if script in ("multi_node.sh", "slurm.sbatch") else ""
+    assert command.endswith(f"--config configs/demo.yaml optim.lr=5e-4{passed}"), command
+
+
+def _dry_run(script: str, env: dict, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    fake = tmp_path / "scontrol"  # SLURM's `scontrol show hostnames gpu[01-02]`
+    fake.write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\n'\n")
+    fake.chmod(0o755)
+    run_env = {k: v for k, v in os.environ.items() if k != dist_.TIMEOUT_ENV}
+    run_env |= {
+        "IJEPA_LAUNCH_DRY_RUN": "1",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        **env,
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+    }
+    return subprocess.run(
+        ["bash", str(REPO / "launch" / script), *args], env=run_env, capture_output=True, text=True, timeout=120
+    )
+
+
+SLURM_2x8 = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "8"}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("script, env", [("slurm.sbatch", SLURM_2x8), ("multi_node.sh", {})])
+def test_multi_node_scripts_print_the_world_layout_and_pass_the_collective_timeout(script, env, tmp_path):
+    """2 nodes x 8 GPUs (the hostfile's slots, or SLURM's): one layout line at start; the timeout from
+    IJEPA_DIST_TIMEOUT_S, or from run.dist_timeout_s, reaches every process on the command line (and
+    torchrun's rendezvous); a config error stops the script before it launches anything."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu01 slots=8\ngpu02 slots=8\n")
+    env = {**env, "HOSTFILE": str(hostfile), dist_.TIMEOUT_ENV: "600"}
+    base = ("--config", "configs/demo.yaml", "data.batch_size=64", "optim.grad_accum=2", "run.zero_stage=3")
+    out = _dry_run(script, env, tmp_path, *base)
+    assert out.returncode == 0, out.stderr
+    layout = [line for line in out.stderr.splitlines() if line.startswith("ijepa: ")]
+    assert layout == [
+        "ijepa: 2 node(s) x 8 process(es) = 16 ranks, rendezvous gpu01:"
+        + ("20042" if script == "slurm.sbatch" else "29500")
+        + "; global batch 2048 = 64 per rank x 16 ranks x 2 accumulation; engine deepspeed, ZeRO stage 3; "
+        "collective timeout 600 s (IJEPA_DIST_TIMEOUT_S)"
+    ], out.stderr
+    assert out.stdout.strip().endswith("run.zero_stage=3 run.dist_timeout_s=600")
+    out = _dry_run(script, env, tmp_path, *base, "run.dist_timeout_s=90.5")
+    command = out.stdout.strip()
+    assert command.endswith("run.dist_timeout_s=90.5 run.dist_timeout_s=90.5"), command
+    assert "(run.dist_timeout_s)" in out.stderr
+    if script == "slurm.sbatch":
+        assert "--rdzv_conf join_timeout=91" in command
+    out = _dry_run(script, env, tmp_path, "--config", "configs/demo.yaml", "run.zero_stage=9")
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert "ijepa: config error: run.zero_stage=9" in out.stderr
 
 
 # ----------------------------------------------------------------------------- the CLI under both launchers
