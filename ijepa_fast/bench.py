@@ -64,7 +64,8 @@ import torch
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import Config
 from ijepa_fast.device import resolve_device, resolve_precision
-from ijepa_fast.engines import build_train_step
+from ijepa_fast.distributed import detect
+from ijepa_fast.engines import build_train_step, start_process
 from ijepa_fast.flops import step_flops, step_flops_for_masks
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
 from ijepa_fast.models.vit import grid_size
@@ -474,6 +475,7 @@ def _free(device: torch.device) -> None:
 
 
 def _build_step(cfg: Config, device: torch.device) -> TrainStep:
+    start_process(cfg, detect())  # run.engine=deepspeed needs a process group, also in a world of one
     torch.manual_seed(cfg.run.seed)
     steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // (cfg.data.batch_size * cfg.optim.grad_accum))
     # Parameters are created (and initialised) on the GPU directly: ViT-H's 1.3B on a CPU take long.
@@ -909,7 +911,8 @@ def _key_figure(out_dir: Path, part: str) -> str:
         bits = []
         if fast:
             mfu = f", MFU {100 * fast['mfu']:.1f}%" if fast.get("mfu") is not None else ""
-            bits.append(f"default {fast['images_per_s']:.1f} img/s{mfu}")
+            mem = f", peak {fast['peak_mem_gib']:.1f} GiB" if fast.get("peak_mem_gib") is not None else ""
+            bits.append(f"default {fast['images_per_s']:.1f} img/s{mfu}{mem}")
         if authors:
             bits.append(f"authors {authors['images_per_s']:.1f} img/s")
         if fast and authors:

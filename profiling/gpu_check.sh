@@ -12,6 +12,9 @@
 #   pytest_gpu       every GPU-marked test of the repository (`pytest -m gpu` over the files that use the mark)
 #   step_vith14      ijepa-bench, ViT-H/14 at 224 px, batch 128, bf16: authors preset, each switch alone,
 #                    all on (the default), phase split, a 1-step Chrome trace, GPU-hours vs the paper
+#   deepspeed_zero2, deepspeed_zero3
+#                    the same default step under the DeepSpeed engine in a world of one (only when
+#                    deepspeed imports): images/s and peak memory, beside step_vith14's plain engine
 #   masked_gather    kernel benchmark at ViT-H/14 batch-128 token shapes
 #   ema              kernel benchmark over the ViT-H/14 encoder's parameters
 #   attention        attention backends at ViT-B/16, ViT-H/14, ViT-H/16-448 token counts, batch 128
@@ -176,6 +179,15 @@ if [ "$CUDA" = 1 ]; then
   run_part step_vith14 240 "$PY" -m profiling.bench_step \
     --ablation --warmup 3 --steps 10 --phase-steps 3 --out "$W" --tag step_vith14 --record "$APPEND" \
     --trace "$W/trace_vith14.json.gz" --trace-steps 1 "${LABEL[@]}"
+  if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+    for stage in 2 3; do
+      run_part "deepspeed_zero$stage" 120 "$PY" -m profiling.bench_step run.engine=deepspeed "run.zero_stage=$stage" \
+        --warmup 3 --steps 6 --phase-steps 0 --out "$W" --tag "deepspeed_zero$stage" --record "$APPEND" "${LABEL[@]}"
+    done
+  else
+    skip deepspeed_zero2 "deepspeed does not import"
+    skip deepspeed_zero3 "deepspeed does not import"
+  fi
   if [ "${TRITON%% *}" = ok ]; then
     run_part masked_gather 45 "$PY" -m profiling.bench_masked_gather --size vith14 --json "$W/masked_gather.json"
     run_part ema 45 "$PY" -m profiling.bench_ema --size vith14 --json "$W/ema.json"
@@ -210,6 +222,8 @@ else
   [ "$DALI" = 1 ] && LOADERS+=(dali-cpu)
   run_part data 90 "$PY" -m profiling.bench_data --quick --loaders "${LOADERS[@]}" --json "$W/data.json"
   skip step_vith16_448 "no CUDA"
+  skip deepspeed_zero2 "no CUDA"
+  skip deepspeed_zero3 "no CUDA"
 fi
 if [ -f "$W/step_vith14.json" ]; then
   run_part scaling 30 "$PY" -m profiling.scaling --from-json "$W/step_vith14.json" --gpus 1 8 16 32 64 --stages 0 2 3

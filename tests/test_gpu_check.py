@@ -244,6 +244,7 @@ def test_the_cpu_form_of_gpu_check_runs_end_to_end_in_a_bare_virtualenv(tmp_path
             rows[cells[0]] = cells[1]
     assert rows["environment"] == "ok" and rows["preflight"] == "ok", rows
     assert rows["pytest_gpu"] == rows["step_vith16_448"] == "skipped (no CUDA)"
+    assert rows["deepspeed_zero2"] == rows["deepspeed_zero3"] == "skipped (no CUDA)"
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
         logs = {
             Path(m.name).stem: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".log")
