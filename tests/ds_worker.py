@@ -39,7 +39,8 @@ STEPS, SAVE_AT = 5, 3  # steps in all; checkpoint after SAVE_AT steps
 STEPS_PER_EPOCH = 4  # schedules span 4 steps: lr, wd and momentum change at every step
 GRAD_CLIP = 0.2  # below the tiny model's gradient norm (0.47 at step 0), so clipping acts
 ACCUM, ACCUM_STAGE, ACCUM_STEPS = 2, 2, 3  # gradient accumulation: 2 micro-batches a step under ZeRO-2
-RESHARD_STAGES = (0, 1, 2, 3)  # resumed on another number of ranks
+FROM_ONE_STAGES = (0, 1, 2, 3)  # saved by a world of one, resumed on two ranks
+FROM_TWO_STAGES = (1, 2, 3)  # saved on two ranks (the fp32 runs), resumed by a world of one
 
 
 def tiny_config(stage: int = 1, batch: int = PER_RANK) -> Config:
@@ -237,14 +238,28 @@ def run_accumulation(out: Path, rank: int, world: int) -> None:
 
 
 def run_bf16(stage: int, out: Path, rank: int, world: int) -> None:
-    """STEPS steps with the GPU's DeepSpeed config in bf16 autocast, then one EMA update checked
-    against the EMA of the gathered fp32 master weights (rank 0 writes ``result_bf16_{stage}.pt``)."""
+    """STEPS steps with the GPU's DeepSpeed config in bf16 autocast: the op builds reached while
+    building the engine, the host reads of the COUNTED steps after WARMUP, then one EMA update
+    checked against the EMA of the gathered fp32 master weights (rank 0 writes
+    ``result_bf16_{stage}.pt``)."""
+    import ijepa_fast.kernels._dispatch as dispatch
     from ijepa_fast.kernels.ema import ema_update_
     from ijepa_fast.step import ema_update
 
-    step_fn = deepspeed_step(gpu_config(stage), world, device_type="cuda")
+    with _CountOpBuilds() as builds:
+        step_fn = deepspeed_step(gpu_config(stage), world, device_type="cuda")
     engine = step_fn.engine
-    losses = [step_fn(*local_batch(i, rank, world), i)["loss"].item() for i in range(STEPS)]
+    batches = [local_batch(i, rank, world) for i in range(STEPS)]
+    losses = [step_fn(*batches[i], i)["loss"] for i in range(WARMUP)]
+    # The CPU reference of the fused gathers checks its indices on the host; the Triton kernels the GPU
+    # runs check them only in debug mode. Left out here, so that the count is the GPU's.
+    check_range, dispatch.check_range = dispatch.check_range, lambda *args, **kwargs: None
+    try:
+        with _CountHostReads() as reads:
+            losses += [step_fn(*batches[i], i)["loss"] for i in range(WARMUP, STEPS)]
+    finally:
+        dispatch.check_range = check_range
+    losses = [loss.item() for loss in losses]
     final = engine.consolidated_state()  # fp32 master weights (safe_get_full_fp32_param) and target
     expected = {k: v.clone() for k, v in final["target_encoder"].items()}
     ema_update_(list(expected.values()), list(final["encoder"].values()), 0.75)
@@ -257,6 +272,8 @@ def run_bf16(stage: int, out: Path, rank: int, world: int) -> None:
             "ema_expected": expected,
             "ema_got": got,
             "ds_config": engine.ds_config,
+            "builds": builds.calls,
+            "host_reads": reads.counts,
         }
         torch.save(result, out / f"result_bf16_{stage}.pt")
 
@@ -303,7 +320,7 @@ def run_from_two_ranks(out: Path, zero_out: Path) -> None:
     from ijepa_fast.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
-    for stage in RESHARD_STAGES:
+    for stage in FROM_TWO_STAGES:
         resumed = resume_on_other_world(stage, zero_out / f"ds_zero{stage}", 0, 1)
         resumed["exported"] = str(resumed.pop("engine").export_consolidated(out / f"export_from2_{stage}", STEPS))
         torch.save(resumed, out / f"result_from2_{stage}.pt")
@@ -371,9 +388,8 @@ def run_single(out: Path) -> None:
                 error = str(err)
             report["planted"].append({"stage": stage, "file": str(planted), "marker": str(marker), "error": error})
     report["group_timeouts"] = group_timeouts()
-    report |= builds_and_host_reads()
     report["compile"] = compile_counts()
-    for stage in RESHARD_STAGES:
+    for stage in FROM_ONE_STAGES:
         train_on_one_rank(stage, out)
     (out / "single.json").write_text(json.dumps(report, indent=1))
 
@@ -417,7 +433,7 @@ class _CountOpBuilds:
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
-WARMUP, COUNTED = 2, 3  # ZeRO-3 records its parameter trace over the first two steps
+WARMUP, COUNTED = 2, STEPS - 2  # ZeRO-3 records its parameter trace over the first two steps
 
 
 class _CountHostReads:
@@ -440,32 +456,6 @@ class _CountHostReads:
         for name, fn in self.saved.items():
             setattr(torch.Tensor, name, fn)
         return False
-
-
-def builds_and_host_reads() -> dict:
-    """ZeRO 0-3 with the GPU's DeepSpeed config (bf16 autocast, fused torch AdamW): the op builds
-    reached while building each engine, and the host reads of COUNTED steps after WARMUP."""
-    import ijepa_fast.kernels._dispatch as dispatch
-
-    report: dict = {"builds": {}, "host_reads": {}}
-    # The CPU reference of the fused gathers checks its indices on the host; the Triton kernels the GPU
-    # runs check them only in debug mode. Left out here, so that the count is the GPU's.
-    check_range, dispatch.check_range = dispatch.check_range, lambda *args, **kwargs: None
-    try:
-        for stage in (0, 1, 2, 3):
-            with _CountOpBuilds() as builds:
-                step_fn = deepspeed_step(gpu_config(stage), 1, device_type="cuda")
-            report["builds"][stage] = builds.calls
-            batches = [local_batch(i, 0, 1) for i in range(WARMUP + COUNTED)]
-            for i in range(WARMUP):
-                step_fn(*batches[i], i)
-            with _CountHostReads() as reads:
-                for i in range(WARMUP, WARMUP + COUNTED):
-                    step_fn(*batches[i], i)
-            report["host_reads"][stage] = reads.counts
-    finally:
-        dispatch.check_range = check_range
-    return report
 
 
 def on_gpu() -> dict:
@@ -564,7 +554,7 @@ def main(argv: list[str]) -> int:
         run_accumulation(out, env.rank, env.world_size)
         for stage in (0, 1, 2, 3):
             run_bf16(stage, out, env.rank, env.world_size)
-        for stage in RESHARD_STAGES:  # the checkpoints a world of one wrote (``single``)
+        for stage in FROM_ONE_STAGES:  # the checkpoints a world of one wrote (``single``)
             resumed = resume_on_other_world(stage, Path(argv[3]) / f"one_rank{stage}", env.rank, env.world_size)
             if env.rank == 0:
                 torch.save({k: v for k, v in resumed.items() if k != "engine"}, out / f"result_from1_{stage}.pt")
