@@ -1,6 +1,6 @@
 """Multi-block mask sampler (I-JEPA), vectorised over the batch and deterministic in (seed, step).
 
-Semantics (PAPER.md): per batch, one target block size (scale ~ U(pred_scale), aspect ratio
+Semantics (the paper, Assran et al. 2023, and the authors' code): per batch, one target block size (scale ~ U(pred_scale), aspect ratio
 ~ U(aspect_ratio)) and one context block size (scale ~ U(enc_scale), aspect 1); per image, M target
 block positions and one context block position. The context is its block minus the union of the
 targets. Every image then keeps the same number of context patches and of target patches per block

@@ -21,7 +21,7 @@ def test_vith14_parameter_counts_match_the_authors():
     with torch.device("meta"):
         enc = build_encoder("vit_huge", 224, 14)
         pred = build_predictor(enc, depth=12, embed_dim=384)
-    assert count(enc) == 630_762_240  # PAPER.md, position embedding included
+    assert count(enc) == 630_762_240  # ViT-H/14's count, position embedding included
     assert count(pred) == 22_377_728
 
 
@@ -47,7 +47,7 @@ def test_giant_mlp_ratio():
 
 
 def authors_key_shapes(D: int, depth: int, p: int, N: int, hidden: int) -> dict[str, tuple]:
-    """The authors' encoder state-dict keys and shapes, written out from PAPER.md's names."""
+    """The authors' encoder state-dict keys and shapes, written out from their released checkpoints' names."""
     keys = {
         "patch_embed.proj.weight": (D, 3, p, p),
         "patch_embed.proj.bias": (D,),

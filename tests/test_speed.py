@@ -1,4 +1,4 @@
-"""Optimisation switches (issue 5): every combination runs, the authors' preset computes the same
+"""Optimisation switches: every combination runs, the authors' preset computes the same
 loss, compiled blocks agree with eager ones."""
 
 from __future__ import annotations
