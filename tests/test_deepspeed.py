@@ -630,17 +630,9 @@ def test_launch_scripts_build_their_commands(script, env, expected, tmp_path):
 # ----------------------------------------------------------------------------- the CLI under both launchers
 
 
-def _trainer_has_deepspeed() -> bool:
-    from ijepa_fast import trainer
-
-    return hasattr(trainer, "build_deepspeed_step")
-
-
 @needs_ds
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_pretrain_under_torchrun_then_the_deepspeed_launcher_resumes_like_one_run(tmp_path):
-    if not _trainer_has_deepspeed():
-        pytest.skip("ijepa_fast/trainer.py has no DeepSpeed path yet (run.engine=deepspeed)")
     from tests.test_trainer import DETERMINISTIC_ENV, losses, tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=96)  # 6 steps of 2 ranks x 8

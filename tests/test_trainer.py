@@ -521,6 +521,25 @@ def test_a_plain_resume_of_a_deepspeed_run_is_refused_naming_the_engine(tmp_path
     assert not (run / "metrics.csv").exists() and not (run / "config.yaml").exists()  # nothing ran or changed
 
 
+def test_a_resume_needs_the_engine_that_wrote_the_run(tmp_path):
+    """A DeepSpeed run's consolidated exports in checkpoints/ do not make it a plain run, and a plain
+    run's checkpoints are not resumed from scratch by the DeepSpeed engine."""
+    from ijepa_fast.checkpoint import save_checkpoint
+    from ijepa_fast.engines import check_resume
+
+    plain, ds = tmp_path / "plain", tmp_path / "ds"
+    save_checkpoint(plain / "checkpoints", {"w": torch.ones(1)}, 3, keep=1)
+    (ds / "deepspeed" / "step_00000003").mkdir(parents=True)
+    (ds / "deepspeed" / "latest").write_text("step_00000003")
+    save_checkpoint(ds / "checkpoints", {"w": torch.ones(1)}, 3, keep=1)  # the run's fp32 export
+    check_resume(plain, "plain", "auto")
+    check_resume(ds, "deepspeed", "auto")
+    with pytest.raises(ValueError, match="run of the plain engine.*run.engine=plain"):
+        check_resume(plain, "deepspeed", "deepspeed")
+    with pytest.raises(ValueError, match="run of the deepspeed engine.*run.engine=deepspeed"):
+        check_resume(ds, "plain", "plain")
+
+
 def test_cli_names_a_misspelt_key(tmp_path, capsys):
     assert pretrain.main(["optim.lrr=1e-3"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
