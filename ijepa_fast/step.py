@@ -4,7 +4,8 @@ targets (target encoder on the whole image, normalised, gathered) -> context enc
 loss -> backward -> optimizer step -> EMA of the target encoder. Whatever owns the weights and the
 optimizer (plain PyTorch, DeepSpeed ZeRO) implements ``Engine``; this module owns what is the same
 for all of them: the schedules, gradient accumulation, autocast and the EMA. The step returns device
-tensors and reads nothing back, unless the authors' habits are switched on to measure them.
+tensors and reads nothing back, unless the authors' habits are switched on to measure them; asked to
+(on logging steps), it also returns the collapse monitors' summary of this rank's target features.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from ijepa_fast.device import autocast
 from ijepa_fast.masks import MaskBatch
+from ijepa_fast.metrics import feature_summary
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
 from ijepa_fast.optim import set_lr_wd
 from ijepa_fast.schedules import Schedules
@@ -107,6 +109,8 @@ class TrainStep:
     ``step``: each call adds the gradients of its loss / k, and the k-th steps the optimizer and
     updates the EMA (``stepped`` tells which call did). ``mark`` receives the phase names in order
     (target_fwd, context_fwd, predictor_fwd, backward, optimizer, ema, sync) for the profiler.
+    With ``monitor`` the output also holds ``metrics.feature_summary`` of the target encoder's
+    features [B, N, D] of this micro-batch (the step's first one): device tensors, no host sync.
     """
 
     def __init__(
@@ -145,15 +149,19 @@ class TrainStep:
         return self.engine.device
 
     def __call__(
-        self, images: torch.Tensor, masks: MaskBatch, step: int, mark: PhaseMark = no_mark
+        self, images: torch.Tensor, masks: MaskBatch, step: int, mark: PhaseMark = no_mark, monitor: bool = False
     ) -> dict[str, torch.Tensor]:
         engine, opts = self.engine, self.options
+        summary: dict[str, torch.Tensor] = {}
+        target_forward = engine.target_forward
         if self.micro == 0:
             set_lr_wd(engine.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
+            if monitor:
+                target_forward = _summarising(engine.target_forward, summary)
         mark("target_fwd")
         with autocast(self.device, self.amp_dtype):
             with torch.no_grad():
-                targets = compute_targets(engine.target_forward, images, masks, fused=opts.fused_gather)
+                targets = compute_targets(target_forward, images, masks, fused=opts.fused_gather)
             loss = engine.forward(images, masks, targets, mark)
         mark("backward")
         engine.backward(loss / self.grad_accum if self.grad_accum > 1 else loss)
@@ -167,13 +175,24 @@ class TrainStep:
             engine.step()
             mark("ema")
             ema_update(*engine.ema_pairs(), self.schedules.momentum_at(step), fused=opts.fused_ema)
-        out = {"loss": engine.mean_over_ranks(loss.detach())}
+        out = {"loss": engine.mean_over_ranks(loss.detach()), **summary}
         if opts.sync_every_step:
             mark("sync")
             self.last_host_loss = float(out["loss"])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         return out
+
+
+def _summarising(target_forward: Callable, summary: dict) -> Callable:
+    """``target_forward`` that also puts ``feature_summary`` of the features it returns into ``summary``."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        features = target_forward(images)  # (B, N, D)
+        summary.update(feature_summary(features))
+        return features
+
+    return forward
 
 
 def read_grad_norms(encoder: nn.Module) -> list[float]:
