@@ -63,7 +63,7 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import Config
-from ijepa_fast.device import resolve_device, resolve_precision
+from ijepa_fast.device import resolve_device, resolve_precision, synchronize
 from ijepa_fast.engines import build_train_step
 from ijepa_fast.flops import step_flops, step_flops_for_masks
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
@@ -304,11 +304,6 @@ def optimizer_step(ts: TrainStep, source, step: int, mark=None) -> dict[str, tor
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def percentiles(values: list[float]) -> dict[str, float]:
     """Median and 20th / 80th percentiles (inclusive method; one value is all three)."""
     if not values:
@@ -333,13 +328,13 @@ def time_steps(ts: TrainStep, source, first_step: int, count: int, device: torch
         return images, masks
 
     timed = _Fetcher(fetch_timed)
-    _sync(device)
+    synchronize(device)
     wall0 = time.perf_counter()
     for i in range(count):
         marks.append(_now(cuda))
         out = optimizer_step(ts, timed, first_step + i)
     marks.append(_now(cuda))
-    _sync(device)
+    synchronize(device)
     wall = time.perf_counter() - wall0
     step_ms = [a.elapsed_time(b) if cuda else (b - a) * 1e3 for a, b in itertools.pairwise(marks)]
     return {
@@ -375,7 +370,7 @@ def time_phases(ts: TrainStep, source, first_step: int, count: int, device: torc
         clocks.append(PhaseClock(device))
         optimizer_step(ts, source, first_step + i, mark=clocks[-1].phase)
         clocks[-1].stop()
-    _sync(device)
+    synchronize(device)
     per_phase: dict[str, list[float]] = {}
     for clock in clocks:
         for name, ms in clock.durations_ms().items():
@@ -394,7 +389,7 @@ def write_trace(ts: TrainStep, source, first_step: int, count: int, device: torc
                 clock = PhaseClock(device, label=True)
                 optimizer_step(ts, source, first_step + i, mark=clock.phase)
                 clock.stop()
-        _sync(device)
+        synchronize(device)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".gz":
@@ -510,7 +505,7 @@ def run_config(
         for step in range(warmup):
             optimizer_step(ts, source, step)
         step = warmup
-        _sync(device)
+        synchronize(device)
         row["warmup_s"] = time.perf_counter() - t0
         timing = time_steps(ts, source, step, spec.steps, device)
         step += spec.steps
