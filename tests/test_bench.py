@@ -271,6 +271,24 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     assert "vitb16 target: " in bench.check_summary(tmp_path / "status.tsv", tmp_path)
 
 
+def test_every_attention_backend_runs_under_the_autocast_of_its_dtype():
+    """bf16 rows run their forward under bf16 autocast, the math row as much as the kernels (so that
+    its products run in bf16 as the authors' do); fp32 rows run without autocast."""
+    from profiling import bench_attention
+
+    seen = []
+
+    def probe(q, k, v):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), q.dtype))
+        return bench_attention.attention_math(q, k, v)
+
+    case = {"case": "c", "seqs": 1, "heads": 2, "tokens": 8, "head_dim": 8}
+    for dtype in (torch.bfloat16, torch.float32):
+        seen.clear()
+        assert bench_attention.measure(case, "probe", probe, "cpu", dtype, reps=1)["ok"]
+        assert set(seen) == {(dtype == torch.bfloat16, torch.bfloat16, dtype)}, dtype
+
+
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(REPO / "profiling" / "gpu_check.sh")], check=True)
 
