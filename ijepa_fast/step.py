@@ -100,7 +100,7 @@ def ema_update(targets: list[torch.Tensor], sources: list[torch.Tensor], momentu
         from ijepa_fast.kernels.ema import ema_update_
 
         ema_update_(targets, sources, momentum)
-    else:  # the authors: one mul_ and one add_ per parameter
+    else:  # the authors' loop, one mul_ and one add_ per parameter (facebookresearch/ijepa src/train.py:333-336)
         for t, s in zip(targets, sources):
             t.mul_(momentum).add_((1.0 - momentum) * s.detach().to(t.dtype))
 

@@ -143,3 +143,24 @@ def test_default_preset_never_waits_for_the_device(monkeypatch, one_thread):
     monkeypatch.setattr(dispatch, "check_range", lambda *args, **kwargs: None)
     events, _ = host_events([], monkeypatch)
     assert events == ["optimizer step", "zero_grad"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_step_on_cuda_never_synchronizes():
+    """CUDA's sync debug mode raises on any call that waits for the device: a default step makes none
+    (the Triton kernels, fused AdamW, the EMA), once its first step has created the optimizer's state."""
+    device = torch.device("cuda")
+    cfg = config_mod.load(None, [*TINY, "run.device=cuda", "speed.compile=off"])
+    torch.manual_seed(0)
+    step = build_train_step(cfg, device, steps_per_epoch=10)
+    images, masks = batch()
+    images, masks = images.to(device), masks.to(device)
+    step(images, masks, 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(images, masks, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["loss"]).item()
