@@ -197,18 +197,18 @@ LABEL=()
 [ -n "${GPU_CHECK_DEVICE_LABEL:-}" ] && LABEL=(--device-label "$GPU_CHECK_DEVICE_LABEL")
 LOADERS=(pytorch)
 
-# Expected seconds on one H100 or H200, estimated before any GPU ran this script (the summary's
-# seconds column measures them); the limits are caps, cut to what is left of the budget:
+# Expected seconds on one H100 or H200 (estimates; the summary's seconds column has the measured
+# ones); the limits are caps, cut to what is left of the budget:
 #   environment ~15, preflight ~20 (torch import, one Triton compile and launch);
 #   pytest_gpu ~80: a Triton compile for each kernel specialisation the GPU tests launch, tiny shapes;
 #   step_vith14 ~200: a ViT-H/14 step at batch 128 is 84 TFLOP (ijepa_fast.flops: 0.65 TFLOP an
 #     image), 0.085 s at the datasheet's 989 TFLOP/s, so 0.2-0.4 s at 20-40% MFU; 9 rows of 4 warm-up
 #     + 10 timed + 3 phase-split steps take ~7 s each plus ~3 s to build ViT-H twice and the
 #     predictor; the two compiled rows add Inductor's compiles of the blocks for two mask shapes
-#     (not yet measured; ~1 minute each assumed);
+#     (assumed ~1 minute each);
 #   masked_gather, ema ~20 each: do_bench (~0.2 s a row) over 24 and 9 rows, a Triton compile per kernel;
 #   attention ~45: 9 cases x up to 8 backends, do_bench each;
-#   data ~30: 512 JPEGs written, then 2 worker counts x (warm-up + 8 timed batches of 128);
+#   data ~30: 512 JPEGs written, then 4 and 8 workers, each 2w+1 warm-up and 4w timed batches of 128;
 #   scaling ~5: arithmetic on the step's JSON.
 if [ "$CUDA" = 1 ]; then
   GPU_TESTS=$(grep -rl --include='*.py' 'mark\.gpu' tests | sort | tr '\n' ' ')
