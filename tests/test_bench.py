@@ -232,22 +232,8 @@ def test_percentiles():
     assert bench.percentiles([3.0]) == {"median": 3.0, "p20": 3.0, "p80": 3.0}
 
 
-def test_check_summary(tmp_path):
-    (tmp_path / "status.tsv").write_text("step_vith14\tok\t120\npytest_gpu\tskipped (no CUDA)\t0\n")
-    rows = [
-        {"name": "authors", "ok": True, "images_per_s": 50.0},
-        {"name": "all on (default)", "ok": True, "images_per_s": 100.0, "mfu": 0.4},
-    ]
-    (tmp_path / "step_vith14.json").write_text(
-        json.dumps({"meta": {"spec": {"model": "x"}}, "rows": rows, "projection": []})
-    )
-    table = bench.check_summary(tmp_path / "status.tsv", tmp_path)
-    assert "| step_vith14 | ok | 120 | default 100.0 img/s, MFU 40.0%; authors 50.0 img/s; x2.00 |" in table
-    assert "| pytest_gpu | skipped (no CUDA) | 0 |  |" in table
-
-
 def test_attention_benchmark_runs_on_cpu(tmp_path):
-    from profiling import bench_attention
+    from profiling import bench_attention, gpu_summary
 
     rows = bench_attention.main(
         [
@@ -269,7 +255,25 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     assert "| vitb16 target (N=196) |" in (tmp_path / "R.md").read_text()
     (tmp_path / "a.json").rename(tmp_path / "attention.json")
     (tmp_path / "status.tsv").write_text("attention\tok\t1\n")
-    assert "vitb16 target: " in bench.check_summary(tmp_path / "status.tsv", tmp_path)
+    assert "vitb16 target: " in gpu_summary.summary(tmp_path / "status.tsv", tmp_path)
+
+
+def test_every_attention_backend_runs_under_the_autocast_of_its_dtype():
+    """bf16 rows run their forward under bf16 autocast, the math row as much as the kernels (so that
+    its products run in bf16 as the authors' do); fp32 rows run without autocast."""
+    from profiling import bench_attention
+
+    seen = []
+
+    def probe(q, k, v):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), q.dtype))
+        return bench_attention.attention_math(q, k, v)
+
+    case = {"case": "c", "seqs": 1, "heads": 2, "tokens": 8, "head_dim": 8}
+    for dtype in (torch.bfloat16, torch.float32):
+        seen.clear()
+        assert bench_attention.measure(case, "probe", probe, "cpu", dtype, reps=1)["ok"]
+        assert set(seen) == {(dtype == torch.bfloat16, torch.bfloat16, dtype)}, dtype
 
 
 def test_gpu_check_script_parses():
