@@ -1,10 +1,11 @@
 """Multi-block mask sampler (I-JEPA), vectorised over the batch and deterministic in (seed, step).
 
-Semantics (the paper, Assran et al. 2023, and the authors' code): per batch, one target block size (scale ~ U(pred_scale), aspect ratio
-~ U(aspect_ratio)) and one context block size (scale ~ U(enc_scale), aspect 1); per image, M target
-block positions and one context block position. The context is its block minus the union of the
-targets. Every image then keeps the same number of context patches and of target patches per block
-(the batch minimum), so the outputs are dense tensors.
+Semantics (the paper, Assran et al. 2023, and the authors' code): per batch, one target block size
+(scale ~ U(pred_scale), aspect ratio ~ U(aspect_ratio)) and one context block size (scale ~
+U(enc_scale), aspect 1); per image, M target block positions and one context block position. The
+context is its block minus the union of the targets. Every image then keeps the same number of
+context patches and of target patches per block (the batch minimum), so the outputs are dense
+tensors.
 
 Departures from the authors' sampler, each fixing a known defect. Coverage below = how often each
 patch is kept, max/min over the grid; 16x16 grid, default scales, 64 batches of 128, measured by
