@@ -98,7 +98,7 @@ class PaperRun:
 
 
 PAPER_RUNS = (
-    # PAPER.md: 16 A100, under 72 hours, "less than 1200 GPU hours".
+    # The paper (Assran et al., CVPR 2023): 16 A100, under 72 hours, "less than 1200 GPU hours".
     PaperRun("ViT-H/14, 224 px, 300 ep IN-1k", "vit_huge", 14, 224, 300, paper_gpu_hours=1200.0, paper_device="A100"),
     # The authors' config in1k_vith16-448_ep300 (configs/); the paper states no GPU-hours for it.
     PaperRun("ViT-H/16, 448 px, 300 ep IN-1k", "vit_huge", 16, 448, 300),
@@ -106,7 +106,8 @@ PAPER_RUNS = (
 
 
 def default_pred_depth(model: str) -> int:
-    """PAPER.md: predictor depth 6 for ViT-B (and the smaller sizes), 12 for ViT-L/H, 16 for ViT-G."""
+    """Predictor depth as in the paper (Assran et al., CVPR 2023): 6 for ViT-B (and the smaller
+    sizes), 12 for ViT-L/H, 16 for ViT-G."""
     return {"vit_large": 12, "vit_huge": 12, "vit_giant": 16}.get(model, 6)
 
 

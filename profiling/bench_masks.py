@@ -8,7 +8,7 @@ target sizes and per-patch coverage (how evenly each patch lands in contexts and
 The published figure for the authors' sampler: 44.7 ms per batch of 128 on a 16x16 grid, one core, on
 average 71.5 context patches and 43.1 patches per target block. Every call draws a fresh step: the
 cost of top-k and of the authors' loop depends on the data, and repeating one input lets the
-branch predictor learn it (top-k on one repeated input runs 3x faster than on fresh ones).
+branch predictor learn it (top-k then runs much faster than on fresh inputs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The profiling harness (ijepa_fast.bench, issue 8) end to end on ViT-tiny on the CPU, the phase-split
+"""The profiling harness (ijepa_fast.bench) end to end on ViT-tiny on the CPU, the phase-split
 step against the trainer's step, the GPU-hours and scaling arithmetic on known numbers."""
 
 from __future__ import annotations
