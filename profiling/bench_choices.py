@@ -124,7 +124,7 @@ def case_probe_softmax(P: int = 32, K: int = 10, n: int = 1024) -> dict:
     """The probe's softmax for P regressions: over dim 1 of [P, K, n] (samples contiguous), or over a
     last dim of size K of [P, n, K]."""
     major = [torch.randn(P, K, n) for _ in range(POOL)]
-    minor = [torch.randn(P, n, K) for _ in range(POOL)]
+    minor = [m.transpose(1, 2).contiguous() for m in major]  # the same logits, classes last
     return {
         "classes-major [P,K,n] (used)": lambda i: major[i].softmax(1),
         "classes-last [P,n,K]": lambda i: minor[i].softmax(-1),
