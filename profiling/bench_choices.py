@@ -6,7 +6,7 @@ predictor learn it). One intra-op thread unless a case says otherwise. Run from 
     python -m profiling.bench_choices [--reps 40] [--json out.json]
 
 Prints one Markdown table: case, variant, median and 20th/80th percentile ms, time relative to the
-variant the code uses.
+variant the code uses. Measured tables: profiling/RESULTS.md, "Implementation choices".
 """
 
 from __future__ import annotations
