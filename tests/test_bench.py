@@ -307,63 +307,20 @@ def test_zero_stage_volumes():
 
 
 def test_step_time_estimate():
-    est = scaling.estimate(
-        step_s=0.5,
-        batch=128,
-        params=600e6,
-        gpus=16,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=0,
-        overlap=0.0,
-        grad_bytes=4,
-        param_bytes=4,
-    )
+    # 16 GPUs on two nodes of 8, a 600M-parameter model, fp32 gradients and parameters
+    cluster = dict(batch=128, params=600e6, gpus_per_node=8, intra_bw=400e9, inter_bw=50e9)
+    fp32 = dict(grad_bytes=4, param_bytes=4)
+    est = scaling.estimate(step_s=0.5, gpus=16, stage=0, overlap=0.0, **cluster, **fp32)
     comm = 2 * 15 / 16 * 600e6 * 4 / 50e9  # two nodes: the ring runs at the inter-node rate
     assert est["comm_s"] == pytest.approx(comm)
     assert est["step_s"] == pytest.approx(0.5 + comm)
     assert est["images_per_s"] == pytest.approx(16 * 128 / (0.5 + comm))
-    hidden = scaling.estimate(
-        step_s=0.5,
-        batch=128,
-        params=600e6,
-        gpus=16,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=0,
-        overlap=1.0,
-        grad_bytes=4,
-        param_bytes=4,
-    )
+    hidden = scaling.estimate(step_s=0.5, gpus=16, stage=0, overlap=1.0, **cluster, **fp32)
     assert hidden["step_s"] == pytest.approx(0.5) and hidden["efficiency"] == pytest.approx(1.0)
-    one = scaling.estimate(
-        step_s=0.5,
-        batch=128,
-        params=600e6,
-        gpus=1,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=3,
-        overlap=0.0,
-    )
+    one = scaling.estimate(step_s=0.5, gpus=1, stage=3, overlap=0.0, **cluster)
     assert one["comm_s"] == 0.0 and one["step_s"] == 0.5
     # overlap never makes a step shorter than its communication
-    slow = scaling.estimate(
-        step_s=0.01,
-        batch=128,
-        params=600e6,
-        gpus=16,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=0,
-        overlap=1.0,
-        grad_bytes=4,
-        param_bytes=4,
-    )
+    slow = scaling.estimate(step_s=0.01, gpus=16, stage=0, overlap=1.0, **cluster, **fp32)
     assert slow["step_s"] == pytest.approx(comm)
 
 
