@@ -63,7 +63,7 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import Config
-from ijepa_fast.device import resolve_device, resolve_precision
+from ijepa_fast.device import resolve_device, resolve_precision, synchronize
 from ijepa_fast.distributed import detect
 from ijepa_fast.engines import build_train_step, start_process
 from ijepa_fast.flops import step_flops, step_flops_for_masks
@@ -99,7 +99,7 @@ class PaperRun:
 
 
 PAPER_RUNS = (
-    # PAPER.md: 16 A100, under 72 hours, "less than 1200 GPU hours".
+    # The paper (Assran et al., CVPR 2023): 16 A100, under 72 hours, "less than 1200 GPU hours".
     PaperRun("ViT-H/14, 224 px, 300 ep IN-1k", "vit_huge", 14, 224, 300, paper_gpu_hours=1200.0, paper_device="A100"),
     # The authors' config in1k_vith16-448_ep300 (configs/); the paper states no GPU-hours for it.
     PaperRun("ViT-H/16, 448 px, 300 ep IN-1k", "vit_huge", 16, 448, 300),
@@ -107,7 +107,8 @@ PAPER_RUNS = (
 
 
 def default_pred_depth(model: str) -> int:
-    """PAPER.md: predictor depth 6 for ViT-B (and the smaller sizes), 12 for ViT-L/H, 16 for ViT-G."""
+    """Predictor depth as in the paper (Assran et al., CVPR 2023): 6 for ViT-B (and the smaller
+    sizes), 12 for ViT-L/H, 16 for ViT-G."""
     return {"vit_large": 12, "vit_huge": 12, "vit_giant": 16}.get(model, 6)
 
 
@@ -305,11 +306,6 @@ def optimizer_step(ts: TrainStep, source, step: int, mark=None) -> dict[str, tor
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def percentiles(values: list[float]) -> dict[str, float]:
     """Median and 20th / 80th percentiles (inclusive method; one value is all three)."""
     if not values:
@@ -334,13 +330,13 @@ def time_steps(ts: TrainStep, source, first_step: int, count: int, device: torch
         return images, masks
 
     timed = _Fetcher(fetch_timed)
-    _sync(device)
+    synchronize(device)
     wall0 = time.perf_counter()
     for i in range(count):
         marks.append(_now(cuda))
         out = optimizer_step(ts, timed, first_step + i)
     marks.append(_now(cuda))
-    _sync(device)
+    synchronize(device)
     wall = time.perf_counter() - wall0
     step_ms = [a.elapsed_time(b) if cuda else (b - a) * 1e3 for a, b in itertools.pairwise(marks)]
     return {
@@ -376,7 +372,7 @@ def time_phases(ts: TrainStep, source, first_step: int, count: int, device: torc
         clocks.append(PhaseClock(device))
         optimizer_step(ts, source, first_step + i, mark=clocks[-1].phase)
         clocks[-1].stop()
-    _sync(device)
+    synchronize(device)
     per_phase: dict[str, list[float]] = {}
     for clock in clocks:
         for name, ms in clock.durations_ms().items():
@@ -395,7 +391,7 @@ def write_trace(ts: TrainStep, source, first_step: int, count: int, device: torc
                 clock = PhaseClock(device, label=True)
                 optimizer_step(ts, source, first_step + i, mark=clock.phase)
                 clock.stop()
-        _sync(device)
+        synchronize(device)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".gz":
@@ -512,7 +508,7 @@ def run_config(
         for step in range(warmup):
             optimizer_step(ts, source, step)
         step = warmup
-        _sync(device)
+        synchronize(device)
         row["warmup_s"] = time.perf_counter() - t0
         timing = time_steps(ts, source, step, spec.steps, device)
         step += spec.steps
@@ -878,85 +874,6 @@ def current_command(argv: list[str] | None = None) -> str:
     elif prog == "bench_step.py":
         prog = "python -m profiling.bench_step"
     return " ".join([prog, *(shlex.quote(a) for a in argv[1:])])
-
-
-# ----------------------------------------------------------------------------------------- gpu-check summary
-
-
-def check_summary(status_tsv: str | Path, out_dir: str | Path) -> str:
-    """The table ``profiling/gpu_check.sh`` prints last: each part's status and time, plus the key
-    figures found in the JSON it wrote (``step*.json``)."""
-    lines = ["| part | status | seconds | result |", "|---|---|---|---|"]
-    out_dir = Path(out_dir)
-    for line in Path(status_tsv).read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) < 3:
-            continue
-        part, status, secs = parts[:3]
-        lines.append(f"| {part} | {status} | {secs} | {_key_figure(out_dir, part)} |")
-    return "\n".join(lines)
-
-
-def _key_figure(out_dir: Path, part: str) -> str:
-    path = out_dir / f"{part}.json"
-    if not path.exists():
-        return ""
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        return "unreadable JSON"
-    if isinstance(data, dict) and "rows" in data and "spec" in data.get("meta", {}):
-        rows = {r["name"]: r for r in data["rows"] if r.get("ok")}
-        fast, authors = rows.get(default_config().name), rows.get("authors")
-        bits = []
-        if fast:
-            mfu = f", MFU {100 * fast['mfu']:.1f}%" if fast.get("mfu") is not None else ""
-            mem = f", peak {fast['peak_mem_gib']:.1f} GiB" if fast.get("peak_mem_gib") is not None else ""
-            bits.append(f"default {fast['images_per_s']:.1f} img/s{mfu}{mem}")
-        if authors:
-            bits.append(f"authors {authors['images_per_s']:.1f} img/s")
-        if fast and authors:
-            bits.append(f"x{fast['images_per_s'] / authors['images_per_s']:.2f}")
-        failed = [r["name"] for r in data["rows"] if not r.get("ok")]
-        if failed:
-            bits.append(f"failed: {', '.join(failed)}")
-        for p in data.get("projection", [])[:1]:
-            scaled = "" if p["basis"].startswith("measured") else " (FLOP-scaled)"
-            bits.append(f"{p['run'].split(',')[0]} {p['gpu_hours']:,.0f} GPU-h{scaled}")
-        return "; ".join(bits)
-    rows = data.get("rows", data) if isinstance(data, dict) else data
-    if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
-        return ""
-    return _bench_figure(rows) or f"{len(rows)} rows"
-
-
-def _bench_figure(rows: list[dict]) -> str:
-    """One line from a kernel, attention or data benchmark's rows."""
-    first = rows[0]
-    if "vs_authors" in first:  # kernels (profiling/_bench_util.py rows)
-        kern = [r for r in rows if r.get("method") == "kernel"]
-        if not kern:
-            return ""
-        x = [r["vs_authors"] for r in kern]
-        bw = [r["pct_copy"] for r in kern]
-        return f"kernel x{min(x):.2f}-{max(x):.2f} vs authors, {min(bw):.0f}-{max(bw):.0f}% of copy bandwidth"
-    if "tokens" in first and "method" in first:  # attention
-        bits = []
-        for case in dict.fromkeys(r["case"] for r in rows):
-            ok = [r for r in rows if r["case"] == case and r.get("ok")]
-            ref = next((r for r in ok if r["method"] == "math"), None)
-            if ok and ("target" in case or case.startswith("vith14 predictor")):
-                best = min(ok, key=lambda r: r["median_ms"])
-                vs = f" x{ref['median_ms'] / best['median_ms']:.1f} vs math" if ref else ""
-                bits.append(f"{case.split(' (')[0]}: {best['method']}{vs}")
-        return "; ".join(bits)
-    if "loader" in first and "images_per_s" in first:  # data
-        best = {}
-        for r in rows:
-            if r["images_per_s"] > best.get(r["loader"], {}).get("images_per_s", -1):
-                best[r["loader"]] = r
-        return "; ".join(f"{k} {r['images_per_s']:.0f} img/s ({r['workers']} workers)" for k, r in best.items())
-    return ""
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -166,7 +166,7 @@ class SpeedConfig:
     fused_gather: bool = True  # False: the authors' expand + gather + cat masks
     fused_optimizer: bool = True  # AdamW fused on CUDA, foreach on CPU; False: torch's default, as the authors
     grad_scaler: bool = False  # True: a GradScaler as the authors (not needed for bf16)
-    sync_every_step: bool = False  # True: read the loss and every weight's gradient norm to the host every step
+    sync_every_step: bool = False  # True: the authors' per-step host syncs (gradient norms, loss, synchronize)
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, more time)
 
     def validate(self, prefix: str = "speed") -> None:
@@ -175,6 +175,28 @@ class SpeedConfig:
         _check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
 
 
+# ``preset: authors``: the speed of the authors' training loop (facebookresearch/ijepa at 52c1ae9), so
+# that "x authors" compares against what their code does on the same device. Each switch, and the
+# lines it models:
+#   attention="math"        explicit softmax(q k^T * scale) v with the N x N matrix in memory:
+#                           src/models/vision_transformer.py:143-147 (Attention.forward)
+#   compile="off"           their code compiles nothing
+#   fused_ema=False         one mul_ and one add_ per parameter: src/train.py:333-336
+#   fused_gather=False      apply_masks (expand, gather, cat: src/masks/utils.py:11-20) at
+#                           src/models/vision_transformer.py:302,308,416 and src/train.py:301
+#   fused_optimizer=False   torch.optim.AdamW(param_groups) with torch's defaults (foreach on CUDA):
+#                           src/helper.py:142
+#   grad_scaler=True        a GradScaler although they train in bf16: src/helper.py:155, used at
+#                           src/train.py:322-325 (its step reads the found-inf flag to the host)
+#   sync_every_step=True    every weight's gradient norm read to the host after the optimizer step
+#                           (grad_logger, src/utils/logging.py:78-92, at src/train.py:329), float(loss)
+#                           (src/train.py:338) and torch.cuda.synchronize() (gpu_timer,
+#                           src/utils/logging.py:25, at src/train.py:339): ijepa_fast.step
+# The same in every preset, so not switches: cudnn.benchmark (src/train.py:61; engines.build_engine),
+# bf16 autocast (src/train.py:316; run.dtype), the loss averaged over the ranks every step
+# (AllReduce at src/train.py:312; Engine.mean_over_ranks), gradients set to None by zero_grad
+# (src/train.py:330). Their AdamW has four parameter groups (helper.py:121-139) where ours has two,
+# with the same per-parameter settings: the foreach kernels then take a few more launches per step.
 AUTHORS_SPEED = dict(
     attention="math",
     compile="off",

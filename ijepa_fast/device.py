@@ -98,6 +98,11 @@ def resolve_precision(device: torch.device | str, dtype: str, option: str = "run
     return Precision("bf16" if native else "fp32", f"auto: {why}")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until everything queued on ``device`` has run (the CPU queues nothing: a no-op there)."""
+    torch.get_device_module(device).synchronize(device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype`` on ``device``'s type, or no context for None (fp32)."""
     if dtype is None:

@@ -40,7 +40,7 @@ model's arithmetic, the standard numerator of MFU.
 
 ViT-H/14 at 224 px (N = 256) with the paper's averages Kc = 72, Kt = 43, M = 4, predictor 12 x 384:
 671 GFLOP per image (target forward 333, context forward + backward 275, predictor forward +
-backward 62), beside PAPER.md's "about 650 GFLOP".
+backward 62), beside the "about 650 GFLOP" of a back-of-the-envelope count for the paper's setting.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Multi-block mask sampler (I-JEPA), vectorised over the batch and deterministic in (seed, step).
 
-Semantics (PAPER.md): per batch, one target block size (scale ~ U(pred_scale), aspect ratio
-~ U(aspect_ratio)) and one context block size (scale ~ U(enc_scale), aspect 1); per image, M target
-block positions and one context block position. The context is its block minus the union of the
-targets. Every image then keeps the same number of context patches and of target patches per block
-(the batch minimum), so the outputs are dense tensors.
+Semantics (the paper, Assran et al. 2023, and the authors' code): per batch, one target block size
+(scale ~ U(pred_scale), aspect ratio ~ U(aspect_ratio)) and one context block size (scale ~
+U(enc_scale), aspect 1); per image, M target block positions and one context block position. The
+context is its block minus the union of the targets. Every image then keeps the same number of
+context patches and of target patches per block (the batch minimum), so the outputs are dense
+tensors.
 
 Departures from the authors' sampler, each fixing a known defect. Coverage below = how often each
 patch is kept, max/min over the grid; 16x16 grid, default scales, 64 batches of 128, measured by
@@ -215,7 +216,7 @@ class MultiBlockMaskSampler:
         t_rows, t_cols = _tables(H, W, ph, pw)
         rects = t_rows[t_top.view(-1)] & t_cols[t_left.view(-1)]  # (M*B, H*W)
         covered = rects[:B].clone()  # (B, H*W): the union of the M targets; an OR chain over
-        for m in range(1, M):  # contiguous slices is 3x faster than .any(0) on [M, B, H*W]
+        for m in range(1, M):  # contiguous slices beats .any(0) on [M, B, H*W] (see bench_choices)
             covered |= rects[m * B : (m + 1) * B]
         e_rows, e_cols = _tables(H, W, eh, ew)
         block = e_rows[c_top] & e_cols[c_left]  # (B, H*W): the context blocks
@@ -266,8 +267,8 @@ class MultiBlockMaskSampler:
 def _tables(H: int, W: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat masks [H - h + 1, H*W] of rows top..top+h-1 and [W - w + 1, H*W] of columns
     left..left+w-1, so a block is ``rows[top] & cols[left]`` (read-only, cached per block size).
-    Gathering table rows and one AND over contiguous [B, H*W] is 3x faster than broadcasting
-    [B, H, 1] & [B, 1, W] (inner loops of only W elements)."""
+    Gathering table rows and one AND over contiguous [B, H*W] beats broadcasting [B, H, 1] &
+    [B, 1, W], whose inner loops have only W elements (``python -m profiling.bench_choices``)."""
     dr = torch.arange(H).repeat_interleave(W) - torch.arange(H - h + 1)[:, None]  # (H-h+1, H*W)
     dc = torch.arange(W).repeat(H) - torch.arange(W - w + 1)[:, None]  # (W-w+1, H*W)
     return (dr >= 0) & (dr < h), (dc >= 0) & (dc < w)
@@ -319,14 +320,14 @@ def _random_subset(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return mask.nonzero()[:, 1].view(R, k)
     # 30 random bits per entry where it may be kept, -1 elsewhere: the top-k keys are a uniform
     # k-subset of the keepable entries. Two int32 keys per int64 draw halve the generator calls, and
-    # top-k on int32 keys takes 278 us against 399 us on float32 ones (128 x 256, one core, fresh data).
+    # top-k runs faster on int32 keys than on float32 ones (``python -m profiling.bench_choices``).
     bits = torch.empty((R * N + 1) // 2, dtype=torch.int64).random_(generator=g)
     keys = bits.view(torch.int32)[: R * N].view(R, N).bitwise_and_((1 << _KEY_BITS) - 1)
     keys = torch.where(mask, keys, -1)  # (R, N): entries that may not be kept rank last
     chosen = keys.topk(k, dim=1, sorted=False).indices  # (R, k), in no particular order
     # Sort the k winners by counting: a winner's rank is the number of winners at or before it.
-    # Branch-free, ~60 us; sorting them costs 232 us and scatter + nonzero ~150 us (128 x 256, one
-    # core, fresh data: both mispredict a branch per element). int32 counts: 1.6x faster at 32x32.
+    # Branch-free, so faster than sorting them or scatter + nonzero, which mispredict a branch per
+    # element on fresh data (``python -m profiling.bench_choices``).
     kept = torch.zeros(R, N, dtype=torch.int32).scatter_(1, chosen, 1)
     rank = kept.cumsum_(1).gather(1, chosen).sub_(1).long()  # (R, k)
     return torch.empty_like(chosen).scatter_(1, rank, chosen)

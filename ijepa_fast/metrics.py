@@ -1,9 +1,11 @@
 """Run metrics: accumulated on the device, read to the host once every ``log_every`` steps.
 
-``DeviceMeter`` sums the loss on the device (no sync) and remembers the first step whose loss was
-not finite; ``MetricsWriter`` appends rows to ``metrics.csv`` and TensorBoard event files, first
-dropping the rows past the step the run starts from (left by an earlier attempt that got further, or
-cut short by a kill), so a resumed or restarted run's CSV reads as one uninterrupted run.
+``DeviceMeter`` sums the loss on the device (no sync), remembers the first step whose loss was not
+finite and holds the window's collapse monitors (``feature_summary`` of a batch's target features:
+per-dimension std and RankMe); ``CollapseWatch`` warns when RankMe falls to collapse;
+``MetricsWriter`` appends rows to ``metrics.csv`` and TensorBoard event files, first dropping the
+rows past the step the run starts from (left by an earlier attempt that got further, or cut short by
+a kill), so a resumed or restarted run's CSV reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -11,19 +13,84 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ijepa_fast.optional import available
 
 log = logging.getLogger(__name__)
 
-CSV_FIELDS = ["step", "epoch", "loss", "lr", "wd", "momentum", "images_per_s", "skipped", "elapsed_s"]
+MONITOR_FIELDS = ["feature_std", "feature_std_min", "rankme"]  # empty in a row whose window measured none
+CSV_FIELDS = ["step", "epoch", "loss", "lr", "wd", "momentum", "images_per_s", "skipped", "elapsed_s", *MONITOR_FIELDS]
+TENSORBOARD_FIELDS = ["loss", "lr", "wd", "momentum", "images_per_s", *MONITOR_FIELDS]
+
+TARGET_NORM_EPS = 1e-5  # the LayerNorm the loss's targets get (ops.normalized_targets)
+RANKME_EPS = 1e-7  # RankMe's epsilon (Garrido et al., 2023): p_k = sigma_k / sum(sigma) + eps
+
+# Collapse: the target encoder maps every patch to (nearly) the same vector, so the predictor meets
+# its targets without modelling the image. The tokens' per-dimension std then falls towards 0 and
+# RankMe towards 1, the one direction of the common vector (not centred, as RankMe is defined, it
+# reads 1 however the small remainder is spread); in dimensional collapse the tokens keep only a few
+# directions and RankMe falls to about that few. The threshold is relative to the run's first
+# measurement (near initialisation: features that have learned nothing yet); falling below a quarter
+# of it means most of the directions the features used have merged into others. The floor flags a run that starts
+# (or resumes) collapsed: below 2, less spread than two equally used directions.
+COLLAPSE_RANK_FRACTION = 0.25
+COLLAPSE_RANK_FLOOR = 2.0
+
+
+def feature_summary(features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The collapse monitors' device tensors for token features [..., D]; no host sync.
+
+    Each token is normalised as the loss's targets are (LayerNorm without affine), so the std is on
+    the loss's scale: a token's D values have variance 1, and the mean over dims of the variance
+    across tokens is 1 - |mean token|^2 / D, 0 when every token is the same. Returns, in float64:
+    ``feature_std`` and ``feature_std_min`` (0-d: mean and min over dims of the std across the T
+    tokens) and ``feature_gram`` ([D, D]: Z^T Z of the normalised tokens Z [T, D], from which
+    ``rankme_from_gram`` reads RankMe; float64 because rounding in a float32 Z^T Z lifts the zero
+    singular values of a collapsed batch to about sqrt(float32 eps) of the largest, which summed
+    over many dims reads a rank-1 batch as clearly more than 1). Called on logging steps only.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        dim = features.shape[-1]
+        z = F.layer_norm(features.detach().float(), (dim,), eps=TARGET_NORM_EPS).reshape(-1, dim)  # (T, D)
+        std = z.std(dim=0)  # (D,)
+        z = z.double()
+        return {"feature_std": std.mean().double(), "feature_std_min": std.min().double(), "feature_gram": z.T @ z}
+
+
+def rankme_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """RankMe (Garrido et al., 2023) of Z [T, D] from its Gram matrix Z^T Z [D, D], as a 0-d tensor.
+
+    exp of the entropy of p_k = sigma_k / sum(sigma) + eps, the singular values sigma_k of Z being
+    the square roots of the Gram matrix's eigenvalues: about k for k equally used directions, 1 for
+    a rank-1 Z, D at most. With fewer tokens than dims (T < D) the D - T zeros beyond Z's T
+    singular values count too, each adding eps * |log eps| < 2e-6 to the entropy. NaN when the Gram
+    matrix is not finite. On CUDA, torch.linalg checks the decomposition's convergence on the host:
+    one wait, which is why this runs in ``DeviceMeter.read``, beside the read that waits anyway.
+    """
+    gram = gram.double()
+    finite = torch.isfinite(gram).all()
+    eigenvalues = torch.linalg.eigvalsh(torch.where(finite, gram, torch.zeros_like(gram)))
+    sigma = eigenvalues.clamp_min(0).sqrt()  # (D,)
+    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny) + RANKME_EPS
+    rank = torch.exp(-(p * p.log()).sum())
+    return torch.where(finite, rank, torch.full_like(rank, float("nan")))
+
+
+@dataclass
+class MeterReading:
+    loss: float  # mean loss of the window
+    first_bad_step: int  # the first step whose loss was not finite, or -1
+    monitors: dict[str, float] = field(default_factory=dict)  # MONITOR_FIELDS, when the window measured them
 
 
 class DeviceMeter:
-    """Sums losses on the device and tracks the first non-finite step, without host syncs."""
+    """Sums losses on the device, tracks the first non-finite step and keeps the window's feature
+    summary, without host syncs."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -33,18 +100,60 @@ class DeviceMeter:
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.count = 0
+        self.features: dict[str, torch.Tensor] | None = None  # feature_summary of the window's last measurement
 
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        self.loss_sum += loss.detach().double()
+    def update(self, out: dict[str, torch.Tensor], step: int) -> None:
+        """``out``: the training step's output, its ``loss`` and, when it measured them, the
+        ``feature_summary`` tensors."""
+        loss = out["loss"].detach()
+        self.loss_sum += loss.double()
         self.count += 1
-        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+        if "feature_gram" in out:
+            self.features = {k: out[k] for k in ("feature_std", "feature_std_min", "feature_gram")}
 
-    def read(self) -> tuple[float, int]:
-        """(mean loss since the last read, first non-finite step or -1): one host sync."""
-        values = torch.stack([self.loss_sum / max(self.count, 1), self.first_bad_step.double()]).tolist()
+    def read(self) -> MeterReading:
+        """The window since the last read, in one host sync (RankMe's decomposition waits with it)."""
+        values = [self.loss_sum / max(self.count, 1), self.first_bad_step.double()]
+        if self.features is not None:
+            f = self.features
+            values += [f["feature_std"], f["feature_std_min"], rankme_from_gram(f["feature_gram"])]
+        host = torch.stack(values).tolist()
         self.reset()
-        return values[0], int(values[1])
+        return MeterReading(host[0], int(host[1]), dict(zip(MONITOR_FIELDS, host[2:])))
+
+
+class CollapseWatch:
+    """Says once when RankMe falls below the collapse threshold, and once when it is back above.
+
+    The threshold is ``COLLAPSE_RANK_FRACTION`` of the first RankMe it sees (this process's start:
+    after a resume, the resumed run's), but never below ``COLLAPSE_RANK_FLOOR``.
+    """
+
+    def __init__(self):
+        self.threshold: float | None = None
+        self.collapsed = False
+
+    def check(self, step: int, monitors: dict[str, float]) -> str | None:
+        """A message when this reading crosses the threshold (either way), else None."""
+        rank = monitors.get("rankme", math.nan)
+        if not math.isfinite(rank):
+            return None
+        if self.threshold is None:
+            self.threshold = max(COLLAPSE_RANK_FRACTION * rank, COLLAPSE_RANK_FLOOR)
+        if rank < self.threshold and not self.collapsed:
+            self.collapsed = True
+            return (
+                f"the target features may be collapsing at step {step}: RankMe {rank:.2f} fell below "
+                f"{self.threshold:.2f} ({COLLAPSE_RANK_FRACTION:g} of its first value, at least "
+                f"{COLLAPSE_RANK_FLOOR:g}), per-dimension std {monitors['feature_std']:.3g} "
+                f"(min {monitors['feature_std_min']:.3g}); see metrics.csv and loss.png"
+            )
+        if rank >= self.threshold and self.collapsed:
+            self.collapsed = False
+            return f"the target features' RankMe is back above {self.threshold:.2f} at step {step}: {rank:.2f}"
+        return None
 
 
 class MetricsWriter:
@@ -73,7 +182,9 @@ class MetricsWriter:
 
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="") as fh:  # a row cut short by a kill lacks its last field: dropped
-            rows = [r for r in csv.DictReader(fh) if r.get(CSV_FIELDS[-1]) is not None and int(r["step"]) <= step]
+            reader = csv.DictReader(fh)
+            last = reader.fieldnames[-1] if reader.fieldnames else CSV_FIELDS[-1]  # a run's older CSV: its own
+            rows = [r for r in reader if r.get(last) is not None and int(r["step"]) <= step]
         with open(self.path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()
@@ -83,7 +194,7 @@ class MetricsWriter:
         self._csv.writerow({k: row.get(k, "") for k in CSV_FIELDS})
         self._fh.flush()
         if self._tb is not None:
-            for key in ("loss", "lr", "wd", "momentum", "images_per_s"):
+            for key in TENSORBOARD_FIELDS:
                 if key in row and isinstance(row[key], float) and math.isfinite(row[key]):
                     self._tb.add_scalar(f"train/{key}", row[key], row["step"])
 
@@ -99,7 +210,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(csv_path: Path, png_path: Path) -> bool:
-    """Loss and learning-rate curves from metrics.csv to a PNG; False when matplotlib is missing."""
+    """Loss, learning rate and the collapse monitors from metrics.csv to a PNG; False when
+    matplotlib is missing."""
     if not available("matplotlib"):
         log.warning("matplotlib is not installed (pip install matplotlib): no loss plot written")
         return False
@@ -112,14 +224,35 @@ def plot_loss(csv_path: Path, png_path: Path) -> bool:
     if not rows:
         return False
     steps = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
     ax[0].plot(steps, [float(r["loss"]) for r in rows], lw=1.2)
     ax[0].set(xlabel="step", ylabel="loss", title="I-JEPA training loss")
     ax[0].grid(alpha=0.3)
     ax[1].plot(steps, [float(r["lr"]) for r in rows], lw=1.2, color="tab:orange")
     ax[1].set(xlabel="step", ylabel="learning rate", title="schedule")
     ax[1].grid(alpha=0.3)
+    _plot_monitors(ax[2], rows)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _plot_monitors(ax, rows: list[dict]) -> None:
+    """RankMe (left axis) and the per-dimension std (right axis) of the rows that measured them."""
+    measured = [r for r in rows if r.get("rankme")]  # empty: not measured in that window (or an older CSV)
+    ax.set(xlabel="step", title="target features (collapse: RankMe -> 1, std -> 0)")
+    ax.grid(alpha=0.3)
+    if not measured:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        return
+    steps = [int(r["step"]) for r in measured]
+    ax.plot(steps, [float(r["rankme"]) for r in measured], lw=1.2, color="tab:green", label="RankMe")
+    ax.set_ylabel("RankMe", color="tab:green")
+    std_ax = ax.twinx()
+    std_ax.plot(steps, [float(r["feature_std"]) for r in measured], lw=1.2, color="tab:purple", label="mean std")
+    std_ax.plot(
+        steps, [float(r["feature_std_min"]) for r in measured], lw=1, ls="--", color="tab:purple", label="min std"
+    )
+    std_ax.set_ylabel("per-dimension std", color="tab:purple")
+    std_ax.legend(loc="upper right", fontsize=8)

@@ -26,7 +26,8 @@ def as_blocks(idx: torch.Tensor) -> torch.Tensor:
 
 
 def apply_masks_authors(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The authors' gather: expand each block's indices to [B, K, D], gather, cat over blocks."""
+    """The authors' gather (``apply_masks``, facebookresearch/ijepa src/masks/utils.py:11-20): expand
+    each block's indices to [B, K, D], gather, cat over blocks."""
     out = []
     for block in as_blocks(idx):  # (B, K)
         out.append(torch.gather(x, 1, block.unsqueeze(-1).expand(-1, -1, x.size(-1))))

@@ -4,7 +4,22 @@ targets (target encoder on the whole image, normalised, gathered) -> context enc
 loss -> backward -> optimizer step -> EMA of the target encoder. Whatever owns the weights and the
 optimizer (plain PyTorch, DeepSpeed ZeRO) implements ``Engine``; this module owns what is the same
 for all of them: the schedules, gradient accumulation, autocast and the EMA. The step returns device
-tensors and reads nothing back, unless the authors' habits are switched on to measure them.
+tensors and reads nothing back, unless the authors' habits are switched on to measure them; asked to
+(on logging steps), it also returns the collapse monitors' summary of this rank's target features.
+
+``sync_every_step`` (on in the ``authors`` preset) makes the step wait for the device as the
+authors' loop does every step (facebookresearch/ijepa at 52c1ae9):
+
+- the norm of every encoder weight's gradient read to the host, one ``float`` at a time, after the
+  optimizer step and before the gradients are zeroed: ``grad_logger`` (src/utils/logging.py:78-92,
+  ``float(torch.norm(p.grad.data))`` at :84) called at src/train.py:329, between ``scaler.step`` /
+  ``scaler.update`` (:324-325) and ``optimizer.zero_grad()`` (:330);
+- the loss read to the host after the EMA: ``float(loss)``, src/train.py:338;
+- a whole-device synchronize at the end of the step: ``gpu_timer`` (src/utils/logging.py:25,
+  ``torch.cuda.synchronize()``) wraps every step at src/train.py:339.
+
+With a GradScaler (``speed.grad_scaler``) its ``step`` reads the found-inf flag to the host as well,
+as the authors' ``scaler.step(optimizer)`` does.
 """
 
 from __future__ import annotations
@@ -17,8 +32,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ijepa_fast.device import autocast
+from ijepa_fast.device import autocast, synchronize
 from ijepa_fast.masks import MaskBatch
+from ijepa_fast.metrics import feature_summary
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
 from ijepa_fast.optim import set_lr_wd
 from ijepa_fast.schedules import Schedules
@@ -86,7 +102,7 @@ def ema_update(targets: list[torch.Tensor], sources: list[torch.Tensor], momentu
         from ijepa_fast.kernels.ema import ema_update_
 
         ema_update_(targets, sources, momentum)
-    else:  # the authors: one mul_ and one add_ per parameter
+    else:  # the authors' loop, one mul_ and one add_ per parameter (facebookresearch/ijepa src/train.py:333-336)
         for t, s in zip(targets, sources):
             t.mul_(momentum).add_((1.0 - momentum) * s.detach().to(t.dtype))
 
@@ -95,8 +111,7 @@ def ema_update(targets: list[torch.Tensor], sources: list[torch.Tensor], momentu
 class StepOptions:
     fused_ema: bool = True  # False: the authors' per-parameter mul_/add_ loop
     fused_gather: bool = True  # False: the authors' expand + gather + cat (targets; the models take their own)
-    # True: what the authors' loop does every step, for measuring its cost: the loss and the norm of
-    # every weight's gradient read to the host (``read_grad_norms``), and a device synchronize.
+    # True: the authors' per-step host syncs, for measuring their cost (the module docstring)
     sync_every_step: bool = False
 
 
@@ -107,6 +122,8 @@ class TrainStep:
     ``step``: each call adds the gradients of its loss / k, and the k-th steps the optimizer and
     updates the EMA (``stepped`` tells which call did). ``mark`` receives the phase names in order
     (target_fwd, context_fwd, predictor_fwd, backward, optimizer, ema, sync) for the profiler.
+    With ``monitor`` the output also holds ``metrics.feature_summary`` of the target encoder's
+    features [B, N, D] of this micro-batch (the step's first one): device tensors, no host sync.
     """
 
     def __init__(
@@ -127,6 +144,14 @@ class TrainStep:
         self.micro = 0  # micro-batches since the last optimizer step
         self.stepped = False
         self.last_host_loss: float | None = None  # filled only with sync_every_step
+        self.last_grad_norms: list[float] = []  # filled only with sync_every_step
+        # The authors read the gradient norms between the optimizer step and zero_grad, both inside
+        # engine.step(): a post-step hook puts the reads there. An optimizer without hooks
+        # (DeepSpeed's) gets them just before its step.
+        self._norms_after_step = False
+        if self.options.sync_every_step and hasattr(engine.optimizer, "register_step_post_hook"):
+            engine.optimizer.register_step_post_hook(self._read_grad_norms)
+            self._norms_after_step = True
 
     @property
     def student(self) -> JEPAStudent:
@@ -145,15 +170,19 @@ class TrainStep:
         return self.engine.device
 
     def __call__(
-        self, images: torch.Tensor, masks: MaskBatch, step: int, mark: PhaseMark = no_mark
+        self, images: torch.Tensor, masks: MaskBatch, step: int, mark: PhaseMark = no_mark, monitor: bool = False
     ) -> dict[str, torch.Tensor]:
         engine, opts = self.engine, self.options
+        summary: dict[str, torch.Tensor] = {}
+        target_forward = engine.target_forward
         if self.micro == 0:
             set_lr_wd(engine.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
+            if monitor:
+                target_forward = _summarising(engine.target_forward, summary)
         mark("target_fwd")
         with autocast(self.device, self.amp_dtype):
             with torch.no_grad():
-                targets = compute_targets(engine.target_forward, images, masks, fused=opts.fused_gather)
+                targets = compute_targets(target_forward, images, masks, fused=opts.fused_gather)
             loss = engine.forward(images, masks, targets, mark)
         mark("backward")
         engine.backward(loss / self.grad_accum if self.grad_accum > 1 else loss)
@@ -162,25 +191,37 @@ class TrainStep:
         if self.stepped:
             self.micro = 0
             mark("optimizer")
-            if opts.sync_every_step:
-                read_grad_norms(self.student.encoder)
-            engine.step()
+            if opts.sync_every_step and not self._norms_after_step:
+                self._read_grad_norms()
+            engine.step()  # with sync_every_step, the gradient norms are read inside (the post-step hook)
             mark("ema")
             ema_update(*engine.ema_pairs(), self.schedules.momentum_at(step), fused=opts.fused_ema)
-        out = {"loss": engine.mean_over_ranks(loss.detach())}
+        out = {"loss": engine.mean_over_ranks(loss.detach()), **summary}
         if opts.sync_every_step:
             mark("sync")
             self.last_host_loss = float(out["loss"])
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
         return out
+
+    def _read_grad_norms(self, *hook_args) -> None:
+        self.last_grad_norms = read_grad_norms(self.student.encoder)
+
+
+def _summarising(target_forward: Callable, summary: dict) -> Callable:
+    """``target_forward`` that also puts ``feature_summary`` of the features it returns into ``summary``."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        features = target_forward(images)  # (B, N, D)
+        summary.update(feature_summary(features))
+        return features
+
+    return forward
 
 
 def read_grad_norms(encoder: nn.Module) -> list[float]:
     """The norm of every weight's gradient read to the host, one tensor at a time, as the authors'
-    ``grad_logger`` does every step (biases and 1-D parameters skipped). They read them after the
-    optimizer step, before zeroing; here it is just before the step: either way the host waits for
-    the GPU once per weight."""
+    ``grad_logger`` (biases and 1-D parameters skipped): the host waits for the device once per
+    weight, 129 times for ViT-H/14."""
     norms = []
     for name, p in encoder.named_parameters():
         if p.grad is not None and not (name.endswith(".bias") or p.ndim == 1):

@@ -1,14 +1,16 @@
 """The training loop: step -> log -> checkpoint, with resume and clean stops.
 
-The loop reads the device once every ``run.log_every`` steps (loss, non-finite check), writes
-metrics.csv / TensorBoard / a progress bar, and has the engine checkpoint every
-``run.checkpoint_every`` steps and at the end. SIGINT and SIGTERM finish the current step, save and
-exit (``RunResult.stop_signal`` says which); a second one stops at once, without saving. A
-non-finite loss stops the run naming the step and leaves the last good checkpoint, and weights are
-checked finite before each save, so no checkpoint holds non-finite weights. One trainer at a time
-uses a run folder (``run_folder.RunLock``, taken by rank 0 for all ranks); at the start it deletes
-the temporary files a killed run left, and a resume checks config.yaml. What is built (models,
-engine, loader, step) comes from ``engines``, ``data.build`` and ``step``.
+The loop reads the device once every ``run.log_every`` steps (loss, non-finite check, and the
+collapse monitors the step measured on that step's batch: the target features' per-dimension std and
+RankMe, with a warning when RankMe falls to collapse), writes metrics.csv / TensorBoard / a progress
+bar, and has the engine checkpoint every ``run.checkpoint_every`` steps and at the end. SIGINT and
+SIGTERM finish the current step, save and exit (``RunResult.stop_signal`` says which); a second one
+stops at once, without saving. A non-finite loss stops the run naming the step and leaves the last
+good checkpoint, and weights are checked finite before each save, so no checkpoint holds non-finite
+weights. One trainer at a time uses a run folder (``run_folder.RunLock``, taken by rank 0 for all
+ranks); at the start it deletes the temporary files a killed run left, and a resume checks
+config.yaml. What is built (models, engine, loader, step) comes from ``engines``, ``data.build``
+and ``step``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ijepa_fast.engines import (
     train_step_for,
 )
 from ijepa_fast.masks import MaskBatch
-from ijepa_fast.metrics import DeviceMeter, MetricsWriter, plot_loss
+from ijepa_fast.metrics import CollapseWatch, DeviceMeter, MetricsWriter, plot_loss
 from ijepa_fast.models.vit import grid_size
 
 log = logging.getLogger("ijepa_fast")
@@ -139,6 +141,7 @@ class Trainer:
             self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, start_step=self.start_step)
         else:
             self.writer = _NoWriter()
+        self.collapse_watch = CollapseWatch()
 
     def _agree(self, action, main_only: bool = False) -> None:
         """Run ``action`` (on rank 0 only, or on every rank); when it fails anywhere, every rank raises
@@ -240,15 +243,15 @@ class Trainer:
                 if between_steps and (step >= self.total_steps or self._should_stop(step)):
                     break
                 images = batch.images.to(self.device, non_blocking=True)
-                out = self.step_fn(images, _masks_to(batch.masks, self.device), step)
-                meter.update(out["loss"], step)
+                out = self.step_fn(images, _masks_to(batch.masks, self.device), step, monitor=self._logs_at(step + 1))
+                meter.update(out, step)
                 skipped += batch.skipped
                 window_images += images.shape[0] * self.world_size
                 between_steps = self.step_fn.stepped
                 if not between_steps:  # more micro-batches of this step to come
                     continue
                 step += 1
-                if step % cfg.run.log_every == 0 or step % cfg.run.checkpoint_every == 0 or step == self.total_steps:
+                if self._logs_at(step):
                     now = time.perf_counter()
                     rate = window_images / (now - window_start)
                     last_loss = self._log(meter, step, rate, skipped, now - started, bar)
@@ -261,6 +264,11 @@ class Trainer:
                 last_ckpt = self._save(step, last_loss)
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
+    def _logs_at(self, step: int) -> bool:
+        """Whether the loop reads the device after ``step`` steps (the step measures the monitors then)."""
+        run = self.cfg.run
+        return step % run.log_every == 0 or step % run.checkpoint_every == 0 or step == self.total_steps
+
     def _should_stop(self, step: int) -> bool:
         """A signal stops the run; with several ranks they agree at logging points (one host sync),
         so every rank leaves the loop at the same step."""
@@ -271,11 +279,15 @@ class Trainer:
         return distributed.any_rank(self._stop_signal is not None, self.device)
 
     def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar) -> float:
-        loss, bad_step = meter.read()  # the one host sync of this window
-        if bad_step >= 0:  # the meter holds the 0-based step index; logs count steps from 1
+        reading = meter.read()  # the one host sync of this window
+        loss = reading.loss
+        if reading.first_bad_step >= 0:  # the meter holds the 0-based step index; logs count steps from 1
             raise NonFiniteLossError(
-                f"the loss became non-finite at step {bad_step + 1}; stopping ({self._last_good()})"
+                f"the loss became non-finite at step {reading.first_bad_step + 1}; stopping ({self._last_good()})"
             )
+        collapse = self.collapse_watch.check(step, reading.monitors)
+        if collapse and self.is_main:
+            log.warning(collapse)
         s = step - 1
         row = {
             "step": step,
@@ -287,6 +299,7 @@ class Trainer:
             "images_per_s": ips,
             "skipped": skipped,
             "elapsed_s": round(elapsed, 3),
+            **reading.monitors,
         }
         self.writer.write(row)
         if bar is not None:

@@ -6,16 +6,18 @@
 Cases per model, with the mask sizes the real sampler gives at that grid (mean of two batches):
 the target encoder's full sequence (B x N tokens), the context encoder's (B x Kc) and the
 predictor's (M*B sequences of Kc + Kt tokens at width 384, the encoder's head count). Each case
-times ``out = attn(q, k, v); out.backward(g)`` for q, k, v [seqs, heads, T, head_dim] in bf16 on
-CUDA (fp32 on a CPU), with ``triton.testing.do_bench`` (median and 20/80 percentiles) on CUDA, a
+times ``out = attn(q, k, v); out.backward(g)`` for q, k, v [seqs, heads, T, head_dim] in bf16, the
+forward under bf16 autocast as the model runs it, every backend alike, on CUDA (fp32 without
+autocast on a CPU), with ``triton.testing.do_bench`` (median and 20/80 percentiles) on CUDA, a
 perf_counter loop on a CPU (``profiling/_bench_util.py``). Memory: peak allocated during one
 forward + backward above what q, k, v and g hold. TFLOP/s counts the model's attention FLOPs
 (4 T^2 head_dim per head forward, 2x that backward), not a kernel's recomputation.
 
-Backends: ``math`` (the reference, the authors' formulation), ``sdpa`` (PyTorch's own choice) and,
-on CUDA, SDPA forced to one kernel (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``) plus
-``flash_attn`` (FlashAttention-2), ``flash_attn3`` (FlashAttention-3, Hopper) and ``xformers`` when
-installed. A kernel that refuses a shape is reported as such.
+Backends: ``math`` (the authors' explicit attention, op for op: under autocast its products run in
+bf16 and its softmax in fp32, as theirs do), ``sdpa`` (PyTorch's own choice) and, on CUDA, SDPA
+forced to one kernel (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``) plus ``flash_attn``
+(FlashAttention-2), ``flash_attn3`` (FlashAttention-3, Hopper) and ``xformers`` when installed. A
+kernel that refuses a shape is reported as such.
 On a CPU (default ``--batch 1``, ViT-B/16 and ViT-H/14 only) the run only shows the script works.
 """
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_fast.bench import git_commit, mean_mask_sizes
+from ijepa_fast.device import autocast
 from ijepa_fast.models.attention import attention_function, attention_math
 from ijepa_fast.models.vit import vit_size
 from ijepa_fast.optional import available
@@ -104,6 +107,9 @@ def cases(models: list[str], batch: int) -> list[dict]:
 
 
 def measure(case: dict, method: str, fn, device: str, dtype: torch.dtype, reps: int) -> dict:
+    """Time ``fn``'s forward and backward on random q, k, v in ``dtype``: the forward under autocast
+    to ``dtype`` when it is a 16-bit type (as the model's blocks run), the backward outside (as the
+    training step's)."""
     s, h, t, d = case["seqs"], case["heads"], case["tokens"], case["head_dim"]
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(s, h, t, d, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
@@ -111,8 +117,12 @@ def measure(case: dict, method: str, fn, device: str, dtype: torch.dtype, reps: 
     flops = 3 * 4.0 * s * h * t * t * d  # forward 4 T^2 d per head and sequence; backward 2x
     row = {**case, "method": method, "gflop": flops / 1e9}
 
+    amp = dtype if dtype in (torch.bfloat16, torch.float16) else None
+
     def step():
-        fn(q, k, v).backward(grad)
+        with autocast(torch.device(device), amp):
+            out = fn(q, k, v)
+        out.backward(grad)
 
     try:
         step()  # a kernel that refuses the shape fails here

@@ -68,9 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- loaders
 
 
-def bench_pytorch(root: Path, workers: int, args: argparse.Namespace) -> dict:
-    """images/s of the CPU loader (PIL in DataLoader workers) with ``workers`` workers."""
-    cfg = DataConfig(
+def _folder_config(root: Path, args: argparse.Namespace, workers: int, loader: str) -> DataConfig:
+    """The benchmark's image folder as a training data config for ``loader``."""
+    return DataConfig(
         dataset="folder",
         root=str(root),
         split="",
@@ -78,8 +78,13 @@ def bench_pytorch(root: Path, workers: int, args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         num_workers=workers,
         pin_memory=False,
-        loader="pytorch",
+        loader=loader,
     )
+
+
+def bench_pytorch(root: Path, workers: int, args: argparse.Namespace) -> dict:
+    """images/s of the CPU loader (PIL in DataLoader workers) with ``workers`` workers."""
+    cfg = _folder_config(root, args, workers, "pytorch")
     grid = args.crop_size // args.patch_size
     warmup, steps = 2 * workers + 1, max(args.steps, 4 * workers)
     with build_pretrain_loader(cfg, grid=grid, mask_kwargs={}, seed=0) as loader:
@@ -107,16 +112,7 @@ def _bench_dali(root: Path, workers: int, args: argparse.Namespace, device: str)
     from ijepa_fast.data.dali import build_dali_loader
 
     threads = max(1, workers)
-    cfg = DataConfig(
-        dataset="folder",
-        root=str(root),
-        split="",
-        crop_size=args.crop_size,
-        batch_size=args.batch_size,
-        num_workers=threads,
-        pin_memory=False,
-        loader="dali",
-    )
+    cfg = _folder_config(root, args, threads, "dali")
     grid = args.crop_size // args.patch_size
     # not timed: the first batch (built with the pipeline) and DALI's prefetch queue (2 batches)
     warmup, steps = 3, args.steps

@@ -5,10 +5,10 @@ target sizes and per-patch coverage (how evenly each patch lands in contexts and
     python -m profiling.bench_masks [--batch 128] [--grids 16 14 32] [--reps 80] [--coverage-batches 64]
                                     [--json out.json]
 
-PAPER.md's figure for the authors' sampler: 44.7 ms per batch of 128 on a 16x16 grid, one core, on
+The published figure for the authors' sampler: 44.7 ms per batch of 128 on a 16x16 grid, one core, on
 average 71.5 context patches and 43.1 patches per target block. Every call draws a fresh step: the
 cost of top-k and of the authors' loop depends on the data, and repeating one input lets the
-branch predictor learn it (top-k on one repeated input runs 3x faster than on fresh ones).
+branch predictor learn it (top-k then runs much faster than on fresh inputs).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from ijepa_fast.masks import MultiBlockMaskSampler
 from profiling.authors_masks import authors_masks
 
-PAPER_MS_16x16 = 44.7  # PAPER.md: the authors' sampler, batch 128, 16x16 grid, one CPU core
-PAPER_SIZES_16x16 = (71.5, 43.1)  # PAPER.md: mean context and target sizes, same setting
+PAPER_MS_16x16 = 44.7  # the authors' sampler, batch 128, 16x16 grid, one CPU core (published figure)
+PAPER_SIZES_16x16 = (71.5, 43.1)  # mean context and target sizes, same setting (published figure)
 
 Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (batch, step) -> (context, targets)
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     rows = run(args.batch, args.grids, args.reps, args.coverage_batches)
     print(
-        f"PAPER.md, authors' sampler at 16x16, batch 128: {PAPER_MS_16x16} ms/batch, "
+        f"published figure, authors' sampler at 16x16, batch 128: {PAPER_MS_16x16} ms/batch, "
         f"mean context {PAPER_SIZES_16x16[0]}, mean target {PAPER_SIZES_16x16[1]}\n"
     )
     print(tables(rows))

@@ -8,7 +8,8 @@
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
 
 Rank and world come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun
-and the deepspeed launcher set them. Rank 0 writes ``OUT_DIR/result_zero{stage}.pt``. The
+and the deepspeed launcher set them. Rank 0 writes ``OUT_DIR/result_zero{stage}.pt``; every rank
+writes the collapse monitors it measured, ``OUT_DIR/monitors_zero{stage}_rank{rank}.pt``. The
 synthetic run (tiny ViT, batches and masks) is defined here once and imported by the test for its
 single-process reference.
 """
@@ -36,6 +37,7 @@ from ijepa_fast.schedules import Schedules
 IMG, GRID = 32, 4  # patch 8: a 4 x 4 grid
 PER_RANK = 2  # micro batch per rank; the global batch is PER_RANK x world
 STEPS, SAVE_AT = 5, 3  # steps in all; checkpoint after SAVE_AT steps
+MONITOR_AT = STEPS - 1  # the step that also measures the collapse monitors (on each rank's local batch)
 STEPS_PER_EPOCH = 4  # schedules span 4 steps: lr, wd and momentum change at every step
 GRAD_CLIP = 0.2  # below the tiny model's gradient norm (0.47 at step 0), so clipping acts
 ACCUM, ACCUM_STAGE, ACCUM_STEPS = 2, 2, 3  # gradient accumulation: 2 micro-batches a step under ZeRO-2
@@ -164,7 +166,10 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
     losses = []
     for i in range(STEPS):
         images, masks = local_batch(i, rank, world)
-        losses.append(step_fn(images, masks, i)["loss"].item())
+        out_i = step_fn(images, masks, i, monitor=i == MONITOR_AT)
+        losses.append(out_i["loss"].item())
+        if i == MONITOR_AT:  # every rank: its own batch's summary
+            torch.save({k: v for k, v in out_i.items() if k != "loss"}, out / f"monitors_zero{stage}_rank{rank}.pt")
         if i + 1 == SAVE_AT:
             if rank == 0:  # a later step's save, killed half-way: its tag is newer, ``latest`` never named it
                 unfinished = ckpt_dir / engine.tag(SAVE_AT + 6)

@@ -1,4 +1,4 @@
-"""The profiling harness (ijepa_fast.bench, issue 8) end to end on ViT-tiny on the CPU, the phase-split
+"""The profiling harness (ijepa_fast.bench) end to end on ViT-tiny on the CPU, the phase-split
 step against the trainer's step, the GPU-hours and scaling arithmetic on known numbers."""
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
             "optimizer",
             "ema",
         }
-        # the split step is the same work: its sum is near the plain step (loose: shared 2-core machine)
-        assert 0.4 < r["phases_over_step"] < 2.5, r
+        # The split step is the same work (test_profiled_step_is_the_trainers_step); how close its sum
+        # comes to the plain step is a measurement (RESULTS.md), not a test on a shared CPU.
+        assert math.isfinite(r["phases_over_step"]) and r["phases_over_step"] > 0, r
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["authors"]["speedup_vs_authors"] == 1.0
     assert rows["authors"]["attention"] == "math" and rows["all on (default)"]["attention"] == "sdpa"
@@ -135,12 +136,12 @@ def test_profiled_step_is_the_trainers_step(preset, accum):
 
 def test_accumulation_is_timed_per_optimizer_step(tmp_path):
     """With optim.grad_accum=2 a timed step is two micro-batches: twice the images per step, and the
-    phase split (summed over both) still adds up to the plain step."""
+    phase split sums both micro-batches' phases."""
     result = bench.run_cli([*TINY_ARGS, "optim.grad_accum=2", "--json", str(tmp_path / "r.json")])
     (row,) = result["rows"]
     assert row["ok"], row
     assert row["batch"] == 4 and result["meta"]["spec"]["grad_accum"] == 2
-    assert 0.4 < row["phases_over_step"] < 2.5, row  # loose: a shared 2-core machine
+    assert row["phases_total_ms"] == pytest.approx(sum(row["phases_ms"].values())) and row["phases_total_ms"] > 0
 
 
 def test_harness_with_the_pytorch_loader(tmp_path):
@@ -231,22 +232,8 @@ def test_percentiles():
     assert bench.percentiles([3.0]) == {"median": 3.0, "p20": 3.0, "p80": 3.0}
 
 
-def test_check_summary(tmp_path):
-    (tmp_path / "status.tsv").write_text("step_vith14\tok\t120\npytest_gpu\tskipped (no CUDA)\t0\n")
-    rows = [
-        {"name": "authors", "ok": True, "images_per_s": 50.0},
-        {"name": "all on (default)", "ok": True, "images_per_s": 100.0, "mfu": 0.4},
-    ]
-    (tmp_path / "step_vith14.json").write_text(
-        json.dumps({"meta": {"spec": {"model": "x"}}, "rows": rows, "projection": []})
-    )
-    table = bench.check_summary(tmp_path / "status.tsv", tmp_path)
-    assert "| step_vith14 | ok | 120 | default 100.0 img/s, MFU 40.0%; authors 50.0 img/s; x2.00 |" in table
-    assert "| pytest_gpu | skipped (no CUDA) | 0 |  |" in table
-
-
 def test_attention_benchmark_runs_on_cpu(tmp_path):
-    from profiling import bench_attention
+    from profiling import bench_attention, gpu_summary
 
     rows = bench_attention.main(
         [
@@ -268,7 +255,25 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     assert "| vitb16 target (N=196) |" in (tmp_path / "R.md").read_text()
     (tmp_path / "a.json").rename(tmp_path / "attention.json")
     (tmp_path / "status.tsv").write_text("attention\tok\t1\n")
-    assert "vitb16 target: " in bench.check_summary(tmp_path / "status.tsv", tmp_path)
+    assert "vitb16 target: " in gpu_summary.summary(tmp_path / "status.tsv", tmp_path)
+
+
+def test_every_attention_backend_runs_under_the_autocast_of_its_dtype():
+    """bf16 rows run their forward under bf16 autocast, the math row as much as the kernels (so that
+    its products run in bf16 as the authors' do); fp32 rows run without autocast."""
+    from profiling import bench_attention
+
+    seen = []
+
+    def probe(q, k, v):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), q.dtype))
+        return bench_attention.attention_math(q, k, v)
+
+    case = {"case": "c", "seqs": 1, "heads": 2, "tokens": 8, "head_dim": 8}
+    for dtype in (torch.bfloat16, torch.float32):
+        seen.clear()
+        assert bench_attention.measure(case, "probe", probe, "cpu", dtype, reps=1)["ok"]
+        assert set(seen) == {(dtype == torch.bfloat16, torch.bfloat16, dtype)}, dtype
 
 
 def test_gpu_check_script_parses():
@@ -302,63 +307,20 @@ def test_zero_stage_volumes():
 
 
 def test_step_time_estimate():
-    est = scaling.estimate(
-        step_s=0.5,
-        batch=128,
-        params=600e6,
-        gpus=16,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=0,
-        overlap=0.0,
-        grad_bytes=4,
-        param_bytes=4,
-    )
+    # 16 GPUs on two nodes of 8, a 600M-parameter model, fp32 gradients and parameters
+    cluster = dict(batch=128, params=600e6, gpus_per_node=8, intra_bw=400e9, inter_bw=50e9)
+    fp32 = dict(grad_bytes=4, param_bytes=4)
+    est = scaling.estimate(step_s=0.5, gpus=16, stage=0, overlap=0.0, **cluster, **fp32)
     comm = 2 * 15 / 16 * 600e6 * 4 / 50e9  # two nodes: the ring runs at the inter-node rate
     assert est["comm_s"] == pytest.approx(comm)
     assert est["step_s"] == pytest.approx(0.5 + comm)
     assert est["images_per_s"] == pytest.approx(16 * 128 / (0.5 + comm))
-    hidden = scaling.estimate(
-        step_s=0.5,
-        batch=128,
-        params=600e6,
-        gpus=16,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=0,
-        overlap=1.0,
-        grad_bytes=4,
-        param_bytes=4,
-    )
+    hidden = scaling.estimate(step_s=0.5, gpus=16, stage=0, overlap=1.0, **cluster, **fp32)
     assert hidden["step_s"] == pytest.approx(0.5) and hidden["efficiency"] == pytest.approx(1.0)
-    one = scaling.estimate(
-        step_s=0.5,
-        batch=128,
-        params=600e6,
-        gpus=1,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=3,
-        overlap=0.0,
-    )
+    one = scaling.estimate(step_s=0.5, gpus=1, stage=3, overlap=0.0, **cluster)
     assert one["comm_s"] == 0.0 and one["step_s"] == 0.5
     # overlap never makes a step shorter than its communication
-    slow = scaling.estimate(
-        step_s=0.01,
-        batch=128,
-        params=600e6,
-        gpus=16,
-        gpus_per_node=8,
-        intra_bw=400e9,
-        inter_bw=50e9,
-        stage=0,
-        overlap=1.0,
-        grad_bytes=4,
-        param_bytes=4,
-    )
+    slow = scaling.estimate(step_s=0.01, gpus=16, stage=0, overlap=1.0, **cluster, **fp32)
     assert slow["step_s"] == pytest.approx(comm)
 
 

@@ -5,7 +5,8 @@ and masks: per-step losses, the trained weights and the target encoder after fiv
 from the step-3 checkpoint matches the uninterrupted run bitwise; the consolidated fp32 export
 loads without DeepSpeed; the stage-3 shard-local EMA equals the EMA of the gathered tensors and
 makes no collective call; a NaN on one rank makes ``weights_finite`` false on every rank; an
-unfinished tag of a later step does not displace the one just saved. Plus the generated config,
+unfinished tag of a later step does not displace the one just saved; every rank measures the
+collapse monitors on its own batch. Plus the generated config,
 conflicting user configs, the launcher environment, the launch scripts (dry run), a dead or stalled
 rank failing its peer in time, and a locked run folder stopping every rank.
 
@@ -46,6 +47,7 @@ WORLD = 2
 STAGES = (1, 2, 3)
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)  # fp32; measured differences ~1e-7 (rank halves + all-reduce order)
 WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)  # measured max |diff| 2.3e-7 after five AdamW steps
+MONITOR_TOL = dict(rtol=1e-4, atol=1e-4)  # the features' Gram matrix: measured max |diff| 2.3e-5, entries to 272
 
 
 def start_ranks(argv: list[str], out: Path, name: str, extra_env: dict | None = None, world: int = WORLD):
@@ -117,6 +119,8 @@ def zero_runs(tmp_path_factory, single_rank) -> dict:
     codes, texts, _ = launch("zero", out, ",".join(map(str, STAGES)), str(single_rank["folder"]), timeout=600)
     assert codes == [0] * WORLD, _tail(texts)
     runs = {s: torch.load(out / f"result_zero{s}.pt", weights_only=False) for s in STAGES}
+    for s in STAGES:
+        runs[s]["monitors"] = [torch.load(out / f"monitors_zero{s}_rank{r}.pt") for r in range(WORLD)]
     runs["accum"] = torch.load(out / "result_accum.pt", weights_only=False)
     runs["bf16"] = {s: torch.load(out / f"result_bf16_{s}.pt", weights_only=False) for s in range(4)}
     runs["from1"] = {s: torch.load(out / f"result_from1_{s}.pt", weights_only=False) for s in W.FROM_ONE_STAGES}
@@ -144,9 +148,13 @@ def _plain_run(cfg) -> dict:
     losses = []
     for i in range(W.STEPS):
         images, masks = W.global_batch(i, WORLD)
-        losses.append(step(images, masks, i)["loss"].item())
+        out = step(images, masks, i, monitor=i == W.MONITOR_AT)
+        losses.append(out["loss"].item())
+        if i == W.MONITOR_AT:
+            monitors = {k: v for k, v in out.items() if k != "loss"}
     return {
         "losses": losses,
+        "monitors": monitors,
         "encoder": student.encoder.state_dict(),
         "predictor": student.predictor.state_dict(),
         "target_encoder": target.state_dict(),
@@ -181,6 +189,23 @@ def test_zero_matches_the_plain_step_on_the_global_batch(stage, zero_runs, plain
     _assert_states_close(run["final"], plain_run, **WEIGHT_TOL)
     assert run["ds_config"]["zero_optimization"]["stage"] == stage
     assert run["ds_config"]["train_batch_size"] == W.PER_RANK * WORLD
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_rank_measures_the_collapse_monitors_on_its_own_batch(stage, zero_runs, plain_run):
+    """Each rank's Gram matrix is its local tokens' Z^T Z: the ranks' add up to the plain step's on
+    the global batch (its tokens are the ranks' tokens, stacked)."""
+    from ijepa_fast.metrics import rankme_from_gram
+
+    ranks, whole = zero_runs[stage]["monitors"], plain_run["monitors"]
+    for monitors in ranks:
+        assert monitors["feature_gram"].dtype == torch.float64
+        assert 0 < float(monitors["feature_std_min"]) <= float(monitors["feature_std"])
+        assert 1 < float(rankme_from_gram(monitors["feature_gram"])) <= monitors["feature_gram"].shape[0]
+    summed = sum(monitors["feature_gram"] for monitors in ranks)
+    torch.testing.assert_close(summed, whole["feature_gram"], **MONITOR_TOL)
+    assert float(rankme_from_gram(summed)) == pytest.approx(float(rankme_from_gram(whole["feature_gram"])), rel=1e-4)
 
 
 @needs_ds
@@ -860,17 +885,9 @@ def test_multi_node_scripts_print_the_world_layout_and_pass_the_collective_timeo
 # ----------------------------------------------------------------------------- the CLI under both launchers
 
 
-def _trainer_has_deepspeed() -> bool:
-    from ijepa_fast import trainer
-
-    return hasattr(trainer, "build_deepspeed_step")
-
-
 @needs_ds
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_pretrain_under_torchrun_then_the_deepspeed_launcher_resumes_like_one_run(tmp_path):
-    if not _trainer_has_deepspeed():
-        pytest.skip("ijepa_fast/trainer.py has no DeepSpeed path yet (run.engine=deepspeed)")
     from tests.test_trainer import DETERMINISTIC_ENV, losses, tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=96)  # 6 steps of 2 ranks x 8

@@ -91,7 +91,7 @@ def test_attention_is_part_of_the_count():
 
 
 def test_vit_h14_is_near_the_papers_650_gflop_per_image():
-    """PAPER.md: about 650 GFLOP per image at Kc~72, Kt~43, M=4; ours counts 671 (3% above)."""
+    """About 650 GFLOP per image (a published estimate) at Kc~72, Kt~43, M=4; ours counts 671 (3% above)."""
     f = step_flops("vit_huge", 14, 224, kc=72, kt=43, m=4, pred_depth=12, pred_emb_dim=384)
     assert f.total / 1e9 == pytest.approx(671, abs=1)
     assert f.total / 1e9 == pytest.approx(650, rel=0.05)

@@ -5,6 +5,7 @@ virtualenv as bare as a GPU machine's."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shlex
 import subprocess
@@ -17,7 +18,8 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from ijepa_fast import optional
+from ijepa_fast import bench, optional
+from ijepa_fast import config as config_mod
 from profiling import gpu_env, gpu_wheels, preflight
 from profiling.gpu_wheels import normalize
 
@@ -190,7 +192,15 @@ def test_gpu_env_refuses_to_replace_a_folder_that_is_not_a_virtualenv(tmp_path):
     assert (tmp_path / "env" / "keep.txt").read_text() == "mine"
 
 
-# ---------------------------------------------------------------------------------------------- bare venv
+# ---------------------------------------------------------------------------------------------- the CPU form
+def part_statuses(summary: str) -> dict[str, str]:
+    """{part: status} from the summary's parts table, in the order of its rows."""
+    table = summary.split("| part | status | seconds | result |\n|---|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    return {
+        cells[0]: cells[1] for cells in ([c.strip() for c in row.strip("|").split("|")] for row in table.splitlines())
+    }
+
+
 def offline_pip_options() -> list[str]:
     """pip options that reach only this machine's own package sources: the find-links folders and
     file:// indexes of pip's configuration (the network indexes left out)."""
@@ -237,13 +247,10 @@ def test_the_cpu_form_of_gpu_check_runs_end_to_end_in_a_bare_virtualenv(tmp_path
     out = run.stdout
     assert run.returncode in (0, 1), out[-3000:] + run.stderr[-2000:]
     assert out.rfind("==================== gpu-check summary") > out.rfind("\n=== "), "the summary is not last"
-    rows = {}
-    for line in (tmp_path / "out" / "summary.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) >= 3 and cells[0] not in ("part", "---"):
-            rows[cells[0]] = cells[1]
+    assert len(out + run.stderr) <= 12_000, "more than one device call returns"
+    rows = part_statuses((tmp_path / "out" / "summary.md").read_text())
     assert rows["environment"] == "ok" and rows["preflight"] == "ok", rows
-    assert rows["pytest_gpu"] == rows["step_vith16_448"] == "skipped (no CUDA)"
+    assert rows["pytest_gpu"] == "skipped (no CUDA)"
     assert rows["deepspeed_zero2"] == rows["deepspeed_zero3"] == "skipped (no CUDA)"
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
         logs = {
@@ -284,3 +291,138 @@ def test_an_interrupted_gpu_check_still_ends_with_the_summary(tmp_path):
     assert "| environment | ok |" in out and "| preflight | skipped (GPU_CHECK_SKIP) |" in out
     assert "step_vith14 |" not in out and "stopped early (exit status 143)" in out
     assert (tmp_path / "out" / "gpu_check.tar.gz").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the GPU form
+# A stand-in for a GPU machine's Python: gpu_check.sh's environment and preflight calls answered as
+# there (CUDA, Triton working, no DALI), every part printing FLOOD_LINES long lines, writing the JSON
+# a GPU run writes, and failing (so gpu_check shows its longest tails); the summary runs for real.
+FLOOD_LINES = 400
+STUB = """#!{python}
+import json, os, shutil, sys
+args = sys.argv[1:]
+fixtures, real = {fixtures!r}, {python!r}
+if args[:2] == ["-m", "profiling.gpu_summary"]:
+    os.execv(real, [real, *args])
+if args[:2] == ["-m", "profiling.gpu_env"]:
+    print(sys.argv[0])
+    sys.exit(0)
+if args[:1] == ["-c"]:
+    print("3.12.3 torch 2.11.0+cu130 (stand-in)" if "torch" in args[1] else "", end="")
+    sys.exit(0)
+if args[:2] == ["-m", "profiling.preflight"]:
+    facts = args[args.index("--facts") + 1]
+    with open(facts, "w") as fh:
+        fh.write("CUDA=1\\nDEVICE='NVIDIA H200'\\nTRITON='ok (stand-in)'\\nDALI=0\\n")
+    print("preflight:")
+    sys.exit(0)
+with open(os.path.join(fixtures, "calls.jsonl"), "a") as fh:
+    fh.write(json.dumps(args) + "\\n")
+module = args[1].rsplit(".", 1)[-1]
+out = args[args.index("--json") + 1] if "--json" in args else None
+if "--out" in args:
+    out = os.path.join(args[args.index("--out") + 1], args[args.index("--tag") + 1] + ".json")
+if out and os.path.exists(os.path.join(fixtures, module + ".json")):
+    shutil.copy(os.path.join(fixtures, module + ".json"), out)
+for i in range({lines}):
+    print(f"{{module}} line {{i}} " + "x" * 300)
+sys.exit(1)
+"""
+
+
+def gpu_step_result() -> dict:
+    """An ijepa-bench ablation result as a GPU run writes it: every row, the real projection."""
+    cfg = config_mod.Config()
+    names = [c.name for c in bench.ablation_configs(torch.device("cuda"))]
+    rows = [
+        {
+            "name": name,
+            "ok": True,
+            "batch": 128,
+            "images_per_s": 60.0 + 11.1 * i,
+            "speedup_vs_authors": (60.0 + 11.1 * i) / 60.0,
+            "mfu": 0.123 + 0.0271 * i,
+            "step_ms_median": 128e3 / (60.0 + 11.1 * i),
+            "gflop_per_image": 654.6,
+            "attention": "math" if i == 0 else "sdpa",
+        }
+        for i, name in enumerate(names)
+    ]
+    meta = {
+        "spec": {"model": cfg.model.name, "patch": cfg.model.patch_size, "img": cfg.data.crop_size, "batch": 128},
+        "amp": "bf16",
+        "device": "NVIDIA H200",
+        "peak_bf16_tflops": bench.peak_bf16_tflops("NVIDIA H200"),
+        "matmul_bf16_tflops": 777.7,
+    }
+    return {"meta": meta, "rows": rows, "projection": bench.project(rows, cfg, "NVIDIA H200")}
+
+
+def kernel_result(cases: list[str]) -> dict:
+    rows = [
+        {"case": case, "method": method, "bytes": 123456789, "median_ms": ms, "pct_copy": 12.3, "vs_authors": 1.23}
+        for case in cases
+        for method, ms in (("authors", 0.5432), ("builtin", 0.3456), ("kernel", 0.1234))
+    ]
+    return {"meta": {"copy_bandwidth_gb_s": 3456.7}, "rows": rows}
+
+
+def write_gpu_fixtures(folder: Path) -> None:
+    from profiling import bench_attention
+
+    folder.mkdir()
+    methods = ("math", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash_attn", "flash_attn3", "xformers")
+    attention = [
+        {**case, "method": m, "median_ms": 1.234 * (8 - i), "ok": True}
+        for case in bench_attention.cases(list(bench_attention.MODELS), 16)
+        for i, m in enumerate(methods)
+    ]
+    dtypes = ("float32", "bfloat16")
+    results = {
+        "bench_step": gpu_step_result(),
+        "bench_masked_gather": kernel_result(
+            [f"{op} {d}" for d in dtypes for op in ("gather", "context+pos", "mask_tokens", "targets")]
+        ),
+        "bench_ema": kernel_result(["fp32", "bf16", "fp32+bf16 copy"]),
+        "bench_attention": {"meta": {}, "rows": attention},
+        "bench_data": {"rows": [{"loader": "pytorch", "workers": w, "images_per_s": 444.4 * w} for w in (4, 8)]},
+    }
+    for name, result in results.items():
+        (folder / f"{name}.json").write_text(json.dumps(result))
+
+
+def test_the_gpu_form_runs_the_parts_in_order_and_its_output_fits_one_reply(tmp_path):
+    """With every part flooding its log and failing, on a stand-in GPU machine: the parts run in the
+    order of the check, each log keeps everything, the summary (images/s, MFU, GPU-hours beside the
+    paper, the kernels against their roofline) prints last, and the whole output stays within the
+    ~12,000 characters one device call returns."""
+    fixtures = tmp_path / "fixtures"
+    write_gpu_fixtures(fixtures)
+    stub = tmp_path / "python"
+    stub.write_text(STUB.format(python=sys.executable, fixtures=str(fixtures), lines=FLOOD_LINES))
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "PYTHON": str(stub),
+        "OUT": str(tmp_path / "out"),
+    }
+    run = subprocess.run(["bash", "profiling/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out[-3000:]
+    assert len(out) <= 12_000, len(out)
+    summary = out[out.rindex("==================== gpu-check summary") :]
+    assert summary.count("\n=== ") == 0 and out.count("==================== gpu-check summary") == 1
+    order = ["environment", "preflight", "pytest_gpu", "step_vith14", "masked_gather", "ema", "attention", "data"]
+    assert list(part_statuses(summary)) == [*order, "scaling"], summary
+    assert "| authors | 60.0 | 1.00 | 12.3% |" in summary and "| all on (default) |" in summary
+    assert "< 1200 A100 GPU-hours" in summary and "Kernels against the roofline" in summary
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        for part in order[2:]:
+            log = tar.extractfile(f"gpu_check/{part}.log").read().decode()
+            assert log.count(" line ") == FLOOD_LINES, part
+
+    calls = [json.loads(line) for line in (fixtures / "calls.jsonl").read_text().splitlines()]
+    step_args = next(c[2:] for c in calls if c[1] == "profiling.bench_step")
+    args = bench.parse_args(step_args)
+    cfg = bench.spec_from_args(args).config_for({})
+    assert args.ablation and (cfg.model.name, cfg.model.patch_size, cfg.data.crop_size) == ("vit_huge", 14, 224)
+    assert cfg.data.batch_size == 128 and cfg.run.device == "auto"

@@ -219,7 +219,7 @@ def stats_16x16():
 
 def test_statistics_on_16x16_match_the_authors(stats_16x16):
     (*_, kc, kt), (*_, akc, akt) = stats_16x16
-    # PAPER.md: 71.5 context and 43.1 target patches with the authors' sampler. Over 1000 batches ours
+    # The published figure: 71.5 context and 43.1 target patches with the authors' sampler. Over 1000 batches ours
     # give 69.0 / 44.9 and the re-statement (300 batches) 68.2 / 44.2: the fixes keep the means.
     assert kc == pytest.approx(71.5, rel=0.10) and kt == pytest.approx(43.1, rel=0.10)
     assert akc == pytest.approx(71.5, rel=0.10) and akt == pytest.approx(43.1, rel=0.10)

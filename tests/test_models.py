@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from ijepa_fast.device import autocast
 from ijepa_fast.models.attention import Attention, attention_math, resolve_backend
 from ijepa_fast.models.vit import VIT_SIZES, build_encoder, build_predictor, grid_size, sincos_pos_embed_2d, vit_size
 
@@ -21,7 +23,7 @@ def test_vith14_parameter_counts_match_the_authors():
     with torch.device("meta"):
         enc = build_encoder("vit_huge", 224, 14)
         pred = build_predictor(enc, depth=12, embed_dim=384)
-    assert count(enc) == 630_762_240  # PAPER.md, position embedding included
+    assert count(enc) == 630_762_240  # ViT-H/14's count, position embedding included
     assert count(pred) == 22_377_728
 
 
@@ -47,7 +49,7 @@ def test_giant_mlp_ratio():
 
 
 def authors_key_shapes(D: int, depth: int, p: int, N: int, hidden: int) -> dict[str, tuple]:
-    """The authors' encoder state-dict keys and shapes, written out from PAPER.md's names."""
+    """The authors' encoder state-dict keys and shapes, written out from their released checkpoints' names."""
     keys = {
         "patch_embed.proj.weight": (D, 3, p, p),
         "patch_embed.proj.bias": (D,),
@@ -214,6 +216,38 @@ def test_sdpa_matches_math_attention(head_dim):
     ref_grads = torch.autograd.grad(ref, (q, k, v), g.double())
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+
+
+def aten_ops(fn, *inputs: torch.Tensor) -> list[str]:
+    """The ATen ops that forward and backward of ``fn(*inputs)`` run, in order."""
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return ops
+
+
+def authors_attention(q, k, v):
+    """facebookresearch/ijepa, src/models/vision_transformer.py:143-147 (without the dropout of p=0)."""
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    attn = attn.softmax(dim=-1)
+    return attn @ v
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_math_attention_runs_the_authors_ops(amp):
+    """The math backend costs what the authors' attention costs: the same ops forward and backward,
+    under autocast too (no extra casts of q, k, v)."""
+    q, k, v = (torch.randn(2, 3, 17, 16, dtype=amp or torch.float32, requires_grad=True) for _ in range(3))
+    with autocast(torch.device("cpu"), amp):
+        ours, theirs = aten_ops(attention_math, q, k, v), aten_ops(authors_attention, q, k, v)
+    assert ours == theirs and "aten._softmax" in ours
 
 
 def test_attention_module_backends_agree_and_names_do_not_change():

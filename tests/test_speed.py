@@ -1,4 +1,4 @@
-"""Optimisation switches (issue 5): every combination runs, the authors' preset computes the same
+"""Optimisation switches: every combination runs, the authors' preset computes the same
 loss, compiled blocks agree with eager ones."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast.engines import build_train_step
+from ijepa_fast.kernels import _dispatch as dispatch
 from ijepa_fast.masks import MultiBlockMaskSampler
 from ijepa_fast.models.vit import VisionTransformer, compile_blocks
 
@@ -76,3 +77,90 @@ def test_compiled_blocks_agree_with_eager():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())  # fp32 reassociation
+
+
+# Everything that brings a tensor's values to the host (on CUDA: waits for the tensor's stream).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def host_events(overrides: list[str], monkeypatch) -> tuple[list[str], object]:
+    """The host reads, device synchronizes, optimizer steps and gradient zeroings of one training
+    step (the second: the first creates the optimizer's state), in the order they happen."""
+    torch.manual_seed(0)
+    step = build_train_step(config_mod.load(None, TINY + overrides), torch.device("cpu"), steps_per_epoch=10)
+    images, masks = batch()
+    step(images, masks, 0)
+    opt, events = step.optimizer, []
+    # AdamW's step counters live on the host unless it is fused or capturable: reading them waits for nothing.
+    counters = {id(state["step"]) for state in opt.state.values() if "step" in state}
+
+    def spy(method):
+        def read(self, *args, **kwargs):
+            if id(self) not in counters:
+                events.append("read")
+            return method(self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, spy(getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cpu, "synchronize", lambda device=None: events.append("synchronize"))
+    zero_grad = opt.zero_grad
+    monkeypatch.setattr(opt, "zero_grad", lambda *a, **k: (events.append("zero_grad"), zero_grad(*a, **k))[1])
+    opt.register_step_pre_hook(lambda *args: events.append("optimizer step"))
+    step(images, masks, 1)
+    monkeypatch.undo()
+    return events, step
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny steps on a shared 2-core machine: one intra-op thread takes 0.2 s a step where two took
+    seconds (OpenMP threads spinning against other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_authors_preset_waits_for_the_device_where_the_authors_loop_does(monkeypatch, one_thread):
+    """GradScaler's found-inf read, then the optimizer step, then one read per encoder weight
+    (grad_logger: not biases, not 1-D parameters) before zero_grad, then the loss and a synchronize."""
+    events, step = host_events(["speed.preset=authors"], monkeypatch)
+    weights = [
+        n
+        for n, p in step.student.encoder.named_parameters()
+        if p.requires_grad and not (n.endswith(".bias") or p.ndim == 1)
+    ]
+    assert len(weights) == 4 * len(step.student.encoder.blocks) + 1  # qkv, proj, fc1, fc2 per block; patch_embed
+    assert events == ["read", "optimizer step", *["read"] * len(weights), "zero_grad", "read", "synchronize"]
+    assert len(step.last_grad_norms) == len(weights)
+
+
+def test_default_preset_never_waits_for_the_device(monkeypatch, one_thread):
+    # On a CPU the kernels run their reference, which checks the index range (a read); the Triton
+    # launch on CUDA skips that check.
+    monkeypatch.setattr(dispatch, "check_range", lambda *args, **kwargs: None)
+    events, _ = host_events([], monkeypatch)
+    assert events == ["optimizer step", "zero_grad"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_step_on_cuda_never_synchronizes():
+    """CUDA's sync debug mode raises on any call that waits for the device: a default step makes none
+    (the Triton kernels, fused AdamW, the EMA), once its first step has created the optimizer's state."""
+    device = torch.device("cuda")
+    cfg = config_mod.load(None, [*TINY, "run.device=cuda", "speed.compile=off"])
+    torch.manual_seed(0)
+    step = build_train_step(cfg, device, steps_per_epoch=10)
+    images, masks = batch()
+    images, masks = images.to(device), masks.to(device)
+    step(images, masks, 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(images, masks, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["loss"]).item()

@@ -132,6 +132,16 @@ def test_param_groups_exclude_biases_and_1d_from_weight_decay():
     assert n == sum(p.numel() for p in student.parameters() if p.requires_grad)
 
 
+def test_the_authors_adamw_leaves_the_implementation_to_torch():
+    """fused=False is the authors' torch.optim.AdamW(param_groups): neither foreach nor fused is
+    forced, so torch picks its default (foreach for CUDA tensors)."""
+    student, _ = build_models(TINY, IMG)
+    opt = build_optimizer(student, OptimConfig(), torch.device("cuda"), fused=False)
+    assert opt.defaults["foreach"] is None and opt.defaults["fused"] is None
+    fast = build_optimizer(student, OptimConfig(), torch.device("cpu"))
+    assert fast.defaults["foreach"] is True
+
+
 @pytest.mark.parametrize("kind", ["smooth_l1", "l2"])
 def test_loss_kinds(kind):
     a, b = torch.randn(6, 3, 4), torch.randn(6, 3, 4)

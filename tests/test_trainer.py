@@ -25,6 +25,7 @@ from ijepa_fast import config as config_mod
 from ijepa_fast import pretrain
 from ijepa_fast import trainer as trainer_mod
 from ijepa_fast.checkpoint import checkpoint_name, list_checkpoints, load_latest
+from ijepa_fast.metrics import read_metrics
 from ijepa_fast.run_folder import ConfigChangedError, RunLockedError
 from ijepa_fast.trainer import NonFiniteLossError, Trainer
 
@@ -179,10 +180,10 @@ class SpyStep:
     def __init__(self, step_fn, before=None, after=None):
         self.step_fn, self.before, self.after = step_fn, before, after
 
-    def __call__(self, images, masks, step):
+    def __call__(self, images, masks, step, **options):
         if self.before:
             self.before(step)
-        out = self.step_fn(images, masks, step)
+        out = self.step_fn(images, masks, step, **options)
         if self.after:
             self.after(step)
         return out
@@ -521,6 +522,25 @@ def test_a_plain_resume_of_a_deepspeed_run_is_refused_naming_the_engine(tmp_path
     assert not (run / "metrics.csv").exists() and not (run / "config.yaml").exists()  # nothing ran or changed
 
 
+def test_a_resume_needs_the_engine_that_wrote_the_run(tmp_path):
+    """A DeepSpeed run's consolidated exports in checkpoints/ do not make it a plain run, and a plain
+    run's checkpoints are not resumed from scratch by the DeepSpeed engine."""
+    from ijepa_fast.checkpoint import save_checkpoint
+    from ijepa_fast.engines import check_resume
+
+    plain, ds = tmp_path / "plain", tmp_path / "ds"
+    save_checkpoint(plain / "checkpoints", {"w": torch.ones(1)}, 3, keep=1)
+    (ds / "deepspeed" / "step_00000003").mkdir(parents=True)
+    (ds / "deepspeed" / "latest").write_text("step_00000003")
+    save_checkpoint(ds / "checkpoints", {"w": torch.ones(1)}, 3, keep=1)  # the run's fp32 export
+    check_resume(plain, "plain", "auto")
+    check_resume(ds, "deepspeed", "auto")
+    with pytest.raises(ValueError, match="run of the plain engine.*run.engine=plain"):
+        check_resume(plain, "deepspeed", "deepspeed")
+    with pytest.raises(ValueError, match="run of the deepspeed engine.*run.engine=deepspeed"):
+        check_resume(ds, "plain", "plain")
+
+
 def test_cli_names_a_misspelt_key(tmp_path, capsys):
     assert pretrain.main(["optim.lrr=1e-3"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
@@ -539,3 +559,129 @@ def test_import_prints_nothing_and_touches_no_device():
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
     )
     assert out.stdout.strip() == "False False" and out.stderr == ""
+
+
+# ----------------------------------------------------------------------------- collapse monitors
+
+
+def record_target_features(trainer: Trainer) -> dict[int, torch.Tensor]:
+    """The target encoder's features of every step (0-based index) of ``trainer``, as it computes them."""
+    recorded, current = {}, {"step": -1}
+    target_forward = trainer.engine.target_forward
+
+    def recording(images):
+        features = target_forward(images)
+        recorded[current["step"]] = features.detach().clone()
+        return features
+
+    trainer.engine.target_forward = recording
+    trainer.step_fn = SpyStep(trainer.step_fn, before=lambda step: current.update(step=step))
+    return recorded
+
+
+def test_each_logged_row_holds_the_collapse_monitors_of_that_steps_batch(tmp_path, caplog):
+    from tests.test_metrics import assert_summary_matches_reference
+
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps; logs after 2, 3 (a checkpoint), 4 and 6
+    trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "mon", **{"run.log_every": 2})))
+    trainer.build()
+    features = record_target_features(trainer)
+    with caplog.at_level("WARNING", logger="ijepa_fast"):
+        trainer.fit()
+    rows = {int(r["step"]): r for r in read_metrics(tmp_path / "runs" / "mon" / "metrics.csv")}
+    assert sorted(rows) == [2, 3, 4, 6]
+    for step, row in rows.items():  # against that step's features (B=8, N=16, D=192)
+        got = {
+            "rankme": float(row["rankme"]),
+            "std": float(row["feature_std"]),
+            "std_min": float(row["feature_std_min"]),
+        }
+        assert_summary_matches_reference(features[step - 1], got)
+    assert "collapsing" not in caplog.text
+
+
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# The package's own code. Not the kernels: on the CPU they run their references, which check index
+# ranges on the host; the Triton paths a GPU runs check only under their debug switch.
+PACKAGE_CODE = str(Path(__file__).resolve().parents[1] / "ijepa_fast")
+
+
+class HostReads:
+    """Counts, per step (0-based index), the host reads of tensors (``SYNC_METHODS``) that the
+    package's code makes: host syncs when the tensor is on a GPU. The loader's work (on CPU tensors
+    wherever the model runs) is not counted."""
+
+    def __init__(self, monkeypatch, trainer: Trainer):
+        self.counts: dict[int, list[str]] = {}
+        self.step, self.paused = -1, False
+        for name in SYNC_METHODS:
+            self._count(monkeypatch, name)
+        trainer.step_fn = SpyStep(trainer.step_fn, before=lambda step: setattr(self, "step", step))
+        trainer.loader = _PausingLoader(trainer.loader, self)
+
+    def _count(self, monkeypatch, name: str) -> None:
+        original = getattr(torch.Tensor, name)
+
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if not self.paused and caller.co_filename.startswith(PACKAGE_CODE):
+                self.counts.setdefault(self.step, []).append(f"{name} in {caller.co_name}")
+            return original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+class _PausingLoader:
+    def __init__(self, loader, reads: HostReads):
+        self.loader, self.reads = loader, reads
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            self.reads.paused = True
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.reads.paused = False
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def test_steps_between_logging_points_read_nothing_from_the_device(tmp_path, monkeypatch):
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps; logs after 3 and 6 (also checkpoints)
+    overrides = {"run.log_every": 3, "run.checkpoint_every": 3}
+    trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "sync", **overrides)))
+    trainer.build()
+    reads = HostReads(monkeypatch, trainer)
+    trainer.fit()
+    rows = read_metrics(tmp_path / "runs" / "sync" / "metrics.csv")
+    assert [r["rankme"] != "" for r in rows] == [True, True]  # the monitors were measured...
+    assert {step: reads.counts.get(step) for step in (0, 1, 3, 4)} == dict.fromkeys((0, 1, 3, 4))  # ...unread
+    assert "tolist in read" in reads.counts[2] and "tolist in read" in reads.counts[5]  # the meter's one read
+
+
+def test_a_run_whose_target_features_collapse_warns_once(tmp_path, caplog):
+    """Every token of the batch gets the same target vector (the batch's mean token) from step 1 on:
+    RankMe reads 1 at every log, and the warning comes once, at the first."""
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps, a log after each
+    trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "flat")))
+    trainer.build()
+    target_forward = trainer.engine.target_forward
+
+    def collapsed(images):
+        features = target_forward(images)  # (B, N, D)
+        return features.mean(dim=(0, 1), keepdim=True).expand_as(features)
+
+    trainer.engine.target_forward = collapsed
+    with caplog.at_level("WARNING", logger="ijepa_fast"):
+        trainer.fit()
+    rows = read_metrics(tmp_path / "runs" / "flat" / "metrics.csv")
+    assert len(rows) == 6
+    assert all(float(r["rankme"]) == pytest.approx(1.0, abs=1e-3) for r in rows)
+    assert all(float(r["feature_std"]) < 1e-3 for r in rows)
+    warnings = [r.getMessage() for r in caplog.records if "collapsing" in r.getMessage()]
+    assert len(warnings) == 1 and "collapsing at step 1: RankMe 1.00" in warnings[0], caplog.text

@@ -118,8 +118,8 @@ def _scan(root: Path) -> tuple[list[str], list[int], list[str]]:
 def scan_folder(root: str | Path, as_str: bool = False) -> tuple[list, list[int], list[str]]:
     """(paths, labels, class names) of the images under ``root``, in the deterministic order.
 
-    Paths are ``Path`` objects, or ``str`` with ``as_str`` (much cheaper at scale: 1.28M ``Path``
-    objects, ImageNet's train set, took 10-15 s on one core here). FileNotFoundError naming
+    Paths are ``Path`` objects, or ``str`` with ``as_str`` (much cheaper at ImageNet's scale:
+    ``python -m profiling.bench_choices`` times both). FileNotFoundError naming
     ``root`` when it is missing, not a directory, or holds no image.
     """
     root = Path(root)

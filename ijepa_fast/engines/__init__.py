@@ -70,14 +70,18 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
 
 def check_resume(run_dir: Path, name: str, requested: str) -> None:
     """A resume runs the engine that wrote the run's checkpoints: another engine would not see them
-    and would start over."""
-    for other in ENGINES[1:]:
-        if other != name and engine_class(other).latest_step(Path(run_dir)) is not None:
-            raise ValueError(
-                f"--resume: {run_dir} holds the checkpoints of a run of the {other} engine, but this process runs "
-                f"the {name} engine (run.engine={requested}): resume as the run was started (under torchrun or "
-                f"the deepspeed launcher for DeepSpeed), or with run.engine={other}"
-            )
+    and would start over. A DeepSpeed run keeps its checkpoints in ``deepspeed/`` (``checkpoints/``
+    holds only fp32 exports, without optimizer state); a plain run has ``checkpoints/`` alone."""
+    run_dir = Path(run_dir)
+    deepspeed_run = engine_class("deepspeed").latest_step(run_dir) is not None
+    plain_run = not deepspeed_run and engine_class("plain").latest_step(run_dir) is not None
+    other = "deepspeed" if deepspeed_run and name != "deepspeed" else "plain" if plain_run and name != "plain" else None
+    if other is not None:
+        raise ValueError(
+            f"--resume: {run_dir} holds the checkpoints of a run of the {other} engine, but this process runs "
+            f"the {name} engine (run.engine={requested}): resume as the run was started (under torchrun or "
+            f"the deepspeed launcher for DeepSpeed), or with run.engine={other}"
+        )
 
 
 def start_process(cfg, env: DistEnv) -> torch.device:

@@ -119,7 +119,8 @@ def fit_softmax_regression(
     steps = steps or default_steps(N, B)
     dev, dt = x.device, x.dtype
     # Classes-major layout: logits are [P*K, n] and the softmax runs over dim 1 of [P, K, n], with
-    # the n samples contiguous: 4x faster on the CPU than a softmax over a last dim of size K.
+    # the n samples contiguous: faster on the CPU than a softmax over a last dim of size K
+    # (``python -m profiling.bench_choices``).
     W = torch.zeros(P * K, D, device=dev, dtype=dt)  # row p*K + k: pair p, class k
     b = torch.zeros(P * K, 1, device=dev, dtype=dt)
     lr_row = lrs.to(dev, dt).repeat_interleave(K)[:, None]  # (P*K, 1)

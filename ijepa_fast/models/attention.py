@@ -14,7 +14,6 @@ N x N attention matrix. Parameter names (``qkv``, ``proj``) match the authors' c
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -36,10 +35,12 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference attention. q, k, v: [B, H, N, Dh] -> [B, H, N, Dh]; softmax in fp32."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, N)
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    """The authors' explicit attention, op for op (facebookresearch/ijepa at 52c1ae9,
+    src/models/vision_transformer.py:143-147): softmax(q k^T * scale) v with the N x N matrix in
+    memory. q, k, v: [B, H, N, Dh] -> [B, H, N, Dh]. Under CUDA's bf16 autocast the products run in
+    bf16 and the softmax in fp32, as theirs do; without autocast everything runs in the inputs' dtype."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+    return scores.softmax(dim=-1) @ v
 
 
 def _tokens_major(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

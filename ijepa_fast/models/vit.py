@@ -27,7 +27,7 @@ class ViTSize:
     mlp_ratio: float = 4.0
 
 
-# PAPER.md: widths, depths, heads; ViT-G uses MLP ratio 48/11 (hidden 6144).
+# The paper's widths, depths and heads; ViT-G uses MLP ratio 48/11 (hidden 6144).
 VIT_SIZES: dict[str, ViTSize] = {
     "vit_tiny": ViTSize(192, 12, 3),
     "vit_small": ViTSize(384, 12, 6),

@@ -303,8 +303,7 @@ class DaliPretrainLoader:
                 self.skipped_paths.add(path)
                 log.warning("skipped an undecodable image (the next one stands in): %s", path)
         # On the CPU the sampler's tiny ops gain nothing from intra-op threads, which only fight DALI's
-        # for the cores: masks for 64 images took 126 ms with 2 threads next to a 2-thread DALI
-        # pipeline on 2 busy cores, 8 ms with 1 (the batch: 598 -> 343 ms).
+        # for the cores (``python -m profiling.bench_choices`` times the sampler at 1 and 2 threads).
         if images.device.type == "cpu":
             threads = torch.get_num_threads()
             torch.set_num_threads(1)

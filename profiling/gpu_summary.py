@@ -1,0 +1,246 @@
+"""The table ``make gpu-check`` prints last: each part's status, then the step's images/s, MFU and
+GPU-hours beside the paper, and the kernels against the roofline of the measured copy bandwidth.
+
+    python -m profiling.gpu_summary STATUS_TSV OUT_DIR
+
+STATUS_TSV holds one ``part<TAB>status<TAB>seconds`` line per part (profiling/gpu_check.sh writes
+it); OUT_DIR the JSON each part wrote as ``<part>.json``. A part without JSON, or with JSON this
+module cannot read, gets a row without figures: the summary never fails for want of a result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ijepa_fast.bench import default_config
+
+KERNEL_PARTS = ("masked_gather", "ema")
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object at ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_step_result(data: dict | None) -> bool:
+    """An ijepa-bench result (``bench.run``): rows of configurations and a spec in its meta."""
+    return bool(data) and "rows" in data and "spec" in data.get("meta", {})
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.1f}%" if x is not None else "n/a"
+
+
+# ----------------------------------------------------------------------------------------- one line per part
+
+
+def key_figure(out_dir: Path, part: str) -> str:
+    """The one-line result of ``part`` for the parts table."""
+    if part == "pytest_gpu":
+        return pytest_tally(out_dir / "pytest_gpu.log")
+    data = read_json(out_dir / f"{part}.json")
+    if data is None:
+        return ""
+    if is_step_result(data):
+        return step_figure(data)
+    rows = data.get("rows")
+    if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
+        return ""
+    first = rows[0]
+    if "vs_authors" in first:
+        return kernel_figure(rows)
+    if "tokens" in first and "method" in first:
+        return attention_figure(rows)
+    if "loader" in first and "images_per_s" in first:
+        return data_figure(rows)
+    return f"{len(rows)} rows"
+
+
+def pytest_tally(log: Path) -> str:
+    """pytest's closing line ("12 passed, 3 skipped in 40.1s"), without its decoration."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if " in " in line and any(w in line for w in ("passed", "failed", "error", "skipped", "deselected")):
+            return line.strip(" =")
+    return ""
+
+
+def step_figure(data: dict) -> str:
+    rows = {r["name"]: r for r in data["rows"] if r.get("ok")}
+    fast, authors = rows.get(default_config().name), rows.get("authors")
+    bits = []
+    if fast:
+        mem = f", peak {fast['peak_mem_gib']:.1f} GiB" if fast.get("peak_mem_gib") is not None else ""
+        bits.append(f"default {fast['images_per_s']:.1f} img/s, MFU {_pct(fast.get('mfu'))}{mem}")
+    if authors:
+        bits.append(f"authors {authors['images_per_s']:.1f} img/s")
+    if fast and authors:
+        bits.append(f"x{fast['images_per_s'] / authors['images_per_s']:.2f}")
+    failed = [r["name"] for r in data["rows"] if not r.get("ok")]
+    if failed:
+        bits.append(f"failed: {', '.join(failed)}")
+    return "; ".join(bits)
+
+
+def kernel_figure(rows: list[dict]) -> str:
+    kern = [r for r in rows if r.get("method") == "kernel"]
+    if not kern:
+        return ""
+    x = [r["vs_authors"] for r in kern]
+    bw = [r["pct_copy"] for r in kern]
+    return f"kernel x{min(x):.2f}-{max(x):.2f} vs authors, {min(bw):.0f}-{max(bw):.0f}% of copy bandwidth"
+
+
+def attention_figure(rows: list[dict]) -> str:
+    """The fastest backend of each full-sequence case and of the ViT-H/14 predictor, against math."""
+    bits = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ok = [r for r in rows if r["case"] == case and r.get("ok")]
+        ref = next((r for r in ok if r["method"] == "math"), None)
+        if ok and ("target" in case or case.startswith("vith14 predictor")):
+            best = min(ok, key=lambda r: r["median_ms"])
+            vs = f" x{ref['median_ms'] / best['median_ms']:.1f} vs math" if ref else ""
+            bits.append(f"{case.split(' (')[0]}: {best['method']}{vs}")
+    return "; ".join(bits)
+
+
+def data_figure(rows: list[dict]) -> str:
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["images_per_s"] > best.get(r["loader"], {}).get("images_per_s", -1):
+            best[r["loader"]] = r
+    return "; ".join(f"{k} {r['images_per_s']:.0f} img/s ({r['workers']} workers)" for k, r in best.items())
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+def last_line(log: Path, width: int = 150) -> str:
+    """The last non-empty line of ``log`` (what a failed part said last), cut to ``width``."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:width].replace("|", "/") if lines else ""
+
+
+def parts_table(status_tsv: Path, out_dir: Path) -> list[str]:
+    """One row per part: its status and seconds, its key figure (or, when it failed without one,
+    the last line of its log)."""
+    lines = ["| part | status | seconds | result |", "|---|---|---|---|"]
+    for line in status_tsv.read_text().splitlines():
+        cells = line.split("\t")
+        if len(cells) >= 3:
+            part, status, secs = cells[:3]
+            result = key_figure(out_dir, part)
+            if not result and status.startswith(("failed", "timeout")):
+                result = last_line(out_dir / f"{part}.log")
+            lines.append(f"| {part} | {status} | {secs} | {result} |")
+    return lines
+
+
+def step_section(part: str, data: dict) -> list[str]:
+    """The configurations' images/s, speed-up over the authors' preset and MFU, then GPU-hours."""
+    meta, spec = data["meta"], data["meta"]["spec"]
+    peak = meta.get("peak_bf16_tflops")
+    matmul = meta.get("matmul_bf16_tflops")
+    ceilings = f"MFU against the bf16 datasheet peak, {peak:.0f} TFLOP/s" if peak else "no datasheet peak"
+    if matmul:
+        ceilings += f"; an 8192^3 matmul ran at {matmul:.0f}"
+    lines = [
+        f"{part}: {spec['model']}/{spec['patch']} at {spec['img']} px, batch {spec['batch']}, {meta['amp']} "
+        f"· {meta['device']} ({ceilings})",
+        "",
+        "| configuration | images/s | x authors | MFU | step ms | attention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if not r.get("ok"):
+            error = " ".join(str(r.get("error", "?")).split()).replace("|", "/")[:100]
+            lines.append(f"| {r['name']} | failed: {error} |  |  |  |  |")
+            continue
+        speedup = r.get("speedup_vs_authors")
+        lines.append(
+            f"| {r['name']} | {r['images_per_s']:.1f} | {f'{speedup:.2f}' if speedup else 'n/a'} "
+            f"| {_pct(r.get('mfu'))} | {r['step_ms_median']:.1f} | {r.get('attention', '?')} |"
+        )
+    if data.get("projection"):
+        lines += [
+            "",
+            "| run | images/s per GPU | basis | GPU-hours here | paper |",
+            "|---|---|---|---|---|",
+        ]
+        for p in data["projection"]:
+            paper = (
+                f"< {p['paper_gpu_hours']:.0f} {p['paper_device']} GPU-hours "
+                f"(>= {p['paper_images_per_s_per_gpu']:.0f} images/s per GPU)"
+                if p.get("paper_gpu_hours")
+                else "n/a"
+            )
+            lines.append(
+                f"| {p['run']} | {p['images_per_s_per_gpu']:.1f} | {p['basis']} | {p['gpu_hours']:,.0f} | {paper} |"
+            )
+    return lines
+
+
+def kernel_section(out_dir: Path) -> list[str]:
+    """Each kernel case: the kernel's time beside its roofline (its bytes, read once and written
+    once, at the copy bandwidth measured in the same run) and its speed-up over the authors' ops."""
+    lines = []
+    for part in KERNEL_PARTS:
+        data = read_json(out_dir / f"{part}.json")
+        rows = [r for r in (data or {}).get("rows", []) if isinstance(r, dict) and r.get("method") == "kernel"]
+        copy = (data or {}).get("meta", {}).get("copy_bandwidth_gb_s")
+        if not rows or not copy:
+            continue
+        if not lines:
+            lines += [
+                "Kernels against the roofline of the measured copy bandwidth:",
+                "",
+                "| kernel | case | ms | roofline ms | % of roofline | x authors |",
+                "|---|---|---|---|---|---|",
+            ]
+        for r in rows:
+            roofline_ms = r["bytes"] / (copy * 1e9) * 1e3
+            lines.append(
+                f"| {part} | {r['case']} | {r['median_ms']:.4f} | {roofline_ms:.4f} "
+                f"| {100 * roofline_ms / r['median_ms']:.0f} | {r['vs_authors']:.2f} |"
+            )
+    return lines
+
+
+def summary(status_tsv: str | Path, out_dir: str | Path) -> str:
+    """The whole summary: the parts table, each step result, the kernels."""
+    status_tsv, out_dir = Path(status_tsv), Path(out_dir)
+    sections = [parts_table(status_tsv, out_dir)]
+    for line in status_tsv.read_text().splitlines():
+        part = line.split("\t")[0]
+        data = read_json(out_dir / f"{part}.json")
+        if is_step_result(data) and data["rows"]:
+            sections.append(step_section(part, data))
+    kernels = kernel_section(out_dir)
+    if kernels:
+        sections.append(kernels)
+    return "\n\n".join("\n".join(s) for s in sections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m profiling.gpu_summary STATUS_TSV OUT_DIR", file=sys.stderr)
+        return 2
+    print(summary(*args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
