@@ -64,7 +64,8 @@ import torch
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import Config
 from ijepa_fast.device import resolve_device, resolve_precision, synchronize
-from ijepa_fast.engines import build_train_step
+from ijepa_fast.distributed import detect
+from ijepa_fast.engines import build_train_step, start_process
 from ijepa_fast.flops import step_flops, step_flops_for_masks
 from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
 from ijepa_fast.models.vit import grid_size
@@ -470,6 +471,7 @@ def _free(device: torch.device) -> None:
 
 
 def _build_step(cfg: Config, device: torch.device) -> TrainStep:
+    start_process(cfg, detect())  # run.engine=deepspeed needs a process group, also in a world of one
     torch.manual_seed(cfg.run.seed)
     steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // (cfg.data.batch_size * cfg.optim.grad_accum))
     # Parameters are created (and initialised) on the GPU directly: ViT-H's 1.3B on a CPU take long.

@@ -214,7 +214,9 @@ def load_file(
     _check_torch_file(path)
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            # torch.serialization.load, not torch.load: the loads DeepSpeed makes with torch.load are
+            # routed here while it reads checkpoints (engines.deepspeed_universal.weights_only_torch_load)
+            return torch.serialization.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         if not found:  # no refused object: bytes the unpickler cannot read
@@ -228,7 +230,7 @@ def load_file(
             raise
         raise NotACheckpointError(f"{path} is damaged or not a checkpoint ({_first_line(err)})") from None
     log.warning("%s: loading with the full unpickler (trusted); it holds %s", path, found.group(1))
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return torch.serialization.load(path, map_location=map_location, weights_only=False)
 
 
 def _refusal(path: Path, name: str, override: str | None) -> str:

@@ -281,6 +281,7 @@ RESUME_MAY_CHANGE = (
     "optim.max_steps",
     "run.out_dir",
     "run.name",
+    "run.dist_timeout_s",
     "run.log_every",
     "run.checkpoint_every",
     "run.keep_checkpoints",

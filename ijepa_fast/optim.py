@@ -16,17 +16,24 @@ def param_groups(module: nn.Module) -> list[dict]:
     return [{"params": decay, "wd_exclude": False}, {"params": no_decay, "wd_exclude": True, "weight_decay": 0.0}]
 
 
+def adamw_implementation(device_type: str, fused: bool) -> dict:
+    """torch AdamW's implementation switch: fused kernels on CUDA and foreach on a CPU when ``fused``;
+    nothing (torch's own default, as the authors: foreach on CUDA) otherwise."""
+    if not fused:
+        return {}
+    return {"fused": True} if device_type == "cuda" else {"foreach": True}
+
+
 def build_optimizer(student: nn.Module, optim_cfg, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over the student: fused kernels on CUDA and foreach on a CPU when ``fused``; otherwise
-    torch's own default, as the authors' ``torch.optim.AdamW(param_groups)`` (foreach on CUDA)."""
+    """AdamW over the student (``adamw_implementation`` of ``device`` and ``fused``), as the authors'
+    ``torch.optim.AdamW(param_groups)``."""
     kwargs: dict = {
         "betas": tuple(optim_cfg.betas),
         "eps": optim_cfg.eps,
         "lr": optim_cfg.start_lr,
         "weight_decay": optim_cfg.weight_decay,
+        **adamw_implementation(device.type, fused),
     }
-    if fused:
-        kwargs["fused" if device.type == "cuda" else "foreach"] = True
     return torch.optim.AdamW(param_groups(student), **kwargs)
 
 

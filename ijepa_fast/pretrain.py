@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # overrides may follow options: ... --resume optim.lr=1e-4
 
 
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The command line's ``section.key=value`` overrides, ``--data`` as ``data.root``."""
+    return list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
+
+
 def setup_logging(run_dir: Path | None = None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None:
@@ -100,9 +105,8 @@ def _fail(message: str, status: int, logged: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
     try:
-        cfg = load(args.config, overrides)
+        cfg = load(args.config, overrides_of(args))
     except ConfigError as err:
         return _fail(f"config error: {err}", 2, logged=False)
     from ijepa_fast.checkpoint import UntrustedCheckpointError

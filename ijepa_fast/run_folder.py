@@ -152,14 +152,30 @@ def _close_held_in_child() -> None:
     _held.clear()
 
 
-def write_config(run_dir: Path, cfg: Config, resumed_step: int | None, allow_change: bool = False) -> None:
+def write_config(
+    run_dir: Path,
+    cfg: Config,
+    resumed_step: int | None,
+    allow_change: bool = False,
+    ranks: tuple[int, int] | None = None,
+) -> None:
     """Write ``run_dir/config.yaml``. When resuming from ``resumed_step``, compare it with the stored one
     first: a change of any key outside ``RESUME_MAY_CHANGE`` raises ``ConfigChangedError`` listing the
-    changes, unless ``allow_change``; any change keeps the stored file as ``config.prev-<step>.yaml``."""
+    changes, unless ``allow_change``; any change keeps the stored file as ``config.prev-<step>.yaml``.
+
+    ``ranks``: (the checkpoint's, this run's) number of ranks. When they differ, ``data.batch_size``
+    and ``optim.grad_accum`` may change if the global batch (batch x ranks x accumulation) stays the
+    run's, which keeps its schedules and the samples of every step; another global batch is a
+    ``ConfigChangedError`` saying how to keep it, unless ``allow_change``."""
     path = Path(run_dir) / "config.yaml"
     if resumed_step is not None and path.exists():
-        changes = _changes_since(path, cfg)
-        refused = [key for key in changes if key not in RESUME_MAY_CHANGE]
+        stored = _stored(path)
+        changes = config_mod.differences(stored, cfg)
+        may_change = set(RESUME_MAY_CHANGE)
+        if ranks is not None and ranks[0] != ranks[1]:
+            _check_global_batch(path, stored, cfg, ranks, allow_change)
+            may_change |= {"data.batch_size", "optim.grad_accum"}
+        refused = [key for key in changes if key not in may_change]
         lines = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]
         if refused and not allow_change:
             raise ConfigChangedError(
@@ -177,14 +193,32 @@ def write_config(run_dir: Path, cfg: Config, resumed_step: int | None, allow_cha
     config_mod.save(cfg, str(path))
 
 
-def _changes_since(path: Path, cfg: Config) -> dict:
+def _check_global_batch(path: Path, stored: Config, cfg: Config, ranks: tuple[int, int], allow_change: bool) -> None:
+    """Resuming on another number of ranks: the global batch must stay the run's (see write_config)."""
+    (saved_ranks, now_ranks), b, a = ranks, stored.data.batch_size, stored.optim.grad_accum
+    before, now = b * saved_ranks * a, cfg.data.batch_size * now_ranks * cfg.optim.grad_accum
+    if before == now or allow_change:
+        return
+    keep = []
+    if before % (cfg.data.batch_size * now_ranks) == 0:
+        keep.append(f"optim.grad_accum={before // (cfg.data.batch_size * now_ranks)}")
+    if before % (now_ranks * cfg.optim.grad_accum) == 0:
+        keep.append(f"data.batch_size={before // (now_ranks * cfg.optim.grad_accum)}")
+    how = f"set {' or '.join(keep)} to keep it" if keep else "choose data.batch_size and optim.grad_accum to keep it"
+    raise ConfigChangedError(
+        f"--resume: the run in {path.parent} has a global batch of {before} ({b} per rank x {saved_ranks} ranks x "
+        f"{a} accumulation) and this run {now} ({cfg.data.batch_size} x {now_ranks} ranks x {cfg.optim.grad_accum}): "
+        f"{how} (schedules and data order follow it), or pass --allow-config-change"
+    )
+
+
+def _stored(path: Path) -> Config:
     try:
-        stored = config_mod.load(str(path))
+        return config_mod.load(str(path))
     except Exception as err:  # unreadable, bad YAML or invalid values: each means it cannot be compared
         raise ConfigChangedError(
             f"--resume: the run's stored {path} does not load ({err}): fix it or move it away"
         ) from None
-    return config_mod.differences(stored, cfg)
 
 
 def _keep_previous(path: Path, step: int) -> Path:

@@ -34,6 +34,7 @@ from ijepa_fast.engines import (
     check_resume,
     check_run_folder,
     engine_class,
+    models_for_run,
     remove_partial_files,
     resolve_engine,
     start_process,
@@ -41,7 +42,6 @@ from ijepa_fast.engines import (
 )
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.metrics import CollapseWatch, DeviceMeter, MetricsWriter, plot_loss
-from ijepa_fast.models.ijepa import models_from_config
 from ijepa_fast.models.vit import grid_size
 
 log = logging.getLogger("ijepa_fast")
@@ -112,7 +112,9 @@ class Trainer:
             log.log(logging.WARNING if self.precision.slow else logging.INFO, "precision: %s", self.precision)
         torch.manual_seed(cfg.run.seed)
         self.grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
-        self.engine = build_engine(cfg, *models_from_config(cfg, self.device), self.device, self.world_size)
+        self.engine = build_engine(
+            cfg, *models_for_run(cfg, self.device, self.world_size), self.device, self.world_size
+        )
         restored = self.engine.load(self.run_dir, check=self._check_model) if self.resume else None
         if self.resume and restored is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
@@ -172,8 +174,10 @@ class Trainer:
             log.warning(
                 "removed %d partial file(s) of an interrupted save: %s", len(removed), ", ".join(map(str, removed))
             )
-        resumed = engine_class(self.engine_name).latest_step(self.run_dir) if self.resume else None
-        run_folder.write_config(self.run_dir, self.cfg, resumed, allow_change=self.allow_config_change)
+        engine = engine_class(self.engine_name)
+        resumed = engine.latest_step(self.run_dir) if self.resume else None
+        ranks = None if resumed is None else (engine.saved_ranks(self.run_dir), self.world_size)
+        run_folder.write_config(self.run_dir, self.cfg, resumed, allow_change=self.allow_config_change, ranks=ranks)
 
     def _release(self) -> None:
         if self.lock is not None:

@@ -18,6 +18,9 @@
 #   ema              kernel benchmark over the ViT-H/14 encoder's parameters, against the copy roofline
 #   attention        attention backends at ViT-B/16, ViT-H/14, ViT-H/16-448 token counts, batch 128
 #   data             the PyTorch loader (and DALI's when nvidia-dali imports) on generated JPEGs
+#   deepspeed_zero2, deepspeed_zero3
+#                    step_vith14's default step under the DeepSpeed engine in a world of one, bf16
+#                    (only when deepspeed imports): images/s and peak memory beside the plain engine's
 #   scaling          the ZeRO scaling model from step_vith14's measured step (an estimate)
 # Each part runs or is recorded as skipped with its reason, and the summary table
 # (profiling/gpu_summary.py: images/s, MFU and GPU-hours beside the paper, the kernels against their
@@ -235,6 +238,14 @@ if [ "$CUDA" = 1 ]; then
   run_part attention 75 3 "$PY" -m profiling.bench_attention --json "$W/attention.json" --record "$APPEND"
   run_part data 60 4 "$PY" -m profiling.bench_data --loaders "${LOADERS[@]}" --workers 4 8 --num-images 512 \
     --batch-size 128 --steps 8 --repeats 1 --json "$W/data.json"
+  for stage in 2 3; do
+    if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+      run_part "deepspeed_zero$stage" 120 3 "$PY" -m profiling.bench_step run.engine=deepspeed "run.zero_stage=$stage" \
+        --warmup 3 --steps 6 --phase-steps 0 --out "$W" --tag "deepspeed_zero$stage" --record "$APPEND" "${LABEL[@]}"
+    else
+      skip "deepspeed_zero$stage" "deepspeed does not import"
+    fi
+  done
 else
   skip pytest_gpu "no CUDA"
   [ "$DALI" = 1 ] && LOADERS+=(dali-cpu)
@@ -252,6 +263,8 @@ else
   run_part attention 60 3 "$PY" -m profiling.bench_attention --device cpu --models vitb16 --reps 2 \
     --json "$W/attention.json"
   run_part data 90 4 "$PY" -m profiling.bench_data --quick --loaders "${LOADERS[@]}" --json "$W/data.json"
+  skip deepspeed_zero2 "no CUDA"
+  skip deepspeed_zero3 "no CUDA"
 fi
 if [ -f "$W/step_vith14.json" ]; then
   run_part scaling 20 3 "$PY" -m profiling.scaling --from-json "$W/step_vith14.json" --gpus 1 8 16 32 64 --stages 0 2 3

@@ -79,7 +79,8 @@ def step_figure(data: dict) -> str:
     fast, authors = rows.get(default_config().name), rows.get("authors")
     bits = []
     if fast:
-        bits.append(f"default {fast['images_per_s']:.1f} img/s, MFU {_pct(fast.get('mfu'))}")
+        mem = f", peak {fast['peak_mem_gib']:.1f} GiB" if fast.get("peak_mem_gib") is not None else ""
+        bits.append(f"default {fast['images_per_s']:.1f} img/s, MFU {_pct(fast.get('mfu'))}{mem}")
     if authors:
         bits.append(f"authors {authors['images_per_s']:.1f} img/s")
     if fast and authors:

@@ -41,13 +41,15 @@ MONITOR_AT = STEPS - 1  # the step that also measures the collapse monitors (on 
 STEPS_PER_EPOCH = 4  # schedules span 4 steps: lr, wd and momentum change at every step
 GRAD_CLIP = 0.2  # below the tiny model's gradient norm (0.47 at step 0), so clipping acts
 ACCUM, ACCUM_STAGE, ACCUM_STEPS = 2, 2, 3  # gradient accumulation: 2 micro-batches a step under ZeRO-2
+FROM_ONE_STAGES = (0, 1, 2, 3)  # saved by a world of one, resumed on two ranks
+FROM_TWO_STAGES = (1, 2, 3)  # saved on two ranks (the fp32 runs), resumed by a world of one
 
 
-def tiny_config(stage: int = 1) -> Config:
+def tiny_config(stage: int = 1, batch: int = PER_RANK) -> Config:
     cfg = Config()
     cfg.model = ModelConfig(name="vit_tiny", patch_size=8, pred_depth=1, pred_emb_dim=96)
     cfg.mask.min_keep = 2
-    cfg.data.crop_size, cfg.data.batch_size = IMG, PER_RANK
+    cfg.data.crop_size, cfg.data.batch_size = IMG, batch
     o = cfg.optim
     o.epochs, o.warmup_epochs, o.start_lr, o.lr, o.final_lr = 2, 0.5, 2e-4, 1e-3, 1e-5
     o.weight_decay, o.final_weight_decay, o.ema, o.grad_clip = 0.04, 0.4, (0.9, 1.0), GRAD_CLIP
@@ -64,6 +66,12 @@ def models(cfg: Config, seed: int = 0):
     return build_models(cfg.model, IMG)
 
 
+def autocast_dtype(cfg: Config) -> torch.dtype | None:
+    from ijepa_fast.device import resolve_precision
+
+    return resolve_precision(torch.device("cpu"), cfg.run.dtype).autocast_dtype
+
+
 def plain_step(cfg: Config, seed: int = 0, grad_accum: int = 1):
     """The single-process reference: the plain engine over the same models and schedules."""
     from ijepa_fast.engines.plain import PlainEngine
@@ -73,17 +81,27 @@ def plain_step(cfg: Config, seed: int = 0, grad_accum: int = 1):
     student, target = models(cfg, seed)
     optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
     engine = PlainEngine(student, target, optimizer, torch.device("cpu"), grad_clip=cfg.optim.grad_clip)
-    return TrainStep(engine, schedules(cfg), None, grad_accum=grad_accum)
+    return TrainStep(engine, schedules(cfg), autocast_dtype(cfg), grad_accum=grad_accum)
 
 
-def deepspeed_step(cfg: Config, world: int, seed: int = 0, grad_accum: int = 1):
-    """The same step over the DeepSpeed engine (ZeRO stage ``cfg.run.zero_stage``)."""
+def deepspeed_step(
+    cfg: Config, world: int, seed: int = 0, grad_accum: int = 1, device_type: str = "cpu", device: str = "cpu"
+):
+    """The same step over the DeepSpeed engine (ZeRO stage ``cfg.run.zero_stage``) on ``device``, with
+    the DeepSpeed config generated for ``device_type`` (a GPU's config runs on the CPU too)."""
     from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
     from ijepa_fast.step import TrainStep
 
-    ds_cfg = deepspeed_config(cfg, world, device_type="cpu", grad_accum=grad_accum)
-    engine = DeepSpeedEngine(*models(cfg, seed), ds_cfg, torch.device("cpu"))
-    return TrainStep(engine, schedules(cfg), None, grad_accum=grad_accum)
+    ds_cfg = deepspeed_config(cfg, world, device_type=device_type, grad_accum=grad_accum)
+    engine = DeepSpeedEngine(*models(cfg, seed), ds_cfg, torch.device(device))
+    return TrainStep(engine, schedules(cfg), autocast_dtype(cfg), grad_accum=grad_accum)
+
+
+def gpu_config(stage: int, batch: int = PER_RANK) -> Config:
+    """The tiny run in bf16 autocast; with ``device_type="cuda"`` its DeepSpeed config is a GPU's."""
+    cfg = tiny_config(stage)
+    cfg.run.dtype, cfg.data.batch_size = "bf16", batch
+    return cfg.validate()
 
 
 def global_batch(step: int, world: int) -> tuple[torch.Tensor, MaskBatch]:
@@ -224,6 +242,119 @@ def run_accumulation(out: Path, rank: int, world: int) -> None:
         )
 
 
+def run_bf16(stage: int, out: Path, rank: int, world: int) -> None:
+    """STEPS steps with the GPU's DeepSpeed config in bf16 autocast: the op builds reached while
+    building the engine, the host reads of the COUNTED steps after WARMUP, then one EMA update
+    checked against the EMA of the gathered fp32 master weights (rank 0 writes
+    ``result_bf16_{stage}.pt``)."""
+    import ijepa_fast.kernels._dispatch as dispatch
+    from ijepa_fast.kernels.ema import ema_update_
+    from ijepa_fast.step import ema_update
+
+    with _CountOpBuilds() as builds:
+        step_fn = deepspeed_step(gpu_config(stage), world, device_type="cuda")
+    engine = step_fn.engine
+    batches = [local_batch(i, rank, world) for i in range(STEPS)]
+    losses = [step_fn(*batches[i], i)["loss"] for i in range(WARMUP)]
+    # The CPU reference of the fused gathers checks its indices on the host; the Triton kernels the GPU
+    # runs check them only in debug mode. Left out here, so that the count is the GPU's.
+    check_range, dispatch.check_range = dispatch.check_range, lambda *args, **kwargs: None
+    try:
+        with _CountHostReads() as reads:
+            losses += [step_fn(*batches[i], i)["loss"] for i in range(WARMUP, STEPS)]
+    finally:
+        dispatch.check_range = check_range
+    losses = [loss.item() for loss in losses]
+    final = engine.consolidated_state()  # fp32 master weights (safe_get_full_fp32_param) and target
+    expected = {k: v.clone() for k, v in final["target_encoder"].items()}
+    ema_update_(list(expected.values()), list(final["encoder"].values()), 0.75)
+    ema_update(*engine.ema_pairs(), 0.75)
+    got = engine.consolidated_state()["target_encoder"]
+    if rank == 0:
+        result = {
+            "losses": losses,
+            "final": final,
+            "ema_expected": expected,
+            "ema_got": got,
+            "ds_config": engine.ds_config,
+            "builds": builds.calls,
+            "host_reads": reads.counts,
+        }
+        torch.save(result, out / f"result_bf16_{stage}.pt")
+
+
+def train_on_one_rank(stage: int, out: Path) -> None:
+    """A world of one with the global batch of WORLD=2 ranks (batch 2 x PER_RANK): SAVE_AT steps, then a
+    checkpoint in ``out/one_rank{stage}`` for a two-rank run to resume."""
+    step_fn = deepspeed_step(tiny_config(stage, batch=2 * PER_RANK), 1)
+    for i in range(SAVE_AT):
+        step_fn(*global_batch(i, 2), i)
+    step_fn.engine.save_checkpoint(out / f"one_rank{stage}", SAVE_AT, {"schedules": step_fn.schedules.state_dict()})
+
+
+def resume_on_other_world(stage: int, ckpt_dir: Path, rank: int, world: int) -> dict:
+    """Resume ``ckpt_dir`` (written by another number of ranks) and run steps SAVE_AT..STEPS-1 of the
+    global batch of two ranks; returns the losses, the final state and the restored RNG check."""
+    from ijepa_fast.checkpoint import load_file
+    from ijepa_fast.engines.deepspeed import saved_world_size
+
+    batch = 2 * PER_RANK // world
+    step_fn = deepspeed_step(tiny_config(stage, batch=batch), world, seed=123)  # everything from the checkpoint
+    client = step_fn.engine.load_checkpoint(ckpt_dir)
+    tag_dir = ckpt_dir / step_fn.engine.tag(client["step"])
+    saved_rng = load_file(tag_dir / f"ijepa_rank{rank % saved_world_size(tag_dir):05d}.pt")["rng"]["torch"]
+    rng_restored = torch.equal(torch.get_rng_state(), saved_rng)
+    losses = []
+    for i in range(client["step"], STEPS):
+        images, masks = global_batch(i, 2)
+        rows = slice(rank * batch, (rank + 1) * batch)
+        losses.append(step_fn(images[rows], MaskBatch(masks.context[rows], masks.targets[:, rows]), i)["loss"].item())
+    return {
+        "resumed_from": client["step"],
+        "losses": losses,
+        "final": step_fn.engine.consolidated_state(),
+        "rng_restored": rng_restored,
+        "engine": step_fn.engine,
+    }
+
+
+def run_from_two_ranks(out: Path, zero_out: Path) -> None:
+    """Resume each stage's step-SAVE_AT checkpoint of ``zero`` on one rank (``result_from2_{stage}.pt``,
+    with a consolidated export); then resume copies with a payload planted in a file only the
+    conversion reads, and in a file of the universal checkpoint itself (``planted_universal.json``)."""
+    from ijepa_fast.checkpoint import UntrustedCheckpointError
+    from tests.payloads import plant
+
+    for stage in FROM_TWO_STAGES:
+        resumed = resume_on_other_world(stage, zero_out / f"ds_zero{stage}", 0, 1)
+        resumed["exported"] = str(resumed.pop("engine").export_consolidated(out / f"export_from2_{stage}", STEPS))
+        torch.save(resumed, out / f"result_from2_{stage}.pt")
+    planted = []
+    for stage in (1, 2, 3):  # ZeRO: the conversion runs
+        for where in ("rank file", "universal file"):
+            copy = out / f"planted_{stage}_{where.split()[0]}"
+            shutil.copytree(zero_out / f"ds_zero{stage}", copy)
+            tag_dir = copy / f"step_{SAVE_AT:08d}"
+            engine = deepspeed_step(tiny_config(stage, batch=2 * PER_RANK), 1, seed=123).engine
+            if where == "rank file":  # read by the conversion only
+                path = next(tag_dir.glob("*rank_1*optim_states.pt"))
+            else:  # converted first, as a resume killed after the conversion leaves it
+                from ijepa_fast.engines.deepspeed import convert_to_universal
+
+                universal = copy / "universal" / tag_dir.name
+                convert_to_universal(tag_dir, universal, stage)
+                path = universal / "zero" / "encoder.blocks.0.attn.qkv.weight" / "exp_avg.pt"
+            marker = out / f"ran_{stage}_{where.split()[0]}"
+            plant(path, marker)
+            try:
+                engine.load_checkpoint(copy)
+                error = ""
+            except UntrustedCheckpointError as err:
+                error = str(err)
+            planted.append({"stage": stage, "where": where, "file": str(path), "marker": str(marker), "error": error})
+    (out / "planted_universal.json").write_text(json.dumps(planted, indent=1))
+
+
 SINGLE_TIMEOUT_S = 42.0  # the world-of-one run's collective timeout: a value no library picks by default
 
 
@@ -262,7 +393,142 @@ def run_single(out: Path) -> None:
                 error = str(err)
             report["planted"].append({"stage": stage, "file": str(planted), "marker": str(marker), "error": error})
     report["group_timeouts"] = group_timeouts()
+    report["compile"] = compile_counts()
+    for stage in FROM_ONE_STAGES:
+        train_on_one_rank(stage, out)
     (out / "single.json").write_text(json.dumps(report, indent=1))
+
+
+class _CountOpBuilds:
+    """Records every DeepSpeed op builder's ``load`` / ``jit_load`` (and torch's JIT extension build)
+    called while active, by builder class name, without building anything."""
+
+    def __enter__(self):
+        import torch.utils.cpp_extension as cpp
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.ops.op_builder.builder import OpBuilder
+
+        get_accelerator().create_op_builder("FusedAdamBuilder")  # imports this accelerator's builders
+        self.calls, self.saved = [], []
+        classes, todo = [], [OpBuilder]
+        while todo:
+            cls = todo.pop()
+            classes.append(cls)
+            todo.extend(cls.__subclasses__())
+        for cls in classes:
+            for name in ("load", "jit_load"):
+                if name in vars(cls):
+                    self._patch(cls, name, f"{cls.__name__}.{name}")
+        self._patch(cpp, "load", "torch.utils.cpp_extension.load")
+        return self
+
+    def _patch(self, owner, name: str, label: str) -> None:
+        self.saved.append((owner, name, getattr(owner, name)))
+
+        def refused(*args, **kwargs):
+            self.calls.append(label)
+            raise RuntimeError(f"{label}: an op build")
+
+        setattr(owner, name, refused)
+
+    def __exit__(self, *exc):
+        for owner, name, fn in reversed(self.saved):
+            setattr(owner, name, fn)
+        return False
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+WARMUP, COUNTED = 2, STEPS - 2  # ZeRO-3 records its parameter trace over the first two steps
+
+
+class _CountHostReads:
+    """Counts calls of the Tensor methods that read a device tensor to the host, while active."""
+
+    def __enter__(self):
+        self.counts, self.saved = {}, {}
+        for name in HOST_READS:
+            fn = getattr(torch.Tensor, name)
+            self.saved[name] = fn
+
+            def counted(t, *args, _fn=fn, _name=name, **kwargs):
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _fn(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+        return False
+
+
+def on_gpu() -> dict:
+    """One GPU, ZeRO 0-3 with the generated GPU config (bf16 autocast, torch's fused AdamW): the op
+    builds reached while building each engine, and whatever CUDA reports when COUNTED steps after
+    WARMUP run under ``torch.cuda.set_sync_debug_mode("error")`` (an empty string: no sync)."""
+    report: dict = {"builds": {}, "syncs": {}, "losses": {}}
+    for stage in (0, 1, 2, 3):
+        with _CountOpBuilds() as builds:
+            step_fn = deepspeed_step(gpu_config(stage), 1, device_type="cuda", device="cuda")
+        report["builds"][stage] = builds.calls
+        batches = [(x.cuda(), m.to("cuda")) for x, m in (local_batch(i, 0, 1) for i in range(WARMUP + COUNTED))]
+        for i in range(WARMUP):
+            step_fn(*batches[i], i)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses = [step_fn(*batches[i], i)["loss"] for i in range(WARMUP, WARMUP + COUNTED)]
+            report["syncs"][stage] = ""
+        except RuntimeError as err:
+            losses, report["syncs"][stage] = [], str(err).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        report["losses"][stage] = [loss.item() for loss in losses]
+    return report
+
+
+def compile_counts() -> dict:
+    """speed.compile=on at ZeRO 0-3, built as the trainer builds it, with a backend that counts the
+    graphs it is given: graphs and graph breaks in the first step, graphs compiled after it
+    (recompiles), and whether compile was on."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ijepa_fast.engines import build_engine, models_for_run, train_step_for
+
+    graphs = [0]
+
+    def counting_backend(gm, example_inputs):
+        graphs[0] += 1
+        return gm.forward
+
+    real_compile = torch.compile
+    torch.compile = lambda *args, **kwargs: real_compile(*args, **{**kwargs, "backend": counting_backend})
+    report = {}
+    try:
+        for stage in (0, 1, 2, 3):
+            torch._dynamo.reset()
+            counters.clear()
+            graphs[0] = 0
+            cfg = tiny_config(stage)
+            cfg.run.engine, cfg.speed.compile = "deepspeed", "on"
+            device = torch.device("cpu")
+            engine = build_engine(cfg, *models_for_run(cfg, device, 1), device, 1)
+            step_fn = train_step_for(cfg, engine, STEPS_PER_EPOCH)
+            first = None
+            for i in range(WARMUP + COUNTED):
+                step_fn(*local_batch(i, 0, 1), i)
+                if i == 0:
+                    first = (graphs[0], sum(counters["graph_break"].values()))
+            report[stage] = {
+                "graphs": first[0],
+                "breaks": sum(counters["graph_break"].values()),
+                "recompiles": graphs[0] - first[0],
+            }
+    finally:
+        torch.compile = real_compile
+    return report
 
 
 def run_on_locked_folder(overrides: list[str]) -> int:
@@ -291,7 +557,23 @@ def main(argv: list[str]) -> int:
         for stage in (int(s) for s in argv[2].split(",")):
             run_stage(stage, out, env.rank, env.world_size)
         run_accumulation(out, env.rank, env.world_size)
+        for stage in (0, 1, 2, 3):
+            run_bf16(stage, out, env.rank, env.world_size)
+        for stage in FROM_ONE_STAGES:  # the checkpoints a world of one wrote (``single``)
+            resumed = resume_on_other_world(stage, Path(argv[3]) / f"one_rank{stage}", env.rank, env.world_size)
+            if env.rank == 0:
+                torch.save({k: v for k, v in resumed.items() if k != "engine"}, out / f"result_from1_{stage}.pt")
         dist_.barrier()
+        dist_.cleanup()
+        return 0
+    if mode == "gpu":
+        dist_.init(deepspeed=True, timeout_s=120, device=torch.device("cuda", 0))
+        (out / "gpu.json").write_text(json.dumps(on_gpu(), indent=1))
+        dist_.cleanup()
+        return 0
+    if mode == "from2":  # a world of one resumes the two-rank checkpoints of ``zero`` (argv[2])
+        dist_.init(deepspeed=True, timeout_s=120)
+        run_from_two_ranks(out, Path(argv[2]))
         dist_.cleanup()
         return 0
     if mode == "single":

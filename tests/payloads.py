@@ -19,7 +19,11 @@ class ShellPayload:
 
 
 def plant(path: Path, marker: Path, key: str = "planted") -> None:
-    """Add a payload under ``key`` to the dict checkpoint at ``path``, keeping everything else."""
+    """Add a payload under ``key`` to the dict checkpoint at ``path``, keeping everything else (any
+    other file, e.g. a bare tensor, becomes the list [its content, the payload])."""
     state = torch.load(path, map_location="cpu", weights_only=False)  # a file the test just wrote
-    state[key] = ShellPayload(marker)
+    if isinstance(state, dict):
+        state[key] = ShellPayload(marker)
+    else:
+        state = [state, ShellPayload(marker)]
     torch.save(state, path)

@@ -417,6 +417,27 @@ def test_samplers_of_two_ranks_cover_every_index_once_per_epoch():
                 assert sorted(seen) == list(range(48))
 
 
+def test_the_same_global_batch_over_other_ranks_and_accumulation_takes_the_same_samples_each_step():
+    """45 images, global batch 6: 2 ranks x 3 x 1 micro-batch, or 1 rank x 3 x 2 micro-batches. Every
+    optimizer step takes the same 6 samples, over three epochs (7 steps each, 3 images dropped), also
+    when the single rank resumes mid-run; both count the same optimizer steps per epoch."""
+    n, batch, steps = 45, 3, 21
+    two = [iter(StepBatchSampler(n, batch, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    one = StepBatchSampler(n, batch, seed=1, world_size=1, accum=2)
+    assert one.steps_per_epoch // 2 == StepBatchSampler(n, batch, seed=1, rank=0, world_size=2).steps_per_epoch == 7
+    ones, resumed = iter(one), iter(StepBatchSampler(n, batch, seed=1, world_size=1, start_step=2 * 10, accum=2))
+
+    def indices(*micro_batches) -> list[int]:
+        return sorted(i for keys in micro_batches for i, _, _ in keys)
+
+    for step in range(steps):
+        want = indices(next(two[0]), next(two[1]))
+        got = indices(next(ones), next(ones))
+        assert got == want, step
+        if step >= 10:
+            assert indices(next(resumed), next(resumed)) == want, step
+
+
 def test_two_rank_loaders_see_disjoint_halves(tmp_path):
     n = 32
     images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None] * 7, 28 * 28).reshape(n, 28, 28)

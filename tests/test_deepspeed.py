@@ -18,6 +18,7 @@ communication op (~35 s, cached in ~/.cache/torch_extensions).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -109,23 +110,40 @@ def _tail(texts: list[str], n: int = 3000) -> str:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory) -> dict[int, dict]:
-    if not available("deepspeed"):
-        pytest.skip("deepspeed is not installed")
+def zero_runs(tmp_path_factory, single_rank) -> dict:
+    """ds_worker.py ``zero`` on two ranks: fp32 runs of ZeRO 1-3 (``runs[stage]``), gradient
+    accumulation, bf16 runs of ZeRO 0-3 with the GPU's config (``runs["bf16"][stage]``: also the op
+    builds and host reads counted on rank 0), and the resumes of the checkpoints a world of one
+    wrote (``runs["from1"][stage]``)."""
     out = tmp_path_factory.mktemp("zero")
-    codes, texts, _ = launch("zero", out, ",".join(map(str, STAGES)), timeout=480)
+    codes, texts, _ = launch("zero", out, ",".join(map(str, STAGES)), str(single_rank["folder"]), timeout=600)
     assert codes == [0] * WORLD, _tail(texts)
     runs = {s: torch.load(out / f"result_zero{s}.pt", weights_only=False) for s in STAGES}
     for s in STAGES:
         runs[s]["monitors"] = [torch.load(out / f"monitors_zero{s}_rank{r}.pt") for r in range(WORLD)]
     runs["accum"] = torch.load(out / "result_accum.pt", weights_only=False)
+    runs["bf16"] = {s: torch.load(out / f"result_bf16_{s}.pt", weights_only=False) for s in range(4)}
+    runs["from1"] = {s: torch.load(out / f"result_from1_{s}.pt", weights_only=False) for s in W.FROM_ONE_STAGES}
+    runs["folder"] = out
     return runs
 
 
 @pytest.fixture(scope="module")
-def plain_run() -> dict:
+def from_two_ranks(tmp_path_factory, zero_runs) -> dict:
+    """ds_worker.py ``from2``: a world of one resumes the two-rank step-3 checkpoints of ``zero_runs``
+    (one more process, ~1 min on 2 cores: its tests are ``slow``; the weights-only reads it covers
+    end to end are tested alone in ``test_deepspeeds_reads_during_a_resharded_load_are_weights_only``)."""
+    out = tmp_path_factory.mktemp("from2")
+    codes, texts, _ = launch("from2", out, str(zero_runs["folder"]), timeout=400, world=1)
+    assert codes == [0], _tail(texts)
+    runs = {s: torch.load(out / f"result_from2_{s}.pt", weights_only=False) for s in W.FROM_TWO_STAGES}
+    runs["planted"] = json.loads((out / "planted_universal.json").read_text())
+    return runs
+
+
+def _plain_run(cfg) -> dict:
     """The single-process plain step on the global batches (both ranks' halves together)."""
-    step = W.plain_step(W.tiny_config())
+    step = W.plain_step(cfg)
     student, target = step.student, step.target_encoder
     losses = []
     for i in range(W.STEPS):
@@ -141,6 +159,16 @@ def plain_run() -> dict:
         "predictor": student.predictor.state_dict(),
         "target_encoder": target.state_dict(),
     }
+
+
+@pytest.fixture(scope="module")
+def plain_run() -> dict:
+    return _plain_run(W.tiny_config())
+
+
+@pytest.fixture(scope="module")
+def plain_bf16_run() -> dict:
+    return _plain_run(W.gpu_config(1))
 
 
 def _assert_states_close(got: dict, want: dict, **tol) -> None:
@@ -236,18 +264,104 @@ def test_zero3_shard_local_ema_equals_the_full_ema_without_collectives(zero_runs
         torch.testing.assert_close(check["got"][name], want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def _relative_distance(got: dict, want: dict, start: dict) -> float:
+    """||got - want|| / ||want - start|| over every tensor of the state dicts: how far apart two
+    trained states are, as a fraction of how far training moved the weights."""
+    apart = sum(((got[k].float() - want[k].float()) ** 2).sum() for k in want)
+    moved = sum(((want[k].float() - start[k].float()) ** 2).sum() for k in want)
+    return float((apart / moved).sqrt())
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_bf16_zero_agrees_with_the_plain_bf16_step_within_bf16s_own_error(stage, zero_runs, plain_run, plain_bf16_run):
+    """Two ranks, the GPU's config, bf16 autocast, five steps, against the single-process plain step.
+
+    The bound: both run the same bf16-autocast computation on fp32 weights and differ only in how
+    the fp32 gradients are summed (another order: ~1e-7 relative), far below bf16's own rounding
+    (2^-9). So the engine must lie closer to the plain bf16 step than that step lies to fp32:
+    - weights: by less than the plain bf16 weights' distance from the fp32 weights (relative L2:
+      Adam's first steps turn a near-zero gradient's rounding into a whole step for a few elements,
+      which a max-norm would report and an L2 over all weights does not);
+    - losses: two bf16 evaluations, each within bf16's error of the fp32 loss, differ by at most
+      twice the plain bf16 loss's largest distance from the fp32 loss."""
+    run = zero_runs["bf16"][stage]
+    assert run["ds_config"]["bf16"]["enabled"] is False and run["ds_config"]["communication_data_type"] == "fp32"
+    bf16_error = max(abs(a - b) for a, b in zip(plain_bf16_run["losses"], plain_run["losses"]))
+    for got, want in zip(run["losses"], plain_bf16_run["losses"]):
+        assert abs(got - want) <= 2 * bf16_error, (run["losses"], plain_bf16_run["losses"], bf16_error)
+    student, target = W.models(W.tiny_config())
+    start = {"encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict()}
+    start["target_encoder"] = target.state_dict()
+    for part in ("encoder", "predictor", "target_encoder"):
+        bound = _relative_distance(plain_bf16_run[part], plain_run[part], start[part])
+        assert _relative_distance(run["final"][part], plain_bf16_run[part], start[part]) < bound, part
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_bf16_ema_averages_the_fp32_master_weights(stage, zero_runs):
+    """After five bf16 steps, one EMA update through ``ema_pairs`` equals the EMA of the gathered
+    target with the optimizer's fp32 master weights (``safe_get_full_fp32_param``), exactly."""
+    run = zero_runs["bf16"][stage]
+    for name, want in run["ema_expected"].items():
+        torch.testing.assert_close(run["ema_got"][name], want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _assert_resumed_like_the_plain_run(run: dict, plain_run: dict) -> None:
+    assert run["resumed_from"] == W.SAVE_AT and run["rng_restored"]
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(plain_run["losses"][W.SAVE_AT :]), **LOSS_TOL)
+    _assert_states_close(run["final"], plain_run, **WEIGHT_TOL)
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", W.FROM_ONE_STAGES)
+def test_a_run_saved_on_one_rank_resumes_on_two(stage, zero_runs, plain_run):
+    """A world of one trains three steps on the global batch and saves; two ranks resume it (DeepSpeed's
+    universal checkpoint) and train steps 4-5: losses and weights as one uninterrupted run (AdamW's
+    moments and step count, the target encoder and the RNG all continue)."""
+    _assert_resumed_like_the_plain_run(zero_runs["from1"][stage], plain_run)
+
+
+@needs_ds
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", W.FROM_TWO_STAGES)
+def test_a_run_saved_on_two_ranks_resumes_on_one(stage, from_two_ranks, plain_run):
+    run = from_two_ranks[stage]
+    _assert_resumed_like_the_plain_run(run, plain_run)
+    exported = torch.load(run["exported"], map_location="cpu", weights_only=True)  # what ijepa-eval reads
+    assert exported["world_size"] == 1 and exported["step"] == W.STEPS
+    _assert_states_close(exported, run["final"], rtol=0, atol=0)
+
+
+@needs_ds
+@pytest.mark.slow
+def test_a_payload_planted_in_a_checkpoint_resumed_on_another_world_size_is_refused(from_two_ranks):
+    """In a rank's file that only the conversion reads, and in a file of the universal checkpoint
+    that DeepSpeed reads past our checkpoint engine: refused, naming the file; nothing ran."""
+    planted = from_two_ranks["planted"]
+    assert {(p["stage"], p["where"]) for p in planted} == {
+        (stage, where) for stage in W.FROM_TWO_STAGES for where in ("rank file", "universal file")
+    }
+    for p in planted:
+        assert p["file"] in p["error"] and "posix.system" in p["error"], p
+        assert not Path(p["marker"]).exists(), f"the payload in {p['file']} ran"
+
+
 # ----------------------------------------------------------------------------- one process: timeouts, safe loads
 
 
 @pytest.fixture(scope="module")
 def single_rank(tmp_path_factory) -> dict:
-    """ds_worker.py ``single``: ZeRO 0-3 in a world of one, checkpoints with payloads planted."""
+    """ds_worker.py ``single``: ZeRO 0-3 in a world of one: checkpoints with payloads planted,
+    compile counts, and checkpoints for ``zero_runs`` to resume on two ranks (in ``folder``).
+    ``log``: the process's output."""
     if not available("deepspeed"):
         pytest.skip("deepspeed is not installed")
     out = tmp_path_factory.mktemp("single")
-    codes, texts, _ = launch("single", out, timeout=400, world=1)
+    codes, texts, _ = launch("single", out, timeout=600, world=1)
     assert codes == [0], _tail(texts)
-    return json.loads((out / "single.json").read_text())
+    return {**json.loads((out / "single.json").read_text()), "folder": out, "log": texts[0]}
 
 
 @needs_ds
@@ -271,6 +385,53 @@ def test_a_payload_planted_in_any_deepspeed_checkpoint_file_is_refused_and_runs_
     for p in planted:
         assert p["file"] in p["error"] and "posix.system" in p["error"], p
         assert not Path(p["marker"]).exists(), f"the payload in {p['file']} ran"
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_building_engines_from_the_gpu_config_reaches_no_op_build(stage, zero_runs):
+    """ZeRO 0-3 built from the config generated for a CUDA device: no DeepSpeed op builder's
+    ``load`` / ``jit_load`` (nor torch's JIT extension build) is called."""
+    assert zero_runs["bf16"][stage]["builds"] == []
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_no_step_reads_the_device_at_any_zero_stage(stage, zero_runs):
+    """Two ranks, the GPU's config, bf16 autocast: after two warm-up steps (ZeRO-3 records its
+    parameter trace), three steps call none of item, tolist, bool, float, int, cpu, numpy on a
+    tensor on rank 0."""
+    assert zero_runs["bf16"][stage]["host_reads"] == {}
+
+
+@needs_ds
+def test_compile_under_zero_breaks_no_graph_and_is_off_at_stage_3(single_rank):
+    """speed.compile=on, built as the trainer builds it, a backend counting the graphs it gets:
+    ZeRO 0-2 compile each block once (no graph break, no recompile in four more steps); ZeRO-3
+    runs eager, with one line in the log saying why (compiled under it, blocks broke into dozens
+    of graphs and hit the recompile limit)."""
+    counts = single_rank["compile"]
+    for stage in ("0", "1", "2"):
+        assert counts[stage]["graphs"] > 0 and counts[stage]["breaks"] == 0 and counts[stage]["recompiles"] == 0
+    assert counts["3"] == {"graphs": 0, "breaks": 0, "recompiles": 0}
+    reasons = [line for line in single_rank["log"].splitlines() if "speed.compile=on: off" in line]
+    assert len(reasons) == 1 and "ZeRO-3" in reasons[0], reasons
+
+
+@needs_ds
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_zero_builds_no_op_and_no_step_synchronizes(tmp_path):
+    """One GPU, ZeRO 0-3 with the generated config, bf16 autocast, torch's fused AdamW, the tiny
+    model: building each engine reaches no op build (no nvcc), and three steps after two warm-up
+    steps run under ``torch.cuda.set_sync_debug_mode("error")`` with finite losses."""
+    codes, texts, _ = launch("gpu", tmp_path, timeout=240, world=1, extra_env={"DS_ACCELERATOR": "cuda"})
+    assert codes == [0], _tail(texts)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["builds"] == {str(stage): [] for stage in range(4)}
+    assert report["syncs"] == {str(stage): "" for stage in range(4)}
+    for losses in report["losses"].values():
+        assert len(losses) == W.COUNTED and all(math.isfinite(x) for x in losses), report["losses"]
 
 
 @needs_ds
@@ -402,11 +563,8 @@ def _cfg(**run):
     return cfg
 
 
-def test_generated_config_follows_our_config(monkeypatch):
-    from ijepa_fast import device as precision
+def test_generated_config_follows_our_config():
     from ijepa_fast.engines.deepspeed import deepspeed_config, global_batch
-
-    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device: True)  # a bf16 GPU, on any machine
 
     cfg = _cfg()
     ds = deepspeed_config(cfg, world_size=4, grad_accum=3, device_type="cpu")
@@ -414,21 +572,28 @@ def test_generated_config_follows_our_config(monkeypatch):
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == W.PER_RANK * 4 * 3
     assert global_batch(ds) == (W.PER_RANK * 12, W.PER_RANK, 4, 3)
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == W.GRAD_CLIP
-    assert ds["bf16"]["enabled"] is False  # fp32 run
     params = ds["optimizer"]["params"]
-    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True  # no JIT build off CUDA
+    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True and params["foreach"] is True
     assert params["betas"] == list(cfg.optim.betas) and params["eps"] == cfg.optim.eps
-    gpu = deepspeed_config(_cfg(dtype="auto"), world_size=8, device_type="cuda")
-    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
-    assert gpu["torch_autocast"]["enabled"] is False
-    # no ZeRO: fp32 weights and gradients, the step's autocast (DeepSpeed has no fp32-master bf16 path there)
-    ddp = deepspeed_config(_cfg(dtype="bf16", zero_stage=0), world_size=8, device_type="cuda")
-    assert ddp["bf16"]["enabled"] is False and ddp["torch_autocast"]["enabled"] is False
-    # the step owns gradient accumulation: every engine step() is an optimizer step
-    assert ddp["managed_gradient_accumulation"] is False
-    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device: False)  # e.g. a V100: auto is fp32
-    old_gpu = deepspeed_config(_cfg(dtype="auto"), world_size=8, device_type="cuda")
-    assert old_gpu["bf16"]["enabled"] is False and old_gpu["torch_autocast"]["enabled"] is False
+    # a GPU: torch's fused AdamW through DeepSpeed's config, so DeepSpeed builds no FusedAdam with nvcc
+    for stage in (0, 1, 2, 3):
+        gpu = deepspeed_config(_cfg(dtype="auto", zero_stage=stage), world_size=8, device_type="cuda")
+        assert gpu["optimizer"]["params"] == {
+            "torch_adam": True,
+            "fused": True,
+            "lr": cfg.optim.start_lr,
+            "weight_decay": cfg.optim.weight_decay,
+            "betas": list(cfg.optim.betas),
+            "eps": cfg.optim.eps,
+        }
+        # bf16 is the step's autocast over fp32 weights; gradients are reduced in fp32
+        assert gpu["bf16"]["enabled"] is False and gpu["torch_autocast"]["enabled"] is False
+        assert gpu["communication_data_type"] == "fp32"
+        # the step owns gradient accumulation: every engine step() is an optimizer step
+        assert gpu["managed_gradient_accumulation"] is False
+    authors = _cfg()
+    authors.speed.fused_optimizer = False  # torch's default AdamW, as the authors
+    assert "fused" not in deepspeed_config(authors, world_size=8, device_type="cuda")["optimizer"]["params"]
     json.dumps(ds)  # serialisable as DeepSpeed's JSON
 
 
@@ -464,6 +629,8 @@ def test_conflicting_ds_config_is_an_error_naming_both_keys_and_values(tmp_path)
                 "train_micro_batch_size_per_gpu": 8,
                 "zero_optimization": {"stage": 3},
                 "scheduler": {"type": "WarmupLR"},
+                "bf16": {"enabled": True},
+                "checkpoint": {"load_universal": True},
             }
         )
     )
@@ -475,12 +642,36 @@ def test_conflicting_ds_config_is_an_error_naming_both_keys_and_values(tmp_path)
     assert f"train_batch_size=64 in run.ds_config={path} conflicts with train_batch_size={W.PER_RANK * 2}" in msg
     assert "zero_optimization.stage=3" in msg and "run.zero_stage=2" in msg
     assert "scheduler" in msg
+    assert "bf16.enabled=True" in msg and "fp32 weights under the training step's autocast" in msg
+    assert "checkpoint.load_universal=True" in msg
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         deepspeed_config(_cfg(ds_config=str(bad)), world_size=1)
     with pytest.raises(ConfigError, match="does not exist"):
         deepspeed_config(_cfg(ds_config=str(tmp_path / "missing.json")), world_size=1)
+
+
+def test_deepspeeds_reads_during_a_resharded_load_are_weights_only(tmp_path):
+    """While a checkpoint is converted to a universal one and loaded, DeepSpeed's own
+    ``torch.load(..., weights_only=False)`` calls go through ``checkpoint.load_file``: tensors and
+    plain data load, a pickled payload is refused naming the file and runs nothing, and
+    ``torch.load`` is torch's again afterwards."""
+    from ijepa_fast.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.engines import deepspeed_universal as uc
+    from tests.payloads import plant
+
+    good, bad, marker = tmp_path / "exp_avg.pt", tmp_path / "exp_avg_sq.pt", tmp_path / "ran"
+    torch.save({"param": torch.arange(3.0), "step": 2}, good)
+    torch.save({"param": torch.arange(3.0)}, bad)
+    plant(bad, marker)
+    real = torch.load
+    with uc.weights_only_torch_load([]):
+        loaded = torch.load(good, weights_only=False)  # as DeepSpeed's readers call it
+        with pytest.raises(UntrustedCheckpointError, match=re.escape(str(bad))):
+            torch.load(bad, map_location="cpu", weights_only=False)
+    assert torch.equal(loaded["param"], torch.arange(3.0)) and loaded["step"] == 2
+    assert not marker.exists() and torch.load is real
 
 
 def test_stage3_target_config_partitions_without_optimizer_or_persistence():
@@ -503,9 +694,6 @@ class _EngineStandIn:
 
     def load_checkpoint(self, *args, **kwargs):
         raise AssertionError
-
-    def load_universal_checkpoint(self) -> bool:
-        return False
 
 
 def _step_on_stand_in(stage: int):
@@ -623,33 +811,75 @@ def test_timeout_and_engine_resolution():
         (
             "slurm.sbatch",
             {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "4"},
-            ["srun", "--nnodes 2 --nproc_per_node 4", "--rdzv_endpoint gpu01:", "-m ijepa_fast.pretrain"],
+            [
+                "srun",
+                "--nnodes 2 --nproc_per_node 4",
+                "--rdzv_endpoint gpu01:20042 --rdzv_conf join_timeout=1800",
+                "-m ijepa_fast.pretrain",
+            ],
         ),
     ],
 )
 def test_launch_scripts_build_their_commands(script, env, expected, tmp_path):
-    fake = tmp_path / "scontrol"  # SLURM's `scontrol show hostnames gpu[01-02]`
-    fake.write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\n'\n")
-    fake.chmod(0o755)
-    run_env = {
-        **os.environ,
-        "IJEPA_LAUNCH_DRY_RUN": "1",
-        "PYTHON": "python",
-        **env,
-        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
-    }
-    out = subprocess.run(
-        ["bash", str(REPO / "launch" / script), "--config", "configs/demo.yaml", "optim.lr=5e-4"],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _dry_run(script, env, tmp_path, "--config", "configs/demo.yaml", "optim.lr=5e-4")
     assert out.returncode == 0, out.stderr
     command = out.stdout.strip().splitlines()[-1]
     for part in expected:
         assert part in command, (part, command)
-    assert command.endswith("--config configs/demo.yaml optim.lr=5e-4"), command
+    # the multi-node scripts pass the resolved collective timeout on to every process
+    passed = " run.dist_timeout_s=1800" if script in ("multi_node.sh", "slurm.sbatch") else ""
+    assert command.endswith(f"--config configs/demo.yaml optim.lr=5e-4{passed}"), command
+
+
+def _dry_run(script: str, env: dict, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    fake = tmp_path / "scontrol"  # SLURM's `scontrol show hostnames gpu[01-02]`
+    fake.write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\n'\n")
+    fake.chmod(0o755)
+    run_env = {k: v for k, v in os.environ.items() if k != dist_.TIMEOUT_ENV}
+    run_env |= {
+        "IJEPA_LAUNCH_DRY_RUN": "1",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        **env,
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+    }
+    return subprocess.run(
+        ["bash", str(REPO / "launch" / script), *args], env=run_env, capture_output=True, text=True, timeout=120
+    )
+
+
+SLURM_2x8 = {"SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "8"}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("script, env", [("slurm.sbatch", SLURM_2x8), ("multi_node.sh", {})])
+def test_multi_node_scripts_print_the_world_layout_and_pass_the_collective_timeout(script, env, tmp_path):
+    """2 nodes x 8 GPUs (the hostfile's slots, or SLURM's): one layout line at start; the timeout from
+    IJEPA_DIST_TIMEOUT_S, or from run.dist_timeout_s, reaches every process on the command line (and
+    torchrun's rendezvous); a config error stops the script before it launches anything."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu01 slots=8\ngpu02 slots=8\n")
+    env = {**env, "HOSTFILE": str(hostfile), dist_.TIMEOUT_ENV: "600"}
+    base = ("--config", "configs/demo.yaml", "data.batch_size=64", "optim.grad_accum=2", "run.zero_stage=3")
+    out = _dry_run(script, env, tmp_path, *base)
+    assert out.returncode == 0, out.stderr
+    layout = [line for line in out.stderr.splitlines() if line.startswith("ijepa: ")]
+    assert layout == [
+        "ijepa: 2 node(s) x 8 process(es) = 16 ranks, rendezvous gpu01:"
+        + ("20042" if script == "slurm.sbatch" else "29500")
+        + "; global batch 2048 = 64 per rank x 16 ranks x 2 accumulation; engine deepspeed, ZeRO stage 3; "
+        "collective timeout 600 s (IJEPA_DIST_TIMEOUT_S)"
+    ], out.stderr
+    assert out.stdout.strip().endswith("run.zero_stage=3 run.dist_timeout_s=600")
+    out = _dry_run(script, env, tmp_path, *base, "run.dist_timeout_s=90.5")
+    command = out.stdout.strip()
+    assert command.endswith("run.dist_timeout_s=90.5 run.dist_timeout_s=90.5"), command
+    assert "(run.dist_timeout_s)" in out.stderr
+    if script == "slurm.sbatch":
+        assert "--rdzv_conf join_timeout=91" in command
+    out = _dry_run(script, env, tmp_path, "--config", "configs/demo.yaml", "run.zero_stage=9")
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert "ijepa: config error: run.zero_stage=9" in out.stderr
 
 
 # ----------------------------------------------------------------------------- the CLI under both launchers

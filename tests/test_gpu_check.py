@@ -251,6 +251,7 @@ def test_the_cpu_form_of_gpu_check_runs_end_to_end_in_a_bare_virtualenv(tmp_path
     rows = part_statuses((tmp_path / "out" / "summary.md").read_text())
     assert rows["environment"] == "ok" and rows["preflight"] == "ok", rows
     assert rows["pytest_gpu"] == "skipped (no CUDA)"
+    assert rows["deepspeed_zero2"] == rows["deepspeed_zero3"] == "skipped (no CUDA)"
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
         logs = {
             Path(m.name).stem: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".log")
@@ -411,6 +412,7 @@ def test_the_gpu_form_runs_the_parts_in_order_and_its_output_fits_one_reply(tmp_
     summary = out[out.rindex("==================== gpu-check summary") :]
     assert summary.count("\n=== ") == 0 and out.count("==================== gpu-check summary") == 1
     order = ["environment", "preflight", "pytest_gpu", "step_vith14", "masked_gather", "ema", "attention", "data"]
+    order += ["deepspeed_zero2", "deepspeed_zero3"]
     assert list(part_statuses(summary)) == [*order, "scaling"], summary
     assert "| authors | 60.0 | 1.00 | 12.3% |" in summary and "| all on (default) |" in summary
     assert "< 1200 A100 GPU-hours" in summary and "Kernels against the roofline" in summary

@@ -19,6 +19,7 @@ PACKAGE_DIRS = {"ijepa_fast": REPO / "ijepa_fast", "ijepa_fast.kernels": REPO / 
 # Modules whose job is a command line (their `main` is a console script or `python -m` target).
 CLI_MODULES = {
     "ijepa_fast.pretrain",
+    "ijepa_fast.launch_plan",
     "ijepa_fast.export_cli",
     "ijepa_fast.demo",
     "ijepa_fast.bench",

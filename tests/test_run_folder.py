@@ -104,3 +104,34 @@ def test_without_flock_the_record_decides(tmp_path, monkeypatch, caplog, record,
     assert not run_folder._held
     if not taken:  # a refused attempt leaves the holder's record as it was
         assert json.loads((tmp_path / "run.lock").read_text()) == held
+
+
+def _config(batch: int, accum: int):
+    from ijepa_fast.config import Config
+
+    cfg = Config()
+    cfg.data.batch_size, cfg.optim.grad_accum = batch, accum
+    return cfg.validate()
+
+
+@pytest.mark.parametrize("batch, accum", [(8, 2), (16, 1)])
+def test_a_resume_on_other_ranks_may_change_batch_and_accumulation_when_the_global_batch_stays(tmp_path, batch, accum):
+    """Saved on 16 ranks x 8 x 1 = 128; resumed on 8 ranks x 8 x 2 or x 16 x 1: accepted."""
+    run_folder.write_config(tmp_path, _config(8, 1), None)
+    run_folder.write_config(tmp_path, _config(batch, accum), 10, ranks=(16, 8))
+    stored = run_folder._stored(tmp_path / "config.yaml")
+    assert (stored.data.batch_size, stored.optim.grad_accum) == (batch, accum)
+
+
+def test_a_resume_on_other_ranks_with_another_global_batch_is_refused_saying_how_to_keep_it(tmp_path):
+    run_folder.write_config(tmp_path, _config(8, 1), None)
+    with pytest.raises(run_folder.ConfigChangedError) as err:
+        run_folder.write_config(tmp_path, _config(8, 1), 10, ranks=(16, 8))
+    assert str(err.value) == (
+        f"--resume: the run in {tmp_path} has a global batch of 128 (8 per rank x 16 ranks x 1 accumulation) "
+        "and this run 64 (8 x 8 ranks x 1): set optim.grad_accum=2 or data.batch_size=16 to keep it "
+        "(schedules and data order follow it), or pass --allow-config-change"
+    )
+    run_folder.write_config(tmp_path, _config(8, 1), 10, allow_change=True, ranks=(16, 8))
+    with pytest.raises(run_folder.ConfigChangedError, match="optim.grad_accum: 1 -> 2"):  # same ranks: any change
+        run_folder.write_config(tmp_path, _config(8, 2), 20, ranks=(8, 8))

@@ -427,7 +427,9 @@ def test_a_signal_mid_accumulation_stops_after_the_step_completes(tmp_path):
 def test_grad_accum_beyond_one_epoch_is_an_error_naming_it(tmp_path):
     data = write_idx(tmp_path / "data", n=96)  # 12 micro-batches of 8
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "big", **{"optim.grad_accum": 13}))
-    with pytest.raises(ValueError, match="optim.grad_accum=13 exceeds the 12 micro-batches"):
+    # an epoch is whole optimizer steps of the global batch (8 x 13 = 104 images): there is none
+    want = "96 images are fewer than one global batch (8 per rank x 1 ranks x 13 accumulation): lower data.batch_size"
+    with pytest.raises(ValueError, match=re.escape(f"{want} or optim.grad_accum")):
         Trainer(cfg).fit()
 
 

@@ -50,6 +50,7 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         start_step=start_step,
+        accum=cfg.optim.grad_accum,
     )
     if resolve_loader_kind(cfg.data, device) == "dali":
         from ijepa_fast.data.dali.loader import build_dali_loader

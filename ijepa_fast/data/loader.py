@@ -5,9 +5,12 @@ How a batch is made:
 
 - ``StepBatchSampler`` (main process) yields, for each global step s from ``start_step`` on, this
   rank's list of ``(index, s, epoch)``. Epoch e shuffles the dataset with a permutation of
-  (seed, e), keeps its first ``steps_per_epoch * batch * world`` entries (drop-last, so every rank
-  runs the same number of steps) and deals them to ranks (rank r takes every world-th entry), so
-  across ranks every kept sample is seen exactly once per epoch. Starting at step s computes the
+  (seed, e), keeps its first ``steps_per_epoch * batch * world`` entries (drop-last, whole optimizer
+  steps of ``accum`` micro-batches, so every rank runs the same number of steps) and deals them to
+  ranks (rank r takes every world-th entry), so across ranks every kept sample is seen exactly once
+  per epoch. Optimizer step t takes entries [t * G, (t + 1) * G) of the epoch's permutation, G the
+  global batch (batch x world x accum): a run resumed with another number of ranks and accumulation
+  of the same global batch takes the same samples at every step. Starting at step s computes the
   epoch's permutation and slices it: nothing before s is decoded.
 - ``PretrainDataset`` (worker) decodes item ``index``; when the file is undecodable it takes the
   next index (wrapping) until one decodes, and marks the sample as skipped with the file's path and
@@ -221,21 +224,32 @@ class Collate:
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Infinite: for each global step from ``start_step``, this rank's ``[(index, step, epoch)]``.
+    """Infinite: for each global step (micro-batch) from ``start_step``, this rank's
+    ``[(index, step, epoch)]``.
 
-    See the module docstring; ``steps_per_epoch = n // (batch_size * world_size)``.
+    See the module docstring; ``steps_per_epoch = n // (batch_size * world_size * accum) * accum``
+    micro-batches (``accum`` of them make one optimizer step).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        accum: int = 1,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if start_step < 0:
-            raise ValueError(f"start_step={start_step} must be >= 0")
-        self.steps_per_epoch = n // (batch_size * world_size)
+        if start_step < 0 or accum < 1:
+            raise ValueError(f"start_step={start_step} must be >= 0 and accum={accum} >= 1")
+        self.steps_per_epoch = n // (batch_size * world_size * accum) * accum
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"{n} images are fewer than one global batch ({batch_size} per rank x {world_size} "
-                "ranks): lower data.batch_size or add images"
+                f"ranks x {accum} accumulation): lower data.batch_size or optim.grad_accum, or add images"
             )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
@@ -328,17 +342,19 @@ def build_pretrain_loader(
     rank: int = 0,
     world_size: int = 1,
     start_step: int = 0,
+    accum: int = 1,
 ) -> PretrainLoader:
     """The CPU pretraining loader of a ``DataConfig``.
 
     ``grid``: the patch grid (``crop_size // patch_size``, or (H, W)); ``mask_kwargs``: the
-    ``MultiBlockMaskSampler`` keywords other than ``seed``. Yields ``Batch`` with images
-    [batch_size, 3, crop_size, crop_size] float32 for steps ``start_step``, ``start_step + 1``, ...
+    ``MultiBlockMaskSampler`` keywords other than ``seed``; ``accum``: micro-batches per optimizer
+    step. Yields ``Batch`` with images [batch_size, 3, crop_size, crop_size] float32 for
+    (micro-batch) steps ``start_step``, ``start_step + 1``, ...
     ``pin_memory`` applies only when CUDA is available; ``num_workers > 0`` keeps its workers alive
     across epochs (the sampler never ends an epoch anyway).
     """
     dataset = PretrainDataset(open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit)
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, rank, world_size, start_step)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, rank, world_size, start_step, accum)
     masks = MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)
     return PretrainLoader(dataset, masks, sampler, cfg.num_workers, cfg.pin_memory and torch.cuda.is_available())
 

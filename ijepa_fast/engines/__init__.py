@@ -17,7 +17,7 @@ from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import distributed
 from ijepa_fast.device import resolve_precision
 from ijepa_fast.distributed import DistEnv
-from ijepa_fast.models.ijepa import models_from_config
+from ijepa_fast.models.ijepa import compile_wanted, models_from_config
 from ijepa_fast.optim import build_optimizer
 from ijepa_fast.schedules import Schedules
 from ijepa_fast.step import Engine, StepOptions, TrainStep
@@ -92,6 +92,20 @@ def start_process(cfg, env: DistEnv) -> torch.device:
     return device
 
 
+def models_for_run(cfg, device: torch.device, world_size: int = 1):
+    """(student, target encoder) of a run for its engine: ``models_from_config``, with compile turned
+    off (and a line in the log saying why) where the engine cannot run compiled blocks."""
+    wanted = compile_wanted(cfg.speed.compile, device)
+    if wanted and resolve_engine(cfg.run.engine, world_size) == "deepspeed":
+        from ijepa_fast.engines.deepspeed import compile_refusal
+
+        reason = compile_refusal(cfg.run.zero_stage)
+        if reason:
+            log.warning("speed.compile=%s: off, %s", cfg.speed.compile, reason)
+            wanted = False
+    return models_from_config(cfg, device, compile=wanted)
+
+
 def build_engine(cfg, student, target_encoder, device: torch.device, world_size: int = 1) -> Engine:
     """The engine ``run.engine`` names over ``student`` and ``target_encoder``."""
     if device.type == "cuda":
@@ -126,4 +140,5 @@ def train_step_for(cfg, engine: Engine, steps_per_epoch: int) -> TrainStep:
 def build_train_step(cfg, device: torch.device, steps_per_epoch: int, world_size: int = 1) -> TrainStep:
     """A run's training step from scratch: models, engine and step (the profiler's entry point; the
     trainer makes the same calls with a checkpoint restored in between)."""
-    return train_step_for(cfg, build_engine(cfg, *models_from_config(cfg, device), device, world_size), steps_per_epoch)
+    models = models_for_run(cfg, device, world_size)
+    return train_step_for(cfg, build_engine(cfg, *models, device, world_size), steps_per_epoch)

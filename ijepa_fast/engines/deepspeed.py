@@ -15,11 +15,14 @@ and weight decay, the step divides the loss for gradient accumulation and DeepSp
   does for any module). Its persistence thresholds are 0 so no gathered copy outlives a forward
   and goes stale after the EMA writes the partitions.
 
-Precision: ``run.dtype`` bf16 -> with ZeRO, DeepSpeed ``bf16`` (bf16 weights, fp32 master weights
-and AdamW state in the optimizer); without ZeRO (stage 0), fp32 weights (see ``_owned``). The step
-runs the forward under bf16 autocast either way. The target encoder stays fp32 (an EMA with
-momentum 0.9999 vanishes in bf16). fp32 -> no mixed precision. ``auto`` is decided by
-``device.resolve_precision`` (bf16 where the device has native bf16).
+Precision: fp32 weights at every stage; ``run.dtype`` bf16 runs the forward under the step's bf16
+autocast, as the plain engine and the authors do. So the EMA averages the fp32 weights (at stage 3,
+this rank's fp32 partitions), gradients are fp32 and are reduced in fp32. DeepSpeed's ``bf16`` mode
+is not used: it stores the weights, the residual stream and each rank's gradients in bf16, and drifts
+from the plain bf16 step by several times bf16's own rounding error. No step reads the device from
+the host: the norm checks ZeRO 1-3 make after reducing the gradients (``bool()`` of a device tensor,
+whatever DeepSpeed's config says) are skipped while ``step`` runs (``_no_norm_checks``); non-finite
+values are caught where the trainer reads the loss.
 
 Checkpoints go through the engine, plus one small file per rank with what differs per rank (RNG,
 stage-3 target partitions) and the world size and ZeRO stage, checked before the engine loads;
@@ -33,6 +36,7 @@ checkpoint engine whose ``load`` is ours, allowing only the plain records DeepSp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -48,11 +52,11 @@ from torch import nn
 
 from ijepa_fast import checkpoint as ckpt
 from ijepa_fast import distributed as dist_
-from ijepa_fast.device import resolve_precision
+from ijepa_fast.engines import deepspeed_universal as uc
 from ijepa_fast.errors import ConfigError
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
-from ijepa_fast.optim import param_groups
+from ijepa_fast.optim import adamw_implementation, param_groups
 from ijepa_fast.optional import require
 from ijepa_fast.step import PhaseMark, all_finite
 
@@ -63,22 +67,16 @@ log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^step_(\d{8,})$")
 _RANK_FILE = "ijepa_rank{:05d}.pt"
+_UNIVERSAL = "universal"  # save_dir/universal/<tag>: a tag converted for another number of ranks
 _QUIET_STEPS = 2**31 - 1  # DeepSpeed's own progress print; the trainer logs
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def _owned(cfg: Config, world_size: int, grad_accum: int, bf16: bool) -> list[tuple[str, Any, str]]:
-    """(DeepSpeed key, our value, where it comes from) for every value our config decides.
-
-    bf16 with ZeRO: DeepSpeed's ``bf16`` (bf16 weights, fp32 master copy in the optimizer). Stage 0
-    has no fp32 master path for bf16 weights (DeepSpeed refuses fp32 gradient accumulation there,
-    and its bf16-gradient path drifts from the fp32 losses), so stage 0 keeps fp32 weights and
-    gradients, and the step's autocast runs the forward in bf16, as with the plain engine.
-    """
+def _owned(cfg: Config, world_size: int, grad_accum: int) -> list[tuple[str, Any, str]]:
+    """(DeepSpeed key, our value, where it comes from) for every value our config decides."""
     o = cfg.optim
-    bf16_weights = bf16 and cfg.run.zero_stage > 0
     return [
         ("train_micro_batch_size_per_gpu", cfg.data.batch_size, f"data.batch_size={cfg.data.batch_size}"),
         ("gradient_accumulation_steps", grad_accum, f"gradient accumulation={grad_accum}"),
@@ -88,9 +86,19 @@ def _owned(cfg: Config, world_size: int, grad_accum: int, bf16: bool) -> list[tu
             f"data.batch_size={cfg.data.batch_size} x {world_size} ranks x {grad_accum} accumulation",
         ),
         ("zero_optimization.stage", cfg.run.zero_stage, f"run.zero_stage={cfg.run.zero_stage}"),
-        ("bf16.enabled", bf16_weights, f"run.dtype={cfg.run.dtype} and run.zero_stage={cfg.run.zero_stage}"),
+        (
+            "bf16.enabled",
+            False,
+            f"run.dtype={cfg.run.dtype}: fp32 weights under the training step's autocast, so the EMA averages "
+            "fp32 weights and gradients are fp32",
+        ),
         ("torch_autocast.enabled", False, "the training step's own autocast"),
         ("managed_gradient_accumulation", False, "the training step's gradient accumulation"),
+        (
+            "checkpoint.load_universal",
+            False,
+            "--resume (a checkpoint of another number of ranks is converted and loaded as universal by the engine)",
+        ),
         ("fp16.enabled", False, "run.dtype (fp16 is not supported; bf16 or fp32)"),
         ("gradient_clipping", float(o.grad_clip), f"optim.grad_clip={o.grad_clip}"),
         ("optimizer.params.lr", o.start_lr, f"optim.start_lr={o.start_lr} (then our schedule, every step)"),
@@ -165,8 +173,10 @@ def deepspeed_config(
     """The DeepSpeed JSON config of a run, generated from ``cfg`` and merged with ``user``.
 
     Generated: micro batch = ``data.batch_size`` (per rank), ``gradient_accumulation_steps``,
-    ``train_batch_size`` = micro x world x accumulation, ``zero_optimization.stage``, ``bf16``,
-    ``gradient_clipping`` and an AdamW optimizer (``torch_adam`` off CUDA: no JIT build).
+    ``train_batch_size`` = micro x world x accumulation, ``zero_optimization.stage``, fp32 weights
+    (``bf16`` off: the step's autocast computes in bf16), gradients reduced in fp32
+    (``communication_data_type``), ``gradient_clipping`` and torch's AdamW (``torch_adam``: DeepSpeed
+    builds no op; fused on CUDA when ``speed.fused_optimizer``, as the plain engine).
     ``user`` (default: ``run.ds_config``) may add or override any other key (buckets, offload,
     communication dtype...); a value it gives for a key listed above that differs from ours is a
     ``ConfigError`` naming both keys and both values; ``"auto"`` means "take ours". A DeepSpeed
@@ -179,8 +189,7 @@ def deepspeed_config(
         source = f"run.ds_config={cfg.run.ds_config}"
     else:
         source = "the user ds_config" if isinstance(user, Mapping) else str(user)
-    bf16 = resolve_precision(torch.device(device_type), cfg.run.dtype).name == "bf16"
-    owned = _owned(cfg, world_size, grad_accum, bf16)
+    owned = _owned(cfg, world_size, grad_accum)
     conflicts = []
     for key, ours, origin in owned:
         theirs = _get(user_cfg, key)
@@ -201,7 +210,11 @@ def deepspeed_config(
     ours: dict = {
         "steps_per_print": _QUIET_STEPS,
         "wall_clock_breakdown": False,
-        "optimizer": {"type": "AdamW", "params": {"torch_adam": device_type != "cuda"}},
+        "communication_data_type": "fp32",
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"torch_adam": True, **adamw_implementation(device_type, cfg.speed.fused_optimizer)},
+        },
     }
     for key, value, _ in owned:
         _set(ours, key, value)
@@ -232,6 +245,44 @@ def global_batch(ds_config: Mapping) -> tuple[int, int, int, int]:
     """(global batch, per-rank micro batch, ranks, accumulation steps) of a generated config."""
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     return ds_config["train_batch_size"], micro, ds_config["train_batch_size"] // (micro * accum), accum
+
+
+def compile_refusal(zero_stage: int) -> str | None:
+    """Why ``speed.compile`` is turned off at this ZeRO stage (None: it is not). DeepSpeed's ZeRO-3
+    hooks around every module are compile-disabled: compiled blocks break into dozens of graphs
+    and hit dynamo's recompile limit, and ``engine.compile`` (the whole model) does no better."""
+    if zero_stage == 3:
+        return "ZeRO-3's per-module parameter hooks break compiled blocks into many graphs (recompile limit)"
+    return None
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+@contextlib.contextmanager
+def _no_norm_checks():
+    """While active, DeepSpeed's ZeRO optimizers take every gradient norm as valid instead of reading
+    it to the host: their ``is_invalid_grad_norm`` is ``bool()`` of a device tensor, called once per
+    step (``step`` of stage_1_and_2 and of stage3) and once per parameter group when clipping
+    (stage_1_and_2's ``unscale_and_clip_grads``), whatever ``bf16.check_grad_overflow`` says. A
+    non-finite norm then clips the gradients to non-finite values, as in the plain engine, and the
+    trainer stops at its next read of the loss. Numbers (not tensors) are still checked."""
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    checked = stage_1_and_2.is_invalid_grad_norm  # the same function in both modules
+
+    def device_norms_pass(norm: Any) -> bool:
+        return False if torch.is_tensor(norm) else checked(norm)
+
+    modules = (stage_1_and_2, stage3)
+    saved = [m.is_invalid_grad_norm for m in modules]
+    for m in modules:
+        m.is_invalid_grad_norm = device_norms_pass
+    try:
+        yield
+    finally:
+        for m, fn in zip(modules, saved):
+            m.is_invalid_grad_norm = fn
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -286,7 +337,6 @@ class DeepSpeedEngine:
         ds = require("deepspeed", "run.engine=deepspeed")
         self.ds_config = ds_config
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))  # bf16 weights in the engine
         self.device = device
         self.engine, self.optimizer, _, _ = ds.initialize(
             model=student, model_parameters=param_groups(student), config=ds_config
@@ -306,9 +356,8 @@ class DeepSpeedEngine:
             self._target_forward = self.target_encoder
         total, micro, ranks, accum = global_batch(ds_config)
         log.info(
-            "DeepSpeed ZeRO stage %d, %s: global batch %d = %d per rank x %d ranks x %d accumulation",
+            "DeepSpeed ZeRO stage %d: global batch %d = %d per rank x %d ranks x %d accumulation",
             self.zero_stage,
-            "bf16 weights" if self.bf16 else "fp32 weights",
             total,
             micro,
             ranks,
@@ -326,7 +375,8 @@ class DeepSpeedEngine:
         self.engine.backward(loss, scale_wrt_gas=False)  # the step already divided it
 
     def step(self) -> None:
-        self.engine.step()  # unmanaged accumulation: reduce, clip, step, zero
+        with _no_norm_checks():
+            self.engine.step()  # unmanaged accumulation: reduce, clip, step, zero
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return dist_.all_mean_(value.float().clone())
@@ -376,6 +426,12 @@ class DeepSpeedEngine:
     def latest_step(run_dir: Path) -> int | None:
         """The step ``run_dir/deepspeed/latest`` names (None: no DeepSpeed checkpoint)."""
         return latest_step(run_dir / "deepspeed")
+
+    @staticmethod
+    def saved_ranks(run_dir: Path) -> int | None:
+        """The number of ranks that wrote the tag ``run_dir/deepspeed/latest`` names (None: none)."""
+        step = latest_step(run_dir / "deepspeed")
+        return None if step is None else saved_world_size(run_dir / "deepspeed" / DeepSpeedEngine.tag(step))
 
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
         """Collective: the engine checkpoint in ``run_dir/deepspeed`` (what ``--resume`` reads), then
@@ -427,45 +483,99 @@ class DeepSpeedEngine:
 
     def load_checkpoint(self, load_dir: str | Path, step: int | None = None, check=None) -> dict | None:
         """Collective. Restore engine, optimizer, target encoder and RNG from ``step`` (default:
-        ``latest``); return the client state, or None when there is no checkpoint."""
+        ``latest``); return the client state, or None when there is no checkpoint.
+
+        A ZeRO checkpoint written by another number of ranks is converted to DeepSpeed's universal
+        checkpoint first (rank 0, into ``load_dir/universal/<tag>``, deleted once every rank has
+        loaded it; without ZeRO every rank's file holds everything). A rank the checkpoint has no
+        file for takes the RNG state of rank ``rank % saved``.
+        """
         load_dir = Path(load_dir)
         step = latest_step(load_dir) if step is None else step
         if step is None:
             return None
-        tag, rank, world = self.tag(step), dist_.get_rank(), dist_.get_world_size()
-        own_path = load_dir / tag / _RANK_FILE.format(rank)
-        if not own_path.is_file():
-            saved = len(list((load_dir / tag).glob("ijepa_rank*.pt")))
-            raise ValueError(
-                f"{load_dir / tag} was written by {saved} rank(s) and holds no file for rank {rank} of "
-                f"{world}: resume on the same world size"
-            )
-        if self.engine.load_universal_checkpoint():  # read by DeepSpeed with the full unpickler, past our engine
-            raise ValueError("checkpoint.load_universal in run.ds_config is not supported: resume from our own tags")
-        own = ckpt.load_file(own_path, override=None)
-        if own["world_size"] != world:
-            raise ValueError(
-                f"{load_dir / tag} was written by {own['world_size']} ranks, this run has {world}: "
-                f"resume on the same world size"
-            )
+        tag_dir, rank, world = load_dir / self.tag(step), dist_.get_rank(), dist_.get_world_size()
+        saved_world = saved_world_size(tag_dir)
+        own = ckpt.load_file(tag_dir / _RANK_FILE.format(rank % saved_world), override=None)
         # Before the engine loads: DeepSpeed meets another stage's files with a bare assertion.
-        _check_zero_stage(load_dir / tag, own.get("zero_stage"), self.zero_stage)
-        path, client = self.engine.load_checkpoint(
-            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {load_dir}")
-        _check_zero_stage(load_dir / tag, client.get("zero_stage"), self.zero_stage)
+        _check_zero_stage(tag_dir, own.get("zero_stage"), self.zero_stage)
+        if saved_world == world or self.zero_stage == 0:
+            path, client = self.engine.load_checkpoint(
+                str(load_dir), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if path is None:
+                raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag_dir.name} in {load_dir}")
+            target_partitions = own.get("target_partitions")
+        else:
+            client, target_partitions = self._load_resharded(tag_dir, saved_world)
+        _check_zero_stage(tag_dir, client.get("zero_stage"), self.zero_stage)
         if check is not None:
             check(client)
         with torch.no_grad():
             if self.zero_stage == 3:
-                for t, saved in zip(self._shards()[0], own["target_partitions"], strict=True):
+                for t, saved in zip(self._shards()[0], target_partitions, strict=True):
                     t.copy_(saved)
             else:
                 self.target_encoder.load_state_dict(client["target_encoder"])
         ckpt.set_rng_state(own["rng"])
         return client
+
+    def _load_resharded(self, tag_dir: Path, saved_world: int) -> tuple[dict, list[torch.Tensor] | None]:
+        """Collective: load ``tag_dir`` (written by ``saved_world`` ranks) through DeepSpeed's universal
+        checkpoint; returns the client state and, at stage 3, this rank's target-encoder partitions."""
+        universal = tag_dir.parent / _UNIVERSAL / tag_dir.name
+        allowed = deepspeed_safe_globals()
+
+        def convert() -> None:  # rank 0 writes, the others wait in _agree_on's collective
+            if dist_.get_rank() == 0 and not uc.is_converted(universal):
+                convert_to_universal(tag_dir, universal, self.zero_stage)
+
+        self._agree_on(convert, "convert", tag_dir)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        config = self.engine._config  # DeepSpeed reads the universal flag only while it loads a checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            with uc.weights_only_torch_load(allowed):
+                path, client = self.engine.load_checkpoint(
+                    str(universal.parent),
+                    tag=universal.name,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                )
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no universal checkpoint in {universal}")
+        for group, settings in zip(self.optimizer.param_groups, groups, strict=True):
+            # ZeRO-3's universal load gives every group the first group's settings (which groups
+            # decay, above all); the schedules set lr and weight decay at the next step anyway.
+            group.update(settings)
+        _own_step_counts(self.optimizer.optimizer)
+        partitions = self._target_partitions_from(universal) if self.zero_stage == 3 else None
+        dist_.barrier()  # every rank has read the universal folder
+        if dist_.get_rank() == 0:
+            shutil.rmtree(universal.parent, ignore_errors=True)
+        log.info("resumed %s, written by %d rank(s), on %d", tag_dir, saved_world, dist_.get_world_size())
+        return client, partitions
+
+    def _target_partitions_from(self, universal: Path) -> list[torch.Tensor]:
+        """This rank's partition of each target-encoder parameter, from the joined flat parameters."""
+        flat = ckpt.load_file(universal / uc.TARGET_FILE, override=None)
+        rank = dist_.get_rank()
+        return [
+            uc.partition_of(f, p.ds_numel, rank, p.ds_tensor.numel())
+            for f, p in zip(flat, self.target_encoder.parameters(), strict=True)
+        ]
+
+    def _agree_on(self, action, what: str, tag_dir: Path) -> None:
+        """Run ``action``; when it fails on any rank every rank raises (a failed rank its own error)."""
+        error = None
+        try:
+            action()
+        except Exception as err:
+            error = err
+        if dist_.any_rank(error is not None, self.device):
+            raise error or RuntimeError(f"another rank could not {what} {tag_dir}; its log says why")
 
     # ------------------------------------------------------------------ export
     def _full_fp32(self, param: nn.Parameter) -> torch.Tensor:
@@ -567,3 +677,42 @@ def latest_step(save_dir: str | Path) -> int | None:
     if m is None:
         raise ValueError(f"{latest} names {latest.read_text().strip()!r}, not a step_XXXXXXXX tag of this trainer")
     return int(m.group(1))
+
+
+def convert_to_universal(tag_dir: Path, universal: Path, zero_stage: int) -> None:
+    """Rewrite the checkpoint tag ``tag_dir`` as DeepSpeed's universal checkpoint in ``universal``
+    (deleting what conversions of other tags left beside it); at stage 3 with the target encoder's
+    partitions of every saved rank joined into whole parameters."""
+    saved_world = saved_world_size(tag_dir)
+
+    def target_partitions() -> list[list[torch.Tensor]]:
+        files = [tag_dir / _RANK_FILE.format(r) for r in range(saved_world)]
+        return [ckpt.load_file(f, override=None)["target_partitions"] for f in files]
+
+    shutil.rmtree(universal.parent, ignore_errors=True)
+    log.info("converting %s (%d ranks) to a universal checkpoint in %s", tag_dir, saved_world, universal)
+    uc.convert(tag_dir, universal, deepspeed_safe_globals(), target_partitions if zero_stage == 3 else None)
+
+
+def saved_world_size(tag_dir: str | Path) -> int:
+    """The number of ranks that wrote the checkpoint tag ``tag_dir`` (one ``ijepa_rank*.pt`` each)."""
+    tag_dir = Path(tag_dir)
+    found = sorted(tag_dir.glob("ijepa_rank*.pt"))
+    if not found or found != [tag_dir / _RANK_FILE.format(r) for r in range(len(found))]:
+        raise ValueError(
+            f"{tag_dir} does not hold one ijepa_rankNNNNN.pt per rank from 0 on ({len(found)} found): "
+            f"the save that wrote it did not finish; resume from an earlier step_XXXXXXXX"
+        )
+    return len(found)
+
+
+def _own_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """ZeRO-3's universal load gives every parameter group one shared ``step`` tensor, which AdamW
+    then advances once per group at each step (wrong bias corrections): each group gets its own."""
+    seen: set[int] = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))

@@ -84,6 +84,11 @@ class PlainEngine:
         found = ckpt.list_checkpoints(run_dir / "checkpoints")
         return found[-1][0] if found else None
 
+    @staticmethod
+    def saved_ranks(run_dir: Path) -> int | None:
+        """The number of processes that wrote the newest checkpoint (one; None: there is none)."""
+        return None if PlainEngine.latest_step(run_dir) is None else 1
+
     def state_dict(self) -> dict:
         state = {
             "encoder": self.student.encoder.state_dict(),

@@ -92,9 +92,15 @@ def build_models(
     return JEPAStudent(encoder, predictor, loss), make_target_encoder(encoder)
 
 
-def models_from_config(cfg, device: torch.device) -> tuple[JEPAStudent, VisionTransformer]:
+def compile_wanted(mode: str, device: torch.device) -> bool:
+    """``speed.compile``: ``on``, or ``auto`` on a CUDA device."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def models_from_config(cfg, device: torch.device, compile: bool | None = None) -> tuple[JEPAStudent, VisionTransformer]:
     """(student, target encoder) of a run ``Config`` on ``device``, with its attention backend,
-    activation checkpointing and compile switches (``cfg.speed``) applied."""
+    activation checkpointing and compile switches (``cfg.speed``) applied; ``compile`` (when not
+    None) overrides ``speed.compile``."""
     size = vit_size(cfg.model.name)
     attn_dtype = resolve_precision(device, cfg.run.dtype).autocast_dtype or torch.float32  # what q, k, v arrive in
     enc_backend = resolve_backend(cfg.speed.attention, device, size.embed_dim // size.num_heads, attn_dtype)
@@ -107,7 +113,7 @@ def models_from_config(cfg, device: torch.device) -> tuple[JEPAStudent, VisionTr
         module.activation_checkpointing = cfg.speed.activation_checkpointing
     student.to(device)
     target.to(device)
-    if cfg.speed.compile == "on" or (cfg.speed.compile == "auto" and device.type == "cuda"):
+    if compile_wanted(cfg.speed.compile, device) if compile is None else compile:
         compile_blocks(student)
         compile_blocks(target)
     log.info(

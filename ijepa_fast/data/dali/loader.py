@@ -111,10 +111,11 @@ class FolderSource:
         world_size: int,
         crop_scale: tuple[float, float],
         threads: int,
+        accum: int = 1,
     ):
         self.paths, self.labels, self.n = paths, labels, len(paths)
         self.bad = dict(bad)  # path -> reason; grows when a file fails at run time
-        self.sampler = StepBatchSampler(self.n, batch_size, seed, rank, world_size)
+        self.sampler = StepBatchSampler(self.n, batch_size, seed, rank, world_size, accum=accum)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.seed, self.crop_scale = seed, tuple(crop_scale)
         self.threads = max(1, threads)
@@ -367,6 +368,7 @@ def build_dali_loader(
     rank: int = 0,
     world_size: int = 1,
     start_step: int = 0,
+    accum: int = 1,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     validate: str = "full",
@@ -380,6 +382,8 @@ def build_dali_loader(
     ``dtype``: float32, float16 (DALI emits it) or bfloat16 (cast after DALI). ``validate``:
     full|header|off (``validate.py``); ``cache``: the JSON of verdicts (e.g. in the run folder).
     ``threads``: DALI's worker threads and the file readers (default ``cfg.num_workers``).
+    ``accum``: micro-batches per optimizer step (image folders: epochs of whole optimizer steps, as
+    the CPU loader's; webdataset tars: DALI's reader sets the epochs).
     """
     dp.dali()  # the install hint, before any work
     device = torch.device("cpu" if device is None else device)
@@ -474,6 +478,7 @@ def build_dali_loader(
         world_size=world_size,
         crop_scale=tuple(cfg.crop_scale),
         threads=threads,
+        accum=accum,
     )
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
