@@ -18,8 +18,9 @@ and weight decay, the step divides the loss for gradient accumulation and DeepSp
 Precision: fp32 weights at every stage; ``run.dtype`` bf16 runs the forward under the step's bf16
 autocast, as the plain engine and the authors do. So the EMA averages the fp32 weights (at stage 3,
 this rank's fp32 partitions), gradients are fp32 and are reduced in fp32. DeepSpeed's ``bf16`` mode
-is not used: it stores the weights, the residual stream and each rank's gradients in bf16, and drifts
-from the plain bf16 step by several times bf16's own rounding error. No step reads the device from
+is not used: it stores the weights, the residual stream and each rank's gradients in bf16, so it
+would not compute the plain bf16 step (fp32 weights under autocast). The cost: fp32 weights and
+gradients on every rank, and ZeRO-3 gathers fp32 weights. No step reads the device from
 the host: the norm checks ZeRO 1-3 make after reducing the gradients (``bool()`` of a device tensor,
 whatever DeepSpeed's config says) are skipped while ``step`` runs (``_no_norm_checks``); non-finite
 values are caught where the trainer reads the loss.
