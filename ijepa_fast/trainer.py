@@ -182,8 +182,9 @@ class Trainer:
 
     def _check_model(self, state: dict) -> None:
         saved = state.get("config", {}).get("model", {})
-        if saved and saved != asdict(self.cfg.model):
-            ours = asdict(self.cfg.model)
+        ours = asdict(self.cfg.model)
+        # keys added to ModelConfig since the checkpoint was written read as their defaults
+        if saved and {**asdict(type(self.cfg.model)()), **saved} != ours:
             raise ValueError(f"--resume: the checkpoint's model {saved} differs from the config's {ours}")
 
     def _epoch(self, step: int) -> int:

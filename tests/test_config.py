@@ -225,6 +225,7 @@ def test_unknown_section_is_named(tmp_path):
         ("data", "batch_size", 0, r"integer >= 1"),
         ("optim", "warmup_epochs", 500, r"\[0, epochs=300\]"),
         ("model", "name", "vit_huuge", r"one of"),
+        ("model", "depth", -1, r"integer >= 0"),
     ],
 )
 def test_bad_value_names_key_and_range(tmp_path, section, key, value, allowed):

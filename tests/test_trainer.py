@@ -310,6 +310,17 @@ def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_a_killed_ones_lock
     assert (out / "busy" / "run.lock").read_text() == ""  # released at the end of fit
 
 
+def test_resume_reads_a_model_key_missing_from_an_older_checkpoint_as_its_default(tmp_path):
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps
+    out, run = tmp_path / "runs", tmp_path / "runs" / "old"
+    Trainer(config_mod.load(None, tiny_overrides(data, out, "old", **{"optim.max_steps": 3}))).fit()
+    ((_, path),) = list_checkpoints(run / "checkpoints")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["model"]["depth"]  # as written before ModelConfig had the key
+    torch.save(state, path)
+    assert Trainer(config_mod.load(None, tiny_overrides(data, out, "old")), resume=True).fit().steps == 6
+
+
 def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     data = write_idx(tmp_path / "data", n=48)  # 6 steps
     out, run = tmp_path / "runs", tmp_path / "runs" / "c"
