@@ -243,6 +243,15 @@ def format_table(rows: list[tuple[str, Scores]]) -> str:
     return "\n".join(lines)
 
 
+def format_gain(pretrained: Scores, random_init: Scores) -> str:
+    """What pretraining added over the same ViT at random init, in words a new user can read."""
+    return (
+        f"pretraining vs random init: linear probe {pretrained.probe - random_init.probe:+.1f} points, "
+        f"kNN {pretrained.knn - random_init.knn:+.1f} points; RankMe {pretrained.rank:.1f} vs {random_init.rank:.1f} "
+        "(effective rank of the features: near 1 means collapsed)"
+    )
+
+
 def pretrain(cfg: config_mod.Config, curve: ProbeCurve | None):
     """(trainer, RunResult, training seconds without the curve's scoring)."""
     from ijepa_fast.trainer import Trainer
@@ -261,15 +270,18 @@ def print_report(result, seconds: float, precision, curve: ProbeCurve | None, pn
     print(f"precision: {precision}; skipped images: {result.skipped}\n")
     if curve is not None:
         print(
-            f"per-epoch curve of the target encoder (first {len(curve.train):,} training / {len(curve.test):,} "
-            f"test images; {curve.seconds:.0f} s of scoring in all): {png or 'no PNG (matplotlib missing)'}\n"
+            f"per-epoch curve of the target encoder (epoch 0: random init; first {len(curve.train):,} training / "
+            f"{len(curve.test):,} test images; {curve.seconds:.0f} s of scoring in all)"
         )
+        print(f"plot: {png or 'none (matplotlib missing)'}\n")
         print(curve.text() + "\n")
     print(
         f"frozen average-pooled features: classifiers fit on the first {report['train_images']:,} "
         f"training images, top-1 on the first {report['test_images']:,} test images\n"
     )
     print(format_table(report["rows"]))
+    (_, pretrained), (_, random_init) = report["rows"][:2]
+    print("\n" + format_gain(pretrained, random_init))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,18 +81,25 @@ def test_demo_trains_and_prints_probe_knn_and_rank_for_three_feature_sets(banded
         assert report["top1_percent"][name] == pytest.approx({"linear_probe": probe, "knn": knn}, abs=0.05)
         assert report["rankme"][name] == pytest.approx(rank, abs=0.005)
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "loss.png").is_file()
+    gain = re.search(
+        r"^pretraining vs random init: linear probe ([-+][\d.]+) points, kNN ([-+][\d.]+) points", out, re.M
+    )
+    pre, rnd = (report["top1_percent"][name] for name in ("I-JEPA (pretrained)", "same ViT, random init"))
+    assert float(gain.group(1)) == pytest.approx(pre["linear_probe"] - rnd["linear_probe"], abs=0.051)
+    assert float(gain.group(2)) == pytest.approx(pre["knn"] - rnd["knn"], abs=0.051)
 
 
 def test_the_curve_has_one_point_per_epoch_and_its_last_is_the_final_target_encoder(banded_idx, tmp_path, capsys):
     """The last point, re-scored here from the final checkpoint's target encoder, must match: the
-    trainer called back after the last epoch with the encoder it saved."""
+    trainer called back after the last epoch with the encoder it saved. Epoch 0 is the initialisation."""
     from ijepa_fast.data.loader import build_eval_dataset
     from ijepa_fast.interop import load_encoder
 
     assert run_demo(banded_idx, tmp_path / "runs") == 0
     out = capsys.readouterr().out
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert "first 40 training / 20 test images" in out and str(run_dir / "probe_curve.png") in out
+    assert "epoch 0: random init; first 40 training / 20 test images" in out
+    assert f"plot: {run_dir / 'probe_curve.png'}" in out
     assert (run_dir / "probe_curve.png").stat().st_size > 0
     assert "| epoch | 0 | 1 | 2 |" in out
     curve = json.loads((run_dir / "probe_curve.json").read_text())
@@ -109,6 +116,9 @@ def test_the_curve_has_one_point_per_epoch_and_its_last_is_the_final_target_enco
     subset = [build_eval_dataset(cfg.data, split, limit=n) for split, n in (("train", 40), ("test", 20))]
     final = demo.score(features(subset[0], "train"), features(subset[1], "test"))
     assert curve["epochs"]["2"] == pytest.approx(vars(final), abs=1e-6)
+    features = demo.encoder_features(demo.initial_encoder(cfg), "init", progress=False)
+    initial = demo.score(features(subset[0], "train"), features(subset[1], "test"))
+    assert curve["epochs"]["0"] == pytest.approx(vars(initial), abs=1e-6)
 
 
 def test_the_random_init_row_is_the_trainers_initial_target_encoder(banded_idx, tmp_path):
