@@ -57,6 +57,7 @@ def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_o
 @dataclass
 class ModelConfig:
     name: str = "vit_huge"  # encoder size: vit_tiny|vit_small|vit_base|vit_large|vit_huge|vit_giant
+    depth: int = 0  # encoder blocks; 0: the named size's (12 for vit_tiny ... vit_base)
     patch_size: int = 14  # pixels per patch side (14 or 16 in the paper)
     pred_depth: int = 12  # predictor blocks (6 for ViT-B, 12 for ViT-L/H, 16 for ViT-G)
     pred_emb_dim: int = 384  # predictor width
@@ -64,6 +65,7 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         _check_choice(f"{prefix}.name", self.name, MODEL_NAMES)
+        _check(self.depth >= 0, f"{prefix}.depth", self.depth, "an integer >= 0 (0: the named size's depth)")
         _check(self.patch_size >= 1, f"{prefix}.patch_size", self.patch_size, "a positive integer (14 or 16 usually)")
         _check(self.pred_depth >= 1, f"{prefix}.pred_depth", self.pred_depth, "an integer >= 1")
         _check(self.pred_emb_dim >= 1, f"{prefix}.pred_emb_dim", self.pred_emb_dim, "an integer >= 1")

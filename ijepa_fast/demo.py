@@ -2,12 +2,17 @@
 
 1. Pretrains with ``configs/demo.yaml`` (progress bar; run folder with config, metrics.csv,
    TensorBoard events, loss.png and checkpoints).
+   After each epoch it scores the target encoder on a small subset (``--curve-train`` /
+   ``--curve-test`` images; epoch 0 is the initialisation): the curve goes to ``probe_curve.png``,
+   ``probe_curve.json`` and, as a small table, to the output.
 2. Fits a linear probe (``ijepa_fast.eval.probe``: whitened features, lr/wd chosen on a held-out
    tenth) and a kNN classifier (``ijepa_fast.eval.knn``: k=20, cosine) on frozen average-pooled
-   features of the target encoder and prints test accuracy beside the same architecture at random
-   initialisation and raw pixels.
+   features of the target encoder and prints test accuracy and the features' effective rank
+   (``ijepa_fast.eval.rank.rankme``) beside the same architecture at random initialisation and raw
+   pixels.
 
-    python -m ijepa_fast.demo [--data DIR] [--dataset idx|folder] [--probe-train N] [--probe-test N] [overrides...]
+    python -m ijepa_fast.demo [--data DIR] [--dataset idx|folder] [--probe-train N] [--probe-test N]
+                              [--curve-train N] [--curve-test N] [overrides...]
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +34,8 @@ DEMO_CONFIG = "demo"  # the packaged configs/demo.yaml
 # Probe on a subset: feature extraction of all 70,000 images twice would double the demo's time
 # on 2 cores, and 20,000 training images already separate the three rows clearly.
 PROBE_TRAIN, PROBE_TEST = 20_000, 10_000
+# The per-epoch curve scores a smaller subset, so that it costs a small part of an epoch's time.
+CURVE_TRAIN, CURVE_TEST = 5_000, 2_000
 
 
 def image_count(text: str) -> int:
@@ -34,6 +43,10 @@ def image_count(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"{value}: need at least 2 images")
     return value
+
+
+def curve_count(text: str) -> int:
+    return 0 if int(text) == 0 else image_count(text)
 
 
 def parse_args(argv):
@@ -56,6 +69,20 @@ def parse_args(argv):
         metavar="N",
         help=f"test images scored (default {PROBE_TEST:,})",
     )
+    p.add_argument(
+        "--curve-train",
+        type=curve_count,
+        default=CURVE_TRAIN,
+        metavar="N",
+        help=f"training images of the per-epoch curve (default {CURVE_TRAIN:,}; 0: no curve)",
+    )
+    p.add_argument(
+        "--curve-test",
+        type=image_count,
+        default=CURVE_TEST,
+        metavar="N",
+        help=f"test images of the per-epoch curve (default {CURVE_TEST:,})",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=2")
     return p.parse_args(argv)
 
@@ -67,60 +94,199 @@ def demo_config(args) -> config_mod.Config:
     return config_mod.load(DEMO_CONFIG, overrides + list(args.overrides))
 
 
-def probe_table(cfg, run_dir: Path, target_encoder, n_train: int = PROBE_TRAIN, n_test: int = PROBE_TEST) -> dict:
-    """Linear-probe and kNN top-1 (%) of three feature sets on the same images: the report
-    ``{"train_images", "test_images", "rows": [(features, probe %, kNN %), ...]}``.
+@dataclass
+class Scores:
+    probe: float  # whitened linear probe, test top-1 %
+    knn: float  # kNN (k=20, cosine), test top-1 %
+    rank: float  # RankMe of the training images' features
+
+
+Features = tuple[torch.Tensor, torch.Tensor]  # (features [N, F], labels [N])
+
+
+def score(train: Features, test: Features) -> Scores:
+    """Linear probe and kNN fit on ``train``, scored on ``test``; RankMe of the train features."""
+    from ijepa_fast.eval.knn import knn_accuracy
+    from ijepa_fast.eval.probe import linear_probe
+    from ijepa_fast.eval.rank import rankme
+
+    probe = linear_probe(*train, *test)
+    knn = knn_accuracy(*train, *test)
+    return Scores(100.0 * probe.top1, 100.0 * knn.top1, rankme(train[0]))
+
+
+def encoder_features(encoder, name: str, progress: bool = True) -> Callable[[object, str], Features]:
+    """(dataset, split) -> average-pooled features of ``encoder`` and the labels."""
+    from ijepa_fast.eval.features import extract_features
+
+    def features(dataset, split: str) -> Features:
+        return extract_features(encoder, dataset, mode="avgpool", progress=progress, desc=f"{name} features ({split})")
+
+    return features
+
+
+def pixel_features(dataset, split: str) -> Features:
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(images).flatten(1), torch.as_tensor(labels)
+
+
+def initial_encoder(cfg: config_mod.Config):
+    """The target encoder as the trainer builds it before step 0 (same seed, same init order)."""
+    from ijepa_fast.models.ijepa import build_models
+
+    torch.manual_seed(cfg.run.seed)
+    return build_models(cfg.model, cfg.data.crop_size)[1]
+
+
+class ProbeCurve:
+    """Probe, kNN and RankMe of an encoder on a fixed subset, one point per epoch (epoch 0: the
+    initialisation). ``add`` serves as the trainer's ``on_epoch_end`` through a closure."""
+
+    def __init__(self, cfg: config_mod.Config, n_train: int, n_test: int):
+        from ijepa_fast.data.loader import build_eval_dataset
+
+        self.train = build_eval_dataset(cfg.data, split="train", limit=n_train)
+        self.test = build_eval_dataset(cfg.data, split="test", limit=n_test)
+        self.points: dict[int, Scores] = {}
+        self.seconds = 0.0  # spent scoring, in all
+
+    def add(self, epoch: int, encoder) -> None:
+        started = time.perf_counter()
+        features = encoder_features(encoder, f"epoch {epoch}", progress=False)
+        self.points[epoch] = score(features(self.train, "train"), features(self.test, "test"))
+        self.seconds += time.perf_counter() - started
+
+    def save(self, run_dir: Path) -> Path | None:
+        """``probe_curve.json`` always; the PNG path, or None when matplotlib is missing."""
+        epochs = sorted(self.points)
+        report = {
+            "train_images": len(self.train),
+            "test_images": len(self.test),
+            "seconds": round(self.seconds, 1),
+            "epochs": {e: asdict(self.points[e]) for e in epochs},
+        }
+        (run_dir / "probe_curve.json").write_text(json.dumps(report, indent=2))
+        png = run_dir / "probe_curve.png"
+        return png if plot_curve(self.points, png) else None
+
+    def text(self) -> str:
+        """The curve as a table, one column per epoch."""
+        epochs = sorted(self.points)
+        lines = ["| epoch | " + " | ".join(map(str, epochs)) + " |", "| --- |" + " --- |" * len(epochs)]
+        for label, key, fmt in (("probe %", "probe", ".1f"), ("kNN %", "knn", ".1f"), ("RankMe", "rank", ".2f")):
+            values = " | ".join(format(getattr(self.points[e], key), fmt) for e in epochs)
+            lines.append(f"| {label} | {values} |")
+        return "\n".join(lines)
+
+
+def plot_curve(points: dict[int, Scores], png_path: Path) -> bool:
+    """Top-1 (probe, kNN) and RankMe against epoch; False when matplotlib is missing."""
+    from ijepa_fast.optional import available
+
+    if not available("matplotlib") or not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    epochs = sorted(points)
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
+    ax[0].plot(epochs, [points[e].probe for e in epochs], "o-", label="linear probe")
+    ax[0].plot(epochs, [points[e].knn for e in epochs], "s-", label="kNN (k=20)")
+    ax[0].set(xlabel="epoch (0: initialisation)", ylabel="test top-1 %", title="target encoder, per epoch")
+    ax[0].legend()
+    ax[1].plot(epochs, [points[e].rank for e in epochs], "o-", color="tab:green")
+    ax[1].set(xlabel="epoch", ylabel="RankMe", title="effective rank of the pooled features")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.set_xticks(epochs)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def probe_table(
+    cfg, run_dir: Path, target_encoder, random_encoder, n_train: int = PROBE_TRAIN, n_test: int = PROBE_TEST
+) -> dict:
+    """Linear probe, kNN top-1 (%) and RankMe of three feature sets on the same images: the report
+    ``{"train_images", "test_images", "rows": [(features, Scores), ...]}``.
 
     Both classifiers come from ``ijepa_fast.eval`` (whitened probe with its lr/wd sweep; kNN with
     k=20, cosine similarity, temperature 0.07). Also written to ``run_dir/probe.json``.
     """
     from ijepa_fast.data.loader import build_eval_dataset
-    from ijepa_fast.eval.features import extract_features
-    from ijepa_fast.eval.knn import knn_accuracy
-    from ijepa_fast.eval.probe import linear_probe
-    from ijepa_fast.models.ijepa import build_models
 
     train = build_eval_dataset(cfg.data, split="train", limit=n_train)
     test = build_eval_dataset(cfg.data, split="test", limit=n_test)
-    torch.manual_seed(cfg.run.seed)
-    _, random_encoder = build_models(cfg.model, cfg.data.crop_size)
-
-    def encoded(encoder, name):
-        def features(dataset, split):
-            return extract_features(encoder, dataset, mode="avgpool", desc=f"{name} features ({split})")
-
-        return features
-
-    def pixels(dataset, split):
-        images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-        return torch.stack(images).flatten(1), torch.as_tensor(labels)
-
     rows = []
     for name, features in (
-        ("I-JEPA (pretrained)", encoded(target_encoder, "pretrained")),
-        ("same ViT, random init", encoded(random_encoder, "random init")),
-        ("raw pixels", pixels),
+        ("I-JEPA (pretrained)", encoder_features(target_encoder, "pretrained")),
+        ("same ViT, random init", encoder_features(random_encoder, "random init")),
+        ("raw pixels", pixel_features),
     ):
-        (train_x, train_y), (test_x, test_y) = features(train, "train"), features(test, "test")
-        probe = linear_probe(train_x, train_y, test_x, test_y)
-        knn = knn_accuracy(train_x, train_y, test_x, test_y)
-        rows.append((name, 100.0 * probe.top1, 100.0 * knn.top1))
+        rows.append((name, score(features(train, "train"), features(test, "test"))))
     counts = {"train_images": len(train), "test_images": len(test)}
-    top1 = {name: {"linear_probe": p, "knn": k} for name, p, k in rows}
-    (run_dir / "probe.json").write_text(json.dumps({**counts, "top1_percent": top1}, indent=2))
+    top1 = {name: {"linear_probe": s.probe, "knn": s.knn} for name, s in rows}
+    ranks = {name: s.rank for name, s in rows}
+    (run_dir / "probe.json").write_text(json.dumps({**counts, "top1_percent": top1, "rankme": ranks}, indent=2))
     return {**counts, "rows": rows}
 
 
-def format_table(rows: list[tuple[str, float, float]]) -> str:
-    lines = ["| features | linear probe top-1 % | kNN (k=20) top-1 % |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {probe:.1f} | {knn:.1f} |" for name, probe, knn in rows]
+def format_table(rows: list[tuple[str, Scores]]) -> str:
+    lines = [
+        "| features | linear probe top-1 % | kNN (k=20) top-1 % | RankMe |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {s.probe:.1f} | {s.knn:.1f} | {s.rank:.2f} |" for name, s in rows]
     return "\n".join(lines)
+
+
+def format_gain(pretrained: Scores, random_init: Scores) -> str:
+    """What pretraining added over the same ViT at random init, in words a new user can read."""
+    return (
+        f"pretraining vs random init: linear probe {pretrained.probe - random_init.probe:+.1f} points, "
+        f"kNN {pretrained.knn - random_init.knn:+.1f} points; RankMe {pretrained.rank:.1f} vs {random_init.rank:.1f} "
+        "(effective rank of the features: near 1 means collapsed)"
+    )
+
+
+def pretrain(cfg: config_mod.Config, curve: ProbeCurve | None):
+    """(trainer, RunResult, training seconds without the curve's scoring)."""
+    from ijepa_fast.trainer import Trainer
+
+    def score_epoch(epoch: int) -> None:
+        curve.add(epoch, trainer.engine.target_encoder)
+
+    started = time.perf_counter()
+    trainer = Trainer(cfg, on_epoch_end=None if curve is None else score_epoch)
+    result = trainer.fit()
+    return trainer, result, time.perf_counter() - started - (curve.seconds if curve else 0.0)
+
+
+def print_report(result, seconds: float, precision, curve: ProbeCurve | None, png, report: dict) -> None:
+    print(f"\nI-JEPA demo: {result.steps} steps in {seconds / 60:.1f} min of training; run folder {result.run_dir}")
+    print(f"precision: {precision}; skipped images: {result.skipped}\n")
+    if curve is not None:
+        print(
+            f"per-epoch curve of the target encoder (epoch 0: random init; first {len(curve.train):,} training / "
+            f"{len(curve.test):,} test images; {curve.seconds:.0f} s of scoring in all)"
+        )
+        print(f"plot: {png or 'none (matplotlib missing)'}\n")
+        print(curve.text() + "\n")
+    print(
+        f"frozen average-pooled features: classifiers fit on the first {report['train_images']:,} "
+        f"training images, top-1 on the first {report['test_images']:,} test images\n"
+    )
+    print(format_table(report["rows"]))
+    (_, pretrained), (_, random_init) = report["rows"][:2]
+    print("\n" + format_gain(pretrained, random_init))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from ijepa_fast.pretrain import setup_logging
-    from ijepa_fast.trainer import Trainer
 
     try:
         cfg = demo_config(args)
@@ -129,22 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     setup_logging(run_dir)
-    started = time.perf_counter()
     try:
-        trainer = Trainer(cfg)
-        result = trainer.fit()
+        curve = ProbeCurve(cfg, args.curve_train, args.curve_test) if args.curve_train else None
+        trainer, result, seconds = pretrain(cfg, curve)
     except (FileNotFoundError, ValueError) as err:
         logging.getLogger("ijepa_fast").error("%s", err)
         return 1
-    trained = time.perf_counter() - started
-    report = probe_table(cfg, run_dir, trainer.engine.target_encoder, args.probe_train, args.probe_test)
-    print(f"\nI-JEPA demo: {result.steps} steps in {trained / 60:.1f} min; run folder {run_dir}")
-    print(f"precision: {trainer.precision}; skipped images: {result.skipped}\n")
-    print(
-        f"frozen average-pooled features: classifiers fit on the first {report['train_images']:,} "
-        f"training images, top-1 on the first {report['test_images']:,} test images\n"
-    )
-    print(format_table(report["rows"]))
+    random_encoder = initial_encoder(cfg)
+    png = None
+    if curve is not None:
+        curve.add(0, random_encoder)
+        png = curve.save(run_dir)
+    report = probe_table(cfg, run_dir, trainer.engine.target_encoder, random_encoder, args.probe_train, args.probe_test)
+    print_report(result, seconds, trainer.precision, curve, png, report)
     return 0
 
 

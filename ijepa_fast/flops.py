@@ -72,14 +72,17 @@ def patch_embed_flops(num_patches: int, patch_size: int, width: int, in_chans: i
     return linear_flops(num_patches, in_chans * patch_size * patch_size, width)
 
 
-def encoder_forward_flops(model_name: str, patch_size: int, img_size: int, tokens: float | None = None) -> float:
+def encoder_forward_flops(
+    model_name: str, patch_size: int, img_size: int, tokens: float | None = None, depth: int | None = None
+) -> float:
     """Encoder forward per image: patch embedding of all N patches plus L blocks on ``tokens``
-    tokens (None: all N, the target encoder; Kc: the context encoder)."""
+    tokens (None: all N, the target encoder; Kc: the context encoder); L = ``depth`` or the size's."""
     size = vit_size(model_name)
     n = grid_size(img_size, patch_size) ** 2
     t = n if tokens is None else tokens
     hidden = int(size.embed_dim * size.mlp_ratio)
-    return patch_embed_flops(n, patch_size, size.embed_dim) + size.depth * block_flops(t, size.embed_dim, hidden)
+    blocks = depth or size.depth
+    return patch_embed_flops(n, patch_size, size.embed_dim) + blocks * block_flops(t, size.embed_dim, hidden)
 
 
 def predictor_forward_flops(enc_width: int, pred_width: int, depth: int, kc: float, kt: float, m: int) -> float:
@@ -120,16 +123,18 @@ def step_flops(
     m: int = 4,
     pred_depth: int = 12,
     pred_emb_dim: int = 384,
+    depth: int | None = None,
 ) -> StepFlops:
     """Per-image FLOPs of a training step for an encoder preset and mask sizes (averages are fine:
-    the count is linear in Kc and Kt except for the attention's T^2 terms)."""
+    the count is linear in Kc and Kt except for the attention's T^2 terms); ``depth``: encoder
+    blocks, when not the size's."""
     size = vit_size(model_name)
     n = grid_size(img_size, patch_size) ** 2
     pe = patch_embed_flops(n, patch_size, size.embed_dim)
-    ctx = encoder_forward_flops(model_name, patch_size, img_size, tokens=kc)
+    ctx = encoder_forward_flops(model_name, patch_size, img_size, tokens=kc, depth=depth)
     pred = predictor_forward_flops(size.embed_dim, pred_emb_dim, pred_depth, kc, kt, m)
     return StepFlops(
-        target_fwd=encoder_forward_flops(model_name, patch_size, img_size),
+        target_fwd=encoder_forward_flops(model_name, patch_size, img_size, depth=depth),
         context_fwd=ctx,
         context_bwd=2.0 * (ctx - pe) + pe,
         predictor_fwd=pred,
@@ -145,6 +150,14 @@ def step_flops_for_masks(model_cfg, img_size: int, mask_shapes: list[tuple[int, 
     total = 0.0
     for m, kc, kt in mask_shapes:
         total += step_flops(
-            model_cfg.name, model_cfg.patch_size, img_size, kc, kt, m, model_cfg.pred_depth, model_cfg.pred_emb_dim
+            model_cfg.name,
+            model_cfg.patch_size,
+            img_size,
+            kc,
+            kt,
+            m,
+            model_cfg.pred_depth,
+            model_cfg.pred_emb_dim,
+            model_cfg.depth or None,
         ).total
     return total / len(mask_shapes)

@@ -202,6 +202,7 @@ def infer_encoder_spec(
     model: str | None = None,
     patch_size: int | None = None,
     img_size: int | None = None,
+    depth: int | None = None,
 ) -> EncoderSpec:
     """The encoder's architecture from its state dict (the authors' names), checked against what
     the caller states.
@@ -209,7 +210,8 @@ def infer_encoder_spec(
     Width and patch from ``patch_embed.proj.weight`` [D, 3, p, p]; depth from the highest block
     index; MLP ratio from ``blocks.0.mlp.fc1.weight``; grid from ``pos_embed`` [1, N, D]; heads from
     the size table by width (shapes cannot tell them). ``model`` (a VIT_SIZES name) fixes width,
-    depth and heads instead: a checkpoint of another size then fails to load with its keys listed.
+    depth and heads instead (``depth``: blocks, when the model was built with fewer or more than
+    its size's): a checkpoint of another size then fails to load with its keys listed.
     """
     if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
         present = ", ".join(sorted(state_dict)[:8]) + (" ..." if len(state_dict) > 8 else "")
@@ -245,14 +247,16 @@ def infer_encoder_spec(
             f"the checkpoint was trained at {grid * p} px ({grid}x{grid} patches of {p}); "
             f"drop --img-size or set it to {grid * p}",
         )
-    blocks = _block_indices(state_dict, "blocks")
-    depth = blocks[-1] + 1 if blocks else 0
+    indices = _block_indices(state_dict, "blocks")
+    found_depth = indices[-1] + 1 if indices else 0
     hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state_dict else 4 * D
     if model is not None:
         if model not in VIT_SIZES:
             raise ValueError(f"unknown model name {model!r}: choose one of {list(VIT_SIZES)}")
         size = VIT_SIZES[model]
-        return EncoderSpec(size.embed_dim, size.depth, size.num_heads, p, grid * p, size.mlp_ratio, model)
+        blocks = depth or size.depth
+        name = model if blocks == size.depth else ""
+        return EncoderSpec(size.embed_dim, blocks, size.num_heads, p, grid * p, size.mlp_ratio, name)
     by_width = [(n, s) for n, s in VIT_SIZES.items() if s.embed_dim == D]
     if not by_width:
         raise ValueError(
@@ -262,7 +266,7 @@ def infer_encoder_spec(
         )
     name, size = by_width[0]
     return EncoderSpec(
-        D, depth, size.num_heads, p, grid * p, _mlp_ratio(hidden, D), name if depth == size.depth else ""
+        D, found_depth, size.num_heads, p, grid * p, _mlp_ratio(hidden, D), name if found_depth == size.depth else ""
     )
 
 
@@ -293,7 +297,7 @@ def _materialise(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what
 def build_encoder_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], what: str = "encoder", spec: EncoderSpec | None = None, **spec_kwargs
 ) -> tuple[VisionTransformer, EncoderSpec]:
-    """(encoder with ``state_dict`` loaded strictly, its spec); ``spec_kwargs``: model/patch_size/img_size."""
+    """(encoder with ``state_dict`` loaded strictly, its spec); ``spec_kwargs``: model/patch_size/img_size/depth."""
     spec = spec or infer_encoder_spec(state_dict, **spec_kwargs)
     hint = (
         f"built as {spec.name or 'a custom size'}: width {spec.embed_dim}, depth {spec.depth}, "
@@ -373,6 +377,7 @@ def _load_ours(
         model=model or m.get("name"),
         patch_size=patch_size or m.get("patch_size"),
         img_size=img_size or d.get("crop_size"),
+        depth=m.get("depth") or None,  # model.depth: fewer blocks than the named size's
     )
     encoder, spec = build_encoder_from_state_dict(_pick(ckpt, which, path), f"{path} [{which}]", **spec_kwargs)
     meta = _scalar_meta(ckpt) | {"format_version": ckpt["format"]}

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,10 +77,17 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, allow_config_change: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        resume: bool = False,
+        allow_config_change: bool = False,
+        on_epoch_end: Callable[[int], None] | None = None,
+    ):
         self.cfg = cfg.validate()
         self.resume = resume
         self.allow_config_change = allow_config_change  # on resume: see run_folder.write_config
+        self.on_epoch_end = on_epoch_end  # called with the epoch number (from 1) after each whole epoch
         self.lock: run_folder.RunLock | None = None  # rank 0's, while building and fitting
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.dist_env = distributed.detect()
@@ -189,8 +197,9 @@ class Trainer:
 
     def _check_model(self, state: dict) -> None:
         saved = state.get("config", {}).get("model", {})
-        if saved and saved != asdict(self.cfg.model):
-            ours = asdict(self.cfg.model)
+        ours = asdict(self.cfg.model)
+        # keys added to ModelConfig since the checkpoint was written read as their defaults
+        if saved and {**asdict(type(self.cfg.model)()), **saved} != ours:
             raise ValueError(f"--resume: the checkpoint's model {saved} differs from the config's {ours}")
 
     def _epoch(self, step: int) -> int:
@@ -258,6 +267,10 @@ class Trainer:
                     window_start, window_images = now, 0
                 if step % cfg.run.checkpoint_every == 0:
                     last_ckpt, saved_step = self._save(step, last_loss), step
+                if self.on_epoch_end is not None and step % self.steps_per_epoch == 0:
+                    paused = time.perf_counter()
+                    self.on_epoch_end(step // self.steps_per_epoch)
+                    window_start += time.perf_counter() - paused  # images/s counts training time only
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
             if saved_step != step:

@@ -188,13 +188,14 @@ def test_our_configs_values():
     s = config.load(str(CONFIGS / "vits16_in1k.yaml"))
     assert (s.model.name, s.model.patch_size) == ("vit_small", 16)
     d = config.load(str(CONFIGS / "demo.yaml"))
-    # what `make demo` promises: a ViT-tiny on the IDX files, on the CPU, three epochs (~8 min on 2 cores)
-    assert (d.model.name, d.data.dataset, d.data.root, d.run.device, d.optim.epochs) == (
+    # what `make demo` promises: a 4-block ViT-tiny on the IDX files, on the CPU, seven epochs
+    assert (d.model.name, d.model.depth, d.data.dataset, d.data.root, d.run.device, d.optim.epochs) == (
         "vit_tiny",
+        4,
         "idx",
         "/usr/share/datasets/fashion-mnist",
         "cpu",
-        3,
+        7,
     )
     grid = d.data.crop_size // d.model.patch_size
     assert d.data.crop_size % d.model.patch_size == 0 and d.mask.min_keep < grid * grid
@@ -225,6 +226,7 @@ def test_unknown_section_is_named(tmp_path):
         ("data", "batch_size", 0, r"integer >= 1"),
         ("optim", "warmup_epochs", 500, r"\[0, epochs=300\]"),
         ("model", "name", "vit_huuge", r"one of"),
+        ("model", "depth", -1, r"integer >= 0"),
     ],
 )
 def test_bad_value_names_key_and_range(tmp_path, section, key, value, allowed):

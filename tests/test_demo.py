@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from ijepa_fast import demo
 from tests.data_fixtures import write_idx_pair
@@ -34,38 +35,107 @@ def banded_idx(tmp_path):
     return root
 
 
-def test_demo_trains_and_prints_probe_and_knn_for_three_feature_sets(banded_idx, tmp_path, capsys):
-    status = demo.main(
+def run_demo(data, out, *extra) -> int:
+    return demo.main(
         [
             "--data",
-            str(banded_idx),
+            str(data),
             "--probe-train",
             "60",
             "--probe-test",
             "30",
-            "optim.epochs=1",
+            "--curve-train",
+            "40",
+            "--curve-test",
+            "20",
+            "optim.epochs=2",
             "data.batch_size=16",
             "data.num_workers=0",
-            f"run.out_dir={tmp_path / 'runs'}",
+            f"run.out_dir={out}",
             "run.checkpoint_every=1000",
+            *extra,
         ]
     )
-    assert status == 0
+
+
+def table_rows(out: str, columns: int) -> dict[str, tuple[float, ...]]:
+    cells = r" \| ".join([r"([\d.]+)"] * columns)
+    return {
+        m.group(1): tuple(map(float, m.groups()[1:])) for m in re.finditer(rf"^\| ([^|]+?) \| {cells} \|$", out, re.M)
+    }
+
+
+def test_demo_trains_and_prints_probe_knn_and_rank_for_three_feature_sets(banded_idx, tmp_path, capsys):
+    assert run_demo(banded_idx, tmp_path / "runs") == 0
     out = capsys.readouterr().out
-    rows = dict(
-        (m.group(1), (float(m.group(2)), float(m.group(3))))
-        for m in re.finditer(r"^\| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
-    )
+    rows = table_rows(out.split("frozen average-pooled features")[1], 3)  # the table after the curve
     assert list(rows) == ["I-JEPA (pretrained)", "same ViT, random init", "raw pixels"]
-    assert rows["raw pixels"] == (100.0, 100.0)
+    assert rows["raw pixels"][:2] == (100.0, 100.0)
+    assert all(1.0 <= rank <= 60 for _, _, rank in rows.values())  # RankMe lies in [1, min(N, D)]
     assert "first 60 training images, top-1 on the first 30 test images" in out
     (run_dir,) = (tmp_path / "runs").iterdir()
     report = json.loads((run_dir / "probe.json").read_text())
     assert (report["train_images"], report["test_images"]) == (60, 30)
     assert report["top1_percent"]["raw pixels"] == {"linear_probe": 100.0, "knn": 100.0}
-    for name, (probe, knn) in rows.items():
+    for name, (probe, knn, rank) in rows.items():
         assert report["top1_percent"][name] == pytest.approx({"linear_probe": probe, "knn": knn}, abs=0.05)
+        assert report["rankme"][name] == pytest.approx(rank, abs=0.005)
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "loss.png").is_file()
+    gain = re.search(
+        r"^pretraining vs random init: linear probe ([-+][\d.]+) points, kNN ([-+][\d.]+) points", out, re.M
+    )
+    pre, rnd = (report["top1_percent"][name] for name in ("I-JEPA (pretrained)", "same ViT, random init"))
+    assert float(gain.group(1)) == pytest.approx(pre["linear_probe"] - rnd["linear_probe"], abs=0.051)
+    assert float(gain.group(2)) == pytest.approx(pre["knn"] - rnd["knn"], abs=0.051)
+
+
+def test_the_curve_has_one_point_per_epoch_and_its_last_is_the_final_target_encoder(banded_idx, tmp_path, capsys):
+    """The last point, re-scored here from the final checkpoint's target encoder, must match: the
+    trainer called back after the last epoch with the encoder it saved. Epoch 0 is the initialisation."""
+    from ijepa_fast.data.loader import build_eval_dataset
+    from ijepa_fast.interop import load_encoder
+
+    assert run_demo(banded_idx, tmp_path / "runs") == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "epoch 0: random init; first 40 training / 20 test images" in out
+    assert f"plot: {run_dir / 'probe_curve.png'}" in out
+    assert (run_dir / "probe_curve.png").stat().st_size > 0
+    assert "| epoch | 0 | 1 | 2 |" in out
+    curve = json.loads((run_dir / "probe_curve.json").read_text())
+    assert (curve["train_images"], curve["test_images"]) == (40, 20)
+    assert list(curve["epochs"]) == ["0", "1", "2"]
+    knn_row = re.search(r"^\| kNN % \| (.+) \|$", out, re.M).group(1)
+    assert [float(v) for v in knn_row.split(" | ")] == pytest.approx(
+        [curve["epochs"][e]["knn"] for e in "012"], abs=0.05
+    )
+
+    cfg = demo.demo_config(demo.parse_args(["--data", str(banded_idx)]))
+    encoder = load_encoder(run_dir / "checkpoints" / "latest.pt").encoder
+    features = demo.encoder_features(encoder, "final", progress=False)
+    subset = [build_eval_dataset(cfg.data, split, limit=n) for split, n in (("train", 40), ("test", 20))]
+    final = demo.score(features(subset[0], "train"), features(subset[1], "test"))
+    assert curve["epochs"]["2"] == pytest.approx(vars(final), abs=1e-6)
+    features = demo.encoder_features(demo.initial_encoder(cfg), "init", progress=False)
+    initial = demo.score(features(subset[0], "train"), features(subset[1], "test"))
+    assert curve["epochs"]["0"] == pytest.approx(vars(initial), abs=1e-6)
+
+
+def test_the_random_init_row_is_the_trainers_initial_target_encoder(banded_idx, tmp_path):
+    from ijepa_fast.trainer import Trainer
+
+    cfg = demo.demo_config(
+        demo.parse_args(["--data", str(banded_idx), f"run.out_dir={tmp_path}", "data.batch_size=16"])
+    )
+    trainer = Trainer(cfg)
+    trainer.build()
+    try:
+        built = trainer.engine.target_encoder.state_dict()
+    finally:
+        trainer.close()
+    ours = demo.initial_encoder(cfg).state_dict()
+    assert list(ours) == list(built)
+    assert all(torch.equal(ours[k], built[k]) for k in ours)
 
 
 @pytest.mark.parametrize("count", ["1", "0", "-5"])

@@ -53,11 +53,12 @@ def write_idx_data(root: Path, n_train: int = 160, n_test: int = 48) -> Path:
     return root
 
 
-def write_our_run(run_dir: Path) -> Path:
-    """A run folder with one checkpoint in our format (as the trainer writes it) of a tiny model."""
+def write_our_run(run_dir: Path, depth: int = 0) -> Path:
+    """A run folder with one checkpoint in our format (as the trainer writes it) of a tiny model
+    (``depth``: encoder blocks, 0 for vit_tiny's)."""
     cfg = config_mod.from_dict(
         {
-            "model": {"name": "vit_tiny", "patch_size": 7, "pred_depth": 1, "pred_emb_dim": 48},
+            "model": {"name": "vit_tiny", "depth": depth, "patch_size": 7, "pred_depth": 1, "pred_emb_dim": 48},
             "data": {"dataset": "idx", "crop_size": 28},
         }
     )

@@ -82,6 +82,23 @@ def test_whole_step_forward_and_backward_matches_the_counter(tiny):
     assert step_flops_for_masks(TINY, IMG, [(m, kc, kt)]) == pytest.approx(want / B)
 
 
+def test_an_encoder_of_fewer_blocks_than_its_size_matches_the_counter():
+    shallow = ModelConfig(name="vit_tiny", depth=3, patch_size=8, pred_depth=2, pred_emb_dim=96)
+    torch.manual_seed(0)
+    student, target = build_models(shallow, IMG, attention="math")
+    assert len(student.encoder.blocks) == len(target.blocks) == 3
+    images = torch.randn(B, 3, IMG, IMG)
+    masks = MultiBlockMaskSampler(GRID, min_keep=4, seed=0)(B, step=3)
+    m, _, kt = masks.targets.shape
+    kc = masks.context.shape[1]
+
+    def step():
+        feats = compute_targets(target, images, masks)
+        student(images, masks.context, masks.targets, feats).backward()
+
+    assert B * step_flops_for_masks(shallow, IMG, [(m, kc, kt)]) == pytest.approx(counted(step), rel=1e-9)
+
+
 def test_attention_is_part_of_the_count():
     # 4 * T^2 * W per layer and sequence: doubling T quadruples it
     assert attention_flops(200, 64) == 4 * attention_flops(100, 64)

@@ -351,6 +351,16 @@ def test_our_checkpoint_and_run_folder(tmp_path):
         assert all(torch.equal(v, raw[which][k]) for k, v in loaded.encoder.state_dict().items())
 
 
+def test_our_checkpoint_of_a_shallower_encoder_than_its_named_size_loads_with_its_depth(tmp_path):
+    run_dir = write_our_run(tmp_path / "run", depth=3)  # model.depth=3 of vit_tiny's 12 blocks
+    raw = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["target_encoder"]
+    loaded = interop.load_encoder(run_dir)
+    assert len(loaded.encoder.blocks) == loaded.spec.depth == 3
+    assert (loaded.spec.embed_dim, loaded.spec.num_heads, loaded.spec.name) == (192, 3, "")  # not a standard size
+    state = loaded.encoder.state_dict()
+    assert set(state) == set(raw) and all(torch.equal(v, raw[k]) for k, v in state.items())
+
+
 # ----------------------------------------------------------------------------- safetensors
 
 

@@ -311,6 +311,35 @@ def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_a_killed_ones_lock
     assert (out / "busy" / "run.lock").read_text() == ""  # released at the end of fit
 
 
+def test_on_epoch_end_is_called_after_each_whole_epoch_with_the_weights_of_that_step(tmp_path):
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps per epoch
+    out = tmp_path / "runs"
+    seen = []
+
+    def record(epoch: int) -> None:
+        seen.append((epoch, trainer.engine.target_encoder.norm.weight.clone()))
+
+    extra = {"optim.epochs": 3, "optim.max_steps": 15, "run.keep_checkpoints": 10}
+    trainer = Trainer(config_mod.load(None, tiny_overrides(data, out, "e", **extra)), on_epoch_end=record)
+    assert trainer.fit().steps == 15
+    assert [epoch for epoch, _ in seen] == [1, 2]  # step 15 is inside epoch 3
+    saved = dict(list_checkpoints(out / "e" / "checkpoints"))  # every 3 steps
+    for epoch, weight in seen:
+        state = torch.load(saved[6 * epoch], weights_only=True)
+        assert torch.equal(weight, state["target_encoder"]["norm.weight"])
+
+
+def test_resume_reads_a_model_key_missing_from_an_older_checkpoint_as_its_default(tmp_path):
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps
+    out, run = tmp_path / "runs", tmp_path / "runs" / "old"
+    Trainer(config_mod.load(None, tiny_overrides(data, out, "old", **{"optim.max_steps": 3}))).fit()
+    ((_, path),) = list_checkpoints(run / "checkpoints")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["model"]["depth"]  # as written before ModelConfig had the key
+    torch.save(state, path)
+    assert Trainer(config_mod.load(None, tiny_overrides(data, out, "old")), resume=True).fit().steps == 6
+
+
 def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     data = write_idx(tmp_path / "data", n=48)  # 6 steps
     out, run = tmp_path / "runs", tmp_path / "runs" / "c"

@@ -77,6 +77,7 @@ def build_models(
         model_cfg.name,
         img_size=img_size,
         patch_size=model_cfg.patch_size,
+        depth=model_cfg.depth,
         init_std=model_cfg.init_std,
         attention=attention,
         fused_gather=fused_gather,

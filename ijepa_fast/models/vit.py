@@ -257,14 +257,16 @@ class VisionTransformerPredictor(_BlockStack):
         return self.predictor_proj(x[:, Kc:])  # (M*B, Kt, D)
 
 
-def build_encoder(name: str, img_size: int = 224, patch_size: int = 16, **kwargs) -> VisionTransformer:
-    """An encoder of a named size (vit_tiny ... vit_giant)."""
+def build_encoder(
+    name: str, img_size: int = 224, patch_size: int = 16, depth: int | None = None, **kwargs
+) -> VisionTransformer:
+    """An encoder of a named size (vit_tiny ... vit_giant); ``depth`` blocks instead of the size's when given."""
     size = vit_size(name)
     return VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
         embed_dim=size.embed_dim,
-        depth=size.depth,
+        depth=depth or size.depth,
         num_heads=size.num_heads,
         mlp_ratio=size.mlp_ratio,
         **kwargs,
