@@ -721,7 +721,7 @@ def markdown_report(result: dict) -> str:
         r0 = ok[0]
         lines.append(
             f"- masks (timed batches): M = {r0['num_pred_masks']}, mean Kc = {r0['mean_kc']:.1f}, "
-            f"mean Kt = {r0['mean_kt']:.1f}; {r0['gflop_per_image']:.0f} GFLOP per image "
+            f"mean Kt = {r0['mean_kt']:.1f}; {r0['gflop_per_image']:.3g} GFLOP per image "
             f"(ijepa_fast.flops)"
         )
     lines += [
