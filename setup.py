@@ -40,6 +40,8 @@ setup(
             "deepspeed==0.19.8",
             # The Hugging Face IJepa round trip is tested against transformers itself (it needs no torch of its own).
             "transformers>=4.47",
+            # Optional W&B logging, tested offline against its own run files (their format is pinned).
+            "wandb==0.31.0",
         ],
     },
     entry_points={

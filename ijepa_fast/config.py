@@ -36,6 +36,7 @@ MODEL_NAMES = tuple(VIT_SIZES)
 PRESETS = ("fast", "authors")
 COMPILE_MODES = ("auto", "on", "off")
 ZERO_STAGES = (0, 1, 2, 3)
+WANDB_MODES = ("off", "on", "offline", "online")  # "on" is offline: nothing leaves the machine unless asked
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -226,6 +227,7 @@ class RunConfig:
     dist_timeout_s: float = 0.0  # a dead or stalled rank fails the others after this; 0: $IJEPA_DIST_TIMEOUT_S or 1800
     progress: bool = True  # a progress bar on rank 0
     tensorboard: bool = True  # TensorBoard events in run_dir/tb
+    wandb: str = "off"  # Weights & Biases: off|on (= offline)|offline (files in run_dir/wandb)|online
 
     def validate(self, prefix: str = "run") -> None:
         _check(bool(self.name), f"{prefix}.name", self.name, "a non-empty string")
@@ -236,6 +238,7 @@ class RunConfig:
         _check_choice(f"{prefix}.engine", self.engine, ENGINES)
         _check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
         _check_choice(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
+        _check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass
@@ -289,6 +292,7 @@ RESUME_MAY_CHANGE = (
     "run.keep_checkpoints",
     "run.progress",
     "run.tensorboard",
+    "run.wandb",
 )
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ijepa_fast.optional import available
+from ijepa_fast.optional import available, require
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +158,63 @@ class CollapseWatch:
         return None
 
 
-class MetricsWriter:
-    """metrics.csv (always) and TensorBoard events (when installed and enabled) in the run folder."""
+WANDB_PROJECT = "ijepa_fast"  # unless $WANDB_PROJECT names another
+WANDB_ID_FILE = "wandb_id"  # in the run folder: a resumed run logs to the same W&B run
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, start_step: int = 0):
+
+def wandb_mode(setting: str) -> str | None:
+    """The W&B mode ``run.wandb`` asks for (None: off). "on" means offline: the metrics stay in the
+    run folder until ``wandb sync``; only "online" sends them anywhere."""
+    return None if setting == "off" else "offline" if setting == "on" else setting
+
+
+def check_wandb(setting: str) -> None:
+    """Fail before training when ``run.wandb`` asks for W&B and it is not installed."""
+    if wandb_mode(setting):
+        require("wandb", f"run.wandb={setting}")
+
+
+class WandbLogger:
+    """The run's metrics in Weights & Biases, under the run folder's own W&B id (kept in
+    ``run_dir/wandb_id``), so that a resumed run continues its W&B run instead of starting another.
+    W&B drops rows of steps it already holds: a run resumed from an earlier checkpoint than its last
+    log keeps its first record of those steps there (metrics.csv holds the resumed ones)."""
+
+    def __init__(self, run_dir: Path, mode: str, name: str, config: dict, resumed: bool = False):
+        wandb = require("wandb", f"run.wandb={mode}")
+        id_path = Path(run_dir) / WANDB_ID_FILE
+        # A run restarted from step 0 is a new W&B run; a resumed one continues its own.
+        run_id = id_path.read_text().strip() if resumed and id_path.exists() else secrets.token_hex(4)
+        id_path.write_text(run_id + "\n")
+        self._run = wandb.init(
+            project=None if os.environ.get("WANDB_PROJECT") else WANDB_PROJECT,
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+        )
+        log.info(
+            "Weights & Biases (%s): run %s in %s%s",
+            mode,
+            run_id,
+            Path(run_dir) / "wandb",
+            "; upload later with `wandb sync` on that folder" if mode == "offline" else "",
+        )
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricsWriter:
+    """metrics.csv (always), TensorBoard events (when installed and enabled) and W&B (``wandb``: a
+    ``WandbLogger``, or None) in the run folder."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, start_step: int = 0, wandb: WandbLogger | None = None):
         self.path = Path(run_dir) / "metrics.csv"
         if self.path.exists():
             self._truncate_after(start_step)
@@ -179,6 +234,7 @@ class MetricsWriter:
                     "TensorBoard logging is on but tensorboard is not installed (pip install tensorboard); "
                     "writing metrics.csv only"
                 )
+        self._wandb = wandb
 
     def _truncate_after(self, step: int) -> None:
         with open(self.path, newline="") as fh:  # a row cut short by a kill lacks its last field: dropped
@@ -193,15 +249,23 @@ class MetricsWriter:
     def write(self, row: dict) -> None:
         self._csv.writerow({k: row.get(k, "") for k in CSV_FIELDS})
         self._fh.flush()
+        scalars = {
+            f"train/{key}": row[key]
+            for key in TENSORBOARD_FIELDS
+            if key in row and isinstance(row[key], float) and math.isfinite(row[key])
+        }
         if self._tb is not None:
-            for key in TENSORBOARD_FIELDS:
-                if key in row and isinstance(row[key], float) and math.isfinite(row[key]):
-                    self._tb.add_scalar(f"train/{key}", row[key], row["step"])
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, row["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, row["step"])
 
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

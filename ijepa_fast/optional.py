@@ -27,6 +27,7 @@ _PACKAGES: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "pip install matplotlib"),
     "safetensors": ("safetensors", "pip install safetensors"),
     "timm": ("timm", "pip install timm"),
+    "wandb": ("wandb", "pip install wandb"),
 }
 
 

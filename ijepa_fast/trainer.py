@@ -42,7 +42,15 @@ from ijepa_fast.engines import (
     train_step_for,
 )
 from ijepa_fast.masks import MaskBatch
-from ijepa_fast.metrics import CollapseWatch, DeviceMeter, MetricsWriter, plot_loss
+from ijepa_fast.metrics import (
+    CollapseWatch,
+    DeviceMeter,
+    MetricsWriter,
+    WandbLogger,
+    check_wandb,
+    plot_loss,
+    wandb_mode,
+)
 from ijepa_fast.models.vit import grid_size
 
 log = logging.getLogger("ijepa_fast")
@@ -113,6 +121,7 @@ class Trainer:
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built
         if self.resume:
             check_resume(self.run_dir, self.engine_name, cfg.run.engine)
+        self._agree(lambda: check_wandb(cfg.run.wandb), main_only=True)  # only rank 0 logs
         self._agree(self._open_run_dir, main_only=True)
         self._agree(lambda: check_run_folder(self.run_dir, self.engine_name, self.is_main, RUN_FOLDER_SETTINGS))
         self.precision = resolve_precision(self.device, cfg.run.dtype)
@@ -145,11 +154,16 @@ class Trainer:
         self.schedules = self.step_fn.schedules
         total = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
-        if self.is_main:
-            self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, start_step=self.start_step)
-        else:
-            self.writer = _NoWriter()
+        self.writer = _NoWriter()
+        self._agree(self._open_writer, main_only=True)  # W&B can refuse (online, no API key): every rank stops
         self.collapse_watch = CollapseWatch()
+
+    def _open_writer(self) -> None:
+        cfg = self.cfg
+        mode = wandb_mode(cfg.run.wandb)
+        resumed = self.start_step > 0
+        wandb = WandbLogger(self.run_dir, mode, cfg.run.name, cfg.to_dict(), resumed) if mode else None
+        self.writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, start_step=self.start_step, wandb=wandb)
 
     def _agree(self, action, main_only: bool = False) -> None:
         """Run ``action`` (on rank 0 only, or on every rank); when it fails anywhere, every rank raises
