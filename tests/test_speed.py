@@ -24,6 +24,7 @@ TINY = [
     "run.device=cpu",
     "optim.epochs=1",
     "optim.warmup_epochs=0",
+    "run.dtype=fp32",  # the tolerances below are fp32's; auto would take bf16 on a CPU with native bf16
 ]
 
 
