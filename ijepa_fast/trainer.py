@@ -103,6 +103,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.engine_name = resolve_engine(cfg.run.engine, self.world_size)
         self._stop_signal: int | None = None
+        self._failed_on_every_rank = False  # set by _agree when it raises
 
     # ------------------------------------------------------------------ building
     def build(self) -> None:
@@ -111,6 +112,10 @@ class Trainer:
             self._build()
         except BaseException:
             self._release()
+            if self._failed_on_every_rank:
+                # No rank waits in a collective: leave the group in order, so that each process exits
+                # with its own status rather than aborting in the group's teardown at exit.
+                distributed.cleanup()
             raise
 
     def _build(self) -> None:
@@ -175,6 +180,7 @@ class Trainer:
             except Exception as err:
                 error = err
         if distributed.any_rank(error is not None, self.device):
+            self._failed_on_every_rank = True
             raise error or run_folder.RunFolderError(
                 f"another rank could not prepare the run folder {self.run_dir}; its log says why"
             )

@@ -3,7 +3,8 @@
     python tests/ds_worker.py zero OUT_DIR 1,2,3     # per stage: 5 steps with a save at 3, resume, EMA check;
                                                      # then gradient accumulation under ZeRO-2
     python tests/ds_worker.py single OUT_DIR         # a world of one, ZeRO 0-3: process-group timeouts, and
-                                                     # a payload planted in each checkpoint file, resumed
+                                                     # a payload planted in each checkpoint file, resumed;
+                                                     # a save whose writes the kernel refuses
     python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
 
@@ -371,13 +372,14 @@ def run_single(out: Path) -> None:
     from ijepa_fast.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
-    report: dict = {"planted": [], "clean_resume": {}, "exports": {}}
+    report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}}
     for stage in (0, 1, 2, 3):
         cfg = tiny_config(stage)
         build = partial(deepspeed_step, cfg, 1)
         step_fn = build(0)
         step_fn(*local_batch(0, 0, 1), 0)
         tag_dir = step_fn.engine.save_checkpoint(out / f"single{stage}", 1)
+        report["full_disk"][stage] = save_on_a_full_disk(step_fn.engine, build, out / f"full{stage}")
         report["exports"][stage] = str(step_fn.engine.export_consolidated(out / f"export{stage}", 1))
         report["clean_resume"][stage] = build(1).engine.load_checkpoint(out / f"single{stage}")["step"]
         for path in sorted(tag_dir.glob("*.pt")):
@@ -397,6 +399,36 @@ def run_single(out: Path) -> None:
     for stage in FROM_ONE_STAGES:
         train_on_one_rank(stage, out)
     (out / "single.json").write_text(json.dumps(report, indent=1))
+
+
+def save_on_a_full_disk(engine, build, save_dir: Path) -> dict:
+    """Save step 1, then step 2 with the kernel refusing to grow any file past half the size of step
+    1's model states (RLIMIT_FSIZE: the write fails with EFBIG, in C++ writers too): what the save
+    raised, what the failed tag's folder holds, and the step a resume then restores."""
+    import resource
+    import signal
+
+    from ijepa_fast.engines.deepspeed import latest_step
+
+    engine.save_checkpoint(save_dir, 1)
+    limit = min(p.stat().st_size for p in (save_dir / engine.tag(1)).glob("*model_states.pt")) // 2
+    report: dict = {"error": None, "failed_tag": str(save_dir / engine.tag(2))}
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        engine.save_checkpoint(save_dir, 2)
+    except Exception as err:
+        report["error"] = {"type": type(err).__name__, "errno": getattr(err, "errno", None)}
+        report["error"]["filename"] = getattr(err, "filename", None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    failed = Path(report["failed_tag"])
+    report["left_in_failed_tag"] = sorted(p.name for p in failed.iterdir()) if failed.is_dir() else []
+    report["latest"] = latest_step(save_dir)
+    report["resumed_step"] = build(1).engine.load_checkpoint(save_dir)["step"]
+    return report
 
 
 class _CountOpBuilds:
@@ -533,7 +565,8 @@ def compile_counts() -> dict:
 
 def run_on_locked_folder(overrides: list[str]) -> int:
     """Build a trainer (run.engine=deepspeed) on a run folder whose lock another process holds:
-    every rank must stop with a RunFolderError (exit 5), none may wait for the others."""
+    every rank must stop with a RunFolderError (exit 5), none may wait for the others, and each must
+    have left the process group (exit 6 if not: its teardown at exit could abort the process)."""
     from ijepa_fast import config as config_mod
     from ijepa_fast.run_folder import RunFolderError
     from ijepa_fast.trainer import Trainer
@@ -542,7 +575,7 @@ def run_on_locked_folder(overrides: list[str]) -> int:
         Trainer(config_mod.load(None, overrides)).build()
     except RunFolderError as err:
         print(f"refused: {err}", flush=True)
-        return 5
+        return 6 if torch.distributed.is_initialized() else 5
     return 0
 
 

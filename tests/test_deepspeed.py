@@ -17,6 +17,7 @@ communication op (~35 s, cached in ~/.cache/torch_extensions).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -385,6 +386,21 @@ def test_a_payload_planted_in_any_deepspeed_checkpoint_file_is_refused_and_runs_
     for p in planted:
         assert p["file"] in p["error"] and "posix.system" in p["error"], p
         assert not Path(p["marker"]).exists(), f"the payload in {p['file']} ran"
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_a_failed_write_in_deepspeeds_own_save_names_the_file_and_keeps_the_previous_checkpoint(stage, single_rank):
+    """DeepSpeed's save wrote through torch's C++ writer: a write the kernel refused raised a
+    RuntimeError naming no file and left a truncated model-states file in the new tag."""
+    report = single_rank["full_disk"][str(stage)]
+    assert report["error"] is not None and report["error"]["type"] == "OSError", report
+    assert report["error"]["errno"] == errno.EFBIG
+    failed = Path(report["error"]["filename"])
+    assert failed.parent == Path(report["failed_tag"]) and failed.suffix == ".pt"
+    left = report["left_in_failed_tag"]
+    assert failed.name not in left and not any(name.endswith(".tmp") for name in left), left
+    assert report["latest"] == 1 and report["resumed_step"] == 1
 
 
 @needs_ds

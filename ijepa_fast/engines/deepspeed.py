@@ -300,14 +300,22 @@ def deepspeed_safe_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-class _WeightsOnlyLoads:
-    """A DeepSpeed checkpoint engine whose ``load`` is ``checkpoint.load_file``; everything else
-    (saving, commit, the decoupled writers) is the wrapped engine's. DeepSpeed's own ``load`` calls
-    ``torch.load(weights_only=False)``, which runs whatever a planted object asks for."""
+class _CheckpointFiles:
+    """A DeepSpeed checkpoint engine whose ``load`` is ``checkpoint.load_file`` and, for torch's own
+    file engine, whose ``save`` is ``checkpoint.atomic_torch_save``; everything else (commit, other
+    writers configured through ``run.ds_config``) is the wrapped engine's.
+
+    DeepSpeed's own ``load`` calls ``torch.load(weights_only=False)``, which runs whatever a planted
+    object asks for. Its ``save`` writes in place through torch's C++ writer: a failed write (a full
+    disk) leaves a truncated file and raises a RuntimeError that names no file. Saved atomically,
+    each file is whole or absent, and a failed write is an OSError naming it."""
 
     def __init__(self, inner: Any):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
         self._inner = inner
         self._allowed = deepspeed_safe_globals()
+        self._atomic_saves = type(inner) is TorchCheckpointEngine
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -316,9 +324,15 @@ class _WeightsOnlyLoads:
         # resuming has no override: DeepSpeed and this package store only plain records
         return ckpt.load_file(path, allowed=self._allowed, map_location=map_location, override=None)
 
+    def save(self, state_dict: Any, path: str) -> None:  # DeepSpeed passes both by keyword
+        if self._atomic_saves:
+            ckpt.atomic_torch_save(state_dict, Path(path))
+        else:
+            self._inner.save(state_dict, path)
 
-def _load_weights_only(engine: Any) -> Any:
-    engine.checkpoint_engine = _WeightsOnlyLoads(engine.checkpoint_engine)
+
+def _safe_checkpoint_files(engine: Any) -> Any:
+    engine.checkpoint_engine = _CheckpointFiles(engine.checkpoint_engine)
     return engine
 
 
@@ -342,10 +356,10 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = ds.initialize(
             model=student, model_parameters=param_groups(student), config=ds_config
         )
-        _load_weights_only(self.engine)
+        _safe_checkpoint_files(self.engine)
         self.student: JEPAStudent = self.engine.module
         if self.zero_stage == 3:
-            self.target_engine = _load_weights_only(
+            self.target_engine = _safe_checkpoint_files(
                 ds.initialize(model=target_encoder, config=target_config(ds_config))[0]
             )
             self.target_encoder = self.target_engine.module
