@@ -77,10 +77,15 @@ def rankme_from_gram(gram: torch.Tensor) -> torch.Tensor:
     gram = gram.double()
     finite = torch.isfinite(gram).all()
     eigenvalues = torch.linalg.eigvalsh(torch.where(finite, gram, torch.zeros_like(gram)))
-    sigma = eigenvalues.clamp_min(0).sqrt()  # (D,)
-    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny) + RANKME_EPS
-    rank = torch.exp(-(p * p.log()).sum())
+    rank = rankme_of_singular_values(eigenvalues.clamp_min(0).sqrt())
     return torch.where(finite, rank, torch.full_like(rank, float("nan")))
+
+
+def rankme_of_singular_values(sigma: torch.Tensor) -> torch.Tensor:
+    """RankMe, exp(-sum_k p_k log p_k) with p_k = sigma_k / sum(sigma) + eps, of singular values
+    ``sigma`` [K], as a 0-d tensor (about 1 + K eps |log eps| when every sigma is 0)."""
+    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny) + RANKME_EPS
+    return torch.exp(-(p * p.log()).sum())
 
 
 @dataclass
