@@ -245,6 +245,9 @@ class Trainer:
             self.build()
         try:
             return self._fit()
+        except NonFiniteLossError:
+            distributed.cleanup()  # every rank stops at the same step (the loss is averaged over ranks)
+            raise
         finally:
             self._release()
 

@@ -6,6 +6,7 @@
                                                      # a payload planted in each checkpoint file, resumed;
                                                      # a save whose writes the kernel refuses
     python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
+    python tests/ds_worker.py nan OUT_DIR KEY=VALUE...     # a trainer whose loss turns NaN on rank 1
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
 
 Rank and world come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun
@@ -579,12 +580,34 @@ def run_on_locked_folder(overrides: list[str]) -> int:
     return 0
 
 
+def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
+    """Train (run.engine=deepspeed) with rank 1's loss NaN from the first step: every rank must stop
+    with a NonFiniteLossError at step 1 (the loss is averaged over ranks), and leave the process
+    group (exit 7; exit 6 if the group is still up, exit 0 if training went on)."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.trainer import NonFiniteLossError, Trainer
+
+    trainer = Trainer(config_mod.load(None, overrides))
+    trainer.build()
+    if trainer.rank == 1:
+        forward = trainer.step_fn.student.forward
+        trainer.step_fn.student.forward = lambda *args, **kwargs: forward(*args, **kwargs) * float("nan")
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        print(f"stopped: {err}", flush=True)
+        return 6 if torch.distributed.is_initialized() else 7
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, out = argv[0], Path(argv[1])
     from ijepa_fast import distributed as dist_
 
     if mode == "locked":
         return run_on_locked_folder(argv[2:])
+    if mode == "nan":
+        return run_with_a_nan_on_rank_1(argv[2:])
     if mode == "zero":
         env = dist_.init(deepspeed=True, timeout_s=120)
         for stage in (int(s) for s in argv[2].split(",")):

@@ -503,6 +503,16 @@ def test_a_locked_run_folder_stops_every_rank(tmp_path):
     assert "another rank could not prepare the run folder" in texts[1]
 
 
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_and_each_leaves_the_group(tmp_path):
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=32)
+    overrides = tiny_overrides(data, tmp_path / "runs", "nan", **{"run.engine": "deepspeed"})
+    codes, texts, _ = launch("nan", tmp_path, *overrides, timeout=240, extra_env={dist_.TIMEOUT_ENV: "60"})
+    assert codes == [7, 7], _tail(texts)
+    assert all("non-finite at step 1" in text for text in texts), _tail(texts)
+
+
 def test_a_dead_rank_fails_its_peer_instead_of_hanging(tmp_path):
     codes, texts, elapsed = launch("die", tmp_path, timeout=90, extra_env={dist_.TIMEOUT_ENV: "20"})
     assert codes[1] == 3
