@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ijepa_fast.ops import TARGET_NORM_EPS  # the LayerNorm the loss's targets get
 from ijepa_fast.optional import available, require
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ MONITOR_FIELDS = ["feature_std", "feature_std_min", "rankme"]  # empty in a row 
 CSV_FIELDS = ["step", "epoch", "loss", "lr", "wd", "momentum", "images_per_s", "skipped", "elapsed_s", *MONITOR_FIELDS]
 TENSORBOARD_FIELDS = ["loss", "lr", "wd", "momentum", "images_per_s", *MONITOR_FIELDS]
 
-TARGET_NORM_EPS = 1e-5  # the LayerNorm the loss's targets get (ops.normalized_targets)
 RANKME_EPS = 1e-7  # RankMe's epsilon (Garrido et al., 2023): p_k = sigma_k / sum(sigma) + eps
 
 # Collapse: the target encoder maps every patch to (nearly) the same vector, so the predictor meets

@@ -58,7 +58,12 @@ def predictor_mask_tokens(
     return apply_masks_authors(pos_b, idx) + mask_token
 
 
-def normalized_targets(h: torch.Tensor, idx: torch.Tensor, fused: bool = True, eps: float = 1e-5) -> torch.Tensor:
+TARGET_NORM_EPS = 1e-5  # F.layer_norm's default, as the authors normalise the targets
+
+
+def normalized_targets(
+    h: torch.Tensor, idx: torch.Tensor, fused: bool = True, eps: float = TARGET_NORM_EPS
+) -> torch.Tensor:
     """LayerNorm (no affine) of h [B, N, D] at the target rows idx [M, B, K] -> [M*B, K, D].
 
     The authors normalise all N tokens with F.layer_norm (default eps 1e-5) and gather after; the
