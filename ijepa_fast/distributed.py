@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -293,6 +293,21 @@ def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device or torch.device("cpu"))
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def failure_on_any_rank(
+    action: Callable[[], object], device: torch.device | None = None, run: bool = True
+) -> tuple[bool, Exception | None]:
+    """Run ``action`` (where ``run``), then agree across ranks whether it failed anywhere: (failed on
+    some rank, this rank's own error or None). One collective, so no rank is left waiting in one
+    when another has failed."""
+    error = None
+    if run:
+        try:
+            action()
+        except Exception as err:
+            error = err
+    return any_rank(error is not None, device), error
 
 
 def cleanup() -> None:

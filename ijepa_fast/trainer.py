@@ -173,13 +173,8 @@ class Trainer:
     def _agree(self, action, main_only: bool = False) -> None:
         """Run ``action`` (on rank 0 only, or on every rank); when it fails anywhere, every rank raises
         (a failed rank its own error), so no rank is left waiting in a collective."""
-        error = None
-        if self.is_main or not main_only:
-            try:
-                action()
-            except Exception as err:
-                error = err
-        if distributed.any_rank(error is not None, self.device):
+        failed, error = distributed.failure_on_any_rank(action, self.device, run=self.is_main or not main_only)
+        if failed:
             self._failed_on_every_rank = True
             raise error or run_folder.RunFolderError(
                 f"another rank could not prepare the run folder {self.run_dir}; its log says why"

@@ -541,11 +541,13 @@ class DeepSpeedEngine:
         universal = tag_dir.parent / _UNIVERSAL / tag_dir.name
         allowed = deepspeed_safe_globals()
 
-        def convert() -> None:  # rank 0 writes, the others wait in _agree_on's collective
+        def convert() -> None:  # rank 0 writes, the others wait in the agreeing collective
             if dist_.get_rank() == 0 and not uc.is_converted(universal):
                 convert_to_universal(tag_dir, universal, self.zero_stage)
 
-        self._agree_on(convert, "convert", tag_dir)
+        failed, error = dist_.failure_on_any_rank(convert, self.device)
+        if failed:
+            raise error or RuntimeError(f"another rank could not convert {tag_dir}; its log says why")
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         config = self.engine._config  # DeepSpeed reads the universal flag only while it loads a checkpoint
         config.load_universal_checkpoint = True
@@ -581,16 +583,6 @@ class DeepSpeedEngine:
             uc.partition_of(f, p.ds_numel, rank, p.ds_tensor.numel())
             for f, p in zip(flat, self.target_encoder.parameters(), strict=True)
         ]
-
-    def _agree_on(self, action, what: str, tag_dir: Path) -> None:
-        """Run ``action``; when it fails on any rank every rank raises (a failed rank its own error)."""
-        error = None
-        try:
-            action()
-        except Exception as err:
-            error = err
-        if dist_.any_rank(error is not None, self.device):
-            raise error or RuntimeError(f"another rank could not {what} {tag_dir}; its log says why")
 
     # ------------------------------------------------------------------ export
     def _full_fp32(self, param: nn.Parameter) -> torch.Tensor:
