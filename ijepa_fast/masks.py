@@ -325,10 +325,15 @@ def _random_subset(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     keys = bits.view(torch.int32)[: R * N].view(R, N).bitwise_and_((1 << _KEY_BITS) - 1)
     keys = torch.where(mask, keys, -1)  # (R, N): entries that may not be kept rank last
     chosen = keys.topk(k, dim=1, sorted=False).indices  # (R, k), in no particular order
-    # Sort the k winners by counting: a winner's rank is the number of winners at or before it.
-    # Branch-free, so faster than sorting them or scatter + nonzero, which mispredict a branch per
-    # element on fresh data (``python -m profiling.bench_choices``).
-    kept = torch.zeros(R, N, dtype=torch.int32).scatter_(1, chosen, 1)
+    return in_index_order(chosen, N)
+
+
+def in_index_order(chosen: torch.Tensor, n: int, count_dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """[R, k] distinct indices below ``n`` per row -> the same indices sorted within each row, by
+    counting: a winner's rank is the number of winners at or before it. Branch-free, so faster than
+    sorting them or scatter + nonzero, which mispredict a branch per element on fresh data
+    (``python -m profiling.bench_choices``); int32 counts halve the [R, n] buffer."""
+    kept = torch.zeros(chosen.shape[0], n, dtype=count_dtype).scatter_(1, chosen, 1)
     rank = kept.cumsum_(1).gather(1, chosen).sub_(1).long()  # (R, k)
     return torch.empty_like(chosen).scatter_(1, rank, chosen)
 

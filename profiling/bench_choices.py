@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ijepa_fast.masks import MultiBlockMaskSampler, _tables
+from ijepa_fast.masks import MultiBlockMaskSampler, _tables, in_index_order
 
 POOL = 8  # distinct inputs cycled through, so no call sees the previous call's data
 
@@ -91,16 +91,11 @@ def case_order_winners(R: int = 128, N: int = 256, k: int = 100) -> dict:
     """Put the top-k winners in index order: rank by counting (int32), sort, or scatter + nonzero."""
     chosen = _chosen(R, N, k)
 
-    def counting(i: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        c = chosen[i]
-        rank = torch.zeros(R, N, dtype=dtype).scatter_(1, c, 1).cumsum_(1).gather(1, c).sub_(1).long()
-        return torch.empty_like(c).scatter_(1, rank, c)
-
     def scatter_nonzero(i: int) -> torch.Tensor:
         return torch.zeros(R, N, dtype=torch.bool).scatter_(1, chosen[i], True).nonzero()[:, 1].view(R, k)
 
     return {
-        "rank by counting (used)": counting,
+        "rank by counting (used)": lambda i: in_index_order(chosen[i], N),
         "sort": lambda i: chosen[i].sort(dim=1).values,
         "scatter + nonzero": scatter_nonzero,
     }
@@ -109,14 +104,9 @@ def case_order_winners(R: int = 128, N: int = 256, k: int = 100) -> dict:
 def case_count_dtype(R: int = 128, N: int = 1024, k: int = 400) -> dict:
     """Rank by counting on a 32x32 grid: int32 counts, or int64."""
     chosen = _chosen(R, N, k)
-
-    def counting(i: int, dtype: torch.dtype) -> torch.Tensor:
-        c = chosen[i]
-        return torch.zeros(R, N, dtype=dtype).scatter_(1, c, 1).cumsum_(1).gather(1, c)
-
     return {
-        "int32 counts (used)": lambda i: counting(i, torch.int32),
-        "int64 counts": lambda i: counting(i, torch.int64),
+        "int32 counts (used)": lambda i: in_index_order(chosen[i], N),
+        "int64 counts": lambda i: in_index_order(chosen[i], N, count_dtype=torch.int64),
     }
 
 
