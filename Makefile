@@ -4,20 +4,47 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-data test gpu-check gpu-wheels lint format clean
+.PHONY: venv lock test-latest demo demo-data test gpu-check gpu-wheels lint format clean
 
 venv: $(STAMP)
 
-# Every pin is in setup.py, but timm's below. The `cpu` extra names the exact CPU build of torch that
-# lies on the CPU machines' disk, which keeps pip from downloading a multi-GB CUDA build. timm comes
-# without its dependencies: no torchvision imports beside the CPU torch wheel, and the timm export
-# test (tests/timm_worker.py) runs timm's ViT with torchvision stubbed out.
-$(STAMP): setup.py pyproject.toml
+# CI installs exactly the versions in $(LOCK) (pip constraints: pip itself, the build tools, every
+# package of the cpu/dev/test extras and timm); setup.py keeps ranges for users, and a test fails
+# when the two disagree. The build runs without isolation so that its setuptools is the locked one.
+# The `cpu` extra names the exact CPU build of torch that lies on the CPU machines' disk, which keeps
+# pip from downloading a multi-GB CUDA build. timm comes without its dependencies: no torchvision
+# imports beside the CPU torch wheel, and the timm export test (tests/timm_worker.py) runs timm's ViT
+# with torchvision stubbed out.
+LOCK := requirements-lock.txt
+$(STAMP): setup.py pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[cpu,dev,test]'
-	$(VPY) -m pip install -q --no-deps 'timm==1.0.31'
+	$(VPY) -m pip install -q -c $(LOCK) pip setuptools wheel
+	$(VPY) -m pip install -q -c $(LOCK) --no-build-isolation -e '.[cpu,dev,test]'
+	$(VPY) -m pip install -q -c $(LOCK) --no-deps timm
 	touch $(STAMP)
+
+# Refresh the lock on purpose: the newest releases that setup.py's ranges allow, installed into a
+# throwaway venv, then frozen. Review the diff, run `make test`, commit both.
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-lock/bin/python -m pip install -q --no-build-isolation -e '.[cpu,dev,test]'
+	.venv-lock/bin/python -m pip install -q --no-deps timm
+	( echo "# What CI installs (make venv: pip install -c $(LOCK)). Made by 'make lock'; refresh on purpose."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -iv '^ijepa[-_]fast' ) > $(LOCK)
+	rm -rf .venv-lock
+
+# The newest releases setup.py allows, in their own venv (the lock untouched): what a user installing
+# today gets. Run it before `make lock` to see what a refresh would break.
+test-latest:
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-latest/bin/python -m pip install -q -e '.[cpu,dev,test]'
+	.venv-latest/bin/python -m pip install -q --no-deps timm
+	IJEPA_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -p no:cacheprovider
 
 FMNIST := /usr/share/datasets/fashion-mnist
 
@@ -48,7 +75,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest build *.egg-info
 
 # The one command for a lent GPU (profiling/gpu_check.sh): a preflight, GPU-marked tests, then the
 # step, kernel, attention and data benchmarks, a summary table last. No venv there: python3 from

@@ -11,23 +11,24 @@ import functools
 import importlib
 from types import ModuleType
 
-# name -> (import name, install hint)
+# name -> (import name, install hint). The hints name the setup.py extra that declares the package;
+# the core dependencies (tensorboard, matplotlib, safetensors) are probed too, for a broken install.
 _PACKAGES: dict[str, tuple[str, str]] = {
-    "triton": ("triton", "pip install triton  (or: pip install -e '.[gpu]')"),
-    "deepspeed": ("deepspeed", "pip install 'deepspeed>=0.19'  (or: pip install -e '.[gpu]')"),
-    "dali": ("nvidia.dali", "pip install nvidia-dali-cuda130  (CUDA 12: nvidia-dali-cuda120)"),
-    "flash_attn": ("flash_attn", "pip install flash-attn --no-build-isolation  (needs a CUDA GPU)"),
+    "triton": ("triton", "pip install 'ijepa_fast[gpu]'  (or: pip install triton)"),
+    "deepspeed": ("deepspeed", "pip install 'ijepa_fast[gpu]'  (or: pip install deepspeed==0.19.8)"),
+    "dali": ("nvidia.dali", "pip install 'ijepa_fast[gpu]'  (nvidia-dali-cuda130; CUDA 12: nvidia-dali-cuda120)"),
+    "flash_attn": ("flash_attn", "pip install 'ijepa_fast[flash]' --no-build-isolation  (needs a CUDA GPU)"),
     # FlashAttention-3 (Hopper): built from the flash-attention repository's hopper/ folder.
     "flash_attn_interface": (
         "flash_attn_interface",
         "cd flash-attention/hopper && python setup.py install  (needs a Hopper GPU)",
     ),
-    "xformers": ("xformers.ops", "pip install xformers  (needs a CUDA GPU)"),
+    "xformers": ("xformers.ops", "pip install 'ijepa_fast[xformers]'  (needs a CUDA GPU)"),
     "tensorboard": ("torch.utils.tensorboard", "pip install tensorboard"),
     "matplotlib": ("matplotlib", "pip install matplotlib"),
     "safetensors": ("safetensors", "pip install safetensors"),
-    "timm": ("timm", "pip install timm"),
-    "wandb": ("wandb", "pip install wandb"),
+    "timm": ("timm", "pip install 'ijepa_fast[timm]'"),
+    "wandb": ("wandb", "pip install 'ijepa_fast[wandb]'"),
 }
 
 
@@ -48,6 +49,16 @@ def _try_import(name: str) -> ModuleType | None:
 def known() -> list[str]:
     """The names ``available`` and ``require`` accept, in a fixed order."""
     return list(_PACKAGES)
+
+
+def import_name(name: str) -> str:
+    """The module ``available(name)`` imports."""
+    return _PACKAGES[name][0]
+
+
+def install_hint(name: str) -> str:
+    """What to run to install the optional package ``name``."""
+    return _PACKAGES[name][1]
 
 
 def available(name: str) -> bool:

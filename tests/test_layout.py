@@ -5,6 +5,7 @@ install that runs from any folder."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -127,17 +128,44 @@ def test_no_library_module_imports_a_command_line_module():
     assert not {k: v for k, v in offenders.items() if v}
 
 
-def test_kernels_install_under_the_project_namespace(tmp_path):
-    """``ijepa_fast.kernels`` is the repository's kernels/ folder; no bare top-level ``kernels`` package
-    is installed (a PyPI distribution has that name). Run from another folder, so that the checkout
-    itself is not on the path."""
-    code = (
-        "import importlib.util, pathlib, ijepa_fast.kernels.ema as ema; "
-        "print(pathlib.Path(ema.__file__).resolve().parent); print(importlib.util.find_spec('kernels'))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    where, bare = out.stdout.split()
-    assert Path(where) == (REPO / "kernels").resolve() and bare == "None"
+def _run_python(code: str, cwd: Path, **env: str) -> str:
+    run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=run_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("where", ["repository root", "another folder"])
+def test_kernels_install_under_the_project_namespace(where, tmp_path):
+    """``ijepa_fast.kernels`` is the repository's kernels/ folder, from the checkout's root (on sys.path
+    first) and from any other folder."""
+    cwd = REPO if where == "repository root" else tmp_path
+    code = "import pathlib, ijepa_fast.kernels.ema as ema; print(pathlib.Path(ema.__file__).resolve().parent)"
+    assert Path(_run_python(code, cwd)) == (REPO / "kernels").resolve()
+
+
+def test_the_kernels_folder_is_a_namespace_portion_that_shadows_no_installed_package(tmp_path):
+    """A regular package named ``kernels`` anywhere on the path wins over the checkout's kernels/
+    folder, even with the checkout's root first on sys.path (as ``python -m`` and pytest put it)."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("WHO = 'the installed distribution'\n")
+    code = "import kernels; print(kernels.WHO)"
+    assert _run_python(code, REPO, PYTHONPATH=str(tmp_path / "site")) == "the installed distribution"
+
+
+def test_the_installed_kernels_distribution_is_what_import_kernels_gives_from_the_root():
+    """Hugging Face's ``kernels`` (a dependency of transformers) is the one ``import kernels`` finds."""
+    pytest.importorskip("transformers")
+    try:
+        dist = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the kernels distribution is not installed")
+    origin = _run_python("import kernels; print(kernels.__file__)", REPO)
+    assert Path(origin).resolve() == Path(dist.locate_file("kernels/__init__.py")).resolve()
+    # and what transformers needs of it imports
+    _run_python("import transformers; transformers.IJepaModel", REPO)
 
 
 def test_profiling_and_tests_do_not_import_each_other():
@@ -167,10 +195,12 @@ def test_a_non_editable_install_runs_the_demo_config_from_another_folder(tmp_pat
     for rel in _uncommitted():
         target = src / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if (REPO / rel).exists():
-            shutil.copy2(REPO / rel, target)
-        elif target.exists():
+        if target.is_symlink() or target.is_file():
             target.unlink()
+        if (REPO / rel).is_symlink():
+            target.symlink_to(os.readlink(REPO / rel))
+        elif (REPO / rel).exists():
+            shutil.copy2(REPO / rel, target)
     run = dict(env=_clean_env(), capture_output=True, text=True, timeout=600)
     pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)], **run)
     assert pip.returncode == 0, pip.stderr[-3000:]
@@ -180,6 +210,12 @@ def test_a_non_editable_install_runs_the_demo_config_from_another_folder(tmp_pat
     bin_dir = env_dir / "bin"
     help_ = subprocess.run([str(bin_dir / "ijepa-demo"), "--help"], cwd=elsewhere, **run)
     assert help_.returncode == 0 and "ijepa-demo" in help_.stdout, help_.stderr[-3000:]
+    code = (
+        "import pathlib, ijepa_fast, ijepa_fast.kernels.ema as e; "
+        "print(pathlib.Path(e.__file__).parent.parent == pathlib.Path(ijepa_fast.__file__).parent)"
+    )
+    kernels_ = subprocess.run([str(py), "-c", code], cwd=elsewhere, **run)
+    assert kernels_.stdout.strip() == "True", kernels_.stderr[-3000:]
     from tests.test_trainer import write_idx
 
     data = write_idx(tmp_path / "idx", n=32)

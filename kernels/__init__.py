@@ -1,1 +1,0 @@
-"""Triton kernels, one per file: kernel, launcher, autograd Function and ``<op>_reference``."""
