@@ -57,12 +57,12 @@ demo-data:
 	else \
 	  echo "Fashion-MNIST is not installed at $(FMNIST) and this is not root with apt."; \
 	  echo "Install it (sudo apt-get install dataset-fashion-mnist), or run the demo on your own data:"; \
-	  echo "  $(VPY) -m ijepa_fast.demo --data DIR   (IDX files, or an image folder with --dataset folder)"; \
+	  echo "  $(VPY) -m ijepa_fast.cli.demo --data DIR   (IDX files, or an image folder with --dataset folder)"; \
 	  exit 1; \
 	fi
 
 demo: $(STAMP) demo-data
-	$(VPY) -m ijepa_fast.demo
+	$(VPY) -m ijepa_fast.cli.demo
 
 test: lint
 	$(VPY) -m pytest -q -p no:cacheprovider

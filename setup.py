@@ -61,12 +61,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ijepa-pretrain=ijepa_fast.pretrain:main",
-            "ijepa-demo=ijepa_fast.demo:main",
-            "ijepa-eval=ijepa_fast.eval.cli:main",
-            "ijepa-extract=ijepa_fast.export_cli:extract_main",
-            "ijepa-export=ijepa_fast.export_cli:export_main",
-            "ijepa-bench=ijepa_fast.bench:main",
+            "ijepa-pretrain=ijepa_fast.cli.pretrain:main",
+            "ijepa-demo=ijepa_fast.cli.demo:main",
+            "ijepa-eval=ijepa_fast.cli.eval:main",
+            "ijepa-extract=ijepa_fast.cli.export:extract_main",
+            "ijepa-export=ijepa_fast.cli.export:export_main",
+            "ijepa-bench=ijepa_fast.cli.bench:main",
         ],
     },
 )

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-from ijepa_fast.optional import available, require
+from ijepa_fast.runtime.optional import available, require
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 T = TypeVar("T")

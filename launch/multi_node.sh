@@ -10,7 +10,7 @@
 # Environment: HOSTFILE (default ./hostfile), NUM_NODES and NUM_GPUS (per node; default: all of the
 # hostfile), MASTER_ADDR (default: the hostfile's first host), MASTER_PORT (default 29500), PYTHON,
 # DS_LAUNCHER_ARGS (e.g. "--launcher openmpi" or "--no_ssh --node_rank 1"), IJEPA_DIST_TIMEOUT_S.
-# At start it prints the world layout (python -m ijepa_fast.launch_plan) and passes the collective
+# At start it prints the world layout (python -m ijepa_fast.cli.launch_plan) and passes the collective
 # timeout it resolves (run.dist_timeout_s, else IJEPA_DIST_TIMEOUT_S, else 1800 s) to every process
 # as run.dist_timeout_s: the remote hosts get it on the command line (the launcher's ssh does not
 # forward IJEPA_* variables).
@@ -26,7 +26,7 @@ MASTER_ADDR=${MASTER_ADDR:-$(hosts | awk '{print $1; exit}')}
 MASTER_PORT=${MASTER_PORT:-29500}
 nodes=${NUM_NODES:-$(hosts | wc -l)}
 per_node=${NUM_GPUS:-$(hosts | awk '{for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) {sub(/slots=/, "", $i); print $i; exit}}')}
-read -r TIMEOUT_S _ < <("$PYTHON" -m ijepa_fast.launch_plan "$nodes" "${per_node:-0}" "$MASTER_ADDR:$MASTER_PORT" "$@" \
+read -r TIMEOUT_S _ < <("$PYTHON" -m ijepa_fast.cli.launch_plan "$nodes" "${per_node:-0}" "$MASTER_ADDR:$MASTER_PORT" "$@" \
   || echo FAILED)
 [[ "$TIMEOUT_S" != FAILED ]] || exit 2
 args=(-m deepspeed.launcher.runner --hostfile "$HOSTFILE")
@@ -34,6 +34,6 @@ args=(-m deepspeed.launcher.runner --hostfile "$HOSTFILE")
 [[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
 args+=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 # shellcheck disable=SC2206
-args+=(${DS_LAUNCHER_ARGS:-} --no_local_rank --module ijepa_fast.pretrain)
+args+=(${DS_LAUNCHER_ARGS:-} --no_local_rank --module ijepa_fast.cli.pretrain)
 if [[ -n "${IJEPA_LAUNCH_DRY_RUN:-}" ]]; then echo "$PYTHON ${args[*]} $* run.dist_timeout_s=$TIMEOUT_S"; exit 0; fi
 exec "$PYTHON" "${args[@]}" "$@" "run.dist_timeout_s=$TIMEOUT_S"

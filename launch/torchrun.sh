@@ -23,6 +23,6 @@ else
   args+=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node 0}"
          --master_port "${MASTER_PORT:-29500}")
 fi
-args+=(--nproc_per_node "$NPROC_PER_NODE" -m ijepa_fast.pretrain)
+args+=(--nproc_per_node "$NPROC_PER_NODE" -m ijepa_fast.cli.pretrain)
 if [[ -n "${IJEPA_LAUNCH_DRY_RUN:-}" ]]; then echo "$PYTHON ${args[*]} $*"; exit 0; fi
 exec "$PYTHON" "${args[@]}" "$@"

@@ -43,7 +43,7 @@ def time_ms(
 ) -> dict[str, float]:
     """Median and 20th/80th percentile time of ``fn()`` in milliseconds."""
     if device == "cuda":
-        from ijepa_fast.optional import require
+        from ijepa_fast.runtime.optional import require
 
         testing = require("triton", "GPU benchmark timing").testing
         med, p20, p80 = testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])

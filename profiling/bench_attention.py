@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ijepa_fast.bench import git_commit, mean_mask_sizes
-from ijepa_fast.device import autocast
+from ijepa_fast.cli.bench import git_commit, mean_mask_sizes
 from ijepa_fast.models.attention import attention_function, attention_math
 from ijepa_fast.models.vit import vit_size
-from ijepa_fast.optional import available
+from ijepa_fast.runtime.device import autocast
+from ijepa_fast.runtime.optional import available
 from profiling import _bench_util as bu
 
 # name -> (encoder preset, patch, image size)

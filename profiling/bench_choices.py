@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ijepa_fast.masks import MultiBlockMaskSampler, _tables, in_index_order
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler, _tables, in_index_order
 
 POOL = 8  # distinct inputs cycled through, so no call sees the previous call's data
 

@@ -37,8 +37,8 @@ from ijepa_fast.config import DataConfig
 from ijepa_fast.data.folder import load_rgb, scan_folder
 from ijepa_fast.data.loader import build_pretrain_loader
 from ijepa_fast.data.transforms import CROP_RATIO, crop_box, normalize, pil_to_uint8, resized_crop
-from ijepa_fast.masks import MultiBlockMaskSampler
-from ijepa_fast.rng import crop_rng
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler
+from ijepa_fast.runtime.rng import crop_rng
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

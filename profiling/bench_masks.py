@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ijepa_fast.masks import MultiBlockMaskSampler
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler
 from profiling.authors_masks import authors_masks
 
 PAPER_MS_16x16 = 44.7  # the authors' sampler, batch 128, 16x16 grid, one CPU core (published figure)

@@ -1,6 +1,6 @@
 """Step benchmark: images/s, MFU, phase split, ablation and GPU-hours of the training step.
 
-A thin command line over ``ijepa_fast.bench`` (also installed as ``ijepa-bench``); see that
+A thin command line over ``ijepa_fast.cli.bench`` (also installed as ``ijepa-bench``); see that
 module for what is measured and how. Run from the repository root, e.g.::
 
     python -m profiling.bench_step --ablation --out profiling/out --record      # ViT-H/14, 224 px, batch 128
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from ijepa_fast.bench import main
+from ijepa_fast.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

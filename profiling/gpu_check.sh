@@ -204,7 +204,7 @@ LOADERS=(pytorch)
 # ones); the limits are caps, cut to what is left of the budget:
 #   environment ~15, preflight ~20 (torch import, one Triton compile and launch);
 #   pytest_gpu ~80: a Triton compile for each kernel specialisation the GPU tests launch, tiny shapes;
-#   step_vith14 ~200: a ViT-H/14 step at batch 128 is 84 TFLOP (ijepa_fast.flops: 0.65 TFLOP an
+#   step_vith14 ~200: a ViT-H/14 step at batch 128 is 84 TFLOP (ijepa_fast.models.flops: 0.65 TFLOP an
 #     image), 0.085 s at the datasheet's 989 TFLOP/s, so 0.2-0.4 s at 20-40% MFU; 9 rows of 4 warm-up
 #     + 10 timed + 3 phase-split steps take ~7 s each plus ~3 s to build ViT-H twice and the
 #     predictor; the two compiled rows add Inductor's compiles of the blocks for two mask shapes

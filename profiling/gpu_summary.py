@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ijepa_fast.bench import default_config
+from ijepa_fast.cli.bench import default_config
 
 KERNEL_PARTS = ("masked_gather", "ema")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ijepa_fast import optional
+from ijepa_fast.runtime import optional
 
 GiB = 1024**3
 

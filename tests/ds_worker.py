@@ -32,9 +32,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ijepa_fast.config import Config, ModelConfig
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
 from ijepa_fast.models.ijepa import build_models
-from ijepa_fast.schedules import Schedules
+from ijepa_fast.train.schedules import Schedules
 
 IMG, GRID = 32, 4  # patch 8: a 4 x 4 grid
 PER_RANK = 2  # micro batch per rank; the global batch is PER_RANK x world
@@ -69,7 +69,7 @@ def models(cfg: Config, seed: int = 0):
 
 
 def autocast_dtype(cfg: Config) -> torch.dtype | None:
-    from ijepa_fast.device import resolve_precision
+    from ijepa_fast.runtime.device import resolve_precision
 
     return resolve_precision(torch.device("cpu"), cfg.run.dtype).autocast_dtype
 
@@ -77,8 +77,8 @@ def autocast_dtype(cfg: Config) -> torch.dtype | None:
 def plain_step(cfg: Config, seed: int = 0, grad_accum: int = 1):
     """The single-process reference: the plain engine over the same models and schedules."""
     from ijepa_fast.engines.plain import PlainEngine
-    from ijepa_fast.optim import build_optimizer
-    from ijepa_fast.step import TrainStep
+    from ijepa_fast.train.optim import build_optimizer
+    from ijepa_fast.train.step import TrainStep
 
     student, target = models(cfg, seed)
     optimizer = build_optimizer(student, cfg.optim, torch.device("cpu"))
@@ -92,7 +92,7 @@ def deepspeed_step(
     """The same step over the DeepSpeed engine (ZeRO stage ``cfg.run.zero_stage``) on ``device``, with
     the DeepSpeed config generated for ``device_type`` (a GPU's config runs on the CPU too)."""
     from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
-    from ijepa_fast.step import TrainStep
+    from ijepa_fast.train.step import TrainStep
 
     ds_cfg = deepspeed_config(cfg, world, device_type=device_type, grad_accum=grad_accum)
     engine = DeepSpeedEngine(*models(cfg, seed), ds_cfg, torch.device(device))
@@ -185,7 +185,7 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
     ema_check = None
     if stage == 3:  # shard-local EMA against the EMA of the gathered tensors
         from ijepa_fast.kernels.ema import ema_update_
-        from ijepa_fast.step import ema_update
+        from ijepa_fast.train.step import ema_update
 
         expected = {k: v.clone() for k, v in final["target_encoder"].items()}
         ema_update_(list(expected.values()), list(final["encoder"].values()), 0.75)
@@ -251,7 +251,7 @@ def run_bf16(stage: int, out: Path, rank: int, world: int) -> None:
     ``result_bf16_{stage}.pt``)."""
     import ijepa_fast.kernels._dispatch as dispatch
     from ijepa_fast.kernels.ema import ema_update_
-    from ijepa_fast.step import ema_update
+    from ijepa_fast.train.step import ema_update
 
     with _CountOpBuilds() as builds:
         step_fn = deepspeed_step(gpu_config(stage), world, device_type="cuda")
@@ -297,8 +297,8 @@ def train_on_one_rank(stage: int, out: Path) -> None:
 def resume_on_other_world(stage: int, ckpt_dir: Path, rank: int, world: int) -> dict:
     """Resume ``ckpt_dir`` (written by another number of ranks) and run steps SAVE_AT..STEPS-1 of the
     global batch of two ranks; returns the losses, the final state and the restored RNG check."""
-    from ijepa_fast.checkpoint import load_file
     from ijepa_fast.engines.deepspeed import saved_world_size
+    from ijepa_fast.io.checkpoint import load_file
 
     batch = 2 * PER_RANK // world
     step_fn = deepspeed_step(tiny_config(stage, batch=batch), world, seed=123)  # everything from the checkpoint
@@ -324,7 +324,7 @@ def run_from_two_ranks(out: Path, zero_out: Path) -> None:
     """Resume each stage's step-SAVE_AT checkpoint of ``zero`` on one rank (``result_from2_{stage}.pt``,
     with a consolidated export); then resume copies with a payload planted in a file only the
     conversion reads, and in a file of the universal checkpoint itself (``planted_universal.json``)."""
-    from ijepa_fast.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
     for stage in FROM_TWO_STAGES:
@@ -370,7 +370,7 @@ def group_timeouts() -> list[float]:
 def run_single(out: Path) -> None:
     """ZeRO 0-3 in a world of one: save after one step; resume the clean checkpoint; then, for each
     file of it, resume a copy with a payload planted in that file. Writes ``OUT_DIR/single.json``."""
-    from ijepa_fast.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
     report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}}
@@ -528,7 +528,7 @@ def compile_counts() -> dict:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from ijepa_fast.engines import build_engine, models_for_run, train_step_for
+    from ijepa_fast.train.build import build_engine, models_for_run, train_step_for
 
     graphs = [0]
 
@@ -569,8 +569,8 @@ def run_on_locked_folder(overrides: list[str]) -> int:
     every rank must stop with a RunFolderError (exit 5), none may wait for the others, and each must
     have left the process group (exit 6 if not: its teardown at exit could abort the process)."""
     from ijepa_fast import config as config_mod
-    from ijepa_fast.run_folder import RunFolderError
-    from ijepa_fast.trainer import Trainer
+    from ijepa_fast.train.run_folder import RunFolderError
+    from ijepa_fast.train.trainer import Trainer
 
     try:
         Trainer(config_mod.load(None, overrides)).build()
@@ -585,7 +585,7 @@ def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
     with a NonFiniteLossError at step 1 (the loss is averaged over ranks), and leave the process
     group (exit 7; exit 6 if the group is still up, exit 0 if training went on)."""
     from ijepa_fast import config as config_mod
-    from ijepa_fast.trainer import NonFiniteLossError, Trainer
+    from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(config_mod.load(None, overrides))
     trainer.build()
@@ -602,7 +602,7 @@ def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     mode, out = argv[0], Path(argv[1])
-    from ijepa_fast import distributed as dist_
+    from ijepa_fast.runtime import distributed as dist_
 
     if mode == "locked":
         return run_on_locked_folder(argv[2:])

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ijepa_fast import optional
 from ijepa_fast.models.attention import IMPLEMENTATIONS, Attention, resolve_backend
 from ijepa_fast.models.vit import Block
+from ijepa_fast.runtime import optional
 
 STUB_PACKAGES = ("flash_attn", "flash_attn_interface", "xformers")
 

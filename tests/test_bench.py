@@ -1,4 +1,4 @@
-"""The profiling harness (ijepa_fast.bench) end to end on ViT-tiny on the CPU, the phase-split
+"""The profiling harness (ijepa_fast.cli.bench) end to end on ViT-tiny on the CPU, the phase-split
 step against the trainer's step, the GPU-hours and scaling arithmetic on known numbers."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ijepa_fast import bench
 from ijepa_fast import config as config_mod
-from ijepa_fast.bench import BenchSpec, PhaseClock
-from ijepa_fast.engines import build_train_step
-from ijepa_fast.flops import step_flops
+from ijepa_fast.cli import bench
+from ijepa_fast.cli.bench import BenchSpec, PhaseClock
+from ijepa_fast.models.flops import step_flops
+from ijepa_fast.train.build import build_train_step
 from profiling import scaling
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +176,7 @@ def test_console_entry_returns_an_exit_status(tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_the_reported_autocast_is_the_trainers_decision(monkeypatch, native):
     """run.dtype=auto: the report's autocast and the trainer's step both follow device.resolve_precision."""
-    from ijepa_fast import device as precision
+    from ijepa_fast.runtime import device as precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(bench, "run_config", lambda spec, conf, *a, **k: {"name": conf.name, "ok": False})

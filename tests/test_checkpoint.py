@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_fast import checkpoint as ckpt
+from ijepa_fast.io import checkpoint as ckpt
 from tests.payloads import plant
 
 
@@ -103,7 +103,7 @@ def test_a_full_disk_names_the_checkpoint_keeps_the_previous_and_leaves_no_parti
 
 _SLOW_WRITER = """
 import sys, time, torch
-from ijepa_fast import checkpoint as ckpt
+from ijepa_fast.io import checkpoint as ckpt
 
 class Slow:  # pickled after the big tensor: the write stalls half-way, like a slow disk
     def __reduce__(self):

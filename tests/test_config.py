@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ijepa_fast import config, pretrain
-from ijepa_fast.authors_config import is_authors_format, translate
+from ijepa_fast import config
+from ijepa_fast.cli import pretrain
 from ijepa_fast.config import AUTHORS_SPEED, Config, ConfigError
+from ijepa_fast.config.authors import is_authors_format, translate
 from tests.test_trainer import one_error_line
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -19,16 +19,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from ijepa_fast import optional
 from ijepa_fast.config import ConfigError, DataConfig
 from ijepa_fast.data.build import resolve_loader_kind
 from ijepa_fast.data.dali import build_dali_loader, check_image, parse_ascii_labels
 from ijepa_fast.data.dali.validate import load_section, validate_images
 from ijepa_fast.data.loader import StepBatchSampler, build_pretrain_loader
 from ijepa_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_box
-from ijepa_fast.masks import MultiBlockMaskSampler, check_masks
-from ijepa_fast.masks_device import DeviceMaskSampler, hash_uint32
-from ijepa_fast.rng import crop_rng
+from ijepa_fast.masks.device import DeviceMaskSampler, hash_uint32
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler, check_masks
+from ijepa_fast.runtime import optional
+from ijepa_fast.runtime.rng import crop_rng
 
 needs_dali = pytest.mark.skipif(
     not optional.available("dali"), reason="nvidia-dali is not installed (pip install nvidia-dali-cuda130)"
@@ -652,7 +652,7 @@ def test_the_trainer_trains_with_the_dali_loader_by_config(tmp_path):
     files as it does with the PyTorch loader."""
     from ijepa_fast import config as config_mod
     from ijepa_fast.data.dali.loader import DaliPretrainLoader
-    from ijepa_fast.trainer import Trainer
+    from ijepa_fast.train.trainer import Trainer
 
     make_planted_folder(tmp_path / "data")
     overrides = {
@@ -728,7 +728,7 @@ def test_corrupt_webdataset_members_are_counted_in_the_summary_and_the_metrics(t
     import logging
 
     from ijepa_fast import config as config_mod
-    from ijepa_fast.trainer import Trainer
+    from ijepa_fast.train.trainer import Trainer
 
     make_shards(tmp_path / "data", 11, bad=(1, 4, 7))  # 8 good samples: 4 steps of 2
     with caplog.at_level(logging.INFO, logger="ijepa_fast"):
@@ -741,7 +741,7 @@ def test_corrupt_webdataset_members_are_counted_in_the_summary_and_the_metrics(t
 
 @needs_dali
 def test_a_truncated_webdataset_shard_is_one_line_naming_it(tmp_path, capsys):
-    from ijepa_fast import pretrain
+    from ijepa_fast.cli import pretrain
 
     make_shards(tmp_path / "data", 16)
     shard = tmp_path / "data" / "shard-001.tar"

@@ -34,8 +34,8 @@ from ijepa_fast.data.transforms import (
     random_resized_crop,
     to_normalized_tensor,
 )
-from ijepa_fast.masks import check_masks
-from ijepa_fast.rng import crop_rng
+from ijepa_fast.masks.sampler import check_masks
+from ijepa_fast.runtime.rng import crop_rng
 from tests.data_fixtures import (
     encode,
     idx_bytes,
@@ -554,7 +554,7 @@ def test_benchmark_runs_quick(tmp_path, capsys):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pretraining_on_a_folder_of_undecodable_images_is_one_line_naming_it(tmp_path, capsys, workers):
-    from ijepa_fast import pretrain
+    from ijepa_fast.cli import pretrain
     from tests.test_trainer import tiny_overrides
 
     for i in range(6):

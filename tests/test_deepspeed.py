@@ -32,10 +32,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ijepa_fast import distributed as dist_
 from ijepa_fast.config import ConfigError
 from ijepa_fast.engines import resolve_engine
-from ijepa_fast.optional import available
+from ijepa_fast.runtime import distributed as dist_
+from ijepa_fast.runtime.optional import available
 from tests import ds_worker as W
 
 pytestmark = pytest.mark.deepspeed
@@ -197,7 +197,7 @@ def test_zero_matches_the_plain_step_on_the_global_batch(stage, zero_runs, plain
 def test_every_rank_measures_the_collapse_monitors_on_its_own_batch(stage, zero_runs, plain_run):
     """Each rank's Gram matrix is its local tokens' Z^T Z: the ranks' add up to the plain step's on
     the global batch (its tokens are the ranks' tokens, stacked)."""
-    from ijepa_fast.metrics import rankme_from_gram
+    from ijepa_fast.train.metrics import rankme_from_gram
 
     ranks, whole = zero_runs[stage]["monitors"], plain_run["monitors"]
     for monitors in ranks:
@@ -452,8 +452,8 @@ def test_on_a_gpu_zero_builds_no_op_and_no_step_synchronizes(tmp_path):
 
 @needs_ds
 def test_a_payload_planted_in_a_consolidated_export_is_refused(single_rank, tmp_path):
-    from ijepa_fast import interop
-    from ijepa_fast.checkpoint import UntrustedCheckpointError, load_latest
+    from ijepa_fast.io import interop
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError, load_latest
     from tests.payloads import plant
 
     for stage, exported in single_rank["exports"].items():
@@ -485,7 +485,7 @@ def test_an_unfinished_newer_tag_does_not_displace_the_checkpoint_just_saved(sta
 @needs_ds
 def test_a_locked_run_folder_stops_every_rank(tmp_path):
     """Rank 0 alone takes the run folder's lock; when it cannot, rank 1 must stop too, not wait."""
-    from ijepa_fast.run_folder import RunLock
+    from ijepa_fast.train.run_folder import RunLock
     from tests.test_trainer import tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=32)
@@ -543,7 +543,7 @@ def test_a_stalled_rank_ends_its_peer_within_the_timeout_at_every_zero_stage(tmp
         overrides |= {"optim.epochs": 1000, "run.checkpoint_every": 10**6}  # still training when stopped
         args = tiny_overrides(data, tmp_path / "runs", f"zero{stage}", **overrides)
         runs[stage] = start_ranks(
-            [sys.executable, "-m", "ijepa_fast.pretrain", *args], tmp_path, f"zero{stage}", DETERMINISTIC_ENV
+            [sys.executable, "-m", "ijepa_fast.cli.pretrain", *args], tmp_path, f"zero{stage}", DETERMINISTIC_ENV
         )
     stopped, ended = {}, {}
     deadline = time.perf_counter() + 480
@@ -683,8 +683,8 @@ def test_deepspeeds_reads_during_a_resharded_load_are_weights_only(tmp_path):
     ``torch.load(..., weights_only=False)`` calls go through ``checkpoint.load_file``: tensors and
     plain data load, a pickled payload is refused naming the file and runs nothing, and
     ``torch.load`` is torch's again afterwards."""
-    from ijepa_fast.checkpoint import UntrustedCheckpointError
     from ijepa_fast.engines import deepspeed_universal as uc
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
     good, bad, marker = tmp_path / "exp_avg.pt", tmp_path / "exp_avg_sq.pt", tmp_path / "ran"
@@ -810,7 +810,7 @@ def test_timeout_and_engine_resolution():
             {"NUM_GPUS": "2"},
             [
                 "-m deepspeed.launcher.runner --num_gpus 2 --master_port 29500 --no_local_rank "
-                "--module ijepa_fast.pretrain"
+                "--module ijepa_fast.cli.pretrain"
             ],
         ),
         (
@@ -821,13 +821,13 @@ def test_timeout_and_engine_resolution():
                 "--num_nodes 2",
                 "--num_gpus 8",
                 "--master_addr n1",
-                "--module ijepa_fast.pretrain",
+                "--module ijepa_fast.cli.pretrain",
             ],
         ),
         (
             "torchrun.sh",
             {"NPROC_PER_NODE": "2"},
-            ["-m torch.distributed.run --standalone --nproc_per_node 2 -m ijepa_fast.pretrain"],
+            ["-m torch.distributed.run --standalone --nproc_per_node 2 -m ijepa_fast.cli.pretrain"],
         ),
         (
             "torchrun.sh",
@@ -841,7 +841,7 @@ def test_timeout_and_engine_resolution():
                 "srun",
                 "--nnodes 2 --nproc_per_node 4",
                 "--rdzv_endpoint gpu01:20042 --rdzv_conf join_timeout=1800",
-                "-m ijepa_fast.pretrain",
+                "-m ijepa_fast.cli.pretrain",
             ],
         ),
     ],

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_fast import demo
+from ijepa_fast.cli import demo
 from tests.data_fixtures import write_idx_pair
 
 
@@ -93,7 +93,7 @@ def test_the_curve_has_one_point_per_epoch_and_its_last_is_the_final_target_enco
     """The last point, re-scored here from the final checkpoint's target encoder, must match: the
     trainer called back after the last epoch with the encoder it saved. Epoch 0 is the initialisation."""
     from ijepa_fast.data.loader import build_eval_dataset
-    from ijepa_fast.interop import load_encoder
+    from ijepa_fast.io.interop import load_encoder
 
     assert run_demo(banded_idx, tmp_path / "runs") == 0
     out = capsys.readouterr().out
@@ -122,7 +122,7 @@ def test_the_curve_has_one_point_per_epoch_and_its_last_is_the_final_target_enco
 
 
 def test_the_random_init_row_is_the_trainers_initial_target_encoder(banded_idx, tmp_path):
-    from ijepa_fast.trainer import Trainer
+    from ijepa_fast.train.trainer import Trainer
 
     cfg = demo.demo_config(
         demo.parse_args(["--data", str(banded_idx), f"run.out_dir={tmp_path}", "data.batch_size=16"])

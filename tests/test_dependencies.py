@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from ijepa_fast import optional
+from ijepa_fast.runtime import optional
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "requirements-lock.txt"
@@ -108,7 +108,7 @@ def test_this_environment_holds_exactly_the_lock():
 
 def third_party_imports() -> dict[str, set[str]]:
     """Top-level import name -> the library files importing it (lazy imports included), and the
-    optional packages ``ijepa_fast.optional`` imports by name."""
+    optional packages ``ijepa_fast.runtime.optional`` imports by name."""
     found: dict[str, set[str]] = {}
     first_party = {"ijepa_fast", "kernels"}
     for root in (REPO / "ijepa_fast", REPO / "kernels"):
@@ -125,7 +125,7 @@ def third_party_imports() -> dict[str, set[str]]:
                     if top not in sys.stdlib_module_names and top not in first_party:
                         found.setdefault(top, set()).add(str(path.relative_to(REPO)))
     for name in optional.known():
-        found.setdefault(needed_module(optional.import_name(name)), set()).add("ijepa_fast/optional.py")
+        found.setdefault(needed_module(optional.import_name(name)), set()).add("ijepa_fast/runtime/optional.py")
     return found
 
 

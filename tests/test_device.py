@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ijepa_fast import config as config_mod
-from ijepa_fast import device as precision
-from ijepa_fast.device import resolve_precision
+from ijepa_fast.runtime import device as precision
+from ijepa_fast.runtime.device import resolve_precision
 from tests.test_trainer import tiny_overrides, write_idx
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -84,7 +84,7 @@ def test_the_demo_config_lets_the_device_decide():
 
 
 def _trainer(tmp_path: Path, dtype: str):
-    from ijepa_fast.trainer import Trainer
+    from ijepa_fast.train.trainer import Trainer
 
     data = write_idx(tmp_path / "data", n=16)
     extra = {"run.dtype": dtype, "optim.max_steps": 1, "data.batch_size": 2}

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_fast import checkpoint as ckpt_mod
 from ijepa_fast import config as config_mod
-from ijepa_fast.eval import attentive, cli
+from ijepa_fast.cli import eval as cli
+from ijepa_fast.eval import attentive
 from ijepa_fast.eval.attentive import AttentiveProbe, attentive_probe
 from ijepa_fast.eval.features import encode, extract_features, extract_tokens
 from ijepa_fast.eval.knn import knn_accuracy, knn_predict, knn_topk
 from ijepa_fast.eval.lowshot import LowShot, label_subset
 from ijepa_fast.eval.probe import fit_softmax_regression, linear_probe, whiten
+from ijepa_fast.io import checkpoint as ckpt_mod
 from ijepa_fast.models.ijepa import build_models
 from ijepa_fast.models.vit import build_encoder
 
@@ -146,7 +147,7 @@ def test_bf16_features_are_close_to_fp32(encoder):
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_is_the_trainers_decision(encoder, monkeypatch, native):
     """dtype=auto extracts in bf16 exactly where the run's device.resolve_precision picks bf16."""
-    from ijepa_fast import device as precision
+    from ijepa_fast.runtime import device as precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     x = torch.randn(4, 3, 32, 32)

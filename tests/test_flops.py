@@ -1,4 +1,4 @@
-"""The analytic FLOP count (ijepa_fast.flops) against torch.utils.flop_counter on small models.
+"""The analytic FLOP count (ijepa_fast.models.flops) against torch.utils.flop_counter on small models.
 
 FlopCounterMode counts matrix products and convolutions (and SDPA on CUDA, not the CPU's flash
 kernel), so the models here use the ``math`` attention backend, whose Q K^T and A V are plain
@@ -12,14 +12,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ijepa_fast.config import ModelConfig
-from ijepa_fast.flops import (
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler
+from ijepa_fast.models.flops import (
     attention_flops,
     encoder_forward_flops,
     predictor_forward_flops,
     step_flops,
     step_flops_for_masks,
 )
-from ijepa_fast.masks import MultiBlockMaskSampler
 from ijepa_fast.models.ijepa import build_models, compute_targets
 
 TINY = ModelConfig(name="vit_tiny", patch_size=8, pred_depth=2, pred_emb_dim=96)

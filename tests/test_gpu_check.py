@@ -18,8 +18,9 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from ijepa_fast import bench, optional
 from ijepa_fast import config as config_mod
+from ijepa_fast.cli import bench
+from ijepa_fast.runtime import optional
 from profiling import gpu_env, gpu_wheels, preflight
 from profiling.gpu_wheels import normalize
 

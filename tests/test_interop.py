@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_fast import export_cli, interop
-from ijepa_fast.eval import cli as eval_cli
+from ijepa_fast.cli import eval as eval_cli
+from ijepa_fast.cli import export as export_cli
 from ijepa_fast.eval.features import extract_features
-from ijepa_fast.interop import CheckpointMismatchError, UntrustedCheckpointError
+from ijepa_fast.io import interop
+from ijepa_fast.io.interop import CheckpointMismatchError, UntrustedCheckpointError
 from ijepa_fast.models.vit import sincos_pos_embed_2d
 from tests.payloads import plant
 from tests.test_eval import write_idx_data, write_our_run

@@ -19,12 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {"ijepa_fast": REPO / "ijepa_fast", "ijepa_fast.kernels": REPO / "kernels"}
 # Modules whose job is a command line (their `main` is a console script or `python -m` target).
 CLI_MODULES = {
-    "ijepa_fast.pretrain",
-    "ijepa_fast.launch_plan",
-    "ijepa_fast.export_cli",
-    "ijepa_fast.demo",
-    "ijepa_fast.bench",
-    "ijepa_fast.eval.cli",
+    "ijepa_fast.cli.pretrain",
+    "ijepa_fast.cli.launch_plan",
+    "ijepa_fast.cli.export",
+    "ijepa_fast.cli.demo",
+    "ijepa_fast.cli.bench",
+    "ijepa_fast.cli.eval",
     "ijepa_fast.eval.__main__",
     "ijepa_fast.data.dali.__main__",
 }
@@ -253,3 +253,36 @@ def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PIP_NO_INDEX"] = "1"
     return env
+
+
+def test_importing_the_config_loads_no_torch_and_no_implementation():
+    """The config is a leaf: its choice lists live beside it, so loading it imports nothing heavy."""
+    code = (
+        "import sys, ijepa_fast.config, ijepa_fast.config.choices; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'numpy', 'ijepa_fast.'))))"
+    )
+    loaded = _run_python(code, REPO)
+    assert loaded == "['ijepa_fast.config', 'ijepa_fast.config.authors', 'ijepa_fast.config.choices', " + (
+        "'ijepa_fast.runtime', 'ijepa_fast.runtime.errors']"
+    )
+
+
+def test_each_owner_implements_exactly_the_choices_the_config_names():
+    import torch
+
+    from ijepa_fast.config import choices
+    from ijepa_fast.engines import resolve_engine
+    from ijepa_fast.models.vit import VIT_SIZES
+    from ijepa_fast.runtime.device import resolve_precision
+    from ijepa_fast.train.loss import jepa_loss
+
+    assert tuple(VIT_SIZES) == choices.MODEL_NAMES
+    x = torch.zeros(2, 3)
+    for kind in choices.LOSSES:
+        assert float(jepa_loss(x, x + 1, kind)) > 0
+    for engine in choices.ENGINES:
+        assert resolve_engine(engine, 1) in choices.ENGINES
+    for dtype in choices.DTYPES:
+        assert resolve_precision(torch.device("cpu"), dtype) is not None
+    with pytest.raises(ValueError):
+        resolve_engine("fsdp9", 1)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler, _random_subset, block_size, check_masks
+from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler, _random_subset, block_size, check_masks
 from profiling.authors_masks import authors_masks
 
 grids = st.tuples(st.integers(2, 40), st.integers(2, 40))

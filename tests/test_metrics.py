@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_fast import metrics
-from ijepa_fast.metrics import (
+from ijepa_fast.runtime.optional import available
+from ijepa_fast.train import metrics
+from ijepa_fast.train.metrics import (
     COLLAPSE_RANK_FLOOR,
     COLLAPSE_RANK_FRACTION,
     CollapseWatch,
@@ -21,7 +22,6 @@ from ijepa_fast.metrics import (
     feature_summary,
     rankme_from_gram,
 )
-from ijepa_fast.optional import available
 
 EPS64 = float(np.finfo(np.float64).eps)
 

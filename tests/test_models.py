@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ijepa_fast.device import autocast
 from ijepa_fast.models.attention import Attention, attention_math, resolve_backend
 from ijepa_fast.models.vit import VIT_SIZES, build_encoder, build_predictor, grid_size, sincos_pos_embed_2d, vit_size
+from ijepa_fast.runtime.device import autocast
 
 
 def count(module: torch.nn.Module) -> int:

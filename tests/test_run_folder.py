@@ -14,13 +14,13 @@ import sys
 
 import pytest
 
-from ijepa_fast import run_folder
-from ijepa_fast.run_folder import RunLock, RunLockedError
+from ijepa_fast.train import run_folder
+from ijepa_fast.train.run_folder import RunLock, RunLockedError
 
 # Takes the lock, forks a child that outlives it (as a DataLoader worker does), then waits to be killed.
 _HOLDER_WITH_CHILD = """
 import os, sys, time
-from ijepa_fast.run_folder import RunLock
+from ijepa_fast.train.run_folder import RunLock
 RunLock(sys.argv[1]).acquire()
 child = os.fork()
 if child == 0:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from ijepa_fast.config import OptimConfig
-from ijepa_fast.schedules import Schedules
+from ijepa_fast.train.schedules import Schedules
 
 
 class AuthorsWarmupCosine:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ijepa_fast import config as config_mod
-from ijepa_fast.engines import build_train_step
 from ijepa_fast.kernels import _dispatch as dispatch
-from ijepa_fast.masks import MultiBlockMaskSampler
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler
 from ijepa_fast.models.vit import VisionTransformer, compile_blocks
+from ijepa_fast.train.build import build_train_step
 
 TINY = [
     "model.name=vit_tiny",

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from ijepa_fast.config import ModelConfig, OptimConfig
 from ijepa_fast.engines.plain import PlainEngine
-from ijepa_fast.loss import jepa_loss
-from ijepa_fast.masks import MultiBlockMaskSampler
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler
 from ijepa_fast.models.ijepa import build_models, compute_targets
-from ijepa_fast.optim import build_optimizer, param_groups
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import StepOptions, TrainStep, all_finite, ema_update
+from ijepa_fast.train.loss import jepa_loss
+from ijepa_fast.train.optim import build_optimizer, param_groups
+from ijepa_fast.train.schedules import Schedules
+from ijepa_fast.train.step import StepOptions, TrainStep, all_finite, ema_update
 
 TINY = ModelConfig(name="vit_tiny", patch_size=8, pred_depth=2, pred_emb_dim=96)
 IMG = 32  # 4 x 4 grid

@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from ijepa_fast import config as config_mod
-from ijepa_fast import pretrain
-from ijepa_fast import trainer as trainer_mod
-from ijepa_fast.checkpoint import checkpoint_name, list_checkpoints, load_latest
-from ijepa_fast.metrics import read_metrics
-from ijepa_fast.run_folder import ConfigChangedError, RunLockedError
-from ijepa_fast.trainer import NonFiniteLossError, Trainer
+from ijepa_fast.cli import pretrain
+from ijepa_fast.io.checkpoint import checkpoint_name, list_checkpoints, load_latest
+from ijepa_fast.train import trainer as trainer_mod
+from ijepa_fast.train.metrics import read_metrics
+from ijepa_fast.train.run_folder import ConfigChangedError, RunLockedError
+from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
 
 
 def write_idx(root: Path, n: int = 96, seed: int = 0) -> Path:
@@ -121,7 +121,7 @@ DETERMINISTIC_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMI
 
 def pretrain_process(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ijepa_fast.pretrain", *args],
+        [sys.executable, "-m", "ijepa_fast.cli.pretrain", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -159,7 +159,7 @@ def test_sigterm_saves_then_exits_with_status_143(tmp_path):
     data = write_idx(tmp_path / "data", n=400)
     out = tmp_path / "runs"
     overrides = tiny_overrides(data, out, "t", **{"run.checkpoint_every": 1000})
-    args = [sys.executable, "-m", "ijepa_fast.pretrain", *overrides]
+    args = [sys.executable, "-m", "ijepa_fast.cli.pretrain", *overrides]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (out / "t" / "metrics.csv").exists() or len(losses(out / "t")) < 2:
@@ -215,7 +215,7 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     data = write_idx(tmp_path / "data", n=400)
     out = tmp_path / "runs"
     overrides = tiny_overrides(data, out, "twice", **{"run.checkpoint_every": 1000, "data.num_workers": 2})
-    args = [sys.executable, "-m", "ijepa_fast.pretrain", *overrides]
+    args = [sys.executable, "-m", "ijepa_fast.cli.pretrain", *overrides]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log, deadline = out / "twice" / "train.log", time.time() + 120
 
@@ -469,7 +469,7 @@ def test_missing_data_is_an_error_before_any_model_is_built(tmp_path, capsys):
 
 
 def test_resume_refuses_a_planted_checkpoint_in_one_line(tmp_path, capsys):
-    from ijepa_fast.checkpoint import save_checkpoint
+    from ijepa_fast.io.checkpoint import save_checkpoint
     from tests.payloads import plant
 
     data = write_idx(tmp_path / "data", n=48)
@@ -556,8 +556,8 @@ def test_a_plain_resume_of_a_deepspeed_run_is_refused_naming_the_engine(tmp_path
 def test_a_resume_needs_the_engine_that_wrote_the_run(tmp_path):
     """A DeepSpeed run's consolidated exports in checkpoints/ do not make it a plain run, and a plain
     run's checkpoints are not resumed from scratch by the DeepSpeed engine."""
-    from ijepa_fast.checkpoint import save_checkpoint
-    from ijepa_fast.engines import check_resume
+    from ijepa_fast.io.checkpoint import save_checkpoint
+    from ijepa_fast.train.build import check_resume
 
     plain, ds = tmp_path / "plain", tmp_path / "ds"
     save_checkpoint(plain / "checkpoints", {"w": torch.ones(1)}, 3, keep=1)
@@ -579,7 +579,7 @@ def test_cli_names_a_misspelt_key(tmp_path, capsys):
 
 def test_import_prints_nothing_and_touches_no_device():
     code = (
-        "import sys, torch, ijepa_fast, ijepa_fast.trainer, ijepa_fast.step, ijepa_fast.masks;"
+        "import sys, torch, ijepa_fast, ijepa_fast.train.trainer, ijepa_fast.train.step, ijepa_fast.masks.sampler;"
         "print(torch.cuda.is_initialized(), 'TRITON_INTERPRET' in __import__('os').environ)"
     )
     out = subprocess.run(

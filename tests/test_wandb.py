@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from ijepa_fast import config as config_mod
-from ijepa_fast import optional
-from ijepa_fast.metrics import WANDB_ID_FILE, read_metrics
-from ijepa_fast.optional import MissingDependencyError
-from ijepa_fast.trainer import Trainer
+from ijepa_fast.runtime import optional
+from ijepa_fast.runtime.optional import MissingDependencyError
+from ijepa_fast.train.metrics import WANDB_ID_FILE, read_metrics
+from ijepa_fast.train.trainer import Trainer
 from tests.test_trainer import tiny_overrides, write_idx
 
 

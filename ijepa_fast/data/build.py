@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ijepa_fast.errors import ConfigError
-from ijepa_fast.optional import available, require
+from ijepa_fast.runtime.errors import ConfigError
+from ijepa_fast.runtime.optional import available, require
 
-LOADERS = ("auto", "pytorch", "dali")
 log = logging.getLogger(__name__)
 
 

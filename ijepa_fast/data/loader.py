@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ijepa_fast.config.choices import DATASETS  # noqa: F401  (the names data.dataset accepts)
 from ijepa_fast.data.errors import DataSourceError, no_decodable_image
 from ijepa_fast.data.folder import ImageFolderDataset, first_image, no_images_message, require_dir
 from ijepa_fast.data.idx import IdxDataset, check_idx_pair
@@ -51,8 +52,8 @@ from ijepa_fast.data.transforms import (
     pil_to_uint8,
     random_resized_crop_pil,
 )
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
-from ijepa_fast.rng import crop_rng, mask_seed, mix
+from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.runtime.rng import crop_rng, mask_seed, mix
 
 if TYPE_CHECKING:
     from ijepa_fast.config import DataConfig
@@ -62,9 +63,6 @@ log = logging.getLogger(__name__)
 # After this many undecodable files in a row the data source is taken to be unreadable (a lost
 # mount, a wrong format) and the loader raises instead of scanning the whole dataset per sample.
 MAX_CONSECUTIVE_BAD = 1000
-
-
-DATASETS = ("folder", "idx")  # folder: an image tree or webdataset tars; idx: IDX files
 
 
 class Source(Protocol):

@@ -9,7 +9,7 @@ whose aspect ratio lies in the range. The crop is cut and resized in one Pillow 
 (``resize(box=...)``, bilinear with a support widened by the downscale factor, i.e. antialiased as
 torchvision's ``antialias=True``).
 
-``ijepa_fast.rng.crop_rng(seed, epoch, index)`` is the only source of a sample's crop randomness: a resumed run,
+``ijepa_fast.runtime.rng.crop_rng(seed, epoch, index)`` is the only source of a sample's crop randomness: a resumed run,
 a run with more or fewer workers, and the DALI loader (which computes the same windows) all see
 the same crop of the same image at the same step.
 """

@@ -31,7 +31,7 @@ stage-3 target partitions) and the world size and ZeRO stage, checked before the
 ``checkpoint.load_file`` (weights only; DeepSpeed's own loader unpickles in full): its engine gets a
 checkpoint engine whose ``load`` is ours, allowing only the plain records DeepSpeed stores
 (``deepspeed_safe_globals``). ``export_consolidated`` writes a plain fp32 checkpoint in
-``ijepa_fast.checkpoint``'s format (encoder / predictor / target_encoder state dicts) that
+``ijepa_fast.io.checkpoint``'s format (encoder / predictor / target_encoder state dicts) that
 ``ijepa-eval`` and ``interop.load_encoder`` read without DeepSpeed.
 """
 
@@ -51,15 +51,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ijepa_fast import checkpoint as ckpt
-from ijepa_fast import distributed as dist_
 from ijepa_fast.engines import deepspeed_universal as uc
-from ijepa_fast.errors import ConfigError
-from ijepa_fast.masks import MaskBatch
+from ijepa_fast.io import checkpoint as ckpt
+from ijepa_fast.masks.sampler import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
-from ijepa_fast.optim import adamw_implementation, param_groups
-from ijepa_fast.optional import require
-from ijepa_fast.step import PhaseMark, all_finite
+from ijepa_fast.runtime import distributed as dist_
+from ijepa_fast.runtime.errors import ConfigError
+from ijepa_fast.runtime.optional import require
+from ijepa_fast.train.optim import adamw_implementation, param_groups
+from ijepa_fast.train.step import PhaseMark, all_finite
 
 if TYPE_CHECKING:
     from ijepa_fast.config import Config
@@ -617,7 +617,7 @@ class DeepSpeedEngine:
     def export_consolidated(
         self, ckpt_dir: str | Path, step: int, extra: dict | None = None, keep: int = 3
     ) -> Path | None:
-        """Collective: rank 0 writes ``ckpt_dir/ckpt-XXXXXXXX.pt`` in ``ijepa_fast.checkpoint``'s
+        """Collective: rank 0 writes ``ckpt_dir/ckpt-XXXXXXXX.pt`` in ``ijepa_fast.io.checkpoint``'s
         format (read by ``ijepa-eval`` without DeepSpeed); returns its path there, None elsewhere.
 
         ``opt`` is empty: the optimizer state lives in the DeepSpeed checkpoint.

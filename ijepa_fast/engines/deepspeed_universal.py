@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ijepa_fast import checkpoint as ckpt
+from ijepa_fast.io import checkpoint as ckpt
 
 TARGET_FILE = "ijepa_target.pt"  # the ZeRO-3 target encoder's whole flat parameters, in parameter order
 _DONE = "ijepa_converted"  # written last: the folder is complete

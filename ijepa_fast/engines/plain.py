@@ -1,6 +1,6 @@
 """The plain PyTorch engine: one process, an AdamW over the student, checkpoints as one file.
 
-A checkpoint (``ijepa_fast.checkpoint``'s format) holds the ``encoder``, ``predictor`` and
+A checkpoint (``ijepa_fast.io.checkpoint``'s format) holds the ``encoder``, ``predictor`` and
 ``target_encoder`` state dicts, ``opt`` (and ``scaler`` with a GradScaler), the trainer's metadata
 and every RNG state; it is written atomically into ``run_dir/checkpoints``.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ijepa_fast import checkpoint as ckpt
-from ijepa_fast.masks import MaskBatch
+from ijepa_fast.io import checkpoint as ckpt
+from ijepa_fast.masks.sampler import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
-from ijepa_fast.step import PhaseMark, all_finite
+from ijepa_fast.train.step import PhaseMark, all_finite
 
 
 class PlainEngine:

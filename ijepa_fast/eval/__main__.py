@@ -2,7 +2,7 @@
 
 import sys
 
-from ijepa_fast.eval.cli import main
+from ijepa_fast.cli.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ijepa_fast.device import autocast, resolve_precision
+from ijepa_fast.runtime.device import autocast, resolve_precision
 
 FEATURE_MODES = ("avgpool", "last4")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ijepa_fast.metrics import rankme_of_singular_values
+from ijepa_fast.train.metrics import rankme_of_singular_values
 
 
 @torch.no_grad()

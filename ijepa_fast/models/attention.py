@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ijepa_fast.optional import available, require
+from ijepa_fast.config.choices import ATTENTION_BACKENDS as BACKENDS
+from ijepa_fast.runtime.optional import available, require
 
-BACKENDS = ("auto", "sdpa", "flash_attn", "xformers", "math")
 # What runs: flash_attn is FlashAttention-2 (package flash_attn), flash_attn3 FlashAttention-3
 # (package flash_attn_interface, Hopper only).
 IMPLEMENTATIONS = ("sdpa", "flash_attn", "flash_attn3", "xformers", "math")

@@ -9,12 +9,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ijepa_fast import ops
-from ijepa_fast.device import resolve_precision
-from ijepa_fast.loss import jepa_loss
-from ijepa_fast.masks import MaskBatch
+from ijepa_fast.masks.sampler import MaskBatch
+from ijepa_fast.models import ops
 from ijepa_fast.models.attention import resolve_backend
 from ijepa_fast.models.vit import VisionTransformer, build_encoder, build_predictor, compile_blocks, vit_size
+from ijepa_fast.runtime.device import resolve_precision
+from ijepa_fast.train.loss import jepa_loss
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ijepa_fast import ops
+from ijepa_fast.models import ops
 from ijepa_fast.models.attention import Attention
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ijepa_fast.optional import available
+from ijepa_fast.runtime.optional import available
 
 
 def _import_triton_interpreted() -> None:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import ijepa_fast.kernels.masked_gather as mg
-from ijepa_fast import ops
 from ijepa_fast.kernels.inputs import make_gather_inputs
 from ijepa_fast.kernels.masked_gather import (
     mask_tokens,
@@ -22,6 +21,7 @@ from ijepa_fast.kernels.masked_gather import (
     masked_gather_add_reference,
     masked_gather_reference,
 )
+from ijepa_fast.models import ops
 from ijepa_fast.models.vit import PatchEmbed
 
 from .conftest import assert_lowp_close, triton_interpreted

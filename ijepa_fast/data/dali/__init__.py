@@ -1,7 +1,7 @@
 """The NVIDIA DALI pretraining loader: decode only the crop, normalise and sample the masks on the
 GPU (``mixed`` decoding), or in DALI's CPU mode; same interface as ``ijepa_fast.data.loader``.
 
-Importing this package does not import DALI; building a loader does (``ijepa_fast.optional``).
+Importing this package does not import DALI; building a loader does (``ijepa_fast.runtime.optional``).
 
     loader = build_dali_loader(cfg.data, grid=..., mask_kwargs=..., seed=..., rank=..., world_size=...,
                                start_step=..., device=device, cache=run_dir / "data_check.json")

@@ -61,8 +61,8 @@ from ijepa_fast.data.errors import no_decodable_image
 from ijepa_fast.data.folder import scan_folder
 from ijepa_fast.data.loader import Batch, StepBatchSampler, folder_root
 from ijepa_fast.data.transforms import crop_box
-from ijepa_fast.masks_device import DeviceMaskSampler
-from ijepa_fast.rng import crop_rng, mask_seed, mix
+from ijepa_fast.masks.device import DeviceMaskSampler
+from ijepa_fast.runtime.rng import crop_rng, mask_seed, mix
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,13 @@
 ``device_id=None`` builds a CPU-only pipeline (DALI's CPU mode: CI and machines without a GPU);
 otherwise decoding is ``mixed`` (nvJPEG and, on A100/H100, the hardware JPEG decoder; the host
 parses the bitstream) and resize/normalise run on the GPU. DALI is imported here, lazily, through
-``ijepa_fast.optional``.
+``ijepa_fast.runtime.optional``.
 """
 
 from __future__ import annotations
 
 from ijepa_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ijepa_fast.optional import require
+from ijepa_fast.runtime.optional import require
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range, as the CPU path
 READER_NAME = "wds"

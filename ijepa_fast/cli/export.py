@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from ijepa_fast.cli_args import add_checkpoint_args, add_data_args, load_from_args, num_workers, open_eval_dataset
-from ijepa_fast.cli_args import resolve_device as resolve_cli_device
-from ijepa_fast.interop import (
+from ijepa_fast.cli.args import add_checkpoint_args, add_data_args, load_from_args, num_workers, open_eval_dataset
+from ijepa_fast.cli.args import resolve_device as resolve_cli_device
+from ijepa_fast.io.interop import (
     TIMM_GAP_MODEL,
     VisionTransformer,
     _safetensors_torch,

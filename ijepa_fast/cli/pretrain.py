@@ -1,4 +1,4 @@
-"""``ijepa-pretrain`` / ``python -m ijepa_fast.pretrain``: pretrain I-JEPA from a config.
+"""``ijepa-pretrain`` / ``python -m ijepa_fast.cli.pretrain``: pretrain I-JEPA from a config.
 
     ijepa-pretrain --config configs/demo.yaml run.name=try1 optim.lr=5e-4
     ijepa-pretrain --config configs/in1k_vith14_ep300.yaml data.root=/data/imagenet
@@ -73,9 +73,9 @@ def setup_logging(run_dir: Path | None = None) -> None:
 def open_run_folder(cfg: Config) -> bool:
     """Check that the run folder can be written, then log there (rank 0; other ranks log warnings
     and errors only, to stderr). True on rank 0."""
-    from ijepa_fast.checkpoint import check_writable
-    from ijepa_fast.distributed import detect
-    from ijepa_fast.trainer import RUN_FOLDER_SETTINGS
+    from ijepa_fast.io.checkpoint import check_writable
+    from ijepa_fast.runtime.distributed import detect
+    from ijepa_fast.train.trainer import RUN_FOLDER_SETTINGS
 
     main_rank = detect().rank == 0
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config, overrides_of(args))
     except ConfigError as err:
         return _fail(f"config error: {err}", 2, logged=False)
-    from ijepa_fast.checkpoint import UntrustedCheckpointError
-    from ijepa_fast.distributed import collective_failure
-    from ijepa_fast.trainer import NonFiniteLossError, Trainer
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.runtime.distributed import collective_failure
+    from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
 
     logged = False
     # Known failures end as one line and an exit status (EXIT_STATUS); anything else is a bug and

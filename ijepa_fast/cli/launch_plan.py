@@ -1,4 +1,4 @@
-"""``python -m ijepa_fast.launch_plan NODES PER_NODE RENDEZVOUS [ijepa-pretrain arguments]``: what
+"""``python -m ijepa_fast.cli.launch_plan NODES PER_NODE RENDEZVOUS [ijepa-pretrain arguments]``: what
 the multi-node launch scripts (``launch/slurm.sbatch``, ``launch/multi_node.sh``) print and pass on.
 
 It resolves the run's config as ``ijepa-pretrain`` does, prints the world layout on stderr (nodes,
@@ -16,10 +16,10 @@ import math
 import os
 import sys
 
+from ijepa_fast.cli.pretrain import overrides_of, parse_args
 from ijepa_fast.config import ConfigError, load
-from ijepa_fast.distributed import TIMEOUT_ENV, resolve_timeout
 from ijepa_fast.engines import resolve_engine
-from ijepa_fast.pretrain import overrides_of, parse_args
+from ijepa_fast.runtime.distributed import TIMEOUT_ENV, resolve_timeout
 
 
 def layout(cfg, engine: str, nodes: int, per_node: int, rendezvous: str, timeout_s: float) -> str:
@@ -39,7 +39,7 @@ def layout(cfg, engine: str, nodes: int, per_node: int, rendezvous: str, timeout
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 3 or not (argv[0].isdigit() and argv[1].isdigit()):
-        print("usage: python -m ijepa_fast.launch_plan NODES PER_NODE RENDEZVOUS [ijepa-pretrain arguments]")
+        print("usage: python -m ijepa_fast.cli.launch_plan NODES PER_NODE RENDEZVOUS [ijepa-pretrain arguments]")
         return 2
     nodes, per_node, rendezvous = int(argv[0]), int(argv[1]), argv[2]
     args = parse_args(argv[3:])

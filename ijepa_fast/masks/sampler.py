@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 import torch
 
-from ijepa_fast.rng import mix
+from ijepa_fast.runtime.rng import mix
 
 # Vectorised context redraw rounds before the fallback. With the paper's scales no image needs even
 # one on 16x16 or 14x14 grids (0 of 38,400); on 8x8, 70 of 38,400 fall short and 18 are left after

@@ -46,10 +46,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ijepa_fast.checkpoint import NotACheckpointError, load_file
-from ijepa_fast.checkpoint import UntrustedCheckpointError as UntrustedCheckpointError  # part of this API
+from ijepa_fast.io.checkpoint import NotACheckpointError, load_file
+from ijepa_fast.io.checkpoint import UntrustedCheckpointError as UntrustedCheckpointError  # part of this API
 from ijepa_fast.models.vit import VIT_SIZES, VisionTransformer, VisionTransformerPredictor, grid_size
-from ijepa_fast.optional import require
+from ijepa_fast.runtime.optional import require
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The multi-block mask sampler as device code: same semantics as ``ijepa_fast.masks``, computed
+"""The multi-block mask sampler as device code: same semantics as ``ijepa_fast.masks.sampler``, computed
 where the batch lives (CUDA for the DALI loader), with one read-back per batch started a step early.
 
 ``masks.MultiBlockMaskSampler`` runs on the CPU by design (inside the DataLoader's collate): it
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
-from ijepa_fast.rng import mix
+from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.runtime.rng import mix
 
 # Context redraw rounds before the fallback, as the CPU sampler. Drawn all at once here: with the
 # paper's scales on a 16x16 grid the first draw almost always keeps min_keep patches.

@@ -32,12 +32,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ijepa_fast.device import autocast, synchronize
-from ijepa_fast.masks import MaskBatch
-from ijepa_fast.metrics import feature_summary
+from ijepa_fast.masks.sampler import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
-from ijepa_fast.optim import set_lr_wd
-from ijepa_fast.schedules import Schedules
+from ijepa_fast.runtime.device import autocast, synchronize
+from ijepa_fast.train.metrics import feature_summary
+from ijepa_fast.train.optim import set_lr_wd
+from ijepa_fast.train.schedules import Schedules
 
 PhaseMark = Callable[[str], None]
 """Called with a phase name as that phase of the step begins (the profiler's clock)."""

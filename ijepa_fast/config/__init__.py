@@ -2,9 +2,10 @@
 
 A config is five sections (model, mask, data, optim, run) plus ``speed`` (the optimisation
 switches). It loads from our own YAML/dict form, from the authors' YAML files (sections data,
-logging, mask, meta, optimization; see ``ijepa_fast.authors_config``), and takes ``key=value``
-overrides such as ``optim.lr=5e-4``. The resolved config is written into every run folder. Each
-choice list belongs to the module that implements the choices; the sections validate against it.
+logging, mask, meta, optimization; see ``ijepa_fast.config.authors``), and takes ``key=value``
+overrides such as ``optim.lr=5e-4``. The resolved config is written into every run folder. The
+choice lists live in ``config.choices``, which the modules implementing them read: importing the
+config imports no torch.
 The comment beside a field is its documentation (``describe`` prints them for ``--help``).
 """
 
@@ -20,23 +21,23 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ijepa_fast import authors_config
-from ijepa_fast.data.build import LOADERS
-from ijepa_fast.data.loader import DATASETS
-from ijepa_fast.device import DTYPES
-from ijepa_fast.engines import ENGINES
-from ijepa_fast.errors import ConfigError, nearest_hint
-from ijepa_fast.loss import LOSSES
-from ijepa_fast.models.attention import BACKENDS
-from ijepa_fast.models.vit import VIT_SIZES
+from ijepa_fast.config import authors as authors_config
+from ijepa_fast.config.choices import (
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    DATASETS,
+    DTYPES,
+    ENGINES,
+    LOADERS,
+    LOSSES,
+    MODEL_NAMES,
+    PRESETS,
+    WANDB_MODES,
+    ZERO_STAGES,
+)
+from ijepa_fast.runtime.errors import ConfigError, nearest_hint
 
 __all__ = ["Config", "ConfigError", "apply_overrides", "describe", "from_dict", "load", "save"]
-
-MODEL_NAMES = tuple(VIT_SIZES)
-PRESETS = ("fast", "authors")
-COMPILE_MODES = ("auto", "on", "off")
-ZERO_STAGES = (0, 1, 2, 3)
-WANDB_MODES = ("off", "on", "offline", "online")  # "on" is offline: nothing leaves the machine unless asked
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -174,7 +175,7 @@ class SpeedConfig:
 
     def validate(self, prefix: str = "speed") -> None:
         _check_choice(f"{prefix}.preset", self.preset, PRESETS)
-        _check_choice(f"{prefix}.attention", self.attention, BACKENDS)
+        _check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
         _check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
 
 
@@ -194,8 +195,8 @@ class SpeedConfig:
 #   sync_every_step=True    every weight's gradient norm read to the host after the optimizer step
 #                           (grad_logger, src/utils/logging.py:78-92, at src/train.py:329), float(loss)
 #                           (src/train.py:338) and torch.cuda.synchronize() (gpu_timer,
-#                           src/utils/logging.py:25, at src/train.py:339): ijepa_fast.step
-# The same in every preset, so not switches: cudnn.benchmark (src/train.py:61; engines.build_engine),
+#                           src/utils/logging.py:25, at src/train.py:339): ijepa_fast.train.step
+# The same in every preset, so not switches: cudnn.benchmark (src/train.py:61; train.build.build_engine),
 # bf16 autocast (src/train.py:316; run.dtype), the loss averaged over the ranks every step
 # (AllReduce at src/train.py:312; Engine.mean_over_ranks), gradients set to None by zero_grad
 # (src/train.py:330). Their AdamW has four parameter groups (helper.py:121-139) where ours has two,

@@ -25,24 +25,25 @@ from pathlib import Path
 
 import torch
 
-from ijepa_fast import checkpoint as ckpt
-from ijepa_fast import distributed, run_folder
 from ijepa_fast.config import Config
 from ijepa_fast.data.build import build_loader
-from ijepa_fast.device import resolve_precision
-from ijepa_fast.engines import (
+from ijepa_fast.engines import engine_class, resolve_engine
+from ijepa_fast.io import checkpoint as ckpt
+from ijepa_fast.masks.sampler import MaskBatch
+from ijepa_fast.models.vit import grid_size
+from ijepa_fast.runtime import distributed
+from ijepa_fast.runtime.device import resolve_precision
+from ijepa_fast.train import run_folder
+from ijepa_fast.train.build import (
     build_engine,
     check_resume,
     check_run_folder,
-    engine_class,
     models_for_run,
     remove_partial_files,
-    resolve_engine,
     start_process,
     train_step_for,
 )
-from ijepa_fast.masks import MaskBatch
-from ijepa_fast.metrics import (
+from ijepa_fast.train.metrics import (
     CollapseWatch,
     DeviceMeter,
     MetricsWriter,
@@ -51,7 +52,6 @@ from ijepa_fast.metrics import (
     plot_loss,
     wandb_mode,
 )
-from ijepa_fast.models.vit import grid_size
 
 log = logging.getLogger("ijepa_fast")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ijepa_fast.ops import TARGET_NORM_EPS  # the LayerNorm the loss's targets get
-from ijepa_fast.optional import available, require
+from ijepa_fast.models.ops import TARGET_NORM_EPS  # the LayerNorm the loss's targets get
+from ijepa_fast.runtime.optional import available, require
 
 log = logging.getLogger(__name__)
 

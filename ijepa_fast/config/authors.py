@@ -23,7 +23,7 @@ import os
 import warnings
 from typing import Any
 
-from ijepa_fast.errors import ConfigError, nearest_hint
+from ijepa_fast.runtime.errors import ConfigError, nearest_hint
 
 AUTHORS_SECTIONS = ("data", "logging", "mask", "meta", "optimization")
 # Sections only ours have; a file with any of them is in our format.

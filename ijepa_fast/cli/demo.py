@@ -11,7 +11,7 @@
    (``ijepa_fast.eval.rank.rankme``) beside the same architecture at random initialisation and raw
    pixels.
 
-    python -m ijepa_fast.demo [--data DIR] [--dataset idx|folder] [--probe-train N] [--probe-test N]
+    python -m ijepa_fast.cli.demo [--data DIR] [--dataset idx|folder] [--probe-train N] [--probe-test N]
                               [--curve-train N] [--curve-test N] [overrides...]
 """
 
@@ -181,7 +181,7 @@ class ProbeCurve:
 
 def plot_curve(points: dict[int, Scores], png_path: Path) -> bool:
     """Top-1 (probe, kNN) and RankMe against epoch; False when matplotlib is missing."""
-    from ijepa_fast.optional import available
+    from ijepa_fast.runtime.optional import available
 
     if not available("matplotlib") or not points:
         return False
@@ -254,7 +254,7 @@ def format_gain(pretrained: Scores, random_init: Scores) -> str:
 
 def pretrain(cfg: config_mod.Config, curve: ProbeCurve | None):
     """(trainer, RunResult, training seconds without the curve's scoring)."""
-    from ijepa_fast.trainer import Trainer
+    from ijepa_fast.train.trainer import Trainer
 
     def score_epoch(epoch: int) -> None:
         curve.add(epoch, trainer.engine.target_encoder)
@@ -286,7 +286,7 @@ def print_report(result, seconds: float, precision, curve: ProbeCurve | None, pn
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ijepa_fast.pretrain import setup_logging
+    from ijepa_fast.cli.pretrain import setup_logging
 
     try:
         cfg = demo_config(args)

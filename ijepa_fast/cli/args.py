@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ijepa_fast.device import DTYPES
-from ijepa_fast.interop import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder, load_encoder
+from ijepa_fast.io.interop import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder, load_encoder
 from ijepa_fast.models.vit import VIT_SIZES
+from ijepa_fast.runtime.device import DTYPES
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +74,7 @@ def num_workers(args: argparse.Namespace) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    from ijepa_fast.device import resolve_device as resolve
+    from ijepa_fast.runtime.device import resolve_device as resolve
 
     return resolve(name, option="--device")
 

@@ -8,7 +8,7 @@ The run is described by the training ``Config`` itself (its defaults are the pap
 ``ijepa-pretrain`` reads it. What it measures:
 
 - **The trainer's step.** Each row builds the step ``ijepa-pretrain`` runs
-  (``engines.build_train_step``: models, attention backend, compile, engine, AdamW, schedules) and
+  (``train.build.build_train_step``: models, attention backend, compile, engine, AdamW, schedules) and
   times ``--steps`` optimizer steps (each of ``optim.grad_accum`` micro-batches) after ``--warmup``
   untimed ones (at least one per distinct batch, so ``torch.compile`` has met every mask shape).
 - **Data.** ``--loader synthetic`` (default): ``--batches`` distinct micro-batches made once on the
@@ -18,7 +18,7 @@ The run is described by the training ``Config`` itself (its defaults are the pap
 - **Timing.** CUDA: one event per step boundary, a single sync at the end; step times are the
   differences (median, 20th and 80th percentiles), images/s is images over the wall time between
   a sync before and after the timed steps. CPU: ``time.perf_counter`` per step.
-- **FLOPs and MFU.** ``ijepa_fast.flops`` per image for the mask sizes of the timed batches;
+- **FLOPs and MFU.** ``ijepa_fast.models.flops`` per image for the mask sizes of the timed batches;
   achieved TFLOP/s = FLOPs per image * images/s; MFU against the device's dense bf16 peak
   (``PEAK_BF16_TFLOPS``, by device name; n/a on a CPU) and, on CUDA, against a measured bf16
   8192^3 matmul.
@@ -63,13 +63,13 @@ import torch
 
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import Config
-from ijepa_fast.device import resolve_device, resolve_precision, synchronize
-from ijepa_fast.distributed import detect
-from ijepa_fast.engines import build_train_step, start_process
-from ijepa_fast.flops import step_flops, step_flops_for_masks
-from ijepa_fast.masks import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.models.flops import step_flops, step_flops_for_masks
 from ijepa_fast.models.vit import grid_size
-from ijepa_fast.step import TrainStep
+from ijepa_fast.runtime.device import resolve_device, resolve_precision, synchronize
+from ijepa_fast.runtime.distributed import detect
+from ijepa_fast.train.build import build_train_step, start_process
+from ijepa_fast.train.step import TrainStep
 
 # Dense bf16 tensor-core peaks from the vendor's datasheets (TFLOP/s), matched in this order against
 # torch.cuda.get_device_name(); the H100 rows differ by form factor. Used for MFU only.
@@ -722,7 +722,7 @@ def markdown_report(result: dict) -> str:
         lines.append(
             f"- masks (timed batches): M = {r0['num_pred_masks']}, mean Kc = {r0['mean_kc']:.1f}, "
             f"mean Kt = {r0['mean_kt']:.1f}; {r0['gflop_per_image']:.3g} GFLOP per image "
-            f"(ijepa_fast.flops)"
+            f"(ijepa_fast.models.flops)"
         )
     lines += [
         "",
@@ -804,7 +804,7 @@ def write_json(result: dict, path: str | Path) -> Path:
 def write_plots(result: dict, out_dir: str | Path, prefix: str = "bench") -> list[Path]:
     """``<prefix>_throughput.png`` (images/s per configuration) and ``<prefix>_phases.png`` (phase
     split, stacked); [] when matplotlib is not installed."""
-    from ijepa_fast.optional import available
+    from ijepa_fast.runtime.optional import available
 
     if not available("matplotlib"):
         return []
@@ -870,7 +870,7 @@ def current_command(argv: list[str] | None = None) -> str:
     argv = sys.argv[:] if argv is None else ["ijepa-bench", *argv]
     prog = Path(argv[0]).name if argv else "ijepa-bench"
     if prog in ("__main__.py", "bench.py"):
-        prog = "python -m ijepa_fast.bench"
+        prog = "python -m ijepa_fast.cli.bench"
     elif prog == "bench_step.py":
         prog = "python -m profiling.bench_step"
     return " ".join([prog, *(shlex.quote(a) for a in argv[1:])])

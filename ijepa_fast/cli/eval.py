@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ijepa_fast.cli_args import (
+from ijepa_fast.cli.args import (
     add_checkpoint_args,
     add_data_args,
     load_from_args,
@@ -50,7 +50,7 @@ from ijepa_fast.cli_args import (
     open_eval_dataset,
     resolve_device,
 )
-from ijepa_fast.device import resolve_precision
+from ijepa_fast.runtime.device import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _report_header(
     args: argparse.Namespace, loaded, device: torch.device, dtype: str, test_split: str
 ) -> dict[str, Any]:
-    from ijepa_fast.interop import weights_label
+    from ijepa_fast.io.interop import weights_label
 
     spec = loaded.spec
     return {
@@ -292,7 +292,7 @@ def markdown_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ijepa_fast.interop import CheckpointMismatchError, UntrustedCheckpointError
+    from ijepa_fast.io.interop import CheckpointMismatchError, UntrustedCheckpointError
 
     try:
         report = run(args)

@@ -5,7 +5,7 @@ How each launcher describes the process (``detect``):
 - ``torchrun`` and the ``deepspeed`` launcher export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``MASTER_ADDR`` and ``MASTER_PORT``; they win when present (also under SLURM, where the sbatch
   script runs one torchrun per node).
-- ``srun python -m ijepa_fast.pretrain`` (one task per GPU) sets ``SLURM_PROCID``,
+- ``srun python -m ijepa_fast.cli.pretrain`` (one task per GPU) sets ``SLURM_PROCID``,
   ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID`` and the node list: the first node is the master and
   the port is derived from the job id, so every task agrees without talking.
 - A plain ``python -m ...`` is a world of one on 127.0.0.1 with a free port: a single node without
@@ -34,7 +34,7 @@ from datetime import timedelta
 
 import torch
 
-from ijepa_fast.device import resolve_device
+from ijepa_fast.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def init(
     timeout = resolve_timeout(timeout_s)
     _set_new_group_timeout(timeout)  # first: groups made during init take it too
     if deepspeed:
-        from ijepa_fast.optional import require
+        from ijepa_fast.runtime.optional import require
 
         ds = require("deepspeed", "run.engine=deepspeed")
         ds.init_distributed(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = ("auto", "bf16", "fp32")
+from ijepa_fast.config.choices import DTYPES
 
 
 @dataclass(frozen=True)

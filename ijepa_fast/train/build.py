@@ -1,0 +1,116 @@
+"""How a run is assembled: its process, models, engine and training step from its config, and the
+checks of its run folder that depend on the engine. The trainer and the profiler both call
+``build_train_step``'s parts, so the profiler times the step that trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ijepa_fast.config import Config
+from ijepa_fast.engines import engine_class, resolve_engine
+from ijepa_fast.io import checkpoint as ckpt
+from ijepa_fast.models.ijepa import compile_wanted, models_from_config
+from ijepa_fast.runtime import distributed
+from ijepa_fast.runtime.device import resolve_precision
+from ijepa_fast.runtime.distributed import DistEnv
+from ijepa_fast.train.optim import build_optimizer
+from ijepa_fast.train.schedules import Schedules
+from ijepa_fast.train.step import Engine, StepOptions, TrainStep
+
+log = logging.getLogger(__name__)
+
+
+def check_run_folder(run_dir: Path, name: str, is_main: bool, setting: str) -> None:
+    """Every folder engine ``name`` writes checkpoints to (on this rank) can be written: fail at start,
+    not at the first checkpoint. ``setting`` names what chooses another run folder."""
+    for folder, what in engine_class(name).checkpoint_folders(Path(run_dir), is_main):
+        ckpt.check_writable(folder, what, setting)
+
+
+def remove_partial_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files an interrupted save of any engine left in ``run_dir``; return them.
+    Only while no other process writes there (the trainer holds the run folder's lock)."""
+    from ijepa_fast.engines.deepspeed import remove_partial_files_in
+
+    run_dir = Path(run_dir)
+    return ckpt.remove_partial_files(run_dir / "checkpoints") + remove_partial_files_in(run_dir / "deepspeed")
+
+
+def check_resume(run_dir: Path, name: str, requested: str) -> None:
+    """A resume runs the engine that wrote the run's checkpoints: another engine would not see them
+    and would start over. A DeepSpeed run keeps its checkpoints in ``deepspeed/`` (``checkpoints/``
+    holds only fp32 exports, without optimizer state); a plain run has ``checkpoints/`` alone."""
+    run_dir = Path(run_dir)
+    deepspeed_run = engine_class("deepspeed").latest_step(run_dir) is not None
+    plain_run = not deepspeed_run and engine_class("plain").latest_step(run_dir) is not None
+    other = "deepspeed" if deepspeed_run and name != "deepspeed" else "plain" if plain_run and name != "plain" else None
+    if other is not None:
+        raise ValueError(
+            f"--resume: {run_dir} holds the checkpoints of a run of the {other} engine, but this process runs "
+            f"the {name} engine (run.engine={requested}): resume as the run was started (under torchrun or "
+            f"the deepspeed launcher for DeepSpeed), or with run.engine={other}"
+        )
+
+
+def start_process(cfg: Config, env: DistEnv) -> torch.device:
+    """This process's device; the process group is set up first when the engine needs one."""
+    device = distributed.device_for(env, cfg.run.device)
+    if resolve_engine(cfg.run.engine, env.world_size) == "deepspeed":
+        distributed.init(env, deepspeed=True, device=device, timeout_s=cfg.run.dist_timeout_s or None)
+    return device
+
+
+def models_for_run(cfg: Config, device: torch.device, world_size: int = 1):
+    """(student, target encoder) of a run for its engine: ``models_from_config``, with compile turned
+    off (and a line in the log saying why) where the engine cannot run compiled blocks."""
+    wanted = compile_wanted(cfg.speed.compile, device)
+    if wanted and resolve_engine(cfg.run.engine, world_size) == "deepspeed":
+        from ijepa_fast.engines.deepspeed import compile_refusal
+
+        reason = compile_refusal(cfg.run.zero_stage)
+        if reason:
+            log.warning("speed.compile=%s: off, %s", cfg.speed.compile, reason)
+            wanted = False
+    return models_from_config(cfg, device, compile=wanted)
+
+
+def build_engine(cfg: Config, student, target_encoder, device: torch.device, world_size: int = 1) -> Engine:
+    """The engine ``run.engine`` names over ``student`` and ``target_encoder``."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the patch embedding's convolution, as the authors set it
+    if resolve_engine(cfg.run.engine, world_size) == "deepspeed":
+        from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
+
+        ds_config = deepspeed_config(cfg, world_size, device_type=device.type, grad_accum=cfg.optim.grad_accum)
+        return DeepSpeedEngine(student, target_encoder, ds_config, device)
+    from ijepa_fast.engines.plain import PlainEngine
+
+    optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
+    return PlainEngine(
+        student, target_encoder, optimizer, device, grad_clip=cfg.optim.grad_clip, grad_scaler=cfg.speed.grad_scaler
+    )
+
+
+def train_step_for(cfg: Config, engine: Engine, steps_per_epoch: int) -> TrainStep:
+    """The training step over ``engine``: the schedules, precision and speed switches of ``cfg``."""
+    options = StepOptions(
+        fused_ema=cfg.speed.fused_ema, fused_gather=cfg.speed.fused_gather, sync_every_step=cfg.speed.sync_every_step
+    )
+    return TrainStep(
+        engine,
+        Schedules.from_config(cfg.optim, steps_per_epoch),
+        resolve_precision(engine.device, cfg.run.dtype).autocast_dtype,
+        options,
+        grad_accum=cfg.optim.grad_accum,
+    )
+
+
+def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int, world_size: int = 1) -> TrainStep:
+    """A run's training step from scratch: models, engine and step (the profiler's entry point; the
+    trainer makes the same calls with a checkpoint restored in between)."""
+    models = models_for_run(cfg, device, world_size)
+    return train_step_for(cfg, build_engine(cfg, *models, device, world_size), steps_per_epoch)
