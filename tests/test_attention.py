@@ -142,5 +142,5 @@ def test_requested_flash_attn_runs_fa3_on_hopper_and_says_why_it_cannot_serve(st
     with pytest.raises(ValueError, match=r"Ampere or newer GPU \(capability 8.0\+\), this one has 7.5"):
         resolve_backend("flash_attn", "cuda:0", 80, BF16)
     _uninstall(monkeypatch, "flash_attn", "flash_attn_interface")
-    with pytest.raises(optional.MissingDependencyError, match="pip install flash-attn"):
+    with pytest.raises(optional.MissingDependencyError, match=r"pip install 'ijepa_fast\[flash\]'"):
         resolve_backend("flash_attn", "cuda:0", 80, BF16)
