@@ -60,7 +60,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_from_args(args)
         meta = {
-            "source": str(loaded.path),
+            "source": Path(loaded.path).name,  # not the path: an export is shared, the local folders stay private
             "source_format": loaded.format,
             "which": loaded.which,
             "weights": weights_label(loaded.which),
