@@ -344,3 +344,31 @@ def test_malformed_yaml_names_the_line_and_column(tmp_path, capsys, text, bad_li
     column = len(where) if where else 1  # 1-based: the colon of `where`, or the start of the line
     line = one_error_line(capsys)
     assert f"{path} is not valid YAML at line {bad_line}, column {column}" in line and extra in line
+
+
+# ----------------------------------------------------------------------------- which file --config names
+
+
+@pytest.mark.parametrize("form", ["demo", "demo.yaml", "configs/demo.yaml", "./configs/demo.yaml"])
+def test_packaged_config_loads_by_name_or_as_the_docs_write_it_from_any_folder(tmp_path, monkeypatch, form):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    assert config.load(form, ["optim.lr=5e-4"]) == config.load(str(CONFIGS / "demo.yaml"), ["optim.lr=5e-4"])
+
+
+def test_a_config_file_that_exists_wins_over_the_packaged_one_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    local = _write(tmp_path / "configs", {"run": {"name": "mine"}}, name="demo.yaml")
+    assert config.load("configs/demo.yaml").run.name == config.load(local).run.name == "mine"
+
+
+@pytest.mark.parametrize("form", ["nope", "configs/nope.yaml", "elsewhere/demo.yaml"])
+def test_a_config_that_is_neither_a_file_nor_packaged_is_one_line_listing_the_packaged(
+    tmp_path, monkeypatch, capsys, form
+):
+    monkeypatch.chdir(tmp_path)
+    assert pretrain.main(["--config", form]) == 2
+    line = one_error_line(capsys)
+    packaged = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert f"config file {form} does not exist" in line and ", ".join(packaged) in line
+    assert list(tmp_path.iterdir()) == []

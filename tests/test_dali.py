@@ -424,7 +424,7 @@ def test_resolve_loader_kind(monkeypatch):
     monkeypatch.setattr(data_build, "available", lambda name: False)
     assert resolve_loader_kind(cfg, "cuda") == "pytorch"
     monkeypatch.setattr(optional, "_try_import", lambda name: None)
-    with pytest.raises(optional.MissingDependencyError, match="pip install nvidia-dali-cuda130"):
+    with pytest.raises(optional.MissingDependencyError, match=r"pip install 'ijepa_fast\[gpu\]'.*nvidia-dali-cuda130"):
         resolve_loader_kind(DataConfig(loader="dali"), "cpu")
 
 

@@ -534,6 +534,20 @@ def test_hf_round_trip_keeps_which_and_every_weight(authors_file, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("destination", ["--hf", "--out"])
+def test_an_export_holds_no_local_path(tmp_path, capsys, destination):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    run_dir = write_our_run(tmp_path / "private" / "run")
+    folder = tmp_path / "export"
+    out = folder if destination == "--hf" else folder / "encoder.safetensors"
+    assert export_cli.export_main([str(run_dir), destination, str(out)]) == 0
+    capsys.readouterr()
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    assert files and not [f for f in files if str(tmp_path).encode() in f.read_bytes()]
+    _, meta = interop.read_safetensors(next(folder.rglob("*.safetensors")))
+    assert meta["ijepa_fast.source" if destination == "--hf" else "source"] == "ckpt-00000010.pt"
+
+
 def test_hf_config_our_encoder_cannot_compute_is_refused_by_key(authors_file, tmp_path, capsys):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
     interop.export_hf(interop.load_encoder(authors_file).encoder, tmp_path / "hf")

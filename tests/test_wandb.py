@@ -106,7 +106,7 @@ def test_off_never_imports_wandb(tmp_path, no_wandb):
 def test_wandb_asked_for_but_not_installed_fails_before_the_run_folder_is_made(tmp_path, no_wandb):
     data = write_idx(tmp_path / "data", n=16)
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "m", **{"run.wandb": "online"}))
-    with pytest.raises(MissingDependencyError, match=r"run\.wandb=online.*pip install wandb"):
+    with pytest.raises(MissingDependencyError, match=r"run\.wandb=online.*pip install 'ijepa_fast\[wandb\]'"):
         Trainer(cfg).fit()
     assert not (tmp_path / "runs" / "m").exists()
 

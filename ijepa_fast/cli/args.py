@@ -1,4 +1,5 @@
-"""Command-line options shared by ``ijepa-eval``, ``ijepa-export`` and ``ijepa-extract``: which
+"""Command-line options shared by the commands: the parser every command starts from (``--version``,
+help shown as plain text), and for ``ijepa-eval``, ``ijepa-export`` and ``ijepa-extract`` which
 checkpoint and encoder, which data, and how to extract features."""
 
 from __future__ import annotations
@@ -8,9 +9,28 @@ from pathlib import Path
 
 import torch
 
+import ijepa_fast
+from ijepa_fast.runtime.device import DTYPES
 from ijepa_fast.io.interop import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder, load_encoder
 from ijepa_fast.models.vit import VIT_SIZES
 from ijepa_fast.runtime.device import DTYPES
+
+
+class _PlainTextParser(argparse.ArgumentParser):
+    """Help as plain text: the docstrings' reStructuredText code markup (double backticks), which a
+    terminal shows raw, becomes single backticks."""
+
+    def format_help(self) -> str:
+        return super().format_help().replace("``", "`")
+
+
+def command_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of the command ``prog``, with ``--version``. ``description`` (and ``epilog``) are
+    shown as written, unless ``formatter_class`` says otherwise."""
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    parser = _PlainTextParser(prog=prog, description=description, **kwargs)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {ijepa_fast.__version__}")
+    return parser
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:

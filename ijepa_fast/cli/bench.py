@@ -62,6 +62,7 @@ from pathlib import Path
 import torch
 
 from ijepa_fast import config as config_mod
+from ijepa_fast.cli.args import command_parser
 from ijepa_fast.config import Config
 from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
 from ijepa_fast.models.flops import step_flops, step_flops_for_masks
@@ -880,11 +881,7 @@ def current_command(argv: list[str] | None = None) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="ijepa-bench",
-        description=__doc__.split("\n\n")[0] + "\n\n" + config_mod.describe(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("ijepa-bench", __doc__.split("\n\n")[0] + "\n\n" + config_mod.describe())
     p.add_argument(
         "--config", default="", help="YAML config (ours or the authors'); default: ViT-H/14, 224 px, batch 128"
     )

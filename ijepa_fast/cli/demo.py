@@ -50,9 +50,9 @@ def curve_count(text: str) -> int:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="ijepa-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from ijepa_fast.cli.args import command_parser
+
+    p = command_parser("ijepa-demo", __doc__)
     p.add_argument("--data", help="data root (IDX files or an image folder); default: configs/demo.yaml's")
     p.add_argument("--dataset", choices=["idx", "folder"], help="kind of data at --data")
     p.add_argument(

@@ -1,7 +1,7 @@
 """``ijepa-eval`` / ``python -m ijepa_fast.eval``: linear probe, kNN, low-shot and attentive probes on frozen features.
 
     ijepa-eval runs/demo-20260101-120000 --data /usr/share/datasets/fashion-mnist
-    ijepa-eval IN1K-vit.h.14-300e.pth.tar --data /data/imagenet --dataset folder --model vit_huge --patch 14 \
+    ijepa-eval IN1K-vit.h.14-300e.pth.tar --data /data/imagenet --dataset folder --model vit_huge --patch 14 \\
         --low-shot 1% --no-full
     ijepa-eval ijepa_vith14_1k/ --data /data/imagenet --dataset folder --low-shot 5 --attentive --no-full
 
@@ -45,6 +45,7 @@ import torch
 from ijepa_fast.cli.args import (
     add_checkpoint_args,
     add_data_args,
+    command_parser,
     load_from_args,
     num_workers,
     open_eval_dataset,
@@ -67,9 +68,7 @@ def _low_shot(spec: str):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ijepa_fast.eval.features import FEATURE_MODES
 
-    p = argparse.ArgumentParser(
-        prog="ijepa-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = command_parser("ijepa-eval", __doc__)
     add_checkpoint_args(p)
     add_data_args(p)
     p.add_argument("--train-split", default="train", help="split to fit on (default: train)")

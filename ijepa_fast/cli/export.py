@@ -8,7 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-from ijepa_fast.cli.args import add_checkpoint_args, add_data_args, load_from_args, num_workers, open_eval_dataset
+from ijepa_fast.cli.args import (
+    add_checkpoint_args,
+    add_data_args,
+    command_parser,
+    load_from_args,
+    num_workers,
+    open_eval_dataset,
+)
 from ijepa_fast.cli.args import resolve_device as resolve_cli_device
 from ijepa_fast.io.interop import (
     TIMM_GAP_MODEL,
@@ -41,9 +48,7 @@ records which one it holds: 'which' and 'weights' in its metadata (for --hf, als
 
 def export_main(argv: list[str] | None = None) -> int:
     """``ijepa-export CHECKPOINT (--out encoder.safetensors [--timm] | --hf DIR) [--which target|context]``."""
-    p = argparse.ArgumentParser(
-        prog="ijepa-export", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = command_parser("ijepa-export", EXPORT_HELP)
     add_checkpoint_args(p)
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", help="output .safetensors file")
@@ -55,7 +60,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_from_args(args)
         meta = {
-            "source": str(loaded.path),
+            "source": Path(loaded.path).name,  # not the path: an export is shared, the local folders stay private
             "source_format": loaded.format,
             "which": loaded.which,
             "weights": weights_label(loaded.which),
@@ -92,11 +97,11 @@ def extract_main(argv: list[str] | None = None) -> int:
     """``ijepa-extract CHECKPOINT --data ROOT --out feats.npy|feats.safetensors``."""
     from ijepa_fast.eval.features import FEATURE_MODES, extract_features
 
-    p = argparse.ArgumentParser(
-        prog="ijepa-extract",
-        description="Write frozen features of a dataset (and its "
-        "labels) to .npy (labels beside it as <stem>.labels.npy) or .safetensors "
-        "(tensors 'features' and 'labels').",
+    p = command_parser(
+        "ijepa-extract",
+        "Write frozen features of a dataset (and its labels) to .npy (labels beside it as <stem>.labels.npy) "
+        "or .safetensors (tensors 'features' and 'labels').",
+        formatter_class=argparse.HelpFormatter,
     )
     add_checkpoint_args(p)
     add_data_args(p)

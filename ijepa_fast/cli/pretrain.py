@@ -22,7 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ijepa_fast.config import RESUME_MAY_CHANGE, Config, ConfigError, describe, load
+from ijepa_fast.cli.args import command_parser
+from ijepa_fast.config import RESUME_MAY_CHANGE, Config, ConfigError, describe, load, to_yaml
 
 EXIT_STATUS = """exit status:
   0    the run finished
@@ -34,13 +35,11 @@ A second SIGINT or SIGTERM stops at once, without saving: 130 or 143 as well, an
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="ijepa-pretrain",
-        description=__doc__,
-        epilog=EXIT_STATUS + "\n\n" + describe(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = command_parser("ijepa-pretrain", __doc__, epilog=EXIT_STATUS + "\n\n" + describe())
+    p.add_argument(
+        "--config", help="YAML config file (ours or the authors' format), or a packaged config's name (demo, ...)"
     )
-    p.add_argument("--config", help="YAML config (ours or the authors' format)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument(
         "--allow-config-change",
@@ -109,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config, overrides_of(args))
     except ConfigError as err:
         return _fail(f"config error: {err}", 2, logged=False)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from ijepa_fast.runtime.distributed import collective_failure
     from ijepa_fast.train.trainer import NonFiniteLossError, Trainer

@@ -403,14 +403,14 @@ def packaged_configs() -> dict[str, Any]:
 
 
 def find_config(name: str):
-    """A config file: ``name`` as a path, else the packaged config of that name (``demo``,
-    ``in1k_vith14_ep300``; with or without ``.yaml``)."""
+    """A config file: ``name`` when that path exists, else the packaged config it names: ``demo``,
+    ``demo.yaml`` or ``configs/demo.yaml`` (as the docs write it, from any folder)."""
     path = Path(name)
-    if path.exists() or len(path.parts) > 1:
+    if path.exists():
         return path
     packaged = packaged_configs()
     stem = path.name.removesuffix(".yaml")
-    if stem in packaged:
+    if stem in packaged and path.parent in (Path("."), Path("configs")):
         return packaged[stem]
     raise ConfigError(
         f"config file {name} does not exist, and no packaged config has that name "
@@ -466,16 +466,21 @@ def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
     return apply_overrides(cfg, overrides or []).validate()
 
 
-def save(cfg: Config, path: str) -> None:
-    """Write the resolved config as YAML (our format), loadable with ``load``."""
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (our format), loadable with ``load``."""
     import yaml
 
     data = {
         section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         for section, values in cfg.to_dict().items()
     }
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def save(cfg: Config, path: str) -> None:
+    """Write the resolved config to ``path`` (``to_yaml``)."""
     with open(path, "w") as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
+        fh.write(to_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------- documentation

@@ -146,7 +146,7 @@ def _run_frozen(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """([fn(images) on the CPU per batch], [labels per batch]) in eval mode under ``dtype``'s autocast,
     the encoder's mode restored afterwards."""
-    from tqdm.auto import tqdm
+    from ijepa_fast.runtime.progress import ProgressBar
 
     device = next(encoder.parameters()).device
     outputs: list[torch.Tensor] = []
@@ -155,7 +155,7 @@ def _run_frozen(
     encoder.eval()
     try:
         with (
-            tqdm(total=_length(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
+            ProgressBar(total=_length(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar,
             autocast(device, resolve_precision(device, dtype, option="dtype").autocast_dtype),
         ):
             for images, y in _batches(dataset, batch_size, num_workers):

@@ -372,9 +372,11 @@ class Trainer:
     def _progress_bar(self):
         if not self.cfg.run.progress or not self.is_main:
             return None
-        from tqdm import tqdm
+        from ijepa_fast.runtime.progress import ProgressBar
 
-        return tqdm(total=self.total_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+        return ProgressBar(
+            total=self.total_steps, initial=self.start_step, desc="pretrain", unit="step", dynamic_ncols=True
+        )
 
     def _finish(self, step: int, loss: float, skipped: int, last_ckpt: Path | None, bar) -> RunResult:
         if bar is not None:
