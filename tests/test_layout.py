@@ -256,15 +256,16 @@ def _clean_env() -> dict[str, str]:
 
 
 def test_importing_the_config_loads_no_torch_and_no_implementation():
-    """The config is a leaf: its choice lists live beside it, so loading it imports nothing heavy."""
+    """The config is a leaf: its choice lists live beside it, so loading it imports nothing heavy and
+    none of the modules that implement the choices."""
     code = (
-        "import sys, ijepa_fast.config, ijepa_fast.config.choices; "
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'numpy', 'ijepa_fast.'))))"
+        "import sys, ijepa_fast.config; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'ijepa_fast'))))"
     )
-    loaded = _run_python(code, REPO)
-    assert loaded == "['ijepa_fast.config', 'ijepa_fast.config.authors', 'ijepa_fast.config.choices', " + (
-        "'ijepa_fast.runtime', 'ijepa_fast.runtime.errors']"
-    )
+    loaded = set(_run_python(code, REPO).split())
+    assert {"ijepa_fast.config", "ijepa_fast.config.choices"} <= loaded
+    allowed = {"ijepa_fast", "ijepa_fast.runtime", "ijepa_fast.runtime.errors"}
+    assert {m for m in loaded if not m.startswith("ijepa_fast.config")} <= allowed
 
 
 def test_each_owner_implements_exactly_the_choices_the_config_names():

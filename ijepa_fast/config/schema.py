@@ -1,0 +1,286 @@
+"""The config's sections as typed dataclasses, each validated by its ``validate`` with errors that name
+the bad key; the comment beside a field is its documentation (``parse.describe`` prints them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ijepa_fast.config.choices import (
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    DATASETS,
+    DTYPES,
+    ENGINES,
+    LOADERS,
+    LOSSES,
+    MODEL_NAMES,
+    PRESETS,
+    WANDB_MODES,
+    ZERO_STAGES,
+)
+from ijepa_fast.runtime.errors import ConfigError
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_open: bool = True) -> None:
+    a, b = pair
+    lo_ok = (a > lo) if lo_open else (a >= lo)
+    relation = "<" if lo_open else "<="
+    _check(lo_ok and b <= hi and a <= b, key, pair, f"a pair (lo, hi) with {lo} {relation} lo <= hi <= {hi}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_huge"  # encoder size: vit_tiny|vit_small|vit_base|vit_large|vit_huge|vit_giant
+    depth: int = 0  # encoder blocks; 0: the named size's (12 for vit_tiny ... vit_base)
+    patch_size: int = 14  # pixels per patch side (14 or 16 in the paper)
+    pred_depth: int = 12  # predictor blocks (6 for ViT-B, 12 for ViT-L/H, 16 for ViT-G)
+    pred_emb_dim: int = 384  # predictor width
+    init_std: float = 0.02  # truncated-normal std of the initial weights
+
+    def validate(self, prefix: str = "model") -> None:
+        _check_choice(f"{prefix}.name", self.name, MODEL_NAMES)
+        _check(self.depth >= 0, f"{prefix}.depth", self.depth, "an integer >= 0 (0: the named size's depth)")
+        _check(self.patch_size >= 1, f"{prefix}.patch_size", self.patch_size, "a positive integer (14 or 16 usually)")
+        _check(self.pred_depth >= 1, f"{prefix}.pred_depth", self.pred_depth, "an integer >= 1")
+        _check(self.pred_emb_dim >= 1, f"{prefix}.pred_emb_dim", self.pred_emb_dim, "an integer >= 1")
+        _check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "a positive float")
+
+
+@dataclass
+class MaskConfig:
+    """The multi-block mask sampler's arguments, under its own names (``masks.MultiBlockMaskSampler``)."""
+
+    num_pred_masks: int = 4  # target blocks per image
+    pred_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid each target block covers
+    enc_scale: tuple[float, float] = (0.85, 1.0)  # share of the grid the context block covers
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)  # target blocks' height / width
+    min_keep: int = 10  # fewest context patches an image keeps
+    allow_overlap: bool = False  # true: contexts keep the patches of the targets
+
+    def validate(self, prefix: str = "mask") -> None:
+        _check(self.num_pred_masks >= 1, f"{prefix}.num_pred_masks", self.num_pred_masks, "an integer >= 1")
+        _check_range(f"{prefix}.pred_scale", self.pred_scale, 0.0, 1.0)
+        _check_range(f"{prefix}.enc_scale", self.enc_scale, 0.0, 1.0)
+        _check_range(f"{prefix}.aspect_ratio", self.aspect_ratio, 0.0, math.inf)
+        _check(self.min_keep >= 1, f"{prefix}.min_keep", self.min_keep, "an integer >= 1")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "folder"  # folder: ImageNet-style tree or webdataset tars; idx: MNIST/Fashion-MNIST IDX files
+    root: str = ""  # the data folder
+    split: str = "train"  # idx: train|test; folder: a sub-folder name, or "" for the root itself
+    crop_size: int = 224  # RandomResizedCrop output, pixels
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area range
+    batch_size: int = 128  # per rank, per micro-batch
+    num_workers: int = 8  # loader worker processes (DALI: threads)
+    pin_memory: bool = True  # page-locked host batches for faster copies to the GPU
+    loader: str = "auto"  # auto (DALI on a GPU when installed)|pytorch|dali
+    limit: int = 0  # use only the first N images (0: all)
+
+    def validate(self, prefix: str = "data") -> None:
+        _check_choice(f"{prefix}.dataset", self.dataset, DATASETS)
+        _check(self.crop_size >= 1, f"{prefix}.crop_size", self.crop_size, "a positive integer")
+        _check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0)
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
+        _check_choice(f"{prefix}.loader", self.loader, LOADERS)
+        _check(self.limit >= 0, f"{prefix}.limit", self.limit, "an integer >= 0")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 300  # length of the schedules
+    max_steps: int = 0  # stop after this many steps (0: run all epochs); schedules still span `epochs`
+    ipe_scale: float = 1.0  # schedules span epochs * iterations-per-epoch * ipe_scale steps (authors)
+    warmup_epochs: float = 40.0  # linear lr warm-up from start_lr to lr
+    start_lr: float = 2e-4  # lr at step 0
+    lr: float = 1e-3  # peak lr, after warm-up
+    final_lr: float = 1e-6  # lr at the end of the cosine
+    weight_decay: float = 0.04  # weight decay at step 0 (cosine to final_weight_decay)
+    final_weight_decay: float = 0.4  # weight decay at the end
+    ema: tuple[float, float] = (0.996, 1.0)  # target-encoder momentum, linear from first to second
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 0.0  # max gradient norm; 0: off (the authors do not clip)
+    # Micro-batches per optimizer step: the global batch is data.batch_size x ranks x grad_accum, and
+    # a "step" (schedules, max_steps, checkpoints, logs) is one optimizer step.
+    grad_accum: int = 1
+    loss: str = "smooth_l1"  # smooth_l1 (authors' code) | l2 (paper's text)
+
+    def validate(self, prefix: str = "optim") -> None:
+        _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
+        _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, "an integer >= 0")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", self.grad_accum, "an integer >= 1")
+        _check(self.ipe_scale > 0, f"{prefix}.ipe_scale", self.ipe_scale, "a positive float")
+        _check(
+            0 <= self.warmup_epochs <= self.epochs,
+            f"{prefix}.warmup_epochs",
+            self.warmup_epochs,
+            f"a float in [0, epochs={self.epochs}]",
+        )
+        for k in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "grad_clip"):
+            _check(getattr(self, k) >= 0, f"{prefix}.{k}", getattr(self, k), "a float >= 0")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a float > 0")
+        _check_range(f"{prefix}.ema", self.ema, 0.0, 1.0, lo_open=False)
+        _check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", self.betas, "two floats in [0, 1)")
+        _check(self.eps > 0, f"{prefix}.eps", self.eps, "a positive float")
+        _check_choice(f"{prefix}.loss", self.loss, LOSSES)
+
+
+@dataclass
+class SpeedConfig:
+    """Every optimisation is a switch, so the profiler can measure what each buys.
+
+    ``preset: authors`` turns all of them to the authors' side (``AUTHORS_SPEED``).
+    """
+
+    preset: str = "fast"  # fast|authors: applied first, explicit keys win
+    attention: str = "auto"  # auto|sdpa|flash_attn|xformers|math (math: the authors' explicit softmax)
+    compile: str = "auto"  # auto (on for CUDA, off for CPU)|on|off: torch.compile of each block
+    fused_ema: bool = True  # False: the authors' per-parameter mul_/add_ loop
+    fused_gather: bool = True  # False: the authors' expand + gather + cat masks
+    fused_optimizer: bool = True  # AdamW fused on CUDA, foreach on CPU; False: torch's default, as the authors
+    grad_scaler: bool = False  # True: a GradScaler as the authors (not needed for bf16)
+    sync_every_step: bool = False  # True: the authors' per-step host syncs (gradient norms, loss, synchronize)
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory, more time)
+
+    def validate(self, prefix: str = "speed") -> None:
+        _check_choice(f"{prefix}.preset", self.preset, PRESETS)
+        _check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
+        _check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
+
+
+# ``preset: authors``: the speed of the authors' training loop (facebookresearch/ijepa at 52c1ae9), so
+# that "x authors" compares against what their code does on the same device. Each switch, and the
+# lines it models:
+#   attention="math"        explicit softmax(q k^T * scale) v with the N x N matrix in memory:
+#                           src/models/vision_transformer.py:143-147 (Attention.forward)
+#   compile="off"           their code compiles nothing
+#   fused_ema=False         one mul_ and one add_ per parameter: src/train.py:333-336
+#   fused_gather=False      apply_masks (expand, gather, cat: src/masks/utils.py:11-20) at
+#                           src/models/vision_transformer.py:302,308,416 and src/train.py:301
+#   fused_optimizer=False   torch.optim.AdamW(param_groups) with torch's defaults (foreach on CUDA):
+#                           src/helper.py:142
+#   grad_scaler=True        a GradScaler although they train in bf16: src/helper.py:155, used at
+#                           src/train.py:322-325 (its step reads the found-inf flag to the host)
+#   sync_every_step=True    every weight's gradient norm read to the host after the optimizer step
+#                           (grad_logger, src/utils/logging.py:78-92, at src/train.py:329), float(loss)
+#                           (src/train.py:338) and torch.cuda.synchronize() (gpu_timer,
+#                           src/utils/logging.py:25, at src/train.py:339): ijepa_fast.train.step
+# The same in every preset, so not switches: cudnn.benchmark (src/train.py:61; train.build.build_engine),
+# bf16 autocast (src/train.py:316; run.dtype), the loss averaged over the ranks every step
+# (AllReduce at src/train.py:312; Engine.mean_over_ranks), gradients set to None by zero_grad
+# (src/train.py:330). Their AdamW has four parameter groups (helper.py:121-139) where ours has two,
+# with the same per-parameter settings: the foreach kernels then take a few more launches per step.
+AUTHORS_SPEED = dict(
+    attention="math",
+    compile="off",
+    fused_ema=False,
+    fused_gather=False,
+    fused_optimizer=False,
+    grad_scaler=True,
+    sync_every_step=True,
+)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"  # the run folder is out_dir/name
+    name: str = "ijepa"  # the run folder's name
+    seed: int = 0  # weights, crops and masks all follow from it
+    device: str = "auto"  # auto|cpu|cuda|cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast where the device has native bf16, else fp32)|bf16|fp32
+    log_every: int = 10  # one host sync every log_every steps
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
+    ds_config: str = ""  # a DeepSpeed JSON whose values override the generated ones
+    dist_timeout_s: float = 0.0  # a dead or stalled rank fails the others after this; 0: $IJEPA_DIST_TIMEOUT_S or 1800
+    progress: bool = True  # a progress bar on rank 0
+    tensorboard: bool = True  # TensorBoard events in run_dir/tb
+    wandb: str = "off"  # Weights & Biases: off|on (= offline)|offline (files in run_dir/wandb)|online
+
+    def validate(self, prefix: str = "run") -> None:
+        _check(bool(self.name), f"{prefix}.name", self.name, "a non-empty string")
+        _check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
+        _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "an integer >= 1")
+        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _check_choice(f"{prefix}.engine", self.engine, ENGINES)
+        _check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
+        _check_choice(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
+        _check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> Config:
+        self._check_finite()
+        for f in fields(self):
+            getattr(self, f.name).validate(f.name)
+        _check(
+            self.data.crop_size % self.model.patch_size == 0,
+            "data.crop_size",
+            self.data.crop_size,
+            f"a multiple of model.patch_size={self.model.patch_size}",
+        )
+        return self
+
+    def _check_finite(self) -> None:
+        """inf and nan pass most range checks (inf > 0) and then train to garbage: no float may be one."""
+        for key, value in flatten(self).items():
+            numbers = value if isinstance(value, tuple) else (value,)
+            finite = all(math.isfinite(x) for x in numbers if isinstance(x, float))
+            _check(
+                finite, key, value, "finite numbers (no inf or nan)" if isinstance(value, tuple) else "a finite number"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` over every field of every section."""
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+# Keys a resumed run may change without --allow-config-change: they decide how long the run goes,
+# where its folder lies (moved or copied) and what it reports or keeps, not what a step computes.
+RESUME_MAY_CHANGE = (
+    "optim.max_steps",
+    "run.out_dir",
+    "run.name",
+    "run.dist_timeout_s",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.progress",
+    "run.tensorboard",
+    "run.wandb",
+)
+
+
+def differences(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (old value, new value)}`` for every key whose value differs."""
+    before, after = flatten(old), flatten(new)
+    return {key: (before[key], after[key]) for key in after if before[key] != after[key]}
