@@ -8,7 +8,9 @@ wires features, labels and test split together correctly.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -143,3 +145,100 @@ def test_demo_refuses_a_probe_smaller_than_two_images(count, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(["--probe-train", count])
     assert "need at least 2 images" in capsys.readouterr().err
+
+
+def quick_demo(data, out, *extra) -> int:
+    """The demo at its smallest: one epoch of 5 steps, no curve, a small probe."""
+    return demo.main(
+        [
+            "--data",
+            str(data),
+            "--probe-train",
+            "20",
+            "--probe-test",
+            "10",
+            "--curve-train",
+            "0",
+            "optim.epochs=1",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            f"run.out_dir={out}",
+            "run.checkpoint_every=1000",
+            "run.progress=false",
+            *extra,
+        ]
+    )
+
+
+def test_overrides_may_come_before_and_after_the_options():
+    args = demo.parse_args(["optim.epochs=2", "--data", "d", "data.batch_size=16", "--probe-train", "30", "run.seed=3"])
+    assert args.data == "d" and args.probe_train == 30
+    assert args.overrides == ["optim.epochs=2", "data.batch_size=16", "run.seed=3"]
+    cfg = demo.demo_config(args)
+    assert (cfg.optim.epochs, cfg.data.batch_size, cfg.run.seed, cfg.data.root) == (2, 16, 3, "d")
+
+
+def test_a_demo_started_in_the_same_second_as_a_running_one_gets_its_own_run_folder(
+    banded_idx, tmp_path, monkeypatch, capsys
+):
+    from ijepa_fast.train.run_folder import RunLock
+
+    monkeypatch.setattr(demo.time, "strftime", lambda *args: "20260101-120000")  # a frozen clock
+    out = tmp_path / "runs"
+    first = out / "demo-20260101-120000"
+    first.mkdir(parents=True)
+    lock = RunLock(first)
+    lock.acquire()  # the first demo, still training
+    try:
+        assert quick_demo(banded_idx, out) == 0
+    finally:
+        lock.release()
+    assert sorted(p.name for p in out.iterdir()) == [first.name, f"{first.name}-2"]
+    assert (out / f"{first.name}-2" / "probe.json").is_file() and not (first / "checkpoints").exists()
+    assert f"run folder {out / first.name}-2" in capsys.readouterr().out
+
+
+def test_a_run_name_given_on_the_command_line_is_kept(tmp_path):
+    cfg = demo.demo_config(demo.parse_args([f"run.out_dir={tmp_path}", "run.name=mine"]))
+    assert demo.claim_run_folder(cfg, demo.parse_args(["run.name=mine"])).run.name == "mine"
+    cfg = demo.demo_config(demo.parse_args([f"run.out_dir={tmp_path}"]))
+    first, second = (demo.claim_run_folder(cfg, demo.parse_args([])).run.name for _ in range(2))
+    assert (first, second) == (cfg.run.name, f"{cfg.run.name}-2")
+    assert (tmp_path / first).is_dir() and (tmp_path / second).is_dir()
+
+
+def test_a_folder_too_small_for_the_probe_is_refused_before_training(tmp_path, capsys):
+    from ijepa_fast.data.synthetic import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "one", 1, size=(32, 32))
+    rc = quick_demo(tmp_path / "one", tmp_path / "runs", "--dataset", "folder", "data.batch_size=1")  # trains
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0] == (
+        f"ijepa-demo: {tmp_path / 'one'}: 1 training image; the probe needs at least 2 "
+        "(one is held out to choose its learning rate and weight decay)"
+    )
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_per_epoch_evaluation_stops_the_demo_after_saving(
+    signum, banded_idx, tmp_path, monkeypatch, capsys
+):
+    """The trainer's stop: it finishes the step, saves and the demo exits 128 + the signal, with no probe."""
+    add = demo.ProbeCurve.add
+
+    def add_then_signal(curve, epoch, encoder):
+        add(curve, epoch, encoder)
+        if epoch == 1:
+            os.kill(os.getpid(), signum)  # as a scheduler would, while the curve is scored
+
+    monkeypatch.setattr(demo.ProbeCurve, "add", add_then_signal)
+    assert run_demo(banded_idx, tmp_path / "runs") == 128 + signum  # 2 epochs of 5 steps asked for
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert [p.name for p in (run_dir / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000005.pt"]
+    assert not (run_dir / "probe.json").exists() and not (run_dir / "probe_curve.json").exists()
+    captured = capsys.readouterr()
+    assert "frozen average-pooled features" not in captured.out
+    assert f"stopped by {signal.Signals(signum).name} at step 5" in captured.err

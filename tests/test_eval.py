@@ -498,3 +498,34 @@ def test_ijepa_eval_low_shot_and_attentive_reports(tmp_path, capsys, idx_data, r
     assert "| 3 per class (seed 0) | 12 | attentive probe | attentive |" in markdown
     with pytest.raises(SystemExit):  # nothing left to evaluate
         cli.parse_args([str(run_dir), "--data", str(idx_data), "--no-full"])
+
+
+# ----------------------------------------------------------------------------- bad input: one line
+
+
+def test_a_probe_on_one_training_image_says_it_needs_two(tmp_path, capsys, idx_data, run_dir):
+    x, y = blobs(4, classes=2, dim=8, spread=0.5, seed=0)
+    with pytest.raises(ValueError, match=r"^the linear probe needs at least 2 training images .*; got 1$"):
+        linear_probe(x[:1], y[:1], x, y)
+    with pytest.raises(ValueError, match=r"^need matching features and labels: train \(8, 8\) / \(7,\)"):
+        linear_probe(x, y[:7], x, y)
+    assert cli.main([str(run_dir), "--data", str(idx_data), "--limit", "1", "--no-progress"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("ijepa-eval: the linear probe needs at least 2 training images")
+    assert lines[-1].endswith("; got 1") and not any("Traceback" in line for line in lines)
+
+
+def test_attentive_heads_below_one_are_refused_in_one_line(capsys, idx_data, run_dir):
+    with pytest.raises(ValueError, match="needs at least 1 head, not 0"):
+        AttentiveProbe(dim=48, num_classes=5, num_heads=0)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(run_dir), "--data", str(idx_data), "--attentive", "--attentive-heads", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ijepa-eval: error: argument --attentive-heads: 0: must be at least 1"
+    )
+    argv = [str(run_dir), "--data", str(idx_data), "--attentive", "--attentive-heads", "5", "--no-progress"]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ijepa-eval: --attentive-heads 5 does not divide the encoder's width 192"
+    )

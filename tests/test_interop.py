@@ -18,6 +18,7 @@ import torch
 from ijepa_fast.cli import eval as eval_cli
 from ijepa_fast.cli import export as export_cli
 from ijepa_fast.eval.features import extract_features
+from ijepa_fast.io import checkpoint as ckpt_mod
 from ijepa_fast.io import interop
 from ijepa_fast.io.interop import CheckpointMismatchError, UntrustedCheckpointError
 from ijepa_fast.models.vit import sincos_pos_embed_2d
@@ -352,6 +353,36 @@ def test_our_checkpoint_and_run_folder(tmp_path):
         assert all(torch.equal(v, raw[which][k]) for k, v in loaded.encoder.state_dict().items())
 
 
+@pytest.mark.parametrize("given", ["run folder", "latest.pt"])
+def test_a_latest_pt_pointing_at_a_deleted_checkpoint_loads_the_newest_that_loads_and_says_so(given, tmp_path, caplog):
+    run_dir = write_our_run(tmp_path / "run")  # step 10
+    folder = run_dir / "checkpoints"
+    kept = torch.load(folder / ckpt_mod.checkpoint_name(10), weights_only=True)
+    newer = {**kept, "target_encoder": {k: v + 1 for k, v in kept["target_encoder"].items()}}
+    ckpt_mod.save_checkpoint(folder, newer, step=20, keep=3)
+    ckpt_mod.save_checkpoint(folder, newer, step=30, keep=3)
+    (folder / ckpt_mod.checkpoint_name(30)).unlink()  # latest.pt now points at nothing
+    (folder / ckpt_mod.checkpoint_name(20)).write_bytes(b"damaged")  # the next newest does not load
+    path = run_dir if given == "run folder" else folder / "latest.pt"
+    with caplog.at_level("WARNING"):
+        loaded = interop.load_encoder(path)
+    assert loaded.meta["step"] == 10 and loaded.path == str(folder / ckpt_mod.checkpoint_name(10))
+    state = loaded.encoder.state_dict()
+    assert all(torch.equal(v, kept["target_encoder"][k]) for k, v in state.items())
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{folder / 'latest.pt'} points at {ckpt_mod.checkpoint_name(30)}, which does not exist: " in warning
+    assert f"loading the newest checkpoint that loads, {folder / ckpt_mod.checkpoint_name(10)}" in warning
+
+
+def test_a_run_folder_whose_checkpoints_are_all_gone_is_one_error_naming_it(tmp_path):
+    run_dir = write_our_run(tmp_path / "run")
+    (run_dir / "checkpoints" / ckpt_mod.checkpoint_name(10)).unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"latest\.pt points at ckpt-00000010\.pt, which does not exist, and no "
+    ):
+        interop.load_encoder(run_dir)
+
+
 def test_our_checkpoint_of_a_shallower_encoder_than_its_named_size_loads_with_its_depth(tmp_path):
     run_dir = write_our_run(tmp_path / "run", depth=3)  # model.depth=3 of vit_tiny's 12 blocks
     raw = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["target_encoder"]
@@ -564,6 +595,39 @@ def test_hf_config_our_encoder_cannot_compute_is_refused_by_key(authors_file, tm
     config_path.write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         interop.load_encoder(tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["config a list", "config not JSON", "hidden_size abc", "no heads", "heads not dividing", "weights a list"],
+)
+def test_a_malformed_hf_folder_is_one_line_naming_the_file_and_the_key(case, authors_file, tmp_path, capsys):
+    folder = tmp_path / "hf"
+    interop.export_hf(interop.load_encoder(authors_file).encoder, folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    edits = {
+        "config a list": ([config], f"{config_path}: expected a JSON object, found a list"),
+        "config not JSON": (None, f"{config_path} is not valid JSON (line 1, column 2"),
+        "hidden_size abc": ({**config, "hidden_size": "abc"}, f"{config_path}: hidden_size='abc' must be a positive"),
+        "no heads": ({**config, "num_attention_heads": 0}, f"{config_path}: num_attention_heads=0 must be a positive"),
+        "heads not dividing": (
+            {**config, "num_attention_heads": 5},
+            f"{config_path}: num_attention_heads=5 does not divide hidden_size=192",
+        ),
+        "weights a list": (config, f"{folder / 'pytorch_model.bin'} holds a list, not a state dict"),
+    }
+    content, message = edits[case]
+    config_path.write_text("{,}" if content is None else json.dumps(content))
+    if case == "weights a list":
+        (folder / "model.safetensors").unlink()
+        torch.save([torch.zeros(2)], folder / "pytorch_model.bin")
+    with pytest.raises(ValueError) as err:
+        interop.load_encoder(folder)
+    assert str(err.value).startswith(message), str(err.value)
+    assert export_cli.export_main([str(folder), "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert one_error_line("ijepa-export", capsys) == f"ijepa-export: {err.value}"
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_hf_export_leaves_no_partial_file_when_writing_fails(authors_file, tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ loss plot's figure."""
 from __future__ import annotations
 
 import math
+import socket
+import sys
 
 import numpy as np
 import pytest
@@ -279,3 +281,109 @@ def test_the_loss_figure_has_a_panel_with_rankme_and_std(tmp_path, monkeypatch):
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert saved["lines"]["RankMe"] == [12.5, 9.0]
     assert saved["lines"]["mean std"] == [0.5, 0.4] and saved["lines"]["min std"] == [0.25, 0.2]
+
+
+def test_a_row_whose_step_is_not_a_number_is_named_by_file_and_line_and_the_csv_is_left_as_it_was(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        ",".join(metrics.CSV_FIELDS) + "\n"
+        + "1,0,0.5,0.001,0.04,0.996,10.0,0,1.5,,,\n"
+        + "two,0,0.4,0.001,0.04,0.996,10.0,0,2.5,,,\n"
+    )  # fmt: skip
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=rf"^{path}, line 3: step 'two' is not a whole number"):
+        MetricsWriter(tmp_path, tensorboard=False, start_step=1)
+    assert path.read_bytes() == before
+
+
+def test_pretrain_resuming_over_a_hand_edited_metrics_csv_fails_in_one_line(tmp_path, capsys):
+    from ijepa_fast.cli import pretrain
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    args = tiny_overrides(write_idx(tmp_path / "data", n=24), tmp_path / "runs", "r")  # 3 steps
+    assert pretrain.main(args) == 0
+    csv_path = tmp_path / "runs" / "r" / "metrics.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[2] = "x" + lines[2]  # the second row's step: "x2"
+    csv_path.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert pretrain.main([*args, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{csv_path}, line 3: step 'x2' is not a whole number" in err
+
+
+# ----------------------------------------------------------------------------- Weights & Biases
+
+
+@pytest.fixture
+def no_wandb(monkeypatch):
+    from ijepa_fast.runtime import optional
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    optional._try_import.cache_clear()
+    yield
+    optional._try_import.cache_clear()
+
+
+def test_wandb_on_without_wandb_installed_is_one_line_saying_what_to_install(tmp_path, capsys, no_wandb):
+    from ijepa_fast.cli import pretrain
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    args = tiny_overrides(write_idx(tmp_path / "data", n=16), tmp_path / "runs", "w", **{"run.wandb": "on"})
+    assert pretrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "run.wandb=on needs the optional package 'wandb'" in err and "pip install 'ijepa_fast[wandb]'" in err
+    assert "run.wandb=off" in err
+    assert not (tmp_path / "runs" / "w" / "checkpoints").exists()
+
+
+@pytest.fixture
+def refused_port():
+    """A local port that refuses connections (bound, never listening) while the test runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def fresh_wandb():
+    """W&B reads its WANDB_* settings once per process: set them up afresh for this test, and after it."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+@pytest.mark.skipif(not available("wandb"), reason="wandb is not installed")
+@pytest.mark.parametrize("case", ["no API key", "no server"])
+def test_wandb_online_that_cannot_start_falls_back_to_offline_and_says_what_to_do(
+    case, tmp_path, monkeypatch, caplog, refused_port, request
+):
+    """Real W&B, kept on this machine: its server is a local port that refuses connections."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.train.trainer import Trainer
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings file
+    monkeypatch.setenv("WANDB_SILENT", "true")  # never prompt for a key
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{refused_port}")
+    if case == "no server":
+        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+        monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
+    data = write_idx(tmp_path / "data", n=24)  # 3 steps
+    cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "o", **{"run.wandb": "online"}))
+    request.getfixturevalue("fresh_wandb")  # after the environment is set
+    with caplog.at_level("WARNING"):
+        result = Trainer(cfg).fit()
+    assert result.steps == 3
+    run_dir = tmp_path / "runs" / "o"
+    (warning,) = [r.getMessage() for r in caplog.records if "W&B online" in r.getMessage()]
+    assert "wandb login" in warning and f"wandb sync {run_dir / 'wandb'}" in warning
+    assert ("No API key" if case == "no API key" else "127.0.0.1") in warning
+    run_id = (run_dir / metrics.WANDB_ID_FILE).read_text().strip()
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))

@@ -13,6 +13,11 @@
 
     python -m ijepa_fast.cli.demo [--data DIR] [--dataset idx|folder] [--probe-train N] [--probe-test N]
                               [--curve-train N] [--curve-test N] [overrides...]
+
+Overrides may come before or after the options. Each run gets its own folder (``demo-<time>``, then
+``-2``, ``-3``... for demos started in the same second). Data too small for the probe is refused
+before training. SIGINT or SIGTERM during training (the per-epoch curve included) stops as
+``ijepa-pretrain`` does: a checkpoint is saved, the probe skipped, and the exit status is 130 or 143.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +35,8 @@ from pathlib import Path
 import torch
 
 from ijepa_fast import config as config_mod
+
+log = logging.getLogger("ijepa_fast")
 
 DEMO_CONFIG = "demo"  # the packaged configs/demo.yaml
 # Probe on a subset: feature extraction of all 70,000 images twice would double the demo's time
@@ -84,7 +92,7 @@ def parse_args(argv):
         help=f"test images of the per-epoch curve (default {CURVE_TEST:,})",
     )
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=2")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before, between and after the options
 
 
 def demo_config(args) -> config_mod.Config:
@@ -92,6 +100,40 @@ def demo_config(args) -> config_mod.Config:
     overrides += [f"data.root={args.data}"] if args.data else []
     overrides += [f"data.dataset={args.dataset}"] if args.dataset else []
     return config_mod.load(DEMO_CONFIG, overrides + list(args.overrides))
+
+
+def claim_run_folder(cfg: config_mod.Config, args) -> config_mod.Config:
+    """``cfg`` with a run folder this process created: the timestamped default name gets -2, -3...
+    while that folder exists (demos started in the same second); mkdir is atomic, so no two processes
+    get the same folder. A run.name given on the command line is kept as it is."""
+    if any(item.startswith("run.name=") for item in args.overrides):
+        return cfg
+    out_dir = Path(cfg.run.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name, n = cfg.run.name, 1
+    while True:
+        try:
+            (out_dir / name).mkdir()
+            return config_mod.apply_overrides(cfg, [f"run.name={name}"])
+        except FileExistsError:
+            n += 1
+            name = f"{cfg.run.name}-{n}"
+
+
+def probe_datasets(cfg: config_mod.Config, n_train: int, n_test: int):
+    """(train, test): the first ``n_train`` / ``n_test`` images of each split, centre-cropped; too few
+    training images for the probe is a ValueError naming the data, raised before any training."""
+    from ijepa_fast.data.loader import build_eval_dataset
+    from ijepa_fast.eval.probe import MIN_TRAIN_IMAGES
+
+    train = build_eval_dataset(cfg.data, split="train", limit=n_train)
+    if len(train) < MIN_TRAIN_IMAGES:
+        found = f"{len(train)} training image{'' if len(train) == 1 else 's'}"
+        raise ValueError(
+            f"{train.source.root}: {found}; the probe needs at least {MIN_TRAIN_IMAGES} (one is held out to "
+            f"choose its learning rate and weight decay)"
+        )
+    return train, build_eval_dataset(cfg.data, split="test", limit=n_test)
 
 
 @dataclass
@@ -143,10 +185,7 @@ class ProbeCurve:
     initialisation). ``add`` serves as the trainer's ``on_epoch_end`` through a closure."""
 
     def __init__(self, cfg: config_mod.Config, n_train: int, n_test: int):
-        from ijepa_fast.data.loader import build_eval_dataset
-
-        self.train = build_eval_dataset(cfg.data, split="train", limit=n_train)
-        self.test = build_eval_dataset(cfg.data, split="test", limit=n_test)
+        self.train, self.test = probe_datasets(cfg, n_train, n_test)
         self.points: dict[int, Scores] = {}
         self.seconds = 0.0  # spent scoring, in all
 
@@ -207,19 +246,15 @@ def plot_curve(points: dict[int, Scores], png_path: Path) -> bool:
     return True
 
 
-def probe_table(
-    cfg, run_dir: Path, target_encoder, random_encoder, n_train: int = PROBE_TRAIN, n_test: int = PROBE_TEST
-) -> dict:
-    """Linear probe, kNN top-1 (%) and RankMe of three feature sets on the same images: the report
+def probe_table(data: tuple, run_dir: Path, target_encoder, random_encoder) -> dict:
+    """Linear probe, kNN top-1 (%) and RankMe of three feature sets on the same images (``data``:
+    ``probe_datasets``' train and test): the report
     ``{"train_images", "test_images", "rows": [(features, Scores), ...]}``.
 
     Both classifiers come from ``ijepa_fast.eval`` (whitened probe with its lr/wd sweep; kNN with
     k=20, cosine similarity, temperature 0.07). Also written to ``run_dir/probe.json``.
     """
-    from ijepa_fast.data.loader import build_eval_dataset
-
-    train = build_eval_dataset(cfg.data, split="train", limit=n_train)
-    test = build_eval_dataset(cfg.data, split="test", limit=n_test)
+    train, test = data
     rows = []
     for name, features in (
         ("I-JEPA (pretrained)", encoder_features(target_encoder, "pretrained")),
@@ -284,29 +319,58 @@ def print_report(result, seconds: float, precision, curve: ProbeCurve | None, pn
     print("\n" + format_gain(pretrained, random_init))
 
 
+def known_failures() -> tuple[type[BaseException], ...]:
+    """What ends the demo as one line, as it ends ijepa-pretrain (anything else is a bug: traceback)."""
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.train.run_folder import RunFolderError
+    from ijepa_fast.train.trainer import NonFiniteLossError
+
+    return (OSError, ValueError, RunFolderError, NonFiniteLossError, UntrustedCheckpointError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ijepa_fast.cli.pretrain import setup_logging
+    from ijepa_fast.cli.pretrain import one_line, setup_logging
+    from ijepa_fast.data.loader import check_data_source
 
     try:
         cfg = demo_config(args)
     except (config_mod.ConfigError, FileNotFoundError) as err:
         print(f"demo: {err}", file=sys.stderr)
         return 2
+    # Everything that can be checked before training is, before the run folder exists.
+    try:
+        check_data_source(cfg.data)
+        data = probe_datasets(cfg, args.probe_train, args.probe_test)
+        curve = ProbeCurve(cfg, args.curve_train, args.curve_test) if args.curve_train else None
+        cfg = claim_run_folder(cfg, args)
+    except (OSError, ValueError) as err:
+        print(f"ijepa-demo: {one_line(err)}", file=sys.stderr)
+        return 1
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     setup_logging(run_dir)
     try:
-        curve = ProbeCurve(cfg, args.curve_train, args.curve_test) if args.curve_train else None
         trainer, result, seconds = pretrain(cfg, curve)
-    except (FileNotFoundError, ValueError) as err:
-        logging.getLogger("ijepa_fast").error("%s", err)
+    except KeyboardInterrupt as err:  # a second SIGINT or SIGTERM: stopped at once (trainer.Aborted)
+        log.error("%s", str(err) or "interrupted")
+        return 128 + getattr(err, "signum", signal.SIGINT)
+    except known_failures() as err:
+        log.error("%s", one_line(err))
         return 1
+    if result.stop_signal is not None:  # as ijepa-pretrain: saved, then 128 + the signal
+        log.warning(
+            "stopped by %s at step %d after saving a checkpoint in %s; no probe",
+            signal.Signals(result.stop_signal).name,
+            result.steps,
+            run_dir,
+        )
+        return 128 + result.stop_signal
     random_encoder = initial_encoder(cfg)
     png = None
     if curve is not None:
         curve.add(0, random_encoder)
         png = curve.save(run_dir)
-    report = probe_table(cfg, run_dir, trainer.engine.target_encoder, random_encoder, args.probe_train, args.probe_test)
+    report = probe_table(data, run_dir, trainer.engine.target_encoder, random_encoder)
     print_report(result, seconds, trainer.precision, curve, png, report)
     return 0
 

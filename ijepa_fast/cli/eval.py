@@ -65,6 +65,13 @@ def _low_shot(spec: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ijepa_fast.eval.features import FEATURE_MODES
 
@@ -104,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attentive-epochs", type=int, default=None, help="attentive probe epochs (default 20)")
     p.add_argument("--attentive-steps", type=int, default=None, help="attentive probe steps (overrides the epochs)")
     p.add_argument("--attentive-lr", type=float, default=None, help="attentive probe AdamW learning rate")
-    p.add_argument("--attentive-heads", type=int, default=8, help="attentive probe heads (must divide the width)")
+    p.add_argument("--attentive-heads", type=_positive, default=8, help="attentive probe heads (must divide the width)")
     p.add_argument("--seed", type=int, default=0, help="seed of the low-shot subsets, held-out split and shuffling")
     p.add_argument("--out", help="JSON report path (default: eval-<checkpoint stem>.json); Markdown beside it")
     args = p.parse_args(argv)
@@ -191,6 +198,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if precision.slow:
         log.warning("precision: %s", precision)
     loaded = load_from_args(args)
+    if args.attentive and loaded.spec.embed_dim % args.attentive_heads:  # known now, not after extracting
+        raise ValueError(
+            f"--attentive-heads {args.attentive_heads} does not divide the encoder's width {loaded.spec.embed_dim}"
+        )
     encoder = loaded.encoder.to(device)
     test_split = args.test_split or ("test" if args.dataset == "idx" else "val")
     report = _report_header(args, loaded, device, precision.name, test_split)

@@ -40,6 +40,8 @@ class AttentiveProbe(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, num_heads: int = 8):
         super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"the attentive probe needs at least 1 head, not {num_heads}")
         if dim % num_heads:
             raise ValueError(f"the attentive probe's {num_heads} heads do not divide the width {dim}")
         self.num_heads = num_heads

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_LRS = (0.03, 0.1)
+MIN_TRAIN_IMAGES = 2  # one held out to choose lr and weight decay, at least one to fit on
 DEFAULT_WDS = (0.0, 1e-4, 1e-3, 1e-2)
 # Mini-batch Adam, at least 500 steps and 30 epochs. On standardised random-projection features
 # of Fashion-MNIST (60,000 x 192, well conditioned) 500 steps of 4096 (38 epochs) matched test top-1
@@ -211,10 +212,15 @@ def linear_probe(
     """
     started = time.perf_counter()
     device = torch.device(device) if device is not None else train_x.device
-    if len(train_x) < 2 or len(train_x) != len(train_y) or len(test_x) != len(test_y):
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError(
             f"need matching features and labels: train {tuple(train_x.shape)} / {tuple(train_y.shape)}, "
             f"test {tuple(test_x.shape)} / {tuple(test_y.shape)}"
+        )
+    if len(train_x) < MIN_TRAIN_IMAGES:
+        raise ValueError(
+            f"the linear probe needs at least {MIN_TRAIN_IMAGES} training images (one is held out to choose "
+            f"the learning rate and weight decay); got {len(train_x)}"
         )
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must lie in (0, 1)")

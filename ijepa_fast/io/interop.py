@@ -6,7 +6,8 @@ Loading
     (``_FORMATS``): a ``.safetensors`` export, our trainer's checkpoint (``format: "ijepa_fast/1"``,
     with the resolved config inside), the authors' checkpoint (``module.``-prefixed state dicts and
     no config: the model size is inferred from the tensor shapes or given by the caller), or a bare
-    encoder state dict. A run folder stands for its ``checkpoints/latest.pt``. Adding a format (e.g.
+    encoder state dict. A run folder stands for its ``checkpoints/latest.pt`` (missing, or pointing at
+    a deleted file: the newest checkpoint that loads, with a warning). Adding a format (e.g.
     DeepSpeed) is one ``(name, detect, load)`` entry. A Hugging Face IJepa folder (one with a
     ``config.json``) is read by ``load_hf_encoder``.
 
@@ -36,6 +37,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -46,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ijepa_fast.io.checkpoint import NotACheckpointError, load_file
+from ijepa_fast.io.checkpoint import NotACheckpointError, list_checkpoints, load_file, newest_loadable
 from ijepa_fast.io.checkpoint import UntrustedCheckpointError as UntrustedCheckpointError  # part of this API
 from ijepa_fast.models.vit import VIT_SIZES, VisionTransformer, VisionTransformerPredictor, grid_size
 from ijepa_fast.runtime.optional import require
@@ -412,16 +414,37 @@ _FORMATS: list[tuple[str, Callable[[Any], bool], Callable[..., LoadedEncoder]]] 
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A file as is; a run folder -> its ``checkpoints/latest.pt``; a checkpoints folder -> ``latest.pt``."""
+    """A file as is; a run folder -> its ``checkpoints/latest.pt``; a checkpoints folder -> ``latest.pt``.
+    Where latest.pt is missing or points at a deleted file, the newest checkpoint beside it that loads,
+    named in a warning."""
     path = Path(path)
     if path.is_dir():
-        for cand in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
-            if cand.exists():
-                return cand.resolve()
+        for folder in (path / "checkpoints", path):
+            latest = folder / "latest.pt"
+            if latest.exists():
+                return latest.resolve()
+            if latest.is_symlink() or list_checkpoints(folder):
+                return _newest_instead_of(latest)
         raise FileNotFoundError(f"{path} is a folder without checkpoints/latest.pt or latest.pt")
+    if path.name == "latest.pt" and path.is_symlink() and not path.exists():
+        return _newest_instead_of(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path
+
+
+def _newest_instead_of(latest: Path) -> Path:
+    """The newest checkpoint beside a ``latest.pt`` that is missing or points at nothing (a checkpoint
+    deleted by hand), with a warning saying so."""
+    if latest.is_symlink():
+        gone = f"{latest} points at {os.readlink(latest)}, which does not exist"
+    else:
+        gone = f"{latest.parent} has no latest.pt"
+    newest = newest_loadable(latest.parent)
+    if newest is None:
+        raise FileNotFoundError(f"{gone}, and no other checkpoint in {latest.parent} loads")
+    log.warning("%s: loading the newest checkpoint that loads, %s", gone, newest)
+    return newest
 
 
 def load_encoder(
@@ -778,33 +801,48 @@ def hf_folder(path: str | Path) -> Path | None:
     return folder
 
 
-def _square(config: Mapping[str, Any], key: str) -> int:
-    value = config.get(key)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{HF_CONFIG_FILE}: {key}={value!r} must be a positive integer (square images and patches)")
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; anything else is a ValueError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found a {type(value).__name__}")
     return value
 
 
-def hf_encoder_spec(config: Mapping[str, Any]) -> EncoderSpec:
+def _positive_int(value: Any, key: str, source: str | Path, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: {key}={value!r} must be a positive integer{why}")
+    return value
+
+
+def _square(config: Mapping[str, Any], key: str, source: str | Path) -> int:
+    value = config.get(key)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return _positive_int(value, key, source, " (square images and patches)")
+
+
+def hf_encoder_spec(config: Mapping[str, Any], source: str | Path = HF_CONFIG_FILE) -> EncoderSpec:
     """The encoder an IJepa ``config.json`` describes; settings our encoder cannot compute are refused,
-    each error naming its key."""
+    each error naming ``source`` (the file) and its key."""
     fixed = {"model_type": "ijepa", "hidden_act": "gelu", "qkv_bias": True, "num_channels": 3}
     fixed["layer_norm_eps"] = HF_LAYER_NORM_EPS
     for key, want in fixed.items():
         have = config.get(key, HF_CONFIG_DEFAULTS.get(key))
         if have != want:
             raise ValueError(
-                f"{HF_CONFIG_FILE}: {key}={have!r}, but ijepa_fast's encoder (the authors' ViT) has {key}={want!r}"
+                f"{source}: {key}={have!r}, but ijepa_fast's encoder (the authors' ViT) has {key}={want!r}"
             )
-    try:
-        D, depth, heads, hidden = (
-            int(config[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        )
-    except KeyError as err:
-        raise ValueError(f"{HF_CONFIG_FILE}: the key {err.args[0]!r} is missing") from err
-    patch, img = _square(config, "patch_size"), _square(config, "image_size")
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    if missing := [k for k in sizes if k not in config]:
+        raise ValueError(f"{source}: the key {missing[0]!r} is missing")
+    D, depth, heads, hidden = (_positive_int(config[k], k, source) for k in sizes)
+    if D % heads:
+        raise ValueError(f"{source}: num_attention_heads={heads} does not divide hidden_size={D}")
+    patch, img = _square(config, "patch_size", source), _square(config, "image_size", source)
     name = next((n for n, s in VIT_SIZES.items() if (s.embed_dim, s.depth, s.num_heads) == (D, depth, heads)), "")
     return EncoderSpec(D, depth, heads, patch, img, _mlp_ratio(hidden, D), name)
 
@@ -817,11 +855,14 @@ def read_hf_weights(folder: Path, trust: bool = False) -> tuple[dict[str, torch.
         return read_safetensors(folder / HF_WEIGHTS_FILE)
     if index.is_file():
         tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        for shard in sorted(set(_read_json_object(index)["weight_map"].values())):
             tensors |= read_safetensors(folder / shard)[0]
         return tensors, {}
-    if (folder / "pytorch_model.bin").is_file():
-        return dict(load_file(folder / "pytorch_model.bin", trust=trust)), {}
+    if (bin_path := folder / "pytorch_model.bin").is_file():
+        state = load_file(bin_path, trust=trust)
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{bin_path} holds a {type(state).__name__}, not a state dict (names -> tensors)")
+        return dict(state), {}
     raise FileNotFoundError(
         f"{folder} has a {HF_CONFIG_FILE} but no {HF_WEIGHTS_FILE}, shard index or pytorch_model.bin"
     )
@@ -839,8 +880,8 @@ def load_hf_encoder(
     one), loaded strictly. ``which`` is what the export recorded, else ``encoder``: Hugging Face's
     converter takes the authors' context encoder."""
     folder = Path(folder)
-    config = json.loads((folder / HF_CONFIG_FILE).read_text())
-    spec = hf_encoder_spec(config)
+    config = _read_json_object(folder / HF_CONFIG_FILE)
+    spec = hf_encoder_spec(config, folder / HF_CONFIG_FILE)
     stated = {
         "model": (model, spec.name),
         "patch": (patch_size, spec.patch_size),

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_fast.models.ops import TARGET_NORM_EPS  # the LayerNorm the loss's targets get
-from ijepa_fast.runtime.optional import available, require
+from ijepa_fast.runtime.errors import ConfigError
+from ijepa_fast.runtime.optional import MissingDependencyError, available, require
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,34 @@ def wandb_mode(setting: str) -> str | None:
 
 
 def check_wandb(setting: str) -> None:
-    """Fail before training when ``run.wandb`` asks for W&B and it is not installed."""
-    if wandb_mode(setting):
+    """Fail before training (a ``ConfigError``: the setting asks for what is missing) when
+    ``run.wandb`` asks for W&B and it is not installed."""
+    if not wandb_mode(setting):
+        return
+    try:
         require("wandb", f"run.wandb={setting}")
+    except MissingDependencyError as err:
+        raise ConfigError(f"{err}; or set run.wandb=off") from None
+
+
+def _start_wandb(wandb, mode: str, run_dir: Path, run_id: str, **init_kwargs) -> tuple[object, str, str]:
+    """(``wandb.init``'s run, its mode, its id). An online start that fails (no API key; no server:
+    W&B gives up after its ``init_timeout``) logs offline instead, under a new id (W&B keeps the
+    failed one in use), with a warning saying how to upload later."""
+    try:
+        return wandb.init(mode=mode, dir=str(run_dir), id=run_id, **init_kwargs), mode, run_id
+    except Exception as err:  # W&B's UsageError, CommError, AuthenticationError...: any failed start
+        if mode != "online":
+            raise
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        log.warning(
+            "W&B online could not start (%s): logging offline instead; after `wandb login` (or with "
+            "WANDB_API_KEY set), `wandb sync %s` uploads the run",
+            reason,
+            Path(run_dir) / "wandb",
+        )
+        run_id = secrets.token_hex(4)
+        return wandb.init(mode="offline", dir=str(run_dir), id=run_id, **init_kwargs), "offline", run_id
 
 
 class WandbLogger:
@@ -190,16 +216,17 @@ class WandbLogger:
         id_path = Path(run_dir) / WANDB_ID_FILE
         # A run restarted from step 0 is a new W&B run; a resumed one continues its own.
         run_id = id_path.read_text().strip() if resumed and id_path.exists() else secrets.token_hex(4)
-        id_path.write_text(run_id + "\n")
-        self._run = wandb.init(
+        self._run, mode, run_id = _start_wandb(
+            wandb,
+            mode,
+            run_dir,
+            run_id,
             project=None if os.environ.get("WANDB_PROJECT") else WANDB_PROJECT,
             name=name,
-            id=run_id,
             resume="allow",
-            dir=str(run_dir),
-            mode=mode,
             config=config,
         )
+        id_path.write_text(run_id + "\n")
         log.info(
             "Weights & Biases (%s): run %s in %s%s",
             mode,
@@ -245,11 +272,19 @@ class MetricsWriter:
         with open(self.path, newline="") as fh:  # a row cut short by a kill lacks its last field: dropped
             reader = csv.DictReader(fh)
             last = reader.fieldnames[-1] if reader.fieldnames else CSV_FIELDS[-1]  # a run's older CSV: its own
-            rows = [r for r in reader if r.get(last) is not None and int(r["step"]) <= step]
+            rows = [r for r in reader if r.get(last) is not None and self._step_of(r, reader.line_num) <= step]
         with open(self.path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+
+    def _step_of(self, row: dict, line: int) -> int:
+        try:
+            return int(row["step"])
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self.path}, line {line}: step {row['step']!r} is not a whole number; correct or delete that row"
+            ) from None
 
     def write(self, row: dict) -> None:
         self._csv.writerow({k: row.get(k, "") for k in CSV_FIELDS})
