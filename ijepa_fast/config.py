@@ -465,15 +465,15 @@ def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
     return apply_overrides(cfg, overrides or []).validate()
 
 
-def save(cfg: Config, path: str) -> None:
-    """Write the resolved config as YAML (our format), loadable with ``load``."""
+def save(cfg: Config, path: str, opener=None) -> None:
+    """Write the resolved config as YAML (our format), loadable with ``load``; ``opener`` as ``open``'s."""
     import yaml
 
     data = {
         section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         for section, values in cfg.to_dict().items()
     }
-    with open(path, "w") as fh:
+    with open(path, "w", opener=opener) as fh:
         yaml.safe_dump(data, fh, sort_keys=False)
 
 
