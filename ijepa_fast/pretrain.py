@@ -22,8 +22,10 @@ import signal
 import sys
 from pathlib import Path
 
+from ijepa_fast.checkpoint import no_follow
 from ijepa_fast.cli_args import command_parser
 from ijepa_fast.config import RESUME_MAY_CHANGE, Config, ConfigError, describe, load, to_yaml
+from ijepa_fast.run_folder import RunFolderError
 
 EXIT_STATUS = """exit status:
   0    the run finished
@@ -63,10 +65,17 @@ def setup_logging(run_dir: Path | None = None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        handlers.append(_RunLog(run_dir / "train.log"))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
     )
+
+
+class _RunLog(logging.FileHandler):
+    """The run folder's train.log, opened like its other files: a symbolic link there is refused."""
+
+    def _open(self):  # the one place FileHandler opens its file
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=no_follow)
 
 
 def open_run_folder(cfg: Config) -> bool:
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err) or "interrupted", 128 + getattr(err, "signum", signal.SIGINT), logged)
     except ConfigError as err:
         return _fail(f"config error: {err}", 2, logged)
-    except (OSError, ValueError, NonFiniteLossError, UntrustedCheckpointError) as err:
+    except (OSError, ValueError, NonFiniteLossError, UntrustedCheckpointError, RunFolderError) as err:
         return _fail(one_line(err), 1, logged)
     except RuntimeError as err:
         failure = collective_failure(err, cfg.run.dist_timeout_s or None)
