@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 
 import pytest
 
+from ijepa_fast.io.checkpoint import NotWritableError
 from ijepa_fast.train import run_folder
 from ijepa_fast.train.run_folder import RunLock, RunLockedError
 
@@ -135,3 +137,45 @@ def test_a_resume_on_other_ranks_with_another_global_batch_is_refused_saying_how
     run_folder.write_config(tmp_path, _config(8, 1), 10, allow_change=True, ranks=(16, 8))
     with pytest.raises(run_folder.ConfigChangedError, match="optim.grad_accum: 1 -> 2"):  # same ranks: any change
         run_folder.write_config(tmp_path, _config(8, 2), 20, ranks=(8, 8))
+
+
+@pytest.mark.parametrize("target_exists", [True, False], ids=["to-a-file", "dangling"])
+def test_a_run_lock_that_is_a_symlink_is_refused_and_its_target_left_alone(tmp_path, target_exists):
+    """Whoever can write a shared run folder could point run.lock at another user's file: taking the
+    lock must neither write into that file nor create it."""
+    victim = tmp_path / "victim.txt"
+    if target_exists:
+        victim.write_text("another user's file\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").symlink_to(victim)
+    with pytest.raises(NotWritableError) as err:
+        RunLock(run).acquire()
+    assert str(err.value).startswith(f"{run / 'run.lock'} is a symbolic link (to {victim})")
+    assert "\n" not in str(err.value)
+    assert not run_folder._held
+    if target_exists:
+        assert victim.read_text() == "another user's file\n"
+    else:
+        assert not victim.exists()
+
+
+def test_config_yaml_and_its_kept_copies_are_never_written_through_a_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("another user's file\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").symlink_to(victim)
+    with pytest.raises(NotWritableError, match=f"^{re.escape(str(run / 'config.yaml'))} is a symbolic link"):
+        run_folder.write_config(run, _config(8, 1), None)
+    with pytest.raises(NotWritableError, match=f"^{re.escape(str(run / 'config.yaml'))} is a symbolic link"):
+        run_folder.write_config(run, _config(8, 1), 10)  # a resume reads it first: refused as well
+    (run / "config.yaml").unlink()
+
+    run_folder.write_config(run, _config(8, 1), None)
+    (run / "config.prev-00000010.yaml").symlink_to(victim)  # the name a changed resume keeps the old one as
+    run_folder.write_config(run, _config(8, 2), 10, allow_change=True)
+    assert victim.read_text() == "another user's file\n"
+    assert run_folder._stored(run / "config.prev-00000010-2.yaml").optim.grad_accum == 1
+    assert run_folder._stored(run / "config.yaml").optim.grad_accum == 2
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary file left

@@ -24,6 +24,8 @@ import torch
 from ijepa_fast import config as config_mod
 from ijepa_fast.cli import pretrain
 from ijepa_fast.io.checkpoint import checkpoint_name, list_checkpoints, load_latest
+from ijepa_fast.runtime.optional import available
+from ijepa_fast.train import run_folder
 from ijepa_fast.train import trainer as trainer_mod
 from ijepa_fast.train.metrics import read_metrics
 from ijepa_fast.train.run_folder import ConfigChangedError, RunLockedError
@@ -570,6 +572,150 @@ def test_a_resume_needs_the_engine_that_wrote_the_run(tmp_path):
         check_resume(plain, "deepspeed", "deepspeed")
     with pytest.raises(ValueError, match="run of the deepspeed engine.*run.engine=deepspeed"):
         check_resume(ds, "plain", "plain")
+
+
+def _files_of(run: Path) -> dict[str, bytes]:
+    """Every file in ``run`` with its bytes, but train.log and run.lock: every attempt, a refused one
+    too, logs there and takes (then releases) the lock."""
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name not in ("train.log", "run.lock")
+    }
+
+
+def _train_three_steps(capsys, data: Path, out: Path, name: str) -> None:
+    """A run of 3 steps with a checkpoint, through the command line (which sets up the logging that the
+    next command line's errors go through), and its output dropped."""
+    assert pretrain.main(tiny_overrides(data, out, name, **{"optim.max_steps": 3})) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("name", ["run.lock", "config.yaml", "metrics.csv", "train.log", "loss.png"])
+def test_a_run_folder_file_that_is_a_symlink_is_refused_in_one_line_and_its_target_kept(tmp_path, capsys, name):
+    """A shared run.out_dir where someone planted a link to another user's file: the run neither
+    writes into the file nor truncates it, and stops before training, naming the link."""
+    data = write_idx(tmp_path / "data", n=48)
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("another user's file\n")
+    (run / name).symlink_to(victim)
+    assert pretrain.main(tiny_overrides(data, tmp_path / "runs", "x")) == 1
+    assert f"{run / name} is a symbolic link (to {victim})" in one_error_line(capsys)
+    assert victim.read_text() == "another user's file\n"
+    assert list_checkpoints(run / "checkpoints") == []  # no step ran
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path, capsys):
+    """--allow-config-change with another model: the checkpoint does not load into it, so the resume
+    is refused; config.yaml must still hold the run's model (and no config.prev-* appears), or the
+    next plain --resume would be compared with the refused values."""
+    data = write_idx(tmp_path / "data", n=48)
+    out, run = tmp_path / "runs", tmp_path / "runs" / "r"
+    _train_three_steps(capsys, data, out, "r")
+    before = _files_of(run)
+    other_model = tiny_overrides(data, out, "r", **{"model.pred_depth": 2})
+    assert pretrain.main([*other_model, "--resume", "--allow-config-change"]) == 1
+    assert "--resume: the checkpoint's model" in one_error_line(capsys)
+    assert _files_of(run) == before
+    assert pretrain.main([*tiny_overrides(data, out, "r"), "--resume"]) == 0  # the run's own values go on
+
+
+def test_without_config_yaml_a_resume_is_compared_with_the_checkpoints_config(tmp_path, capsys):
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps
+    out, run = tmp_path / "runs", tmp_path / "runs" / "d"
+    _train_three_steps(capsys, data, out, "d")
+    (run / "config.yaml").unlink()
+    changed = tiny_overrides(data, out, "d", **{"optim.lr": 0.1, "data.batch_size": 4})
+    assert pretrain.main([*changed, "--resume"]) == 1
+    line = one_error_line(capsys)
+    assert "the config stored in the checkpoint of step 3" in line and f"{run / 'config.yaml'} is missing" in line
+    assert " in data.batch_size, optim.lr (" in line  # the refused keys; max_steps may change
+    assert "data.batch_size: 8 -> 4" in line and "optim.lr: 0.001 -> 0.1" in line  # stored -> asked
+    assert not (run / "config.yaml").exists()
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3]
+
+    assert pretrain.main([*tiny_overrides(data, out, "d"), "--resume"]) == 0  # the stored values resume
+    assert config_mod.load(str(run / "config.yaml")) == config_mod.load(None, tiny_overrides(data, out, "d"))
+
+
+def _changed_lr(run: Path, monkeypatch, request) -> tuple[list[str], str]:
+    return ["optim.lr=0.002"], "optim.lr: 0.001 -> 0.002"
+
+
+def _saved_on_two_ranks(run: Path, monkeypatch, request) -> tuple[list[str], str]:
+    """The checkpoint as two ranks of 8 images would have left it: one rank of 8 halves its global batch."""
+    from ijepa_fast.engines.plain import PlainEngine
+
+    monkeypatch.setattr(PlainEngine, "saved_ranks", staticmethod(lambda run_dir: 2))
+    return [], f"the run in {run} has a global batch of 16 (8 per rank x 2 ranks x 1 accumulation) and this run 8"
+
+
+def _hand_edited_config(run: Path, monkeypatch, request) -> tuple[list[str], str]:
+    (run / "config.yaml").write_text("optim:\n  lr: [0.001\n")
+    return [], f"the run's stored {run / 'config.yaml'} does not load (config file"
+
+
+def _locked(run: Path, monkeypatch, request) -> tuple[list[str], str]:
+    holder = run_folder.RunLock(run)
+    holder.acquire()
+    request.addfinalizer(holder.release)
+    return [], f"run folder {run} is in use by pid {os.getpid()}"
+
+
+@pytest.mark.parametrize("prepare", [_changed_lr, _saved_on_two_ranks, _hand_edited_config, _locked])
+def test_a_refused_resume_is_one_line_on_the_command_line(tmp_path, capsys, monkeypatch, request, prepare):
+    data = write_idx(tmp_path / "data", n=48)
+    out, run = tmp_path / "runs", tmp_path / "runs" / "r"
+    _train_three_steps(capsys, data, out, "r")
+    extra, expected = prepare(run, monkeypatch, request)
+    assert pretrain.main([*tiny_overrides(data, out, "r"), *extra, "--resume"]) == 1
+    assert expected in one_error_line(capsys)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.skipif(not available("deepspeed"), reason="deepspeed is not installed")
+def test_a_resume_refused_on_two_ranks_is_one_line_on_each(tmp_path):
+    """A DeepSpeed run that one rank of 8 images saved, resumed by two ranks of 8: its global batch
+    doubles, so rank 0 refuses (before any model is built), and rank 1 stops with it. Each prints one
+    line and exits with status 1, and the run folder is left as it was."""
+    from ijepa_fast.runtime.distributed import TIMEOUT_ENV
+    from tests.test_deepspeed import start_ranks
+
+    data = write_idx(tmp_path / "data", n=48)
+    out, run = tmp_path / "runs", tmp_path / "runs" / "two"
+    overrides = tiny_overrides(data, out, "two", **{"run.engine": "deepspeed"})
+    (run / "deepspeed" / "step_00000003").mkdir(parents=True)
+    run_folder.write_config(run, config_mod.load(None, overrides), None)  # as one rank saves it (never read here)
+    (run / "deepspeed" / "step_00000003" / "ijepa_rank00000.pt").write_bytes(b"")
+    (run / "deepspeed" / "latest").write_text("step_00000003")
+    before = _files_of(run)
+    procs, logs = start_ranks(
+        [sys.executable, "-m", "ijepa_fast.cli.pretrain", *overrides, "--resume"], tmp_path, "two", {TIMEOUT_ENV: "60"}
+    )
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    assert codes == [1, 1], texts
+    errors = [[line for line in text.splitlines() if " ERROR " in line] for text in texts]
+    assert all("Traceback" not in text for text in texts) and [len(e) for e in errors] == [1, 1], texts
+    assert (
+        f"the run in {run} has a global batch of 8 (8 per rank x 1 ranks x 1 accumulation) and this run 16"
+        in (errors[0][0])
+    )
+    assert f"another rank could not prepare the run folder {run}" in errors[1][0]
+    assert _files_of(run) == before
 
 
 def test_cli_names_a_misspelt_key(tmp_path, capsys):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from ijepa_fast.cli.args import command_parser
 from ijepa_fast.config import RESUME_MAY_CHANGE, Config, ConfigError, describe, load, to_yaml
+from ijepa_fast.io.checkpoint import no_follow
+from ijepa_fast.train.run_folder import RunFolderError
 
 EXIT_STATUS = """exit status:
   0    the run finished
@@ -59,14 +61,38 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     return list(args.overrides) + ([f"data.root={args.data}"] if args.data else [])
 
 
+class StderrHandler(logging.StreamHandler):
+    """The console handler: writes to whatever ``sys.stderr`` is when a record is emitted (as logging's
+    own last-resort handler does), so a stderr replaced after set-up (a redirect, a test's capture that
+    has since closed) never leaves logging writing to a closed stream."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def setup_logging(run_dir: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [StderrHandler()]
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        handlers.append(_RunLog(run_dir / "train.log"))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
     )
+
+
+class _RunLog(logging.FileHandler):
+    """The run folder's train.log, opened like its other files: a symbolic link there is refused."""
+
+    def _open(self):  # the one place FileHandler opens its file
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors, opener=no_follow)
 
 
 def open_run_folder(cfg: Config) -> bool:
@@ -126,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err) or "interrupted", 128 + getattr(err, "signum", signal.SIGINT), logged)
     except ConfigError as err:
         return _fail(f"config error: {err}", 2, logged)
-    except (OSError, ValueError, NonFiniteLossError, UntrustedCheckpointError) as err:
+    except (OSError, ValueError, NonFiniteLossError, UntrustedCheckpointError, RunFolderError) as err:
         return _fail(one_line(err), 1, logged)
     except RuntimeError as err:
         failure = collective_failure(err, cfg.run.dist_timeout_s or None)

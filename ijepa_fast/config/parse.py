@@ -188,9 +188,9 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def save(cfg: Config, path: str) -> None:
-    """Write the resolved config to ``path`` (``to_yaml``)."""
-    with open(path, "w") as fh:
+def save(cfg: Config, path: str, opener=None) -> None:
+    """Write the resolved config to ``path`` (``to_yaml``); ``opener`` as ``open``'s."""
+    with open(path, "w", opener=opener) as fh:
         fh.write(to_yaml(cfg))
 
 

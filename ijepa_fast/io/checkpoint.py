@@ -20,6 +20,7 @@ PyTorch checkpoint at all, or is damaged, is a ``NotACheckpointError``.
 
 A write that fails (a full disk, a folder that cannot be written) raises an ``OSError`` naming the
 checkpoint and removes its temporary file; ``check_writable`` finds an unwritable folder at start.
+The run folder's other files are opened with ``no_follow``, which refuses a symbolic link.
 """
 
 from __future__ import annotations
@@ -112,6 +113,35 @@ def temp_path(path: Path) -> Path:
     """Where ``path`` is written before its atomic rename (hidden, per process, removable after a crash)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def no_follow(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` for a file of a run folder, also as ``open(..., opener=no_follow)``: a symbolic link
+    there is a ``NotWritableError`` naming it, never followed (nor created through, when dangling):
+    whoever can write a shared folder could point it at anyone's file."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as err:
+        if err.errno != errno.ELOOP or not os.path.islink(path):
+            raise
+    raise _link_refused(Path(path))
+
+
+def refuse_link(path: Path) -> None:
+    """Raise ``NotWritableError`` when ``path`` is a symbolic link (see ``no_follow``)."""
+    if os.path.islink(path):
+        raise _link_refused(Path(path))
+
+
+def _link_refused(path: Path) -> NotWritableError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:  # removed meanwhile
+        target = ""
+    return NotWritableError(
+        f"{path} is a symbolic link{target}: no file of a run folder is written through a link, which could "
+        f"point at anyone's file; delete the link, or choose another run folder"
+    )
 
 
 def remove_partial_files(folder: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ijepa_fast.io.checkpoint import no_follow  # how every file of a run folder is opened
 from ijepa_fast.models.ops import TARGET_NORM_EPS  # the LayerNorm the loss's targets get
 from ijepa_fast.runtime.errors import ConfigError
 from ijepa_fast.runtime.optional import MissingDependencyError, available, require
@@ -251,7 +252,7 @@ class MetricsWriter:
         if self.path.exists():
             self._truncate_after(start_step)
         new = not self.path.exists()
-        self._fh = open(self.path, "a", newline="")  # noqa: SIM115 (open for the writer's life; close())
+        self._fh = open(self.path, "a", newline="", opener=no_follow)  # noqa: SIM115 (open for the writer's life; close())
         self._csv = csv.DictWriter(self._fh, fieldnames=CSV_FIELDS)
         if new:
             self._csv.writeheader()
@@ -269,11 +270,12 @@ class MetricsWriter:
         self._wandb = wandb
 
     def _truncate_after(self, step: int) -> None:
-        with open(self.path, newline="") as fh:  # a row cut short by a kill lacks its last field: dropped
+        # a row cut short by a kill lacks its last field: dropped
+        with open(self.path, newline="", opener=no_follow) as fh:
             reader = csv.DictReader(fh)
             last = reader.fieldnames[-1] if reader.fieldnames else CSV_FIELDS[-1]  # a run's older CSV: its own
             rows = [r for r in reader if r.get(last) is not None and self._step_of(r, reader.line_num) <= step]
-        with open(self.path, "w", newline="") as fh:
+        with open(self.path, "w", newline="", opener=no_follow) as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
@@ -337,7 +339,8 @@ def plot_loss(csv_path: Path, png_path: Path) -> bool:
     ax[1].grid(alpha=0.3)
     _plot_monitors(ax[2], rows)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    with open(png_path, "wb", opener=no_follow) as fh:  # the run folder's file: never through a link
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
     return True
 

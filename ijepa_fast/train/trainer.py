@@ -44,6 +44,7 @@ from ijepa_fast.train.build import (
     train_step_for,
 )
 from ijepa_fast.train.metrics import (
+    WANDB_ID_FILE,
     CollapseWatch,
     DeviceMeter,
     MetricsWriter,
@@ -56,6 +57,9 @@ from ijepa_fast.train.metrics import (
 log = logging.getLogger("ijepa_fast")
 
 RUN_FOLDER_SETTINGS = "run.out_dir or run.name"  # what chooses the run folder, named in its errors
+# The run folder's files that are written by name (checkpoints are written to a new file and renamed);
+# run.lock is refused by the lock itself. One that is a link is refused before anything is written.
+RUN_FILES = (run_folder.CONFIG_NAME, "train.log", "metrics.csv", "loss.png", WANDB_ID_FILE)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,6 +101,7 @@ class Trainer:
         self.allow_config_change = allow_config_change  # on resume: see run_folder.write_config
         self.on_epoch_end = on_epoch_end  # called with the epoch number (from 1) after each whole epoch
         self.lock: run_folder.RunLock | None = None  # rank 0's, while building and fitting
+        self._resumed_ranks: tuple[int, int] | None = None  # rank 0, on resume: (the checkpoint's, this run's)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.dist_env = distributed.detect()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
@@ -137,7 +142,7 @@ class Trainer:
         self.engine = build_engine(
             cfg, *models_for_run(cfg, self.device, self.world_size), self.device, self.world_size
         )
-        restored = self.engine.load(self.run_dir, check=self._check_model) if self.resume else None
+        restored = self.engine.load(self.run_dir, check=self._check_checkpoint) if self.resume else None
         if self.resume and restored is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
         self.start_step = int(restored["step"]) if restored else 0
@@ -159,6 +164,7 @@ class Trainer:
         self.schedules = self.step_fn.schedules
         total = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+        self._agree(lambda: self._write_config(restored), main_only=True)
         self.writer = _NoWriter()
         self._agree(self._open_writer, main_only=True)  # W&B can refuse (online, no API key): every rank stops
         self.collapse_watch = CollapseWatch()
@@ -181,12 +187,14 @@ class Trainer:
             )
 
     def _open_run_dir(self) -> None:
-        """Rank 0: lock the run folder, refuse to start over a run without --resume, delete the
-        temporary files that a killed run left (no other trainer writes there now), and write
-        config.yaml (on resume: compared with the run's)."""
+        """Rank 0: lock the run folder, refuse links in place of its files and a start over a run
+        without --resume, delete the temporary files that a killed run left (no other trainer writes
+        there now), and on resume compare the config with the run's config.yaml (before any model is
+        built; config.yaml is written once every check has passed: ``_write_config``)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.lock = run_folder.RunLock(self.run_dir)
         self.lock.acquire()
+        run_folder.refuse_links(self.run_dir, RUN_FILES)
         if ckpt.list_checkpoints(self.run_dir / "checkpoints") and not self.resume:
             raise FileExistsError(
                 f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
@@ -199,8 +207,16 @@ class Trainer:
             )
         engine = engine_class(self.engine_name)
         resumed = engine.latest_step(self.run_dir) if self.resume else None
-        ranks = None if resumed is None else (engine.saved_ranks(self.run_dir), self.world_size)
-        run_folder.write_config(self.run_dir, self.cfg, resumed, allow_change=self.allow_config_change, ranks=ranks)
+        self._resumed_ranks = None if resumed is None else (engine.saved_ranks(self.run_dir), self.world_size)
+        run_folder.check_config(self.run_dir, self.cfg, resumed, self.allow_config_change, self._resumed_ranks)
+
+    def _write_config(self, restored: dict | None) -> None:
+        """Rank 0, once every check has passed: config.yaml. On resume it is compared once more with
+        the run's stored config, the checkpoint's when config.yaml is gone (see run_folder)."""
+        resumed, saved = (int(restored["step"]), restored.get("config")) if restored else (None, None)
+        run_folder.write_config(
+            self.run_dir, self.cfg, resumed, self.allow_config_change, self._resumed_ranks, saved=saved
+        )
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -209,6 +225,11 @@ class Trainer:
     def close(self) -> None:
         """Release the run folder without training (``fit`` releases it when it ends)."""
         self._release()
+
+    def _check_checkpoint(self, state: dict) -> None:
+        """Every rank, before the checkpoint is applied: its model must be the config's. The ranks
+        agree (one collective), so that all of them stop in order when it is not."""
+        self._agree(lambda: self._check_model(state))
 
     def _check_model(self, state: dict) -> None:
         saved = state.get("config", {}).get("model", {})
