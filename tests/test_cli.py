@@ -72,3 +72,22 @@ def test_the_license_file_is_the_mit_license_setup_py_declares():
     assert re.search(r'\blicense="MIT"', SETUP_PY)
     assert license_text.startswith("MIT License\n") and "Copyright (c) 2026 the ijepa_fast authors" in license_text
     assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in license_text
+
+
+def test_console_logging_writes_to_the_current_stderr_not_a_closed_one(monkeypatch):
+    """A stderr replaced after set-up (a test's capture, a redirect) gets the records; the stream that
+    was current at set-up may be closed by then."""
+    import io
+    import logging
+    import sys
+
+    from ijepa_fast.cli.pretrain import setup_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("ijepa_fast.test").warning("a record after the stream changed")
+    assert "a record after the stream changed" in second.getvalue()
