@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 
 from ijepa_fast import bench, optional
 from ijepa_fast import config as config_mod
-from profiling import gpu_env, gpu_wheels, preflight
+from profiling import gpu_env, gpu_wheels, preflight, scaling
 from profiling.gpu_wheels import normalize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -427,3 +427,29 @@ def test_the_gpu_form_runs_the_parts_in_order_and_its_output_fits_one_reply(tmp_
     cfg = bench.spec_from_args(args).config_for({})
     assert args.ablation and (cfg.model.name, cfg.model.patch_size, cfg.data.crop_size) == ("vit_huge", 14, 224)
     assert cfg.data.batch_size == 128 and cfg.run.device == "auto"
+
+
+# ---------------------------------------------------------------------------------------------- the scaling model
+def test_the_scaling_model_sends_the_bytes_the_engine_sends():
+    """The DeepSpeed engine keeps fp32 weights and reduces gradients in fp32 at every stage, so the
+    model counts 4 bytes per gradient and per gathered parameter, read from the engine's config."""
+    assert {stage: scaling.engine_bytes(stage) for stage in scaling.STAGES} == dict.fromkeys(scaling.STAGES, (4, 4))
+
+
+def test_sixteen_gpus_under_zero2_and_zero3_against_a_hand_computation(capsys):
+    """ViT-H/14 (student P, encoder E parameters), a 223 ms step, 16 GPUs on two nodes of 8: the
+    ring runs at 50 GB/s per GPU; fp32 traffic, no overlap."""
+    rows = scaling.main(["--step-ms", "223", "--gpus", "16", "--stages", "2", "3"])
+    params, encoder = scaling.student_params("vit_huge", 14, 224)
+    ring, bw, step = 15 / 16, 50e9, 0.223
+    zero2 = ring * (4 * params) / bw + ring * (4 * params) / bw  # reduce-scatter grads + all-gather params
+    zero3 = ring * (4 * params) / bw + ring * (2 * 4 * params + 4 * encoder) / bw  # + gathers fwd, bwd, target
+    by_stage = {r["stage"]: r for r in rows}
+    assert by_stage[2]["comm_s"] == pytest.approx(zero2)
+    assert by_stage[3]["comm_s"] == pytest.approx(zero3)
+    assert by_stage[2]["efficiency"] == pytest.approx(step / (step + zero2))
+    assert by_stage[3]["efficiency"] == pytest.approx(step / (step + zero3))
+    table = capsys.readouterr().out
+    assert "| 16 | 2 | 2 | 50 |" in table and "| 69% |" in table  # bf16 traffic would print 82%
+    assert "| 16 | 2 | 3 | 50 |" in table and "| 53% |" in table  # bf16: 65%
+    assert "as ijepa_fast's DeepSpeed engine sends them: 2: 4/4, 3: 4/4 (4 = fp32, 2 = bf16)" in table
