@@ -3,12 +3,13 @@
 Backends (``speed.attention``): ``sdpa`` (torch.nn.functional.scaled_dot_product_attention:
 FlashAttention-2, cuDNN or memory-efficient kernels on GPU), ``flash_attn`` (FlashAttention-3's
 ``flash_attn_interface`` on Hopper when installed and its kernels suit the head width, else
-FlashAttention-2's ``flash_attn``), ``xformers`` (memory_efficient_attention), ``math`` (the explicit softmax(QK^T)V reference, the
-authors' formulation) and ``auto``. ``resolve_backend`` turns the setting into the implementation
-that runs (``IMPLEMENTATIONS``), from the device, the head width and the dtype the attention runs
-in. Each block binds that implementation's function at construction, so its forward holds no
-import or package lookup (which would break a ``torch.compile`` graph). None of them returns the
-N x N attention matrix. Parameter names (``qkv``, ``proj``) match the authors' checkpoints.
+FlashAttention-2's ``flash_attn``), ``xformers`` (memory_efficient_attention), ``math`` (the
+explicit softmax(QK^T)V reference, the authors' formulation) and ``auto``. ``resolve_backend``
+turns the setting into the implementation that runs (``IMPLEMENTATIONS``), from the device, the
+head width and the dtype the attention runs in. Each block binds that implementation's function
+at construction, so its forward holds no import or package lookup (which would break a
+``torch.compile`` graph). None of them returns the N x N attention matrix. Parameter names
+(``qkv``, ``proj``) match the authors' checkpoints.
 """
 
 from __future__ import annotations
