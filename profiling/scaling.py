@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--pred-depth", type=int, default=12)
     p.add_argument("--pred-dim", type=int, default=384)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--json", type=Path, default=None, help="also write the rows and element sizes to this JSON file")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--intra-bw", type=float, default=400.0, help="GB/s, intra-node (assumed NVLink bus bandwidth)")
     p.add_argument("--inter-bw", type=float, default=50.0, help="GB/s per GPU across nodes (assumed 8x400 Gb/s IB)")
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print()
     print(table(rows))
+    if args.json is not None:
+        element_bytes = {stage: {"gradient": sizes(stage)[0], "parameter": sizes(stage)[1]} for stage in args.stages}
+        args.json.write_text(json.dumps({"meta": {"bytes_per_element": element_bytes}, "rows": rows}, indent=1))
     return rows
 
 
