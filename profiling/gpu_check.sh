@@ -296,8 +296,10 @@ case $STAGE in
       deepspeed_step 2 100 --warmup 2 --steps 6 --batches 2
       deepspeed_step 3 70 --warmup 2 --steps 6 --batches 2
     else
-      deepspeed_step 2 90 "${TINY[@]}" --warmup 1 --steps 2 --batches 2
-      deepspeed_step 3 90 "${TINY[@]}" --warmup 1 --steps 2 --batches 2
+      # On a CPU DeepSpeed first JIT-builds a shared-memory op (a minute, and a build killed by a
+      # time limit leaves a lock that stalls every later one); tests/test_deepspeed.py runs the engine there.
+      skip deepspeed_zero2 "no CUDA"
+      skip deepspeed_zero3 "no CUDA"
     fi
     ;;
   ablation)

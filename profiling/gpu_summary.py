@@ -213,8 +213,9 @@ def parts_table(stages: list[Path]) -> list[str]:
             data = read_json(folder / f"{part}.json")
             if part.startswith("deepspeed") and plain and is_step_result(data):
                 ok = [r for r in data["rows"] if r.get("ok")]
-                if ok:
-                    result += f"; x{ok[0]['images_per_s'] / plain:.2f} the plain engine's default"
+                row = next((r for r in ok if r["name"] == default_config().name), ok[0] if ok else None)
+                if row:
+                    result += f"; x{row['images_per_s'] / plain:.2f} the plain engine's default"
             lines.append(f"| {folder.name} | {part} | {status} | {secs} | {result} |")
     return lines
 

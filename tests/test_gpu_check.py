@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 
 from ijepa_fast import bench, optional
 from ijepa_fast import config as config_mod
-from profiling import gpu_env, gpu_wheels, preflight, scaling
+from profiling import gpu_env, gpu_wheels, preflight, scaling, torch_api
 from profiling.gpu_wheels import normalize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ def test_preflight_on_a_cpu_reports_each_check_and_its_facts(tmp_path, capsys):
     assert preflight.main(["--facts", str(tmp_path / "facts")]) == 0
     out = capsys.readouterr().out.split("preflight:\n", 1)[1]  # (importing DeepSpeed may log first)
     names = [line.split()[0] for line in out.splitlines()]
-    assert names == ["python", "cuda", "bf16", "memory", "compiler", "Python.h", "triton", "optional"]
+    assert names == ["python", "torch_api", "cuda", "bf16", "memory", "compiler", "Python.h", "triton", "optional"]
     assert "triton    launch skipped (no CUDA)" in out
     optional_line = next(line for line in out.splitlines() if line.strip().startswith("optional"))
     present, absent = (part.split(", ") for part in optional_line.split("present: ")[1].split("; absent: "))
@@ -167,6 +167,31 @@ def test_preflight_on_a_cpu_reports_each_check_and_its_facts(tmp_path, capsys):
         "TRITON": "skipped: no CUDA",
         "DALI": "1" if optional.available("dali") else "0",
     }
+
+
+def test_every_torch_attribute_the_package_names_is_found_and_present_here():
+    """Read off the source through each file's own names for torch (``F``, ``nn``, ``from torch.x
+    import y``): what the step, the checkpoints and the kernels use is among them, and this torch
+    has every one."""
+    uses = torch_api.used()
+    assert {
+        "torch.library.custom_op",  # kernels/, through `torch.library`
+        "torch.serialization.safe_globals",  # ijepa_fast/checkpoint.py
+        "torch.nn.functional.scaled_dot_product_attention",  # through `import torch.nn.functional as F`
+        "torch.nn.attention.sdpa_kernel",  # through `from torch.nn.attention import ...`
+    } <= set(uses)
+    assert "ijepa_fast/models/attention.py" in uses["torch.nn.functional.scaled_dot_product_attention"]
+    assert torch_api.missing(uses) == {}
+
+
+def test_a_torch_without_an_attribute_the_package_uses_fails_the_preflight_naming_it(monkeypatch, capsys):
+    """As torch 2.11 on a GPU machine would if the code used an API added after it."""
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    assert torch_api.resolves("torch.serialization.safe_globals") is False
+    assert preflight.main([]) == 1
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("torch_api")]
+    assert f"MISSING in torch {torch.__version__}: torch.serialization.safe_globals (" in line
+    assert "ijepa_fast/checkpoint.py" in line and line.endswith("<-- FAILS")
 
 
 @pytest.fixture
@@ -351,10 +376,10 @@ def test_every_stage_runs_its_cpu_form_and_the_summary_merges_them(tmp_path):
         "PYTHON": sys.executable,
         "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"),
         "GPU_CHECK_RESULTS": str(tmp_path / "results"),
-        # ZeRO-3's CPU form is ZeRO-2's with another stage number; tests/test_deepspeed.py runs it
-        "GPU_CHECK_SKIP": "deepspeed_zero3",
     }
-    may_skip = {"pytest_kernels", "pytest_deepspeed", "pytest_step", "pytest_dali", "deepspeed_zero3"}
+    # GPU tests and the DeepSpeed steps need CUDA (tests/test_deepspeed.py runs the engine on a CPU)
+    may_skip = {"pytest_kernels", "pytest_deepspeed", "pytest_step", "pytest_dali", "deepspeed_zero2"}
+    may_skip.add("deepspeed_zero3")
     for stage in STAGES:
         run = gpu_check(stage, env)
         out = run.stdout
@@ -369,12 +394,6 @@ def test_every_stage_runs_its_cpu_form_and_the_summary_merges_them(tmp_path):
     assert "model, 16 GPUs: ZeRO-0" in summary  # the first stage's figure, in the last stage's table
     full = (tmp_path / "results" / "data" / "summary.md").read_text()  # with every stage's tables
     assert "first/step_vith14: vit_tiny/8" in full and "ablation/ablation: vit_tiny/8" in full
-    assert "the plain engine's default" in merged_result(summary, "deepspeed", "deepspeed_zero2")
-
-
-def merged_result(summary: str, stage: str, part: str) -> str:
-    (row,) = [r for r in summary.splitlines() if r.startswith(f"| {stage} | {part} |")]
-    return row
 
 
 def test_an_unknown_stage_is_named_with_the_stages_there_are(tmp_path):
@@ -561,6 +580,8 @@ def test_the_gpu_form_of_each_stage_runs_its_parts_and_each_reply_fits(tmp_path)
     assert "| authors | 60.0 | 1.00 | 12.3% |" in full and "| all on, compile off |" in full
     assert "< 1200 A100 GPU-hours" in full and "Kernels against the roofline" in full
     assert "model, 16 GPUs: ZeRO-0 71%, ZeRO-2 69%, ZeRO-3 53%" in summary
+    (zero2,) = [row for row in summary.splitlines() if row.startswith("| deepspeed | deepspeed_zero2 |")]
+    assert zero2.endswith("; x1.00 the plain engine's default |")  # the stand-in's step, both times
 
     calls = [json.loads(line) for line in (fixtures / "calls.jsonl").read_text().splitlines()]
     tested = [path for c in calls if c[1] == "pytest" for path in c[c.index("gpu") + 1 :]]
