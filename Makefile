@@ -77,15 +77,20 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) .venv-lock .venv-latest build *.egg-info
 
-# The one command for a lent GPU (profiling/gpu_check.sh): a preflight, GPU-marked tests, then the
-# step, kernel, attention and data benchmarks, a summary table last. No venv there: python3 from
-# PATH, with the package and the wheels of .whl/ installed offline into a throwaway virtualenv over
-# it. Without CUDA it runs the CPU-safe parts at tiny sizes.
+# The check of a lent GPU (profiling/gpu_check.sh), in stages of one device call each: `make gpu-check`
+# runs the first (preflight, kernel tests, the ViT-H/14 step against the authors' preset, the phase
+# split; within 5 minutes on one H100), `make gpu-check STAGE=deepspeed|ablation|kernels|attention|data`
+# another (each within 4). The summary, printed last, merges every stage run on this machine. No venv
+# there: python3 from PATH, with the package and the wheels of .whl/ installed offline into a
+# throwaway virtualenv over it. Without CUDA a stage runs its CPU-safe parts at tiny sizes.
+STAGE ?= first
 gpu-check:
-	bash profiling/gpu_check.sh
+	bash profiling/gpu_check.sh $(STAGE)
 
-# The packages a bare GPU machine lacks (pytest, DeepSpeed's sdist, ...: the list and why each is
-# there in profiling/gpu_wheels.txt), downloaded into the git-ignored .whl/ that travels with the
-# working tree; fails when the two together exceed the 64 MiB one device call sends. Needs network.
+# The packages a bare GPU machine lacks (DeepSpeed, a wheel built here with no ops, and what it needs:
+# the files and why each travels in profiling/gpu_wheels.txt), into the git-ignored .whl/ that travels
+# with the working tree; then proves they install for CPython 3.12 on manylinux x86-64 beside the
+# machine's packages (profiling/gpu_machine.txt) and fit, with the tree, the 64 MiB one device call
+# sends. Needs network.
 gpu-wheels: $(STAMP)
 	$(VPY) -m profiling.gpu_wheels

@@ -6,10 +6,13 @@ Each launch is captured from the real call path (the public op, forward and back
 step passes; memory is allocated but never touched. Triton's own binder then derives what a GPU run
 specialises on (the dtypes, pointers aligned to 16 bytes, integers divisible by 16, integers equal
 to 1 as constants), and ``triton.compile`` builds that variant for the target. ptxas's report gives
-registers and spills, Triton's metadata the shared memory, the PTX the widest global load.
+registers and spills, Triton's metadata the shared memory, the PTX the widest global load, and
+per pointer argument the widest load from it (each load's address traced back through the PTX to
+the pointer it offsets).
 
     python -m ijepa_fast.kernels.aot                          # every launch for sm_90 and sm_80
     python -m ijepa_fast.kernels.aot --arch sm_90 --shapes vith14 --json out.json
+    python -m ijepa_fast.kernels.aot --contrast               # also the layouts the step avoids
 
 Run it where triton imports compiled (``TRITON_INTERPRET`` unset). Exits non-zero when a kernel spills.
 """
@@ -67,6 +70,7 @@ class Build:
     shared_bytes: int
     num_warps: int
     widest_load: str  # "v4", "v2" or "scalar": the widest ld.global in the PTX
+    load_bits: dict = field(default_factory=dict)  # pointer argument -> bits of its widest load per thread
     ptx: str = field(default="", repr=False)
 
     def row(self) -> dict:
@@ -81,7 +85,14 @@ def _empty(*shape: int, dtype=F32, grad: bool = False) -> torch.Tensor:
 
 
 def _patch_tokens(B: int, N: int, D: int, dtype) -> torch.Tensor:
-    """[B, N, D] laid out as PatchEmbed returns it: a transposed view of [B, D, N]."""
+    """[B, N, D] laid out as PatchEmbed returns it: contiguous (its convolution runs channels-last;
+    tests/kernels/test_aot.py checks the two agree)."""
+    return _empty(B, N, D, dtype=dtype, grad=True)
+
+
+def _transposed_tokens(B: int, N: int, D: int, dtype) -> torch.Tensor:
+    """[B, N, D] as the convolution gives it on images in their own layout: a transposed view of
+    [B, D, N] (strides N*D, 1, N), features N elements apart."""
     return _empty(B, D, N, dtype=dtype, grad=True).transpose(1, 2)
 
 
@@ -93,9 +104,9 @@ def _backward(out: torch.Tensor) -> None:
     out.backward(torch.empty_like(out))
 
 
-def _context_gather(s: dict, x_dtype, pos_dtype) -> None:
+def _context_gather(s: dict, x_dtype, pos_dtype, tokens=_patch_tokens) -> None:
     """The encoder's input: PatchEmbed tokens + pos at the context tokens, and the gradient to the tokens."""
-    x = _patch_tokens(s["B"], s["N"], s["D"], x_dtype)
+    x = tokens(s["B"], s["N"], s["D"], x_dtype)
     _backward(masked_gather_add(x, _empty(1, s["N"], s["D"], dtype=pos_dtype), _idx(1, s["B"], s["K_ctx"], s["N"])))
 
 
@@ -156,6 +167,16 @@ def cases(shape_set: str) -> dict[str, Callable[[], None]]:
     }
 
 
+def contrast_cases(shape_set: str) -> dict[str, Callable[[], None]]:
+    """label -> a launch the step does not make, built beside its own for comparison."""
+    s = GATHER_SHAPES[shape_set]
+    return {
+        "context gather+pos bf16 tokens transposed, fp32 pos": lambda: _context_gather(
+            s, BF16, F32, _transposed_tokens
+        ),
+    }
+
+
 @contextlib.contextmanager
 def _recording(launches: list[Launch], case: list[str]) -> Iterator[None]:
     """Ops take their Triton path on the CPU, and every launch is recorded instead of run."""
@@ -167,15 +188,17 @@ def _recording(launches: list[Launch], case: list[str]) -> Iterator[None]:
         yield
 
 
-def capture(shape_sets: tuple[str, ...] = SHAPE_SETS) -> list[Launch]:
-    """Every launch of every case, in order; labels are prefixed with the shape set."""
+def capture(shape_sets: tuple[str, ...] = SHAPE_SETS, contrast: bool = False) -> list[Launch]:
+    """Every launch of every case (and of the contrast cases), in order; labels are prefixed with
+    the shape set."""
     if dsp.interpret_mode():
         raise RuntimeError("TRITON_INTERPRET=1 is set: the ahead-of-time build needs triton in compiled mode")
     launches: list[Launch] = []
     current = [""]
     with _recording(launches, current):
         for shape_set in shape_sets:
-            for label, run in cases(shape_set).items():
+            extra = contrast_cases(shape_set) if contrast else {}
+            for label, run in {**cases(shape_set), **extra}.items():
                 current[0] = f"{shape_set}: {label}"
                 run()
     return launches
@@ -214,6 +237,45 @@ def _widest_load(ptx: str) -> str:
     return f"v{max(widths)}" if widths else "scalar"
 
 
+_INSTRUCTION = re.compile(r"^(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+(.*?);?$")
+
+
+def _load_bits(ptx: str, pointer_params: dict[int, str]) -> dict[str, int]:
+    """{pointer argument: bits of the widest global load from it, per thread and instruction}.
+
+    A register holds an address derived from the pointer parameters its computation reads
+    (``ld.param`` of the pointer, then any arithmetic on it); a loaded value derives from none, so
+    indices loaded from memory do not tie an address to the index array."""
+    origin: dict[str, frozenset[int]] = {}
+    widest: dict[str, int] = {}
+    for raw in ptx.splitlines():
+        m = _INSTRUCTION.match(raw.strip())
+        if m is None:
+            continue
+        op, args = m.groups()
+        regs = re.findall(r"%\w+", args)
+        if op.startswith("ld.param"):
+            param = re.search(r"_param_(\d+)\]", args)
+            if regs and param and int(param.group(1)) in pointer_params:
+                origin[regs[0]] = frozenset([int(param.group(1))])
+        elif op.startswith("ld.global"):
+            address = re.search(r"\[\s*(%\w+)", args)
+            vector = re.search(r"\.v(\d)\.", op)
+            element = re.search(r"\.[bfsu](\d+)$", op)
+            if address and element:
+                bits = int(vector.group(1) if vector else 1) * int(element.group(1))
+                for k in origin.get(address.group(1), ()):
+                    name = pointer_params[k]
+                    widest[name] = max(widest.get(name, 0), bits)
+        elif regs and not op.startswith(("st.", "ld.", "bra", "ret", "setp", "@")):
+            dests = re.findall(r"%\w+", args.split("}", 1)[0]) if args.startswith("{") else regs[:1]
+            sources = regs[len(dests) :]
+            derived = frozenset().union(*(origin.get(r, frozenset()) for r in sources))
+            for d in dests:
+                origin[d] = derived
+    return widest
+
+
 @contextlib.contextmanager
 def _fresh_cache_with_ptxas_report() -> Iterator[None]:
     """Compile into an empty cache (a cached kernel skips ptxas, hence its report), and let ptxas's
@@ -237,6 +299,9 @@ def _compile(launch: Launch, spec: tuple, target, arch: str) -> Build:
         src = ASTSource(launch.kernel, signature, constexprs, attrs)
         compiled = triton.compile(src, target=target, options=options.__dict__)
     regs, spill_stores, spill_loads = _ptxas_report(log.getvalue(), name)
+    # PTX parameters: the arguments that are not constants, in order.
+    params = [k for k, v in signature.items() if v != "constexpr"]
+    pointers = {i: k for i, k in enumerate(params) if str(signature[k]).startswith("*")}
     return Build(
         kernel=name,
         arch=arch,
@@ -250,6 +315,7 @@ def _compile(launch: Launch, spec: tuple, target, arch: str) -> Build:
         shared_bytes=compiled.metadata.shared,
         num_warps=compiled.metadata.num_warps,
         widest_load=_widest_load(compiled.asm["ptx"]),
+        load_bits=_load_bits(compiled.asm["ptx"], pointers),
         ptx=compiled.asm["ptx"],
     )
 
@@ -278,11 +344,12 @@ def build(launches: list[Launch], arch: str) -> list[Build]:
 
 def markdown(builds: list[Build]) -> str:
     head = "| arch | kernel | launches | constexprs | divisible by 16 | regs | spill st/ld B | smem B | warps "
-    lines = [head + "| widest load |", "|" + "---|" * 10]
+    lines = [head + "| widest load | load bits per operand |", "|" + "---|" * 11]
     for b in builds:
+        per_operand = ", ".join(f"{k} {v}" for k, v in b.load_bits.items())
         lines.append(
             f"| {b.arch} | {b.kernel} | {'; '.join(b.cases)} | {b.constexprs} | {b.divisible_by_16} | {b.registers} "
-            f"| {b.spill_stores}/{b.spill_loads} | {b.shared_bytes} | {b.num_warps} | {b.widest_load} |"
+            f"| {b.spill_stores}/{b.spill_loads} | {b.shared_bytes} | {b.num_warps} | {b.widest_load} | {per_operand} |"
         )
     return "\n".join(lines)
 
@@ -300,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", choices=list(ARCHS), default=list(ARCHS))
     p.add_argument("--shapes", nargs="+", choices=SHAPE_SETS, default=list(SHAPE_SETS))
     p.add_argument("--json", type=Path, default=None, help="also write the rows (and versions) to this JSON file")
+    p.add_argument("--contrast", action="store_true", help="also build the layouts the step avoids, for comparison")
     args = p.parse_args(argv)
-    launches = capture(tuple(args.shapes))
+    launches = capture(tuple(args.shapes), args.contrast)
     builds = [b for arch in args.arch for b in build(launches, arch)]
     info = meta()
     print("- " + ", ".join(f"{k} {v}" for k, v in info.items()))

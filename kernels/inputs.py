@@ -50,8 +50,9 @@ def make_ema_inputs(
 
 
 def patch_layout(tokens: torch.Tensor) -> torch.Tensor:
-    """The values of ``tokens`` [B, N, D] laid out as PatchEmbed returns them: a view of a contiguous
-    [B, D, N] (strides N*D, 1, N), as ``conv(images).flatten(2).transpose(1, 2)`` gives."""
+    """The values of ``tokens`` [B, N, D] laid out as a convolution gives them on NCHW images: a view
+    of a contiguous [B, D, N] (strides N*D, 1, N), as ``conv(images).flatten(2).transpose(1, 2)``
+    gives (PatchEmbed runs its convolution channels-last instead; the kernels read either in place)."""
     return tokens.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -73,7 +74,7 @@ def make_gather_inputs(
 
     ``unique=False`` draws indices with replacement: duplicates inside and across blocks, the hard
     case for the backward. ``unique=True`` draws sorted distinct indices per block, as the masks do.
-    ``patch_strides=True`` lays x out as PatchEmbed's output (see ``patch_layout``); it stays a leaf.
+    ``patch_strides=True`` lays x out as a transposed view (see ``patch_layout``); it stays a leaf.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, N, D, generator=g).to(device=device, dtype=dtype)

@@ -120,8 +120,8 @@ def _launch_gather_add(
 ) -> torch.Tensor:
     """x [1|B, 1|N, D], pos [1|B, N, D] or None, idx [M, B, K] -> [M*B, K, D] in out_dtype.
 
-    x and pos are read in place, whatever their strides: PatchEmbed's tokens are a transposed view
-    (strides N*D, 1, N), and a copy to make them contiguous would move more bytes than the gather.
+    x and pos are read in place, whatever their strides: a copy to make a strided view contiguous
+    would move more bytes than the gather (PatchEmbed's tokens arrive contiguous).
     """
     M, B, K = idx.shape
     D = x.size(-1)

@@ -5,7 +5,11 @@ Run from the repository root: ``python -m profiling.bench_masked_gather --device
 Cases (ViT-H/14 at 224 px, batch 128: B=128, N=256, D=1280; M=4 target blocks of K=43 tokens,
 one context block of K=72; predictor width 384), each timed forward + backward except targets:
 - gather: x [B, N, D] -> [M*B, K, D] (what the loss and the predictor's context repeat use);
-- context+pos: (x + pos) at the context tokens (the encoder's input), gradient to x;
+- context+pos: (x + pos) at the context tokens (the encoder's input), gradient to x, on the step's
+  operands: the tokens in the layout PatchEmbed returns (read off the module itself), in the row's
+  dtype (bf16: what the convolution gives under autocast), and the fp32 position embedding;
+- context+pos transposed: the same with the tokens as the convolution gives them on images in
+  their own layout (a transposed view, features N elements apart), for comparison;
 - mask_tokens: mask token + pos at the target tokens, predictor width, gradient to the mask token;
 - targets: LayerNorm of the target encoder's output at the target tokens (forward only, no_grad).
 
@@ -20,10 +24,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ijepa_fast.kernels.inputs import GATHER_SHAPES, make_gather_inputs
+from ijepa_fast.kernels.inputs import GATHER_SHAPES, make_gather_inputs, patch_layout
 from ijepa_fast.kernels.masked_gather import mask_tokens, masked_gather, masked_gather_add
 from ijepa_fast.kernels.target_norm_gather import target_norm_gather
+from ijepa_fast.models.vit import PatchEmbed
 from profiling import _bench_util as bu
+
+CASES = ("gather", "context+pos", "context+pos transposed", "mask_tokens", "targets")
+
+
+def patch_embed_layout(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` [B, N, D] in the memory layout PatchEmbed gives its tokens, read off a
+    small PatchEmbed's output (the order of its strides)."""
+    probe = PatchEmbed(patch_size=1, embed_dim=4)(torch.zeros(2, 3, 2, 3))  # [2, 6, 4]: sizes all distinct
+    order = sorted(range(3), key=lambda i: -probe.stride(i))
+    return x.permute(order).contiguous().permute([order.index(i) for i in range(3)])
 
 
 def apply_masks_authors(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -45,7 +60,7 @@ def _methods(case: str, t: dict) -> dict:
             "builtin": lambda: gather_builtin(x, idx),
             "kernel": lambda: masked_gather(x, idx),
         }
-    if case == "context+pos":
+    if case.startswith("context+pos"):
         return {
             "authors": lambda: apply_masks_authors(x + pos, idx),
             "builtin": lambda: gather_builtin(x, idx) + pos[0][idx[0]],
@@ -72,10 +87,15 @@ def _methods(case: str, t: dict) -> dict:
 
 
 def _case_inputs(case: str, s: dict, device: str, dtype: torch.dtype) -> dict:
-    M, K, D = (1, s["K_ctx"], s["D"]) if case == "context+pos" else (s["M"], s["K"], s["D"])
+    context = case.startswith("context+pos")
+    M, K, D = (1, s["K_ctx"], s["D"]) if context else (s["M"], s["K"], s["D"])
     if case == "mask_tokens":
         D = s["D_pred"]
     t = make_gather_inputs(s["B"], s["N"], D, M, K, dtype=dtype, device=device, unique=True, pos_grad=False)
+    if context:  # the step's operands: PatchEmbed's tokens, the fp32 position embedding buffer
+        layout = patch_layout if case.endswith("transposed") else patch_embed_layout
+        t["x"] = layout(t["x"].detach()).requires_grad_()
+        t["pos"] = t["pos"].float()
     if case in ("mask_tokens", "targets"):
         t["x"].requires_grad_(False)
     if case == "targets":
@@ -84,14 +104,16 @@ def _case_inputs(case: str, s: dict, device: str, dtype: torch.dtype) -> dict:
 
 
 def _bytes(case: str, t: dict) -> int:
-    """Minimum bytes: read the gathered rows (+ pos rows), write the output; backward: read grad, write grad."""
+    """Minimum bytes: read the gathered rows (+ pos rows), write the output; backward: read grad,
+    write grad (each operand at its own element size)."""
     M, B, K = t["idx"].shape
-    x = t["x"]
+    x, pos = t["x"], t["pos"]
     e, D, rows = x.element_size(), x.size(-1), M * B * K
     if case == "gather":
         return rows * D * e * 2 + (rows * D * e + x.numel() * e)
-    if case == "context+pos":
-        return rows * D * e * 3 + (rows * D * e + x.numel() * e)
+    if case.startswith("context+pos"):
+        out = torch.promote_types(x.dtype, pos.dtype).itemsize
+        return rows * D * (e + pos.element_size() + out) + (rows * D * out + x.numel() * e)
     if case == "mask_tokens":
         return rows * D * e * 2 + rows * D * e  # backward reads grad once (the sum for the mask token)
     return rows * D * e * 2
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     s = GATHER_SHAPES[args.size]
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        for case in ("gather", "context+pos", "mask_tokens", "targets"):
+        for case in CASES:
             rows += run_case(case, s, args.device, dtype, args.reps)
     copy_gbs = bu.copy_bandwidth_gbs(args.device, 256 << 20 if args.device == "cuda" else 16 << 20, args.reps)
     bu.add_rates(rows, copy_gbs)
@@ -136,6 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "shapes": s,
         "copy_bandwidth_gb_s": round(copy_gbs, 1),
         "timing": "fwd+bwd (targets: fwd only)",
+        "context_operands": "tokens in PatchEmbed's layout (or transposed), in the row's dtype; fp32 pos",
         "note": "on a CPU the 'kernel' rows run the ops' plain-PyTorch path, not Triton",
     }
     bu.report(rows, meta, args.json)

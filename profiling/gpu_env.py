@@ -55,6 +55,49 @@ def _pip(python: Path, *args: str, what: str) -> None:
         raise EnvError(f"installing {what} failed: {last[0] if last else 'pip gave no reason'}")
 
 
+def not_installed(wheels: list[Path]) -> list[str]:
+    """For each wheel file that this Python does not show as installed at its version, or whose
+    requirements what is installed here does not meet: one line naming the file and why."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import parse_wheel_filename
+
+    found = []
+    for wheel in wheels:
+        name, version = parse_wheel_filename(wheel.name)[:2]
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            found.append(f"{wheel} was not installed: this Python has no {name}")
+            continue
+        if dist.version != str(version):
+            found.append(f"{wheel} was not installed: {name} {dist.version} is what this Python has")
+            continue
+        for req in map(Requirement, dist.requires or []):
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                have = distribution(req.name).version
+            except PackageNotFoundError:
+                found.append(f"{wheel} needs {req}, which is not installed")
+                continue
+            if not req.specifier.contains(have, prereleases=True):
+                found.append(f"{wheel} needs {req}; {have} is installed")
+    return found
+
+
+def carried_files(folder: Path) -> list[Path]:
+    """The wheels of ``folder``; EnvError naming a file there that is not a wheel."""
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    other = [p.name for p in files if p.suffix != ".whl"]
+    if other:
+        raise EnvError(f"{folder} holds {', '.join(other)}, which no wheel install takes: run 'make gpu-wheels'")
+    return files
+
+
 def build(base: Path | str, env: Path, wheels: list[Path]) -> Path:
     """A fresh virtualenv at ``env`` over ``base``'s packages, with ``wheels`` and the package
     (editable) installed; returns its Python."""
@@ -72,6 +115,10 @@ def build(base: Path | str, env: Path, wheels: list[Path]) -> Path:
     Path(site, "_ijepa_gpu_check_base.pth").write_text("".join(lines))
     if wheels:
         _pip(python, "--no-compile", *map(str, wheels), what=f"the {len(wheels)} wheels of .whl/")
+        verify = _run(python, "-m", "profiling.gpu_env", "--verify", *map(str, wheels))
+        if verify.returncode != 0:
+            lines = (verify.stdout.strip() or verify.stderr.strip()).splitlines()
+            raise EnvError("; ".join(lines[-3:]) or "checking the installed wheels failed")
     if _run(python, "-c", "import setuptools").returncode != 0:
         raise EnvError(
             f"installing the package offline needs setuptools, which {base} lacks: "
@@ -87,8 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", type=Path, default=DEFAULT_ENV, help=f"the virtualenv to (re)build (default {DEFAULT_ENV})")
     p.add_argument("--wheels", type=Path, default=REPO / ".whl", help="folder of wheels to install (default .whl/)")
+    p.add_argument("--verify", type=Path, nargs="+", help=argparse.SUPPRESS)  # run by the built Python
     args = p.parse_args(argv)
-    wheels = sorted(args.wheels.glob("*.whl"))
+    if args.verify:
+        found = not_installed(args.verify)
+        print("\n".join(found))
+        return 1 if found else 0
+    try:
+        wheels = carried_files(args.wheels)
+    except EnvError as err:
+        print(f"gpu_env: {err}", file=sys.stderr)
+        return 1
     if not wheels and imports_package(sys.executable):
         print(f"environment: {sys.executable} as it is (it imports the package; no wheels carried)")
         print(sys.executable)

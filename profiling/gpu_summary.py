@@ -1,15 +1,20 @@
-"""The table ``make gpu-check`` prints last: each part's status, then the step's images/s, MFU and
-GPU-hours beside the paper, and the kernels against the roofline of the measured copy bandwidth.
+"""The summary ``make gpu-check`` prints last, merged over every stage that has run: each stage's
+device, date and commit; each part's status and key figure; the steps' images/s, MFU and GPU-hours
+beside the paper; the kernels against the roofline of the measured copy bandwidth.
 
-    python -m profiling.gpu_summary STATUS_TSV OUT_DIR
+    python -m profiling.gpu_summary RESULTS_DIR [--detail STAGE]
 
-STATUS_TSV holds one ``part<TAB>status<TAB>seconds`` line per part (profiling/gpu_check.sh writes
-it); OUT_DIR the JSON each part wrote as ``<part>.json``. A part without JSON, or with JSON this
+RESULTS_DIR holds one folder per stage (profiling/gpu_check.sh writes them): ``status.tsv`` (one
+``part<TAB>status<TAB>seconds`` line per part), ``about.tsv`` (``key<TAB>value`` lines: stage,
+started, device, date, commit, seconds) and the JSON and log each part wrote as ``<part>.json`` and
+``<part>.log``. Stages are shown in the order they ran; ``--detail STAGE`` keeps the step and
+kernel tables of that stage only. A part without JSON, or with JSON this
 module cannot read, gets a row without figures: the summary never fails for want of a result.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -42,8 +47,8 @@ def _pct(x: float | None) -> str:
 
 def key_figure(out_dir: Path, part: str) -> str:
     """The one-line result of ``part`` for the parts table."""
-    if part == "pytest_gpu":
-        return pytest_tally(out_dir / "pytest_gpu.log")
+    if part.startswith("pytest"):
+        return pytest_tally(out_dir / f"{part}.log")
     data = read_json(out_dir / f"{part}.json")
     if data is None:
         return ""
@@ -59,6 +64,8 @@ def key_figure(out_dir: Path, part: str) -> str:
         return attention_figure(rows)
     if "loader" in first and "images_per_s" in first:
         return data_figure(rows)
+    if "efficiency" in first and "stage" in first:
+        return scaling_figure(rows)
     return f"{len(rows)} rows"
 
 
@@ -113,6 +120,13 @@ def attention_figure(rows: list[dict]) -> str:
     return "; ".join(bits)
 
 
+def scaling_figure(rows: list[dict]) -> str:
+    """The modelled efficiency of each ZeRO stage at 16 GPUs (else the most GPUs modelled)."""
+    gpus = 16 if any(r["gpus"] == 16 for r in rows) else max(r["gpus"] for r in rows)
+    stages = ", ".join(f"ZeRO-{r['stage']} {100 * r['efficiency']:.0f}%" for r in rows if r["gpus"] == gpus)
+    return f"model, {gpus} GPUs: {stages}"
+
+
 def data_figure(rows: list[dict]) -> str:
     best: dict[str, dict] = {}
     for r in rows:
@@ -133,18 +147,76 @@ def last_line(log: Path, width: int = 150) -> str:
     return lines[-1][:width].replace("|", "/") if lines else ""
 
 
-def parts_table(status_tsv: Path, out_dir: Path) -> list[str]:
-    """One row per part: its status and seconds, its key figure (or, when it failed without one,
-    the last line of its log)."""
-    lines = ["| part | status | seconds | result |", "|---|---|---|---|"]
-    for line in status_tsv.read_text().splitlines():
+def stage_dirs(root: Path) -> list[Path]:
+    """The stage folders under ``root`` (those with a status.tsv), in the order they started."""
+    found = [d for d in root.iterdir() if (d / "status.tsv").is_file()] if root.is_dir() else []
+
+    def started(folder: Path) -> float:
+        try:
+            return float(read_about(folder).get("started", "inf"))
+        except ValueError:
+            return float("inf")
+
+    return sorted(found, key=lambda d: (started(d), d.name))
+
+
+def read_about(folder: Path) -> dict[str, str]:
+    """A stage's ``about.tsv``: {key: value}; empty when missing."""
+    try:
+        lines = (folder / "about.tsv").read_text().splitlines()
+    except OSError:
+        return {}
+    return dict(line.split("\t", 1) for line in lines if "\t" in line)
+
+
+def read_status(folder: Path) -> list[tuple[str, str, str]]:
+    """(part, status, seconds) of each line of a stage's status.tsv."""
+    rows = []
+    for line in (folder / "status.tsv").read_text().splitlines():
         cells = line.split("\t")
         if len(cells) >= 3:
-            part, status, secs = cells[:3]
-            result = key_figure(out_dir, part)
+            rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+def stages_table(stages: list[Path]) -> list[str]:
+    lines = ["| stage | device | date | commit | seconds |", "|---|---|---|---|---|"]
+    for folder in stages:
+        about = read_about(folder)
+        cells = [about.get(k, "?") for k in ("device", "date", "commit", "seconds")]
+        lines.append(f"| {folder.name} | {' | '.join(cells)} |")
+    return lines
+
+
+def plain_default_rate(stages: list[Path]) -> float | None:
+    """Images/s of the plain engine's default configuration, from the first step result that has it."""
+    for folder in stages:
+        for part, _, _ in read_status(folder):
+            data = read_json(folder / f"{part}.json")
+            if is_step_result(data) and not part.startswith("deepspeed"):
+                row = next((r for r in data["rows"] if r.get("ok") and r["name"] == default_config().name), None)
+                if row:
+                    return row["images_per_s"]
+    return None
+
+
+def parts_table(stages: list[Path]) -> list[str]:
+    """One row per part of every stage: its status and seconds, its key figure (or, when it failed
+    without one, the last line of its log); a DeepSpeed step also against the plain engine's."""
+    plain = plain_default_rate(stages)
+    lines = ["| stage | part | status | seconds | result |", "|---|---|---|---|---|"]
+    for folder in stages:
+        for part, status, secs in read_status(folder):
+            result = key_figure(folder, part)
             if not result and status.startswith(("failed", "timeout")):
-                result = last_line(out_dir / f"{part}.log")
-            lines.append(f"| {part} | {status} | {secs} | {result} |")
+                result = last_line(folder / f"{part}.log")
+            data = read_json(folder / f"{part}.json")
+            if part.startswith("deepspeed") and plain and is_step_result(data):
+                ok = [r for r in data["rows"] if r.get("ok")]
+                row = next((r for r in ok if r["name"] == default_config().name), ok[0] if ok else None)
+                if row:
+                    result += f"; x{row['images_per_s'] / plain:.2f} the plain engine's default"
+            lines.append(f"| {folder.name} | {part} | {status} | {secs} | {result} |")
     return lines
 
 
@@ -192,53 +264,58 @@ def step_section(part: str, data: dict) -> list[str]:
     return lines
 
 
-def kernel_section(out_dir: Path) -> list[str]:
+def kernel_section(stages: list[Path]) -> list[str]:
     """Each kernel case: the kernel's time beside its roofline (its bytes, read once and written
     once, at the copy bandwidth measured in the same run) and its speed-up over the authors' ops."""
     lines = []
-    for part in KERNEL_PARTS:
-        data = read_json(out_dir / f"{part}.json")
-        rows = [r for r in (data or {}).get("rows", []) if isinstance(r, dict) and r.get("method") == "kernel"]
-        copy = (data or {}).get("meta", {}).get("copy_bandwidth_gb_s")
-        if not rows or not copy:
-            continue
-        if not lines:
-            lines += [
-                "Kernels against the roofline of the measured copy bandwidth:",
-                "",
-                "| kernel | case | ms | roofline ms | % of roofline | x authors |",
-                "|---|---|---|---|---|---|",
-            ]
-        for r in rows:
-            roofline_ms = r["bytes"] / (copy * 1e9) * 1e3
-            lines.append(
-                f"| {part} | {r['case']} | {r['median_ms']:.4f} | {roofline_ms:.4f} "
-                f"| {100 * roofline_ms / r['median_ms']:.0f} | {r['vs_authors']:.2f} |"
-            )
+    for folder in stages:
+        for part in KERNEL_PARTS:
+            data = read_json(folder / f"{part}.json")
+            rows = [r for r in (data or {}).get("rows", []) if isinstance(r, dict) and r.get("method") == "kernel"]
+            copy = (data or {}).get("meta", {}).get("copy_bandwidth_gb_s")
+            if not rows or not copy:
+                continue
+            if not lines:
+                lines += [
+                    "Kernels against the roofline of the measured copy bandwidth:",
+                    "",
+                    "| kernel | case | ms | roofline ms | % of roofline | x authors |",
+                    "|---|---|---|---|---|---|",
+                ]
+            for r in rows:
+                roofline_ms = r["bytes"] / (copy * 1e9) * 1e3
+                lines.append(
+                    f"| {part} | {r['case']} | {r['median_ms']:.4f} | {roofline_ms:.4f} "
+                    f"| {100 * roofline_ms / r['median_ms']:.0f} | {r['vs_authors']:.2f} |"
+                )
     return lines
 
 
-def summary(status_tsv: str | Path, out_dir: str | Path) -> str:
-    """The whole summary: the parts table, each step result, the kernels."""
-    status_tsv, out_dir = Path(status_tsv), Path(out_dir)
-    sections = [parts_table(status_tsv, out_dir)]
-    for line in status_tsv.read_text().splitlines():
-        part = line.split("\t")[0]
-        data = read_json(out_dir / f"{part}.json")
-        if is_step_result(data) and data["rows"]:
-            sections.append(step_section(part, data))
-    kernels = kernel_section(out_dir)
+def summary(root: str | Path, detail: str | None = None) -> str:
+    """The summary over the stage folders under ``root``: the stages, the parts table, each step
+    result of several configurations, the kernels; the last two for stage ``detail`` alone when
+    given (what a device call's reply has room for)."""
+    stages = stage_dirs(Path(root))
+    sections = [stages_table(stages), parts_table(stages)]
+    if detail is not None:
+        stages = [folder for folder in stages if folder.name == detail]
+    for folder in stages:
+        for part, _, _ in read_status(folder):
+            data = read_json(folder / f"{part}.json")
+            if is_step_result(data) and len(data["rows"]) > 1:
+                sections.append(step_section(f"{folder.name}/{part}", data))
+    kernels = kernel_section(stages)
     if kernels:
         sections.append(kernels)
     return "\n\n".join("\n".join(s) for s in sections)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m profiling.gpu_summary STATUS_TSV OUT_DIR", file=sys.stderr)
-        return 2
-    print(summary(*args))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path, help="the folder of stage folders")
+    p.add_argument("--detail", default=None, metavar="STAGE", help="step and kernel tables of this stage only")
+    args = p.parse_args(argv)
+    print(summary(args.results, args.detail))
     return 0
 
 

@@ -1,16 +1,19 @@
 """What a machine offers the GPU paths, checked before anything heavy runs (``make gpu-check``'s
 first part; needs torch, nothing else).
 
-Prints one line each: Python and torch; the CUDA device, its capability and SM count; bf16
-support; free device memory (host memory without CUDA); the C compiler and ``Python.h`` that
-Triton's first launch compiles its launcher with; one tiny Triton launch (the package's EMA kernel
-on 4099 elements, checked against its reference); and which optional packages import.
+Prints one line each: Python and torch; whether this torch has every torch attribute the package
+names (``profiling/torch_api.py``: the GPU machines run an older torch than CI); the CUDA device,
+its capability and SM count; bf16 support; free device memory (host memory without CUDA); the C
+compiler and ``Python.h`` that Triton's first launch compiles its launcher with; one tiny Triton
+launch (the package's EMA kernel on 4099 elements, checked against its reference); and which
+optional packages import.
 
     python -m profiling.preflight [--facts FILE]
 
 ``--facts`` writes the findings as shell assignments (CUDA, DEVICE, TRITON, DALI) for
 ``profiling/gpu_check.sh`` to decide what runs. Exit status 1 when a check that a CUDA run needs
-fails (no compiler, no Python.h, the Triton launch), else 0.
+fails (no compiler, no Python.h, the Triton launch) or this torch lacks an attribute the package
+names, else 0.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ijepa_fast.runtime import optional
+from profiling import torch_api
 
 GiB = 1024**3
 
@@ -78,6 +82,7 @@ def triton_launch(device: torch.device) -> str:
 def check(facts: dict[str, str]) -> list[tuple[str, str, bool]]:
     """(name, finding, ok) for each check; fills ``facts`` for gpu_check.sh."""
     rows = [("python", f"{platform.python_version()} ({sys.executable}), torch {torch.__version__}", True)]
+    rows.append(_torch_api_row())
     cuda = torch.cuda.is_available()
     facts.update(CUDA="1" if cuda else "0", DEVICE="CPU (no CUDA)", TRITON="skipped: no CUDA")
     cc, header = compiler(), python_header()
@@ -119,6 +124,14 @@ def check(facts: dict[str, str]) -> list[tuple[str, str, bool]]:
     facts["DALI"] = "1" if optional.available("dali") else "0"
     rows.append(("optional", f"present: {', '.join(present) or 'none'}; absent: {', '.join(absent) or 'none'}", True))
     return rows
+
+
+def _torch_api_row() -> tuple[str, str, bool]:
+    absent = torch_api.missing()
+    if not absent:
+        return "torch_api", "every torch attribute the package names is here", True
+    named = "; ".join(f"{name} ({', '.join(sorted(files))})" for name, files in absent.items())
+    return "torch_api", f"MISSING in torch {torch.__version__}: {named}", False
 
 
 def _triton_row(cuda: bool, facts: dict[str, str]) -> tuple[str, str, bool]:

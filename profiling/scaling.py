@@ -24,12 +24,14 @@ ZeRO stage    collectives                                             bytes (ful
               its forward
 ============  =====================================================  ==============================
 
-Element sizes as ``ijepa_fast.engines.deepspeed`` runs with ``--precision bf16`` (the GPU default):
-stage 0 keeps fp32 weights under autocast, so fp32 gradients (g = 4); stages 1-3 use DeepSpeed's
-bf16 mode, bf16 weights and gradients (g = w = 2; fp32 master weights stay in the optimizer); the
-target encoder is fp32 (4 bytes) in every stage. ``--precision fp32``: everything 4 bytes.
-The EMA needs no traffic: in stages 0-2 every rank holds the whole encoder and target, in stage 3
-the update runs on the local partitions.
+Element sizes are what ``ijepa_fast.engines.deepspeed`` sends, read from the DeepSpeed config it
+generates (``engine_bytes``): gradients are reduced in its ``communication_data_type`` (fp32: 4
+bytes), and the parameters gathered (ZeRO 1-2 after the step, ZeRO-3 in the forward and backward)
+are its weights, fp32 (4 bytes) since it runs with DeepSpeed's ``bf16`` and ``fp16`` modes off
+(the step's autocast computes in bf16). ``run.dtype`` does not change the traffic. The target
+encoder is fp32 in every stage. ``--grad-bytes`` / ``--param-bytes`` ask "what if" (2 for a bf16
+engine). The EMA needs no traffic: in stages 0-2 every rank holds the whole encoder and target, in
+stage 3 the update runs on the local partitions.
 
 **Ring cost** (NCCL's ring algorithm, bandwidth term, n GPUs, link bandwidth bw, bytes S):
 all-reduce 2(n-1)/n * S / bw; reduce-scatter and all-gather (n-1)/n * S / bw each; plus an
@@ -76,13 +78,22 @@ def ring_allgather_s(nbytes: float, n: int, bw: float, latency_s: float = 0.0) -
 ring_reduce_scatter_s = ring_allgather_s
 
 
-def engine_bytes(stage: int, precision: str = "bf16") -> tuple[int, int]:
-    """(gradient, parameter) bytes per element communicated by our engine at ``stage``."""
-    if precision == "fp32" or stage == 0:
-        return 4, 4
-    if precision != "bf16":
-        raise ValueError(f"precision={precision!r}: bf16 or fp32")
-    return 2, 2
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def engine_bytes(stage: int) -> tuple[int, int]:
+    """(gradient, parameter) bytes per element that our DeepSpeed engine communicates at ``stage``:
+    its generated config's ``communication_data_type`` for the gradients, its weights' dtype (bf16
+    or fp16 mode on: 2 bytes, else fp32) for the gathered parameters."""
+    from ijepa_fast.config import Config, apply_overrides
+    from ijepa_fast.engines.deepspeed import deepspeed_config
+
+    cfg = apply_overrides(Config(), [f"run.zero_stage={stage}"])
+    ds = deepspeed_config(cfg, world_size=1, device_type="cuda")
+    half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    param = 2 if half else 4
+    comm = ds.get("communication_data_type")
+    return (_DTYPE_BYTES[comm] if comm else param), param
 
 
 def comm_volume_bytes(
@@ -211,20 +222,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--pred-depth", type=int, default=12)
     p.add_argument("--pred-dim", type=int, default=384)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--json", type=Path, default=None, help="also write the rows and element sizes to this JSON file")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--intra-bw", type=float, default=400.0, help="GB/s, intra-node (assumed NVLink bus bandwidth)")
     p.add_argument("--inter-bw", type=float, default=50.0, help="GB/s per GPU across nodes (assumed 8x400 Gb/s IB)")
     p.add_argument("--latency-us", type=float, default=0.0, help="per ring hop")
     p.add_argument("--stages", type=int, nargs="+", default=list(STAGES))
     p.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden behind compute")
-    p.add_argument(
-        "--precision",
-        default="bf16",
-        choices=("bf16", "fp32"),
-        help="element sizes as the engine communicates them (module docstring)",
-    )
-    p.add_argument("--grad-bytes", type=int, default=None, help="override the gradient element size")
-    p.add_argument("--param-bytes", type=int, default=None, help="override the parameter element size")
+    what_if = "what if: bytes per %s element (default: what the engine sends)"
+    p.add_argument("--grad-bytes", type=int, default=None, help=what_if % "gradient")
+    p.add_argument("--param-bytes", type=int, default=None, help=what_if % "parameter")
     args = p.parse_args(argv)
     if args.from_json:
         step_s, batch, spec = _from_bench_json(args.from_json)
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         params, target = args.params, args.params * target / params
 
     def sizes(stage):
-        g, w = engine_bytes(stage, args.precision)
+        g, w = engine_bytes(stage)
         return args.grad_bytes or g, args.param_bytes or w
 
     rows = [
@@ -262,8 +269,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     print(
         f"- single-GPU step {1e3 * step_s:.1f} ms at batch {batch}; {params / 1e6:.1f}M trainable parameters "
-        f"({target / 1e6:.1f}M in the encoder); element sizes: {args.precision} engine "
-        f"(stage: gradient/parameter bytes " + ", ".join(f"{s}: {sizes(s)[0]}/{sizes(s)[1]}" for s in args.stages) + ")"
+        f"({target / 1e6:.1f}M in the encoder); bytes per element sent (stage: gradient/parameter), "
+        + ("as given: " if args.grad_bytes or args.param_bytes else "as ijepa_fast's DeepSpeed engine sends them: ")
+        + ", ".join(f"{s}: {sizes(s)[0]}/{sizes(s)[1]}" for s in args.stages)
+        + " (4 = fp32, 2 = bf16)"
     )
     print(
         f"- links (assumed unless you passed yours): {args.intra_bw:.0f} GB/s in a node of {args.gpus_per_node}, "
@@ -271,6 +280,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print()
     print(table(rows))
+    if args.json is not None:
+        element_bytes = {stage: {"gradient": sizes(stage)[0], "parameter": sizes(stage)[1]} for stage in args.stages}
+        args.json.write_text(json.dumps({"meta": {"bytes_per_element": element_bytes}, "rows": rows}, indent=1))
     return rows
 
 

@@ -109,7 +109,7 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
         ("cpu", None, BF16, (), 80, "sdpa"),
         ("cpu", None, FP32, (), 80, "sdpa"),
         ("cuda", HOPPER, BF16, (), 80, "flash_attn3"),
-        ("cuda", HOPPER, FP16, (), 24, "flash_attn3"),
+        ("cuda", HOPPER, FP16, (), 24, "flash_attn"),  # FA3 would pad 24 to 64, FA2 to 32
         ("cuda", HOPPER, FP32, (), 80, "sdpa"),  # FlashAttention rejects fp32
         ("cuda", HOPPER, BF16, ("flash_attn_interface",), 80, "flash_attn"),
         ("cuda", HOPPER, BF16, ("flash_attn_interface", "flash_attn"), 80, "sdpa"),
@@ -127,6 +127,29 @@ def test_auto_picks_by_device_dtype_and_installed_packages(
         _capability(monkeypatch, *capability)
     _uninstall(monkeypatch, *missing)
     assert resolve_backend("auto", device, head_dim, dtype) == expected
+
+
+@pytest.mark.parametrize(
+    ("capability", "missing", "expected"),
+    [
+        # the ViT-H/14 predictor (24), ViT-B/16 (64) and the ViT-H/14 encoder (80, both pad to 96)
+        (HOPPER, (), {24: "flash_attn", 64: "flash_attn3", 80: "flash_attn3"}),
+        (HOPPER, ("flash_attn",), {24: "sdpa", 64: "flash_attn3", 80: "flash_attn3"}),
+        (AMPERE, (), {24: "flash_attn", 64: "flash_attn", 80: "flash_attn"}),
+        (AMPERE, ("flash_attn",), {24: "sdpa", 64: "sdpa", 80: "sdpa"}),
+    ],
+)
+def test_auto_picks_the_flash_attention_whose_kernels_suit_the_head_width(
+    stubs, monkeypatch, capability, missing, expected
+):
+    """FlashAttention-3 has kernels for heads of 64, 96, 128, 192, 256; FlashAttention-2 also for
+    32, 160 and 224. A head width FA3 pads wider than FA2 (24: 64 against 32, 2.7x the work) gets
+    FA2, or sdpa when FA2 is missing; an explicit request still gets FA3 when it is all there is."""
+    _capability(monkeypatch, *capability)
+    _uninstall(monkeypatch, *missing)
+    assert {hd: resolve_backend("auto", "cuda", hd, BF16) for hd in expected} == expected
+    if capability == HOPPER and missing:
+        assert resolve_backend("flash_attn", "cuda", 24, BF16) == "flash_attn3"
 
 
 def test_requested_flash_attn_runs_fa3_on_hopper_and_says_why_it_cannot_serve(stubs, monkeypatch):

@@ -64,7 +64,7 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
 
     names = [r["name"] for r in result["rows"]]
     assert names[0] == "authors" and names[-1] == "all on (default)"
-    assert "+ compile" not in names  # left out on a CPU unless --compile-on-cpu
+    assert "all on, compile off" not in names  # left out on a CPU unless --compile-on-cpu
     assert len(names) == 8
     for r in result["rows"]:
         assert r["ok"], r

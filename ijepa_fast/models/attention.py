@@ -2,13 +2,14 @@
 
 Backends (``speed.attention``): ``sdpa`` (torch.nn.functional.scaled_dot_product_attention:
 FlashAttention-2, cuDNN or memory-efficient kernels on GPU), ``flash_attn`` (FlashAttention-3's
-``flash_attn_interface`` on Hopper when installed, else FlashAttention-2's ``flash_attn``),
-``xformers`` (memory_efficient_attention), ``math`` (the explicit softmax(QK^T)V reference, the
-authors' formulation) and ``auto``. ``resolve_backend`` turns the setting into the implementation
-that runs (``IMPLEMENTATIONS``), from the device, the head width and the dtype the attention runs
-in. Each block binds that implementation's function at construction, so its forward holds no
-import or package lookup (which would break a ``torch.compile`` graph). None of them returns the
-N x N attention matrix. Parameter names (``qkv``, ``proj``) match the authors' checkpoints.
+``flash_attn_interface`` on Hopper when installed and its kernels suit the head width, else
+FlashAttention-2's ``flash_attn``), ``xformers`` (memory_efficient_attention), ``math`` (the
+explicit softmax(QK^T)V reference, the authors' formulation) and ``auto``. ``resolve_backend``
+turns the setting into the implementation that runs (``IMPLEMENTATIONS``), from the device, the
+head width and the dtype the attention runs in. Each block binds that implementation's function
+at construction, so its forward holds no import or package lookup (which would break a
+``torch.compile`` graph). None of them returns the N x N attention matrix. Parameter names
+(``qkv``, ``proj``) match the authors' checkpoints.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ IMPLEMENTATIONS = ("sdpa", "flash_attn", "flash_attn3", "xformers", "math")
 # FlashAttention (2 and 3) takes fp16/bf16 only, head widths that are multiples of 8 up to 256.
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_ATTN_MAX_HEAD_DIM = 256
+# The head widths each one has kernels for; a head between two runs the next wider kernel, its
+# q, k, v padded to that width (the work grows with it). FlashAttention-3 has fewer: a ViT-H
+# predictor's 24-wide heads run its 64-wide kernel, 2.7x the work, where FlashAttention-2 pads to 32.
+_FA2_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
+_FA3_HEAD_DIMS = (64, 96, 128, 192, 256)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -82,14 +88,25 @@ def _flash_unfit(device: torch.device, head_dim: int, dtype: torch.dtype) -> str
     return None
 
 
-def _installed_flash(device: torch.device) -> str | None:
-    """flash_attn3 on Hopper when installed, else flash_attn (FA2 needs Ampere or newer) when installed."""
+def padded_head_dim(head_dim: int, kernel_dims: tuple[int, ...]) -> int:
+    """The head width a FlashAttention kernel computes for heads of ``head_dim``."""
+    return next(d for d in kernel_dims if d >= head_dim)
+
+
+def _installed_flash(device: torch.device, head_dim: int, requested: bool) -> str | None:
+    """The FlashAttention that suits heads of ``head_dim`` on ``device``, among those installed:
+    FA3 on Hopper unless it pads the heads wider than FA2 would (then FA2, which needs Ampere or
+    newer); for ``auto`` (``requested`` False) nothing rather than FA3's wider padding, for an
+    explicit ``flash_attn`` FA3 all the same when FA2 is not installed."""
     major, _ = torch.cuda.get_device_capability(device)
-    if major == 9 and available("flash_attn_interface"):
+    fa3 = major == 9 and available("flash_attn_interface")
+    fa2 = major >= 8 and available("flash_attn")
+    fa3_suits = padded_head_dim(head_dim, _FA3_HEAD_DIMS) <= padded_head_dim(head_dim, _FA2_HEAD_DIMS)
+    if fa3 and fa3_suits:
         return "flash_attn3"
-    if major >= 8 and available("flash_attn"):
+    if fa2:
         return "flash_attn"
-    return None
+    return "flash_attn3" if fa3 and requested else None
 
 
 def resolve_backend(requested: str, device: torch.device | str, head_dim: int, dtype: torch.dtype) -> str:
@@ -97,14 +114,15 @@ def resolve_backend(requested: str, device: torch.device | str, head_dim: int, d
     attention on ``device`` with heads of ``head_dim`` computed in ``dtype`` (the autocast dtype, or
     the weights'). A requested backend that cannot serve is an error saying why.
 
-    ``auto``: FlashAttention when it can serve and is installed (FA3 on Hopper, else FA2), otherwise
-    sdpa (on CUDA it dispatches to FlashAttention-2 / cuDNN itself).
+    ``auto``: FlashAttention when it can serve and is installed (FA3 on Hopper, else FA2; FA2, or
+    else sdpa, where FA3 would pad the heads wider than FA2: ``_installed_flash``), otherwise sdpa
+    (on CUDA it dispatches to FlashAttention-2 / cuDNN itself).
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention={requested!r} is not a backend: choose one of {BACKENDS}")
     dev = torch.device(device)
     if requested == "auto":
-        flash = None if _flash_unfit(dev, head_dim, dtype) else _installed_flash(dev)
+        flash = None if _flash_unfit(dev, head_dim, dtype) else _installed_flash(dev, head_dim, requested=False)
         return flash or "sdpa"
     if requested == "flash_attn":
         return _require_flash(dev, head_dim, dtype)
@@ -119,7 +137,7 @@ def _require_flash(device: torch.device, head_dim: int, dtype: torch.dtype) -> s
     why = _flash_unfit(device, head_dim, dtype)
     if why is not None:
         raise ValueError(f"attention backend 'flash_attn' cannot serve: {why}; use attention=sdpa")
-    flash = _installed_flash(device)
+    flash = _installed_flash(device, head_dim, requested=True)
     if flash is None:
         require("flash_attn", "attention backend 'flash_attn'")  # raises when missing, naming the install
         capability = ".".join(map(str, torch.cuda.get_device_capability(device)))

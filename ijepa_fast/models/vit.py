@@ -111,14 +111,20 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """[B, 3, H, W] -> [B, N, D] with a stride-p convolution."""
+    """[B, 3, H, W] -> [B, N, D] with a stride-p convolution, the tokens contiguous.
+
+    The convolution runs on channels-last images, so its output [B, D, h, w] is channels-last and
+    the tokens are a contiguous [B, N, D] with no copy: the gathers that read them load each token's
+    D features 16 bytes at a time. (On the images' own layout, the tokens would be a transposed view
+    with features N elements apart, read 2 or 4 bytes at a time.) The values are the same."""
 
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, D, h, w), channels-last
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), contiguous
 
 
 def _init_weights(module: nn.Module, std: float) -> None:

@@ -112,8 +112,8 @@ def test_two_d_index_is_one_block(triton_path):
 
 
 def test_patch_embed_tokens_reach_the_kernel_in_place(triton_path, monkeypatch):
-    """No copy before the context gather: the kernel reads PatchEmbed's output where it lies (a
-    transposed view, strides N*D, 1, N), and gives the authors' gather of x + pos exactly."""
+    """No copy before the context gather: the kernel reads PatchEmbed's output where it lies
+    (contiguous: its convolution runs channels-last), and gives the authors' gather of x + pos exactly."""
     gather_add, segment_sum = mg._kernels()
     received = []
 
@@ -129,7 +129,7 @@ def test_patch_embed_tokens_reach_the_kernel_in_place(triton_path, monkeypatch):
     x = PatchEmbed(patch_size=4, embed_dim=37)(torch.randn(3, 3, 12, 28))  # (B=3, N=21, D=37)
     pos, idx = torch.randn(1, 21, 37), torch.randint(0, 21, (1, 3, 5))
     out = ops.gather_tokens_with_pos(x, pos, idx)
-    assert received == [(x.data_ptr(), (21 * 37, 1, 21))]
+    assert received == [(x.data_ptr(), (21 * 37, 37, 1))]
     torch.testing.assert_close(out, ops.gather_tokens_with_pos(x, pos, idx, fused=False), rtol=0, atol=0)
 
 
@@ -138,7 +138,8 @@ def test_patch_embed_tokens_reach_the_kernel_in_place(triton_path, monkeypatch):
 )
 @pytest.mark.parametrize("op", ["gather", "gather_add"])
 def test_patch_layout_tokens_fp32(triton_path, op, shape):
-    """Tokens laid out as PatchEmbed's output: the output exact, every gradient within the sum bound."""
+    """Tokens laid out as a convolution gives them on NCHW images (a transposed view): the output
+    exact, every gradient within the sum bound."""
     fast, ref, names = OPS[op]
     N, D = shape[1:3]
     inputs = make_gather_inputs(*shape, seed=sum(shape), patch_strides=True)
