@@ -452,8 +452,8 @@ def test_on_a_gpu_zero_builds_no_op_and_no_step_synchronizes(tmp_path):
 
 @needs_ds
 def test_a_payload_planted_in_a_consolidated_export_is_refused(single_rank, tmp_path):
-    from ijepa_fast.io import interop
     from ijepa_fast.io.checkpoint import UntrustedCheckpointError, load_latest
+    from ijepa_fast.io.load import load_encoder
     from tests.payloads import plant
 
     for stage, exported in single_rank["exports"].items():
@@ -464,7 +464,7 @@ def test_a_payload_planted_in_a_consolidated_export_is_refused(single_rank, tmp_
         with pytest.raises(UntrustedCheckpointError, match=re.escape(str(path))):
             load_latest(folder)
         with pytest.raises(UntrustedCheckpointError, match=re.escape(str(path))):
-            interop.load_encoder(path)
+            load_encoder(path)
         assert not marker.exists()
 
 

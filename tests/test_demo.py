@@ -95,7 +95,7 @@ def test_the_curve_has_one_point_per_epoch_and_its_last_is_the_final_target_enco
     """The last point, re-scored here from the final checkpoint's target encoder, must match: the
     trainer called back after the last epoch with the encoder it saved. Epoch 0 is the initialisation."""
     from ijepa_fast.data.loader import build_eval_dataset
-    from ijepa_fast.io.interop import load_encoder
+    from ijepa_fast.io.load import load_encoder
 
     assert run_demo(banded_idx, tmp_path / "runs") == 0
     out = capsys.readouterr().out

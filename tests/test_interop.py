@@ -19,8 +19,21 @@ from ijepa_fast.cli import eval as eval_cli
 from ijepa_fast.cli import export as export_cli
 from ijepa_fast.eval.features import extract_features
 from ijepa_fast.io import checkpoint as ckpt_mod
-from ijepa_fast.io import interop
-from ijepa_fast.io.interop import CheckpointMismatchError, UntrustedCheckpointError
+from ijepa_fast.io.authors import load_authors_checkpoint
+from ijepa_fast.io.checkpoint import UntrustedCheckpointError
+from ijepa_fast.io.encoder import CheckpointMismatchError, EncoderSpec, strip_module_prefix
+from ijepa_fast.io.hf import export_hf
+from ijepa_fast.io.load import load_encoder
+from ijepa_fast.io.safetensors_timm import (
+    SAFETENSORS_FORMAT,
+    build_timm_model,
+    export_safetensors,
+    load_safetensors_encoder,
+    read_safetensors,
+    timm_key,
+    timm_kwargs,
+    to_timm_state_dict,
+)
 from ijepa_fast.models.vit import sincos_pos_embed_2d
 from tests.payloads import plant
 from tests.test_eval import write_idx_data, write_our_run
@@ -153,7 +166,7 @@ def images(n: int = 4, size: int = IMG, seed: int = 0) -> torch.Tensor:
 
 def test_authors_checkpoint_loads_strictly(authors_file):
     raw = torch.load(authors_file, weights_only=True)
-    loaded = interop.load_authors_checkpoint(authors_file)
+    loaded = load_authors_checkpoint(authors_file)
     assert (loaded.spec.name, loaded.spec.patch_size, loaded.spec.img_size, loaded.spec.num_heads) == (
         "vit_tiny",
         16,
@@ -167,7 +180,7 @@ def test_authors_checkpoint_loads_strictly(authors_file):
         (loaded.predictor, "predictor"),
     ):
         ours = module.state_dict()
-        theirs = interop.strip_module_prefix(raw[key])
+        theirs = strip_module_prefix(raw[key])
         assert set(ours) == set(theirs)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), key
     assert not loaded.target_encoder.pos_embed.requires_grad and loaded.encoder.blocks[0].attn.qkv.weight.requires_grad
@@ -176,7 +189,7 @@ def test_authors_checkpoint_loads_strictly(authors_file):
 
 
 def test_loaded_authors_model_runs_a_training_forward(authors_file):
-    loaded = interop.load_authors_checkpoint(authors_file)
+    loaded = load_authors_checkpoint(authors_file)
     ctx_idx = torch.tensor([[0, 1, 4, 5, 10], [2, 3, 6, 7, 15]])  # (B, Kc)
     tgt_idx = torch.tensor([[[8, 9], [12, 13]]])  # (M=1, B, Kt)
     z = loaded.encoder(images(2), ctx_idx)  # (2, 5, D)
@@ -185,17 +198,17 @@ def test_loaded_authors_model_runs_a_training_forward(authors_file):
 
 
 def test_load_encoder_dispatches_on_the_authors_format(authors_file):
-    raw = interop.strip_module_prefix(torch.load(authors_file, weights_only=True)["target_encoder"])
-    loaded = interop.load_encoder(authors_file)
+    raw = strip_module_prefix(torch.load(authors_file, weights_only=True)["target_encoder"])
+    loaded = load_encoder(authors_file)
     assert (loaded.format, loaded.which) == ("authors", "target_encoder")
     assert all(torch.equal(v, raw[k]) for k, v in loaded.encoder.state_dict().items())
-    same = interop.load_encoder(authors_file, "encoder", model="vit_tiny", patch_size=16, img_size=64)
+    same = load_encoder(authors_file, "encoder", model="vit_tiny", patch_size=16, img_size=64)
     assert same.which == "encoder" and same.spec == loaded.spec
 
 
 def test_user_stated_size_that_disagrees_lists_every_mismatch(authors_file):
     with pytest.raises(CheckpointMismatchError) as err:
-        interop.load_encoder(authors_file, model="vit_small")  # 384 wide, 6 heads
+        load_encoder(authors_file, model="vit_small")  # 384 wide, 6 heads
     msg = str(err.value)
     for key in (
         "patch_embed.proj.weight: (192, 3, 16, 16) vs (384, 3, 16, 16)",
@@ -206,9 +219,9 @@ def test_user_stated_size_that_disagrees_lists_every_mismatch(authors_file):
         assert key in msg
     assert "vit_small" in msg
     with pytest.raises(CheckpointMismatchError, match="patch size is 16, not 14"):
-        interop.load_encoder(authors_file, patch_size=14)
+        load_encoder(authors_file, patch_size=14)
     with pytest.raises(CheckpointMismatchError, match="trained at 64 px"):
-        interop.load_encoder(authors_file, img_size=224)
+        load_encoder(authors_file, img_size=224)
 
 
 def test_missing_unexpected_and_misshapen_keys_are_all_listed(tmp_path):
@@ -220,7 +233,7 @@ def test_missing_unexpected_and_misshapen_keys_are_all_listed(tmp_path):
 
     path = save_variant(tmp_path, edit)
     with pytest.raises(CheckpointMismatchError) as err:
-        interop.load_encoder(path)
+        load_encoder(path)
     msg = str(err.value)
     assert "blocks.5.norm2.bias" in msg and "head.weight" in msg
     assert "blocks.3.mlp.fc1.weight: (700, 192) vs (768, 192)" in msg
@@ -234,16 +247,16 @@ def test_truncated_depth_is_missing_blocks_for_a_named_size(tmp_path):
 
     path = save_variant(tmp_path, edit)
     with pytest.raises(CheckpointMismatchError) as err:
-        interop.load_encoder(path, "encoder", model="vit_tiny")
+        load_encoder(path, "encoder", model="vit_tiny")
     assert len(err.value.missing) == 12 and all(k.startswith("blocks.11.") for k in err.value.missing)
     # without a stated size the shapes decide: an 11-block encoder, loaded as such
-    assert len(interop.load_encoder(path, "encoder").encoder.blocks) == 11
+    assert len(load_encoder(path, "encoder").encoder.blocks) == 11
 
 
 def test_predictor_mismatch_is_listed(tmp_path):
     path = save_variant(tmp_path, lambda c: c["predictor"].pop("module.predictor_proj.bias"))
     with pytest.raises(CheckpointMismatchError, match=r"predictor\][\s\S]*predictor_proj.bias"):
-        interop.load_authors_checkpoint(path)
+        load_authors_checkpoint(path)
 
 
 def test_unknown_width_asks_for_the_model(tmp_path):
@@ -254,18 +267,18 @@ def test_unknown_width_asks_for_the_model(tmp_path):
     path = tmp_path / "odd.pt"
     torch.save(enc, path)
     with pytest.raises(ValueError, match="--model"):
-        interop.load_encoder(path)
+        load_encoder(path)
 
 
 def test_which_must_exist(tmp_path):
     path = save_variant(tmp_path, lambda c: c.pop("target_encoder"))
     with pytest.raises(KeyError, match="has: encoder"):
-        interop.load_encoder(path)
+        load_encoder(path)
 
 
 def test_strip_module_prefix():
     sd = {"module.a.weight": 1, "module._orig_mod.b": 2, "c": 3}
-    assert interop.strip_module_prefix(sd) == {"a.weight": 1, "b": 2, "c": 3}
+    assert strip_module_prefix(sd) == {"a.weight": 1, "b": 2, "c": 3}
 
 
 # ----------------------------------------------------------------------------- untrusted files
@@ -277,16 +290,16 @@ def test_untrusted_objects_are_refused_unless_trusted(tmp_path):
     path = tmp_path / "with-args.pth.tar"
     torch.save(ckpt, path)
     with pytest.raises(UntrustedCheckpointError, match=r"argparse\.Namespace[\s\S]*trust"):
-        interop.load_encoder(path)
-    assert interop.load_encoder(path, trust=True).format == "authors"
+        load_encoder(path)
+    assert load_encoder(path, trust=True).format == "authors"
 
 
 def test_missing_file_and_unknown_content(tmp_path):
     with pytest.raises(FileNotFoundError):
-        interop.load_encoder(tmp_path / "nope.pt")
+        load_encoder(tmp_path / "nope.pt")
     torch.save({"weights": [1, 2, 3]}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="unrecognised checkpoint"):
-        interop.load_encoder(tmp_path / "odd.pt")
+        load_encoder(tmp_path / "odd.pt")
 
 
 CLIS = ("ijepa-eval", "ijepa-export")
@@ -331,8 +344,8 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tool, content, tm
 @pytest.mark.parametrize("damage", ["truncated", "bytes"])
 def test_a_bad_safetensors_file_is_one_line_naming_it(tool, damage, authors_file, tmp_path, capsys):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
-    encoder = interop.load_authors_checkpoint(authors_file, predictor=False).target_encoder
-    good = interop.export_safetensors(encoder, tmp_path / "good.safetensors")
+    encoder = load_authors_checkpoint(authors_file, predictor=False).target_encoder
+    good = export_safetensors(encoder, tmp_path / "good.safetensors")
     path = tmp_path / "bad.safetensors"
     path.write_bytes(good.read_bytes()[:-100] if damage == "truncated" else bytes(range(3, 256)) * 4)
     assert run_cli(tool, path, tmp_path) == 1
@@ -347,7 +360,7 @@ def test_our_checkpoint_and_run_folder(tmp_path):
     run_dir = write_our_run(tmp_path / "run")
     raw = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     for which in ("target_encoder", "encoder"):
-        loaded = interop.load_encoder(run_dir, which)  # a run folder means its latest.pt
+        loaded = load_encoder(run_dir, which)  # a run folder means its latest.pt
         assert loaded.format == "ijepa_fast" and loaded.meta["step"] == 10
         assert (loaded.spec.name, loaded.spec.patch_size, loaded.spec.img_size) == ("vit_tiny", 7, 28)
         assert all(torch.equal(v, raw[which][k]) for k, v in loaded.encoder.state_dict().items())
@@ -365,7 +378,7 @@ def test_a_latest_pt_pointing_at_a_deleted_checkpoint_loads_the_newest_that_load
     (folder / ckpt_mod.checkpoint_name(20)).write_bytes(b"damaged")  # the next newest does not load
     path = run_dir if given == "run folder" else folder / "latest.pt"
     with caplog.at_level("WARNING"):
-        loaded = interop.load_encoder(path)
+        loaded = load_encoder(path)
     assert loaded.meta["step"] == 10 and loaded.path == str(folder / ckpt_mod.checkpoint_name(10))
     state = loaded.encoder.state_dict()
     assert all(torch.equal(v, kept["target_encoder"][k]) for k, v in state.items())
@@ -380,13 +393,13 @@ def test_a_run_folder_whose_checkpoints_are_all_gone_is_one_error_naming_it(tmp_
     with pytest.raises(
         FileNotFoundError, match=r"latest\.pt points at ckpt-00000010\.pt, which does not exist, and no "
     ):
-        interop.load_encoder(run_dir)
+        load_encoder(run_dir)
 
 
 def test_our_checkpoint_of_a_shallower_encoder_than_its_named_size_loads_with_its_depth(tmp_path):
     run_dir = write_our_run(tmp_path / "run", depth=3)  # model.depth=3 of vit_tiny's 12 blocks
     raw = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["target_encoder"]
-    loaded = interop.load_encoder(run_dir)
+    loaded = load_encoder(run_dir)
     assert len(loaded.encoder.blocks) == loaded.spec.depth == 3
     assert (loaded.spec.embed_dim, loaded.spec.num_heads, loaded.spec.name) == (192, 3, "")  # not a standard size
     state = loaded.encoder.state_dict()
@@ -398,16 +411,16 @@ def test_our_checkpoint_of_a_shallower_encoder_than_its_named_size_loads_with_it
 
 def test_safetensors_round_trip(authors_file, tmp_path):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
-    encoder = interop.load_encoder(authors_file).encoder
-    path = interop.export_safetensors(encoder, tmp_path / "enc.safetensors", {"note": "test"})
-    back, spec, meta = interop.load_safetensors_encoder(path)
-    assert meta["format"] == interop.SAFETENSORS_FORMAT and meta["note"] == "test"
-    assert spec == interop.EncoderSpec.of(encoder)
+    encoder = load_encoder(authors_file).encoder
+    path = export_safetensors(encoder, tmp_path / "enc.safetensors", {"note": "test"})
+    back, spec, meta = load_safetensors_encoder(path)
+    assert meta["format"] == SAFETENSORS_FORMAT and meta["note"] == "test"
+    assert spec == EncoderSpec.of(encoder)
     a, b = encoder.state_dict(), back.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         assert torch.equal(encoder(images()), back(images()))
-    assert interop.load_encoder(path).format == "safetensors"
+    assert load_encoder(path).format == "safetensors"
 
 
 # ----------------------------------------------------------------------------- timm
@@ -423,11 +436,11 @@ def expected_timm_keys(depth: int) -> set[str]:
 
 
 def test_timm_state_dict_names_and_kwargs(authors_file):
-    encoder = interop.load_encoder(authors_file).encoder
-    sd = interop.to_timm_state_dict(encoder)
+    encoder = load_encoder(authors_file).encoder
+    sd = to_timm_state_dict(encoder)
     assert set(sd) == expected_timm_keys(DEPTH)
-    assert all(torch.equal(sd[interop.timm_key(k)], v) for k, v in encoder.state_dict().items())
-    kw = interop.timm_kwargs(encoder)
+    assert all(torch.equal(sd[timm_key(k)], v) for k, v in encoder.state_dict().items())
+    kw = timm_kwargs(encoder)
     assert kw["class_token"] is False and kw["global_pool"] == "avg" and kw["fc_norm"] is False
     assert (kw["num_classes"], kw["embed_dim"], kw["depth"], kw["num_heads"], kw["img_size"], kw["patch_size"]) == (
         0,
@@ -438,13 +451,13 @@ def test_timm_state_dict_names_and_kwargs(authors_file):
         P,
     )
     with pytest.raises(KeyError):
-        interop.timm_key("head.weight")
+        timm_key("head.weight")
 
 
 def test_timm_model_gives_the_same_features(authors_file):
     pytest.importorskip("timm", reason="timm is not importable here (it needs torchvision); pip install timm")
-    encoder = interop.load_encoder(authors_file).encoder.eval()
-    model = interop.build_timm_model(encoder).eval()
+    encoder = load_encoder(authors_file).encoder.eval()
+    model = build_timm_model(encoder).eval()
     x = images(3)
     with torch.no_grad():
         ours, theirs = encoder(x).mean(1), model(x)
@@ -471,11 +484,11 @@ def test_timm_export_loads_into_timms_gap_models(authors_file, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt", weights_only=True)
-    encoder = interop.load_encoder(authors_file).encoder.eval()
+    encoder = load_encoder(authors_file).encoder.eval()
     with torch.no_grad():
         torch.testing.assert_close(result["features"], encoder(x).mean(1), atol=1e-5, rtol=0)
-    vit_h = interop.EncoderSpec(1280, 32, 16, 14, 224).build(device="meta")
-    ours = {k: tuple(v.shape) for k, v in interop.to_timm_state_dict(vit_h).items()}
+    vit_h = EncoderSpec(1280, 32, 16, 14, 224).build(device="meta")
+    ours = {k: tuple(v.shape) for k, v in to_timm_state_dict(vit_h).items()}
     assert ours == result["vit_huge_shapes"]
 
 
@@ -499,7 +512,7 @@ def test_ijepa_export_hf_gives_transformers_the_same_outputs(authors_file, tmp_p
     assert export_cli.export_main([str(authors_file), "--hf", str(out), "--which", "context"]) == 0
     assert "context encoder" in capsys.readouterr().out
     model = hf_model(out)
-    context = interop.load_encoder(authors_file, "encoder").encoder.eval()
+    context = load_encoder(authors_file, "encoder").encoder.eval()
     x = images(3)
     with torch.no_grad():
         ours = context(x)
@@ -509,7 +522,7 @@ def test_ijepa_export_hf_gives_transformers_the_same_outputs(authors_file, tmp_p
     assert (config["image_size"], config["patch_size"], config["intermediate_size"]) == (IMG, P, 4 * D)
     assert config["ijepa_fast"]["which"] == "encoder" and config["ijepa_fast"]["weights"] == "context"
     assert model.pooler is None
-    _, meta = interop.read_safetensors(out / "model.safetensors")
+    _, meta = read_safetensors(out / "model.safetensors")
     assert meta["format"] == "pt" and meta["ijepa_fast.weights"] == "context"
     prep = json.loads((out / "preprocessor_config.json").read_text())
     assert prep["size"] == {"height": IMG, "width": IMG} and prep["image_mean"] == [0.485, 0.456, 0.406]
@@ -519,12 +532,12 @@ def test_ijepa_export_hf_gives_transformers_the_same_outputs(authors_file, tmp_p
 def test_hf_export_uses_the_names_save_pretrained_writes(authors_file, tmp_path):
     """The published facebook/ijepa_* checkpoints were written by save_pretrained: same names, same shapes."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    encoder = interop.load_encoder(authors_file).encoder
-    interop.export_hf(encoder, tmp_path / "ours")
+    encoder = load_encoder(authors_file).encoder
+    export_hf(encoder, tmp_path / "ours")
     config = transformers.IJepaConfig.from_pretrained(str(tmp_path / "ours"))
     transformers.IJepaModel(config).save_pretrained(str(tmp_path / "theirs"))
-    ours, _ = interop.read_safetensors(tmp_path / "ours" / "model.safetensors")
-    theirs, _ = interop.read_safetensors(tmp_path / "theirs" / "model.safetensors")
+    ours, _ = read_safetensors(tmp_path / "ours" / "model.safetensors")
+    theirs, _ = read_safetensors(tmp_path / "theirs" / "model.safetensors")
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     assert "encoder.layer.11.attention.attention.value.bias" in ours and "layernorm.weight" in ours
 
@@ -543,24 +556,24 @@ def test_hf_folder_loads_as_our_encoder(tmp_path):
             if "layernorm" in name:
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(str(tmp_path / "hf"))
-    loaded = interop.load_encoder(tmp_path / "hf")
+    loaded = load_encoder(tmp_path / "hf")
     assert (loaded.format, loaded.which) == ("hf", "encoder")  # Hugging Face's converter takes the context encoder
     assert (loaded.spec.embed_dim, loaded.spec.depth, loaded.spec.num_heads, loaded.spec.img_size) == (96, 2, 4, 28)
     x = images(2, size=28)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encoder.eval()(x), hf_features(model, x), atol=1e-5, rtol=0)
     # the file itself and ijepa-eval's --model check lead to the same folder
-    assert interop.load_encoder(tmp_path / "hf" / "model.safetensors").spec == loaded.spec
+    assert load_encoder(tmp_path / "hf" / "model.safetensors").spec == loaded.spec
     with pytest.raises(ValueError, match="patch 7"):
-        interop.load_encoder(tmp_path / "hf", patch_size=16)
+        load_encoder(tmp_path / "hf", patch_size=16)
 
 
 def test_hf_round_trip_keeps_which_and_every_weight(authors_file, tmp_path):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
-    target = interop.load_encoder(authors_file).encoder
+    target = load_encoder(authors_file).encoder
     assert export_cli.export_main([str(authors_file), "--hf", str(tmp_path / "hf")]) == 0  # default: target
-    back = interop.load_encoder(tmp_path / "hf")
-    assert (back.format, back.which, back.spec) == ("hf", "target_encoder", interop.EncoderSpec.of(target))
+    back = load_encoder(tmp_path / "hf")
+    assert (back.format, back.which, back.spec) == ("hf", "target_encoder", EncoderSpec.of(target))
     a, b = target.state_dict(), back.encoder.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -575,26 +588,26 @@ def test_an_export_holds_no_local_path(tmp_path, capsys, destination):
     capsys.readouterr()
     files = [f for f in folder.rglob("*") if f.is_file()]
     assert files and not [f for f in files if str(tmp_path).encode() in f.read_bytes()]
-    _, meta = interop.read_safetensors(next(folder.rglob("*.safetensors")))
+    _, meta = read_safetensors(next(folder.rglob("*.safetensors")))
     assert meta["ijepa_fast.source" if destination == "--hf" else "source"] == "ckpt-00000010.pt"
 
 
 def test_hf_config_our_encoder_cannot_compute_is_refused_by_key(authors_file, tmp_path, capsys):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
-    interop.export_hf(interop.load_encoder(authors_file).encoder, tmp_path / "hf")
+    export_hf(load_encoder(authors_file).encoder, tmp_path / "hf")
     config_path = tmp_path / "hf" / "config.json"
     config = json.loads(config_path.read_text())
     for key, value in (("layer_norm_eps", 1e-12), ("hidden_act", "relu"), ("qkv_bias", False)):
         config_path.write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=f"config.json: {key}="):
-            interop.load_encoder(tmp_path / "hf")
+            load_encoder(tmp_path / "hf")
     config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "layer_norm_eps"}))
     assert export_cli.export_main([str(tmp_path / "hf"), "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "layer_norm_eps=1e-12" in capsys.readouterr().err  # IJepaConfig's default is not the authors' 1e-6
     (tmp_path / "hf" / "model.safetensors").unlink()
     config_path.write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        interop.load_encoder(tmp_path / "hf")
+        load_encoder(tmp_path / "hf")
 
 
 @pytest.mark.parametrize(
@@ -603,7 +616,7 @@ def test_hf_config_our_encoder_cannot_compute_is_refused_by_key(authors_file, tm
 )
 def test_a_malformed_hf_folder_is_one_line_naming_the_file_and_the_key(case, authors_file, tmp_path, capsys):
     folder = tmp_path / "hf"
-    interop.export_hf(interop.load_encoder(authors_file).encoder, folder)
+    export_hf(load_encoder(authors_file).encoder, folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     edits = {
@@ -623,7 +636,7 @@ def test_a_malformed_hf_folder_is_one_line_naming_the_file_and_the_key(case, aut
         (folder / "model.safetensors").unlink()
         torch.save([torch.zeros(2)], folder / "pytorch_model.bin")
     with pytest.raises(ValueError) as err:
-        interop.load_encoder(folder)
+        load_encoder(folder)
     assert str(err.value).startswith(message), str(err.value)
     assert export_cli.export_main([str(folder), "--out", str(tmp_path / "x.safetensors")]) == 1
     assert one_error_line("ijepa-export", capsys) == f"ijepa-export: {err.value}"
@@ -639,14 +652,14 @@ def test_hf_export_leaves_no_partial_file_when_writing_fails(authors_file, tmp_p
 
     monkeypatch.setattr(st, "save_file", disk_full)
     with pytest.raises(OSError, match="No space"):
-        interop.export_hf(interop.load_encoder(authors_file).encoder, tmp_path / "hf")
+        export_hf(load_encoder(authors_file).encoder, tmp_path / "hf")
     assert list((tmp_path / "hf").iterdir()) == []
 
 
 @pytest.mark.slow
 def test_hf_export_of_the_vit_h14_shape(tmp_path):
     """ViT-H/14 at 224 px (random weights): the shape of facebook/ijepa_vith14_1k, one image."""
-    spec = interop.EncoderSpec(1280, 32, 16, 14, 224, 4.0, "vit_huge")
+    spec = EncoderSpec(1280, 32, 16, 14, 224, 4.0, "vit_huge")
     encoder = spec.build(device="meta").to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -654,7 +667,7 @@ def test_hf_export_of_the_vit_h14_shape(tmp_path):
             if name != "pos_embed":  # keep the fixed sin-cos table: to_empty left it uninitialised
                 param.normal_(0.0, 0.02, generator=g)
         encoder.pos_embed.copy_(torch.from_numpy(sincos_pos_embed_2d(1280, 16)).float()[None])
-    interop.export_hf(encoder.eval(), tmp_path / "hf")
+    export_hf(encoder.eval(), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (1280, 32, 16)
     assert (config["intermediate_size"], config["patch_size"], config["image_size"]) == (5120, 14, 224)
@@ -672,13 +685,13 @@ def test_ijepa_export(authors_file, tmp_path, capsys):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
     out = tmp_path / "enc.safetensors"
     assert export_cli.export_main([str(authors_file), "--out", str(out), "--which", "encoder"]) == 0
-    back, _, meta = interop.load_safetensors_encoder(out)
+    back, _, meta = load_safetensors_encoder(out)
     assert meta["which"] == "encoder" and meta["source_format"] == "authors"
-    raw = interop.strip_module_prefix(torch.load(authors_file, weights_only=True)["encoder"])
+    raw = strip_module_prefix(torch.load(authors_file, weights_only=True)["encoder"])
     assert all(torch.equal(v, raw[k]) for k, v in back.state_dict().items())
     timm_out = tmp_path / "timm.safetensors"
     assert export_cli.export_main([str(authors_file), "--out", str(timm_out), "--timm"]) == 0
-    tensors, meta = interop.read_safetensors(timm_out)
+    tensors, meta = read_safetensors(timm_out)
     assert set(tensors) == expected_timm_keys(DEPTH) and json.loads(meta["timm_kwargs"])["fc_norm"] is False
     assert "timm kwargs" in capsys.readouterr().out
     assert export_cli.export_main([str(authors_file), "--out", str(out), "--model", "vit_base"]) == 1
@@ -709,7 +722,7 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
     if suffix == ".npy":
         feats, labels = np.load(out), np.load(tmp_path / "feats.labels.npy")
     else:
-        tensors, meta = interop.read_safetensors(out)
+        tensors, meta = read_safetensors(out)
         feats, labels = tensors["features"].numpy(), tensors["labels"].numpy()
         assert meta["which"] == "target_encoder" and meta["split"] == "test"
     assert feats.shape == (4, D) and labels.shape == (4,)
@@ -718,7 +731,7 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
     from ijepa_fast.data.loader import build_eval_dataset
 
     dataset = build_eval_dataset(DataConfig(dataset="idx", root=str(data), crop_size=IMG), split="test")
-    ref, ref_y = extract_features(interop.load_encoder(authors_file).encoder, dataset, progress=False)
+    ref, ref_y = extract_features(load_encoder(authors_file).encoder, dataset, progress=False)
     np.testing.assert_allclose(feats, ref.numpy(), rtol=1e-5, atol=1e-5)
     assert np.array_equal(labels, ref_y.numpy())
 

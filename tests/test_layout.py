@@ -1,12 +1,14 @@
 """Package boundaries: no import cycles among the project's modules, no library module importing a
-command-line module, the kernels installed under the project's namespace, and a non-editable
-install that runs from any folder."""
+command-line module, the kernels installed under the project's namespace, a non-editable install
+that runs from any folder, and the old flat import paths still working, with a deprecation warning."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -287,3 +289,75 @@ def test_each_owner_implements_exactly_the_choices_the_config_names():
         assert resolve_precision(torch.device("cpu"), dtype) is not None
     with pytest.raises(ValueError):
         resolve_engine("fsdp9", 1)
+
+
+# The flat modules users' scripts import, and the modules that now define their names.
+IO_MODULES = (
+    "ijepa_fast.io.encoder",
+    "ijepa_fast.io.paths",
+    "ijepa_fast.io.load",
+    "ijepa_fast.io.authors",
+    "ijepa_fast.io.safetensors_timm",
+    "ijepa_fast.io.hf",
+)
+# What the flat trainer module defined (later additions to the trainer need not go through the old path).
+OLD_TRAINER_NAMES = ("RUN_FOLDER_SETTINGS", "NonFiniteLossError", "Aborted", "RunResult", "Trainer")
+
+
+def public_names_defined_in(module: str) -> set[str]:
+    """The public classes, functions and constants a module's own file defines at top level (read
+    from its source, so names it imports do not count; ``log`` is the module's logger)."""
+    tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return {n for n in names if not n.startswith("_") and n != "log"}
+
+
+def old_path_names() -> dict[str, dict[str, tuple[str, ...]]]:
+    """Old module -> {new home: the names the old module must give, as the same objects}."""
+    io_names = {home: tuple(sorted(public_names_defined_in(home))) for home in IO_MODULES}
+    return {"ijepa_fast.interop": io_names, "ijepa_fast.trainer": {"ijepa_fast.train.trainer": OLD_TRAINER_NAMES}}
+
+
+def not_the_same_objects(module, homes: dict[str, tuple[str, ...]]) -> list[str]:
+    """The names ``module`` lacks or binds to other objects than their home module."""
+    return [
+        f"{home}.{name}"
+        for home, names in homes.items()
+        for name in names
+        if getattr(module, name, None) is not getattr(importlib.import_module(home), name)
+    ]
+
+
+@pytest.mark.parametrize("old", ["ijepa_fast.interop", "ijepa_fast.trainer"])
+def test_an_old_import_path_warns_and_gives_the_objects_of_their_new_home(old, monkeypatch):
+    monkeypatch.delitem(sys.modules, old, raising=False)  # a fresh import, as a user's script does
+    with pytest.warns(DeprecationWarning, match=f"^{re.escape(old)} moved to ijepa_fast[.]"):
+        shim = importlib.import_module(old)
+    homes = old_path_names()[old]
+    assert all(homes.values())
+    assert not_the_same_objects(shim, homes) == []
+
+
+def test_the_io_interop_namespace_keeps_every_public_name_and_the_checkpoint_errors():
+    from ijepa_fast.io import checkpoint, interop
+
+    assert not_the_same_objects(interop, old_path_names()["ijepa_fast.interop"]) == []
+    assert interop.UntrustedCheckpointError is checkpoint.UntrustedCheckpointError
+    assert interop.NotACheckpointError is checkpoint.NotACheckpointError
+
+
+def test_a_script_importing_an_old_path_is_shown_the_deprecation(tmp_path):
+    """Python shows a DeprecationWarning only when ``__main__`` triggers it: the warning points at the
+    script's own import line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONWARNINGS")}
+    code = "import ijepa_fast.interop, ijepa_fast.trainer"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for old in ("ijepa_fast.interop", "ijepa_fast.trainer"):
+        assert f"<string>:1: DeprecationWarning: {old} moved to ijepa_fast." in out.stderr

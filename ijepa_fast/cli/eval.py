@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _report_header(
     args: argparse.Namespace, loaded, device: torch.device, dtype: str, test_split: str
 ) -> dict[str, Any]:
-    from ijepa_fast.io.interop import weights_label
+    from ijepa_fast.io.encoder import weights_label
 
     spec = loaded.spec
     return {
@@ -302,7 +302,8 @@ def markdown_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ijepa_fast.io.interop import CheckpointMismatchError, UntrustedCheckpointError
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.io.encoder import CheckpointMismatchError
 
     try:
         report = run(args)

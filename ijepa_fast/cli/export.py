@@ -17,17 +17,16 @@ from ijepa_fast.cli.args import (
     open_eval_dataset,
 )
 from ijepa_fast.cli.args import resolve_device as resolve_cli_device
-from ijepa_fast.io.interop import (
+from ijepa_fast.io.encoder import weights_label
+from ijepa_fast.io.hf import _write_atomically, export_hf
+from ijepa_fast.io.safetensors_timm import (
     TIMM_GAP_MODEL,
-    VisionTransformer,
     _safetensors_torch,
-    _write_atomically,
-    export_hf,
     export_safetensors,
     timm_kwargs,
     to_timm_state_dict,
-    weights_label,
 )
+from ijepa_fast.models.vit import VisionTransformer
 
 EXPORT_HELP = """\
 Export one encoder of a checkpoint:

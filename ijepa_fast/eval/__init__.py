@@ -1,6 +1,6 @@
 """Frozen-feature evaluation: feature extraction, linear / low-shot / attentive probes, kNN, and the ``ijepa-eval`` CLI.
 
-from ijepa_fast.io.interop import load_encoder
+from ijepa_fast.io.load import load_encoder
 from ijepa_fast.eval import extract_features, linear_probe, knn_accuracy
 
 enc = load_encoder("runs/demo/checkpoints/latest.pt").encoder
