@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ijepa_fast.cli.bench import git_commit, mean_mask_sizes
+from ijepa_fast.bench.paper import mean_mask_sizes
+from ijepa_fast.bench.report import git_commit
 from ijepa_fast.models.attention import attention_function, attention_math
 from ijepa_fast.models.vit import vit_size
 from ijepa_fast.runtime.device import autocast

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ijepa_fast.cli.bench import default_config
+from ijepa_fast.bench.sources import default_config
 
 KERNEL_PARTS = ("masked_gather", "ema")
 
@@ -34,7 +34,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def is_step_result(data: dict | None) -> bool:
-    """An ijepa-bench result (``bench.run``): rows of configurations and a spec in its meta."""
+    """An ijepa-bench result (``ijepa_fast.bench.measure.run``): rows of configurations and a spec in its meta."""
     return bool(data) and "rows" in data and "spec" in data.get("meta", {})
 
 

@@ -1,5 +1,6 @@
-"""The profiling harness (ijepa_fast.cli.bench) end to end on ViT-tiny on the CPU, the phase-split
-step against the trainer's step, the GPU-hours and scaling arithmetic on known numbers."""
+"""The profiling harness (ijepa_fast.bench, through its command line ijepa_fast.cli.bench) end to end
+on ViT-tiny on the CPU, the phase-split step against the trainer's step, the GPU-hours and scaling
+arithmetic on known numbers."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import pytest
 import torch
 
 from ijepa_fast import config as config_mod
+from ijepa_fast.bench import measure
+from ijepa_fast.bench.paper import gpu_hours, peak_bf16_tflops, project
+from ijepa_fast.bench.sources import BenchSpec, LoaderBatches, SyntheticBatches
+from ijepa_fast.bench.timing import PhaseClock, optimizer_step, percentiles
 from ijepa_fast.cli import bench
-from ijepa_fast.cli.bench import BenchSpec, PhaseClock
 from ijepa_fast.models.flops import step_flops
 from ijepa_fast.train.build import build_train_step
 from profiling import scaling
@@ -118,11 +122,11 @@ def test_profiled_step_is_the_trainers_step(preset, accum):
     torch.manual_seed(0)
     plain = build_train_step(cfg, torch.device("cpu"), steps_per_epoch=100)
     marked = copy.deepcopy(plain)
-    source = bench.SyntheticBatches(cfg, torch.device("cpu"), count=3)
+    source = SyntheticBatches(cfg, torch.device("cpu"), count=3)
     for step in range(2):
-        a = bench.optimizer_step(plain, source, step)["loss"]
+        a = optimizer_step(plain, source, step)["loss"]
         clock = PhaseClock(torch.device("cpu"))
-        b = bench.optimizer_step(marked, source, step, mark=clock.phase)["loss"]
+        b = optimizer_step(marked, source, step, mark=clock.phase)["loss"]
         clock.stop()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert plain.stepped and marked.stepped
@@ -179,7 +183,7 @@ def test_the_reported_autocast_is_the_trainers_decision(monkeypatch, native):
     from ijepa_fast.runtime import device as precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(bench, "run_config", lambda spec, conf, *a, **k: {"name": conf.name, "ok": False})
+    monkeypatch.setattr(measure, "run_config", lambda spec, conf, *a, **k: {"name": conf.name, "ok": False})
     meta = bench.run_cli([*TINY_ARGS, "--configs", "authors"])["meta"]
     step = build_train_step(_tiny_spec().config_for({}), torch.device("cpu"), steps_per_epoch=10)
     assert meta["amp"] == ("bf16" if native else "fp32") and meta["amp_reason"].startswith("auto: ")
@@ -189,23 +193,23 @@ def test_the_reported_autocast_is_the_trainers_decision(monkeypatch, native):
 def test_real_loader_without_data_is_a_clear_error():
     spec = _tiny_spec(loader="pytorch")
     with pytest.raises(ValueError, match="data.root"):
-        bench.LoaderBatches(spec.config_for({"preset": "fast"}), torch.device("cpu"))
+        LoaderBatches(spec.config_for({"preset": "fast"}), torch.device("cpu"))
 
 
 def test_peak_table_matches_device_names():
-    assert bench.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert bench.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
-    assert bench.peak_bf16_tflops("NVIDIA H200") == 989.0
-    assert bench.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert bench.peak_bf16_tflops("Tesla V100-SXM2-16GB") is None
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_bf16_tflops("Tesla V100-SXM2-16GB") is None
 
 
 def test_gpu_hours_of_the_papers_figure():
     # 300 epochs of 1,281,167 images at 89 images/s per GPU: the paper's "under 1,200 GPU-hours"
-    assert bench.gpu_hours(89.0, 300) == pytest.approx(1199.5, abs=0.1)
-    assert bench.gpu_hours(178.0, 300) == pytest.approx(1199.5 / 2, abs=0.1)
+    assert gpu_hours(89.0, 300) == pytest.approx(1199.5, abs=0.1)
+    assert gpu_hours(178.0, 300) == pytest.approx(1199.5 / 2, abs=0.1)
     with pytest.raises(ValueError):
-        bench.gpu_hours(0.0, 300)
+        gpu_hours(0.0, 300)
 
 
 def test_projection_measured_and_flop_scaled():
@@ -216,20 +220,20 @@ def test_projection_measured_and_flop_scaled():
         {"name": "all on (default)", "ok": True, "images_per_s": 89.0, "gflop_per_image": flops / 1e9},
     ]
     rows = [{**r, "batch": 128} for r in rows]
-    h14, h16 = bench.project(rows, cfg, device_name="test GPU")
+    h14, h16 = project(rows, cfg, device_name="test GPU")
     assert h14["basis"].startswith("measured (all on")
     assert h14["gpu_hours"] == pytest.approx(1199.5, abs=0.1)
     assert h14["paper_gpu_hours"] == 1200.0 and h14["paper_images_per_s_per_gpu"] == pytest.approx(89.0, abs=0.1)
     assert h16["basis"].startswith("FLOP-scaled") and h16["paper_gpu_hours"] is None
     # 448 px / 16 = 784 patches: about 3x the FLOPs per image, so about 3x the GPU-hours
     assert 2.5 < h16["gpu_hours"] / h14["gpu_hours"] < 3.6
-    assert bench.project([{"name": "x", "ok": False}], cfg, "d") == []
+    assert project([{"name": "x", "ok": False}], cfg, "d") == []
 
 
 def test_percentiles():
-    p = bench.percentiles([float(x) for x in range(1, 11)])
+    p = percentiles([float(x) for x in range(1, 11)])
     assert p["median"] == 5.5 and p["p20"] == pytest.approx(2.8) and p["p80"] == pytest.approx(8.2)
-    assert bench.percentiles([3.0]) == {"median": 3.0, "p20": 3.0, "p80": 3.0}
+    assert percentiles([3.0]) == {"median": 3.0, "p20": 3.0, "p80": 3.0}
 
 
 def test_attention_benchmark_runs_on_cpu(tmp_path):

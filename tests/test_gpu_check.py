@@ -22,6 +22,8 @@ import torch
 from packaging.requirements import Requirement
 
 from ijepa_fast import config as config_mod
+from ijepa_fast.bench.paper import peak_bf16_tflops, project
+from ijepa_fast.bench.sources import ablation_configs, select_configs, spec_from_args
 from ijepa_fast.cli import bench
 from ijepa_fast.runtime import optional
 from profiling import gpu_env, gpu_wheels, preflight, scaling, torch_api
@@ -481,7 +483,7 @@ sys.exit(1)
 def gpu_step_result() -> dict:
     """An ijepa-bench ablation result as a GPU run writes it: every row, the real projection."""
     cfg = config_mod.Config()
-    names = [c.name for c in bench.ablation_configs(torch.device("cuda"))]
+    names = [c.name for c in ablation_configs(torch.device("cuda"))]
     rows = [
         {
             "name": name,
@@ -500,10 +502,10 @@ def gpu_step_result() -> dict:
         "spec": {"model": cfg.model.name, "patch": cfg.model.patch_size, "img": cfg.data.crop_size, "batch": 128},
         "amp": "bf16",
         "device": "NVIDIA H100 80GB HBM3",
-        "peak_bf16_tflops": bench.peak_bf16_tflops("NVIDIA H100 80GB HBM3"),
+        "peak_bf16_tflops": peak_bf16_tflops("NVIDIA H100 80GB HBM3"),
         "matmul_bf16_tflops": 777.7,
     }
-    return {"meta": meta, "rows": rows, "projection": bench.project(rows, cfg, "NVIDIA H100 80GB HBM3")}
+    return {"meta": meta, "rows": rows, "projection": project(rows, cfg, "NVIDIA H100 80GB HBM3")}
 
 
 def kernel_result(cases: list[str]) -> dict:
@@ -595,17 +597,17 @@ def test_the_gpu_form_of_each_stage_runs_its_parts_and_each_reply_fits(tmp_path)
     assert set(steps) == {"step_vith14", "ablation", "deepspeed_zero2", "deepspeed_zero3"}
     for tag, argv in steps.items():
         args = bench.parse_args(argv)
-        cfg = bench.spec_from_args(args).config_for({})
+        cfg = spec_from_args(args).config_for({})
         assert (cfg.model.name, cfg.model.patch_size, cfg.data.crop_size, cfg.data.batch_size) == (
             "vit_huge",
             14,
             224,
             128,
         )
-        configs = bench.select_configs(args, torch.device("cuda"))
+        configs = select_configs(args, torch.device("cuda"))
         never = [c.name for c in configs if c.speed.get("preset") == "authors" and c.compiles]
         assert never == [], f"{tag} compiles the authors' preset"
-    assert [c.name for c in bench.select_configs(bench.parse_args(steps["step_vith14"]), torch.device("cuda"))] == [
+    assert [c.name for c in select_configs(bench.parse_args(steps["step_vith14"]), torch.device("cuda"))] == [
         "authors",
         "all on (default)",
     ]
