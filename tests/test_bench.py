@@ -257,9 +257,11 @@ def test_attention_benchmark_runs_on_cpu(tmp_path):
     assert [r["case"].split(" (")[0] for r in rows[::2]] == ["vitb16 target", "vitb16 context", "vitb16 predictor"]
     assert rows[0]["tokens"] == 196 and rows[0]["head_dim"] == 64 and rows[4]["head_dim"] == 32
     assert "| vitb16 target (N=196) |" in (tmp_path / "R.md").read_text()
-    (tmp_path / "a.json").rename(tmp_path / "attention.json")
-    (tmp_path / "status.tsv").write_text("attention\tok\t1\n")
-    assert "vitb16 target: " in gpu_summary.summary(tmp_path / "status.tsv", tmp_path)
+    stage = tmp_path / "gpu_check" / "attention"
+    stage.mkdir(parents=True)
+    (tmp_path / "a.json").rename(stage / "attention.json")
+    (stage / "status.tsv").write_text("attention\tok\t1\n")
+    assert "vitb16 target: " in gpu_summary.summary(tmp_path / "gpu_check")
 
 
 def test_every_attention_backend_runs_under_the_autocast_of_its_dtype():
