@@ -9,6 +9,10 @@ Bytes moved are the minimum: read t, read s, write t (and write the bf16 copy wh
 Math is fp32 whatever the storage (fp32 or bf16 targets, fp32 or bf16 sources). Momentum is read
 from a device tensor inside the kernel, so a new value each step neither recompiles nor syncs.
 ``m + (1 - m)`` is exactly 1 in fp32 for m in [0.5, 1], so the update has no drift in scale.
+
+``apply``, a 0-d bool device tensor, is read inside the kernel too: where it is false (a training
+step whose loss or gradients were not finite) every program returns without reading or writing, so
+the targets keep their bits and the host never learns the flag's value.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def _kernel():
         s0,
         o0,
         m_ptr,
+        apply_ptr,
         HAS_OUT: tl.constexpr,
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -65,22 +70,25 @@ def _kernel():
             o = tl.multiple_of(o, 16)
         m = tl.load(m_ptr).to(tl.float32)
         w = 1.0 - m
-        for it in tl.static_range(ITERS):
-            offs = start + it * BLOCK + tl.arange(0, BLOCK)
-            # Full blocks go unmasked: a mask built from a loaded length defeats vectorisation.
-            if start + (it + 1) * BLOCK <= n:
-                new = m * tl.load(t + offs).to(tl.float32) + w * tl.load(s + offs).to(tl.float32)
-                tl.store(t + offs, new.to(t0.dtype.element_ty))
-                if HAS_OUT:
-                    tl.store(o + offs, new.to(o0.dtype.element_ty))
-            else:
-                mask = offs < n
-                new = m * tl.load(t + offs, mask=mask, other=0.0).to(tl.float32) + w * tl.load(
-                    s + offs, mask=mask, other=0.0
-                ).to(tl.float32)
-                tl.store(t + offs, new.to(t0.dtype.element_ty), mask=mask)
-                if HAS_OUT:
-                    tl.store(o + offs, new.to(o0.dtype.element_ty), mask=mask)
+        # One uniform branch per program: a skipped update moves no bytes, an applied one runs the
+        # same unmasked loads and stores as without the flag.
+        if tl.load(apply_ptr) != 0:
+            for it in tl.static_range(ITERS):
+                offs = start + it * BLOCK + tl.arange(0, BLOCK)
+                # Full blocks go unmasked: a mask built from a loaded length defeats vectorisation.
+                if start + (it + 1) * BLOCK <= n:
+                    new = m * tl.load(t + offs).to(tl.float32) + w * tl.load(s + offs).to(tl.float32)
+                    tl.store(t + offs, new.to(t0.dtype.element_ty))
+                    if HAS_OUT:
+                        tl.store(o + offs, new.to(o0.dtype.element_ty))
+                else:
+                    mask = offs < n
+                    new = m * tl.load(t + offs, mask=mask, other=0.0).to(tl.float32) + w * tl.load(
+                        s + offs, mask=mask, other=0.0
+                    ).to(tl.float32)
+                    tl.store(t + offs, new.to(t0.dtype.element_ty), mask=mask)
+                    if HAS_OUT:
+                        tl.store(o + offs, new.to(o0.dtype.element_ty), mask=mask)
 
     return ema_kernel
 
@@ -110,7 +118,11 @@ def _table(ts: list[torch.Tensor], ss: list[torch.Tensor], os_: list[torch.Tenso
 
 
 def _launch_group(
-    ts: list[torch.Tensor], ss: list[torch.Tensor], os_: list[torch.Tensor] | None, m: torch.Tensor
+    ts: list[torch.Tensor],
+    ss: list[torch.Tensor],
+    os_: list[torch.Tensor] | None,
+    m: torch.Tensor,
+    apply: torch.Tensor,
 ) -> None:
     """One launch over tensors of one (t dtype, s dtype) kind; all contiguous and non-empty."""
     has_out = os_ is not None
@@ -128,6 +140,7 @@ def _launch_group(
         ss[0],
         os_[0],
         m,
+        apply,
         HAS_OUT=has_out,
         ALIGNED=aligned,
         BLOCK=_BLOCK,
@@ -135,8 +148,17 @@ def _launch_group(
     )
 
 
-def _update_one(t: torch.Tensor, s: torch.Tensor, m: torch.Tensor, o: torch.Tensor | None) -> None:
-    """One pair in fp32 math with torch ops (non-contiguous tensors, and the CPU path)."""
+def _update_one(
+    t: torch.Tensor, s: torch.Tensor, m: torch.Tensor, o: torch.Tensor | None, apply: torch.Tensor | None = None
+) -> None:
+    """One pair in fp32 math with torch ops (non-contiguous tensors, and the CPU path). Where
+    ``apply`` (0-d bool tensor) is false, ``t`` and ``o`` keep their bits (a select, no host read)."""
+    if apply is not None:  # out of place (t.float() is t itself for fp32), then selected in t's dtype
+        new = t.float().mul(m).add_(s.float() * (1.0 - m))
+        t.copy_(torch.where(apply, new.to(t.dtype), t))
+        if o is not None:
+            o.copy_(torch.where(apply, new.to(o.dtype), o))
+        return
     if t.dtype == torch.float32:
         t.mul_(m).add_(s.float() * (1.0 - m))
         new = t
@@ -148,7 +170,11 @@ def _update_one(t: torch.Tensor, s: torch.Tensor, m: torch.Tensor, o: torch.Tens
 
 
 def _launch(
-    targets: list[torch.Tensor], sources: list[torch.Tensor], m: torch.Tensor, bf16_out: list[torch.Tensor] | None
+    targets: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    m: torch.Tensor,
+    bf16_out: list[torch.Tensor] | None,
+    apply: torch.Tensor,
 ) -> None:
     """Group the pairs by dtypes and launch once per group; odd (non-contiguous) tensors take torch ops."""
     groups: dict[tuple, list[int]] = {}
@@ -157,7 +183,7 @@ def _launch(
         if t.numel() == 0:
             continue
         if not (t.is_contiguous() and s.is_contiguous() and (o is None or o.is_contiguous())):
-            _update_one(t, s, m, o)
+            _update_one(t, s, m, o, apply)
             continue
         groups.setdefault((t.dtype, s.dtype), []).append(i)
     for members in groups.values():
@@ -166,6 +192,7 @@ def _launch(
             [sources[i] for i in members],
             None if bf16_out is None else [bf16_out[i] for i in members],
             m,
+            apply,
         )
 
 
@@ -177,11 +204,13 @@ def ema_update_reference(
     sources: list[torch.Tensor],
     momentum: float | torch.Tensor,
     bf16_out: list[torch.Tensor] | None = None,
+    apply: torch.Tensor | None = None,
 ) -> None:
-    """The authors' loop: one ``mul_`` and one ``add_`` per parameter (fp32 math for bf16 targets)."""
+    """The authors' loop: one ``mul_`` and one ``add_`` per parameter (fp32 math for bf16 targets).
+    With ``apply`` (0-d bool tensor), a select after each update keeps the old bits where it is false."""
     with torch.no_grad():
         for i, (t, s) in enumerate(zip(targets, sources)):
-            _update_one(t, s, momentum, None if bf16_out is None else bf16_out[i])
+            _update_one(t, s, momentum, None if bf16_out is None else bf16_out[i], apply)
 
 
 def ema_update_foreach(
@@ -201,25 +230,34 @@ def ema_update_foreach(
 
 
 def _ema_impl(
-    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: torch.Tensor, bf16_out: list[torch.Tensor]
+    targets: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    momentum: torch.Tensor,
+    bf16_out: list[torch.Tensor],
+    apply: torch.Tensor,
 ) -> None:
     outs = bf16_out if bf16_out else None
     if dsp.use_triton(targets[0].device):
-        _launch(targets, sources, momentum, outs)
+        _launch(targets, sources, momentum, outs, apply)
     else:
-        ema_update_reference(targets, sources, momentum, outs)
+        ema_update_reference(targets, sources, momentum, outs, apply)
 
 
 @torch.library.custom_op("ijepa_fast::ema_update_", mutates_args=("targets", "bf16_out"))
 def _ema_op(
-    targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: torch.Tensor, bf16_out: list[torch.Tensor]
+    targets: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    momentum: torch.Tensor,
+    bf16_out: list[torch.Tensor],
+    apply: torch.Tensor,
 ) -> None:
-    """In place: targets <- m * targets + (1 - m) * sources; bf16_out (empty list: none) <- targets."""
-    _ema_impl(targets, sources, momentum, bf16_out)
+    """In place, where ``apply``: targets <- m * targets + (1 - m) * sources; bf16_out (empty list:
+    none) <- targets."""
+    _ema_impl(targets, sources, momentum, bf16_out, apply)
 
 
 @_ema_op.register_fake
-def _(targets, sources, momentum, bf16_out):
+def _(targets, sources, momentum, bf16_out, apply):
     return None
 
 
@@ -248,6 +286,15 @@ def _check_lists(targets: list, sources: list, bf16_out: list | None) -> torch.d
     return device
 
 
+def _apply_tensor(apply: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """0-d bool tensor on ``device`` (None: always apply); a device tensor is used as it is, unread."""
+    if apply is None:
+        return torch.ones((), dtype=torch.bool, device=device)
+    if apply.numel() != 1 or apply.dtype != torch.bool:
+        raise ValueError(f"apply must be a one-element bool tensor, got {apply.dtype} of shape {tuple(apply.shape)}")
+    return apply.reshape(()).to(device)
+
+
 def _momentum_tensor(momentum: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """0-d fp32 tensor on ``device``; torch.full fills on the device, so a float costs no host sync."""
     if isinstance(momentum, torch.Tensor):
@@ -265,11 +312,14 @@ def ema_update_(
     sources: list[torch.Tensor],
     momentum: float | torch.Tensor,
     bf16_out: list[torch.Tensor] | None = None,
+    apply: torch.Tensor | None = None,
 ) -> None:
     """In place ``t = m * t + (1 - m) * s`` for every pair, fp32 math; optionally ``bf16_out[i] = t`` (bf16).
 
     targets: fp32 or bf16 tensors (parameters, or flat 1-D buffers); sources: same shapes, any float
-    dtype; momentum: Python float or one-element tensor (a device tensor avoids any host work).
+    dtype; momentum: Python float or one-element tensor (a device tensor avoids any host work);
+    apply: one-element bool tensor (None: true); where false, targets and bf16_out keep their bits,
+    decided on the device.
     """
     targets, sources = list(targets), list(sources)
     bf16_out = None if bf16_out is None else list(bf16_out)
@@ -277,11 +327,12 @@ def ema_update_(
         return
     device = _check_lists(targets, sources, bf16_out)
     m = _momentum_tensor(momentum, device)
+    flag = _apply_tensor(apply, device)
     outs = [] if bf16_out is None else bf16_out
     with torch.no_grad():  # parameters that require grad may then be updated in place
         if torch.compiler.is_compiling():
-            _ema_op(targets, sources, m, outs)  # opaque to the tracer, with its fake
+            _ema_op(targets, sources, m, outs, flag)  # opaque to the tracer, with its fake
         else:
             # Eager: skip the op dispatcher, whose per-tensor work over 3 lists of ~400 tensors costs
             # as much as the update itself for a small model.
-            _ema_impl(targets, sources, m, outs)
+            _ema_impl(targets, sources, m, outs, flag)

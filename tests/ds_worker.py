@@ -7,6 +7,7 @@
                                                      # a save whose writes the kernel refuses
     python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
     python tests/ds_worker.py nan OUT_DIR KEY=VALUE...     # a trainer whose loss turns NaN on rank 1
+    python tests/ds_worker.py nan_after OUT_DIR STEP KEY=VALUE...  # the same from step index STEP on
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
 
 Rank and world come from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun
@@ -600,6 +601,83 @@ def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
     return 0
 
 
+class _BeforeEachStep:
+    """The trainer's step with ``before(step)`` called first (the 0-based step index)."""
+
+    def __init__(self, step_fn, before):
+        self.step_fn, self.before = step_fn, before
+
+    def __call__(self, images, masks, step, **options):
+        self.before(step)
+        return self.step_fn(images, masks, step, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.step_fn, name)
+
+
+def _optimizer_tensors(engine) -> list[torch.Tensor]:
+    """What this rank's torch AdamW updates: its parameters (the module's at stage 0, the flat fp32
+    partitions under ZeRO) and its state (moments, step counts), copied."""
+    inner = engine._torch_optimizer
+    params = [p for group in inner.param_groups for p in group["params"]]
+    state = [v for p in params for v in inner.state[p].values() if torch.is_tensor(v)]
+    return [t.detach().clone() for t in params + state]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).contiguous().view(torch.uint8)
+
+
+def run_with_a_nan_on_rank_1_after(bad_step: int, out: Path, overrides: list[str]) -> int:
+    """Train (run.engine=deepspeed) with rank 1's loss NaN from step index ``bad_step`` on: every
+    rank must stop at the next log naming step bad_step + 1 (exit 7, as ``nan``), having skipped the
+    bad steps on the device. Each rank writes ``nan_after_rank{rank}.json``: whether its AdamW's
+    parameters and state kept their bits from before the bad step, and on rank 0 whether the export
+    saved on the stop equals the consolidated weights and target encoder from before it."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.io.checkpoint import list_checkpoints
+    from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
+
+    trainer = Trainer(config_mod.load(None, overrides))
+    trainer.build()
+    engine, forward = trainer.engine, trainer.step_fn.student.forward
+    current, before = {"step": 0}, {}
+
+    def poisoned(*args, **kwargs):
+        loss = forward(*args, **kwargs)
+        return loss * float("nan") if trainer.rank == 1 and current["step"] >= bad_step else loss
+
+    def snapshot(step: int) -> None:
+        current["step"] = step
+        if step == bad_step:
+            before.update(optimizer=_optimizer_tensors(engine), weights=engine.consolidated_state())
+
+    trainer.step_fn.student.forward = poisoned
+    trainer.step_fn = _BeforeEachStep(trainer.step_fn, snapshot)
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        print(f"stopped: {err}", flush=True)
+        report = {
+            "steps_run": current["step"] + 1,
+            "optimizer_unchanged": all(
+                torch.equal(_bits(a), _bits(b)) for a, b in zip(_optimizer_tensors(engine), before["optimizer"])
+            ),
+        }
+        if trainer.rank == 0:
+            steps, path = list_checkpoints(Path(trainer.run_dir) / "checkpoints")[-1]
+            saved = torch.load(path, weights_only=True)
+            report["export_step"] = steps
+            report["export_matches"] = all(
+                torch.equal(_bits(saved[part][k]), _bits(v))
+                for part, sd in before["weights"].items()
+                for k, v in sd.items()
+            )
+        (out / f"nan_after_rank{trainer.rank}.json").write_text(json.dumps(report))
+        return 6 if torch.distributed.is_initialized() else 7
+    return 0
+
+
 def main(argv: list[str]) -> int:
     mode, out = argv[0], Path(argv[1])
     from ijepa_fast.runtime import distributed as dist_
@@ -608,6 +686,8 @@ def main(argv: list[str]) -> int:
         return run_on_locked_folder(argv[2:])
     if mode == "nan":
         return run_with_a_nan_on_rank_1(argv[2:])
+    if mode == "nan_after":
+        return run_with_a_nan_on_rank_1_after(int(argv[2]), out, argv[3:])
     if mode == "zero":
         env = dist_.init(deepspeed=True, timeout_s=120)
         for stage in (int(s) for s in argv[2].split(",")):

@@ -513,6 +513,34 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_and_each_leaves_th
     assert all("non-finite at step 1" in text for text in texts), _tail(texts)
 
 
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 3))
+def test_a_nan_loss_after_good_steps_is_skipped_on_every_rank_and_the_weights_before_it_are_saved(tmp_path, stage):
+    """Rank 1's loss turns NaN at step 3 (index 2); logs every 2 steps. The fused AdamW inside
+    DeepSpeed takes the flag (the loss mean, and the gradient norm ZeRO computes; at stage 0 the
+    reduced gradients) as found_inf: steps 3 and 4 change no rank's parameters, moments or step
+    counts, bit for bit; the log after step 4 stops both ranks naming step 3, and the export saved on
+    the stop (step 2) holds the weights and target encoder from before step 3."""
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=96)  # 6 steps of 2 ranks x 8
+    overrides = tiny_overrides(
+        data,
+        tmp_path / "runs",
+        "nan",
+        **{"run.engine": "deepspeed", "run.zero_stage": stage, "run.log_every": 2, "run.checkpoint_every": 100},
+    )
+    codes, texts, _ = launch("nan_after", tmp_path, "2", *overrides, timeout=300, extra_env={dist_.TIMEOUT_ENV: "60"})
+    assert codes == [7, 7], _tail(texts)
+    assert all("non-finite at step 3" in text for text in texts), _tail(texts)
+    assert "the last good checkpoint is" in texts[0] and "ckpt-00000002.pt" in texts[0], _tail(texts)  # rank 0 wrote it
+    reports = [json.loads((tmp_path / f"nan_after_rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert [r["steps_run"] for r in reports] == [4, 4]
+    assert all(r["optimizer_unchanged"] for r in reports), reports
+    assert reports[0]["export_step"] == 2 and reports[0]["export_matches"], reports[0]
+    assert (tmp_path / "runs" / "nan" / "deepspeed" / "latest").read_text().strip() == "step_00000002"
+
+
 def test_a_dead_rank_fails_its_peer_instead_of_hanging(tmp_path):
     codes, texts, elapsed = launch("die", tmp_path, timeout=90, extra_env={dist_.TIMEOUT_ENV: "20"})
     assert codes[1] == 3

@@ -134,12 +134,13 @@ def test_param_groups_exclude_biases_and_1d_from_weight_decay():
 
 def test_the_authors_adamw_leaves_the_implementation_to_torch():
     """fused=False is the authors' torch.optim.AdamW(param_groups): neither foreach nor fused is
-    forced, so torch picks its default (foreach for CUDA tensors)."""
+    forced, so torch picks its default (foreach for CUDA tensors). The default is fused, on a CPU
+    too: only the fused kernels can skip a non-finite step on the device."""
     student, _ = build_models(TINY, IMG)
     opt = build_optimizer(student, OptimConfig(), torch.device("cuda"), fused=False)
     assert opt.defaults["foreach"] is None and opt.defaults["fused"] is None
     fast = build_optimizer(student, OptimConfig(), torch.device("cpu"))
-    assert fast.defaults["foreach"] is True
+    assert fast.defaults["fused"] is True
 
 
 @pytest.mark.parametrize("kind", ["smooth_l1", "l2"])
@@ -256,3 +257,143 @@ def test_weights_finite_sees_the_student_and_the_target():
             assert not bool(step.engine.weights_finite())
             weight.view(-1)[3] = saved
     assert bool(step.engine.weights_finite())
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes: equal bits, not equal values (a NaN equals itself, -0.0 differs from 0.0)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _state(step: TrainStep) -> dict[str, torch.Tensor]:
+    """Every tensor a step may change: student and target weights, AdamW's moments and step counts."""
+    state = _weights(step)
+    for i, p in enumerate(step.engine._params):
+        for k, v in step.optimizer.state[p].items():
+            state[f"opt.{i}.{k}"] = v.detach().clone()
+    return state
+
+
+def _assert_same_bits(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    changed = [k for k in want if not torch.equal(_bits(got[k]), _bits(want[k]))]
+    assert not changed, f"changed by a skipped step: {changed[:5]}"
+
+
+def _poison(step: TrainStep, what: str, when: set[int]) -> None:
+    """From now on, calls (0-based, counted over micro-batches) in ``when`` get a non-finite loss with
+    finite gradients ("loss": a NaN constant added), or a finite loss with one non-finite gradient
+    ("grad": the first trained encoder weight's gradient made inf by a hook)."""
+    calls = {"n": 0, "bad": False}
+    forward = step.student.forward
+
+    def poisoned(*args, **kwargs):
+        loss = forward(*args, **kwargs)
+        calls["bad"] = calls["n"] in when
+        calls["n"] += 1
+        if calls["bad"] and what == "loss":
+            return loss + torch.tensor(float("nan"))  # no effect on any gradient
+        return loss
+
+    def inf_gradient(grad):
+        return torch.full_like(grad, float("inf")) if calls["bad"] and what == "grad" else grad
+
+    step.student.forward = poisoned
+    next(p for p in step.student.encoder.parameters() if p.requires_grad).register_hook(inf_gradient)
+
+
+def _changed(after: dict, before: dict, prefix: str) -> bool:
+    return any(not torch.equal(after[k], before[k]) for k in before if k.startswith(prefix))
+
+
+@pytest.mark.parametrize(
+    "what,kw,options",
+    [
+        ("loss", {}, StepOptions()),
+        ("grad", {}, StepOptions()),
+        ("grad", {"grad_clip": 1.0}, StepOptions()),  # the flag from the norm clipping computes
+        ("loss", {"grad_clip": 1.0}, StepOptions(fused_ema=False)),  # the authors' EMA loop
+        ("loss", {"grad_scaler": True}, StepOptions()),  # the skip joins a GradScaler's found_inf
+    ],
+    ids=["nan-loss", "inf-grad", "inf-grad+clip", "nan-loss+clip+authors-ema", "nan-loss+scaler"],
+)
+def test_a_non_finite_step_and_every_later_one_change_nothing(what, kw, options):
+    """Two good steps, then a bad one: from it on, the weights, AdamW's moments and step counts and the
+    target encoder keep their bits (fused AdamW takes the flag as found_inf; the EMA skips), and the
+    output's step_finite is false, while the good steps did change them."""
+    images, masks = fixed_batch()
+    step = make_step(options=options, **kw)
+    assert step.engine.skips_non_finite
+    _poison(step, what, when={2})
+    initial = _state(step)
+    outs = [step(images, masks, i) for i in range(2)]
+    before = _state(step)
+    assert all(bool(o["step_finite"]) for o in outs)
+    assert _changed(before, initial, "student.") and _changed(before, initial, "target.")
+    outs = [step(images, masks, i) for i in range(2, 5)]  # the bad step, then good ones: skipped too
+    _assert_same_bits(_state(step), before)
+    assert [bool(o["step_finite"]) for o in outs] == [False] * 3
+    assert bool(torch.isfinite(outs[1]["loss"]))  # the later losses themselves are finite
+
+
+def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step():
+    images, masks = fixed_batch()
+    step = make_step(grad_accum=2)
+    _poison(step, "loss", when={2})  # step 1's first micro-batch
+    step(images, masks, 0)
+    step(images, masks, 0)
+    before = _state(step)
+    step(images, masks, 1)
+    out = step(images, masks, 1)
+    assert step.stepped and not bool(out["step_finite"])
+    _assert_same_bits(_state(step), before)
+
+
+def test_under_a_grad_scaler_a_non_finite_gradient_is_the_scalers_to_skip():
+    """With a GradScaler, an inf gradient is an overflow: the scaler skips the optimizer step and
+    halves its scale, as in the authors' loop; the step stays finite (the run goes on) and the EMA
+    runs, as the authors' does."""
+    images, masks = fixed_batch()
+    step = make_step(grad_scaler=True)
+    _poison(step, "grad", when={1})
+    step(images, masks, 0)
+    before, scale = _state(step), step.engine.scaler.get_scale()
+    out = step(images, masks, 1)
+    after = _state(step)
+    assert bool(out["step_finite"]) and step.engine.scaler.get_scale() == scale / 2
+    assert not _changed(after, before, "student.") and not _changed(after, before, "opt.")
+    assert _changed(after, before, "target.")
+
+
+def test_a_non_fused_optimizer_cannot_skip_but_the_ema_does():
+    """torch's foreach AdamW keeps its step counts on the host: its step is applied; the target
+    encoder still keeps its bits."""
+    images, masks = fixed_batch()
+    step = make_step()
+    optimizer = torch.optim.AdamW(param_groups(step.student), lr=1e-3, foreach=True)
+    step.engine = PlainEngine(step.student, step.target_encoder, optimizer, torch.device("cpu"))
+    assert not step.engine.skips_non_finite
+    _poison(step, "loss", when={1})
+    step(images, masks, 0)
+    before = _state(step)
+    out = step(images, masks, 1)
+    after = _state(step)
+    assert not bool(out["step_finite"])
+    assert _changed(after, before, "student.")
+    _assert_same_bits(*({k: v for k, v in state.items() if k.startswith("target.")} for state in (after, before)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ema_update_with_apply(fused):
+    """apply=True: the same bits as without it; apply=False: the targets keep theirs."""
+    torch.manual_seed(0)
+    src, tgt = torch.nn.Linear(7, 5), torch.nn.Linear(7, 5)
+    plain, gated = copy.deepcopy(tgt), copy.deepcopy(tgt)
+    ema_update(list(plain.parameters()), list(src.parameters()), 0.9961, fused=fused)
+    ema_update(list(gated.parameters()), list(src.parameters()), 0.9961, fused=fused, apply=torch.tensor(True))
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(plain.parameters(), gated.parameters()))
+    before = [_bits(p).clone() for p in tgt.parameters()]
+    ema_update(list(tgt.parameters()), list(src.parameters()), 0.9961, fused=fused, apply=torch.tensor(False))
+    assert all(torch.equal(_bits(p), b) for p, b in zip(tgt.parameters(), before))

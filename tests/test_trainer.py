@@ -4,6 +4,7 @@ resume, leftovers of a killed run."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
 import os
@@ -245,25 +246,54 @@ def assert_finite_checkpoint(path: Path) -> None:
         assert all(torch.isfinite(v).all() for v in state[part].values()), (path, part)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_non_finite_step_stops_naming_it_and_saves_the_weights_from_before_it(tmp_path, monkeypatch, what):
+    """From step index 4 on (step 5 as metrics.csv counts) the loss is NaN, or the loss stays finite and
+    one gradient is inf. Logs every 2 steps, checkpoints every 3: steps 5 and 6 are skipped on the
+    device, the log after step 6 stops the run naming step 5, and a checkpoint of step 4 holds the
+    weights, AdamW's moments and step counts and the target encoder as they were after step 4, bit
+    for bit; the message names it."""
     data = write_idx(tmp_path / "data", n=96)
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "nan", **{"run.log_every": 2}))
     trainer = Trainer(cfg)
     trainer.build()
     step_fn, forward = trainer.step_fn, trainer.step_fn.student.forward
-    current = {"step": 0}
+    current, before_bad = {"step": 0}, {}
 
-    def poisoned_forward(*args, **kwargs):  # the loss turns NaN from step index 4 on: step 5 as metrics.csv counts
+    def poisoned_forward(*args, **kwargs):
         loss = forward(*args, **kwargs)
-        return loss * float("nan") if current["step"] >= 4 else loss
+        return loss * float("nan") if current["step"] >= 4 and what == "loss" else loss
+
+    def inf_gradient(grad):
+        return torch.full_like(grad, float("inf")) if current["step"] >= 4 and what == "gradient" else grad
+
+    def before(step):
+        current.update(step=step)
+        if step == 4:
+            before_bad.update(copy.deepcopy(trainer.engine.state_dict()))
 
     monkeypatch.setattr(step_fn.student, "forward", poisoned_forward)
-    monkeypatch.setattr(trainer, "step_fn", SpyStep(step_fn, before=lambda step: current.update(step=step)))
-    with pytest.raises(NonFiniteLossError, match="non-finite at step 5;.*ckpt-00000003.pt"):
+    next(p for p in step_fn.student.encoder.parameters() if p.requires_grad).register_hook(inf_gradient)
+    monkeypatch.setattr(trainer, "step_fn", SpyStep(step_fn, before=before))
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 5;.*ckpt-00000004.pt"):
         trainer.fit()
     ckpts = list_checkpoints(tmp_path / "runs" / "nan" / "checkpoints")
-    assert [s for s, _ in ckpts] == [3]
-    assert_finite_checkpoint(ckpts[0][1])
+    assert [s for s, _ in ckpts] == [3, 4]
+    saved = torch.load(ckpts[-1][1], weights_only=True)
+    assert saved["step"] == 4 and current["step"] == 5  # steps 5 and 6 ran
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert saved[part].keys() == before_bad[part].keys()
+        changed = [k for k, v in before_bad[part].items() if not _same_bits(saved[part][k], v)]
+        assert not changed, (part, changed)
+    opt_saved, opt_before = saved["opt"]["state"], before_bad["opt"]["state"]
+    assert opt_saved.keys() == opt_before.keys()
+    for i, state in opt_before.items():
+        assert all(_same_bits(opt_saved[i][k], v) for k, v in state.items()), i
+    assert float(opt_before[0]["step"]) == 4
 
 
 def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
@@ -778,9 +808,11 @@ def test_each_logged_row_holds_the_collapse_monitors_of_that_steps_batch(tmp_pat
 
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-# The package's own code. Not the kernels: on the CPU they run their references, which check index
-# ranges on the host; the Triton paths a GPU runs check only under their debug switch.
+# The package's own code. Not the kernels (ijepa_fast/kernels, a link to kernels/): on the CPU they
+# run their references, which check index ranges on the host; the Triton paths a GPU runs check only
+# under their debug switch.
 PACKAGE_CODE = str(Path(__file__).resolve().parents[1] / "ijepa_fast")
+KERNEL_CODE = str(Path(PACKAGE_CODE) / "kernels") + os.sep
 
 
 class HostReads:
@@ -801,7 +833,8 @@ class HostReads:
 
         def counted(tensor, *args, **kwargs):
             caller = sys._getframe(1).f_code
-            if not self.paused and caller.co_filename.startswith(PACKAGE_CODE):
+            package = caller.co_filename.startswith(PACKAGE_CODE) and not caller.co_filename.startswith(KERNEL_CODE)
+            if not self.paused and package:
                 self.counts.setdefault(self.step, []).append(f"{name} in {caller.co_name}")
             return original(tensor, *args, **kwargs)
 

@@ -151,7 +151,9 @@ class SpeedConfig:
     compile: str = "auto"  # auto (on for CUDA, off for CPU)|on|off: torch.compile of each block
     fused_ema: bool = True  # False: the authors' per-parameter mul_/add_ loop
     fused_gather: bool = True  # False: the authors' expand + gather + cat masks
-    fused_optimizer: bool = True  # AdamW fused on CUDA, foreach on CPU; False: torch's default, as the authors
+    fused_optimizer: bool = (
+        True  # AdamW fused (CUDA and CPU: skips non-finite steps on the device); False: torch's default, as the authors
+    )
     grad_scaler: bool = False  # True: a GradScaler as the authors (not needed for bf16)
     sync_every_step: bool = False  # True: the authors' per-step host syncs (gradient norms, loss, synchronize)
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, more time)

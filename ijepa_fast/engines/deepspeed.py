@@ -22,8 +22,15 @@ is not used: it stores the weights, the residual stream and each rank's gradient
 would not compute the plain bf16 step (fp32 weights under autocast). The cost: fp32 weights and
 gradients on every rank, and ZeRO-3 gathers fp32 weights. No step reads the device from
 the host: the norm checks ZeRO 1-3 make after reducing the gradients (``bool()`` of a device tensor,
-whatever DeepSpeed's config says) are skipped while ``step`` runs (``_no_norm_checks``); non-finite
-values are caught where the trainer reads the loss.
+whatever DeepSpeed's config says) are skipped while ``step`` runs (``_no_norm_checks``).
+
+A non-finite step is skipped on the device all the same when torch's AdamW inside is fused (the
+generated config's default, on CUDA and CPU): DeepSpeed's own skip is a Python branch on that host
+read (``if self.overflow`` in the ZeRO optimizers' ``step``), so instead the global gradient norm
+they compute (ZeRO 1-3; at stage 0, the all-reduced gradients) and the step's loss flag become the
+fused AdamW's ``found_inf``, which leaves every rank's weights, moments and step counts as they were.
+DeepSpeed's own counters (``global_steps``) still count the step. Any other optimizer (ZeRO-Offload's
+CPU Adam, a non-fused AdamW) applies it; the trainer stops at its next read of the loss either way.
 
 Checkpoints go through the engine, plus one small file per rank with what differs per rank (RNG,
 stage-3 target partitions) and the world size and ZeRO stage, checked before the engine loads;
@@ -44,7 +51,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,7 +184,7 @@ def deepspeed_config(
     ``train_batch_size`` = micro x world x accumulation, ``zero_optimization.stage``, fp32 weights
     (``bf16`` off: the step's autocast computes in bf16), gradients reduced in fp32
     (``communication_data_type``), ``gradient_clipping`` and torch's AdamW (``torch_adam``: DeepSpeed
-    builds no op; fused on CUDA when ``speed.fused_optimizer``, as the plain engine).
+    builds no op; fused when ``speed.fused_optimizer``, as the plain engine).
     ``user`` (default: ``run.ds_config``) may add or override any other key (buckets, offload,
     communication dtype...); a value it gives for a key listed above that differs from ours is a
     ``ConfigError`` naming both keys and both values; ``"auto"`` means "take ours". A DeepSpeed
@@ -261,19 +268,24 @@ def compile_refusal(zero_stage: int) -> str | None:
 
 
 @contextlib.contextmanager
-def _no_norm_checks():
+def _no_norm_checks(on_norm: Callable[[torch.Tensor], None] | None = None):
     """While active, DeepSpeed's ZeRO optimizers take every gradient norm as valid instead of reading
     it to the host: their ``is_invalid_grad_norm`` is ``bool()`` of a device tensor, called once per
     step (``step`` of stage_1_and_2 and of stage3) and once per parameter group when clipping
-    (stage_1_and_2's ``unscale_and_clip_grads``), whatever ``bf16.check_grad_overflow`` says. A
-    non-finite norm then clips the gradients to non-finite values, as in the plain engine, and the
-    trainer stops at its next read of the loss. Numbers (not tensors) are still checked."""
+    (stage_1_and_2's ``unscale_and_clip_grads``), whatever ``bf16.check_grad_overflow`` says. Each
+    device norm goes to ``on_norm`` instead (before the optimizer steps), which may skip the step on
+    the device; otherwise a non-finite norm clips the gradients to non-finite values, as in the plain
+    engine, and the trainer stops at its next read of the loss. Numbers (not tensors) are still checked."""
     from deepspeed.runtime.zero import stage3, stage_1_and_2
 
     checked = stage_1_and_2.is_invalid_grad_norm  # the same function in both modules
 
     def device_norms_pass(norm: Any) -> bool:
-        return False if torch.is_tensor(norm) else checked(norm)
+        if not torch.is_tensor(norm):
+            return checked(norm)
+        if on_norm is not None:
+            on_norm(norm)
+        return False
 
     modules = (stage_1_and_2, stage3)
     saved = [m.is_invalid_grad_norm for m in modules]
@@ -357,6 +369,12 @@ class DeepSpeedEngine:
             model=student, model_parameters=param_groups(student), config=ds_config
         )
         _safe_checkpoint_files(self.engine)
+        # the torch optimizer DeepSpeed steps: the ZeRO optimizer's inner one, or at stage 0 itself
+        self._torch_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        self.skips_non_finite = bool(getattr(self._torch_optimizer, "defaults", {}).get("fused"))
+        self._finite: torch.Tensor | None = None  # the step's flag while engine.step() runs
+        if self.skips_non_finite:
+            self._torch_optimizer.register_step_pre_hook(self._pass_skip)
         self.student: JEPAStudent = self.engine.module
         if self.zero_stage == 3:
             self.target_engine = _safe_checkpoint_files(
@@ -389,9 +407,27 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the step already divided it
 
-    def step(self) -> None:
-        with _no_norm_checks():
+    def step(self, finite: torch.Tensor) -> torch.Tensor:
+        self._finite = finite
+        with _no_norm_checks(self._and_valid_norm):
             self.engine.step()  # unmanaged accumulation: reduce, clip, step, zero
+        self._torch_optimizer.__dict__.pop("found_inf", None)  # ours, set by _pass_skip for this step only
+        finite, self._finite = self._finite, None
+        return finite
+
+    def _and_valid_norm(self, norm: torch.Tensor) -> None:
+        """ZeRO 1-3: the global gradient norm, the same on every rank (DeepSpeed makes a non-finite
+        one inf or -1)."""
+        self._finite = self._finite & (torch.isfinite(norm) & (norm >= 0)).all()
+
+    def _pass_skip(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """Step pre-hook of the fused AdamW (once per parameter group under ZeRO 1-2): this step's
+        flag as its ``found_inf``. At stage 0 no ZeRO norm exists: the gradients it is about to
+        apply, already all-reduced, are checked here."""
+        if self.zero_stage == 0:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self._finite = self._finite & all_finite(grads)
+        optimizer.found_inf = (~self._finite).float()
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return dist_.all_mean_(value.float().clone())

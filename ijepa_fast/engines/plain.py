@@ -20,7 +20,13 @@ from ijepa_fast.train.step import PhaseMark, all_finite
 
 
 class PlainEngine:
-    """Implements ``step.Engine`` with a torch optimizer, optional gradient clipping and GradScaler."""
+    """Implements ``step.Engine`` with a torch optimizer, optional gradient clipping and GradScaler.
+
+    A fused optimizer (torch's fused AdamW) skips a non-finite step on the device: it takes the
+    ``found_inf`` flag GradScaler hands fused optimizers, and on 1 leaves the weights, moments and
+    step counts as they were. Other optimizers keep their step counts on the host, so their step
+    is applied whatever the flag says (``skips_non_finite`` false).
+    """
 
     name = "plain"
 
@@ -40,6 +46,10 @@ class PlainEngine:
         self.grad_clip = grad_clip
         self.scaler = torch.amp.GradScaler(device.type) if grad_scaler else None
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.skips_non_finite = bool(optimizer.defaults.get("fused"))
+        self._skip: torch.Tensor | None = None  # this step's found_inf (0. or 1.), for the pre-step hook
+        if self.skips_non_finite:
+            optimizer.register_step_pre_hook(self._pass_skip)
 
     # ------------------------------------------------------------------ the step's calls
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
@@ -51,17 +61,33 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self) -> None:
+    def step(self, finite: torch.Tensor) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip) if self.grad_clip > 0 else None
+        # With a GradScaler, non-finite gradients are its own to skip (and to lower its scale for):
+        # expected, not a reason to stop. Without one, they fail the step like a non-finite loss.
+        if self.scaler is None:
+            finite = finite & (torch.isfinite(norm) if norm is not None else all_finite(self._grads()))
+        if self.skips_non_finite:
+            self._skip = (~finite).float()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+            self.optimizer.__dict__.pop("found_inf", None)  # ours, set by _pass_skip for this step only
         self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._params if p.grad is not None]
+
+    def _pass_skip(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """Step pre-hook: hand this step's skip flag to the fused optimizer as its ``found_inf``,
+        joined with a GradScaler's (set on the optimizer just before its step, removed after)."""
+        scalers = getattr(optimizer, "found_inf", None)
+        optimizer.found_inf = self._skip if scalers is None else torch.maximum(scalers, self._skip)
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return list(self.target_encoder.parameters()), list(self.student.encoder.parameters())

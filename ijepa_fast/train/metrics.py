@@ -93,7 +93,7 @@ def rankme_of_singular_values(sigma: torch.Tensor) -> torch.Tensor:
 @dataclass
 class MeterReading:
     loss: float  # mean loss of the window
-    first_bad_step: int  # the first step whose loss was not finite, or -1
+    first_bad_step: int  # the first step whose loss or gradients were not finite, or -1
     monitors: dict[str, float] = field(default_factory=dict)  # MONITOR_FIELDS, when the window measured them
 
 
@@ -112,12 +112,16 @@ class DeviceMeter:
         self.features: dict[str, torch.Tensor] | None = None  # feature_summary of the window's last measurement
 
     def update(self, out: dict[str, torch.Tensor], step: int) -> None:
-        """``out``: the training step's output, its ``loss`` and, when it measured them, the
-        ``feature_summary`` tensors."""
+        """``out``: the training step's output, its ``loss``, ``step_finite`` when it stepped the
+        optimizer (false: the step was skipped, its loss or gradients not finite) and, when it
+        measured them, the ``feature_summary`` tensors."""
         loss = out["loss"].detach()
         self.loss_sum += loss.double()
         self.count += 1
-        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        bad = ~torch.isfinite(loss)
+        if "step_finite" in out:
+            bad = bad | ~out["step_finite"]
+        bad = bad & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
         if "feature_gram" in out:
             self.features = {k: out[k] for k in ("feature_std", "feature_std_min", "feature_gram")}

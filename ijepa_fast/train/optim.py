@@ -17,11 +17,13 @@ def param_groups(module: nn.Module) -> list[dict]:
 
 
 def adamw_implementation(device_type: str, fused: bool) -> dict:
-    """torch AdamW's implementation switch: fused kernels on CUDA and foreach on a CPU when ``fused``;
-    nothing (torch's own default, as the authors: foreach on CUDA) otherwise."""
+    """torch AdamW's implementation switch: its fused kernels (CUDA and CPU; foreach elsewhere) when
+    ``fused``; nothing (torch's own default, as the authors: foreach on CUDA) otherwise. Only the
+    fused kernels take a ``found_inf`` flag, which the engines use to skip a non-finite step on the
+    device."""
     if not fused:
         return {}
-    return {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
 
 
 def build_optimizer(student: nn.Module, optim_cfg, device: torch.device, fused: bool = True) -> torch.optim.AdamW:

@@ -20,6 +20,13 @@ authors' loop does every step (facebookresearch/ijepa at 52c1ae9):
 
 With a GradScaler (``speed.grad_scaler``) its ``step`` reads the found-inf flag to the host as well,
 as the authors' ``scaler.step(optimizer)`` does.
+
+A step whose loss or gradients are not finite changes nothing, decided on the device: one 0-d flag
+(the loss averaged over ranks, and the gradient norm the engine has or takes) makes the engine skip
+the optimizer step (an engine that can: ``Engine.skips_non_finite``) and the EMA leave the target
+encoder as it was. The flag sticks: every later step is skipped too, so the weights stay those
+before the first bad step until the trainer reads the flag (``step_finite`` in the output) at its
+next logging point and stops.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class Engine(Protocol):
     target_encoder: nn.Module
     optimizer: torch.optim.Optimizer  # its param_groups take the schedules' lr and wd
     device: torch.device
+    # step(finite) false leaves the weights and optimizer state as they were (else: applied anyway)
+    skips_non_finite: bool
 
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
         """The student's loss on one micro-batch."""
@@ -64,8 +73,13 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Add the gradients of ``loss`` (already divided by the accumulation count)."""
 
-    def step(self) -> None:
-        """Clip, step the optimizer and zero the gradients: the end of one optimizer step."""
+    def step(self, finite: torch.Tensor) -> torch.Tensor:
+        """Clip, step the optimizer and zero the gradients: the end of one optimizer step.
+
+        ``finite``: 0-d bool device tensor, the same on every rank, false to skip this step. Returns
+        it and-ed with "the gradients are finite": where false, the optimizer step was skipped on the
+        device (with ``skips_non_finite``). No host sync.
+        """
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(target tensors, source tensors) the EMA updates in place: full parameters or local shards."""
@@ -96,15 +110,27 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ema_update(targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float, fused: bool = True) -> None:
-    """target = m * target + (1 - m) * source, pair by pair, in place."""
+def ema_update(
+    targets: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    momentum: float,
+    fused: bool = True,
+    apply: torch.Tensor | None = None,
+) -> None:
+    """target = m * target + (1 - m) * source, pair by pair, in place; where ``apply`` (0-d bool
+    device tensor; None: true) is false, nothing changes, decided on the device."""
     if fused:
         from ijepa_fast.kernels.ema import ema_update_
 
-        ema_update_(targets, sources, momentum)
-    else:  # the authors' loop, one mul_ and one add_ per parameter (facebookresearch/ijepa src/train.py:333-336)
-        for t, s in zip(targets, sources):
-            t.mul_(momentum).add_((1.0 - momentum) * s.detach().to(t.dtype))
+        ema_update_(targets, sources, momentum, apply=apply)
+        return
+    # the authors' loop, one mul_ and one add_ per parameter (facebookresearch/ijepa src/train.py:333-336)
+    m, w = momentum, 1.0 - momentum
+    if apply is not None:  # a skip is m = 1, w = 0: t * 1 + 0 keeps t's value (a -0.0 may come back +0.0)
+        one, zero = torch.ones((), device=apply.device), torch.zeros((), device=apply.device)
+        m, w = torch.where(apply, one * momentum, one), torch.where(apply, one * w, zero)
+    for t, s in zip(targets, sources):
+        t.mul_(m).add_(w * s.detach().to(t.dtype))
 
 
 @dataclass
@@ -120,7 +146,9 @@ class TrainStep:
 
     With ``grad_accum`` = k > 1 call it once per micro-batch, k times with the same optimizer
     ``step``: each call adds the gradients of its loss / k, and the k-th steps the optimizer and
-    updates the EMA (``stepped`` tells which call did). ``mark`` receives the phase names in order
+    updates the EMA (``stepped`` tells which call did; its output also holds ``step_finite``, the
+    0-d bool ``finite``: this step and every one before it had finite losses and gradients, so the
+    updates were applied). ``mark`` receives the phase names in order
     (target_fwd, context_fwd, predictor_fwd, backward, optimizer, ema, sync) for the profiler.
     With ``monitor`` the output also holds ``metrics.feature_summary`` of the target encoder's
     features [B, N, D] of this micro-batch (the step's first one): device tensors, no host sync.
@@ -143,6 +171,8 @@ class TrainStep:
         self.grad_accum = grad_accum
         self.micro = 0  # micro-batches since the last optimizer step
         self.stepped = False
+        self.finite = torch.ones((), dtype=torch.bool, device=engine.device)  # sticky: see the module docstring
+        self._losses_finite = self.finite  # the micro-batch losses of the current step
         self.last_host_loss: float | None = None  # filled only with sync_every_step
         self.last_grad_norms: list[float] = []  # filled only with sync_every_step
         # The authors read the gradient norms between the optimizer step and zero_grad, both inside
@@ -186,6 +216,10 @@ class TrainStep:
             loss = engine.forward(images, masks, targets, mark)
         mark("backward")
         engine.backward(loss / self.grad_accum if self.grad_accum > 1 else loss)
+        out = {"loss": engine.mean_over_ranks(loss.detach()), **summary}
+        # The mean over ranks: one rank's non-finite loss makes every rank's flag false.
+        loss_finite = torch.isfinite(out["loss"])
+        self._losses_finite = loss_finite if self.micro == 0 else self._losses_finite & loss_finite
         self.micro += 1
         self.stepped = self.micro == self.grad_accum
         if self.stepped:
@@ -193,10 +227,12 @@ class TrainStep:
             mark("optimizer")
             if opts.sync_every_step and not self._norms_after_step:
                 self._read_grad_norms()
-            engine.step()  # with sync_every_step, the gradient norms are read inside (the post-step hook)
+            # with sync_every_step, the gradient norms are read inside (the post-step hook)
+            self.finite = engine.step(self.finite & self._losses_finite)
             mark("ema")
-            ema_update(*engine.ema_pairs(), self.schedules.momentum_at(step), fused=opts.fused_ema)
-        out = {"loss": engine.mean_over_ranks(loss.detach()), **summary}
+            momentum = self.schedules.momentum_at(step)
+            ema_update(*engine.ema_pairs(), momentum, fused=opts.fused_ema, apply=self.finite)
+            out["step_finite"] = self.finite
         if opts.sync_every_step:
             mark("sync")
             self.last_host_loss = float(out["loss"])

@@ -5,8 +5,10 @@ collapse monitors the step measured on that step's batch: the target features' p
 RankMe, with a warning when RankMe falls to collapse), writes metrics.csv / TensorBoard / a progress
 bar, and has the engine checkpoint every ``run.checkpoint_every`` steps and at the end. SIGINT and
 SIGTERM finish the current step, save and exit (``RunResult.stop_signal`` says which); a second one
-stops at once, without saving. A non-finite loss stops the run naming the step and leaves the last
-good checkpoint, and weights are checked finite before each save, so no checkpoint holds non-finite
+stops at once, without saving. A non-finite loss (or gradient) stops the run naming the step; the
+step skipped it and every later one on the device (``step``), so with an engine that can skip, the
+weights are still those before it and are saved as the checkpoint of the steps before it. Weights
+are checked finite before each save, so no checkpoint holds non-finite
 weights. One trainer at a time uses a run folder (``run_folder.RunLock``, taken by rank 0 for all
 ranks); at the start it deletes the temporary files a killed run left, and a resume checks
 config.yaml. What is built (models, engine, loader, step) comes from ``engines``, ``data.build``
@@ -15,6 +17,7 @@ and ``step``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -270,7 +273,8 @@ class Trainer:
     def _fit(self) -> RunResult:
         cfg, step = self.cfg, self.start_step
         meter, bar = DeviceMeter(self.device), self._progress_bar()
-        skipped, last_loss, last_ckpt, saved_step = 0, float("nan"), None, None
+        skipped, last_loss, last_ckpt = 0, float("nan"), None
+        self._saved_step, self._last_loss = None, last_loss  # for a stop on a non-finite step
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
         log.info(
@@ -305,14 +309,14 @@ class Trainer:
                     last_loss = self._log(meter, step, rate, skipped, now - started, bar)
                     window_start, window_images = now, 0
                 if step % cfg.run.checkpoint_every == 0:
-                    last_ckpt, saved_step = self._save(step, last_loss), step
+                    last_ckpt = self._save(step, last_loss)
                 if self.on_epoch_end is not None and step % self.steps_per_epoch == 0:
                     paused = time.perf_counter()
                     self.on_epoch_end(step // self.steps_per_epoch)
                     window_start += time.perf_counter() - paused  # images/s counts training time only
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
-            if saved_step != step:
+            if self._saved_step != step:
                 last_ckpt = self._save(step, last_loss)
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
@@ -334,9 +338,12 @@ class Trainer:
         reading = meter.read()  # the one host sync of this window
         loss = reading.loss
         if reading.first_bad_step >= 0:  # the meter holds the 0-based step index; logs count steps from 1
+            self._save_before_non_finite(reading.first_bad_step)
             raise NonFiniteLossError(
-                f"the loss became non-finite at step {reading.first_bad_step + 1}; stopping ({self._last_good()})"
+                f"the loss or its gradients became non-finite at step {reading.first_bad_step + 1}; "
+                f"stopping ({self._last_good()})"
             )
+        self._last_loss = loss
         collapse = self.collapse_watch.check(step, reading.monitors)
         if collapse and self.is_main:
             log.warning(collapse)
@@ -374,9 +381,19 @@ class Trainer:
                 f"the checkpoint of step {step} could not be written to {err.filename or self.run_dir} "
                 f"({err.strerror or err}): {ckpt.write_remedy(err)}, {kept}"
             ) from err
+        self._saved_step = step
         if path is not None:
             log.info("checkpoint %s", path)
         return path
+
+    def _save_before_non_finite(self, good_steps: int) -> None:
+        """Save the weights of ``good_steps`` steps: the step skipped the first non-finite step and
+        every one after it, so the weights are those unless the engine cannot skip (it applied them:
+        its weights are then not saved). Nothing new since the start or the last save: no save."""
+        if not self.engine.skips_non_finite or good_steps in (self.start_step, self._saved_step):
+            return
+        with contextlib.suppress(NonFiniteLossError):  # weights gone bad another way: keep the last save
+            self._save(good_steps, self._last_loss)
 
     def _check_weights(self, step: int) -> None:
         """Stop before saving non-finite weights (one reduction on the device; a save reads the weights

@@ -122,6 +122,42 @@ def test_cpu_path_is_the_reference(reference_path):
     assert all(torch.equal(o, t.bfloat16()) for o, t in zip(outs, ts))
 
 
+def _bits(xs) -> list[torch.Tensor]:
+    return [x.reshape(-1).contiguous().view(torch.uint8).clone() for x in xs]
+
+
+@pytest.mark.parametrize("path", ["triton_path", "reference_path"])
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
+def test_apply_false_keeps_every_bit_and_true_changes_nothing_else(request, small_chunks, path, t_dtype):
+    """apply=False (a skipped training step): targets and bf16 copies keep their bits, -0.0 and NaN
+    included, on the kernel and on its reference, strided pairs too; apply=True gives the same bits
+    as a call without it."""
+    request.getfixturevalue(path)
+    shapes = [*SHAPES, (1000,)]
+    ts, ss, outs = make_ema_inputs(shapes, t_dtype, bf16_out=True, seed=10)
+    ts[0].view(-1)[:3] = torch.tensor([-0.0, float("nan"), float("inf")])
+    strided_t, strided_s = torch.randn(4, 6).t().to(t_dtype), torch.randn(4, 6).t()
+    ts, ss, outs = [*ts, strided_t], [*ss, strided_s], [*outs, torch.zeros(6, 4, dtype=torch.bfloat16)]
+    t_bits, o_bits = _bits(ts), _bits(outs)
+    ema_update_(ts, ss, 0.99, outs, apply=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(_bits(ts), t_bits))
+    assert all(torch.equal(a, b) for a, b in zip(_bits(outs), o_bits))
+    plain_t, plain_o = _clone(ts), _clone(outs)
+    ema_update_(plain_t, ss, 0.99, plain_o)
+    ema_update_(ts, ss, torch.tensor(0.99), outs, apply=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(_bits(ts), _bits(plain_t)))
+    assert all(torch.equal(a, b) for a, b in zip(_bits(outs), _bits(plain_o)))
+    assert not torch.equal(_bits(ts)[-2], t_bits[-2])  # applied: the 1000-element target moved
+
+
+def test_reference_with_apply_false_keeps_every_bit():
+    ts, ss, outs = make_ema_inputs(SHAPES, bf16_out=True, seed=11)
+    t_bits, o_bits = _bits(ts), _bits(outs)
+    ema_update_reference(ts, ss, torch.tensor(0.9), outs, apply=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(_bits(ts), t_bits))
+    assert all(torch.equal(a, b) for a, b in zip(_bits(outs), o_bits))
+
+
 def test_vith14_has_631m_parameters():
     n = sum(torch.Size(s).numel() for s in vit_param_shapes(depth=32, width=1280, patch=14, grid=16))
     assert 630e6 < n < 632e6
@@ -150,6 +186,8 @@ def test_bad_inputs_name_the_argument():
         ema_update_(ts, ss, 1.5)
     with pytest.raises(ValueError, match="one-element tensor"):
         ema_update_(ts, ss, torch.tensor([0.9, 0.8]))
+    with pytest.raises(ValueError, match="apply must be a one-element bool tensor"):
+        ema_update_(ts, ss, 0.9, apply=torch.tensor(1.0))
     ema_update_([], [], 0.9)  # nothing to do is fine
 
 
@@ -167,6 +205,12 @@ def test_torch_compile_fullgraph(reference_path):
     torch.compile(step, fullgraph=True, backend="aot_eager")(ts, ss, torch.tensor(0.9), outs)
     assert all(torch.equal(t, r) for t, r in zip(ts, ts_ref))
     assert all(torch.equal(o, t.bfloat16()) for o, t in zip(outs, ts))
+
+    def skipped(ts, ss, m, outs):
+        ema_update_(ts, ss, m, outs, apply=torch.zeros((), dtype=torch.bool))
+
+    torch.compile(skipped, fullgraph=True, backend="aot_eager")(ts, ss, torch.tensor(0.9), outs)
+    assert all(torch.equal(t, r) for t, r in zip(ts, ts_ref))
 
 
 # ----------------------------------------------------------------------------- GPU and benchmark
