@@ -1,0 +1,24 @@
+"""Test isolation: a command line a test runs sets up the root logger (console and train.log handlers,
+level INFO) for its process; each test gets back the logging it started with, so that one test's
+set-up never adds lines to what the next one captures."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
