@@ -92,6 +92,10 @@ class RunResult:
 
 
 class Trainer:
+    """One run, built when constructed: the process, the run folder (locked on rank 0), the engine with
+    its checkpoint restored on ``resume``, the loader at the restored step and the training step; a
+    failure while building releases what it took. ``fit()`` trains it to the end or to a stop."""
+
     def __init__(
         self,
         cfg: Config,
@@ -112,10 +116,12 @@ class Trainer:
         self.engine_name = resolve_engine(cfg.run.engine, self.world_size)
         self._stop_signal: int | None = None
         self._failed_on_every_rank = False  # set by _agree when it raises
+        self._build_or_release()
 
     # ------------------------------------------------------------------ building
-    def build(self) -> None:
-        """Engine first (restoring a checkpoint), then the loader at the restored step, then the step."""
+    def _build_or_release(self) -> None:
+        """Engine first (restoring a checkpoint), then the loader at the restored step, then the step;
+        a failure releases what was taken (the run folder's lock, the process group)."""
         try:
             self._build()
         except BaseException:
@@ -260,8 +266,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
-        if not hasattr(self, "step_fn"):
-            self.build()
         try:
             return self._fit()
         except NonFiniteLossError:
