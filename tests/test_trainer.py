@@ -474,7 +474,7 @@ def test_a_signal_mid_accumulation_stops_after_the_step_completes(tmp_path):
     def signal_on_fourth_batch(step):  # the first micro-batch of step 1 (0-based) brings a SIGTERM
         calls.append(step)
         if len(calls) == 4:
-            trainer._stop_signal = signal.SIGTERM
+            trainer.signals.received = signal.SIGTERM
 
     trainer.step_fn = SpyStep(trainer.step_fn, signal_on_fourth_batch)
     result = trainer.fit()
