@@ -574,7 +574,7 @@ def run_on_locked_folder(overrides: list[str]) -> int:
     from ijepa_fast.train.trainer import Trainer
 
     try:
-        Trainer(config_mod.load(None, overrides)).build()
+        Trainer(config_mod.load(None, overrides))
     except RunFolderError as err:
         print(f"refused: {err}", flush=True)
         return 6 if torch.distributed.is_initialized() else 5
@@ -589,7 +589,6 @@ def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
     from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(config_mod.load(None, overrides))
-    trainer.build()
     if trainer.rank == 1:
         forward = trainer.step_fn.student.forward
         trainer.step_fn.student.forward = lambda *args, **kwargs: forward(*args, **kwargs) * float("nan")
@@ -639,7 +638,6 @@ def run_with_a_nan_on_rank_1_after(bad_step: int, out: Path, overrides: list[str
     from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(config_mod.load(None, overrides))
-    trainer.build()
     engine, forward = trainer.engine, trainer.step_fn.student.forward
     current, before = {"step": 0}, {}
 

@@ -684,7 +684,6 @@ def test_the_trainer_trains_with_the_dali_loader_by_config(tmp_path):
             None, [f"{k}={v}" for k, v in {**overrides, "data.loader": kind, "run.name": kind}.items()]
         )
         trainer = Trainer(cfg)
-        trainer.build()
         assert isinstance(trainer.loader, DaliPretrainLoader) == (kind == "dali")
         runs[kind] = trainer.fit()
     assert runs["dali"].steps == runs["pytorch"].steps == 14  # 14 files / batch 2, two epochs

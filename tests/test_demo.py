@@ -130,7 +130,6 @@ def test_the_random_init_row_is_the_trainers_initial_target_encoder(banded_idx, 
         demo.parse_args(["--data", str(banded_idx), f"run.out_dir={tmp_path}", "data.batch_size=16"])
     )
     trainer = Trainer(cfg)
-    trainer.build()
     try:
         built = trainer.engine.target_encoder.state_dict()
     finally:

@@ -98,9 +98,8 @@ def _precision_records(caplog) -> list[logging.LogRecord]:
 
 def test_the_trainer_logs_the_precision_and_why(tmp_path, caplog, cpu_bf16):
     cpu_bf16(False)
-    trainer = _trainer(tmp_path, "auto")
     with caplog.at_level(logging.INFO, logger="ijepa_fast"):
-        trainer.build()
+        trainer = _trainer(tmp_path, "auto")
     trainer.close()
     (record,) = _precision_records(caplog)
     assert record.levelno == logging.INFO
@@ -110,8 +109,8 @@ def test_the_trainer_logs_the_precision_and_why(tmp_path, caplog, cpu_bf16):
 
 def test_explicit_bf16_on_a_cpu_without_it_trains_with_one_warning(tmp_path, caplog, cpu_bf16):
     cpu_bf16(False)
-    trainer = _trainer(tmp_path, "bf16")
     with caplog.at_level(logging.INFO, logger="ijepa_fast"):
+        trainer = _trainer(tmp_path, "bf16")
         result = trainer.fit()
     (record,) = _precision_records(caplog)
     assert record.levelno == logging.WARNING and "much slower than fp32" in record.getMessage()

@@ -260,7 +260,6 @@ def test_a_non_finite_step_stops_naming_it_and_saves_the_weights_from_before_it(
     data = write_idx(tmp_path / "data", n=96)
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "nan", **{"run.log_every": 2}))
     trainer = Trainer(cfg)
-    trainer.build()
     step_fn, forward = trainer.step_fn, trainer.step_fn.student.forward
     current, before_bad = {"step": 0}, {}
 
@@ -301,7 +300,6 @@ def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
     the weights can catch it: the final checkpoint is refused, the one named is step 3's, finite."""
     data = write_idx(tmp_path / "data", n=48)  # 6 steps; checkpoints after steps 3 and 6
     trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "w")))
-    trainer.build()
     weight = next(trainer.step_fn.student.encoder.parameters())
 
     def poison_after_the_last_update(step):
@@ -331,7 +329,7 @@ def test_a_second_trainer_on_a_busy_run_folder_is_refused_and_a_killed_ones_lock
             assert first.poll() is None and time.time() < deadline, "the first trainer stopped or never started"
             time.sleep(0.05)
         with pytest.raises(RunLockedError, match=f"in use by pid {first.pid} on host {re.escape(host)}"):
-            Trainer(config_mod.load(None, overrides)).build()
+            Trainer(config_mod.load(None, overrides))
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -471,13 +469,12 @@ def test_a_signal_mid_accumulation_stops_after_the_step_completes(tmp_path):
     data = write_idx(tmp_path / "data", n=96)
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "sig", **{"optim.grad_accum": 3}))
     trainer = Trainer(cfg)
-    trainer.build()
     calls = []
 
     def signal_on_fourth_batch(step):  # the first micro-batch of step 1 (0-based) brings a SIGTERM
         calls.append(step)
         if len(calls) == 4:
-            trainer._stop_signal = signal.SIGTERM
+            trainer.signals.received = signal.SIGTERM
 
     trainer.step_fn = SpyStep(trainer.step_fn, signal_on_fourth_batch)
     result = trainer.fit()
@@ -791,7 +788,6 @@ def test_each_logged_row_holds_the_collapse_monitors_of_that_steps_batch(tmp_pat
 
     data = write_idx(tmp_path / "data", n=48)  # 6 steps; logs after 2, 3 (a checkpoint), 4 and 6
     trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "mon", **{"run.log_every": 2})))
-    trainer.build()
     features = record_target_features(trainer)
     with caplog.at_level("WARNING", logger="ijepa_fast"):
         trainer.fit()
@@ -865,7 +861,6 @@ def test_steps_between_logging_points_read_nothing_from_the_device(tmp_path, mon
     data = write_idx(tmp_path / "data", n=48)  # 6 steps; logs after 3 and 6 (also checkpoints)
     overrides = {"run.log_every": 3, "run.checkpoint_every": 3}
     trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "sync", **overrides)))
-    trainer.build()
     reads = HostReads(monkeypatch, trainer)
     trainer.fit()
     rows = read_metrics(tmp_path / "runs" / "sync" / "metrics.csv")
@@ -879,7 +874,6 @@ def test_a_run_whose_target_features_collapse_warns_once(tmp_path, caplog):
     RankMe reads 1 at every log, and the warning comes once, at the first."""
     data = write_idx(tmp_path / "data", n=48)  # 6 steps, a log after each
     trainer = Trainer(config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "flat")))
-    trainer.build()
     target_forward = trainer.engine.target_forward
 
     def collapsed(images):

@@ -158,3 +158,19 @@ def test_a_real_offline_run_records_the_rows_of_metrics_csv_in_the_run_folder(tm
     assert [h["_step"] for h in history] == [int(r["step"]) for r in rows] == [1, 2, 3]
     for h, r in zip(history, rows, strict=True):
         assert h["train/loss"] == float(r["loss"]) and h["train/rankme"] == float(r["rankme"])
+
+
+def test_a_wandb_id_file_that_is_a_link_is_refused_before_wandb_starts(tmp_path, monkeypatch):
+    """The id file is written through no link: a planted one stops the logger before W&B starts, and
+    the file it points at keeps its bytes."""
+    from ijepa_fast.io.checkpoint import NotWritableError
+    from ijepa_fast.train import metrics
+
+    monkeypatch.setattr(metrics, "_start_wandb", lambda *a, **k: pytest.fail("W&B started"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("another user's file\n")
+    (tmp_path / metrics.WANDB_ID_FILE).symlink_to(victim)
+    for resumed in (False, True):
+        with pytest.raises(NotWritableError, match="is a symbolic link"):
+            metrics.WandbLogger(tmp_path, "offline", "r", {}, resumed=resumed)
+    assert victim.read_text() == "another user's file\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ijepa_fast.io.checkpoint import no_follow  # how every file of a run folder is opened
+from ijepa_fast.io.checkpoint import no_follow, refuse_link  # how every file of a run folder is opened
 from ijepa_fast.models.ops import TARGET_NORM_EPS  # the LayerNorm the loss's targets get
 from ijepa_fast.runtime.errors import ConfigError
 from ijepa_fast.runtime.optional import MissingDependencyError, available, require
@@ -219,8 +219,13 @@ class WandbLogger:
     def __init__(self, run_dir: Path, mode: str, name: str, config: dict, resumed: bool = False):
         wandb = require("wandb", f"run.wandb={mode}")
         id_path = Path(run_dir) / WANDB_ID_FILE
+        refuse_link(id_path)  # before W&B starts: the id is written there once it has
         # A run restarted from step 0 is a new W&B run; a resumed one continues its own.
-        run_id = id_path.read_text().strip() if resumed and id_path.exists() else secrets.token_hex(4)
+        if resumed and id_path.exists():
+            with open(id_path, opener=no_follow) as fh:
+                run_id = fh.read().strip()
+        else:
+            run_id = secrets.token_hex(4)
         self._run, mode, run_id = _start_wandb(
             wandb,
             mode,
@@ -231,7 +236,8 @@ class WandbLogger:
             resume="allow",
             config=config,
         )
-        id_path.write_text(run_id + "\n")
+        with open(id_path, "w", opener=no_follow) as fh:
+            fh.write(run_id + "\n")
         log.info(
             "Weights & Biases (%s): run %s in %s%s",
             mode,

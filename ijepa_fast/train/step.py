@@ -169,7 +169,7 @@ class TrainStep:
         self.amp_dtype = amp_dtype
         self.options = options or StepOptions()
         self.grad_accum = grad_accum
-        self.micro = 0  # micro-batches since the last optimizer step
+        self._micro = 0  # micro-batches since the last optimizer step
         self.stepped = False
         self.finite = torch.ones((), dtype=torch.bool, device=engine.device)  # sticky: see the module docstring
         self._losses_finite = self.finite  # the micro-batch losses of the current step
@@ -205,7 +205,7 @@ class TrainStep:
         engine, opts = self.engine, self.options
         summary: dict[str, torch.Tensor] = {}
         target_forward = engine.target_forward
-        if self.micro == 0:
+        if self._micro == 0:
             set_lr_wd(engine.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
             if monitor:
                 target_forward = _summarising(engine.target_forward, summary)
@@ -219,11 +219,11 @@ class TrainStep:
         out = {"loss": engine.mean_over_ranks(loss.detach()), **summary}
         # The mean over ranks: one rank's non-finite loss makes every rank's flag false.
         loss_finite = torch.isfinite(out["loss"])
-        self._losses_finite = loss_finite if self.micro == 0 else self._losses_finite & loss_finite
-        self.micro += 1
-        self.stepped = self.micro == self.grad_accum
+        self._losses_finite = loss_finite if self._micro == 0 else self._losses_finite & loss_finite
+        self._micro += 1
+        self.stepped = self._micro == self.grad_accum
         if self.stepped:
-            self.micro = 0
+            self._micro = 0
             mark("optimizer")
             if opts.sync_every_step and not self._norms_after_step:
                 self._read_grad_norms()

@@ -11,16 +11,14 @@ weights are still those before it and are saved as the checkpoint of the steps b
 are checked finite before each save, so no checkpoint holds non-finite
 weights. One trainer at a time uses a run folder (``run_folder.RunLock``, taken by rank 0 for all
 ranks); at the start it deletes the temporary files a killed run left, and a resume checks
-config.yaml. What is built (models, engine, loader, step) comes from ``engines``, ``data.build``
-and ``step``.
+config.yaml. What is built (models, engine, loader, step) comes from ``train.build`` and
+``data.build``; signals are caught by ``train.signals``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -56,6 +54,8 @@ from ijepa_fast.train.metrics import (
     plot_loss,
     wandb_mode,
 )
+from ijepa_fast.train.signals import Aborted as Aborted  # part of this module's API
+from ijepa_fast.train.signals import StopOnSignals
 
 log = logging.getLogger("ijepa_fast")
 
@@ -67,17 +67,6 @@ RUN_FILES = (run_folder.CONFIG_NAME, "train.log", "metrics.csv", "loss.png", WAN
 
 class NonFiniteLossError(RuntimeError):
     """The training loss, or the weights about to be saved, became NaN or infinite."""
-
-
-class Aborted(KeyboardInterrupt):
-    """A second SIGINT or SIGTERM: the run stops at once, without a checkpoint (the last one stays)."""
-
-    def __init__(self, signum: int):
-        super().__init__(
-            f"{signal.Signals(signum).name} received again: stopped at once without saving; "
-            f"--resume continues from the last checkpoint"
-        )
-        self.signum = signum
 
 
 @dataclass
@@ -92,6 +81,10 @@ class RunResult:
 
 
 class Trainer:
+    """One run, built when constructed: the process, the run folder (locked on rank 0), the engine with
+    its checkpoint restored on ``resume``, the loader at the restored step and the training step; a
+    failure while building releases what it took. ``fit()`` trains it to the end or to a stop."""
+
     def __init__(
         self,
         cfg: Config,
@@ -110,12 +103,14 @@ class Trainer:
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
         self.engine_name = resolve_engine(cfg.run.engine, self.world_size)
-        self._stop_signal: int | None = None
+        self.signals = StopOnSignals()  # the first SIGINT/SIGTERM while fitting: finish the step, save, exit
         self._failed_on_every_rank = False  # set by _agree when it raises
+        self._build_or_release()
 
     # ------------------------------------------------------------------ building
-    def build(self) -> None:
-        """Engine first (restoring a checkpoint), then the loader at the restored step, then the step."""
+    def _build_or_release(self) -> None:
+        """Engine first (restoring a checkpoint), then the loader at the restored step, then the step;
+        a failure releases what was taken (the run folder's lock, the process group)."""
         try:
             self._build()
         except BaseException:
@@ -260,8 +255,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
-        if not hasattr(self, "step_fn"):
-            self.build()
         try:
             return self._fit()
         except NonFiniteLossError:
@@ -290,7 +283,7 @@ class Trainer:
             self.engine_name,
         )
         between_steps = True  # with grad_accum > 1 a step spans several batches: stop only between steps
-        with _StopOnSignals(self):
+        with self.signals:
             for batch in self.loader:
                 if between_steps and (step >= self.total_steps or self._should_stop(step)):
                     break
@@ -329,10 +322,10 @@ class Trainer:
         """A signal stops the run; with several ranks they agree at logging points (one host sync),
         so every rank leaves the loop at the same step."""
         if self.world_size == 1:
-            return self._stop_signal is not None
+            return self.signals.received is not None
         if step % self.cfg.run.log_every:
             return False
-        return distributed.any_rank(self._stop_signal is not None, self.device)
+        return distributed.any_rank(self.signals.received is not None, self.device)
 
     def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar) -> float:
         reading = meter.read()  # the one host sync of this window
@@ -423,7 +416,7 @@ class Trainer:
         if self.is_main:
             plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
         distributed.cleanup()
-        stopped = "signal" if self._stop_signal is not None else "finished"
+        stopped = "signal" if self.signals.received is not None else "finished"
         bad = getattr(self.loader, "skipped_paths", [])
         log.info(
             "%s at step %d: last loss %.4f, %d undecodable image(s) skipped%s",
@@ -433,7 +426,7 @@ class Trainer:
             skipped,
             f" ({len(bad)} distinct files)" if bad else "",
         )
-        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt, self._stop_signal)
+        return RunResult(self.run_dir, step, loss, skipped, stopped, last_ckpt, self.signals.received)
 
 
 class _NoWriter:
@@ -444,43 +437,6 @@ class _NoWriter:
 
     def close(self) -> None:
         pass
-
-
-class _StopOnSignals:
-    """SIGINT/SIGTERM set a flag the loop reads between steps (then it saves and exits).
-
-    Data-loader workers forked inside inherit the handler; they keep serving batches after the first
-    signal (the loop may still fetch one) and leave the message to the main process."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.previous: dict[int, object] = {}
-        self.pid = os.getpid()
-
-    def _handle(self, signum, frame):
-        if self.trainer._stop_signal is not None:  # a second signal: give up at once
-            raise Aborted(signum)
-        self.trainer._stop_signal = signum
-        if os.getpid() != self.pid:  # a forked worker
-            return
-        log.warning(
-            "%s received: finishing this step, saving a checkpoint and exiting (a second one stops at once, "
-            "without saving)",
-            signal.Signals(signum).name,
-        )
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def _masks_to(masks: MaskBatch, device: torch.device) -> MaskBatch:
