@@ -711,7 +711,7 @@ def test_deepspeeds_reads_during_a_resharded_load_are_weights_only(tmp_path):
     ``torch.load(..., weights_only=False)`` calls go through ``checkpoint.load_file``: tensors and
     plain data load, a pickled payload is refused naming the file and runs nothing, and
     ``torch.load`` is torch's again afterwards."""
-    from ijepa_fast.engines import deepspeed_universal as uc
+    from ijepa_fast.engines.deepspeed import patches
     from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
@@ -720,7 +720,7 @@ def test_deepspeeds_reads_during_a_resharded_load_are_weights_only(tmp_path):
     torch.save({"param": torch.arange(3.0)}, bad)
     plant(bad, marker)
     real = torch.load
-    with uc.weights_only_torch_load([]):
+    with patches.weights_only_torch_load([]):
         loaded = torch.load(good, weights_only=False)  # as DeepSpeed's readers call it
         with pytest.raises(UntrustedCheckpointError, match=re.escape(str(bad))):
             torch.load(bad, map_location="cpu", weights_only=False)
