@@ -627,7 +627,7 @@ def test_generated_config_follows_our_config():
     assert global_batch(ds) == (W.PER_RANK * 12, W.PER_RANK, 4, 3)
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == W.GRAD_CLIP
     params = ds["optimizer"]["params"]
-    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True and params["foreach"] is True
+    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True and params["fused"] is True
     assert params["betas"] == list(cfg.optim.betas) and params["eps"] == cfg.optim.eps
     # a GPU: torch's fused AdamW through DeepSpeed's config, so DeepSpeed builds no FusedAdam with nvcc
     for stage in (0, 1, 2, 3):
@@ -711,7 +711,7 @@ def test_deepspeeds_reads_during_a_resharded_load_are_weights_only(tmp_path):
     ``torch.load(..., weights_only=False)`` calls go through ``checkpoint.load_file``: tensors and
     plain data load, a pickled payload is refused naming the file and runs nothing, and
     ``torch.load`` is torch's again afterwards."""
-    from ijepa_fast.engines import deepspeed_universal as uc
+    from ijepa_fast.engines.deepspeed import patches
     from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
@@ -720,7 +720,7 @@ def test_deepspeeds_reads_during_a_resharded_load_are_weights_only(tmp_path):
     torch.save({"param": torch.arange(3.0)}, bad)
     plant(bad, marker)
     real = torch.load
-    with uc.weights_only_torch_load([]):
+    with patches.weights_only_torch_load([]):
         loaded = torch.load(good, weights_only=False)  # as DeepSpeed's readers call it
         with pytest.raises(UntrustedCheckpointError, match=re.escape(str(bad))):
             torch.load(bad, map_location="cpu", weights_only=False)

@@ -245,7 +245,7 @@ def load_file(
     try:
         with torch.serialization.safe_globals(list(allowed)):
             # torch.serialization.load, not torch.load: the loads DeepSpeed makes with torch.load are
-            # routed here while it reads checkpoints (engines.deepspeed_universal.weights_only_torch_load)
+            # routed here while it reads checkpoints (engines.deepspeed.patches.weights_only_torch_load)
             return torch.serialization.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))

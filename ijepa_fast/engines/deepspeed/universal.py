@@ -7,43 +7,24 @@ engine of any world size loads with ``checkpoint.load_universal``; the ZeRO-3 ta
 in our per-rank files as partitions, is joined into whole parameters beside it (``TARGET_FILE``).
 
 DeepSpeed reads and converts these files with ``torch.load(weights_only=False)``, which would run
-whatever a planted object asks for; ``weights_only_torch_load`` routes those calls through
+whatever a planted object asks for; ``patches.weights_only_torch_load`` routes those calls through
 ``checkpoint.load_file`` (weights only, DeepSpeed's plain records allowed) while they run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from argparse import Namespace
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ijepa_fast.engines.deepspeed import patches
 from ijepa_fast.io import checkpoint as ckpt
 
 TARGET_FILE = "ijepa_target.pt"  # the ZeRO-3 target encoder's whole flat parameters, in parameter order
 _DONE = "ijepa_converted"  # written last: the folder is complete
-
-
-@contextlib.contextmanager
-def weights_only_torch_load(allowed: list[type]) -> Iterator[None]:
-    """While active, ``torch.load(f, map_location=...)`` is ``checkpoint.load_file`` (weights only,
-    ``allowed`` classes besides tensors and containers, no override): a file holding any other object
-    raises ``checkpoint.UntrustedCheckpointError`` instead of being unpickled."""
-    real = torch.load
-
-    def load(f: Any, map_location: Any = None, *_args: Any, **_kwargs: Any) -> Any:
-        return ckpt.load_file(f, allowed=allowed, map_location=map_location or "cpu", override=None)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real
 
 
 def is_converted(folder: Path) -> bool:
@@ -57,22 +38,10 @@ def convert(tag_dir: Path, out_dir: Path, allowed: list[type], target_partitions
     target-encoder partitions; they are joined into ``out_dir/TARGET_FILE``. Written into a
     temporary folder, renamed when complete: an interrupted conversion leaves nothing ``out_dir``.
     """
-    from deepspeed.checkpoint import ds_to_universal
-
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    args = Namespace(
-        input_folder=str(tag_dir),
-        output_folder=str(partial),
-        num_extract_workers=1,  # in this process: the weights-only torch.load reaches every read
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # no tensor parallelism: the version DeepSpeed expects, nothing else
-    )
-    with weights_only_torch_load(allowed), contextlib.redirect_stdout(None):
-        ds_to_universal.main(args)
+    patches.run_ds_to_universal(tag_dir, partial, allowed)
     if target_partitions is not None:
         ckpt.atomic_torch_save(join_partitions(target_partitions()), partial / TARGET_FILE)
     (partial / _DONE).write_text(tag_dir.name)
