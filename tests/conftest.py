@@ -1,10 +1,11 @@
-"""Test isolation: a command line a test runs sets up the root logger (console and train.log handlers,
+"""Shared fixtures. Test isolation: a command line a test runs sets up the root logger (console and train.log handlers,
 level INFO) for its process; each test gets back the logging it started with, so that one test's
 set-up never adds lines to what the next one captures."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -22,3 +23,15 @@ def _restore_root_logging():
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture
+def no_wandb(monkeypatch):
+    """W&B not installed: ``import wandb`` raises ImportError, and the optional-package probe forgets
+    what it found before."""
+    from ijepa_fast.runtime import optional
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    optional._try_import.cache_clear()
+    yield
+    optional._try_import.cache_clear()

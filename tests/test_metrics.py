@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import socket
-import sys
 
 import numpy as np
 import pytest
@@ -314,16 +313,6 @@ def test_pretrain_resuming_over_a_hand_edited_metrics_csv_fails_in_one_line(tmp_
 
 
 # ----------------------------------------------------------------------------- Weights & Biases
-
-
-@pytest.fixture
-def no_wandb(monkeypatch):
-    from ijepa_fast.runtime import optional
-
-    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    optional._try_import.cache_clear()
-    yield
-    optional._try_import.cache_clear()
 
 
 def test_wandb_on_without_wandb_installed_is_one_line_saying_what_to_install(tmp_path, capsys, no_wandb):

@@ -53,14 +53,6 @@ def fake_wandb(monkeypatch):
     optional._try_import.cache_clear()
 
 
-@pytest.fixture
-def no_wandb(monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    optional._try_import.cache_clear()
-    yield
-    optional._try_import.cache_clear()
-
-
 def test_on_means_offline_and_every_logged_row_reaches_wandb_as_in_metrics_csv(tmp_path, fake_wandb):
     data = write_idx(tmp_path / "data", n=48)  # 6 steps of 8
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "w", **{"run.wandb": "on"}))
