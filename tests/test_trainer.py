@@ -482,6 +482,24 @@ def test_a_signal_mid_accumulation_stops_after_the_step_completes(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "sig" / "checkpoints")] == [2]
 
 
+def test_a_signal_during_the_epoch_end_callback_stops_it_where_it_is(tmp_path):
+    """A SIGTERM while the epoch-end callback runs (the demo scores its curve there) ends the callback at
+    once, then the run saves and stops as after any step: it does not wait for the callback."""
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps of 8: an epoch
+    cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "epoch", **{"optim.epochs": 3}))
+    reached = []
+
+    def score_epoch(epoch: int) -> None:
+        reached.append(epoch)
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("after the signal")  # the handler raises before this line runs
+
+    result = Trainer(cfg, on_epoch_end=score_epoch).fit()
+    assert reached == [1]
+    assert result.stop_signal == signal.SIGTERM and result.steps == 6
+    assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "epoch" / "checkpoints")] == [3, 6]
+
+
 def test_grad_accum_beyond_one_epoch_is_an_error_naming_it(tmp_path):
     data = write_idx(tmp_path / "data", n=96)  # 12 micro-batches of 8
     cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "big", **{"optim.grad_accum": 13}))

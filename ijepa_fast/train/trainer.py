@@ -55,7 +55,7 @@ from ijepa_fast.train.metrics import (
     wandb_mode,
 )
 from ijepa_fast.train.signals import Aborted as Aborted  # part of this module's API
-from ijepa_fast.train.signals import StopOnSignals
+from ijepa_fast.train.signals import Interrupted, StopOnSignals
 
 log = logging.getLogger("ijepa_fast")
 
@@ -95,7 +95,8 @@ class Trainer:
         self.cfg = cfg.validate()
         self.resume = resume
         self.allow_config_change = allow_config_change  # on resume: see run_folder.write_config
-        self.on_epoch_end = on_epoch_end  # called with the epoch number (from 1) after each whole epoch
+        # called with the epoch number (from 1) after each whole epoch; a stop signal ends it where it is
+        self.on_epoch_end = on_epoch_end
         self.lock: run_folder.RunLock | None = None  # rank 0's, while building and fitting
         self._resumed_ranks: tuple[int, int] | None = None  # rank 0, on resume: (the checkpoint's, this run's)
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -305,7 +306,8 @@ class Trainer:
                     last_ckpt = self._save(step, last_loss)
                 if self.on_epoch_end is not None and step % self.steps_per_epoch == 0:
                     paused = time.perf_counter()
-                    self.on_epoch_end(step // self.steps_per_epoch)
+                    with contextlib.suppress(Interrupted), self.signals.interrupting():  # a signal ends it
+                        self.on_epoch_end(step // self.steps_per_epoch)
                     window_start += time.perf_counter() - paused  # images/s counts training time only
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
