@@ -124,13 +124,14 @@ def ema_update(
 
         ema_update_(targets, sources, momentum, apply=apply)
         return
+    if apply is not None:  # the same per-parameter update, its result selected on the device
+        from ijepa_fast.kernels.ema import ema_update_reference
+
+        ema_update_reference(targets, sources, momentum, apply=apply)
+        return
     # the authors' loop, one mul_ and one add_ per parameter (facebookresearch/ijepa src/train.py:333-336)
-    m, w = momentum, 1.0 - momentum
-    if apply is not None:  # a skip is m = 1, w = 0: t * 1 + 0 keeps t's value (a -0.0 may come back +0.0)
-        one, zero = torch.ones((), device=apply.device), torch.zeros((), device=apply.device)
-        m, w = torch.where(apply, one * momentum, one), torch.where(apply, one * w, zero)
     for t, s in zip(targets, sources):
-        t.mul_(m).add_(w * s.detach().to(t.dtype))
+        t.mul_(momentum).add_((1.0 - momentum) * s.detach().to(t.dtype))
 
 
 @dataclass
