@@ -271,37 +271,35 @@ def test_importing_the_config_loads_no_torch_and_no_implementation():
 
 
 def test_each_owner_implements_exactly_the_choices_the_config_names():
+    """Every name of a choice list reaches an implementation of its own; a name outside it is refused."""
     import torch
 
     from ijepa_fast.config import choices
-    from ijepa_fast.engines import resolve_engine
+    from ijepa_fast.engines import engine_class, resolve_engine
+    from ijepa_fast.models.attention import resolve_backend
     from ijepa_fast.models.vit import VIT_SIZES
     from ijepa_fast.runtime.device import resolve_precision
+    from ijepa_fast.runtime.optional import MissingDependencyError
     from ijepa_fast.train.loss import jepa_loss
 
     assert tuple(VIT_SIZES) == choices.MODEL_NAMES
     x = torch.zeros(2, 3)
-    for kind in choices.LOSSES:
-        assert float(jepa_loss(x, x + 1, kind)) > 0
-    for engine in choices.ENGINES:
-        assert resolve_engine(engine, 1) in choices.ENGINES
+    assert len({float(jepa_loss(x, x + 0.5, kind)) for kind in choices.LOSSES}) == len(choices.LOSSES)
+    classes = {name: engine_class(name).__name__ for name in choices.ENGINES if name != "auto"}
+    assert classes == {"plain": "PlainEngine", "deepspeed": "DeepSpeedEngine"}
+    assert {resolve_engine("auto", 1), resolve_engine("auto", 2)} == set(classes)
     for dtype in choices.DTYPES:
         assert resolve_precision(torch.device("cpu"), dtype) is not None
-    with pytest.raises(ValueError):
-        resolve_engine("fsdp9", 1)
-
-
-# The flat modules users' scripts import, and the modules that now define their names.
-IO_MODULES = (
-    "ijepa_fast.io.encoder",
-    "ijepa_fast.io.paths",
-    "ijepa_fast.io.load",
-    "ijepa_fast.io.authors",
-    "ijepa_fast.io.safetensors_timm",
-    "ijepa_fast.io.hf",
-)
-# What the flat trainer module defined (later additions to the trainer need not go through the old path).
-OLD_TRAINER_NAMES = ("RUN_FOLDER_SETTINGS", "NonFiniteLossError", "Aborted", "RunResult", "Trainer")
+    for backend in choices.ATTENTION_BACKENDS:  # on a CPU: served, or refused saying why (not "not a backend")
+        try:
+            assert resolve_backend(backend, "cpu", 64, torch.float32) in ("sdpa", "math")
+        except (ValueError, MissingDependencyError) as err:
+            assert "is not a backend" not in str(err), err
+    for refused in (lambda: resolve_engine("fsdp9", 1), lambda: engine_class("fsdp9")):
+        with pytest.raises(ValueError):
+            refused()
+    with pytest.raises(ValueError, match="is not a backend"):
+        resolve_backend("fa9", "cpu", 64, torch.float32)
 
 
 def public_names_defined_in(module: str) -> set[str]:
@@ -316,6 +314,19 @@ def public_names_defined_in(module: str) -> set[str]:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names |= {t.id for t in targets if isinstance(t, ast.Name)}
     return {n for n in names if not n.startswith("_") and n != "log"}
+
+
+# The flat modules users' scripts import, and the modules that now define their names.
+IO_MODULES = (
+    "ijepa_fast.io.encoder",
+    "ijepa_fast.io.paths",
+    "ijepa_fast.io.load",
+    "ijepa_fast.io.authors",
+    "ijepa_fast.io.safetensors_timm",
+    "ijepa_fast.io.hf",
+)
+# What the flat trainer module defined (later additions to the trainer need not go through the old path).
+OLD_TRAINER_NAMES = ("RUN_FOLDER_SETTINGS", "NonFiniteLossError", "Aborted", "RunResult", "Trainer")
 
 
 def old_path_names() -> dict[str, dict[str, tuple[str, ...]]]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 import ijepa_fast
+from ijepa_fast.config.choices import DTYPES
 from ijepa_fast.io.encoder import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder
 from ijepa_fast.io.load import load_encoder
 from ijepa_fast.models.vit import VIT_SIZES
-from ijepa_fast.runtime.device import DTYPES
 
 
 class _PlainTextParser(argparse.ArgumentParser):

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ijepa_fast.config.choices import DATASETS  # noqa: F401  (the names data.dataset accepts)
 from ijepa_fast.data.errors import DataSourceError, no_decodable_image
 from ijepa_fast.data.folder import ImageFolderDataset, first_image, no_images_message, require_dir
 from ijepa_fast.data.idx import IdxDataset, check_idx_pair

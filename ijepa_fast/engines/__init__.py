@@ -26,6 +26,8 @@ def resolve_engine(engine: str, world_size: int) -> str:
 
 def engine_class(name: str) -> type:
     """The class of a resolved engine name (its module imported on demand)."""
+    if name not in ENGINES or name == "auto":
+        raise ValueError(f"no engine class for {name!r}: resolve run.engine first (resolve_engine)")
     if name == "deepspeed":
         from ijepa_fast.engines.deepspeed import DeepSpeedEngine
 
