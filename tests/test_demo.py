@@ -199,7 +199,9 @@ def test_a_demo_started_in_the_same_second_as_a_running_one_gets_its_own_run_fol
 
 def test_a_run_name_given_on_the_command_line_is_kept(tmp_path):
     cfg = demo.demo_config(demo.parse_args([f"run.out_dir={tmp_path}", "run.name=mine"]))
+    (tmp_path / "mine").mkdir()  # a folder of that name already: a default name would become mine-2
     assert demo.claim_run_folder(cfg, demo.parse_args(["run.name=mine"])).run.name == "mine"
+    assert not (tmp_path / "mine-2").exists()
     cfg = demo.demo_config(demo.parse_args([f"run.out_dir={tmp_path}"]))
     first, second = (demo.claim_run_folder(cfg, demo.parse_args([])).run.name for _ in range(2))
     assert (first, second) == (cfg.run.name, f"{cfg.run.name}-2")
