@@ -79,8 +79,8 @@ clean:
 
 # The check of a lent GPU (profiling/gpu_check.sh), in stages of one device call each: `make gpu-check`
 # runs the first (preflight, kernel tests, the ViT-H/14 step against the authors' preset, the phase
-# split; within 5 minutes on one H100), `make gpu-check STAGE=deepspeed|ablation|kernels|attention|data`
-# another (each within 4). The summary, printed last, merges every stage run on this machine. No venv
+# split; cut to a 285 s budget), `make gpu-check STAGE=deepspeed|ablation|kernels|attention|data`
+# another (each cut to 225 s). The summary, printed last, merges every stage run on this machine. No venv
 # there: python3 from PATH, with the package and the wheels of .whl/ installed offline into a
 # throwaway virtualenv over it. Without CUDA a stage runs its CPU-safe parts at tiny sizes.
 STAGE ?= first

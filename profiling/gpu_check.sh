@@ -4,7 +4,7 @@
 # A lent GPU machine gives 15 minutes in all, its start (1-2 minutes) included, and runs one command
 # for at most 10; so the check comes in stages, each one device call, each runnable by name on a
 # fresh machine:
-#   first      (the default; ends within 5 minutes of run time on one H100) the environment, the
+#   first      (the default; its parts cut to a 285 s budget, an estimate not yet run on a GPU) the environment, the
 #              preflight, the kernel correctness tests (the GPU tests of tests/kernels/), the ViT-H/14
 #              step: the authors' preset against the default in one process (the authors' preset
 #              runs as they ran it, never compiled), with the phase split and a 1-step trace, and
@@ -16,7 +16,7 @@
 #   kernels    the Triton kernels at ViT-H/14 shapes against the roofline of the measured copy bandwidth
 #   attention  the attention backends at ViT-B/16, ViT-H/14 and ViT-H/16-448 token counts, batch 128
 #   data       the DALI GPU tests (when DALI imports), then the data loaders on generated JPEGs
-# Each stage other than `first` ends within 4 minutes. The recommended order, so that a first call
+# Each stage other than `first` is cut to a 225 s budget. The recommended order, so that a first call
 # and one more on the warm machine fit the 15 minutes: first, then deepspeed (README's GPU section).
 #
 # Needs only a Python with torch (and, for the Triton parts, triton, a C compiler and Python.h);
