@@ -319,18 +319,9 @@ def print_report(result, seconds: float, precision, curve: ProbeCurve | None, pn
     print("\n" + format_gain(pretrained, random_init))
 
 
-def known_failures() -> tuple[type[BaseException], ...]:
-    """What ends the demo as one line, as it ends ijepa-pretrain (anything else is a bug: traceback)."""
-    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
-    from ijepa_fast.train.run_folder import RunFolderError
-    from ijepa_fast.train.trainer import NonFiniteLossError
-
-    return (OSError, ValueError, RunFolderError, NonFiniteLossError, UntrustedCheckpointError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ijepa_fast.cli.pretrain import one_line, setup_logging
+    from ijepa_fast.cli.pretrain import known_failures, one_line, setup_logging
     from ijepa_fast.data.loader import check_data_source
 
     try:

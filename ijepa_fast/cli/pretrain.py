@@ -112,6 +112,15 @@ def open_run_folder(cfg: Config) -> bool:
     return main_rank
 
 
+def known_failures() -> tuple[type[BaseException], ...]:
+    """The failures a training command ends with one line (after ConfigError's own): anything else is
+    a bug and keeps its traceback."""
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.train.trainer import NonFiniteLossError
+
+    return (OSError, ValueError, NonFiniteLossError, UntrustedCheckpointError, RunFolderError)
+
+
 def one_line(err: BaseException) -> str:
     """The error's message; an OSError that carries a file name (no message of ours) names the file."""
     if isinstance(err, OSError) and err.filename is not None:
@@ -137,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from ijepa_fast.runtime.distributed import collective_failure
-    from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
+    from ijepa_fast.train.trainer import Trainer
 
     logged = False
     # Known failures end as one line and an exit status (EXIT_STATUS); anything else is a bug and
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err) or "interrupted", 128 + getattr(err, "signum", signal.SIGINT), logged)
     except ConfigError as err:
         return _fail(f"config error: {err}", 2, logged)
-    except (OSError, ValueError, NonFiniteLossError, UntrustedCheckpointError, RunFolderError) as err:
+    except known_failures() as err:
         return _fail(one_line(err), 1, logged)
     except RuntimeError as err:
         failure = collective_failure(err, cfg.run.dist_timeout_s or None)
