@@ -38,7 +38,6 @@ class BenchSpec:
     phase_steps: int = 5
     batches: int = 4  # distinct synthetic micro-batches, used in turn
     loader: str = "synthetic"  # synthetic|pytorch|dali
-    compile_on_cpu: bool = False
     trace: str = ""
     trace_steps: int = 2
 
@@ -95,7 +94,7 @@ def ablation_configs(device: torch.device, compile_on_cpu: bool = False) -> list
         ("- GradScaler", {"grad_scaler": False}),
         ("- per-step host sync", {"sync_every_step": False}),
     ]
-    rows = [BenchConfig("authors", {"preset": "authors"})]
+    rows = [authors_config()]
     rows += [BenchConfig(name, {"preset": "authors", **change}) for name, change in on]
     if device.type != "cuda" and not compile_on_cpu:
         return [*rows, default_config()]
@@ -184,7 +183,6 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         phase_steps=args.phase_steps,
         batches=args.batches,
         loader=args.loader,
-        compile_on_cpu=args.compile_on_cpu,
         trace=args.trace,
         trace_steps=args.trace_steps,
     )

@@ -41,24 +41,17 @@ class PhaseClock:
         self.marks: list = []
         self._range = None
 
-    def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
     def phase(self, name: str) -> None:
         self._close_range()
         self.names.append(name)
-        self.marks.append(self._now())
+        self.marks.append(_now(self.cuda))
         if self.label:
             self._range = torch.profiler.record_function(name)
             self._range.__enter__()
 
     def stop(self) -> None:
         self._close_range()
-        self.marks.append(self._now())
+        self.marks.append(_now(self.cuda))
 
     def _close_range(self) -> None:
         if self._range is not None:
@@ -135,6 +128,7 @@ class _Fetcher:
 
 
 def _now(cuda: bool):
+    """A time mark: a recorded CUDA event (read after a sync), else perf_counter."""
     if cuda:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
