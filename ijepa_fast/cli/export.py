@@ -17,8 +17,9 @@ from ijepa_fast.cli.args import (
     open_eval_dataset,
 )
 from ijepa_fast.cli.args import resolve_device as resolve_cli_device
+from ijepa_fast.io.checkpoint import write_atomically
 from ijepa_fast.io.encoder import weights_label
-from ijepa_fast.io.hf import _write_atomically, export_hf
+from ijepa_fast.io.hf import export_hf
 from ijepa_fast.io.safetensors_timm import (
     TIMM_GAP_MODEL,
     _safetensors_torch,
@@ -87,7 +88,7 @@ def _export_timm(encoder: VisionTransformer, out: str, meta: dict[str, str]) -> 
     meta = {**meta, "format": "timm-vit", "timm_model": TIMM_GAP_MODEL, "timm_kwargs": json.dumps(kwargs)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_timm_state_dict(encoder).items()}
-    _write_atomically(Path(out), lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
+    write_atomically(Path(out), lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
     print(f"timm kwargs: {json.dumps(kwargs)}")
     print(f"timm: timm.create_model({TIMM_GAP_MODEL!r}, pretrained=False, **timm_kwargs), then load_state_dict")
 

@@ -115,6 +115,24 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def write_atomically(
+    path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] = lambda: None
+) -> None:
+    """``write(tmp)`` to ``temp_path(path)``, then ``before_rename()`` and the rename onto ``path``: a
+    reader sees the old file or the whole new one, and a failure leaves no temporary file behind."""
+    path = Path(path)
+    tmp = temp_path(path)
+    if tmp.is_symlink() or tmp.exists():  # left by a killed process that had this pid
+        tmp.unlink()
+    try:
+        write(tmp)
+        before_rename()
+        os.replace(tmp, path)  # replaces the name: a link planted there is not followed
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+
+
 def no_follow(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
     """``os.open`` for a file of a run folder, also as ``open(..., opener=no_follow)``: a symbolic link
     there is a ``NotWritableError`` naming it, never followed (nor created through, when dangling):

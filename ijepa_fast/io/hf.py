@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ijepa_fast.io.checkpoint import load_file
+from ijepa_fast.io.checkpoint import load_file, write_atomically
 from ijepa_fast.io.encoder import (
     EncoderSpec,
     LoadedEncoder,
@@ -141,16 +141,6 @@ def hf_preprocessor_config(spec: EncoderSpec) -> dict[str, Any]:
     }
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename onto ``path``: an interrupted export leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_hf(encoder: VisionTransformer, out_dir: str | Path, provenance: Mapping[str, str] | None = None) -> Path:
     """Write a folder that ``transformers.IJepaModel.from_pretrained`` loads: ``config.json``,
     ``model.safetensors`` and ``preprocessor_config.json``. ``provenance`` (strings: which encoder,
@@ -161,12 +151,12 @@ def export_hf(encoder: VisionTransformer, out_dir: str | Path, provenance: Mappi
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(encoder)
     meta = {"format": "pt", **{f"ijepa_fast.{k}": str(v) for k, v in (provenance or {}).items()}}
-    _write_atomically(out_dir / HF_WEIGHTS_FILE, lambda p: st.save_file(tensors, str(p), metadata=meta))
+    write_atomically(out_dir / HF_WEIGHTS_FILE, lambda p: st.save_file(tensors, str(p), metadata=meta))
     for name, content in (
         (HF_CONFIG_FILE, hf_config(spec, provenance)),
         (HF_PREPROCESSOR_FILE, hf_preprocessor_config(spec)),
     ):
-        _write_atomically(out_dir / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n"))
+        write_atomically(out_dir / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n"))
     return out_dir
 
 

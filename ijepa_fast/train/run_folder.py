@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ijepa_fast import config as config_mod
 from ijepa_fast.config import RESUME_MAY_CHANGE, Config
-from ijepa_fast.io.checkpoint import no_follow, refuse_link, temp_path
+from ijepa_fast.io.checkpoint import no_follow, refuse_link, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -282,16 +282,7 @@ def _from_checkpoint(saved: dict, where: str, allow_change: bool) -> Config | No
 
 def _save(cfg: Config, path: Path) -> None:
     """``config_mod.save`` to a new temporary file, renamed over ``path`` (which may not be a link)."""
-    tmp = temp_path(path)
-    if tmp.is_symlink() or tmp.exists():  # left by a killed process that had this pid
-        tmp.unlink()
-    try:
-        config_mod.save(cfg, str(tmp), opener=_new_file)
-        refuse_link(path)
-        os.replace(tmp, path)  # replaces the name: a link planted meanwhile is not followed
-    finally:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
+    write_atomically(path, lambda tmp: config_mod.save(cfg, str(tmp), opener=_new_file), lambda: refuse_link(path))
 
 
 def _new_file(path: str, flags: int) -> int:
