@@ -16,22 +16,26 @@ venv: $(STAMP)
 # imports beside the CPU torch wheel, and the timm export test (tests/timm_worker.py) runs timm's ViT
 # with torchvision stubbed out.
 LOCK := requirements-lock.txt
+
+# A fresh venv in folder $(1) with pip and the build tools, the package (editable) with its
+# cpu/dev/test extras, and timm without its dependencies; $(2): pip's version choice (the lock's
+# constraints, or --upgrade for the newest releases).
+define fresh_venv
+	rm -rf $(1)
+	$(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) pip setuptools wheel
+	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e '.[cpu,dev,test]'
+	$(1)/bin/python -m pip install -q $(2) --no-deps timm
+endef
+
 $(STAMP): setup.py pyproject.toml $(LOCK)
-	rm -rf $(VENV)
-	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q -c $(LOCK) pip setuptools wheel
-	$(VPY) -m pip install -q -c $(LOCK) --no-build-isolation -e '.[cpu,dev,test]'
-	$(VPY) -m pip install -q -c $(LOCK) --no-deps timm
+	$(call fresh_venv,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 # Refresh the lock on purpose: the newest releases that setup.py's ranges allow, installed into a
 # throwaway venv, then frozen. Review the diff, run `make test`, commit both.
 lock:
-	rm -rf .venv-lock
-	$(PY) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
-	.venv-lock/bin/python -m pip install -q --no-build-isolation -e '.[cpu,dev,test]'
-	.venv-lock/bin/python -m pip install -q --no-deps timm
+	$(call fresh_venv,.venv-lock,--upgrade)
 	( echo "# What CI installs (make venv: pip install -c $(LOCK)). Made by 'make lock'; refresh on purpose."; \
 	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -iv '^ijepa[-_]fast' ) > $(LOCK)
 	rm -rf .venv-lock
@@ -39,11 +43,7 @@ lock:
 # The newest releases setup.py allows, in their own venv (the lock untouched): what a user installing
 # today gets. Run it before `make lock` to see what a refresh would break.
 test-latest:
-	rm -rf .venv-latest
-	$(PY) -m venv .venv-latest
-	.venv-latest/bin/python -m pip install -q --upgrade pip setuptools wheel
-	.venv-latest/bin/python -m pip install -q -e '.[cpu,dev,test]'
-	.venv-latest/bin/python -m pip install -q --no-deps timm
+	$(call fresh_venv,.venv-latest,--upgrade)
 	IJEPA_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -p no:cacheprovider
 
 FMNIST := /usr/share/datasets/fashion-mnist
