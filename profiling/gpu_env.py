@@ -60,8 +60,15 @@ def not_installed(wheels: list[Path]) -> list[str]:
     requirements what is installed here does not meet: one line naming the file and why."""
     from importlib.metadata import PackageNotFoundError, distribution
 
-    from packaging.requirements import Requirement
     from packaging.utils import parse_wheel_filename
+
+    from profiling.gpu_wheels import unmet
+
+    def installed_version(name: str) -> str | None:
+        try:
+            return distribution(name).version
+        except PackageNotFoundError:
+            return None
 
     found = []
     for wheel in wheels:
@@ -74,16 +81,12 @@ def not_installed(wheels: list[Path]) -> list[str]:
         if dist.version != str(version):
             found.append(f"{wheel} was not installed: {name} {dist.version} is what this Python has")
             continue
-        for req in map(Requirement, dist.requires or []):
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-                continue
-            try:
-                have = distribution(req.name).version
-            except PackageNotFoundError:
-                found.append(f"{wheel} needs {req}, which is not installed")
-                continue
-            if not req.specifier.contains(have, prereleases=True):
-                found.append(f"{wheel} needs {req}; {have} is installed")
+        for req, have in unmet(dist.requires or [], installed_version, {"extra": ""}):
+            found.append(
+                f"{wheel} needs {req}, which is not installed"
+                if have is None
+                else f"{wheel} needs {req}; {have} is installed"
+            )
     return found
 
 

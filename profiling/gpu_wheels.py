@@ -173,26 +173,38 @@ def requires_from(folder: Path) -> Callable[[Entry], list[str]]:
     return requires
 
 
-def problems(entries: list[Entry], machine: dict[str, str | None], requires: Callable[[Entry], list[str]]) -> list[str]:
-    """What stops the carried set from installing beside the machine's packages on its Python."""
+def unmet(requirements: list[str], version_of: Callable[[str], str | None], markers: dict[str, str]):
+    """(requirement, the version ``version_of`` gives: None when absent) for each requirement whose
+    marker holds under ``markers`` and that the version does not meet."""
     from packaging.requirements import Requirement
 
+    for req in map(Requirement, requirements):
+        if req.marker is not None and not req.marker.evaluate(markers):
+            continue
+        have = version_of(normalize(req.name))
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            yield req, have
+
+
+def problems(entries: list[Entry], machine: dict[str, str | None], requires: Callable[[Entry], list[str]]) -> list[str]:
+    """What stops the carried set from installing beside the machine's packages on its Python."""
     found = []
     accepted = gpu_tags()
     carried = {e.name: e for e in entries}
+
+    def version_of(name: str) -> str | None:  # a carried file's version, else the machine's
+        return carried[name].version if name in carried else machine.get(name)
+
     for entry in entries:
         if not _wheel_tags(entry.file) & accepted:
             found.append(f"{entry.file} does not install on CPython 3.12, manylinux x86-64")
         if entry.name in machine and not entry.reason:
             found.append(f"{entry.file}: the machine has {entry.name}; carry it only with the reason on its line")
-        for req in map(Requirement, requires(entry)):
-            if req.marker is not None and not req.marker.evaluate(GPU_MARKERS):
-                continue
+        for req, version in unmet(requires(entry), version_of, GPU_MARKERS):
             name = normalize(req.name)
-            version = carried[name].version if name in carried else machine.get(name)
             if name not in carried and name not in machine:
                 found.append(f"{entry.file} requires {req}, which is neither carried nor on the machine")
-            elif version is not None and not req.specifier.contains(version, prereleases=True):
+            elif version is not None:
                 where = "carried" if name in carried else "on the machine"
                 found.append(f"{entry.file} requires {req}; {version} is {where}")
     return found
