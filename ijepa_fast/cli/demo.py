@@ -47,9 +47,11 @@ CURVE_TRAIN, CURVE_TEST = 5_000, 2_000
 
 
 def image_count(text: str) -> int:
+    from ijepa_fast.eval.probe import MIN_TRAIN_IMAGES
+
     value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{value}: need at least 2 images")
+    if value < MIN_TRAIN_IMAGES:
+        raise argparse.ArgumentTypeError(f"{value}: need at least {MIN_TRAIN_IMAGES} images")
     return value
 
 
