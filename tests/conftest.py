@@ -25,6 +25,12 @@ def _restore_root_logging():
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_home(monkeypatch, tmp_path):
+    """The DALI image check caches its verdicts under the user's cache folder: each test gets its own."""
+    monkeypatch.setenv("IJEPA_CACHE_DIR", str(tmp_path / "ijepa-cache"))
+
+
 @pytest.fixture
 def no_wandb(monkeypatch):
     """W&B not installed: ``import wandb`` raises ImportError, and the optional-package probe forgets

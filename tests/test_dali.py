@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 from ijepa_fast.config import ConfigError, DataConfig
 from ijepa_fast.data.build import resolve_loader_kind
 from ijepa_fast.data.dali import build_dali_loader, check_image, parse_ascii_labels
-from ijepa_fast.data.dali.validate import load_section, validate_images
+from ijepa_fast.data.dali.cache import cache_file, load_section
+from ijepa_fast.data.dali.validate import validate_images
 from ijepa_fast.data.loader import StepBatchSampler, build_pretrain_loader
 from ijepa_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_box
 from ijepa_fast.masks.device import DeviceMaskSampler, hash_uint32
@@ -309,10 +310,10 @@ def test_validation_cli(tmp_path, capsys):
 
     make_photo_folder(tmp_path / "data", n=3)
     (tmp_path / "data" / "c0" / "bad.jpg").write_bytes(b"")
-    assert main([str(tmp_path / "data"), "--cache", str(tmp_path / "check.json"), "--workers", "1"]) == 0
+    assert main([str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 good, 1 undecodable" in out and "bad.jpg" in out
-    assert len(load_section(tmp_path / "check.json", "files")) == 4
+    assert len(load_section(cache_file(tmp_path / "data", str(tmp_path / "cache")), "files")) == 4
 
 
 # ---------------------------------------------------------------------------------------------- webdataset
@@ -399,8 +400,17 @@ def test_parse_ascii_labels():
 def test_check_image_names_each_kind_of_bad_file(tmp_path):
     good = jpeg_bytes(synthetic_photo(40, 30, 0))
     assert check_image(good) == "" and check_image(good, "header") == ""
-    assert "truncated" in check_image(good[: len(good) // 2])
-    assert check_image(good[: len(good) // 2], "header") == ""  # structure only: truncation passes
+    cut = good[: len(good) // 2]
+    assert "truncated" in check_image(cut) and "truncated" in check_image(cut, "header")  # no end marker
+    (tmp_path / "cut.jpg").write_bytes(cut)
+    assert "truncated" in check_image(tmp_path / "cut.jpg", "header")
+    # damage inside an intact file passes the header check (DALI's run-time recovery is for that)
+    sos = good.index(b"\xff\xda")
+    hollow = good[: sos + 2 + int.from_bytes(good[sos + 2 : sos + 4], "big")] + b"\x00" * 64 + b"\xff\xd9"
+    assert check_image(hollow, "header") == ""
+    png = io.BytesIO()
+    synthetic_photo(40, 30, 1).save(png, format="PNG")
+    assert check_image(png.getvalue(), "header") == "" and check_image(png.getvalue()[:-40], "header") != ""
     for data in (b"", b"this is not an image"):
         assert check_image(data).startswith("UnidentifiedImageError: cannot identify image file")
     (tmp_path / "x.jpg").write_bytes(good)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from ijepa_fast.config import DataConfig
+from ijepa_fast.data.errors import DataSourceError
 from ijepa_fast.data.folder import ImageFolderDataset, load_rgb, scan_folder
 from ijepa_fast.data.idx import IdxDataset, IdxFormatError, read_idx, read_idx_header, write_idx
 from ijepa_fast.data.loader import StepBatchSampler, build_eval_dataset, build_pretrain_loader, check_data_source
@@ -497,9 +498,11 @@ def test_missing_or_empty_sources_are_named(tmp_path):
         check_data_source(DataConfig(dataset="idx", root=str(tmp_path / "empty")))
     (tmp_path / "tars").mkdir()
     (tmp_path / "tars" / "shard-000.tar").write_bytes(b"")
-    check_data_source(DataConfig(dataset="folder", root=str(tmp_path / "tars"), split=""))  # DALI's to read
-    with pytest.raises(FileNotFoundError, match="webdataset shards, which only data.loader=dali reads"):
-        check_data_source(DataConfig(dataset="folder", root=str(tmp_path / "tars"), split="", loader="pytorch"))
+    for loader in ("dali", "pytorch"):  # both read webdataset shards: a damaged one is named when opened
+        cfg = DataConfig(dataset="folder", root=str(tmp_path / "tars"), split="", loader=loader)
+        check_data_source(cfg)
+    with pytest.raises(DataSourceError, match=f"webdataset shard {tmp_path / 'tars' / 'shard-000.tar'} is truncated"):
+        build_pretrain_loader(folder_cfg(tmp_path / "tars"), grid=4, mask_kwargs=MASKS, seed=0)
 
 
 def test_bad_idx_header_fails_the_source_check(tmp_path):

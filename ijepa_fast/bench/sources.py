@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -154,7 +153,7 @@ class LoaderBatches:
             )
         check_data_source(cfg.data)
         grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
-        self.loader = build_loader(cfg, grid, device, rank=0, world_size=1, start_step=0, run_dir=Path(cfg.run.out_dir))
+        self.loader = build_loader(cfg, grid, device, rank=0, world_size=1, start_step=0)
         self.device, self.kind = device, kind
         self._it: Iterator = iter(self.loader)
 

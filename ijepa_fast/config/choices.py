@@ -7,6 +7,7 @@ from __future__ import annotations
 MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")  # models.vit.VIT_SIZES
 DATASETS = ("folder", "idx")  # folder: an image tree or webdataset tars; idx: IDX files (data.loader)
 LOADERS = ("auto", "pytorch", "dali")  # data.build
+IMAGE_CHECKS = ("header", "full", "off")  # data.dali.validate: the image check before a DALI run
 LOSSES = ("smooth_l1", "l2")  # train.loss
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "xformers", "math")  # models.attention
 DTYPES = ("auto", "bf16", "fp32")  # runtime.device

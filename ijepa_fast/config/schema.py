@@ -13,6 +13,7 @@ from ijepa_fast.config.choices import (
     DATASETS,
     DTYPES,
     ENGINES,
+    IMAGE_CHECKS,
     LOADERS,
     LOSSES,
     MODEL_NAMES,
@@ -88,6 +89,12 @@ class DataConfig:
     pin_memory: bool = True  # page-locked host batches for faster copies to the GPU
     loader: str = "auto"  # auto (DALI on a GPU when installed)|pytorch|dali
     limit: int = 0  # use only the first N images (0: all)
+    # DALI's image check before step 0 (data.dali.validate): header (cheap; what DALI then fails on
+    # is excluded at run time) | full (decode every image) | off
+    image_check: str = "header"
+    # the folder of the check's per-dataset verdict cache: "" the user cache (IJEPA_CACHE_DIR, else
+    # XDG_CACHE_HOME/ijepa_fast, else ~/.cache/ijepa_fast), "off" none, else a folder
+    image_check_cache: str = ""
 
     def validate(self, prefix: str = "data") -> None:
         _check_choice(f"{prefix}.dataset", self.dataset, DATASETS)
@@ -97,6 +104,13 @@ class DataConfig:
         _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
         _check_choice(f"{prefix}.loader", self.loader, LOADERS)
         _check(self.limit >= 0, f"{prefix}.limit", self.limit, "an integer >= 0")
+        _check_choice(f"{prefix}.image_check", self.image_check, IMAGE_CHECKS)
+        _check(
+            isinstance(self.image_check_cache, str) and "\n" not in self.image_check_cache,
+            f"{prefix}.image_check_cache",
+            self.image_check_cache,
+            'a folder, "" (the user cache) or "off"',
+        )
 
 
 @dataclass

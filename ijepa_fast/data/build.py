@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -38,9 +37,7 @@ def resolve_loader_kind(cfg, device: torch.device | str) -> str:
     return "dali" if device.type == "cuda" and readable and available("dali") else "pytorch"
 
 
-def build_loader(
-    cfg, grid: int | tuple[int, int], device: torch.device, rank: int, world_size: int, start_step: int, run_dir: Path
-):
+def build_loader(cfg, grid: int | tuple[int, int], device: torch.device, rank: int, world_size: int, start_step: int):
     """The loader of a run ``Config`` on this rank, resuming at micro-batch ``start_step``."""
     kwargs = dict(
         grid=grid,
@@ -52,14 +49,21 @@ def build_loader(
         accum=cfg.optim.grad_accum,
     )
     if resolve_loader_kind(cfg.data, device) == "dali":
+        from ijepa_fast.data.dali.cache import cache_file
         from ijepa_fast.data.dali.loader import build_dali_loader
+        from ijepa_fast.data.loader import folder_root
+        from ijepa_fast.runtime.distributed import cpu_group
 
-        # The verdicts of the image check are cached in the run folder: a resumed run skips the scan.
+        # The image check's verdicts are cached per dataset (every later run on the data reuses them),
+        # and the ranks split the check between them.
         log.info("data loader: DALI (%s)", "GPU decoding" if device.type == "cuda" else "CPU mode")
         return build_dali_loader(
             cfg.data,
             device=device if device.type == "cuda" else None,
-            cache=Path(run_dir) / f"image_check.rank{rank}.json",
+            validate=cfg.data.image_check,
+            cache=cache_file(folder_root(cfg.data), cfg.data.image_check_cache),
+            group=cpu_group() if world_size > 1 else None,
+            progress=cfg.run.progress,
             **kwargs,
         )
     from ijepa_fast.data.loader import build_pretrain_loader

@@ -78,7 +78,7 @@ def require_dir(root: Path) -> None:
 def no_images_message(root: Path) -> str:
     msg = f"image folder {root} holds no images ({', '.join(EXTENSIONS)}, any case, at any depth)"
     if any(p.suffix == ".tar" for p in root.iterdir()):
-        msg += "; its .tar files look like webdataset shards, which only data.loader=dali reads"
+        msg += "; for webdataset shards, keep only the .tar files (and their index files) at its top level"
     return msg
 
 

@@ -51,6 +51,7 @@ from ijepa_fast.data.transforms import (
     pil_to_uint8,
     random_resized_crop_pil,
 )
+from ijepa_fast.data.wds import WebdatasetSource, webdataset_tars
 from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
 from ijepa_fast.runtime.rng import crop_rng, mask_seed, mix
 
@@ -65,7 +66,7 @@ MAX_CONSECUTIVE_BAD = 1000
 
 
 class Source(Protocol):
-    """A raw dataset: ``IdxDataset`` or ``ImageFolderDataset``."""
+    """A raw dataset: ``IdxDataset``, ``ImageFolderDataset`` or ``WebdatasetSource``."""
 
     root: Path
 
@@ -127,24 +128,23 @@ def check_data_source(cfg: DataConfig) -> None:
     if cfg.dataset == "idx":
         check_idx_pair(cfg.root, cfg.split or "train")
         return
+    if webdataset_tars(cfg):
+        return
     root = folder_root(cfg)
-    if root.is_file() and root.suffix == ".tar" and cfg.loader != "pytorch":
-        return  # one webdataset shard: the DALI loader's business
     require_dir(root)
     if first_image(root) is None:
-        if cfg.loader != "pytorch" and any(p.suffix == ".tar" for p in root.iterdir()):
-            return  # webdataset shards
         raise FileNotFoundError(no_images_message(root))
 
 
 def open_source(cfg: DataConfig, split: str | None = None) -> Source:
-    """The raw dataset (``IdxDataset`` or ``ImageFolderDataset``) of a DataConfig, for ``split``
-    (default ``cfg.split``)."""
+    """The raw dataset (``IdxDataset``, ``WebdatasetSource`` or ``ImageFolderDataset``) of a
+    DataConfig, for ``split`` (default ``cfg.split``)."""
     if split is not None:
         cfg = dataclasses.replace(cfg, split=split)
     if cfg.dataset == "idx":
         return IdxDataset(cfg.root, cfg.split or "train")
-    return ImageFolderDataset(folder_root(cfg))
+    tars = webdataset_tars(cfg)
+    return WebdatasetSource(tars) if tars else ImageFolderDataset(folder_root(cfg))
 
 
 def _as_pil(item: Any) -> Image.Image:

@@ -277,6 +277,17 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def cpu_group():
+    """A process group for small host-side objects (``all_gather_object`` of Python data), or None in
+    a world of one: the default group when it runs gloo, else a new gloo group of all ranks (made by
+    every rank at the same call: it is a collective), so no object goes through GPU memory."""
+    if not (is_initialized() and get_world_size() > 1):
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    return torch.distributed.new_group(backend="gloo")
+
+
 def all_mean_(t: torch.Tensor) -> torch.Tensor:
     """In place: the mean of ``t`` over ranks (no-op in a world of one). Async on NCCL: no host sync."""
     if is_initialized() and get_world_size() > 1:

@@ -151,7 +151,7 @@ class Trainer:
         # of grad_accum of them, so a resumed run restarts the loader at step x grad_accum.
         self.accum = cfg.optim.grad_accum
         self.loader = build_loader(
-            cfg, self.grid, self.device, self.rank, self.world_size, self.start_step * self.accum, self.run_dir
+            cfg, self.grid, self.device, self.rank, self.world_size, self.start_step * self.accum
         )
         self.steps_per_epoch = self.loader.steps_per_epoch // self.accum
         if self.steps_per_epoch < 1:

@@ -33,8 +33,9 @@ steps continue exactly.
 
 Masks come from ``masks_device.DeviceMaskSampler`` on the images' device, keyed by the global step.
 
-Undecodable files: see ``validate.py``. If DALI still fails on a folder batch (a file changed after
-validation, or ``validate="off"``), the loader checks the files of the batches DALI held, with PIL
+Undecodable files: see ``validate.py``. If DALI still fails on a folder batch (a file the header
+check let through, a file changed after the check, or ``validate="off"``), the loader checks the
+files of the batches DALI held, with PIL
 and then with DALI's own decoder, marks the culprits bad, and rebuilds the pipeline at the first
 batch not yet delivered; when no file is at fault the error is raised.
 """
@@ -57,26 +58,13 @@ from ijepa_fast.data.dali.webdataset import prepare_webdataset
 from ijepa_fast.data.errors import no_decodable_image
 from ijepa_fast.data.folder import scan_folder
 from ijepa_fast.data.loader import Batch, folder_root
+from ijepa_fast.data.wds import webdataset_tars
 from ijepa_fast.masks.device import DeviceMaskSampler
 from ijepa_fast.runtime.rng import mask_seed, mix
 
 log = logging.getLogger(__name__)
 
 _MAX_RECOVERIES = 100  # pipeline rebuilds after decoder errors before giving up (each names its files)
-
-
-def webdataset_tars(cfg) -> list[Path]:
-    """The tar shards when ``cfg`` points at webdataset data, else []: ``root`` (or ``root/split``)
-    is a .tar file, or a folder whose top level holds .tar files and no sub-folders (an image folder
-    has class sub-folders, or images and no tars)."""
-    root = folder_root(cfg)
-    if root.is_file():
-        return [root] if root.suffix == ".tar" else []
-    if not root.is_dir():
-        return []
-    entries = list(root.iterdir())
-    tars = sorted(p for p in entries if p.suffix == ".tar" and p.is_file())
-    return tars if tars and not any(p.is_dir() for p in entries) else []
 
 
 class DaliPretrainLoader:
@@ -232,16 +220,20 @@ def build_dali_loader(
     accum: int = 1,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    validate: str = "full",
+    validate: str = "header",
     cache: str | Path | None = None,
     prefetch: int = 2,
     threads: int | None = None,
+    group=None,
+    progress: bool = True,
 ) -> DaliPretrainLoader:
     """The DALI pretraining loader of a DataConfig (see the module docstring).
 
     ``device``: a CUDA device decodes on that GPU (``mixed``); None or CPU runs DALI's CPU mode.
     ``dtype``: float32, float16 (DALI emits it) or bfloat16 (cast after DALI). ``validate``:
-    full|header|off (``validate.py``); ``cache``: the JSON of verdicts (e.g. in the run folder).
+    header|full|off (``validate.py``); ``cache``: the dataset's verdict file (``cache.cache_file``),
+    None for none; ``group``: a gloo process group of the ranks, which then split the image check
+    (None: this process checks every file); ``progress``: the check's progress bar on rank 0.
     ``threads``: DALI's worker threads and the file readers (default ``cfg.num_workers``).
     ``accum``: micro-batches per optimizer step (image folders: epochs of whole optimizer steps, as
     the CPU loader's; webdataset tars: DALI's reader sets the epochs).
@@ -263,7 +255,14 @@ def build_dali_loader(
         tmpdir = tempfile.TemporaryDirectory(prefix="ijepa-wds-idx-") if cache is None else None
         index_dir = tmpdir.name if tmpdir else Path(cache).with_suffix(".wds-index")
         tars, index_paths, n, bad = prepare_webdataset(
-            tars, index_dir, mode=validate, cache=cache, workers=threads, limit=cfg.limit, multiple_of=world_size
+            tars,
+            index_dir,
+            mode=validate,
+            cache=cache,
+            workers=threads,
+            limit=cfg.limit,
+            multiple_of=world_size,
+            group=group,
         )
         steps_per_epoch = n // (B * world_size)
         if steps_per_epoch < 1:
@@ -319,7 +318,7 @@ def build_dali_loader(
     paths, labels, _ = scan_folder(os.path.abspath(folder_root(cfg)), as_str=True)  # absolute: cache keys
     n = min(len(paths), cfg.limit) if cfg.limit else len(paths)
     paths, labels = paths[:n], labels[:n]
-    bad = validate_images(paths, mode=validate, cache=cache, workers=threads)
+    bad = validate_images(paths, mode=validate, cache=cache, workers=threads, group=group, progress=progress)
     if len(bad) == n:
         first = min(bad)
         raise no_decodable_image(folder_root(cfg), n, f"{first} ({bad[first]})")
