@@ -67,6 +67,7 @@ setup(
             "ijepa-extract=ijepa_fast.cli.export:extract_main",
             "ijepa-export=ijepa_fast.cli.export:export_main",
             "ijepa-bench=ijepa_fast.cli.bench:main",
+            "ijepa-shard=ijepa_fast.cli.shard:main",
         ],
     },
 )

@@ -25,9 +25,9 @@ def run_command(command: str, argv: list[str]) -> int | str | None:
     return stopped.value.code
 
 
-def test_setup_declares_the_six_commands():
+def test_setup_declares_the_seven_commands():
     assert set(COMMANDS) == {
-        "ijepa-pretrain", "ijepa-demo", "ijepa-eval", "ijepa-export", "ijepa-extract", "ijepa-bench"
+        "ijepa-pretrain", "ijepa-demo", "ijepa-eval", "ijepa-export", "ijepa-extract", "ijepa-bench", "ijepa-shard"
     }  # fmt: skip
 
 
