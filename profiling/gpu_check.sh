@@ -336,7 +336,7 @@ case $STAGE in
   data)
     LOADERS=(pytorch)
     if [ "$DALI" = 1 ]; then
-      gpu_tests pytest_dali 60 tests/test_dali.py
+      gpu_tests pytest_dali 60 tests/test_dali.py tests/test_shard.py
     else
       skip pytest_dali "nvidia-dali does not import"
     fi

@@ -175,6 +175,22 @@ def test_the_dali_loader_trains_from_the_shards(tmp_path):
     assert all(b.images.shape == (4, 3, 32, 32) and torch.isfinite(b.images).all() for b in batches)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_dali
+def test_the_dali_loader_decodes_the_shards_on_the_gpu(tmp_path):
+    from ijepa_fast.data.dali import build_dali_loader
+
+    make_source(tmp_path / "src")
+    write_shards(list_folder(tmp_path / "src"), tmp_path / "out", shard_size=5)
+    cfg = DataConfig(root=str(tmp_path / "out"), split="", crop_size=32, batch_size=4, num_workers=1)
+    with build_dali_loader(cfg, grid=4, mask_kwargs=MASKS, seed=0, device="cuda") as loader:
+        batches = [b for b, _ in zip(loader, range(6))]  # two epochs
+    for b in batches:
+        assert b.images.is_cuda and b.images.shape == (4, 3, 32, 32) and torch.isfinite(b.images).all()
+        assert set(b.labels.tolist()) <= {0, 1, 2}
+
+
 def test_the_cpu_loader_trains_from_the_shards(tmp_path):
     good = make_source(tmp_path / "src", n=12)
     (tmp_path / "src" / "bee" / "broken.jpg").unlink()

@@ -7,7 +7,9 @@
     ds = build_eval_dataset(cfg.data, split="test")  # (image [3, S, S], label), centre crop
 
 Modules: ``idx`` (IDX files), ``folder`` (scan and decode to RGB), ``transforms`` (seeded
-RandomResizedCrop, centre crop, normalisation), ``loader`` (sampler, dataset, collate, loader).
+RandomResizedCrop, centre crop, normalisation), ``loader`` (sampler, dataset, collate, loader),
+``wds`` (webdataset tars: layout, DALI index files, the CPU loader's source), ``shard`` (image folder
+-> webdataset shards, ``ijepa-shard``).
 """
 
 from ijepa_fast.data.folder import ImageFolderDataset, load_rgb, scan_folder
