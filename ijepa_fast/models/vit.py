@@ -239,10 +239,10 @@ class VisionTransformer(_BlockStack):
     def forward(self, images: torch.Tensor, context_idx: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(images)  # (B, N, D), the autocast dtype under autocast
         pos = self._in_stream(self.pos_embed, x)
-        if context_idx is None:
-            x = x + pos
-        else:
+        if context_idx is not None:
             x = ops.gather_tokens_with_pos(x, pos, context_idx, fused=self.fused_gather)  # (B, K, D)
+        else:
+            x = x + pos
         return self.norm(self._run_blocks(self.blocks, x))
 
 
