@@ -1,6 +1,7 @@
 """Fused EMA update of the target encoder: ``t = m * t + (1 - m) * s`` over every parameter at once.
 
-One launch per (target dtype, source dtype, bf16 copy or not) group, normally one in all. Each
+One launch per (target dtype, source dtype, bf16 copy or not) group, normally one in all (two with a
+copy of only some tensors: the target encoder's matmul weights, ``speed.bf16_target_copy``). Each
 program owns one chunk of one tensor; a small int64 table (built on the host once per set of
 tensors and cached) gives every program its tensor's addresses, length and chunk start, so tensors
 of any sizes, ordinary parameters or flat 1-D buffers (DeepSpeed ZeRO partitions), go in one launch.
@@ -173,10 +174,11 @@ def _launch(
     targets: list[torch.Tensor],
     sources: list[torch.Tensor],
     m: torch.Tensor,
-    bf16_out: list[torch.Tensor] | None,
+    bf16_out: list[torch.Tensor | None] | None,
     apply: torch.Tensor,
 ) -> None:
-    """Group the pairs by dtypes and launch once per group; odd (non-contiguous) tensors take torch ops."""
+    """Group the pairs by dtypes and by whether they have a bf16 copy, and launch once per group;
+    odd (non-contiguous) tensors take torch ops."""
     groups: dict[tuple, list[int]] = {}
     for i, (t, s) in enumerate(zip(targets, sources)):
         o = None if bf16_out is None else bf16_out[i]
@@ -185,12 +187,12 @@ def _launch(
         if not (t.is_contiguous() and s.is_contiguous() and (o is None or o.is_contiguous())):
             _update_one(t, s, m, o, apply)
             continue
-        groups.setdefault((t.dtype, s.dtype), []).append(i)
-    for members in groups.values():
+        groups.setdefault((t.dtype, s.dtype, o is not None), []).append(i)
+    for (_, _, has_out), members in groups.items():
         _launch_group(
             [targets[i] for i in members],
             [sources[i] for i in members],
-            None if bf16_out is None else [bf16_out[i] for i in members],
+            [bf16_out[i] for i in members] if has_out else None,
             m,
             apply,
         )
@@ -203,7 +205,7 @@ def ema_update_reference(
     targets: list[torch.Tensor],
     sources: list[torch.Tensor],
     momentum: float | torch.Tensor,
-    bf16_out: list[torch.Tensor] | None = None,
+    bf16_out: list[torch.Tensor | None] | None = None,
     apply: torch.Tensor | None = None,
 ) -> None:
     """The authors' loop: one ``mul_`` and one ``add_`` per parameter (fp32 math for bf16 targets).
@@ -276,8 +278,8 @@ def _check_lists(targets: list, sources: list, bf16_out: list | None) -> torch.d
             raise ValueError(f"targets[{i}] has shape {tuple(t.shape)} but sources[{i}] has {tuple(s.shape)}")
         dsp.check_device(t, f"targets[{i}]", device)
         dsp.check_device(s, f"sources[{i}]", device)
-        if bf16_out is not None:
-            o = bf16_out[i]
+        o = None if bf16_out is None else bf16_out[i]
+        if o is not None:
             if o.dtype != torch.bfloat16 or o.shape != t.shape:
                 raise ValueError(
                     f"bf16_out[{i}] must be bfloat16 of shape {tuple(t.shape)}, got {o.dtype} {tuple(o.shape)}"
@@ -311,10 +313,11 @@ def ema_update_(
     targets: list[torch.Tensor],
     sources: list[torch.Tensor],
     momentum: float | torch.Tensor,
-    bf16_out: list[torch.Tensor] | None = None,
+    bf16_out: list[torch.Tensor | None] | None = None,
     apply: torch.Tensor | None = None,
 ) -> None:
-    """In place ``t = m * t + (1 - m) * s`` for every pair, fp32 math; optionally ``bf16_out[i] = t`` (bf16).
+    """In place ``t = m * t + (1 - m) * s`` for every pair, fp32 math; optionally ``bf16_out[i] = t`` (bf16;
+    a None entry: that target has no copy).
 
     targets: fp32 or bf16 tensors (parameters, or flat 1-D buffers); sources: same shapes, any float
     dtype; momentum: Python float or one-element tensor (a device tensor avoids any host work);
@@ -328,11 +331,22 @@ def ema_update_(
     device = _check_lists(targets, sources, bf16_out)
     m = _momentum_tensor(momentum, device)
     flag = _apply_tensor(apply, device)
-    outs = [] if bf16_out is None else bf16_out
     with torch.no_grad():  # parameters that require grad may then be updated in place
-        if torch.compiler.is_compiling():
-            _ema_op(targets, sources, m, outs, flag)  # opaque to the tracer, with its fake
+        if torch.compiler.is_compiling():  # opaque to the tracer, with its fake; its lists hold no None
+            for ts, ss, outs in _split_by_copy(targets, sources, bf16_out):
+                _ema_op(ts, ss, m, outs, flag)
         else:
             # Eager: skip the op dispatcher, whose per-tensor work over 3 lists of ~400 tensors costs
             # as much as the update itself for a small model.
-            _ema_impl(targets, sources, m, outs, flag)
+            _ema_impl(targets, sources, m, [] if bf16_out is None else bf16_out, flag)
+
+
+def _split_by_copy(targets: list, sources: list, bf16_out: list | None) -> list[tuple[list, list, list]]:
+    """(targets, sources, bf16 copies) with a copy for each, then those without (copies: [])."""
+    if bf16_out is None:
+        return [(targets, sources, [])]
+    with_copy = [i for i, o in enumerate(bf16_out) if o is not None]
+    without = [i for i, o in enumerate(bf16_out) if o is None]
+    parts = [([targets[i] for i in with_copy], [sources[i] for i in with_copy], [bf16_out[i] for i in with_copy])]
+    parts.append(([targets[i] for i in without], [sources[i] for i in without], []))
+    return [part for part in parts if part[0]]

@@ -11,8 +11,9 @@
 #              the ZeRO scaling model from that step
 #   deepspeed  the DeepSpeed GPU test, then the default step under the DeepSpeed engine, ZeRO-2 and
 #              ZeRO-3, in a world of one: images/s and peak memory beside the plain engine's
-#   ablation   the single-switch ablation (the authors' preset, each switch alone on it, the
-#              default, the default without compile), then the step's GPU tests
+#   ablation   the single-switch ablation (the authors' preset, each switch alone on it: the bf16
+#              target copy, the bf16 residual stream and uint8 images among them; the default, the
+#              default without compile), then the step's GPU tests
 #   kernels    the Triton kernels at ViT-H/14 shapes against the roofline of the measured copy bandwidth
 #   attention  the attention backends at ViT-B/16, ViT-H/14 and ViT-H/16-448 token counts, batch 128
 #   data       the DALI GPU tests (when DALI imports), then the data loaders on generated JPEGs
@@ -208,9 +209,11 @@ gpu_tests() {
 deepspeed_step() {
   local zero=$1 limit=$2
   shift 2
+  local copy=true  # the bf16 target copy needs the whole target on each rank, which ZeRO-3 partitions
+  [ "$zero" = 3 ] && copy=false
   if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
     run_part "deepspeed_zero$zero" "$limit" 3 "$PY" -m profiling.bench_step run.engine=deepspeed \
-      "run.zero_stage=$zero" "$@" --phase-steps 0 --out "$W" --tag "deepspeed_zero$zero" --record "$APPEND" "${LABEL[@]}"
+      "run.zero_stage=$zero" "speed.bf16_target_copy=$copy" "$@" --phase-steps 0 --out "$W" --tag "deepspeed_zero$zero" --record "$APPEND" "${LABEL[@]}"
   else
     skip "deepspeed_zero$zero" "deepspeed does not import: run 'make gpu-wheels' here to carry it in .whl/"
   fi
@@ -268,7 +271,8 @@ fi
 #     for each, and Inductor's compile of the default's blocks (assumed ~1 minute); scaling ~5.
 #   deepspeed: pytest_deepspeed ~40 (DeepSpeed's import, four tiny engines); deepspeed_zero2 ~80
 #     (compiled, as the default), deepspeed_zero3 ~40 (runs eager: ZeRO-3 refuses compile).
-#   ablation: 8 eager rows of ~10 s each and the compiled default ~70; pytest_step ~40.
+#   ablation: 11 eager rows of ~10 s each and the compiled default ~70; pytest_step ~40 (with the
+#     GPU tests of the bf16 target copy and of the device feed: uint8 images on a side stream).
 #   kernels: masked_gather, ema ~20 each: do_bench (~0.2 s a row) over 24 and 9 rows, a Triton compile each.
 #   attention ~45: 9 cases x up to 8 backends, do_bench each.
 #   data ~30: 512 JPEGs written, then 4 and 8 workers, each 2w+1 warm-up and 4w timed batches of 128.
@@ -304,13 +308,13 @@ case $STAGE in
     ;;
   ablation)
     if [ "$CUDA" = 1 ]; then
-      run_part ablation 170 4 "$PY" -m profiling.bench_step --ablation --warmup 3 --steps 6 --phase-steps 2 \
+      run_part ablation 200 4 "$PY" -m profiling.bench_step --ablation --warmup 3 --steps 6 --phase-steps 2 \
         --out "$W" --tag ablation --record "$APPEND" "${LABEL[@]}"
     else
       run_part ablation 150 4 "$PY" -m profiling.bench_step "${TINY[@]}" --ablation --warmup 1 --steps 2 \
         --phase-steps 0 --batches 2 --out "$W" --tag ablation --record "$APPEND" "${LABEL[@]}"
     fi
-    gpu_tests pytest_step 60 tests/test_speed.py tests/test_bench.py
+    gpu_tests pytest_step 60 tests/test_speed.py tests/test_bench.py tests/test_device_feed.py tests/test_target_copy.py
     ;;
   kernels)
     if [ "$CUDA" != 1 ]; then

@@ -88,7 +88,8 @@ def engine_bytes(stage: int) -> tuple[int, int]:
     from ijepa_fast.config import Config, apply_overrides
     from ijepa_fast.engines.deepspeed import deepspeed_config
 
-    cfg = apply_overrides(Config(), [f"run.zero_stage={stage}"])
+    # the bf16 target copy needs the whole target on each rank: off where ZeRO-3 partitions it
+    cfg = apply_overrides(Config(), [f"run.zero_stage={stage}", f"speed.bf16_target_copy={stage != 3}"])
     ds = deepspeed_config(cfg, world_size=1, device_type="cuda")
     half = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
     param = 2 if half else 4

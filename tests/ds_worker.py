@@ -57,6 +57,7 @@ def tiny_config(stage: int = 1, batch: int = PER_RANK) -> Config:
     o.epochs, o.warmup_epochs, o.start_lr, o.lr, o.final_lr = 2, 0.5, 2e-4, 1e-3, 1e-5
     o.weight_decay, o.final_weight_decay, o.ema, o.grad_clip = 0.04, 0.4, (0.9, 1.0), GRAD_CLIP
     cfg.run.zero_stage, cfg.run.dtype, cfg.run.device = stage, "fp32", "cpu"
+    cfg.speed.bf16_target_copy = stage != 3  # ZeRO-3 partitions the target encoder: no copy there
     return cfg.validate()
 
 
@@ -252,11 +253,14 @@ def run_bf16(stage: int, out: Path, rank: int, world: int) -> None:
     ``result_bf16_{stage}.pt``)."""
     import ijepa_fast.kernels._dispatch as dispatch
     from ijepa_fast.kernels.ema import ema_update_
+    from ijepa_fast.models.target_copy import Bf16TargetCopy
     from ijepa_fast.train.step import ema_update
 
     with _CountOpBuilds() as builds:
         step_fn = deepspeed_step(gpu_config(stage), world, device_type="cuda")
     engine = step_fn.engine
+    if stage < 3:  # speed.bf16_target_copy, as train.build.train_step_for makes it (ZeRO-3 refuses it)
+        step_fn.target_copy = Bf16TargetCopy(engine.target_encoder)
     batches = [local_batch(i, rank, world) for i in range(STEPS)]
     losses = [step_fn(*batches[i], i)["loss"] for i in range(WARMUP)]
     # The CPU reference of the fused gathers checks its indices on the host; the Triton kernels the GPU
@@ -269,6 +273,11 @@ def run_bf16(stage: int, out: Path, rank: int, world: int) -> None:
         dispatch.check_range = check_range
     losses = [loss.item() for loss in losses]
     final = engine.consolidated_state()  # fp32 master weights (safe_get_full_fp32_param) and target
+    copy_is_cast = None
+    if step_fn.target_copy is not None:  # the copy the EMA wrote equals the cast of the fp32 target
+        params = list(engine.target_encoder.parameters())
+        pairs = [(p, c) for p, c in zip(params, step_fn.target_copy.outputs_for(params)) if c is not None]
+        copy_is_cast = bool(pairs) and all(torch.equal(c, p.detach().to(torch.bfloat16)) for p, c in pairs)
     expected = {k: v.clone() for k, v in final["target_encoder"].items()}
     ema_update_(list(expected.values()), list(final["encoder"].values()), 0.75)
     ema_update(*engine.ema_pairs(), 0.75)
@@ -282,6 +291,7 @@ def run_bf16(stage: int, out: Path, rank: int, world: int) -> None:
             "ds_config": engine.ds_config,
             "builds": builds.calls,
             "host_reads": reads.counts,
+            "copy_is_cast": copy_is_cast,
         }
         torch.save(result, out / f"result_bf16_{stage}.pt")
 

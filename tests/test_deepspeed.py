@@ -309,6 +309,15 @@ def test_bf16_ema_averages_the_fp32_master_weights(stage, zero_runs):
         torch.testing.assert_close(run["ema_got"][name], want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2))
+def test_bf16_target_copy_under_zero_is_the_cast_of_the_fp32_target(stage, zero_runs):
+    """ZeRO 0-2 keep the whole target on each rank: after five bf16 steps whose EMA wrote the copy
+    (speed.bf16_target_copy), it equals the cast of the fp32 target weights bit for bit (and the
+    losses above, read through it, agree with the plain step's)."""
+    assert zero_runs["bf16"][stage]["copy_is_cast"] is True
+
+
 def _assert_resumed_like_the_plain_run(run: dict, plain_run: dict) -> None:
     assert run["resumed_from"] == W.SAVE_AT and run["rng_restored"]
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(plain_run["losses"][W.SAVE_AT :]), **LOSS_TOL)
@@ -914,7 +923,14 @@ def test_multi_node_scripts_print_the_world_layout_and_pass_the_collective_timeo
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("gpu01 slots=8\ngpu02 slots=8\n")
     env = {**env, "HOSTFILE": str(hostfile), dist_.TIMEOUT_ENV: "600"}
-    base = ("--config", "configs/demo.yaml", "data.batch_size=64", "optim.grad_accum=2", "run.zero_stage=3")
+    base = (
+        "--config",
+        "configs/demo.yaml",
+        "data.batch_size=64",
+        "optim.grad_accum=2",
+        "speed.bf16_target_copy=false",
+        "run.zero_stage=3",
+    )
     out = _dry_run(script, env, tmp_path, *base)
     assert out.returncode == 0, out.stderr
     layout = [line for line in out.stderr.splitlines() if line.startswith("ijepa: ")]

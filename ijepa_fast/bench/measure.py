@@ -80,6 +80,8 @@ def run_config(
         if cfg.speed.compile == "on" or (cfg.speed.compile == "auto" and device.type == "cuda"):
             torch._dynamo.reset()  # each compiled configuration starts clean, as a training process does
         row["speed_resolved"] = asdict(cfg.speed)
+        if hasattr(source, "use"):  # synthetic batches hand what this row's loader would
+            source.use(cfg.speed.uint8_input)
         ts = _build_step(cfg, device)
         row["attention"] = ts.student.encoder.blocks[0].attn.backend
         if device.type == "cuda":

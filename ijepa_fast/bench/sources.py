@@ -7,14 +7,17 @@
   ``authors`` preset, then each optimisation switched on alone from it, then all on (the default).
   Compile is measured as the default with compile off (the authors' preset is never compiled); on
   a CPU that row is left out unless ``compile_on_cpu`` (compile is off on CPUs).
-- **Data.** ``synthetic`` (default): distinct micro-batches made once on the device, random images
-  and masks from the real ``MultiBlockMaskSampler``, used in turn; ``pytorch``/``dali``: the real
-  loaders over ``data.root``, each batch copied to the device inside the timed step.
+- **Data.** ``synthetic`` (default): distinct micro-batches made once and held on the host as the
+  loader hands them (random uint8 images, normalised to float32 unless the row has
+  ``speed.uint8_input``; masks from the real ``MultiBlockMaskSampler``), fed to the device in turn
+  by ``DeviceFeed`` as the trainer feeds them; ``pytorch``/``dali``: the real loaders over
+  ``data.root``, each batch copied to the device inside the timed step.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -92,6 +95,9 @@ def ablation_configs(device: torch.device, compile_on_cpu: bool = False) -> list
         ("+ fused AdamW", {"fused_optimizer": True}),
         ("- GradScaler", {"grad_scaler": False}),
         ("- per-step host sync", {"sync_every_step": False}),
+        ("+ bf16 target copy", {"bf16_target_copy": True}),
+        ("+ bf16 residual stream", {"bf16_residual": True}),
+        ("+ uint8 images to the device", {"uint8_input": True}),
     ]
     rows = [authors_config()]
     rows += [BenchConfig(name, {"preset": "authors", **change}) for name, change in on]
@@ -117,22 +123,59 @@ def authors_config() -> BenchConfig:
 
 
 class SyntheticBatches:
-    """``count`` device-resident micro-batches: random images, masks from the real sampler (steps 0..)."""
+    """``count`` distinct micro-batches on the host (pinned on CUDA), fed to the device in turn by
+    ``DeviceFeed`` as the trainer's are: random uint8 images, handed as uint8 or as the loader's
+    normalised float32 (``use``), and masks from the real sampler (steps 0..)."""
 
     def __init__(self, cfg: Config, device: torch.device, count: int):
+        from ijepa_fast.data.loader import Batch
+        from ijepa_fast.data.transforms import normalize
+
         B, S, seed = cfg.data.batch_size, cfg.data.crop_size, cfg.run.seed
         sampler = MultiBlockMaskSampler(grid_size(S, cfg.model.patch_size), seed=seed, **asdict(cfg.mask))
-        g = torch.Generator(device=device).manual_seed(seed)
-        self.images = [torch.randn(B, 3, S, S, device=device, generator=g) for _ in range(count)]
-        self.masks = [sampler(B, step=i, device=device) for i in range(count)]
-        self.kind = "synthetic"
+        g = torch.Generator().manual_seed(seed)
+        raw = [torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=g) for _ in range(count)]
+        pin = device.type == "cuda"
+        self._host: dict[bool, list] = {}
+        for uint8 in (False, True):
+            self._host[uint8] = [
+                Batch(
+                    images=x if uint8 else normalize(x),
+                    labels=torch.zeros(B, dtype=torch.int64),
+                    masks=sampler(B, step=i),
+                    step=i,
+                    epoch=0,
+                    skipped=0,
+                )
+                for i, x in enumerate(raw)
+            ]
+            if pin:
+                self._host[uint8] = [b.pin_memory() for b in self._host[uint8]]
+        self.device, self.kind = device, "synthetic"
+        self.use(cfg.speed.uint8_input)
+
+    def use(self, uint8: bool) -> None:
+        """Hand uint8 images (``speed.uint8_input``) or normalised float32 ones from now on."""
+        self._uint8 = uint8
+        self._restart(0)
+
+    def _restart(self, i: int) -> None:
+        from ijepa_fast.data.device_feed import DeviceFeed
+
+        n = len(self._host[self._uint8])
+        order = itertools.cycle([self._host[self._uint8][(i + j) % n] for j in range(n)])
+        self._feed, self._next = iter(DeviceFeed(order, self.device)), i
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self._host[False])
 
     def get(self, i: int) -> tuple[torch.Tensor, MaskBatch]:
-        """Micro-batch ``i`` (the batches are used in turn)."""
-        return self.images[i % len(self.images)], self.masks[i % len(self.masks)]
+        """Micro-batch ``i`` (the batches are used in turn), on the device."""
+        if i != self._next:  # not the next in turn: the feed restarts there
+            self._restart(i)
+        self._next = i + 1
+        batch = next(self._feed)
+        return batch.images, batch.masks
 
     def close(self) -> None:
         pass
@@ -156,13 +199,18 @@ class LoaderBatches:
         self.loader = build_loader(cfg, grid, device, rank=0, world_size=1, start_step=0)
         self.device, self.kind = device, kind
         self._it: Iterator = iter(self.loader)
+        from ijepa_fast.data.transforms import normalization_stats
+
+        self._stats = normalization_stats(device)
 
     def __len__(self) -> int:
         return 1
 
     def get(self, i: int) -> tuple[torch.Tensor, MaskBatch]:
-        batch = next(self._it)
-        return batch.images.to(self.device, non_blocking=True), batch.masks.to(self.device, non_blocking=True)
+        from ijepa_fast.data.device_feed import batch_to_device
+
+        batch = batch_to_device(next(self._it), self.device, self._stats)
+        return batch.images, batch.masks
 
     def close(self) -> None:
         close = getattr(self.loader, "close", None)

@@ -160,11 +160,21 @@ def score(train: Features, test: Features) -> Scores:
 
 
 def encoder_features(encoder, name: str, progress: bool = True) -> Callable[[object, str], Features]:
-    """(dataset, split) -> average-pooled features of ``encoder`` and the labels."""
+    """(dataset, split) -> average-pooled features of ``encoder`` and the labels.
+
+    Taken with the fp32 residual stream whatever ``speed.bf16_residual`` trained with, as ijepa-eval
+    takes them from a checkpoint and as the random-init row is: one evaluation for every run."""
     from ijepa_fast.eval.features import extract_features
 
     def features(dataset, split: str) -> Features:
-        return extract_features(encoder, dataset, mode="avgpool", progress=progress, desc=f"{name} features ({split})")
+        trained_with = encoder.bf16_residual
+        encoder.set_bf16_residual(False)
+        try:
+            return extract_features(
+                encoder, dataset, mode="avgpool", progress=progress, desc=f"{name} features ({split})"
+            )
+        finally:
+            encoder.set_bf16_residual(trained_with)
 
     return features
 

@@ -171,6 +171,23 @@ class SpeedConfig:
     grad_scaler: bool = False  # True: a GradScaler as the authors (not needed for bf16)
     sync_every_step: bool = False  # True: the authors' per-step host syncs (gradient norms, loss, synchronize)
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, more time)
+    # A bf16 copy of the target encoder's matmul weights (Linear and Conv2d weights and biases),
+    # written by the fused EMA in the same pass, read by the target forward instead of casting the
+    # fp32 weights at every forward. Exact: its bits are autocast's cast of the fp32 EMA weights,
+    # which stay the source of truth and alone go into checkpoints. Needs bf16 autocast to act, and
+    # the whole target encoder on each rank (not ZeRO-3). False: the target casts under autocast.
+    bf16_target_copy: bool = True
+    # Under bf16 autocast, keep the residual stream in bf16: the fixed position embeddings and the
+    # predictor's mask token are cast to bf16 before they join it (fp32 ones promote the stream to
+    # fp32, as in the authors' code), LayerNorms take and return bf16 (fp32 statistics and affine),
+    # and the residual adds round to bf16. A change of function: the stream, the encoder outputs and
+    # so the targets are rounded to bf16 (8 significant bits) where the authors keep fp32; measured
+    # against the fp32 stream in profiling/RESULTS.md (targets, loss, gradients and a learning check).
+    bf16_residual: bool = False
+    # The loader hands uint8 images; they are copied to the device on a side stream one batch ahead
+    # (CUDA) and normalised there, to the same float32 bits as the loader's normalisation. False:
+    # the loader normalises and the float32 batch is copied on the compute stream.
+    uint8_input: bool = True
 
     def validate(self, prefix: str = "speed") -> None:
         _check_choice(f"{prefix}.preset", self.preset, PRESETS)
@@ -191,6 +208,13 @@ class SpeedConfig:
 #                           src/helper.py:142
 #   grad_scaler=True        a GradScaler although they train in bf16: src/helper.py:155, used at
 #                           src/train.py:322-325 (its step reads the found-inf flag to the host)
+#   bf16_target_copy=False  the target encoder's fp32 weights cast by autocast at every forward (their
+#                           target forward runs under the step's autocast, src/train.py:316)
+#   bf16_residual=False     fp32 pos_embed and mask_token promote the stream to fp32: the adds after
+#                           patch_embed and predictor_embed and the mask tokens' pos_embs
+#                           (src/models/vision_transformer.py, both forward methods)
+#   uint8_input=False       the loader normalises on the CPU and float32 images go to the device on
+#                           the compute stream (load_imgs in src/train.py: imgs.to(device))
 #   sync_every_step=True    every weight's gradient norm read to the host after the optimizer step
 #                           (grad_logger, src/utils/logging.py:78-92, at src/train.py:329), float(loss)
 #                           (src/train.py:338) and torch.cuda.synchronize() (gpu_timer,
@@ -208,6 +232,9 @@ AUTHORS_SPEED = dict(
     fused_optimizer=False,
     grad_scaler=True,
     sync_every_step=True,
+    bf16_target_copy=False,
+    bf16_residual=False,
+    uint8_input=False,
 )
 
 
@@ -260,6 +287,11 @@ class Config:
             self.data.crop_size,
             f"a multiple of model.patch_size={self.model.patch_size}",
         )
+        if self.speed.bf16_target_copy and self.run.zero_stage == 3 and self.run.engine != "plain":
+            raise ConfigError(
+                "speed.bf16_target_copy=True needs the whole target encoder on every rank, which ZeRO-3 "
+                "partitions: set speed.bf16_target_copy=false or run.zero_stage <= 2"
+            )
         return self
 
     def _check_finite(self) -> None:

@@ -48,6 +48,7 @@ def build_loader(cfg, grid: int | tuple[int, int], device: torch.device, rank: i
         start_step=start_step,
         accum=cfg.optim.grad_accum,
     )
+    # DALI decodes, crops and normalises on the GPU already: speed.uint8_input concerns the PyTorch loader.
     if resolve_loader_kind(cfg.data, device) == "dali":
         from ijepa_fast.data.dali.cache import cache_file
         from ijepa_fast.data.dali.loader import build_dali_loader
@@ -68,4 +69,4 @@ def build_loader(cfg, grid: int | tuple[int, int], device: torch.device, rank: i
         )
     from ijepa_fast.data.loader import build_pretrain_loader
 
-    return build_pretrain_loader(cfg.data, **kwargs)
+    return build_pretrain_loader(cfg.data, uint8=cfg.speed.uint8_input, **kwargs)

@@ -79,7 +79,9 @@ class Source(Protocol):
 class Batch:
     """One step's data on one rank."""
 
-    images: torch.Tensor  # [B, 3, S, S] float32, normalised with the ImageNet mean and std
+    # [B, 3, S, S] float32, normalised with the ImageNet mean and std; with speed.uint8_input the
+    # loader's [B, C, S, S] uint8 (C = 1 or 3), which data.device_feed normalises on the device
+    images: torch.Tensor
     labels: torch.Tensor  # [B] int64 (class index; 0 for unlabelled folders)
     masks: MaskBatch  # context [B, Kc] int64, targets [M, B, Kt] int64, from (seed, step)
     step: int  # the global optimizer step this batch is for
@@ -200,17 +202,19 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 class Collate:
-    """Samples of one step -> ``Batch``: stacked, normalised images and the step's masks."""
+    """Samples of one step -> ``Batch``: stacked, normalised images (``uint8``: stacked uint8 images,
+    normalised later on the device) and the step's masks."""
 
-    def __init__(self, mask_sampler: MultiBlockMaskSampler):
+    def __init__(self, mask_sampler: MultiBlockMaskSampler, uint8: bool = False):
         self.mask_sampler = mask_sampler
+        self.uint8 = uint8
 
     def __call__(self, items: list[tuple[torch.Tensor, int, int, int, str]]) -> Batch:
         images, labels, steps, epochs, bad = zip(*items)
         step, epoch = steps[0], epochs[0]
         bad_paths = tuple(b for b in bad if b)
         return Batch(
-            images=normalize(torch.stack(images)),  # [B, 3, S, S]
+            images=torch.stack(images) if self.uint8 else normalize(torch.stack(images)),  # [B, C or 3, S, S]
             labels=torch.as_tensor(labels, dtype=torch.int64),
             masks=self.mask_sampler(len(images), step),
             step=step,
@@ -283,6 +287,7 @@ class PretrainLoader:
         batch_sampler: StepBatchSampler,
         num_workers: int = 0,
         pin_memory: bool = False,
+        uint8: bool = False,
     ):
         self.dataset, self.mask_sampler, self.batch_sampler = dataset, mask_sampler, batch_sampler
         self.steps_per_epoch = batch_sampler.steps_per_epoch
@@ -295,7 +300,7 @@ class PretrainLoader:
         self._loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batch_sampler,
-            collate_fn=Collate(mask_sampler),
+            collate_fn=Collate(mask_sampler, uint8),
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=pin_memory,
@@ -340,20 +345,23 @@ def build_pretrain_loader(
     world_size: int = 1,
     start_step: int = 0,
     accum: int = 1,
+    uint8: bool = False,
 ) -> PretrainLoader:
     """The CPU pretraining loader of a ``DataConfig``.
 
     ``grid``: the patch grid (``crop_size // patch_size``, or (H, W)); ``mask_kwargs``: the
     ``MultiBlockMaskSampler`` keywords other than ``seed``; ``accum``: micro-batches per optimizer
-    step. Yields ``Batch`` with images [batch_size, 3, crop_size, crop_size] float32 for
-    (micro-batch) steps ``start_step``, ``start_step + 1``, ...
+    step. Yields ``Batch`` with images [batch_size, 3, crop_size, crop_size] float32 (``uint8``: the
+    uint8 crops [batch_size, C, crop_size, crop_size], for ``device_feed``) for (micro-batch) steps
+    ``start_step``, ``start_step + 1``, ...
     ``pin_memory`` applies only when CUDA is available; ``num_workers > 0`` keeps its workers alive
     across epochs (the sampler never ends an epoch anyway).
     """
     dataset = PretrainDataset(open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, rank, world_size, start_step, accum)
     masks = MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)
-    return PretrainLoader(dataset, masks, sampler, cfg.num_workers, cfg.pin_memory and torch.cuda.is_available())
+    pin = cfg.pin_memory and torch.cuda.is_available()
+    return PretrainLoader(dataset, masks, sampler, cfg.num_workers, pin, uint8=uint8)
 
 
 # ----------------------------------------------------------------------------- evaluation

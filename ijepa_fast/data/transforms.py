@@ -81,13 +81,24 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(img.height, img.width, -1)).permute(2, 0, 1)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
+def normalization_stats(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet (mean, std) as float32 [3, 1, 1] on ``device``; made once per device by a caller
+    that normalises every step (a host-to-device copy of a pageable tensor waits for the device)."""
+    return (
+        torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1).to(device),
+        torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1).to(device),
+    )
+
+
+def normalize(images: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 [..., C, H, W] (C = 1 or 3; one channel is repeated) -> float32 [..., 3, H, W],
-    (x / 255 - mean) / std with the ImageNet statistics, contiguous."""
+    (x / 255 - mean) / std with the ImageNet statistics, contiguous, on the images' device.
+
+    The same three IEEE-rounded ops on any device, so the CPU loader's floats and a GPU's are equal
+    bit for bit. ``stats``: ``normalization_stats(images.device)``, made once (None: made here)."""
     if images.shape[-3] == 1:
         images = images.expand(*images.shape[:-3], 3, *images.shape[-2:])
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = stats if stats is not None else normalization_stats(images.device)
     out = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
     return out.sub_(mean).div_(std)
 

@@ -100,7 +100,7 @@ def compile_wanted(mode: str, device: torch.device) -> bool:
 
 def models_from_config(cfg, device: torch.device, compile: bool | None = None) -> tuple[JEPAStudent, VisionTransformer]:
     """(student, target encoder) of a run ``Config`` on ``device``, with its attention backend,
-    activation checkpointing and compile switches (``cfg.speed``) applied; ``compile`` (when not
+    activation checkpointing, residual-stream dtype and compile switches (``cfg.speed``) applied; ``compile`` (when not
     None) overrides ``speed.compile``."""
     size = vit_size(cfg.model.name)
     attn_dtype = resolve_precision(device, cfg.run.dtype).autocast_dtype or torch.float32  # what q, k, v arrive in
@@ -112,6 +112,8 @@ def models_from_config(cfg, device: torch.device, compile: bool | None = None) -
     student.predictor.set_attention_backend(pred_backend)
     for module in (student.encoder, student.predictor):
         module.activation_checkpointing = cfg.speed.activation_checkpointing
+    for module in (student.encoder, student.predictor, target):
+        module.set_bf16_residual(cfg.speed.bf16_residual)
     student.to(device)
     target.to(device)
     if compile_wanted(cfg.speed.compile, device) if compile is None else compile:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -95,14 +96,34 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class StreamLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state dict); with ``keep_dtype`` (``speed.bf16_residual``)
+    the output takes the input's dtype: bf16 in, bf16 out, statistics and affine in fp32.
+
+    The bf16 output is the fp32 result rounded once, which is what the fp32 path's next bf16 matmul
+    reads anyway: only the residual stream's own rounding changes the function. Eagerly it costs an
+    fp32 temporary; compiled, Inductor fuses the upcast, the norm and the downcast into one kernel.
+    """
+
+    keep_dtype: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.keep_dtype or x.dtype == torch.float32:
+            return super().forward(x)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    The residual adds run in the stream's dtype: fp32 when the stream is fp32 (the authors'), bf16
+    with ``speed.bf16_residual`` (its norms then return bf16)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attention: str = "sdpa"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = StreamLayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=True, backend=attention)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = StreamLayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +167,25 @@ def _rescale_blocks(blocks: nn.ModuleList) -> None:
 
 
 class _BlockStack(nn.Module):
-    """Shared block-running logic: optional activation checkpointing per block."""
+    """Shared block-running logic: optional activation checkpointing per block, and the residual
+    stream's dtype (``set_bf16_residual``)."""
 
     activation_checkpointing: bool = False
+    bf16_residual: bool = False
+
+    def set_bf16_residual(self, on: bool) -> None:
+        """``speed.bf16_residual``: the fixed position embeddings and the mask token join the stream
+        in the dtype of the tokens they are added to (bf16 under bf16 autocast, where fp32 ones would
+        promote the whole stream to fp32), and every LayerNorm returns its input's dtype. Without
+        autocast the stream is fp32 either way and nothing changes."""
+        self.bf16_residual = on
+        for m in self.modules():
+            if isinstance(m, StreamLayerNorm):
+                m.keep_dtype = on
+
+    def _in_stream(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``t`` in the dtype of the stream ``x`` with ``bf16_residual``; else ``t`` (it promotes)."""
+        return t.to(x.dtype) if self.bf16_residual else t
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
@@ -191,7 +228,7 @@ class VisionTransformer(_BlockStack):
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.pos_embed = _fixed_pos_embed(embed_dim, self.grid)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = StreamLayerNorm(embed_dim, eps=1e-6)
         self.apply(lambda m: _init_weights(m, init_std))
         _rescale_blocks(self.blocks)
 
@@ -200,11 +237,12 @@ class VisionTransformer(_BlockStack):
         return self.grid * self.grid
 
     def forward(self, images: torch.Tensor, context_idx: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.patch_embed(images)  # (B, N, D)
-        if context_idx is None:
-            x = x + self.pos_embed
+        x = self.patch_embed(images)  # (B, N, D), the autocast dtype under autocast
+        pos = self._in_stream(self.pos_embed, x)
+        if context_idx is not None:
+            x = ops.gather_tokens_with_pos(x, pos, context_idx, fused=self.fused_gather)  # (B, K, D)
         else:
-            x = ops.gather_tokens_with_pos(x, self.pos_embed, context_idx, fused=self.fused_gather)  # (B, K, D)
+            x = x + pos
         return self.norm(self._run_blocks(self.blocks, x))
 
 
@@ -238,7 +276,7 @@ class VisionTransformerPredictor(_BlockStack):
         self.predictor_blocks = nn.ModuleList(
             Block(predictor_embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth)
         )
-        self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=1e-6)
+        self.predictor_norm = StreamLayerNorm(predictor_embed_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
         self.apply(lambda m: _init_weights(m, init_std))
         nn.init.trunc_normal_(self.mask_token, std=init_std)
@@ -252,11 +290,12 @@ class VisionTransformerPredictor(_BlockStack):
                 f"context tokens {tuple(ctx.shape)} do not match context indices "
                 f"{tuple(context_idx.shape)} and target indices {tuple(target_idx.shape)}"
             )
-        x = self.predictor_embed(ctx)  # (B, Kc, Dp)
-        x = x + ops.gather_tokens(self.predictor_pos_embed.expand(B, -1, -1), context_idx, fused=self.fused_gather)
+        x = self.predictor_embed(ctx)  # (B, Kc, Dp), the autocast dtype under autocast
+        pos = self._in_stream(self.predictor_pos_embed, x)
+        x = x + ops.gather_tokens(pos.expand(B, -1, -1), context_idx, fused=self.fused_gather)
         Kc = x.shape[1]
         queries = ops.predictor_mask_tokens(
-            self.mask_token, self.predictor_pos_embed, target_idx, fused=self.fused_gather
+            self._in_stream(self.mask_token, x), pos, target_idx, fused=self.fused_gather
         )  # (M*B, Kt, Dp)
         x = torch.cat([x.repeat(M, 1, 1), queries], dim=1)  # (M*B, Kc+Kt, Dp)
         x = self.predictor_norm(self._run_blocks(self.predictor_blocks, x))

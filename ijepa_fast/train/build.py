@@ -14,6 +14,7 @@ from ijepa_fast.config import Config
 from ijepa_fast.engines import engine_class, resolve_engine
 from ijepa_fast.io import checkpoint as ckpt
 from ijepa_fast.models.ijepa import compile_wanted, models_from_config
+from ijepa_fast.models.target_copy import Bf16TargetCopy
 from ijepa_fast.runtime import distributed
 from ijepa_fast.runtime.device import resolve_precision
 from ijepa_fast.runtime.distributed import DistEnv
@@ -96,17 +97,32 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
 
 
 def train_step_for(cfg: Config, engine: Engine, steps_per_epoch: int) -> TrainStep:
-    """The training step over ``engine``: the schedules, precision and speed switches of ``cfg``."""
+    """The training step over ``engine``: the schedules, precision and speed switches of ``cfg``.
+    Built after a checkpoint is restored: the bf16 target copy is cast from the restored weights."""
     options = StepOptions(
         fused_ema=cfg.speed.fused_ema, fused_gather=cfg.speed.fused_gather, sync_every_step=cfg.speed.sync_every_step
     )
+    amp_dtype = resolve_precision(engine.device, cfg.run.dtype).autocast_dtype
     return TrainStep(
         engine,
         Schedules.from_config(cfg.optim, steps_per_epoch),
-        resolve_precision(engine.device, cfg.run.dtype).autocast_dtype,
+        amp_dtype,
         options,
         grad_accum=cfg.optim.grad_accum,
+        target_copy=target_copy_for(cfg, engine, amp_dtype),
     )
+
+
+def target_copy_for(cfg: Config, engine: Engine, amp_dtype: torch.dtype | None) -> Bf16TargetCopy | None:
+    """``speed.bf16_target_copy``'s copy of ``engine``'s target encoder; None where it is off or has
+    nothing to save (no bf16 autocast: the target forward casts nothing)."""
+    if not cfg.speed.bf16_target_copy or amp_dtype != torch.bfloat16:
+        return None
+    if getattr(engine, "zero_stage", 0) == 3:  # config validation refuses this; an engine built by hand may not
+        raise ValueError("speed.bf16_target_copy needs the whole target encoder on each rank; ZeRO-3 partitions it")
+    copy = Bf16TargetCopy(engine.target_encoder)
+    log.info("bf16 target copy: %.1f MB of matmul weights, written by the EMA", copy.nbytes() / 1e6)
+    return copy
 
 
 def build_train_step(cfg: Config, device: torch.device, steps_per_epoch: int, world_size: int = 1) -> TrainStep:

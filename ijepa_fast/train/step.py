@@ -41,6 +41,7 @@ from torch import nn
 
 from ijepa_fast.masks.sampler import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
+from ijepa_fast.models.target_copy import Bf16TargetCopy
 from ijepa_fast.runtime.device import autocast, synchronize
 from ijepa_fast.train.metrics import feature_summary
 from ijepa_fast.train.optim import set_lr_wd
@@ -116,22 +117,27 @@ def ema_update(
     momentum: float,
     fused: bool = True,
     apply: torch.Tensor | None = None,
+    bf16_out: list[torch.Tensor | None] | None = None,
 ) -> None:
     """target = m * target + (1 - m) * source, pair by pair, in place; where ``apply`` (0-d bool
-    device tensor; None: true) is false, nothing changes, decided on the device."""
+    device tensor; None: true) is false, nothing changes, decided on the device. ``bf16_out[i]``
+    (when given and not None) receives target i's new value in bf16, in the same pass when fused."""
     if fused:
         from ijepa_fast.kernels.ema import ema_update_
 
-        ema_update_(targets, sources, momentum, apply=apply)
+        ema_update_(targets, sources, momentum, bf16_out=bf16_out, apply=apply)
         return
     if apply is not None:  # the same per-parameter update, its result selected on the device
         from ijepa_fast.kernels.ema import ema_update_reference
 
-        ema_update_reference(targets, sources, momentum, apply=apply)
+        ema_update_reference(targets, sources, momentum, bf16_out=bf16_out, apply=apply)
         return
     # the authors' loop, one mul_ and one add_ per parameter (facebookresearch/ijepa src/train.py:333-336)
     for t, s in zip(targets, sources):
         t.mul_(momentum).add_((1.0 - momentum) * s.detach().to(t.dtype))
+    for t, o in zip(targets, bf16_out or ()):
+        if o is not None:
+            o.copy_(t)
 
 
 @dataclass
@@ -153,6 +159,8 @@ class TrainStep:
     (target_fwd, context_fwd, predictor_fwd, backward, optimizer, ema, sync) for the profiler.
     With ``monitor`` the output also holds ``metrics.feature_summary`` of the target encoder's
     features [B, N, D] of this micro-batch (the step's first one): device tensors, no host sync.
+    With ``target_copy`` (``speed.bf16_target_copy``) the target forward reads its bf16 weights and
+    the EMA writes them beside the fp32 ones (with the same skip flag).
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class TrainStep:
         amp_dtype: torch.dtype | None,
         options: StepOptions | None = None,
         grad_accum: int = 1,
+        target_copy: Bf16TargetCopy | None = None,
     ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum={grad_accum} must be >= 1")
@@ -170,6 +179,7 @@ class TrainStep:
         self.amp_dtype = amp_dtype
         self.options = options or StepOptions()
         self.grad_accum = grad_accum
+        self.target_copy = target_copy
         self._micro = 0  # micro-batches since the last optimizer step
         self.stepped = False
         self.finite = torch.ones((), dtype=torch.bool, device=engine.device)  # sticky: see the module docstring
@@ -205,11 +215,11 @@ class TrainStep:
     ) -> dict[str, torch.Tensor]:
         engine, opts = self.engine, self.options
         summary: dict[str, torch.Tensor] = {}
-        target_forward = engine.target_forward
+        target_forward = engine.target_forward if self.target_copy is None else self.target_copy
         if self._micro == 0:
             set_lr_wd(engine.optimizer, self.schedules.lr_at(step), self.schedules.wd_at(step))
             if monitor:
-                target_forward = _summarising(engine.target_forward, summary)
+                target_forward = _summarising(target_forward, summary)
         mark("target_fwd")
         with autocast(self.device, self.amp_dtype):
             with torch.no_grad():
@@ -232,7 +242,9 @@ class TrainStep:
             self.finite = engine.step(self.finite & self._losses_finite)
             mark("ema")
             momentum = self.schedules.momentum_at(step)
-            ema_update(*engine.ema_pairs(), momentum, fused=opts.fused_ema, apply=self.finite)
+            targets, sources = engine.ema_pairs()
+            copies = None if self.target_copy is None else self.target_copy.outputs_for(targets)
+            ema_update(targets, sources, momentum, fused=opts.fused_ema, apply=self.finite, bf16_out=copies)
             out["step_finite"] = self.finite
         if opts.sync_every_step:
             mark("sync")

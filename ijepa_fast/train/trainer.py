@@ -28,9 +28,9 @@ import torch
 
 from ijepa_fast.config import Config
 from ijepa_fast.data.build import build_loader
+from ijepa_fast.data.device_feed import DeviceFeed
 from ijepa_fast.engines import engine_class, resolve_engine
 from ijepa_fast.io import checkpoint as ckpt
-from ijepa_fast.masks.sampler import MaskBatch
 from ijepa_fast.models.vit import grid_size
 from ijepa_fast.runtime import distributed
 from ijepa_fast.runtime.device import resolve_precision
@@ -285,11 +285,11 @@ class Trainer:
         )
         between_steps = True  # with grad_accum > 1 a step spans several batches: stop only between steps
         with self.signals:
-            for batch in self.loader:
+            for batch in DeviceFeed(self.loader, self.device):  # on CUDA one batch ahead, on a side stream
                 if between_steps and (step >= self.total_steps or self._should_stop(step)):
                     break
-                images = batch.images.to(self.device, non_blocking=True)
-                out = self.step_fn(images, _masks_to(batch.masks, self.device), step, monitor=self._logs_at(step + 1))
+                images = batch.images
+                out = self.step_fn(images, batch.masks, step, monitor=self._logs_at(step + 1))
                 meter.update(out, step)
                 skipped += batch.skipped
                 window_images += images.shape[0] * self.world_size
@@ -439,9 +439,3 @@ class _NoWriter:
 
     def close(self) -> None:
         pass
-
-
-def _masks_to(masks: MaskBatch, device: torch.device) -> MaskBatch:
-    if masks.context.device == device:
-        return masks
-    return masks.to(device, non_blocking=True)
