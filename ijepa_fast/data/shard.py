@@ -31,7 +31,7 @@ import math
 import os
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +169,12 @@ def _job(args: tuple) -> tuple[str, dict]:
     return name, write_shard(out, name, items, root, check)
 
 
+def _finished(pool: ProcessPoolExecutor, jobs: list):
+    """The results of ``jobs`` in the order they finish."""
+    for future in as_completed([pool.submit(_job, job) for job in jobs]):
+        yield future.result()
+
+
 def _state(out: Path, settings: dict) -> dict:
     """The settings file's ``done`` table, after checking that ``out`` is ours to write into."""
     path = out / STATE
@@ -232,10 +238,9 @@ def write_shards(
     reused = math.ceil(n / shard_size) - len(jobs)
     save = lambda: write_text_atomically(out / STATE, json.dumps({"settings": settings, "done": done}))  # noqa: E731
     save()
-    results = map(_job, jobs) if workers <= 1 else None
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    try:
-        for name, result in results if pool is None else pool.map(_job, jobs):
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
+    try:  # each shard is recorded as it finishes, so an interruption loses only the ones in progress
+        for name, result in map(_job, jobs) if pool is None else _finished(pool, jobs):
             done[name] = result
             save()
             for path, reason in result["bad"]:
