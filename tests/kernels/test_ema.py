@@ -259,6 +259,22 @@ def test_kernel_with_copies_of_some_tensors(triton_path, small_chunks):
     assert all(torch.equal(a, b) for a, b, o in zip(_bits(outs), before, copies) if o is None)
 
 
+def test_torch_compile_fullgraph_with_copies_of_some_tensors(reference_path):
+    """Traced, the op runs once for the copied tensors and once for the others (its lists hold no None)."""
+    ts, ss, outs = make_ema_inputs([(5, 3), (7,), (2, 2)], bf16_out=True, seed=15)
+    copies = [outs[0], None, outs[2]]
+    ts_ref = _clone(ts)
+    ema_update_reference(ts_ref, ss, torch.tensor(0.9))
+
+    def step(ts, ss, m, copies):
+        ema_update_(ts, ss, m, copies)
+
+    torch.compile(step, fullgraph=True, backend="aot_eager")(ts, ss, torch.tensor(0.9), copies)
+    assert all(torch.equal(t, r) for t, r in zip(ts, ts_ref))
+    assert torch.equal(outs[0], ts[0].bfloat16()) and torch.equal(outs[2], ts[2].bfloat16())
+    assert bool(outs[1].isnan().all())  # no copy asked for: untouched
+
+
 # ----------------------------------------------------------------------------- GPU and benchmark
 
 
