@@ -15,6 +15,7 @@ import torch
 from ijepa_fast.runtime.optional import available
 from ijepa_fast.train import metrics
 from ijepa_fast.train.metrics import (
+    COLLAPSE_DOC,
     COLLAPSE_RANK_FLOOR,
     COLLAPSE_RANK_FRACTION,
     CollapseWatch,
@@ -376,3 +377,19 @@ def test_wandb_online_that_cannot_start_falls_back_to_offline_and_says_what_to_d
     assert ("No API key" if case == "no API key" else "127.0.0.1") in warning
     run_id = (run_dir / metrics.WANDB_ID_FILE).read_text().strip()
     assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+
+
+def test_the_collapse_warning_links_the_page_on_collapse_and_the_page_shows_committed_plots():
+    import re
+    from pathlib import Path
+
+    said = messages(CollapseWatch(), [40.0, 1.0])
+    assert len(said) == 1 and COLLAPSE_DOC in said[0][1]
+    page = Path(__file__).resolve().parent.parent / COLLAPSE_DOC
+    text = page.read_text()
+    assert "RankMe" in text and "feature_std_min" in text
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) >= 2
+    for image in images:  # small PNGs beside the page
+        path = page.parent / image
+        assert path.suffix == ".png" and path.is_file() and path.stat().st_size < 120_000, image

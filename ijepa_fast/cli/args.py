@@ -44,7 +44,6 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
     p.add_argument("--patch", type=int, help="patch size, checked against the file")
-    p.add_argument("--img-size", type=int, help="image size, checked against the file's position embedding")
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -58,7 +57,6 @@ def load_from_args(args) -> LoadedEncoder:
         args.which,
         model=args.model,
         patch_size=args.patch,
-        img_size=args.img_size,
         trust=args.trust_checkpoint,
     )
 
@@ -66,6 +64,13 @@ def load_from_args(args) -> LoadedEncoder:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """Data and extraction options shared by ``ijepa-eval`` and ``ijepa-extract``."""
     p.add_argument("--data", required=True, help="data root: IDX files or an image folder")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        metavar="N",
+        help="evaluate at N px (a multiple of the patch): images resized and centre-cropped to N, the position "
+        "embeddings interpolated bicubically from the training grid; default: the training size",
+    )
     p.add_argument("--dataset", default="idx", choices=["idx", "folder"], help="kind of data at --data")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument(
@@ -97,6 +102,14 @@ def resolve_device(name: str) -> torch.device:
     from ijepa_fast.runtime.device import resolve_device as resolve
 
     return resolve(name, option="--device")
+
+
+def eval_img_size(args: argparse.Namespace, spec) -> int:
+    """The image size to evaluate ``spec``'s encoder at: ``--img-size`` or the training size."""
+    size = args.img_size or spec.img_size
+    if size < 1 or size % spec.patch_size:
+        raise ValueError(f"--img-size {size} must be a positive multiple of the patch size {spec.patch_size}")
+    return size
 
 
 def open_eval_dataset(args: argparse.Namespace, split: str, img_size: int):

@@ -6,10 +6,12 @@
     ijepa-eval ijepa_vith14_1k/ --data /data/imagenet --dataset folder --low-shot 5 --attentive --no-full
 
 CHECKPOINT: ours (a ``.pt`` file, or a run folder: its ``checkpoints/latest.pt``), the authors'
-``.pth.tar`` (size inferred from the tensor shapes, or ``--model/--patch/--img-size``), a
-``.safetensors`` export, or a Hugging Face IJepa folder. Data: IDX files (``--dataset idx``: train
-and t10k pairs) or an ImageNet-style folder (``--dataset folder``: ``ROOT/train`` and ``ROOT/val``
-with one sub-folder per class), centre-cropped to the encoder's image size.
+``.pth.tar`` (size inferred from the tensor shapes, or ``--model/--patch``), a ``.safetensors``
+export, or a Hugging Face IJepa folder. Data: IDX files (``--dataset idx``: train and t10k pairs) or
+an ImageNet-style folder (``--dataset folder``: ``ROOT/train`` and ``ROOT/val`` with one sub-folder
+per class), centre-cropped to the encoder's training size, or to ``--img-size N`` (a multiple of the
+patch): the encoder then interpolates its position embeddings to the larger or smaller grid
+(bicubic, as Hugging Face's IJepa and timm do).
 
 Protocol. The encoder is frozen; heads are fitted on the train split and scored (top-1) on the
 whole test split.
@@ -46,6 +48,7 @@ from ijepa_fast.cli.args import (
     add_checkpoint_args,
     add_data_args,
     command_parser,
+    eval_img_size,
     load_from_args,
     num_workers,
     open_eval_dataset,
@@ -133,6 +136,7 @@ def _report_header(
         "weights": weights_label(loaded.which),
         "encoder": f"{spec.name or 'custom'}: width {spec.embed_dim}, depth {spec.depth}, {spec.num_heads} heads, "
         f"patch {spec.patch_size}, {spec.img_size} px",
+        "img_size": eval_img_size(args, spec),
         "checkpoint_meta": loaded.meta,
         "model": spec.to_metadata(),
         "features": args.features,
@@ -167,11 +171,11 @@ def _extract(args: argparse.Namespace, encoder, dataset, split: str, tokens: boo
     return extract_features(encoder, dataset, mode=args.features, desc=f"features {split}", **common)
 
 
-def _check_token_memory(images: int, spec) -> None:
+def _check_token_memory(images: int, spec, img_size: int) -> None:
     """Refuse an attentive probe whose cached tokens would take more than half the machine's memory."""
     import os
 
-    need = images * spec.grid**2 * spec.embed_dim * 4
+    need = images * (img_size // spec.patch_size) ** 2 * spec.embed_dim * 4
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > total // 2:
         raise ValueError(
@@ -210,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     datasets, feats = {}, []
     for role, split in (("train", args.train_split), ("test", test_split)):
         started = time.perf_counter()
-        datasets[role] = open_eval_dataset(args, split, loaded.spec.img_size)
+        datasets[role] = open_eval_dataset(args, split, report["img_size"])
         x, y = _extract(args, encoder, datasets[role], split)
         feats.append((x, y))
         report["data"][f"n_{role}"] = len(y)
@@ -253,7 +257,7 @@ def _run_attentive(args, encoder, spec, datasets, training_sets, num_classes, re
     full = any(rows is None for _, rows, _ in training_sets)
     rows_needed = None if full else torch.unique(torch.cat([rows for _, rows, _ in training_sets]))
     n_train = len(datasets["train"]) if full else len(rows_needed)
-    _check_token_memory(n_train + len(datasets["test"]), spec)
+    _check_token_memory(n_train + len(datasets["test"]), spec, report["img_size"])
     source = datasets["train"] if full else torch.utils.data.Subset(datasets["train"], rows_needed.tolist())
     train_tokens, train_y = _extract(args, encoder, source, args.train_split, tokens=True)
     test_tokens, test_y = _extract(args, encoder, datasets["test"], report["data"]["test_split"], tokens=True)
@@ -272,6 +276,13 @@ def _run_attentive(args, encoder, spec, datasets, training_sets, num_classes, re
         _add_result(report, name, len(train_y[pick]), "attentive probe", "attentive", result.top1)
 
 
+def _img_size_note(report: dict[str, Any]) -> str:
+    size, trained = report["img_size"], int(report["model"]["img_size"])
+    if size == trained:
+        return f"{size} px (the training size)"
+    return f"{size} px (trained at {trained} px; position embeddings interpolated, bicubic)"
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """The report as Markdown: what was evaluated, then one row per (training labels, head)."""
     data = report["data"]
@@ -282,6 +293,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "| | |",
         "|---|---|",
         f"| encoder | {report['encoder']} ({report['format']} checkpoint) |",
+        f"| image size | {_img_size_note(report)} |",
         f"| weights | {weights} |",
         f"| pooling | {report['pooling']} (linear probe, kNN); attentive: cross-attention over the patch tokens |",
         f"| data | {data['root']} ({data['dataset']}): {data['n_train']} train images ({data['train_split']}), "
@@ -323,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(markdown_report(report))
     data = report["data"]
     print(
-        f"{report['encoder']}, {report['weights']} weights ({report['format']} checkpoint), {report['features']} "
-        f"features [{report['feature_dim']}], {data['n_train']} train / {data['n_test']} test; "
+        f"{report['encoder']}, {report['weights']} weights ({report['format']} checkpoint), at "
+        f"{report['img_size']} px, {report['features']} features [{report['feature_dim']}], "
+        f"{data['n_train']} train / {data['n_test']} test; "
         f"undecodable images replaced: {data['replaced_train']} train / {data['replaced_test']} test"
     )
     for r in report["results"]:

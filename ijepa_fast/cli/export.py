@@ -12,6 +12,7 @@ from ijepa_fast.cli.args import (
     add_checkpoint_args,
     add_data_args,
     command_parser,
+    eval_img_size,
     load_from_args,
     num_workers,
     open_eval_dataset,
@@ -66,7 +67,7 @@ def export_main(argv: list[str] | None = None) -> int:
             "weights": weights_label(loaded.which),
         }
         if args.hf:
-            export_hf(loaded.encoder, args.hf, meta)
+            export_hf(loaded.encoder, args.hf, meta, card=_card(loaded, meta))
         elif args.timm:
             _export_timm(loaded.encoder, args.out, meta)
         else:
@@ -79,6 +80,17 @@ def export_main(argv: list[str] | None = None) -> int:
         f"from a {loaded.format} checkpoint)"
     )
     return 0
+
+
+def _card(loaded, meta: dict[str, str]) -> str:
+    """The export's model card: the checkpoint's training config, and the eval reports of its run folder."""
+    from ijepa_fast.io.model_card import find_eval_reports, model_card, run_folder_of
+
+    provenance = {**meta, **{k: loaded.meta[k] for k in ("epoch", "step") if k in loaded.meta}}
+    if loaded.format == "hf" and loaded.meta.get("source_format", "authors") == "authors":
+        provenance["origin"] = "authors"  # a published facebook/ijepa_* folder, or our export of the authors' weights
+    run_dir = run_folder_of(loaded.path) if loaded.format == "ijepa_fast" else None
+    return model_card(loaded.spec, provenance, loaded.config, find_eval_reports(run_dir))
 
 
 def _export_timm(encoder: VisionTransformer, out: str, meta: dict[str, str]) -> None:
@@ -116,7 +128,7 @@ def extract_main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_from_args(args)
         split = args.split or ("train" if args.dataset == "idx" else "")
-        dataset = open_eval_dataset(args, split, loaded.spec.img_size)
+        dataset = open_eval_dataset(args, split, eval_img_size(args, loaded.spec))
         device = resolve_cli_device(args.device)
         feats, labels = extract_features(
             loaded.encoder.to(device),
@@ -140,6 +152,7 @@ def extract_main(argv: list[str] | None = None) -> int:
     else:
         st = _safetensors_torch("writing features to safetensors")
         meta = {"checkpoint": str(loaded.path), "which": loaded.which, "features": args.features, "split": split}
+        meta["img_size"] = str(eval_img_size(args, loaded.spec))
         st.save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(out), metadata=meta)
     source = getattr(dataset, "source", None)
     if args.dataset == "folder" and hasattr(source, "describe"):  # image folders: the file of each row

@@ -6,8 +6,10 @@ Modes (``FEATURE_MODES``):
 - ``last4``: the concatenation, oldest first, of the average-pooled tokens of the last four blocks:
   [B, 4D]. Each block's tokens pass through the encoder's final LayerNorm before pooling (as DINO's
   and timm's intermediate-layer features do), so the four parts are on one scale and the last part
-  equals ``avgpool``. The blocks are run here one by one over ``encoder.blocks`` (no hooks, no
-  ``return_layers`` argument on the model).
+  equals ``avgpool``. They come from the encoder's own pass (``VisionTransformer.forward_layers``).
+
+Images may have another size than the training size (a multiple of the patch): the encoder
+resamples its position embeddings to their grid.
 
 Extraction is batched, under ``torch.no_grad`` and in eval mode (the model's mode is restored
 afterwards), with bf16 autocast by default where the device has native bf16
@@ -33,21 +35,15 @@ def feature_dim(encoder: nn.Module, mode: str = "avgpool") -> int:
 
 
 def encode(encoder: nn.Module, images: torch.Tensor, mode: str = "avgpool") -> torch.Tensor:
-    """images [B, 3, S, S] -> features [B, D] (avgpool) or [B, 4D] (last4), float32."""
+    """images [B, 3, H, W] -> features [B, D] (avgpool) or [B, 4D] (last4), float32."""
     if mode == "avgpool":
         return encoder(images).float().mean(1)  # (B, N, D) -> (B, D)
     if mode != "last4":
         raise ValueError(f"feature mode {mode!r}: choose one of {FEATURE_MODES}")
-    blocks = encoder.blocks
-    if len(blocks) < 4:
-        raise ValueError(f"last4 features need at least 4 blocks, the encoder has {len(blocks)}")
-    x = encoder.patch_embed(images) + encoder.pos_embed  # (B, N, D)
-    parts = []
-    for i, blk in enumerate(blocks):
-        x = blk(x)
-        if i >= len(blocks) - 4:
-            parts.append(encoder.norm(x).float().mean(1))  # (B, D)
-    return torch.cat(parts, dim=1)  # (B, 4D)
+    if len(encoder.blocks) < 4:
+        raise ValueError(f"last4 features need at least 4 blocks, the encoder has {len(encoder.blocks)}")
+    parts = encoder.forward_layers(images, last=4)  # 4 x (B, N, D), oldest first
+    return torch.cat([t.float().mean(1) for t in parts], dim=1)  # (B, 4D)
 
 
 def _batches(dataset: Any, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -285,6 +285,7 @@ class LoadedEncoder:
     which: str  # target_encoder | encoder
     path: str
     meta: dict[str, Any] = field(default_factory=dict)  # epoch, step, ... (numbers and strings only)
+    config: dict[str, Any] | None = None  # the training config the checkpoint records (ours), else None
 
 
 def _scalar_meta(ckpt: Mapping[str, Any], keys=("epoch", "step", "loss", "batch_size", "world_size", "lr")) -> dict:

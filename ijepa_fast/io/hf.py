@@ -44,6 +44,7 @@ HF_NAMES: tuple[tuple[str, str], ...] = (
 )
 HF_QKV = ("blocks.{i}.attn.qkv.{p}", ("query", "key", "value"), "encoder.layer.{i}.attention.attention.{part}.{p}")
 HF_WEIGHTS_FILE, HF_CONFIG_FILE, HF_PREPROCESSOR_FILE = "model.safetensors", "config.json", "preprocessor_config.json"
+HF_CARD_FILE = "README.md"  # the model card, as the Hugging Face Hub reads it
 HF_LAYER_NORM_EPS = 1e-6
 # IJepaConfig's defaults for the keys a config.json may leave out.
 HF_CONFIG_DEFAULTS = {"hidden_act": "gelu", "qkv_bias": True, "num_channels": 3, "layer_norm_eps": 1e-12}
@@ -141,10 +142,16 @@ def hf_preprocessor_config(spec: EncoderSpec) -> dict[str, Any]:
     }
 
 
-def export_hf(encoder: VisionTransformer, out_dir: str | Path, provenance: Mapping[str, str] | None = None) -> Path:
+def export_hf(
+    encoder: VisionTransformer,
+    out_dir: str | Path,
+    provenance: Mapping[str, str] | None = None,
+    card: str | None = None,
+) -> Path:
     """Write a folder that ``transformers.IJepaModel.from_pretrained`` loads: ``config.json``,
-    ``model.safetensors`` and ``preprocessor_config.json``. ``provenance`` (strings: which encoder,
-    source) goes into the config's ``ijepa_fast`` entry and the weights' metadata."""
+    ``model.safetensors`` and ``preprocessor_config.json``, and ``card`` as its ``README.md``
+    (``ijepa_fast.io.model_card``) when given. ``provenance`` (strings: which encoder, source) goes
+    into the config's ``ijepa_fast`` entry and the weights' metadata."""
     st = _safetensors_torch("exporting to Hugging Face")
     spec = EncoderSpec.of(encoder)
     out_dir = Path(out_dir)
@@ -157,6 +164,8 @@ def export_hf(encoder: VisionTransformer, out_dir: str | Path, provenance: Mappi
         (HF_PREPROCESSOR_FILE, hf_preprocessor_config(spec)),
     ):
         write_atomically(out_dir / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n"))
+    if card is not None:
+        write_atomically(out_dir / HF_CARD_FILE, lambda p: p.write_text(card))
     return out_dir
 
 

@@ -23,6 +23,7 @@ from ijepa_fast.io.encoder import (
     weights_label,
 )
 from ijepa_fast.io.hf import (
+    HF_CARD_FILE,
     HF_CONFIG_DEFAULTS,
     HF_CONFIG_FILE,
     HF_FORMAT,
@@ -59,6 +60,7 @@ from ijepa_fast.io.safetensors_timm import (
 
 __all__ = [
     "ENCODER_KEYS",
+    "HF_CARD_FILE",
     "HF_CONFIG_DEFAULTS",
     "HF_CONFIG_FILE",
     "HF_FORMAT",

@@ -53,7 +53,8 @@ def _load_ours(
     )
     encoder, spec = build_encoder_from_state_dict(_pick(ckpt, which, path), f"{path} [{which}]", **spec_kwargs)
     meta = _scalar_meta(ckpt) | {"format_version": ckpt["format"]}
-    return LoadedEncoder(encoder, spec, "ijepa_fast", which, str(path), meta)
+    config = dict(cfg) if isinstance(cfg, Mapping) and cfg else None
+    return LoadedEncoder(encoder, spec, "ijepa_fast", which, str(path), meta, config)
 
 
 def _load_state_dict(

@@ -3,6 +3,9 @@
 State dicts load the authors' released ``encoder`` / ``target_encoder`` / ``predictor`` weights
 (``module.`` prefix stripped) with ``strict=True``. Position embeddings are fixed 2-D sin-cos
 buffers stored as non-trainable parameters (as the authors do, so their checkpoints carry them).
+The encoder runs images of any size that is a multiple of its patch: away from the training grid,
+its position table is resampled bicubically (``interpolate_pos_embed``, as Hugging Face's IJepa
+with ``interpolate_pos_encoding=True``).
 """
 
 from __future__ import annotations
@@ -78,6 +81,21 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     omega = 1.0 / 10000**omega  # (dim/2,)
     out = np.einsum("m,d->md", pos, omega)  # (P, dim/2)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (P, dim)
+
+
+def interpolate_pos_embed(table: torch.Tensor, grid: int, size: tuple[int, int]) -> torch.Tensor:
+    """A [1, grid*grid, D] position table for a grid of ``size`` = (rows, columns): [1, rows*cols, D].
+
+    The table itself at the training grid; elsewhere resampled bicubically to the target size given
+    as a size (not a scale factor, whose rounding can miss it by one), with ``align_corners=False``
+    and no antialiasing: Hugging Face IJepa's ``interpolate_pos_encoding`` (after DINO's).
+    """
+    if size == (grid, grid):
+        return table
+    D = table.shape[-1]
+    t = table.reshape(1, grid, grid, D).permute(0, 3, 1, 2)  # (1, D, grid, grid)
+    t = F.interpolate(t, size=size, mode="bicubic", align_corners=False)  # (1, D, rows, cols)
+    return t.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], D)  # (1, rows*cols, D), raster order
 
 
 def _fixed_pos_embed(embed_dim: int, grid: int) -> nn.Parameter:
@@ -187,12 +205,14 @@ class _BlockStack(nn.Module):
         """``t`` in the dtype of the stream ``x`` with ``bf16_residual``; else ``t`` (it promotes)."""
         return t.to(x.dtype) if self.bf16_residual else t
 
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x = self._run_block(blk, x)
         return x
 
     def set_attention_backend(self, backend: str) -> None:
@@ -204,8 +224,10 @@ class _BlockStack(nn.Module):
 class VisionTransformer(_BlockStack):
     """I-JEPA context / target encoder.
 
-    forward(images [B, 3, S, S], context_idx [B, K] or None) -> [B, K or N, D]: the final-LayerNorm
+    forward(images [B, 3, H, W], context_idx [B, K] or None) -> [B, K or N, D]: the final-LayerNorm
     tokens, only those at ``context_idx`` when given (the tokens are dropped before the blocks).
+    H and W are multiples of the patch; N = (H/p)(W/p). ``forward_layers`` is the same pass, keeping
+    the last blocks' tokens too.
     """
 
     def __init__(
@@ -222,6 +244,7 @@ class VisionTransformer(_BlockStack):
     ):
         super().__init__()
         self.grid = grid_size(img_size, patch_size)
+        self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.fused_gather = fused_gather
@@ -237,13 +260,43 @@ class VisionTransformer(_BlockStack):
         return self.grid * self.grid
 
     def forward(self, images: torch.Tensor, context_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_layers(images, context_idx, last=1)[0]
+
+    def forward_layers(
+        self, images: torch.Tensor, context_idx: torch.Tensor | None = None, last: int = 1
+    ) -> list[torch.Tensor]:
+        """The tokens after each of the last ``last`` blocks, oldest first, each through the final
+        LayerNorm (so the last one is ``forward``'s): ``last`` tensors [B, K or N, D]."""
+        if not 1 <= last <= max(len(self.blocks), 1):
+            raise ValueError(f"last={last}: the encoder has {len(self.blocks)} blocks")
+        x = self.embed(images, context_idx)
+        kept = []
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(blk, x)
+            if len(self.blocks) - last <= i < len(self.blocks) - 1:
+                kept.append(x)
+        return [self.norm(t) for t in [*kept, x]]
+
+    def embed(self, images: torch.Tensor, context_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens plus position embeddings: [B, N, D], or [B, K, D] at ``context_idx``.
+
+        Images off the training size get the position table resampled to their grid; the context
+        indices (masks) index the training grid, so they need images of the training size."""
+        H, W = images.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        size = (H // p, W // p)
         x = self.patch_embed(images)  # (B, N, D), the autocast dtype under autocast
+        if context_idx is None:
+            return x + self._in_stream(interpolate_pos_embed(self.pos_embed, self.grid, size), x)
+        if size != (self.grid, self.grid):
+            raise ValueError(
+                f"context indices index the {self.grid}x{self.grid} training grid, but the images give "
+                f"{size[0]}x{size[1]} patches"
+            )
         pos = self._in_stream(self.pos_embed, x)
-        if context_idx is not None:
-            x = ops.gather_tokens_with_pos(x, pos, context_idx, fused=self.fused_gather)  # (B, K, D)
-        else:
-            x = x + pos
-        return self.norm(self._run_blocks(self.blocks, x))
+        return ops.gather_tokens_with_pos(x, pos, context_idx, fused=self.fused_gather)  # (B, K, D)
 
 
 class VisionTransformerPredictor(_BlockStack):

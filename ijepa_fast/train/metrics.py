@@ -44,6 +44,8 @@ RANKME_EPS = 1e-7  # RankMe's epsilon (Garrido et al., 2023): p_k = sigma_k / su
 # (or resumes) collapsed: below 2, less spread than two equally used directions.
 COLLAPSE_RANK_FRACTION = 0.25
 COLLAPSE_RANK_FLOOR = 2.0
+# What the monitors show, what healthy and collapsing runs look like, and what to change first.
+COLLAPSE_DOC = "docs/collapse.md"
 
 
 def feature_summary(features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,7 +163,8 @@ class CollapseWatch:
                 f"the target features may be collapsing at step {step}: RankMe {rank:.2f} fell below "
                 f"{self.threshold:.2f} ({COLLAPSE_RANK_FRACTION:g} of its first value, at least "
                 f"{COLLAPSE_RANK_FLOOR:g}), per-dimension std {monitors['feature_std']:.3g} "
-                f"(min {monitors['feature_std_min']:.3g}); see metrics.csv and loss.png"
+                f"(min {monitors['feature_std_min']:.3g}); see metrics.csv and loss.png, and {COLLAPSE_DOC} in the "
+                "ijepa_fast repository for what to change first"
             )
         if rank >= self.threshold and self.collapsed:
             self.collapsed = False
