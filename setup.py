@@ -64,6 +64,7 @@ setup(
             "ijepa-pretrain=ijepa_fast.cli.pretrain:main",
             "ijepa-demo=ijepa_fast.cli.demo:main",
             "ijepa-eval=ijepa_fast.cli.eval:main",
+            "ijepa-finetune=ijepa_fast.cli.finetune:main",
             "ijepa-extract=ijepa_fast.cli.export:extract_main",
             "ijepa-export=ijepa_fast.cli.export:export_main",
             "ijepa-bench=ijepa_fast.cli.bench:main",

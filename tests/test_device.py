@@ -3,6 +3,7 @@ monkeypatched so every branch runs on any machine; the trainer's log line and th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -69,8 +70,53 @@ def test_explicit_bf16_runs_everywhere_and_is_flagged_slow_without_native_suppor
 def test_fp32_is_fp32_and_a_bad_value_names_the_option(cpu_bf16):
     cpu_bf16(True)
     assert resolve_precision(CPU, "fp32").autocast_dtype is None
-    with pytest.raises(ValueError, match="--dtype='fp16'"):
-        resolve_precision(CPU, "fp16", option="--dtype")
+    with pytest.raises(ValueError, match="--dtype='fp8'"):
+        resolve_precision(CPU, "fp8", option="--dtype")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of the given compute capability, as torch.cuda reports it (no GPU needed)."""
+
+    def set_capability(capability: tuple[int, int]) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        # torch's own rule: native bf16 from compute capability 8.0 (Ampere) on
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability >= (8, 0))
+
+    return set_capability
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (10, 0)])
+def test_auto_never_picks_fp16_and_fp16_asked_for_scales_its_loss(fake_gpu, capability):
+    """V100 (7.0) and T4 (7.5) get fp32 from auto, with fp16 named as the option; Ampere and later bf16.
+    fp16 is only ever what was asked for, and then comes with loss scaling."""
+    fake_gpu(capability)
+    auto = resolve_precision(CUDA, "auto")
+    assert auto.name == ("bf16" if capability >= (8, 0) else "fp32") and not auto.loss_scaling
+    if capability < (8, 0):
+        assert "fp16 only when asked for" in auto.reason
+    fp16 = resolve_precision(CUDA, "fp16")
+    assert (fp16.name, fp16.autocast_dtype, fp16.loss_scaling, fp16.slow) == ("fp16", torch.float16, True, False)
+
+
+def test_fp16_off_cuda_runs_flagged_slow(cpu_bf16):
+    for native in (True, False):
+        cpu_bf16(native)
+        p = resolve_precision(CPU, "fp16")
+        assert (p.name, p.autocast_dtype, p.loss_scaling, p.slow) == ("fp16", torch.float16, True, True)
+
+
+def test_fp16_is_refused_with_deepspeed_in_one_line():
+    from ijepa_fast.engines.deepspeed.config import deepspeed_config
+
+    with pytest.raises(config_mod.ConfigError, match=r"^run.dtype=fp16 is not supported by the DeepSpeed engine"):
+        config_mod.load(None, ["run.engine=deepspeed", "run.dtype=fp16"])
+    cfg = config_mod.load(None, ["run.engine=auto", "run.dtype=fp16"])  # auto: DeepSpeed under a launcher
+    with pytest.raises(config_mod.ConfigError, match=r"^run.dtype=fp16 is not supported by the DeepSpeed engine"):
+        deepspeed_config(cfg, world_size=2)
 
 
 def test_the_probe_asks_pytorch():

@@ -146,13 +146,23 @@ def test_default_preset_never_waits_for_the_device(monkeypatch, one_thread):
     assert events == ["optimizer step", "zero_grad"]
 
 
+def test_fp16_with_its_grad_scaler_never_waits_for_the_device(monkeypatch, one_thread):
+    """run.dtype=fp16: the GradScaler hands its found-inf flag to the fused AdamW and updates its scale
+    on the device, and the EMA takes the flag as a tensor: no host read is added."""
+    monkeypatch.setattr(dispatch, "check_range", lambda *args, **kwargs: None)
+    events, step = host_events(["run.dtype=fp16"], monkeypatch)
+    assert step.engine.scaler is not None and step.amp_dtype == torch.float16
+    assert events == ["optimizer step", "zero_grad"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_default_step_on_cuda_never_synchronizes():
+@pytest.mark.parametrize("dtype", ["auto", "fp16"])
+def test_default_step_on_cuda_never_synchronizes(dtype):
     """CUDA's sync debug mode raises on any call that waits for the device: a default step makes none
     (the Triton kernels, fused AdamW, the EMA), once its first step has created the optimizer's state."""
     device = torch.device("cuda")
-    cfg = config_mod.load(None, [*TINY, "run.device=cuda", "speed.compile=off"])
+    cfg = config_mod.load(None, [*TINY, "run.device=cuda", "speed.compile=off", f"run.dtype={dtype}"])
     torch.manual_seed(0)
     step = build_train_step(cfg, device, steps_per_epoch=10)
     images, masks = batch()

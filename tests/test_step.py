@@ -32,6 +32,7 @@ def make_step(
     loss="smooth_l1",
     grad_clip=0.0,
     grad_scaler=False,
+    amp_dtype=None,
 ):
     torch.manual_seed(seed)
     opts = options or StepOptions()
@@ -43,7 +44,7 @@ def make_step(
         opt = build_optimizer(student, optim_cfg, torch.device("cpu"))
     sched = Schedules.from_config(optim_cfg, steps_per_epoch)
     engine = PlainEngine(student, target, opt, torch.device("cpu"), grad_clip=grad_clip, grad_scaler=grad_scaler)
-    return TrainStep(engine, sched, None, opts, grad_accum=grad_accum)
+    return TrainStep(engine, sched, amp_dtype, opts, grad_accum=grad_accum)
 
 
 def fixed_batch(B=8, seed=0):
@@ -365,6 +366,42 @@ def test_under_a_grad_scaler_a_non_finite_gradient_is_the_scalers_to_skip():
     assert bool(out["step_finite"]) and step.engine.scaler.get_scale() == scale / 2
     assert not _changed(after, before, "student.") and not _changed(after, before, "opt.")
     assert _changed(after, before, "target.")
+
+
+def test_fp16_trains_with_an_fp32_loss_fp32_weights_and_a_loss_scale():
+    """run.dtype=fp16 on the CPU: fp16 autocast, the loss computed in fp32, every weight, moment and the
+    EMA's target kept in fp32; the loss falls and the scaler's scale stays at its start (no overflow)."""
+    images, masks = fixed_batch()
+    step = make_step(grad_scaler=True, amp_dtype=torch.float16)
+    scale = step.engine.scaler.get_scale()
+    seen = []
+    step.student.predictor.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    outs = [step(images, masks, i) for i in range(30)]
+    assert seen[0] == torch.float16  # the autocast ran in fp16
+    assert all(o["loss"].dtype == torch.float32 and bool(o["step_finite"]) for o in outs)
+    first, last = outs[0]["loss"].item(), torch.stack([o["loss"] for o in outs[-5:]]).mean().item()
+    assert last < 0.7 * first, (first, last)
+    assert {t.dtype for t in _state(step).values() if t.is_floating_point()} == {torch.float32}
+    assert step.engine.scaler.get_scale() == scale and not bool(step.engine.overflow)
+
+
+def test_fp16_overflow_skips_the_step_and_the_ema_and_halves_the_scale():
+    """A planted inf gradient under fp16: the scaler skips the optimizer step (weights, moments, step
+    counts keep their bits) and halves its scale, the EMA leaves the target encoder as it was, and the
+    run goes on (step_finite stays true); the next good step changes all of them again."""
+    images, masks = fixed_batch()
+    step = make_step(grad_scaler=True, amp_dtype=torch.float16)
+    _poison(step, "grad", when={1})
+    step(images, masks, 0)
+    before, scale = _state(step), step.engine.scaler.get_scale()
+    out = step(images, masks, 1)
+    assert bool(out["step_finite"]) and bool(step.engine.overflow)
+    assert step.engine.scaler.get_scale() == scale / 2
+    _assert_same_bits(_state(step), before)
+    out = step(images, masks, 2)
+    after = _state(step)
+    assert bool(out["step_finite"]) and not bool(step.engine.overflow)
+    assert _changed(after, before, "student.") and _changed(after, before, "target.")
 
 
 def test_a_non_fused_optimizer_cannot_skip_but_the_ema_does():

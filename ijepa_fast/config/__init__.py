@@ -1,11 +1,11 @@
 """Typed run configuration: dataclasses validated at load, errors that name the bad key.
 
 A config is five sections (model, mask, data, optim, run) plus ``speed`` (the optimisation
-switches). It loads from our own YAML/dict form, from the authors' YAML files (sections data,
-logging, mask, meta, optimization; see ``ijepa_fast.config.authors``), and takes ``key=value``
-overrides such as ``optim.lr=5e-4``. The resolved config is written into every run folder. The
-choice lists live in ``config.choices``, which the modules implementing them read: importing the
-config imports no torch.
+switches) and ``online_probe`` (scoring the encoder while it trains). It loads from our own
+YAML/dict form, from the authors' YAML files (sections data, logging, mask, meta, optimization; see
+``ijepa_fast.config.authors``), and takes ``key=value`` overrides such as ``optim.lr=5e-4``. The
+resolved config is written into every run folder. The choice lists live in ``config.choices``,
+which the modules implementing them read: importing the config imports no torch.
 The comment beside a field is its documentation (``describe`` prints them for ``--help``).
 """
 
@@ -27,6 +27,7 @@ from ijepa_fast.config.schema import (
     DataConfig,
     MaskConfig,
     ModelConfig,
+    OnlineProbeConfig,
     OptimConfig,
     RunConfig,
     SpeedConfig,
@@ -43,6 +44,7 @@ __all__ = [
     "DataConfig",
     "MaskConfig",
     "ModelConfig",
+    "OnlineProbeConfig",
     "OptimConfig",
     "RunConfig",
     "SpeedConfig",

@@ -18,6 +18,8 @@ from ijepa_fast.config.choices import (
     LOSSES,
     MODEL_NAMES,
     PRESETS,
+    PROBE_DATASETS,
+    PROBE_UNITS,
     WANDB_MODES,
     ZERO_STAGES,
 )
@@ -244,7 +246,9 @@ class RunConfig:
     name: str = "ijepa"  # the run folder's name
     seed: int = 0  # weights, crops and masks all follow from it
     device: str = "auto"  # auto|cpu|cuda|cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast where the device has native bf16, else fp32)|bf16|fp32
+    # auto (bf16 autocast where the device has native bf16, else fp32)|bf16|fp16 (with a GradScaler;
+    # GPUs without bf16; never chosen by auto; not with run.engine=deepspeed)|fp32
+    dtype: str = "auto"
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
@@ -263,9 +267,40 @@ class RunConfig:
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check_choice(f"{prefix}.engine", self.engine, ENGINES)
+        if self.engine == "deepspeed" and self.dtype == "fp16":
+            use = f"use {prefix}.dtype=bf16 or fp32"
+            raise ConfigError(f"{prefix}.dtype=fp16 is not supported by the DeepSpeed engine: {use}")
         _check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
         _check_choice(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
         _check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+
+
+@dataclass
+class OnlineProbeConfig:
+    """Scoring the target encoder while it trains (``train.online_probe``): kNN and a quick linear
+    probe on the average-pooled features of a labelled subset, on rank 0, outside images/s."""
+
+    every: int = 0  # score every N epochs (or steps, see unit); 0: off
+    unit: str = "epochs"  # epochs|steps
+    dataset: str = ""  # idx|folder (class sub-folders)|shards (webdataset tars with .cls); "": data.dataset
+    root: str = ""  # the labelled data; "": data.root
+    train_split: str = "train"  # idx: train|test; folder and shards: a sub-folder, or "" for the root
+    test_split: str = ""  # "": test (idx) or val (folder, shards)
+    train_images: int = 5000  # the first N images of the train split fit the heads
+    test_images: int = 2000  # the first N images of the test split score them
+    k: int = 20  # kNN neighbours (cosine similarity, temperature 0.07)
+    linear_steps: int = 300  # the quick linear probe's Adam steps per (lr, wd) pair; 0: kNN only
+    batch_size: int = 256  # images per forward pass while extracting features
+
+    def validate(self, prefix: str = "online_probe") -> None:
+        _check(self.every >= 0, f"{prefix}.every", self.every, "an integer >= 0 (0: off)")
+        _check_choice(f"{prefix}.unit", self.unit, PROBE_UNITS)
+        _check(self.dataset in ("", *PROBE_DATASETS), f"{prefix}.dataset", self.dataset, "idx, folder, shards or ''")
+        _check(self.train_images >= 2, f"{prefix}.train_images", self.train_images, "an integer >= 2")
+        _check(self.test_images >= 1, f"{prefix}.test_images", self.test_images, "an integer >= 1")
+        _check(1 <= self.k <= self.train_images, f"{prefix}.k", self.k, "an integer in [1, train_images]")
+        _check(self.linear_steps >= 0, f"{prefix}.linear_steps", self.linear_steps, "an integer >= 0")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass
@@ -276,6 +311,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
 
     def validate(self) -> Config:
         self._check_finite()
@@ -325,6 +361,7 @@ RESUME_MAY_CHANGE = (
     "run.progress",
     "run.tensorboard",
     "run.wandb",
+    *(f"online_probe.{key}" for key in OnlineProbeConfig.__dataclass_fields__),
 )
 
 

@@ -26,6 +26,14 @@ class PlainEngine:
     ``found_inf`` flag GradScaler hands fused optimizers, and on 1 leaves the weights, moments and
     step counts as they were. Other optimizers keep their step counts on the host, so their step
     is applied whatever the flag says (``skips_non_finite`` false).
+
+    With a GradScaler (``speed.grad_scaler``, and always under ``run.dtype=fp16``) ``overflow`` is,
+    after each step, the scaler's 0-d bool "this step's gradients were not finite, so it skipped the
+    optimizer step (and halved its scale)", read from the flag its ``unscale_`` already computed:
+    no extra pass over the gradients, no host sync. What the scaler costs in host syncs: with a fused
+    optimizer (the default) none, since ``GradScaler.step`` hands its flag to the optimizer as
+    ``found_inf`` and ``update`` adjusts the scale on the device; with any other optimizer one per
+    step, ``GradScaler.step`` reading the flag to decide whether to call the optimizer at all.
     """
 
     name = "plain"
@@ -48,6 +56,7 @@ class PlainEngine:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self.skips_non_finite = bool(optimizer.defaults.get("fused"))
         self._skip: torch.Tensor | None = None  # this step's found_inf (0. or 1.), for the pre-step hook
+        self.overflow: torch.Tensor | None = None  # with a GradScaler: see the class docstring
         if self.skips_non_finite:
             optimizer.register_step_pre_hook(self._pass_skip)
 
@@ -64,6 +73,7 @@ class PlainEngine:
     def step(self, finite: torch.Tensor) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+            self.overflow = self._scaler_found_inf()
         norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip) if self.grad_clip > 0 else None
         # With a GradScaler, non-finite gradients are its own to skip (and to lower its scale for):
         # expected, not a reason to stop. Without one, they fail the step like a non-finite loss.
@@ -79,6 +89,13 @@ class PlainEngine:
             self.optimizer.__dict__.pop("found_inf", None)  # ours, set by _pass_skip for this step only
         self.optimizer.zero_grad(set_to_none=True)
         return finite
+
+    def _scaler_found_inf(self) -> torch.Tensor:
+        """0-d bool device tensor: the scaler's ``unscale_`` found a non-finite gradient. Its per-device
+        flags live in GradScaler's per-optimizer state (a private method gives them) until ``update``;
+        tests/test_step.py fails if that changes."""
+        flags = self.scaler._found_inf_per_device(self.optimizer).values()
+        return torch.stack([f.to(self.device).reshape(()) for f in flags]).sum() > 0
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self._params if p.grad is not None]

@@ -114,6 +114,15 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: in training, zero a residual branch [B, ...] per sample with probability
+    ``rate`` and scale the kept ones by 1 / (1 - rate), so its expectation is unchanged."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype).bernoulli_(1 - rate)
+    return x * keep.div_(1 - rate)
+
+
 class StreamLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state dict); with ``keep_dtype`` (``speed.bf16_residual``)
     the output takes the input's dtype: bf16 in, bf16 out, statistics and affine in fp32.
@@ -132,7 +141,8 @@ class StreamLayerNorm(nn.LayerNorm):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); each branch dropped
+    per sample with probability ``drop_path`` in training (0 in pretraining; ``set_drop_path``).
 
     The residual adds run in the stream's dtype: fp32 when the stream is fp32 (the authors'), bf16
     with ``speed.bf16_residual`` (its norms then return bf16)."""
@@ -143,10 +153,20 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=True, backend=attention)
         self.norm2 = StreamLayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.drop_path = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def set_drop_path(blocks: nn.ModuleList, rate: float) -> list[float]:
+    """Stochastic depth rising linearly over the blocks, 0 for the first to ``rate`` for the last
+    (as in DeiT and the MAE fine-tuning recipe); returns the rates."""
+    rates = [rate * i / max(1, len(blocks) - 1) for i in range(len(blocks))]
+    for blk, r in zip(blocks, rates):
+        blk.drop_path = r
+    return rates
 
 
 class PatchEmbed(nn.Module):

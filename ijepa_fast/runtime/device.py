@@ -6,6 +6,11 @@ says supports it (compute capability 8.0 or newer), or a CPU where PyTorch's one
 path, many times slower than fp32 ones. ``bf16`` asked for explicitly on such a device still runs,
 flagged ``slow`` so the caller can warn. ``fp32`` is plain fp32.
 
+``fp16`` (fp16 autocast with loss scaling: ``Precision.loss_scaling``) is for CUDA GPUs without bf16
+(V100, T4) and is taken only when asked for: ``auto`` never picks it, as it changes the training
+numerics (a GradScaler skips the steps whose gradients overflow). On a device other than CUDA it
+runs (the tests use it on the CPU), flagged ``slow``.
+
     p = resolve_precision(torch.device("cpu"), "auto")
     p.name, p.reason, p.slow   # "fp32", "auto: this CPU has no native bf16 (...)", False
     with autocast(device, p.autocast_dtype): ...
@@ -23,14 +28,19 @@ from ijepa_fast.config.choices import DTYPES
 
 @dataclass(frozen=True)
 class Precision:
-    name: str  # "bf16" | "fp32"
+    name: str  # "bf16" | "fp16" | "fp32"
     reason: str  # why, for the log
-    slow: bool = False  # bf16 on a device without native bf16: runs, but much slower than fp32
+    slow: bool = False  # bf16 without native bf16, or fp16 off CUDA: runs, but expect it slower than fp32
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype, or None for plain fp32."""
-        return torch.bfloat16 if self.name == "bf16" else None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16's narrow range needs a loss scaler (a GradScaler) so small gradients do not flush to 0."""
+        return self.name == "fp16"
 
     def __str__(self) -> str:
         return f"{self.name} ({self.reason})"
@@ -65,7 +75,7 @@ def _native_bf16(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         if cuda_has_native_bf16(device):
             return True, "this CUDA device has native bf16"
-        return False, "this CUDA device has no native bf16 (compute capability below 8.0)"
+        return False, "this CUDA device has no native bf16 (compute capability below 8.0; fp16 only when asked for)"
     if device.type == "cpu":
         if cpu_has_native_bf16():
             return True, f"PyTorch reports native bf16 on this CPU ({cpu_capability()})"
@@ -85,11 +95,15 @@ def resolve_device(name: str, option: str = "run.device") -> torch.device:
 
 
 def resolve_precision(device: torch.device | str, dtype: str, option: str = "run.dtype") -> Precision:
-    """The precision ``dtype`` (auto|bf16|fp32) means on ``device``, with its reason."""
+    """The precision ``dtype`` (auto|bf16|fp16|fp32) means on ``device``, with its reason."""
     if dtype not in DTYPES:
         raise ValueError(f"{option}={dtype!r}: choose one of {', '.join(DTYPES)}")
     if dtype == "fp32":
         return Precision("fp32", f"{option}=fp32")
+    if dtype == "fp16":
+        if torch.device(device).type == "cuda":
+            return Precision("fp16", f"{option}=fp16, with loss scaling")
+        return Precision("fp16", f"{option}=fp16 is meant for CUDA GPUs without bf16: expect it to be slow", slow=True)
     native, why = _native_bf16(torch.device(device))
     if dtype == "bf16":
         if native:

@@ -91,9 +91,8 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
     from ijepa_fast.engines.plain import PlainEngine
 
     optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)
-    return PlainEngine(
-        student, target_encoder, optimizer, device, grad_clip=cfg.optim.grad_clip, grad_scaler=cfg.speed.grad_scaler
-    )
+    scaler = cfg.speed.grad_scaler or resolve_precision(device, cfg.run.dtype).loss_scaling
+    return PlainEngine(student, target_encoder, optimizer, device, grad_clip=cfg.optim.grad_clip, grad_scaler=scaler)
 
 
 def train_step_for(cfg: Config, engine: Engine, steps_per_epoch: int) -> TrainStep:

@@ -29,8 +29,13 @@ from ijepa_fast.runtime.optional import MissingDependencyError, available, requi
 log = logging.getLogger(__name__)
 
 MONITOR_FIELDS = ["feature_std", "feature_std_min", "rankme"]  # empty in a row whose window measured none
-CSV_FIELDS = ["step", "epoch", "loss", "lr", "wd", "momentum", "images_per_s", "skipped", "elapsed_s", *MONITOR_FIELDS]
-TENSORBOARD_FIELDS = ["loss", "lr", "wd", "momentum", "images_per_s", *MONITOR_FIELDS]
+# the online probe's scores (train.online_probe), test top-1 in %, on the rows of the steps it scored
+PROBE_FIELDS = ["probe_knn_top1", "probe_linear_top1"]
+CSV_FIELDS = [
+    "step", "epoch", "loss", "lr", "wd", "momentum", "images_per_s", "skipped", "elapsed_s", *MONITOR_FIELDS,
+    *PROBE_FIELDS,
+]  # fmt: skip
+TENSORBOARD_FIELDS = ["loss", "lr", "wd", "momentum", "images_per_s", *MONITOR_FIELDS, *PROBE_FIELDS]
 
 RANKME_EPS = 1e-7  # RankMe's epsilon (Garrido et al., 2023): p_k = sigma_k / sum(sigma) + eps
 

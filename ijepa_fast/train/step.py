@@ -18,8 +18,15 @@ authors' loop does every step (facebookresearch/ijepa at 52c1ae9):
 - a whole-device synchronize at the end of the step: ``gpu_timer`` (src/utils/logging.py:25,
   ``torch.cuda.synchronize()``) wraps every step at src/train.py:339.
 
-With a GradScaler (``speed.grad_scaler``) its ``step`` reads the found-inf flag to the host as well,
-as the authors' ``scaler.step(optimizer)`` does.
+With a GradScaler (``speed.grad_scaler``) and the authors' unfused AdamW its ``step`` reads the
+found-inf flag to the host as well, as the authors' ``scaler.step(optimizer)`` does; a fused AdamW
+takes the flag on the device (``engines.plain``).
+
+fp16 (``run.dtype=fp16``, for GPUs without bf16) runs the forward under fp16 autocast, the loss in
+fp32 (``train.loss``), and always with a GradScaler; weights, gradients after unscaling, optimizer
+state and the EMA stay fp32. A step whose gradients overflow is the scaler's to skip (its scale
+halves): expected, so the run goes on, but the EMA skips it too (``Engine.overflow``), so the target
+encoder moves only when the context encoder did. With a fused AdamW this adds no host sync.
 
 A step whose loss or gradients are not finite changes nothing, decided on the device: one 0-d flag
 (the loss averaged over ranks, and the gradient norm the engine has or takes) makes the engine skip
@@ -64,6 +71,9 @@ class Engine(Protocol):
     device: torch.device
     # step(finite) false leaves the weights and optimizer state as they were (else: applied anyway)
     skips_non_finite: bool
+    # after a step with a loss scaler: 0-d bool device tensor, its gradients overflowed and the scaler
+    # skipped the optimizer step; None without one. Read only under fp16 autocast.
+    overflow: torch.Tensor | None
 
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
         """The student's loss on one micro-batch."""
@@ -244,7 +254,10 @@ class TrainStep:
             momentum = self.schedules.momentum_at(step)
             targets, sources = engine.ema_pairs()
             copies = None if self.target_copy is None else self.target_copy.outputs_for(targets)
-            ema_update(targets, sources, momentum, fused=opts.fused_ema, apply=self.finite, bf16_out=copies)
+            apply = self.finite
+            if self.amp_dtype == torch.float16 and engine.overflow is not None:  # fp16: see the module docstring
+                apply = apply & ~engine.overflow
+            ema_update(targets, sources, momentum, fused=opts.fused_ema, apply=apply, bf16_out=copies)
             out["step_finite"] = self.finite
         if opts.sync_every_step:
             mark("sync")

@@ -3,21 +3,22 @@
 The loop reads the device once every ``run.log_every`` steps (loss, non-finite check, and the
 collapse monitors the step measured on that step's batch: the target features' per-dimension std and
 RankMe, with a warning when RankMe falls to collapse), writes metrics.csv / TensorBoard / a progress
-bar, and has the engine checkpoint every ``run.checkpoint_every`` steps and at the end. SIGINT and
+bar, and has the engine checkpoint every ``run.checkpoint_every`` steps and at the end
+(``train.checkpointing``). Between steps, outside the time images/s counts, it runs the
+``on_epoch_end`` callback and the online probe (``train.hooks``, ``train.online_probe``), whose
+scores join that step's logged row. SIGINT and
 SIGTERM finish the current step, save and exit (``RunResult.stop_signal`` says which); a second one
 stops at once, without saving. A non-finite loss (or gradient) stops the run naming the step; the
 step skipped it and every later one on the device (``step``), so with an engine that can skip, the
 weights are still those before it and are saved as the checkpoint of the steps before it. Weights
-are checked finite before each save, so no checkpoint holds non-finite
-weights. One trainer at a time uses a run folder (``run_folder.RunLock``, taken by rank 0 for all
-ranks); at the start it deletes the temporary files a killed run left, and a resume checks
-config.yaml. What is built (models, engine, loader, step) comes from ``train.build`` and
-``data.build``; signals are caught by ``train.signals``.
+are checked finite before each save, so no checkpoint holds non-finite weights. One trainer at a
+time uses a run folder (``run_folder.RunLock``, taken by rank 0 for all ranks); at the start it
+deletes the temporary files a killed run left, and a resume checks config.yaml. What is built
+(models, engine, loader, step) comes from ``train.build`` and ``data.build``; signals are caught by ``train.signals``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +45,9 @@ from ijepa_fast.train.build import (
     start_process,
     train_step_for,
 )
+from ijepa_fast.train.checkpointing import Checkpointer
+from ijepa_fast.train.checkpointing import NonFiniteLossError as NonFiniteLossError  # part of this module's API
+from ijepa_fast.train.hooks import build_hooks
 from ijepa_fast.train.metrics import (
     WANDB_ID_FILE,
     CollapseWatch,
@@ -52,21 +56,20 @@ from ijepa_fast.train.metrics import (
     WandbLogger,
     check_wandb,
     plot_loss,
+    read_metrics,
     wandb_mode,
 )
+from ijepa_fast.train.online_probe import PLOT_NAME as PROBE_PLOT
+from ijepa_fast.train.online_probe import plot_curve as plot_probe_curve
 from ijepa_fast.train.signals import Aborted as Aborted  # part of this module's API
-from ijepa_fast.train.signals import Interrupted, StopOnSignals
+from ijepa_fast.train.signals import StopOnSignals
 
 log = logging.getLogger("ijepa_fast")
 
 RUN_FOLDER_SETTINGS = "run.out_dir or run.name"  # what chooses the run folder, named in its errors
 # The run folder's files that are written by name (checkpoints are written to a new file and renamed);
 # run.lock is refused by the lock itself. One that is a link is refused before anything is written.
-RUN_FILES = (run_folder.CONFIG_NAME, "train.log", "metrics.csv", "loss.png", WANDB_ID_FILE)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss, or the weights about to be saved, became NaN or infinite."""
+RUN_FILES = (run_folder.CONFIG_NAME, "train.log", "metrics.csv", "loss.png", PROBE_PLOT, WANDB_ID_FILE)
 
 
 @dataclass
@@ -167,6 +170,8 @@ class Trainer:
         self.writer = _NoWriter()
         self._agree(self._open_writer, main_only=True)  # W&B can refuse (online, no API key): every rank stops
         self.collapse_watch = CollapseWatch()
+        self.hooks = build_hooks(self, self.on_epoch_end)
+        self.saver = Checkpointer(self.engine, self.run_dir, cfg.run.keep_checkpoints, self._meta, self.start_step)
 
     def _open_writer(self) -> None:
         cfg = self.cfg
@@ -268,7 +273,7 @@ class Trainer:
         cfg, step = self.cfg, self.start_step
         meter, bar = DeviceMeter(self.device), self._progress_bar()
         skipped, last_loss, last_ckpt = 0, float("nan"), None
-        self._saved_step, self._last_loss = None, last_loss  # for a stop on a non-finite step
+        self._last_loss = last_loss  # for a stop on a non-finite step
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
         log.info(
@@ -297,28 +302,26 @@ class Trainer:
                 if not between_steps:  # more micro-batches of this step to come
                     continue
                 step += 1
+                paused, scores = self.hooks.run(step)  # before the log: the probe's scores join the step's row
+                window_start += paused  # images/s counts training time only
                 if self._logs_at(step):
                     now = time.perf_counter()
                     rate = window_images / (now - window_start)
-                    last_loss = self._log(meter, step, rate, skipped, now - started, bar)
+                    last_loss = self._log(meter, step, rate, skipped, now - started, bar, scores)
                     window_start, window_images = now, 0
                 if step % cfg.run.checkpoint_every == 0:
-                    last_ckpt = self._save(step, last_loss)
-                if self.on_epoch_end is not None and step % self.steps_per_epoch == 0:
-                    paused = time.perf_counter()
-                    with contextlib.suppress(Interrupted), self.signals.interrupting():  # a signal ends it
-                        self.on_epoch_end(step // self.steps_per_epoch)
-                    window_start += time.perf_counter() - paused  # images/s counts training time only
+                    last_ckpt = self.saver.save(step, last_loss)
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
-            if self._saved_step != step:
-                last_ckpt = self._save(step, last_loss)
+            if self.saver.saved_step != step:
+                last_ckpt = self.saver.save(step, last_loss)
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
     def _logs_at(self, step: int) -> bool:
         """Whether the loop reads the device after ``step`` steps (the step measures the monitors then)."""
         run = self.cfg.run
-        return step % run.log_every == 0 or step % run.checkpoint_every == 0 or step == self.total_steps
+        due = step % run.log_every == 0 or step % run.checkpoint_every == 0 or step == self.total_steps
+        return due or self.hooks.probe_due(step)
 
     def _should_stop(self, step: int) -> bool:
         """A signal stops the run; with several ranks they agree at logging points (one host sync),
@@ -329,14 +332,14 @@ class Trainer:
             return False
         return distributed.any_rank(self.signals.received is not None, self.device)
 
-    def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar) -> float:
+    def _log(self, meter: DeviceMeter, step: int, ips: float, skipped: int, elapsed: float, bar, scores=None) -> float:
         reading = meter.read()  # the one host sync of this window
         loss = reading.loss
         if reading.first_bad_step >= 0:  # the meter holds the 0-based step index; logs count steps from 1
-            self._save_before_non_finite(reading.first_bad_step)
+            self.saver.save_before_non_finite(reading.first_bad_step, self._last_loss)
             raise NonFiniteLossError(
                 f"the loss or its gradients became non-finite at step {reading.first_bad_step + 1}; "
-                f"stopping ({self._last_good()})"
+                f"stopping ({self.saver.last_good()})"
             )
         self._last_loss = loss
         collapse = self.collapse_watch.check(step, reading.monitors)
@@ -354,6 +357,7 @@ class Trainer:
             "skipped": skipped,
             "elapsed_s": round(elapsed, 3),
             **reading.monitors,
+            **(scores or {}),
         }
         self.writer.write(row)
         if bar is not None:
@@ -362,45 +366,6 @@ class Trainer:
         elif self.is_main:
             log.info("step %d loss %.4f lr %.2e %.0f img/s", step, loss, row["lr"], ips)
         return loss
-
-    def _save(self, step: int, loss: float) -> Path | None:
-        """The engine's checkpoint (collective under DeepSpeed); its path on rank 0. A failed write (a
-        full disk...) is one error that names the file and what to do."""
-        self._check_weights(step)
-        try:
-            path = self.engine.save(self.run_dir, step, self._meta(step, loss), self.cfg.run.keep_checkpoints)
-        except OSError as err:
-            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-            kept = f"then --resume; the last checkpoint, {latest[-1][1]}, is unchanged" if latest else "then run again"
-            raise ckpt.NotWritableError(
-                f"the checkpoint of step {step} could not be written to {err.filename or self.run_dir} "
-                f"({err.strerror or err}): {ckpt.write_remedy(err)}, {kept}"
-            ) from err
-        self._saved_step = step
-        if path is not None:
-            log.info("checkpoint %s", path)
-        return path
-
-    def _save_before_non_finite(self, good_steps: int) -> None:
-        """Save the weights of ``good_steps`` steps: the step skipped the first non-finite step and
-        every one after it, so the weights are those unless the engine cannot skip (it applied them:
-        its weights are then not saved). Nothing new since the start or the last save: no save."""
-        if not self.engine.skips_non_finite or good_steps in (self.start_step, self._saved_step):
-            return
-        with contextlib.suppress(NonFiniteLossError):  # weights gone bad another way: keep the last save
-            self._save(good_steps, self._last_loss)
-
-    def _check_weights(self, step: int) -> None:
-        """Stop before saving non-finite weights (one reduction on the device; a save reads the weights
-        to the host anyway, so reading its result adds no sync). Collective under DeepSpeed."""
-        if not bool(self.engine.weights_finite()):
-            raise NonFiniteLossError(
-                f"the weights became non-finite by step {step}; stopping without saving them ({self._last_good()})"
-            )
-
-    def _last_good(self) -> str:
-        good = ckpt.newest_loadable(self.run_dir / "checkpoints")
-        return f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
 
     def _progress_bar(self):
         if not self.cfg.run.progress or not self.is_main:
@@ -417,6 +382,8 @@ class Trainer:
         self.writer.close()
         if self.is_main:
             plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
+            if self.hooks.probe is not None:
+                plot_probe_curve(read_metrics(self.run_dir / "metrics.csv"), self.run_dir / PROBE_PLOT)
         distributed.cleanup()
         stopped = "signal" if self.signals.received is not None else "finished"
         bad = getattr(self.loader, "skipped_paths", [])

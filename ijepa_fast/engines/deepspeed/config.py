@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from ijepa_fast.config import Config
 
 _QUIET_STEPS = 2**31 - 1  # DeepSpeed's own progress print; the trainer logs
+# DeepSpeed's fp16 mode keeps fp16 weights (fp32 master copies inside its optimizer), so the EMA
+# would average fp16 weights: not the step this engine computes. bf16 or fp32 instead.
+FP16_REFUSED = "run.dtype=fp16 is not supported by the DeepSpeed engine: use run.dtype=bf16 or fp32"
 
 
 def _owned(cfg: Config, world_size: int, grad_accum: int) -> list[tuple[str, Any, str]]:
@@ -128,6 +131,8 @@ def deepspeed_config(
     """
     if world_size < 1 or grad_accum < 1:
         raise ValueError(f"world_size={world_size} and grad_accum={grad_accum} must be >= 1")
+    if cfg.run.dtype == "fp16":  # run.engine=auto under a launcher: the schema could not know
+        raise ConfigError(FP16_REFUSED)
     user_cfg = load_user_config(cfg.run.ds_config if user is None else user)
     if user is None:
         source = f"run.ds_config={cfg.run.ds_config}"

@@ -63,6 +63,7 @@ class DeepSpeedEngine:
     """
 
     name = "deepspeed"
+    overflow = None  # no loss scaler: run.dtype=fp16 is refused with this engine (config.schema, deepspeed.config)
 
     def __init__(self, student: JEPAStudent, target_encoder: nn.Module, ds_config: dict, device: torch.device):
         ds = require("deepspeed", "run.engine=deepspeed")
