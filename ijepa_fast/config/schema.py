@@ -352,6 +352,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 # where its folder lies (moved or copied) and what it reports or keeps, not what a step computes.
 RESUME_MAY_CHANGE = (
     "optim.max_steps",
+    "data.image_check_cache",
     "run.out_dir",
     "run.name",
     "run.dist_timeout_s",
