@@ -11,7 +11,7 @@ export, or a Hugging Face IJepa folder. Data: IDX files (``--dataset idx``: trai
 an ImageNet-style folder (``--dataset folder``: ``ROOT/train`` and ``ROOT/val`` with one sub-folder
 per class), centre-cropped to the encoder's training size, or to ``--img-size N`` (a multiple of the
 patch): the encoder then interpolates its position embeddings to the larger or smaller grid
-(bicubic, as Hugging Face's IJepa and timm do).
+(bicubic, as Hugging Face's IJepa with ``interpolate_pos_encoding=True``).
 
 Protocol. The encoder is frozen; heads are fitted on the train split and scored (top-1) on the
 whole test split.

@@ -167,7 +167,7 @@ def model_card(
         "",
         "## Source",
         "",
-        f"Exported from a {provenance.get('source_format', 'unknown')} checkpoint, `{provenance.get('source', '?')}`"
+        f"Exported from the {provenance.get('source_format', 'unknown')} checkpoint `{provenance.get('source', '?')}`"
         + "".join(f", {k} {provenance[k]}" for k in ("epoch", "step") if k in provenance)
         + ".",
         "",
