@@ -13,6 +13,7 @@ from ijepa_fast.config.choices import (
     DATASETS,
     DTYPES,
     ENGINES,
+    FP8_RECIPES,
     LOADERS,
     LOSSES,
     MODEL_NAMES,
@@ -157,11 +158,27 @@ class SpeedConfig:
     grad_scaler: bool = False  # True: a GradScaler as the authors (not needed for bf16)
     sync_every_step: bool = False  # True: the authors' per-step host syncs (gradient norms, loss, synchronize)
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, more time)
+    # The target encoder's block linears in float8 (e4m3, torchao; the `fp8` extra): weights quantised
+    # once per step after the EMA, activations per forward. rowwise: one scale per token and per output
+    # channel; tensorwise: one per tensor. Changes the function (the targets carry fp8 rounding, a few
+    # per cent per element): off by default until a learning check shows no loss (models.fp8).
+    fp8_target: str = "off"
+    # Bias, exact-erf GELU and residual adds computed in the epilogues of the blocks' GEMMs (Inductor's
+    # max-autotune GEMM templates, epilogue fusion benchmarked against cuBLAS); needs compile. Same
+    # function up to rounding (GELU reads the fp32 accumulator, not its bf16 copy).
+    fused_epilogue: bool = False
 
     def validate(self, prefix: str = "speed") -> None:
         _check_choice(f"{prefix}.preset", self.preset, PRESETS)
         _check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
         _check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
+        _check_choice(f"{prefix}.fp8_target", self.fp8_target, FP8_RECIPES)
+        _check(
+            not (self.fused_epilogue and self.compile == "off"),
+            f"{prefix}.fused_epilogue",
+            self.fused_epilogue,
+            "false when speed.compile=off (the epilogues are fused by the compiler)",
+        )
 
 
 # ``preset: authors``: the speed of the authors' training loop (facebookresearch/ijepa at 52c1ae9), so
@@ -194,6 +211,8 @@ AUTHORS_SPEED = dict(
     fused_optimizer=False,
     grad_scaler=True,
     sync_every_step=True,
+    fp8_target="off",
+    fused_epilogue=False,
 )
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.masks.sampler import MaskBatch
+from ijepa_fast.models import fp8
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
 from ijepa_fast.runtime.device import autocast, synchronize
 from ijepa_fast.train.metrics import feature_summary
@@ -173,6 +174,10 @@ class TrainStep:
         self._micro = 0  # micro-batches since the last optimizer step
         self.stepped = False
         self.finite = torch.ones((), dtype=torch.bool, device=engine.device)  # sticky: see the module docstring
+        # speed.fp8_target: the float8 weights follow the fp32 ones once per step, after the EMA, and
+        # before the first step (the weights may have been loaded from a checkpoint since they were built)
+        self._float8 = fp8.float8_linears(engine.target_encoder)
+        self._float8_stale = bool(self._float8)
         self._losses_finite = self.finite  # the micro-batch losses of the current step
         self.last_host_loss: float | None = None  # filled only with sync_every_step
         self.last_grad_norms: list[float] = []  # filled only with sync_every_step
@@ -211,6 +216,9 @@ class TrainStep:
             if monitor:
                 target_forward = _summarising(engine.target_forward, summary)
         mark("target_fwd")
+        if self._float8_stale:
+            fp8.requantize(self._float8)
+            self._float8_stale = False
         with autocast(self.device, self.amp_dtype):
             with torch.no_grad():
                 targets = compute_targets(target_forward, images, masks, fused=opts.fused_gather)
@@ -233,6 +241,7 @@ class TrainStep:
             mark("ema")
             momentum = self.schedules.momentum_at(step)
             ema_update(*engine.ema_pairs(), momentum, fused=opts.fused_ema, apply=self.finite)
+            fp8.requantize(self._float8)
             out["step_finite"] = self.finite
         if opts.sync_every_step:
             mark("sync")
