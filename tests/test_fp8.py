@@ -100,9 +100,11 @@ def test_weights_are_quantised_when_asked_not_in_each_forward():
 def test_the_state_dict_keeps_the_encoders_names_and_only_the_fp32_weights():
     enc = encoder()
     names = {k: v.dtype for k, v in enc.state_dict().items()}
+    params = [name for name, _ in enc.named_parameters()]  # the EMA pairs target and source tensors in this order
     linears = fp8.quantize_target_linears(enc, "rowwise", emulate=True)
     assert len(linears) == 4 * len(enc.blocks)
     assert {k: v.dtype for k, v in enc.state_dict().items()} == names
+    assert [name for name, _ in enc.named_parameters()] == params
     enc.load_state_dict(encoder(seed=1).state_dict())  # a bf16 encoder's checkpoint loads as it is
 
 

@@ -82,6 +82,11 @@ class Float8ForwardLinear(nn.Module):
         self.weight = linear.weight  # (out, in), fp32: the EMA's
         self.bias = linear.bias
         self.recipe, self.emulate = recipe, emulate
+        self._ao = _torchao()  # looked up once: the compiled forward sees plain attributes
+        _, LinearMMConfig, ScaledMMConfig, *_ = self._ao
+        # fast accumulation in the forward GEMM, as torchao's float8 recipes do (no effect when emulated)
+        mm = ScaledMMConfig(emulate=emulate, use_fast_accum=True)
+        self._mm = LinearMMConfig(mm, mm, mm)
         out_features, in_features = linear.weight.shape
         dev = linear.weight.device
         self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=E4M3, device=dev), False)
@@ -95,7 +100,7 @@ class Float8ForwardLinear(nn.Module):
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """e4m3's largest value over the amax of ``x`` (per row of the last dim for rowwise)."""
-        *_, ScalingGranularity, tensor_to_scale, _ = _torchao()
+        *_, ScalingGranularity, tensor_to_scale, _ = self._ao
         granularity = ScalingGranularity.AXISWISE if self.recipe == "rowwise" else ScalingGranularity.TENSORWISE
         return tensor_to_scale(x, E4M3, scaling_granularity=granularity, axiswise_dim=self._axiswise_dim)
 
@@ -103,23 +108,17 @@ class Float8ForwardLinear(nn.Module):
     def requantize(self) -> None:
         """The e4m3 copy of the current fp32 weight, written in place (the buffers keep their addresses,
         so a compiled forward sees the same tensors every step)."""
-        to_fp8_saturated = _torchao()[-1]
+        to_fp8_saturated = self._ao[-1]
         scale = self._scale(self.weight)
         self.weight_scale.copy_(scale)
         self.weight_fp8.copy_(to_fp8_saturated(self.weight.float() * scale, E4M3))
 
-    def _mm_config(self):
-        _, LinearMMConfig, ScaledMMConfig, *_ = _torchao()
-        # fast accumulation in the forward GEMM, as torchao's float8 recipes do (no effect when emulated)
-        cfg = ScaledMMConfig(emulate=self.emulate, use_fast_accum=True)
-        return LinearMMConfig(cfg, cfg, cfg)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        Float8TrainingTensor, _, _, GemmInputRole, _, _, to_fp8_saturated = _torchao()
+        Float8TrainingTensor, _, _, GemmInputRole, _, _, to_fp8_saturated = self._ao
         # the output in what a bf16 linear would give: the autocast dtype, else the input's
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
-        mm = self._mm_config()
+        mm = self._mm
         scale = self._scale(rows)  # (T, 1) rowwise, () tensorwise
         data = to_fp8_saturated(rows.float() * scale, E4M3)
         a = Float8TrainingTensor(data, scale, out_dtype, mm, GemmInputRole.INPUT, self._axiswise_dim)
