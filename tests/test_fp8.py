@@ -178,3 +178,29 @@ def test_on_the_gpu_scaled_mm_agrees_with_the_emulation(recipe):
         real = fp8.Float8ForwardLinear(linear, recipe, emulate=False)(x).float()
         emulated = fp8.Float8ForwardLinear(linear, recipe, emulate=True)(x).float()
     assert ((real - emulated).norm() / emulated.norm()).item() < 2**-7  # bf16 output rounding and accumulation order
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and fp8.float8_tensor_cores(torch.device("cuda"))),
+    reason="needs a GPU with float8 tensor cores",
+)
+def test_on_the_gpu_compiled_float8_blocks_agree_with_eager_ones_and_follow_requantisation():
+    """As the step runs them: compiled blocks, bf16 autocast; a requantised weight reaches the compiled
+    forward (the buffers are updated in place, no recompile needed)."""
+    from ijepa_fast.models.vit import compile_blocks
+
+    enc = encoder().cuda()
+    fp8.quantize_target_linears(enc, "rowwise", emulate=False)
+    images = torch.randn(8, 3, 32, 32, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        eager = enc(images).float()
+        compiled = copy.deepcopy(enc)
+        compile_blocks(compiled)
+        got = compiled(images).float()
+        assert ((got - eager).norm() / eager.norm()).item() < 2**-6
+        for layer in fp8.float8_linears(compiled):
+            layer.weight.mul_(0.5)
+            layer.requantize()
+        halved = compiled(images).float()
+    assert not torch.allclose(halved, got)
