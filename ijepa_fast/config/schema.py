@@ -165,7 +165,8 @@ class SpeedConfig:
     fp8_target: str = "off"
     # Bias, exact-erf GELU and residual adds computed in the epilogues of the blocks' GEMMs (Inductor's
     # max-autotune GEMM templates, epilogue fusion benchmarked against cuBLAS); needs compile. Same
-    # function up to rounding (GELU reads the fp32 accumulator, not its bf16 copy).
+    # function up to rounding (GELU reads the fp32 accumulator, not its bf16 copy). Off until a GPU
+    # has measured its gain and its compile time (max-autotune benchmarks every GEMM shape).
     fused_epilogue: bool = False
 
     def validate(self, prefix: str = "speed") -> None:
