@@ -44,6 +44,9 @@ setup(
         "xformers": ["xformers>=0.0.28"],
         "timm": ["timm>=1.0"],
         "wandb": ["wandb>=0.31"],
+        # speed.fp8_target: torchao's float8 tensors (a private-ish API: capped at the release it was
+        # written against)
+        "fp8": ["torchao>=0.18,<0.19"],
         "dev": ["ruff==0.17.6"],
         # What `make test` needs beyond the package (all CPU-capable): DALI runs in its CPU mode,
         # DeepSpeed on gloo, Triton under its interpreter.
@@ -57,6 +60,8 @@ setup(
             "transformers>=4.47",
             # Optional W&B logging, tested offline against its own run files (their format is pinned).
             "wandb==0.31.0",
+            # speed.fp8_target, tested in torchao's float8 emulation on the CPU.
+            "torchao==0.18.0",
         ],
     },
     entry_points={

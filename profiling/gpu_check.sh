@@ -12,8 +12,10 @@
 #   deepspeed  the DeepSpeed GPU test, then the default step under the DeepSpeed engine, ZeRO-2 and
 #              ZeRO-3, in a world of one: images/s and peak memory beside the plain engine's
 #   ablation   the single-switch ablation (the authors' preset, each switch alone on it: the bf16
-#              target copy, the bf16 residual stream and uint8 images among them; the default, the
-#              default without compile), then the step's GPU tests
+#              target copy, the bf16 residual stream and uint8 images among them; the
+#              default with FP8 target and with fused epilogues, the default without compile, the
+#              default), then the step's GPU tests; the summary puts the step model's predicted
+#              milliseconds per phase beside the measured ones for every row
 #   kernels    the Triton kernels at ViT-H/14 shapes against the roofline of the measured copy bandwidth
 #   attention  the attention backends at ViT-B/16, ViT-H/14 and ViT-H/16-448 token counts, batch 128
 #   data       the DALI GPU tests (when DALI imports), then the data loaders on generated JPEGs
@@ -272,7 +274,10 @@ fi
 #   deepspeed: pytest_deepspeed ~40 (DeepSpeed's import, four tiny engines); deepspeed_zero2 ~80
 #     (compiled, as the default), deepspeed_zero3 ~40 (runs eager: ZeRO-3 refuses compile).
 #   ablation: 11 eager rows of ~10 s each and the compiled default ~70; pytest_step ~40 (with the
-#     GPU tests of the bf16 target copy and of the device feed: uint8 images on a side stream).
+#     GPU tests of the bf16 target copy, the device feed and FP8). The rows
+#     measured from the default's side compile too (the two FP8 rows ~70 each, the fused epilogue's
+#     max-autotune longer: unknown), so they run last and a 225 s budget cuts them first: rerun them
+#     alone with GPU_CHECK_BUDGET raised, or `ijepa-bench --configs NAME ...`.
 #   kernels: masked_gather, ema ~20 each: do_bench (~0.2 s a row) over 24 and 9 rows, a Triton compile each.
 #   attention ~45: 9 cases x up to 8 backends, do_bench each.
 #   data ~30: 512 JPEGs written, then 4 and 8 workers, each 2w+1 warm-up and 4w timed batches of 128.
@@ -314,7 +319,8 @@ case $STAGE in
       run_part ablation 150 4 "$PY" -m profiling.bench_step "${TINY[@]}" --ablation --warmup 1 --steps 2 \
         --phase-steps 0 --batches 2 --out "$W" --tag ablation --record "$APPEND" "${LABEL[@]}"
     fi
-    gpu_tests pytest_step 60 tests/test_speed.py tests/test_bench.py tests/test_device_feed.py tests/test_target_copy.py
+    gpu_tests pytest_step 60 tests/test_speed.py tests/test_bench.py tests/test_device_feed.py tests/test_target_copy.py \
+      tests/test_fp8.py tests/test_fused_epilogue.py
     ;;
   kernels)
     if [ "$CUDA" != 1 ]; then

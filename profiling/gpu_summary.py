@@ -1,6 +1,8 @@
 """The summary ``make gpu-check`` prints last, merged over every stage that has run: each stage's
 device, date and commit; each part's status and key figure; the steps' images/s, MFU and GPU-hours
-beside the paper; the kernels against the roofline of the measured copy bandwidth.
+beside the paper; for each step row with a phase split, the step model's predicted milliseconds per
+phase beside the measured ones (``ijepa_fast.models.step_model``: where the model is wrong); the
+kernels against the roofline of the measured copy bandwidth.
 
     python -m profiling.gpu_summary RESULTS_DIR [--detail STAGE]
 
@@ -19,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from ijepa_fast.bench.predict import predicted_vs_measured
 from ijepa_fast.bench.sources import default_config
 
 KERNEL_PARTS = ("masked_gather", "ema")
@@ -264,6 +267,16 @@ def step_section(part: str, data: dict) -> list[str]:
     return lines
 
 
+def model_section(part: str, data: dict) -> list[str]:
+    """The step model's prediction beside the measured phases of each row (none without a phase split);
+    a model that cannot price a row says so in one line instead of failing the summary."""
+    try:
+        lines = predicted_vs_measured(data)
+    except Exception as exc:  # a result of an older or newer config: the summary still prints
+        return [f"{part}: step model: failed: {type(exc).__name__}: {exc}"]
+    return [f"{part}: " + lines[0], *lines[1:]] if lines else []
+
+
 def kernel_section(stages: list[Path]) -> list[str]:
     """Each kernel case: the kernel's time beside its roofline (its bytes, read once and written
     once, at the copy bandwidth measured in the same run) and its speed-up over the authors' ops."""
@@ -304,10 +317,12 @@ def summary(root: str | Path, detail: str | None = None) -> str:
             data = read_json(folder / f"{part}.json")
             if is_step_result(data) and len(data["rows"]) > 1:
                 sections.append(step_section(f"{folder.name}/{part}", data))
+            if is_step_result(data) and data["meta"].get("device_type") == "cuda":  # the model is a GPU's
+                sections.append(model_section(f"{folder.name}/{part}", data))
     kernels = kernel_section(stages)
     if kernels:
         sections.append(kernels)
-    return "\n\n".join("\n".join(s) for s in sections)
+    return "\n\n".join("\n".join(s) for s in sections if s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,9 @@ def test_harness_runs_the_ablation_end_to_end(tmp_path):
     names = [r["name"] for r in result["rows"]]
     assert names[0] == "authors" and names[-1] == "all on (default)"
     assert "all on, compile off" not in names  # left out on a CPU unless --compile-on-cpu
-    assert len(names) == 11
+    assert "all on + fused epilogue" not in names  # compiled: likewise
+    assert "all on + FP8 target (rowwise)" in names and "all on + FP8 target (tensorwise)" in names  # emulated
+    assert len(names) == 13
     for r in result["rows"]:
         assert r["ok"], r
         assert r["images_per_s"] > 0 and math.isfinite(r["loss"])

@@ -6,7 +6,8 @@
 - **Rows** (``BenchConfig``): a name and the ``speed`` section it runs with. The ablation is the
   ``authors`` preset, then each optimisation switched on alone from it, then all on (the default).
   Compile is measured as the default with compile off (the authors' preset is never compiled); on
-  a CPU that row is left out unless ``compile_on_cpu`` (compile is off on CPUs).
+  a CPU that row is left out unless ``compile_on_cpu`` (compile is off on CPUs). The switches that
+  are off by default (FP8 target, fused epilogues) are measured as the default with each one on.
 - **Data.** ``synthetic`` (default): distinct micro-batches made once and held on the host as the
   loader hands them (random uint8 images, normalised to float32 unless the row has
   ``speed.uint8_input``; masks from the real ``MultiBlockMaskSampler``), fed to the device in turn
@@ -101,14 +102,18 @@ def ablation_configs(device: torch.device, compile_on_cpu: bool = False) -> list
     ]
     rows = [authors_config()]
     rows += [BenchConfig(name, {"preset": "authors", **change}) for name, change in on]
+    # Off by default, so measured from the default's side: float8 for the target encoder (either
+    # recipe; emulated on a CPU), and fused epilogues (compiled: on a CPU only with compile_on_cpu).
+    float8 = [BenchConfig(f"all on + FP8 target ({r})", {"preset": "fast", "fp8_target": r}) for r in FP8_ROWS]
     if device.type != "cuda" and not compile_on_cpu:
-        return [*rows, default_config()]
-    default = (
-        default_config()
-        if device.type == "cuda"
-        else BenchConfig(default_config().name, {"preset": "fast", "compile": "on"})
-    )
-    return [*rows, BenchConfig("all on, compile off", {"preset": "fast", "compile": "off"}), default]
+        return [*rows, *float8, default_config()]
+    compiled = {"preset": "fast"} if device.type == "cuda" else {"preset": "fast", "compile": "on"}
+    default = default_config() if device.type == "cuda" else BenchConfig(default_config().name, compiled)
+    fused = BenchConfig("all on + fused epilogue", {**compiled, "fused_epilogue": True})
+    return [*rows, *float8, fused, BenchConfig("all on, compile off", {"preset": "fast", "compile": "off"}), default]
+
+
+FP8_ROWS = ("rowwise", "tensorwise")
 
 
 def default_config() -> BenchConfig:

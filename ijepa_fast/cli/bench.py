@@ -8,10 +8,11 @@ The run is described by the training ``Config`` itself (its defaults are the pap
 ``ijepa-pretrain`` reads it. Each row builds the step ``ijepa-pretrain`` runs and times ``--steps``
 optimizer steps after ``--warmup`` untimed ones, then ``--phase-steps`` phase-split steps;
 ``--loader`` picks synthetic batches or the real loaders; ``--ablation`` runs the ``authors``
-preset, each optimisation alone from it, then all on. The report (printed; appended to
-``profiling/RESULTS.md`` with ``--record``), JSON and PNG plots (``--out DIR``) and a Chrome trace
-(``--trace PATH``) are written by the library, ``ijepa_fast.bench``, whose modules say what is
-measured and how; this module is the argument parsing and ``main``.
+preset, each optimisation alone from it, then all on; ``--model-step`` prints the step model's
+predicted milliseconds per phase on an H100 (``ijepa_fast.models.step_model``) and measures nothing.
+The report (printed; appended to ``profiling/RESULTS.md`` with ``--record``), JSON and PNG plots
+(``--out DIR``) and a Chrome trace (``--trace PATH``) are written by the library, ``ijepa_fast.bench``,
+whose modules say what is measured and how; this module is the argument parsing and ``main``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loader", default="synthetic", choices=("synthetic", "pytorch", "dali"), help="real loaders read data.root"
     )
     p.add_argument("--ablation", action="store_true", help="authors, each switch alone, all on")
+    p.add_argument(
+        "--model-step",
+        action="store_true",
+        help="print the step model's predicted ms per phase on an H100, the default and each switch; measure nothing",
+    )
     p.add_argument(
         "--configs",
         nargs="+",
@@ -93,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_cli(argv: list[str] | None = None) -> dict:
     """The command line's work; returns the result (``main`` is the console entry point)."""
     args = parse_args(argv)
+    if args.model_step:
+        from ijepa_fast.bench.predict import model_table
+
+        print(model_table(spec_from_args(args).config_for({})), flush=True)
+        return {"rows": []}
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     spec = spec_from_args(args)
@@ -131,7 +142,7 @@ def run_cli(argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """``ijepa-bench``: exit status 0 when every configuration ran, 1 otherwise."""
     result = run_cli(argv)
-    return 0 if all(r.get("ok") for r in result["rows"]) else 1
+    return 0 if all(r.get("ok") for r in result["rows"]) else 1  # --model-step: no rows, 0
 
 
 if __name__ == "__main__":

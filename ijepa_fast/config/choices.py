@@ -14,6 +14,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")  # runtime.device
 ENGINES = ("auto", "plain", "deepspeed")  # engines
 PRESETS = ("fast", "authors")
 COMPILE_MODES = ("auto", "on", "off")
+FP8_RECIPES = ("off", "rowwise", "tensorwise")  # models.fp8: the float8 scaling of the target encoder's linears
 ZERO_STAGES = (0, 1, 2, 3)
 WANDB_MODES = ("off", "on", "offline", "online")  # "on" is offline: nothing leaves the machine unless asked
 PROBE_UNITS = ("epochs", "steps")  # train.online_probe

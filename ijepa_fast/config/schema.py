@@ -13,6 +13,7 @@ from ijepa_fast.config.choices import (
     DATASETS,
     DTYPES,
     ENGINES,
+    FP8_RECIPES,
     IMAGE_CHECKS,
     LOADERS,
     LOSSES,
@@ -190,11 +191,28 @@ class SpeedConfig:
     # (CUDA) and normalised there, to the same float32 bits as the loader's normalisation. False:
     # the loader normalises and the float32 batch is copied on the compute stream.
     uint8_input: bool = True
+    # The target encoder's block linears in float8 (e4m3, torchao; the `fp8` extra): weights quantised
+    # once per step after the EMA, activations per forward. rowwise: one scale per token and per output
+    # channel; tensorwise: one per tensor. Changes the function (the targets carry fp8 rounding, a few
+    # per cent per element): off by default until a learning check shows no loss (models.fp8).
+    fp8_target: str = "off"
+    # Bias, exact-erf GELU and residual adds computed in the epilogues of the blocks' GEMMs (Inductor's
+    # max-autotune GEMM templates, epilogue fusion benchmarked against cuBLAS); needs compile. Same
+    # function up to rounding (GELU reads the fp32 accumulator, not its bf16 copy). Off until a GPU
+    # has measured its gain and its compile time (max-autotune benchmarks every GEMM shape).
+    fused_epilogue: bool = False
 
     def validate(self, prefix: str = "speed") -> None:
         _check_choice(f"{prefix}.preset", self.preset, PRESETS)
         _check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
         _check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
+        _check_choice(f"{prefix}.fp8_target", self.fp8_target, FP8_RECIPES)
+        _check(
+            not (self.fused_epilogue and self.compile == "off"),
+            f"{prefix}.fused_epilogue",
+            self.fused_epilogue,
+            "false when speed.compile=off (the epilogues are fused by the compiler)",
+        )
 
 
 # ``preset: authors``: the speed of the authors' training loop (facebookresearch/ijepa at 52c1ae9), so
@@ -237,6 +255,8 @@ AUTHORS_SPEED = dict(
     bf16_target_copy=False,
     bf16_residual=False,
     uint8_input=False,
+    fp8_target="off",
+    fused_epilogue=False,
 )
 
 

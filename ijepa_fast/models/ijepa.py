@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from ijepa_fast.masks.sampler import MaskBatch
-from ijepa_fast.models import ops
+from ijepa_fast.models import fp8, ops
 from ijepa_fast.models.attention import resolve_backend
 from ijepa_fast.models.vit import VisionTransformer, build_encoder, build_predictor, compile_blocks, vit_size
 from ijepa_fast.runtime.device import resolve_precision
+from ijepa_fast.runtime.errors import ConfigError
 from ijepa_fast.train.loss import jepa_loss
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,11 @@ def models_from_config(cfg, device: torch.device, compile: bool | None = None) -
         module.set_bf16_residual(cfg.speed.bf16_residual)
     student.to(device)
     target.to(device)
+    if cfg.speed.fp8_target != "off":
+        _float8_target(target, cfg.speed.fp8_target, device)
     if compile_wanted(cfg.speed.compile, device) if compile is None else compile:
-        compile_blocks(student)
-        compile_blocks(target)
+        compile_blocks(student, cfg.speed.fused_epilogue)
+        compile_blocks(target, cfg.speed.fused_epilogue)
     log.info(
         "model %s/%d at %d px: encoder %.1fM params, predictor %.1fM; attention %s (encoder) / %s (predictor); "
         "device %s",
@@ -132,6 +135,19 @@ def models_from_config(cfg, device: torch.device, compile: bool | None = None) -
         device,
     )
     return student, target
+
+
+def _float8_target(target: VisionTransformer, recipe: str, device: torch.device) -> None:
+    """``speed.fp8_target``: the target's block linears in float8; emulated on a CPU (for tests: slow)."""
+    if device.type == "cuda" and not fp8.float8_tensor_cores(device):
+        raise ConfigError(
+            f"speed.fp8_target={recipe} needs float8 tensor cores (compute capability >= 8.9: H100, L4, ...); "
+            f"{torch.cuda.get_device_name(device)} has none: set speed.fp8_target=off"
+        )
+    emulate = device.type != "cuda"
+    if emulate:
+        log.warning("speed.fp8_target=%s on %s: torchao's float8 emulation (fp32 matmuls), for testing", recipe, device)
+    fp8.quantize_target_linears(target, recipe, emulate)
 
 
 def _millions(module: nn.Module) -> float:

@@ -43,7 +43,6 @@ class Bf16TargetCopy:
         params = autocast_cast_params(target_encoder)
         self._sources = [p for _, p in params]
         self.tensors: dict[str, torch.Tensor] = {name: p.detach().to(dtype) for name, p in params}
-        self._by_param = {id(p): t for p, t in zip(self._sources, self.tensors.values())}
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -52,7 +51,10 @@ class Bf16TargetCopy:
 
     def outputs_for(self, targets: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The bf16 copy of each of ``targets`` (the target encoder's parameters), or None."""
-        return [self._by_param.get(id(t)) for t in targets]
+        # keyed by the parameters' ids here, not once in __init__: a deep copy of the step gets new
+        # parameters, and a map made before it would leave the copy's EMA writing no bf16 copy
+        by_param = {id(p): t for p, t in zip(self._sources, self.tensors.values())}
+        return [by_param.get(id(t)) for t in targets]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -405,8 +405,22 @@ def build_predictor(
     )
 
 
-def compile_blocks(module: nn.Module) -> None:
-    """Regional compilation: each transformer block on its own, so compile time stays small."""
+# Inductor's settings for ``speed.fused_epilogue``: GEMMs may be Triton templates, which take the bias,
+# the GELU (Inductor lowers nn.GELU to its exact erf form) and the residual add as their epilogue;
+# each GEMM's fused template is benchmarked against cuBLAS plus a separate kernel and the faster kept.
+# Not cuBLASLt's GELU epilogue (``_addmm_activation``): that is the tanh approximation.
+FUSED_EPILOGUE_OPTIONS = {
+    "max_autotune_gemm": True,
+    "max_autotune_gemm_backends": "ATEN,TRITON",
+    "epilogue_fusion": True,
+    "benchmark_epilogue_fusion": True,
+}
+
+
+def compile_blocks(module: nn.Module, fused_epilogue: bool = False) -> None:
+    """Regional compilation: each transformer block on its own, so compile time stays small;
+    ``fused_epilogue``: with ``FUSED_EPILOGUE_OPTIONS``."""
+    options = dict(FUSED_EPILOGUE_OPTIONS) if fused_epilogue else None
     for sub in module.modules():
         if isinstance(sub, Block):
-            sub.compile()
+            sub.compile(options=options)

@@ -29,6 +29,8 @@ _PACKAGES: dict[str, tuple[str, str]] = {
     "safetensors": ("safetensors", "pip install safetensors"),
     "timm": ("timm", "pip install 'ijepa_fast[timm]'"),
     "wandb": ("wandb", "pip install 'ijepa_fast[wandb]'"),
+    # float8 for the target encoder (speed.fp8_target); the float8 module is what it uses
+    "torchao": ("torchao.float8", "pip install 'ijepa_fast[fp8]'"),
 }
 
 

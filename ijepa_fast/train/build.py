@@ -18,6 +18,7 @@ from ijepa_fast.models.target_copy import Bf16TargetCopy
 from ijepa_fast.runtime import distributed
 from ijepa_fast.runtime.device import resolve_precision
 from ijepa_fast.runtime.distributed import DistEnv
+from ijepa_fast.runtime.errors import ConfigError
 from ijepa_fast.train.optim import build_optimizer
 from ijepa_fast.train.schedules import Schedules
 from ijepa_fast.train.step import Engine, StepOptions, TrainStep
@@ -86,6 +87,11 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
     if resolve_engine(cfg.run.engine, world_size) == "deepspeed":
         from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
 
+        if cfg.run.zero_stage == 3 and cfg.speed.fp8_target != "off":
+            raise ConfigError(
+                f"speed.fp8_target={cfg.speed.fp8_target} with run.zero_stage=3: ZeRO-3 partitions the target "
+                "encoder's weights, which the float8 copy is made from; use zero_stage <= 2 or fp8_target=off"
+            )
         ds_config = deepspeed_config(cfg, world_size, device_type=device.type, grad_accum=cfg.optim.grad_accum)
         return DeepSpeedEngine(student, target_encoder, ds_config, device)
     from ijepa_fast.engines.plain import PlainEngine

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.masks.sampler import MaskBatch
+from ijepa_fast.models import fp8
 from ijepa_fast.models.ijepa import JEPAStudent, compute_targets
 from ijepa_fast.models.target_copy import Bf16TargetCopy
 from ijepa_fast.runtime.device import autocast, synchronize
@@ -193,6 +194,10 @@ class TrainStep:
         self._micro = 0  # micro-batches since the last optimizer step
         self.stepped = False
         self.finite = torch.ones((), dtype=torch.bool, device=engine.device)  # sticky: see the module docstring
+        # speed.fp8_target: the float8 weights follow the fp32 ones once per step, after the EMA, and
+        # before the first step (the weights may have been loaded from a checkpoint since they were built)
+        self._float8 = fp8.float8_linears(engine.target_encoder)
+        self._float8_stale = bool(self._float8)
         self._losses_finite = self.finite  # the micro-batch losses of the current step
         self.last_host_loss: float | None = None  # filled only with sync_every_step
         self.last_grad_norms: list[float] = []  # filled only with sync_every_step
@@ -231,6 +236,9 @@ class TrainStep:
             if monitor:
                 target_forward = _summarising(target_forward, summary)
         mark("target_fwd")
+        if self._float8_stale:
+            fp8.requantize(self._float8)
+            self._float8_stale = False
         with autocast(self.device, self.amp_dtype):
             with torch.no_grad():
                 targets = compute_targets(target_forward, images, masks, fused=opts.fused_gather)
@@ -258,6 +266,7 @@ class TrainStep:
             if self.amp_dtype == torch.float16 and engine.overflow is not None:  # fp16: see the module docstring
                 apply = apply & ~engine.overflow
             ema_update(targets, sources, momentum, fused=opts.fused_ema, apply=apply, bf16_out=copies)
+            fp8.requantize(self._float8)
             out["step_finite"] = self.finite
         if opts.sync_every_step:
             mark("sync")
