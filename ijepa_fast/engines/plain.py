@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.io import checkpoint as ckpt
+from ijepa_fast.io.async_save import host_copy, tensor_bytes
 from ijepa_fast.masks.sampler import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
 from ijepa_fast.train.step import PhaseMark, all_finite
@@ -137,6 +138,19 @@ class PlainEngine:
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
         state = {**self.state_dict(), **meta, "rng": ckpt.rng_state()}
         return ckpt.save_checkpoint(Path(run_dir) / "checkpoints", state, step, keep)
+
+    def save_async(self, run_dir: Path, step: int, meta: dict, keep: int) -> tuple[Path, Callable[[], Path]]:
+        """Copy the state to host memory now; return (the checkpoint's path, the write that ``save``
+        does, to run in the background on that copy)."""
+        state = host_copy({**self.state_dict(), **meta, "rng": ckpt.rng_state()})
+        folder = Path(run_dir) / "checkpoints"
+        return folder / ckpt.checkpoint_name(step), lambda: ckpt.save_checkpoint(folder, state, step, keep)
+
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes one checkpoint takes: the state's tensors, with AdamW's two moments
+        counted for parameters that have none yet (before the first step)."""
+        unstepped = [p for p in self._params if not self.optimizer.state.get(p)]
+        return tensor_bytes(self.state_dict()) + sum(2 * p.numel() * p.element_size() for p in unstepped)
 
     def load(self, run_dir: Path, check: Callable[[dict], None] | None = None) -> dict | None:
         """Restore the newest loadable checkpoint; ``check(state)`` may refuse it before anything

@@ -29,6 +29,8 @@ _PACKAGES: dict[str, tuple[str, str]] = {
     "safetensors": ("safetensors", "pip install safetensors"),
     "timm": ("timm", "pip install 'ijepa_fast[timm]'"),
     "wandb": ("wandb", "pip install 'ijepa_fast[wandb]'"),
+    # The CPU loader's JPEG decoder (libjpeg-turbo, reduced-scale decode); Pillow stands in without it.
+    "simplejpeg": ("simplejpeg", "pip install simplejpeg"),
 }
 
 

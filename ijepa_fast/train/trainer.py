@@ -44,6 +44,7 @@ from ijepa_fast.train.build import (
     start_process,
     train_step_for,
 )
+from ijepa_fast.train.checkpointing import Saver
 from ijepa_fast.train.metrics import (
     WANDB_ID_FILE,
     CollapseWatch,
@@ -147,6 +148,8 @@ class Trainer:
         self.start_step = int(restored["step"]) if restored else 0
         if restored:
             log.info("resumed from step %d (%s)", self.start_step, self.run_dir)
+        self.saver = Saver(self.engine, self.run_dir, cfg.run.keep_checkpoints, cfg.run.async_checkpoint)
+        self._agree(self.saver.check_space, main_only=True)  # a disk too small fails before step 0
         # The loader counts micro-batches; a step (schedules, logs, checkpoints) is one optimizer step
         # of grad_accum of them, so a resumed run restarts the loader at step x grad_accum.
         self.accum = cfg.optim.grad_accum
@@ -262,6 +265,7 @@ class Trainer:
             distributed.cleanup()  # every rank stops at the same step (the loss is averaged over ranks)
             raise
         finally:
+            self.saver.drain()  # a background write finishes before the run folder is released
             self._release()
 
     def _fit(self) -> RunResult:
@@ -313,6 +317,7 @@ class Trainer:
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
             if self._saved_step != step:
                 last_ckpt = self._save(step, last_loss)
+            self.saver.join()  # the last write ends (or fails, naming its file) before the run reports
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
     def _logs_at(self, step: int) -> bool:
@@ -364,18 +369,11 @@ class Trainer:
         return loss
 
     def _save(self, step: int, loss: float) -> Path | None:
-        """The engine's checkpoint (collective under DeepSpeed); its path on rank 0. A failed write (a
-        full disk...) is one error that names the file and what to do."""
+        """The engine's checkpoint (collective under DeepSpeed), in the step or written in the
+        background (``train.checkpointing``); its path on rank 0. A failed write (a full disk...) is
+        one error that names the file and what to do."""
         self._check_weights(step)
-        try:
-            path = self.engine.save(self.run_dir, step, self._meta(step, loss), self.cfg.run.keep_checkpoints)
-        except OSError as err:
-            latest = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-            kept = f"then --resume; the last checkpoint, {latest[-1][1]}, is unchanged" if latest else "then run again"
-            raise ckpt.NotWritableError(
-                f"the checkpoint of step {step} could not be written to {err.filename or self.run_dir} "
-                f"({err.strerror or err}): {ckpt.write_remedy(err)}, {kept}"
-            ) from err
+        path = self.saver.save(step, self._meta(step, loss))
         self._saved_step = step
         if path is not None:
             log.info("checkpoint %s", path)
@@ -399,6 +397,7 @@ class Trainer:
             )
 
     def _last_good(self) -> str:
+        self.saver.drain()
         good = ckpt.newest_loadable(self.run_dir / "checkpoints")
         return f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
 
