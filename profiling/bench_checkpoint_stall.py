@@ -117,9 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for rs in rows.values():
         mid = sorted(rs, key=lambda x: x["stall_s"])[(len(rs) - 1) // 2]
         out.append({**mid, "rounds": len(rs), "all_stall_s": [x["stall_s"] for x in rs]})
-    print(
-        f"- model: {args.model}/{args.patch}, checkpoint {out[0]['checkpoint_gb']:.2f} GB, torch threads {torch.get_num_threads()}"
-    )
+    gb, threads = out[0]["checkpoint_gb"], torch.get_num_threads()
+    print(f"- model: {args.model}/{args.patch}, checkpoint {gb:.2f} GB, torch threads {threads}")
     print("| mode | blocked s | slower steps s | stall s | write s | stand-in step s | rounds |")
     print("|---|---|---|---|---|---|---|")
     for o in out:

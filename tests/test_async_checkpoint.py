@@ -149,9 +149,11 @@ def test_disk_space_refuses_with_one_line_and_warns_when_tight(tmp_path, monkeyp
     assert "nearly full" in check_disk_space(tmp_path, 10 * gb, keep=2)  # 30 of 35 GB
     assert check_disk_space(tmp_path, 10 * gb, keep=1) is None  # 20 of 35 GB
     old = tmp_path / "ckpt-00000001.pt"
-    old.write_bytes(b"x" * 1000)
-    monkeypatch.setattr(async_save.shutil, "disk_usage", _disk(3000))
-    assert check_disk_space(tmp_path, 1000, keep=3, existing=[old]) is None  # 4000 <= 3000 + the old file's 1000
+    old.write_bytes(b"x" * 1000)  # retention deletes it as new ones land: its bytes count as room
+    monkeypatch.setattr(async_save.shutil, "disk_usage", _disk(3500))
+    with pytest.raises(InsufficientSpaceError):
+        check_disk_space(tmp_path, 1000, keep=3)  # 4000 > 3500
+    assert "nearly full" in check_disk_space(tmp_path, 1000, keep=3, existing=[old])  # 4000 <= 3500 + 1000
 
 
 def test_a_run_that_cannot_fit_its_checkpoints_stops_before_step_0(tmp_path, monkeypatch, caplog):
