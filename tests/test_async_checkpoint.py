@@ -36,6 +36,11 @@ def test_host_copy_shares_nothing_with_the_live_state():
     live["opt"]["state"][0].zero_()
     assert torch.equal(copy["w"], torch.arange(6.0).view(2, 3)) and torch.equal(copy["opt"]["state"][0], torch.ones(2))
     assert copy["opt"]["lr"] == 0.1 and copy["name"] == "x" and isinstance(copy["opt"]["state"], list)
+    again = host_copy(live, into=copy)  # the buffers of an earlier copy are reused, the values new
+    assert again["w"] is copy["w"] and torch.equal(again["w"], live["w"])
+    assert torch.equal(again["opt"]["state"][0], torch.zeros(2))
+    resized = host_copy({**live, "w": torch.ones(3)}, into=copy)
+    assert resized["w"] is not copy["w"] and torch.equal(resized["w"], torch.ones(3))
 
 
 def test_writes_run_one_at_a_time_in_order_and_errors_reach_the_waiter():

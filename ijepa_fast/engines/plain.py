@@ -49,6 +49,7 @@ class PlainEngine:
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self.skips_non_finite = bool(optimizer.defaults.get("fused"))
         self._skip: torch.Tensor | None = None  # this step's found_inf (0. or 1.), for the pre-step hook
+        self._staged: dict | None = None  # the last host copy of a background save, reused as buffers
         if self.skips_non_finite:
             optimizer.register_step_pre_hook(self._pass_skip)
 
@@ -141,8 +142,10 @@ class PlainEngine:
 
     def save_async(self, run_dir: Path, step: int, meta: dict, keep: int) -> tuple[Path, Callable[[], Path]]:
         """Copy the state to host memory now; return (the checkpoint's path, the write that ``save``
-        does, to run in the background on that copy)."""
-        state = host_copy({**self.state_dict(), **meta, "rng": ckpt.rng_state()})
+        does, to run in the background on that copy). Call it again only once that write has ended."""
+        # the previous copy's write has ended (the caller joins it first): its buffers are reused
+        state = host_copy({**self.state_dict(), **meta, "rng": ckpt.rng_state()}, into=self._staged)
+        self._staged = state
         folder = Path(run_dir) / "checkpoints"
         return folder / ckpt.checkpoint_name(step), lambda: ckpt.save_checkpoint(folder, state, step, keep)
 

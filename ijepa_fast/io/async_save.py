@@ -10,7 +10,8 @@ loader reads and the next start deletes, and the previous checkpoint stays the n
 One write at a time: ``submit`` first joins the write before it (so saves land in step order and
 retention sees them in turn), and the trainer joins the last one before it exits, also after a
 stop signal. A write that failed raises at that join, in the training thread, with its own error.
-The price is host memory: one checkpoint's copy lives in RAM until its write ends.
+The price is host memory: one checkpoint's copy stays in RAM, reused as the buffers of the next
+copy (``host_copy(into=...)``: fresh memory is slow to fault in, as the stall benchmark showed).
 
 The engine decides how its state splits into the two halves (``Engine.save_async`` returns the
 write after taking the copy); engines without it save in the step (``Engine.save``).
@@ -39,31 +40,48 @@ log = logging.getLogger(__name__)
 TIGHT_MARGIN = 1.25
 
 
-def host_copy(tree: Any) -> Any:
+def host_copy(tree: Any, into: Any = None) -> Any:
     """``tree`` (dicts, lists, tuples of tensors and plain values) with every tensor copied to host
     memory, sharing nothing with the original: device tensors go to pinned buffers (asynchronous
-    copies, one synchronisation at the end), CPU tensors are cloned."""
+    copies, one synchronisation at the end), CPU tensors to fresh ones.
+
+    ``into``: an earlier copy whose write has ended; a tensor of the same shape and dtype at the same
+    place is reused as the buffer (fresh host memory is slow to fault in, and a run saves the same
+    shapes every time). The caller makes sure no write still reads it."""
     cuda = []
 
-    def copy(x: Any) -> Any:
+    def copy(x: Any, old: Any) -> Any:
         if isinstance(x, torch.Tensor):
             x = x.detach()
-            if x.device.type == "cuda":
+            if _reusable(old, x):
+                out = old
+            elif x.device.type == "cuda":
                 out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                out.copy_(x, non_blocking=True)
+            else:
+                out = torch.empty(x.shape, dtype=x.dtype)
+            out.copy_(x, non_blocking=x.device.type == "cuda")
+            if x.device.type == "cuda":
                 cuda.append(out)
-                return out
-            return x.to("cpu", copy=True)
+            return out
         if isinstance(x, dict):
-            return type(x)((k, copy(v)) for k, v in x.items())
+            old = old if isinstance(old, dict) else {}
+            return type(x)((k, copy(v, old.get(k))) for k, v in x.items())
         if isinstance(x, (list, tuple)):
-            return type(x)(copy(v) for v in x)
+            old = old if isinstance(old, (list, tuple)) and len(old) == len(x) else [None] * len(x)
+            return type(x)(copy(v, o) for v, o in zip(x, old))
         return x
 
-    out = copy(tree)
+    out = copy(tree, into)
     if cuda:
         torch.cuda.synchronize()
     return out
+
+
+def _reusable(old: Any, x: torch.Tensor) -> bool:
+    """``old`` can take a copy of ``x``: a host tensor of its shape and dtype (pinned for a device one)."""
+    if not isinstance(old, torch.Tensor) or old.device.type != "cpu":
+        return False
+    return old.shape == x.shape and old.dtype == x.dtype and (x.device.type != "cuda" or old.is_pinned())
 
 
 class BackgroundWriter:
