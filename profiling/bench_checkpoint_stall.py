@@ -16,8 +16,9 @@ keeps stepping. Per mode:
 - ``write``: from the save call to the file in place (``latest.pt`` swapped).
 
 A run's first background save also allocates the host buffers that later ones reuse; it is timed
-apart, before the rounds. Rounds alternate the modes, so a change in the machine's load hits both alike; the table gives the
-median round. The checkpoints go to ``--dir`` (deleted at the end); keep it on the disk a run would use.
+apart, before the rounds. Rounds alternate the modes, so a change in the machine's load hits both
+alike; the table gives the median round. The checkpoints go to ``--dir`` (deleted at the end); keep
+it on the disk a run would use.
 """
 
 from __future__ import annotations
