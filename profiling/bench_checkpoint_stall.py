@@ -1,6 +1,6 @@
 """How long a checkpoint stalls training: saving in the step against the background write.
 
-    python -m profiling.bench_checkpoint_stall [--model vit_base] [--patch 16] [--rounds 2]
+    python -m profiling.bench_checkpoint_stall [--model vit_base] [--patch 16] [--rounds 2] [--threads N]
                                                [--dir /tmp/ckpt_stall] [--json out.json]
 
 The state is the plain engine's for ``--model`` (student, target encoder, predictor, AdamW moments
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dir", type=Path, default=Path("/tmp/ckpt_stall"))
     p.add_argument("--step-size", type=int, default=384, help="the stand-in step's matmul side")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -105,6 +106,8 @@ def one_round(engine, folder: Path, background: bool, side: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:  # on an oversubscribed machine, OpenMP's waits make copies many times slower
+        torch.set_num_threads(args.threads)
     engine = build(args.model, args.patch)
     rows: dict[str, list[dict]] = {"in the step": [], "background": []}
     try:
