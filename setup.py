@@ -34,6 +34,8 @@ setup(
         "tensorboard>=2.12",
         "matplotlib>=3.6",
         "safetensors>=0.4",
+        # The CPU loader's JPEG decode at reduced DCT scale (Pillow's draft stands in when it is missing).
+        "simplejpeg>=1.8",
     ],
     extras_require={
         # The CPU build of torch that the CPU machines (and CI) install from their local disk.

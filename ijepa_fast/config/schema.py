@@ -272,6 +272,8 @@ class RunConfig:
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    # true: a save copies the state to host memory and writes it in the background (engines that can)
+    async_checkpoint: bool = True
     engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     ds_config: str = ""  # a DeepSpeed JSON whose values override the generated ones
@@ -379,6 +381,7 @@ RESUME_MAY_CHANGE = (
     "run.log_every",
     "run.checkpoint_every",
     "run.keep_checkpoints",
+    "run.async_checkpoint",
     "run.progress",
     "run.tensorboard",
     "run.wandb",

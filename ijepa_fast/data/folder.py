@@ -213,5 +213,10 @@ class ImageFolderDataset:
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return load_rgb(self.paths[i]), int(self.labels[i])
 
+    def read_bytes(self, i: int) -> bytes:
+        """Image i's file as it is on disk (for decoders that choose their scale from the header)."""
+        with open(self.paths[i], "rb") as fh:
+            return fh.read()
+
     def describe(self, i: int) -> str:
         return self.paths[i]

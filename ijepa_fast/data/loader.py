@@ -14,10 +14,13 @@ How a batch is made:
   epoch's permutation and slices it: nothing before s is decoded.
 - ``PretrainDataset`` (worker) decodes item ``index``; when the file is undecodable it takes the
   next index (wrapping) until one decodes, and marks the sample as skipped with the file's path and
-  error. The crop is drawn by ``rng.crop_rng(seed, epoch, index actually used)``.
-- ``Collate`` (worker) stacks the crops, normalises them (one vectorised op per batch) and samples
-  the masks with ``MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)`` at the batch's
-  step (rank 0 uses ``seed`` itself; every rank draws its own masks).
+  error. The crop is drawn by ``rng.crop_rng(seed, epoch, index actually used)``. Image folders go
+  through ``decode.random_resized_crop_bytes`` (the box drawn on the header's size, the JPEG decoded
+  at the smallest DCT scale that covers it); IDX images are cropped in memory. The view stays uint8.
+- ``Collate`` (worker) stacks the uint8 crops, normalises them (one vectorised op per batch; or
+  leaves them uint8 with ``uint8=True``, for normalising on the device) and samples the masks with
+  ``MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)`` at the batch's step
+  (rank 0 uses ``seed`` itself; every rank draws its own masks).
 
 Nothing reads a worker's global RNG (nor the main process's: the DataLoader gets its own
 generator), so a run resumed at step s sees exactly the batches s, s+1, ... of an uninterrupted
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ijepa_fast.data.decode import random_resized_crop_bytes
 from ijepa_fast.data.errors import DataSourceError, no_decodable_image
 from ijepa_fast.data.folder import ImageFolderDataset, first_image, no_images_message, require_dir
 from ijepa_fast.data.idx import IdxDataset, check_idx_pair
@@ -49,6 +53,7 @@ from ijepa_fast.data.transforms import (
     center_crop_eval,
     normalize,
     pil_to_uint8,
+    random_flip,
     random_resized_crop_pil,
 )
 from ijepa_fast.data.wds import WebdatasetSource, webdataset_tars
@@ -155,14 +160,18 @@ def _as_pil(item: Any) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(item)) if isinstance(item, np.ndarray) else item
 
 
-def _load_with_substitutes(source: Source, n: int, index: int) -> tuple[int, Any, int, str]:
+def _load_with_substitutes(
+    source: Source, n: int, index: int, load: Callable[[int], tuple[Any, int]] | None = None
+) -> tuple[int, Any, int, str]:
     """(index used, image, label, "" or "path (error)" of ``index``'s own file): ``index`` if it
-    decodes, else the next decodable index, wrapping around."""
+    decodes, else the next decodable index, wrapping around. ``load(i) -> (image, label)`` reads
+    item i (default: ``source[i]``)."""
+    load = load or source.__getitem__
     bad = ""
     for tries in range(min(n, MAX_CONSECUTIVE_BAD)):
         i = (index + tries) % n
         try:
-            img, label = source[i]
+            img, label = load(i)
         except Exception as err:  # any failure of a malformed file (OSError, SyntaxError, struct.error, ...)
             if tries == 0:
                 bad = f"{source.describe(i)} ({type(err).__name__}: {err})"
@@ -183,27 +192,50 @@ class PretrainDataset(torch.utils.data.Dataset):
     """``ds[(index, step, epoch)] -> (image [C, S, S] uint8, label, step, epoch, bad)``.
 
     C is 3 (folders) or 1 (IDX; ``Collate`` repeats it). ``bad`` is "" or "path (error)" when the
-    item's own file was undecodable and the next index stood in for it.
+    item's own file was undecodable and the next index stood in for it. ``flip``: a left-right
+    mirror with probability 1/2 after the crop (the authors' optional RandomHorizontalFlip).
     """
 
-    def __init__(self, source: Source, crop_size: int, crop_scale: tuple[float, float], seed: int, limit: int = 0):
+    def __init__(
+        self,
+        source: Source,
+        crop_size: int,
+        crop_scale: tuple[float, float],
+        seed: int,
+        limit: int = 0,
+        flip: bool = False,
+        decoder: str | None = None,
+    ):
         self.source = source
         self.n = min(len(source), limit) if limit else len(source)
-        self.crop_size, self.crop_scale, self.seed = int(crop_size), tuple(crop_scale), int(seed)
+        self.crop_size, self.crop_scale, self.seed, self.flip = int(crop_size), tuple(crop_scale), int(seed), flip
+        self.decoder = decoder  # the JPEG decoder (decode.random_resized_crop_bytes; None: the fastest installed)
 
     def __len__(self) -> int:
         return self.n
 
+    def _view(self, i: int, epoch: int) -> tuple[torch.Tensor, int]:
+        """Item i's pretraining view [C, S, S] uint8 and its label; raises when its file is bad."""
+        rng = crop_rng(self.seed, epoch, i)
+        read = getattr(self.source, "read_bytes", None)
+        if read is not None:  # encoded files: crop drawn on the header, reduced-scale decode
+            size, scale, name = self.crop_size, self.crop_scale, self.source.describe(i)
+            view = random_resized_crop_bytes(read(i), size, scale, rng, self.flip, decoder=self.decoder, name=name)
+            return view, int(self.source.labels[i])
+        img, label = self.source[i]
+        view = random_resized_crop_pil(_as_pil(img), self.crop_size, self.crop_scale, rng)
+        return pil_to_uint8(random_flip(view, rng) if self.flip else view), label
+
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, int, int, str]:
         index, step, epoch = key
-        used, img, label, bad = _load_with_substitutes(self.source, self.n, index)
-        view = random_resized_crop_pil(_as_pil(img), self.crop_size, self.crop_scale, crop_rng(self.seed, epoch, used))
-        return pil_to_uint8(view), label, step, epoch, bad
+        _, view, label, bad = _load_with_substitutes(self.source, self.n, index, lambda i: self._view(i, epoch))
+        return view, label, step, epoch, bad
 
 
 class Collate:
-    """Samples of one step -> ``Batch``: stacked, normalised images (``uint8``: stacked uint8 images,
-    normalised later on the device) and the step's masks."""
+    """Samples of one step -> ``Batch``: stacked images, normalised (float32) or, with ``uint8``, left
+    as [B, C, S, S] uint8 for the device to normalise (a quarter of the bytes to copy); and the step's
+    masks."""
 
     def __init__(self, mask_sampler: MultiBlockMaskSampler, uint8: bool = False):
         self.mask_sampler = mask_sampler
@@ -346,18 +378,19 @@ def build_pretrain_loader(
     start_step: int = 0,
     accum: int = 1,
     uint8: bool = False,
+    flip: bool = False,
 ) -> PretrainLoader:
     """The CPU pretraining loader of a ``DataConfig``.
 
     ``grid``: the patch grid (``crop_size // patch_size``, or (H, W)); ``mask_kwargs``: the
     ``MultiBlockMaskSampler`` keywords other than ``seed``; ``accum``: micro-batches per optimizer
-    step. Yields ``Batch`` with images [batch_size, 3, crop_size, crop_size] float32 (``uint8``: the
-    uint8 crops [batch_size, C, crop_size, crop_size], for ``device_feed``) for (micro-batch) steps
-    ``start_step``, ``start_step + 1``, ...
+    step. Yields ``Batch`` with images [batch_size, 3, crop_size, crop_size] float32 (normalised;
+    with ``uint8``: uint8, C = 1 for IDX) for (micro-batch) steps ``start_step``, ``start_step + 1``,
+    ...; ``flip``: random left-right mirrors after the crop.
     ``pin_memory`` applies only when CUDA is available; ``num_workers > 0`` keeps its workers alive
     across epochs (the sampler never ends an epoch anyway).
     """
-    dataset = PretrainDataset(open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit)
+    dataset = PretrainDataset(open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit, flip)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, rank, world_size, start_step, accum)
     masks = MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)
     pin = cfg.pin_memory and torch.cuda.is_available()

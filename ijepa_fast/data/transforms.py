@@ -2,8 +2,9 @@
 only (no torchvision), each randomness drawn from an explicit per-sample generator.
 
 Pretraining (the paper): RandomResizedCrop with area scale (0.3, 1.0) and aspect ratio (3/4, 4/3),
-resized to the crop size, normalised with the ImageNet mean and std; no flips, no colour jitter, no
-blur. ``crop_box`` keeps torchvision's semantics: ten attempts at (area ~ U(scale) x image area,
+resized to the crop size, normalised with the ImageNet mean and std; no colour jitter, no blur, and
+no flips unless asked (``random_flip``: the authors' optional RandomHorizontalFlip, off in their
+configs). ``crop_box`` keeps torchvision's semantics: ten attempts at (area ~ U(scale) x image area,
 log-aspect ~ U(log ratio)), the first that fits is placed uniformly; else the largest centred crop
 whose aspect ratio lies in the range. The crop is cut and resized in one Pillow call
 (``resize(box=...)``, bilinear with a support widened by the downscale factor, i.e. antialiased as
@@ -71,6 +72,11 @@ def random_resized_crop_pil(
 ) -> Image.Image:
     """The pretraining view as a ``size`` x ``size`` PIL image of ``img``'s mode."""
     return resized_crop(img, crop_box(img.width, img.height, scale, ratio, rng), size)
+
+
+def random_flip(img: Image.Image, rng: random.Random) -> Image.Image:
+    """``img`` mirrored left-right with probability 1/2 (one draw from ``rng``)."""
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.io import checkpoint as ckpt
+from ijepa_fast.io.async_save import host_copy, tensor_bytes
 from ijepa_fast.masks.sampler import MaskBatch
 from ijepa_fast.models.ijepa import JEPAStudent
 from ijepa_fast.train.step import PhaseMark, all_finite
@@ -57,6 +58,7 @@ class PlainEngine:
         self.skips_non_finite = bool(optimizer.defaults.get("fused"))
         self._skip: torch.Tensor | None = None  # this step's found_inf (0. or 1.), for the pre-step hook
         self.overflow: torch.Tensor | None = None  # with a GradScaler: see the class docstring
+        self._staged: dict | None = None  # the last host copy of a background save, reused as buffers
         if self.skips_non_finite:
             optimizer.register_step_pre_hook(self._pass_skip)
 
@@ -154,6 +156,21 @@ class PlainEngine:
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
         state = {**self.state_dict(), **meta, "rng": ckpt.rng_state()}
         return ckpt.save_checkpoint(Path(run_dir) / "checkpoints", state, step, keep)
+
+    def save_async(self, run_dir: Path, step: int, meta: dict, keep: int) -> tuple[Path, Callable[[], Path]]:
+        """Copy the state to host memory now; return (the checkpoint's path, the write that ``save``
+        does, to run in the background on that copy). Call it again only once that write has ended."""
+        # the previous copy's write has ended (the caller joins it first): its buffers are reused
+        state = host_copy({**self.state_dict(), **meta, "rng": ckpt.rng_state()}, into=self._staged)
+        self._staged = state
+        folder = Path(run_dir) / "checkpoints"
+        return folder / ckpt.checkpoint_name(step), lambda: ckpt.save_checkpoint(folder, state, step, keep)
+
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes one checkpoint takes: the state's tensors, with AdamW's two moments
+        counted for parameters that have none yet (before the first step)."""
+        unstepped = [p for p in self._params if not self.optimizer.state.get(p)]
+        return tensor_bytes(self.state_dict()) + sum(2 * p.numel() * p.element_size() for p in unstepped)
 
     def load(self, run_dir: Path, check: Callable[[dict], None] | None = None) -> dict | None:
         """Restore the newest loadable checkpoint; ``check(state)`` may refuse it before anything

@@ -31,6 +31,8 @@ _PACKAGES: dict[str, tuple[str, str]] = {
     "wandb": ("wandb", "pip install 'ijepa_fast[wandb]'"),
     # float8 for the target encoder (speed.fp8_target); the float8 module is what it uses
     "torchao": ("torchao.float8", "pip install 'ijepa_fast[fp8]'"),
+    # The CPU loader's JPEG decoder (libjpeg-turbo, reduced-scale decode); Pillow stands in without it.
+    "simplejpeg": ("simplejpeg", "pip install simplejpeg"),
 }
 
 

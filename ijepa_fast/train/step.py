@@ -103,7 +103,11 @@ class Engine(Protocol):
         """0-d bool device tensor, the same on every rank: the student's and target's weights are finite."""
 
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
-        """Checkpoint the state after ``step`` optimizer steps; returns what ijepa-eval reads."""
+        """Checkpoint the state after ``step`` optimizer steps; returns what ijepa-eval reads.
+
+        Optional beside it (``train.checkpointing`` looks for them): ``save_async(run_dir, step,
+        meta, keep) -> (path, write)`` takes a host copy of the state and returns the write to run in
+        the background; ``checkpoint_bytes() -> int`` estimates one checkpoint's size on disk."""
 
     def load(self, run_dir: Path) -> dict | None:
         """Restore the newest checkpoint of ``run_dir``; returns its ``meta`` (with ``step``) or None."""

@@ -150,6 +150,10 @@ class Trainer:
         self.start_step = int(restored["step"]) if restored else 0
         if restored:
             log.info("resumed from step %d (%s)", self.start_step, self.run_dir)
+        self.saver = Checkpointer(
+            self.engine, self.run_dir, cfg.run.keep_checkpoints, self._meta, self.start_step, cfg.run.async_checkpoint
+        )
+        self._agree(self.saver.check_space, main_only=True)  # a disk too small fails before step 0
         # The loader counts micro-batches; a step (schedules, logs, checkpoints) is one optimizer step
         # of grad_accum of them, so a resumed run restarts the loader at step x grad_accum.
         self.accum = cfg.optim.grad_accum
@@ -171,7 +175,6 @@ class Trainer:
         self._agree(self._open_writer, main_only=True)  # W&B can refuse (online, no API key): every rank stops
         self.collapse_watch = CollapseWatch()
         self.hooks = build_hooks(self, self.on_epoch_end)
-        self.saver = Checkpointer(self.engine, self.run_dir, cfg.run.keep_checkpoints, self._meta, self.start_step)
 
     def _open_writer(self) -> None:
         cfg = self.cfg
@@ -267,6 +270,7 @@ class Trainer:
             distributed.cleanup()  # every rank stops at the same step (the loss is averaged over ranks)
             raise
         finally:
+            self.saver.drain()  # a background write finishes before the run folder is released
             self._release()
 
     def _fit(self) -> RunResult:
@@ -315,6 +319,7 @@ class Trainer:
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
             if self.saver.saved_step != step:
                 last_ckpt = self.saver.save(step, last_loss)
+            self.saver.join()  # the last write ends (or fails, naming its file) before the run reports
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
     def _logs_at(self, step: int) -> bool:

@@ -1,0 +1,145 @@
+"""The pretraining view straight from a file's bytes: the crop box drawn on the header's size, then a
+JPEG decoded at the smallest DCT scale that still covers the crop at the output resolution.
+
+Why: decoding is most of a CPU loader's cost, and a RandomResizedCrop shrinks its crop anyway. A
+JPEG decoder can return the image at 1/2, 1/4 or 1/8 of its size for a fraction of the work (the
+inverse DCT computed on fewer coefficients). ``random_resized_crop_bytes``:
+
+1. reads the image size from the header (no pixels decoded);
+2. draws the crop box on that size with ``transforms.crop_box`` and the sample's generator, so the
+   box is exactly the one the full-decode path draws (the same numbers from the same ``rng``);
+3. picks the largest reduction k in (8, 4, 2, 1) with crop width / k >= size and crop height / k
+   >= size, so the decoded crop still holds at least ``size`` x ``size`` pixels and the final
+   resample only shrinks (antialiased bilinear, as the full-decode path);
+4. decodes at 1/k (simplejpeg when it is installed, else Pillow's ``draft``), scales the box by the
+   decoded size over the header size, and resamples it to ``size`` x ``size`` in one Pillow call;
+5. flips left-right when asked (one more draw from ``rng``, after the box) and returns uint8.
+
+Files that are not baseline/progressive RGB or greyscale JPEGs (PNG, WebP, CMYK JPEGs), and a JPEG
+the fast decoder refuses, go through ``folder.load_rgb`` (the full decode with every mode
+conversion), with the same box. A damaged file raises from here as from ``load_rgb``.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ijepa_fast.data.folder import load_rgb
+from ijepa_fast.data.transforms import CROP_RATIO, Box, crop_box, pil_to_uint8, random_flip, resized_crop
+from ijepa_fast.runtime.optional import available, require
+
+REDUCTIONS = (8, 4, 2, 1)  # the DCT scales 1/k that libjpeg decodes at the cost of fewer coefficients
+_JPEG_START = b"\xff\xd8"
+
+
+def reduction(box: Box, size: int) -> int:
+    """The largest k of ``REDUCTIONS`` with the box's sides / k >= ``size`` (1 when none is)."""
+    _, _, w, h = box
+    return next(k for k in REDUCTIONS if k == 1 or (w / k >= size and h / k >= size))
+
+
+def _scaled(box: Box, full: tuple[int, int], decoded: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` on the full image, in the pixel coordinates of its decoded (reduced) copy."""
+    sx, sy = decoded[0] / full[0], decoded[1] / full[1]
+    left, top, w, h = box
+    return left * sx, top * sy, w * sx, h * sy
+
+
+def _decode_simplejpeg(data: bytes, k: int, name: str) -> Image.Image | None:
+    """The RGB image at scale 1/k, or None when simplejpeg cannot take this file."""
+    simplejpeg = require("simplejpeg", "the fast JPEG decode")
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("Gray", "YCbCr", "RGB"):  # CMYK / YCCK: load_rgb converts them
+            return None
+        # libjpeg's smallest M/8 scale whose output is at least this size is exactly 1/k here.
+        # RGBX: Pillow keeps RGB images 4 bytes a pixel, so it wraps the array without a copy.
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_height=-(-height // k), min_width=-(-width // k))
+    except ValueError:  # not a JPEG it reads, or damaged: load_rgb decides (and names the error)
+        return None
+    h, w = arr.shape[:2]
+    return Image.frombuffer("RGBX", (w, h), arr, "raw", "RGBX", 0, 1)
+
+
+class _Bytes(io.BytesIO):
+    """An encoded image that Pillow's errors name by ``name`` (its path), not by object address, so
+    the same bad file gives the same message every time."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+def _decode_pil(data: bytes, k: int, name: str) -> Image.Image | None:
+    """The RGB image at scale 1/k (Pillow's draft), or None for files other than RGB/L JPEGs."""
+    img = Image.open(_Bytes(data, name))
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    if k > 1:
+        img.draft(img.mode, (img.width // k, img.height // k))
+    img.load()  # a truncated file fails here, as in load_rgb
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def header_size(data: bytes, name: str = "the image", decoder: str = "pillow") -> tuple[int, int]:
+    """(width, height) from the file's header, no pixels decoded; errors name the file as ``name``.
+    ``decoder="simplejpeg"`` reads a JPEG's header with it (a fraction of Pillow's parse)."""
+    if decoder == "simplejpeg" and data.startswith(_JPEG_START):
+        try:
+            height, width, _, _ = require("simplejpeg", "the fast JPEG decode").decode_jpeg_header(data)
+            return width, height
+        except ValueError:  # Pillow reads it, or names what is wrong with it
+            pass
+    with Image.open(_Bytes(data, name)) as img:
+        return img.size
+
+
+def _to_uint8(view: Image.Image) -> torch.Tensor:
+    """[3, S, S] uint8 of an RGB, L or RGBX view (RGBX: its first three channels, no conversion)."""
+    if view.mode != "RGBX":
+        return pil_to_uint8(view)
+    arr = np.array(view, dtype=np.uint8, copy=True)  # [S, S, 4], writable for torch
+    return torch.from_numpy(arr).permute(2, 0, 1)[:3]
+
+
+def fast_decoder() -> str:
+    """The JPEG decoder the fast path uses: ``simplejpeg`` when it is installed, else ``pillow``."""
+    return "simplejpeg" if available("simplejpeg") else "pillow"
+
+
+def random_resized_crop_bytes(
+    data: bytes,
+    size: int,
+    scale: tuple[float, float],
+    rng: random.Random,
+    flip: bool = False,
+    ratio: tuple[float, float] = CROP_RATIO,
+    decoder: str | None = None,
+    name: str = "the image",
+) -> torch.Tensor:
+    """The pretraining view of an encoded image: [3, size, size] uint8 (see the module docstring).
+
+    ``flip``: mirror left-right with probability 1/2 (drawn from ``rng`` after the box).
+    ``decoder``: ``simplejpeg`` | ``pillow`` (default: ``fast_decoder()``). ``name``: what errors
+    call the file (its path).
+    """
+    decoder = decoder or fast_decoder()
+    full = header_size(data, name, decoder)
+    box = crop_box(*full, scale, ratio, rng)
+    decoded = None
+    if data.startswith(_JPEG_START):
+        decode = _decode_simplejpeg if decoder == "simplejpeg" else _decode_pil
+        decoded = decode(data, reduction(box, size), name)
+    if decoded is None:
+        view = resized_crop(load_rgb(_Bytes(data, name)), box, size)
+    else:
+        view = resized_crop(decoded, _scaled(box, full, decoded.size), size)
+    return _to_uint8(random_flip(view, rng) if flip else view)

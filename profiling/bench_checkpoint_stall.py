@@ -1,0 +1,144 @@
+"""How long a checkpoint stalls training: saving in the step against the background write.
+
+    python -m profiling.bench_checkpoint_stall [--model vit_base] [--patch 16] [--rounds 2] [--threads N]
+                                               [--dir /tmp/ckpt_stall] [--json out.json]
+
+The state is the plain engine's for ``--model`` (student, target encoder, predictor, AdamW moments
+filled by one step), built by ``train.build`` as a run builds it. The training thread runs a stand-in
+step (a fixed matmul loop on the CPU, so that its time is stable and short), saves at one step, and
+keeps stepping. Per mode:
+
+- ``blocked``: the time the ``save`` call holds the training thread (the whole write in the step;
+  the host copy only in the background);
+- ``slower steps``: the extra time of the steps that run while the background write goes on, over
+  the median step without a write (the writer thread's share of the cores and the GIL);
+- ``stall`` = blocked + slower steps: what the run loses to one checkpoint;
+- ``write``: from the save call to the file in place (``latest.pt`` swapped).
+
+A run's first background save also allocates the host buffers that later ones reuse; it is timed
+apart, before the rounds. Rounds alternate the modes, so a change in the machine's load hits both
+alike; the table gives the median round. The checkpoints go to ``--dir`` (deleted at the end); keep
+it on the disk a run would use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ijepa_fast import config as config_mod
+from ijepa_fast.io.async_save import BackgroundWriter
+from ijepa_fast.train.build import build_engine, models_for_run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_base")
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/ckpt_stall"))
+    p.add_argument("--step-size", type=int, default=384, help="the stand-in step's matmul side")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def build(model: str, patch: int):
+    """The plain engine of a run of ``model`` on the CPU, its AdamW moments filled by one step."""
+    cfg = config_mod.load(
+        None,
+        [f"model.name={model}", f"model.patch_size={patch}", "run.device=cpu", "run.dtype=fp32", "speed.compile=off"],
+    )
+    device = torch.device("cpu")
+    engine = build_engine(cfg, *models_for_run(cfg, device), device)
+    for p in engine._params:
+        p.grad = torch.zeros_like(p)
+    engine.optimizer.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    return engine
+
+
+def _step(side: int) -> float:
+    """The stand-in step: a fixed matmul loop on the training thread; its wall time in seconds."""
+    a = torch.randn(side, side)
+    start = time.perf_counter()
+    for _ in range(20):
+        a = torch.tanh(a @ a.T / side)
+    return time.perf_counter() - start
+
+
+def one_round(engine, folder: Path, background: bool, side: int) -> dict:
+    base = statistics.median(_step(side) for _ in range(5))
+    writer = BackgroundWriter()
+    meta = {"epoch": 0, "loss": 0.0}
+    step = 1 if not background else 2
+    start = time.perf_counter()
+    if background:
+        _, write = engine.save_async(folder, step, meta, keep=1)
+        writer.submit(write)
+    else:
+        engine.save(folder, step, meta, keep=1)
+    blocked = time.perf_counter() - start
+    extra, steps = 0.0, 0
+    while writer.busy:
+        extra += _step(side) - base
+        steps += 1
+    writer.join()
+    written = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in (folder / "checkpoints").glob("ckpt-*.pt"))
+    return {
+        "mode": "background" if background else "in the step",
+        "blocked_s": blocked,
+        "slower_steps_s": max(extra, 0.0),
+        "steps_during_write": steps,
+        "stall_s": blocked + max(extra, 0.0),
+        "write_s": written,
+        "step_s": base,
+        "checkpoint_gb": size / 1e9,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:  # on an oversubscribed machine, OpenMP's waits make copies many times slower
+        torch.set_num_threads(args.threads)
+    engine = build(args.model, args.patch)
+    rows: dict[str, list[dict]] = {"in the step": [], "background": []}
+    try:
+        # A run's first background save also allocates the host buffers (fresh memory faults in
+        # slowly); later ones reuse them. The table times later ones; the first is printed apart.
+        first = one_round(engine, args.dir, True, args.step_size)
+        print(f"- first background save (allocates the host buffers): blocked {first['blocked_s']:.2f} s")
+        for r in range(args.rounds):
+            for background in (r % 2 == 1, r % 2 == 0):
+                shutil.rmtree(args.dir, ignore_errors=True)
+                row = one_round(engine, args.dir, background, args.step_size)
+                rows[row["mode"]].append(row)
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    out = []
+    for rs in rows.values():
+        mid = sorted(rs, key=lambda x: x["stall_s"])[(len(rs) - 1) // 2]
+        out.append({**mid, "rounds": len(rs), "all_stall_s": [x["stall_s"] for x in rs]})
+    gb, threads = out[0]["checkpoint_gb"], torch.get_num_threads()
+    print(f"- model: {args.model}/{args.patch}, checkpoint {gb:.2f} GB, torch threads {threads}")
+    print("| mode | blocked s | slower steps s | stall s | write s | stand-in step s | rounds |")
+    print("|---|---|---|---|---|---|---|")
+    for o in out:
+        print(
+            f"| {o['mode']} | {o['blocked_s']:.2f} | {o['slower_steps_s']:.2f} | {o['stall_s']:.2f} "
+            f"| {o['write_s']:.2f} | {o['step_s']:.3f} | {o['rounds']} |"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The pretraining view from a file's bytes (``data.decode``): the authors' RandomResizedCrop
+distribution kept (box statistics against a re-statement of torchvision's sampler), the DCT scale
+that covers the crop, pixels against the full decode, every decoder and fallback, damaged files,
+flips, and the loader's uint8 batches; plus the loader benchmark at a tiny size."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ijepa_fast.data.decode import REDUCTIONS, random_resized_crop_bytes, reduction
+from ijepa_fast.data.folder import ImageFolderDataset, load_rgb
+from ijepa_fast.data.loader import Collate, PretrainDataset
+from ijepa_fast.data.synthetic import encode, synthetic_photo, write_jpeg_folder
+from ijepa_fast.data.transforms import CROP_RATIO, crop_box, normalize, pil_to_uint8, random_resized_crop_pil
+from ijepa_fast.masks.sampler import MultiBlockMaskSampler
+from ijepa_fast.runtime.optional import available
+from ijepa_fast.runtime.rng import crop_rng
+from profiling.authors_pipeline import get_params
+
+SCALE = (0.3, 1.0)
+DECODERS = [
+    "pillow",
+    pytest.param("simplejpeg", marks=pytest.mark.skipif(not available("simplejpeg"), reason="no simplejpeg")),
+]
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+def _stats(boxes: list[tuple[int, int, int, int]], W: int, H: int) -> dict[str, np.ndarray]:
+    b = np.array(boxes, dtype=np.float64)  # (left, top, w, h)
+    free_x, free_y = np.maximum(W - b[:, 2], 1), np.maximum(H - b[:, 3], 1)
+    return {
+        "scale": b[:, 2] * b[:, 3] / (W * H),
+        "log_ratio": np.log(b[:, 2] / b[:, 3]),
+        "x": np.where(b[:, 2] < W, b[:, 0] / free_x, 0.5),  # where the free room is split, 0..1
+        "y": np.where(b[:, 3] < H, b[:, 1] / free_y, 0.5),
+    }
+
+
+@pytest.mark.parametrize("W,H", [(500, 375), (333, 500), (1000, 200)])
+def test_crop_boxes_follow_the_authors_random_resized_crop(W, H):
+    """Scale, log-aspect and position of our boxes against torchvision's sampler (re-stated in
+    profiling/authors_pipeline.py): KS distance below 0.04 over 6,000 draws each. Two samples of
+    one distribution stay below 1.95 sqrt(2 / n) = 0.036 with probability 0.999; a biased sampler
+    (a 0.08 lower scale bound, a flat aspect instead of log-flat, corners from [0, W - w)) fails."""
+    n = 6_000
+    rng, g = random.Random(0), torch.Generator().manual_seed(0)
+    ours = _stats([crop_box(W, H, SCALE, CROP_RATIO, rng) for _ in range(n)], W, H)
+    theirs = _stats([(j, i, w, h) for i, j, h, w in (get_params(W, H, SCALE, g=g) for _ in range(n))], W, H)
+    for key in ours:
+        assert _ks(ours[key], theirs[key]) < 0.04, key
+    # the test can fail: a crop sampler with torchvision's default scale is far from theirs
+    wrong = _stats([crop_box(W, H, (0.08, 1.0), CROP_RATIO, rng) for _ in range(n)], W, H)
+    assert _ks(wrong["scale"], theirs["scale"]) > 0.1
+
+
+def test_reduction_is_the_largest_dct_scale_that_covers_the_output():
+    rng = random.Random(1)
+    for _ in range(2000):
+        W, H = rng.randint(50, 4000), rng.randint(50, 4000)
+        box = crop_box(W, H, SCALE, CROP_RATIO, rng)
+        k = reduction(box, 224)
+        assert k in REDUCTIONS
+        if k > 1:
+            assert box[2] / k >= 224 and box[3] / k >= 224  # the decoded crop holds the output's pixels
+        if k < 8:
+            assert box[2] / (2 * k) < 224 or box[3] / (2 * k) < 224  # one step smaller would not
+    assert reduction((0, 0, 1800, 1800), 224) == 8 and reduction((0, 0, 447, 900), 224) == 1
+
+
+def _full_decode_view(data: bytes, seed: int, size: int = 224) -> torch.Tensor:
+    """The reference: the whole image decoded, the box drawn on it, cut and resized."""
+    return pil_to_uint8(random_resized_crop_pil(load_rgb(io.BytesIO(data)), size, SCALE, random.Random(seed)))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_bytes_view_matches_the_full_decode(decoder):
+    """At scale 1 the pixels are the full-decode path's, bit for bit (same libjpeg, same box, same
+    resample); at a reduced scale they differ only by the DCT's low-pass: mean error below 1.5 of
+    255 (a box drawn differently gives tens)."""
+    small = encode(synthetic_photo(300, 200, seed=1), quality=90)
+    large = encode(synthetic_photo(1200, 900, seed=2), quality=90)
+    for seed in range(3):
+        out = random_resized_crop_bytes(small, 120, SCALE, random.Random(seed), decoder=decoder)
+        assert torch.equal(out, _full_decode_view(small, seed, 120))  # 200 px high: no crop reaches 2 x 120
+    reduced = 0
+    for seed in range(4):
+        out = random_resized_crop_bytes(large, 224, SCALE, random.Random(seed), decoder=decoder)
+        ref = _full_decode_view(large, seed)
+        reduced += reduction(crop_box(1200, 900, SCALE, CROP_RATIO, random.Random(seed)), 224) > 1
+        assert out.shape == (3, 224, 224) and out.dtype == torch.uint8
+        assert (out.float() - ref.float()).abs().mean() < 1.5
+    assert reduced >= 2  # the large image did go through the reduced decode
+    other_box = _full_decode_view(large, 99)
+    out = random_resized_crop_bytes(large, 224, SCALE, random.Random(0), decoder=decoder)
+    assert (out.float() - other_box.float()).abs().mean() > 5
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_other_files_take_the_full_decode_with_the_same_box(decoder):
+    rgb = synthetic_photo(900, 700, seed=4)
+    files = {
+        "png": encode(rgb, "PNG"),
+        "cmyk": encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=90),
+        "grey": encode(Image.fromarray(rgb[..., 0]), "JPEG", quality=90),
+    }
+    for name, data in files.items():
+        out = random_resized_crop_bytes(data, 100, SCALE, random.Random(5), decoder=decoder)
+        ref = _full_decode_view(data, 5, 100)
+        assert out.shape == (3, 100, 100), name
+        assert (out.float() - ref.float()).abs().mean() < 1.5, name  # grey JPEGs may take the reduced decode
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_damaged_files_raise(decoder):
+    data = encode(synthetic_photo(400, 300, seed=6), quality=90)
+    for bad in (data[: len(data) // 2], b"", b"\xff\xd8not a jpeg", b"plain text"):
+        with pytest.raises(Exception):  # noqa: B017 (whatever Pillow raises for it, as load_rgb)
+            random_resized_crop_bytes(bad, 64, SCALE, random.Random(0), decoder=decoder)
+
+
+def test_flip_mirrors_half_of_the_views():
+    data = encode(synthetic_photo(200, 150, seed=7), quality=90)
+    flipped = 0
+    for seed in range(40):
+        plain = random_resized_crop_bytes(data, 32, SCALE, random.Random(seed))
+        out = random_resized_crop_bytes(data, 32, SCALE, random.Random(seed), flip=True)
+        if not torch.equal(out, plain):
+            assert torch.equal(out, plain.flip(-1))
+            flipped += 1
+    assert 10 <= flipped <= 30  # Binomial(40, 1/2): outside this with probability < 0.002
+
+
+def test_loader_items_and_uint8_batches(tmp_path):
+    """The dataset's views are the full-decode path's with the crop generator of (seed, epoch,
+    index) (no reduced scale at this size); a uint8 batch normalises to the float batch."""
+    write_jpeg_folder(tmp_path, 6, size=(96, 72))
+    folder = ImageFolderDataset(tmp_path)
+    ds = PretrainDataset(folder, 48, SCALE, seed=3)
+    items = [ds[(i, 0, 2)] for i in range(6)]
+    for i, (img, label, step, epoch, bad) in enumerate(items):
+        ref = pil_to_uint8(random_resized_crop_pil(load_rgb(folder.paths[i]), 48, SCALE, crop_rng(3, 2, i)))
+        assert torch.equal(img, ref) and (label, step, epoch, bad) == (int(folder.labels[i]), 0, 2, "")
+    masks = MultiBlockMaskSampler(4, num_pred_masks=2, min_keep=2)
+    as_uint8, as_float = Collate(masks, uint8=True)(items), Collate(masks)(items)
+    assert as_uint8.images.dtype == torch.uint8 and as_float.images.dtype == torch.float32
+    assert torch.equal(normalize(as_uint8.images), as_float.images)
+    assert torch.equal(as_uint8.masks.context, as_float.masks.context)
+
+
+def test_loader_bench_runs_quickly(tmp_path, capsys):
+    from profiling import bench_loader
+
+    rows = bench_loader.main(["--quick", "--dir", str(tmp_path), "--num-images", "8", "--batch-size", "4"])
+    assert set(rows) >= {"authors", "ours", "ours-uint8"} and all(r["images_per_s"] > 0 for r in rows.values())
+    assert math.isclose(rows["authors"]["x_authors"], 1.0)
+    assert "x authors" in capsys.readouterr().out
