@@ -198,6 +198,8 @@ def test_loader_bench_runs_quickly(tmp_path, capsys):
     from profiling import bench_loader
 
     rows = bench_loader.main(["--quick", "--dir", str(tmp_path), "--num-images", "8", "--batch-size", "4"])
-    assert set(rows) >= {"authors", "ours", "ours-uint8"} and all(r["images_per_s"] > 0 for r in rows.values())
+    assert set(rows) >= {"authors", "ours", "ours-uint8", "ours-uint8-rgbx"} and all(
+        r["images_per_s"] > 0 for r in rows.values()
+    )
     assert math.isclose(rows["authors"]["x_authors"], 1.0)
     assert "x authors" in capsys.readouterr().out
