@@ -129,6 +129,23 @@ def test_rgbx_bytes_resample_as_rgb_without_a_copy():
             assert np.array_equal(out, np.asarray(plain.resize((size, size), Image.Resampling.BILINEAR, box=box)))
 
 
+@pytest.mark.skipif(not available("simplejpeg"), reason="no simplejpeg")
+def test_without_pillows_rgb_map_the_rgbx_image_gives_the_same_views(monkeypatch):
+    data = encode(synthetic_photo(640, 480, seed=8), quality=90)
+    before = [random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True) for s in range(4)]
+    real = Image.core.map_buffer
+
+    def no_rgb(buf, size, decoder, offset, args):  # a Pillow whose map takes only its public modes
+        if args[0] == "RGB":
+            raise ValueError("unsupported mode")
+        return real(buf, size, decoder, offset, args)
+
+    monkeypatch.setattr(Image.core, "map_buffer", no_rgb)
+    assert _rgb_over(np.zeros((2, 3, 4), np.uint8)).mode == "RGBX"
+    after = [random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True) for s in range(4)]
+    assert all(torch.equal(a, b) and b.is_contiguous() for a, b in zip(before, after))
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_pil_to_uint8_is_a_contiguous_copy_in_channel_first_order(mode):
     pixels = np.random.default_rng(1).integers(0, 256, size=(3, 5, 3), dtype=np.uint8)
