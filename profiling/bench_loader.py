@@ -13,6 +13,8 @@ What one batch is, on each side: read the files (page cache), decode, RandomResi
   (the crop box from the header, reduced-scale JPEG decode, uint8 until one normalisation per
   batch, vectorised masks), with the decoder ``fast_decoder()`` picks;
 - ``ours-uint8``: the same, the batch left uint8 for the device to normalise;
+- ``ours-uint8-rgbx``: ``ours-uint8`` with simplejpeg's output resampled as Pillow's RGBX image (four
+  channels) instead of mapped as RGB (three): what the RGB map saves, the same pixels;
 - ``ours-pillow``: ours with Pillow's ``draft`` as the decoder (what runs without simplejpeg);
 - ``ours-full``: ours without the reduced-scale decode (Pillow, the whole image decoded).
 
@@ -38,7 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from ijepa_fast.data import decode
 from ijepa_fast.data.decode import REDUCTIONS, fast_decoder, header_size, reduction
 from ijepa_fast.data.folder import ImageFolderDataset
 from ijepa_fast.data.loader import Collate, PretrainDataset
@@ -85,6 +89,11 @@ class _WholeDecode:
         return self.folder.describe(i)
 
 
+def _rgbx_image(arr) -> Image.Image:
+    """Pillow's public zero-copy map of an RGBX array: an RGBX image (resampled in four channels)."""
+    return Image.frombuffer("RGBX", (arr.shape[1], arr.shape[0]), arr, "raw", "RGBX", 0, 1)
+
+
 def variants(root: Path, crop: int) -> dict[str, Callable[[list[int], int], object]]:
     """name -> run(indices, step): one whole batch, as its pipeline's workers make it."""
     folder = ImageFolderDataset(root)
@@ -96,10 +105,21 @@ def variants(root: Path, crop: int) -> dict[str, Callable[[list[int], int], obje
         collate = Collate(MultiBlockMaskSampler(GRID), uint8=uint8)
         return lambda idx, step: collate([ds[(i, step, 0)] for i in idx])
 
+    def as_rgbx(run: Callable[[list[int], int], object]) -> Callable[[list[int], int], object]:
+        def rgbx_run(idx: list[int], step: int) -> object:
+            mapped, decode._rgb_over = decode._rgb_over, _rgbx_image
+            try:
+                return run(idx, step)
+            finally:
+                decode._rgb_over = mapped
+
+        return rgbx_run
+
     return {
         "authors": lambda idx, step: authors_collate([authors[i] for i in idx]),
         "ours": ours(folder),
         "ours-uint8": ours(folder, uint8=True),
+        "ours-uint8-rgbx": as_rgbx(ours(folder, uint8=True)),
         "ours-pillow": ours(folder, decoder="pillow"),
         "ours-full": ours(_WholeDecode(folder)),
     }

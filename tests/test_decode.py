@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ijepa_fast.data.decode import REDUCTIONS, random_resized_crop_bytes, reduction
+from ijepa_fast.data.decode import REDUCTIONS, _rgb_over, random_resized_crop_bytes, reduction
 from ijepa_fast.data.folder import ImageFolderDataset, load_rgb
 from ijepa_fast.data.loader import Collate, PretrainDataset
 from ijepa_fast.data.synthetic import encode, synthetic_photo, write_jpeg_folder
@@ -108,6 +108,56 @@ def test_bytes_view_matches_the_full_decode(decoder):
     assert (out.float() - other_box.float()).abs().mean() > 5
 
 
+def test_rgbx_bytes_resample_as_rgb_without_a_copy():
+    """The decoded RGBX array is mapped as an RGB image (its memory, not a copy), and its resample
+    over odd boxes equals the first three channels of the RGBX image's resample (Pillow's public
+    map), and the same box cut from a plain RGB copy."""
+    arr = np.random.default_rng(0).integers(0, 256, size=(131, 97, 4), dtype=np.uint8)
+    img = _rgb_over(arr)
+    assert img.mode == "RGB" and img.size == (97, 131)
+    assert np.array_equal(np.asarray(img), arr[..., :3])
+    arr[3, 5, :3] = (1, 2, 3)  # the image reads the array's memory
+    assert img.getpixel((5, 3)) == (1, 2, 3)
+    rgbx = Image.frombuffer("RGBX", (97, 131), arr, "raw", "RGBX", 0, 1)
+    plain = Image.fromarray(np.ascontiguousarray(arr[..., :3]))
+    for box in ((0.0, 0.0, 97.0, 131.0), (3.5, 7.25, 80.0, 101.75), (11.0, 2.0, 60.0, 45.0)):
+        for size in (17, 40):
+            out = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=box))
+            assert np.array_equal(
+                out, np.asarray(rgbx.resize((size, size), Image.Resampling.BILINEAR, box=box))[..., :3]
+            )
+            assert np.array_equal(out, np.asarray(plain.resize((size, size), Image.Resampling.BILINEAR, box=box)))
+
+
+@pytest.mark.skipif(not available("simplejpeg"), reason="no simplejpeg")
+def test_without_pillows_rgb_map_the_rgbx_image_gives_the_same_views(monkeypatch):
+    data = encode(synthetic_photo(640, 480, seed=8), quality=90)
+    before = [random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True) for s in range(4)]
+    real = Image.core.map_buffer
+
+    def no_rgb(buf, size, decoder, offset, args):  # a Pillow whose map takes only its public modes
+        if args[0] == "RGB":
+            raise ValueError("unsupported mode")
+        return real(buf, size, decoder, offset, args)
+
+    monkeypatch.setattr(Image.core, "map_buffer", no_rgb)
+    assert _rgb_over(np.zeros((2, 3, 4), np.uint8)).mode == "RGBX"
+    after = [random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True) for s in range(4)]
+    assert all(torch.equal(a, b) and b.is_contiguous() for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_pil_to_uint8_is_a_contiguous_copy_in_channel_first_order(mode):
+    pixels = np.random.default_rng(1).integers(0, 256, size=(3, 5, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels[..., 0] if mode == "L" else pixels)
+    out = pil_to_uint8(img)
+    ref = np.array(img).reshape(3, 5, -1).transpose(2, 0, 1)
+    assert out.is_contiguous() and out.shape == ref.shape and np.array_equal(out.numpy(), ref)
+    out.add_(1)  # the tensor owns its memory: the image and the next conversion are unchanged
+    assert np.array_equal(np.array(img).reshape(3, 5, -1).transpose(2, 0, 1), ref)
+    assert np.array_equal(pil_to_uint8(img).numpy(), ref)
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_other_files_take_the_full_decode_with_the_same_box(decoder):
     rgb = synthetic_photo(900, 700, seed=4)
@@ -153,6 +203,7 @@ def test_loader_items_and_uint8_batches(tmp_path):
     for i, (img, label, step, epoch, bad) in enumerate(items):
         ref = pil_to_uint8(random_resized_crop_pil(load_rgb(folder.paths[i]), 48, SCALE, crop_rng(3, 2, i)))
         assert torch.equal(img, ref) and (label, step, epoch, bad) == (int(folder.labels[i]), 0, 2, "")
+        assert img.is_contiguous()  # a batch stacks by plain copies
     masks = MultiBlockMaskSampler(4, num_pred_masks=2, min_keep=2)
     as_uint8, as_float = Collate(masks, uint8=True)(items), Collate(masks)(items)
     assert as_uint8.images.dtype == torch.uint8 and as_float.images.dtype == torch.float32
@@ -164,6 +215,8 @@ def test_loader_bench_runs_quickly(tmp_path, capsys):
     from profiling import bench_loader
 
     rows = bench_loader.main(["--quick", "--dir", str(tmp_path), "--num-images", "8", "--batch-size", "4"])
-    assert set(rows) >= {"authors", "ours", "ours-uint8"} and all(r["images_per_s"] > 0 for r in rows.values())
+    assert set(rows) >= {"authors", "ours", "ours-uint8", "ours-uint8-rgbx"} and all(
+        r["images_per_s"] > 0 for r in rows.values()
+    )
     assert math.isclose(rows["authors"]["x_authors"], 1.0)
     assert "x authors" in capsys.readouterr().out

@@ -12,7 +12,9 @@ inverse DCT computed on fewer coefficients). ``random_resized_crop_bytes``:
    >= size, so the decoded crop still holds at least ``size`` x ``size`` pixels and the final
    resample only shrinks (antialiased bilinear, as the full-decode path);
 4. decodes at 1/k (simplejpeg when it is installed, else Pillow's ``draft``), scales the box by the
-   decoded size over the header size, and resamples it to ``size`` x ``size`` in one Pillow call;
+   decoded size over the header size, and resamples it to ``size`` x ``size`` in one Pillow call
+   (simplejpeg's RGBX output mapped as an RGB image without a copy, so the resample computes three
+   channels, not four);
 5. flips left-right when asked (one more draw from ``rng``, after the box) and returns uint8.
 
 Files that are not baseline/progressive RGB or greyscale JPEGs (PNG, WebP, CMYK JPEGs), and a JPEG
@@ -50,20 +52,45 @@ def _scaled(box: Box, full: tuple[int, int], decoded: tuple[int, int]) -> tuple[
     return left * sx, top * sy, w * sx, h * sy
 
 
-def _decode_simplejpeg(data: bytes, k: int, name: str) -> Image.Image | None:
-    """The RGB image at scale 1/k, or None when simplejpeg cannot take this file."""
-    simplejpeg = require("simplejpeg", "the fast JPEG decode")
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in ("Gray", "YCbCr", "RGB"):  # CMYK / YCCK: load_rgb converts them
-            return None
-        # libjpeg's smallest M/8 scale whose output is at least this size is exactly 1/k here.
-        # RGBX: Pillow keeps RGB images 4 bytes a pixel, so it wraps the array without a copy.
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_height=-(-height // k), min_width=-(-width // k))
-    except ValueError:  # not a JPEG it reads, or damaged: load_rgb decides (and names the error)
+def _simplejpeg_header(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, colorspace) of a JPEG read by simplejpeg, or None when it cannot read it."""
+    if not data.startswith(_JPEG_START):
         return None
+    try:
+        height, width, colorspace, _ = require("simplejpeg", "the fast JPEG decode").decode_jpeg_header(data)
+    except ValueError:  # Pillow reads it, or names what is wrong with it
+        return None
+    return width, height, colorspace
+
+
+def _decode_simplejpeg(data: bytes, k: int, header: tuple[int, int, str]) -> Image.Image | None:
+    """The RGB image at scale 1/k, or None when simplejpeg cannot take this file."""
+    width, height, colorspace = header
+    if colorspace not in ("Gray", "YCbCr", "RGB"):  # CMYK / YCCK: load_rgb converts them
+        return None
+    try:
+        # libjpeg's smallest M/8 scale whose output is at least this size is exactly 1/k here.
+        arr = require("simplejpeg", "the fast JPEG decode").decode_jpeg(
+            data, colorspace="RGBX", min_height=-(-height // k), min_width=-(-width // k)
+        )
+    except ValueError:  # damaged: load_rgb decides (and names the error)
+        return None
+    return _rgb_over(arr)
+
+
+def _rgb_over(arr: np.ndarray) -> Image.Image:
+    """An RGB image over an [H, W, 4] RGBX array's memory, no copy (RGBX where Pillow lacks the map).
+
+    Pillow keeps an RGB image 4 bytes a pixel, the fourth unused, so RGBX bytes already are one.
+    Its public ``frombuffer`` maps them only as an RGBX image, whose resample computes all four
+    channels: about a fifth more resample work than RGB, for the same first three channels."""
     h, w = arr.shape[:2]
-    return Image.frombuffer("RGBX", (w, h), arr, "raw", "RGBX", 0, 1)
+    try:
+        img = Image.new("RGB", (0, 0))._new(Image.core.map_buffer(arr, (w, h), "raw", 0, ("RGB", 4 * w, 1)))
+    except (AttributeError, TypeError, ValueError):  # a Pillow without this internal map
+        return Image.frombuffer("RGBX", (w, h), arr, "raw", "RGBX", 0, 1)
+    img.readonly = 1  # the array's memory: Pillow copies before any change in place
+    return img
 
 
 class _Bytes(io.BytesIO):
@@ -92,22 +119,18 @@ def _decode_pil(data: bytes, k: int, name: str) -> Image.Image | None:
 def header_size(data: bytes, name: str = "the image", decoder: str = "pillow") -> tuple[int, int]:
     """(width, height) from the file's header, no pixels decoded; errors name the file as ``name``.
     ``decoder="simplejpeg"`` reads a JPEG's header with it (a fraction of Pillow's parse)."""
-    if decoder == "simplejpeg" and data.startswith(_JPEG_START):
-        try:
-            height, width, _, _ = require("simplejpeg", "the fast JPEG decode").decode_jpeg_header(data)
-            return width, height
-        except ValueError:  # Pillow reads it, or names what is wrong with it
-            pass
+    header = _simplejpeg_header(data) if decoder == "simplejpeg" else None
+    if header is not None:
+        return header[0], header[1]
     with Image.open(_Bytes(data, name)) as img:
         return img.size
 
 
 def _to_uint8(view: Image.Image) -> torch.Tensor:
-    """[3, S, S] uint8 of an RGB, L or RGBX view (RGBX: its first three channels, no conversion)."""
+    """[3, S, S] uint8 (contiguous) of an RGB, L or RGBX view (RGBX: its first three channels)."""
     if view.mode != "RGBX":
         return pil_to_uint8(view)
-    arr = np.array(view, dtype=np.uint8, copy=True)  # [S, S, 4], writable for torch
-    return torch.from_numpy(arr).permute(2, 0, 1)[:3]
+    return torch.from_numpy(np.asarray(view)[..., :3].transpose(2, 0, 1).copy())  # contiguous, writable
 
 
 def fast_decoder() -> str:
@@ -132,12 +155,14 @@ def random_resized_crop_bytes(
     call the file (its path).
     """
     decoder = decoder or fast_decoder()
-    full = header_size(data, name, decoder)
+    header = _simplejpeg_header(data) if decoder == "simplejpeg" else None  # read once, used twice
+    full = header[:2] if header is not None else header_size(data, name)
     box = crop_box(*full, scale, ratio, rng)
     decoded = None
-    if data.startswith(_JPEG_START):
-        decode = _decode_simplejpeg if decoder == "simplejpeg" else _decode_pil
-        decoded = decode(data, reduction(box, size), name)
+    if header is not None:
+        decoded = _decode_simplejpeg(data, reduction(box, size), header)
+    elif decoder != "simplejpeg" and data.startswith(_JPEG_START):
+        decoded = _decode_pil(data, reduction(box, size), name)
     if decoded is None:
         view = resized_crop(load_rgb(_Bytes(data, name)), box, size)
     else:

@@ -80,11 +80,13 @@ def random_flip(img: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """An L or RGB PIL image -> [C, H, W] uint8 (C = 1 or 3), one copy."""
+    """An L or RGB PIL image -> [C, H, W] uint8 (C = 1 or 3), contiguous."""
     if img.mode not in ("L", "RGB"):
         raise ValueError(f"expected an L or RGB image, got mode {img.mode}")
-    arr = np.array(img, dtype=np.uint8, copy=True)  # writable: torch refuses read-only buffers
-    return torch.from_numpy(arr.reshape(img.height, img.width, -1)).permute(2, 0, 1)
+    hwc = np.asarray(img).reshape(img.height, img.width, -1)  # Pillow's bytes, read-only
+    # One copy into channel-first order, writable (torch refuses read-only buffers): a batch then
+    # stacks with plain copies instead of gathering every third byte.
+    return torch.from_numpy(hwc.transpose(2, 0, 1).copy())  # order C: contiguous, also for L
 
 
 def normalization_stats(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
