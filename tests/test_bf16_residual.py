@@ -62,3 +62,21 @@ def test_the_gathers_keep_the_stream_dtype(fused):
         z = student.encoder(torch.randn(2, 3, IMG, IMG), masks.context)
         student.predictor(z, masks.context, masks.targets)
     assert seen == [torch.bfloat16, torch.bfloat16]
+
+
+def test_runs_train_with_the_bf16_stream_by_default_and_evaluation_reads_the_fp32_stream():
+    """The default (the learning check in profiling/RESULTS.md) reaches all three networks; the
+    authors' preset keeps the fp32 stream; an encoder rebuilt from a checkpoint for evaluation
+    takes the fp32 stream whatever the run trained with."""
+    from ijepa_fast import config
+    from ijepa_fast.io.encoder import build_encoder_from_state_dict
+    from ijepa_fast.models.ijepa import models_from_config
+
+    small = ["model.name=vit_tiny", "model.depth=2", "model.patch_size=7", "model.pred_depth=1", "data.crop_size=28"]
+    targets = {}
+    for preset, on in (("fast", True), ("authors", False)):
+        cfg = config.load(None, [*small, f"speed.preset={preset}"])
+        student, targets[preset] = models_from_config(cfg, torch.device("cpu"), compile=False)
+        assert [m.bf16_residual for m in (student.encoder, student.predictor, targets[preset])] == [on] * 3, preset
+    encoder, _ = build_encoder_from_state_dict(targets["fast"].state_dict(), patch_size=7, img_size=28)
+    assert encoder.bf16_residual is False
