@@ -288,7 +288,7 @@ STAGES = ("first", "deepspeed", "ablation", "kernels", "attention", "data")
 # The parts of each stage, in order, after the environment and the preflight.
 STAGE_PARTS = {
     "first": ["pytest_kernels", "step_vith14", "scaling"],
-    "deepspeed": ["pytest_deepspeed", "deepspeed_zero2", "deepspeed_zero3"],
+    "deepspeed": ["pytest_deepspeed", "deepspeed_zero2", "fsdp2", "deepspeed_zero3"],
     "ablation": ["ablation", "pytest_step"],
     "kernels": ["masked_gather", "ema"],
     "attention": ["attention"],

@@ -207,7 +207,7 @@ class RunConfig:
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
-    engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed
+    engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed|fsdp2
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     ds_config: str = ""  # a DeepSpeed JSON whose values override the generated ones
     dist_timeout_s: float = 0.0  # a dead or stalled rank fails the others after this; 0: $IJEPA_DIST_TIMEOUT_S or 1800

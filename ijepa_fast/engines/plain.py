@@ -68,7 +68,7 @@ class PlainEngine:
         # With a GradScaler, non-finite gradients are its own to skip (and to lower its scale for):
         # expected, not a reason to stop. Without one, they fail the step like a non-finite loss.
         if self.scaler is None:
-            finite = finite & (torch.isfinite(norm) if norm is not None else all_finite(self._grads()))
+            finite = finite & self._grads_finite(norm)
         if self.skips_non_finite:
             self._skip = (~finite).float()
         if self.scaler is not None:
@@ -79,6 +79,10 @@ class PlainEngine:
             self.optimizer.__dict__.pop("found_inf", None)  # ours, set by _pass_skip for this step only
         self.optimizer.zero_grad(set_to_none=True)
         return finite
+
+    def _grads_finite(self, norm: torch.Tensor | None) -> torch.Tensor:
+        """0-d bool: the gradients are finite (from their clipping norm, when there is one)."""
+        return torch.isfinite(norm) if norm is not None else all_finite(self._grads())
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self._params if p.grad is not None]
@@ -137,6 +141,9 @@ class PlainEngine:
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path:
         state = {**self.state_dict(), **meta, "rng": ckpt.rng_state()}
         return ckpt.save_checkpoint(Path(run_dir) / "checkpoints", state, step, keep)
+
+    def finish_saves(self) -> None:
+        """Nothing to wait for: ``save`` returns once the checkpoint is written."""
 
     def load(self, run_dir: Path, check: Callable[[dict], None] | None = None) -> dict | None:
         """Restore the newest loadable checkpoint; ``check(state)`` may refuse it before anything

@@ -93,6 +93,10 @@ class Engine(Protocol):
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
         """Checkpoint the state after ``step`` optimizer steps; returns what ijepa-eval reads."""
 
+    def finish_saves(self) -> None:
+        """Return once every checkpoint ``save`` started is written (an engine may write in the
+        background); raise the error a background write ended with."""
+
     def load(self, run_dir: Path) -> dict | None:
         """Restore the newest checkpoint of ``run_dir``; returns its ``meta`` (with ``step``) or None."""
 

@@ -259,6 +259,7 @@ class Trainer:
         try:
             return self._fit()
         except NonFiniteLossError:
+            self.engine.finish_saves()  # the save of the steps before it, when the engine writes in the background
             distributed.cleanup()  # every rank stops at the same step (the loss is averaged over ranks)
             raise
         finally:
@@ -415,6 +416,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.writer.close()
+        self.engine.finish_saves()  # an engine that writes in the background (fsdp2) finishes its last save
         if self.is_main:
             plot_loss(self.run_dir / "metrics.csv", self.run_dir / "loss.png")
         distributed.cleanup()

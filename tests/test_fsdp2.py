@@ -1,0 +1,199 @@
+"""The FSDP2 engine on CPU (gloo): two ranks against the single-process plain step, checkpoints through
+``torch.distributed.checkpoint`` across world sizes, and its weights-only reads.
+
+One launch of ``tests/fsdp2_worker.py two`` on two ranks does the 10-step run (blocks compiled with a
+backend that counts graphs), an asynchronous save at step 3, the shard-local EMA check and the 1 -> 2
+resume; it then hangs in a save of step 10 and is killed with SIGKILL. A world of one runs inside this
+process before (the checkpoint the two ranks resume) and after (the 2 -> 1 resume, a planted payload).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import ds_worker as W
+from tests import fsdp2_worker as F
+from tests.test_deepspeed import _assert_states_close, _read_and_close, _stop_all, _tail, start_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)  # fp32; measured max |diff| 6e-8 over 10 steps (the ranks' halves + all-reduce)
+WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)  # measured max |diff| 4.7e-7 after 10 AdamW steps (2 -> 1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp2")
+    with F.in_world_of_one():
+        one = F.one_saves(out)
+    argv = [sys.executable, str(REPO / "tests" / "fsdp2_worker.py"), "two", str(out)]
+    procs, logs = start_ranks(argv, out, "two")
+    killed_while_writing = False
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if all((out / f"writing_rank{r}").exists() and (out / f"staged_rank{r}").exists() for r in (0, 1)):
+                killed_while_writing = True
+                break
+            time.sleep(0.5)
+    finally:
+        _stop_all(procs)  # SIGKILL: the save of step 10 is still writing
+    texts = _read_and_close(logs)
+    assert killed_while_writing, _tail(texts)
+    two = [torch.load(out / f"two_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    with F.in_world_of_one():
+        after = F.one_resumes(out)
+    return {"one": one, "two": two, "after": after, "out": out}
+
+
+@pytest.fixture(scope="module")
+def plain_run() -> dict:
+    step = W.plain_step(F.tiny_config())
+    step.schedules = F.schedules(F.tiny_config())
+    losses = [step(*W.global_batch(i, 2), i)["loss"].item() for i in range(F.STEPS)]
+    student, target = step.student, step.target_encoder
+    return {
+        "losses": losses,
+        "encoder": student.encoder.state_dict(),
+        "predictor": student.predictor.state_dict(),
+        "target_encoder": target.state_dict(),
+    }
+
+
+def test_two_ranks_compute_the_plain_engines_losses_over_10_steps(runs, plain_run):
+    for rank in (0, 1):
+        got = torch.tensor(runs["two"][rank]["losses"])
+        torch.testing.assert_close(got, torch.tensor(plain_run["losses"]), **LOSS_TOL)
+
+
+def test_a_world_of_one_computes_the_plain_engines_losses(runs, plain_run):
+    got = torch.tensor(runs["one"]["losses"])
+    torch.testing.assert_close(got, torch.tensor(plain_run["losses"][: F.SAVE_AT]), **LOSS_TOL)
+
+
+def test_compiled_blocks_do_not_recompile_after_warm_up(runs):
+    """Every block compiled (a backend counting the graphs it is given): graphs in the first two
+    steps, none in the eight after them."""
+    for rank in (0, 1):
+        assert runs["two"][rank]["graphs"] > 0 and runs["two"][rank]["recompiles"] == 0
+
+
+def test_the_ema_of_the_shards_equals_the_full_ema_without_collectives(runs):
+    check = runs["two"][0]["ema"]
+    assert check["collectives"] == 0 and runs["two"][1]["ema"] == {"collectives": 0}
+    for name, want in check["expected"].items():
+        torch.testing.assert_close(check["got"][name], want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _assert_continues_the_run(run: dict, plain_run: dict) -> None:
+    assert run["resumed_from"] == F.SAVE_AT and run["rng_restored"]
+    got = torch.tensor(run["losses"])
+    torch.testing.assert_close(got, torch.tensor(plain_run["losses"][F.SAVE_AT :]), **LOSS_TOL)
+    _assert_states_close(run["final"], plain_run, **WEIGHT_TOL)
+
+
+def test_a_checkpoint_of_one_rank_resumes_on_two(runs, plain_run):
+    """Steps 4-10 after the 1-rank step-3 checkpoint, from another init: the same run (weights, AdamW's
+    moments and step count, the target encoder, the schedules' step and the RNG all continue)."""
+    for rank in (0, 1):
+        run = runs["two"][rank]["from1"]
+        assert run["resumed_from"] == F.SAVE_AT and run["rng_restored"]
+        torch.testing.assert_close(
+            torch.tensor(run["losses"]), torch.tensor(plain_run["losses"][F.SAVE_AT :]), **LOSS_TOL
+        )
+    _assert_states_close(runs["two"][0]["from1"]["final"], plain_run, **WEIGHT_TOL)
+
+
+def test_a_checkpoint_of_two_ranks_saved_asynchronously_resumes_on_one(runs, plain_run):
+    """The step-3 save returned after staging and training went on while it was written: the files
+    hold the step-3 state."""
+    _assert_continues_the_run(runs["after"], plain_run)
+
+
+def test_a_kill_during_an_asynchronous_save_leaves_the_previous_checkpoint_the_latest(runs):
+    after = runs["after"]
+    assert after["latest_after_kill"] == F.SAVE_AT and after["saved_ranks"] == 2
+    assert after["removed"] == ["step_00000010"]  # the unfinished folder: its shards, no .metadata
+
+
+def test_a_payload_planted_in_dcps_metadata_is_refused_and_runs_nothing(runs):
+    planted = runs["after"]["planted"]
+    assert planted["file"] in planted["error"] and "posix.system" in planted["error"], planted
+    assert not Path(planted["marker"]).exists()
+
+
+def test_every_process_group_takes_the_job_timeout(runs):
+    """The default group and the checkpoint's own gloo group, on two ranks and in a world of one."""
+    for timeouts in (runs["two"][0]["group_timeouts"], runs["one"]["group_timeouts"]):
+        assert len(timeouts) >= 2 and timeouts == [F.TIMEOUT_S] * len(timeouts)
+
+
+def test_the_consolidated_copy_loads_without_fsdp(runs):
+    from ijepa_fast.io.checkpoint import list_checkpoints, load_file
+    from ijepa_fast.models.ijepa import build_models
+
+    exported = Path(runs["one"]["exported"])
+    assert list_checkpoints(exported.parent) == [(F.SAVE_AT, exported)]
+    state = load_file(exported)
+    assert state["engine"] == "fsdp2" and state["step"] == F.SAVE_AT and state["world_size"] == 1
+    student, target = build_models(F.tiny_config().model, W.IMG)
+    for module, key in ((student.encoder, "encoder"), (student.predictor, "predictor"), (target, "target_encoder")):
+        module.load_state_dict(state[key])  # strict: plain names, full fp32 shapes
+        assert all(v.dtype == torch.float32 for v in state[key].values())
+
+
+# ----------------------------------------------------------------------------- one process, no group
+
+
+def test_a_payload_in_a_value_of_a_dcp_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """DCP's default planner reads values that are not tensors with the full unpickler; ours does not."""
+    import torch.distributed.checkpoint as dcp
+
+    from ijepa_fast.engines.fsdp2.safe_load import load
+    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
+    from tests.payloads import ShellPayload
+
+    marker = tmp_path / "ran"
+    dcp.save({"w": torch.ones(3), "group": {"lr": 0.5}}, checkpoint_id=tmp_path / "good", no_dist=True)
+    dcp.save({"w": torch.ones(3), "group": {"lr": ShellPayload(marker)}}, checkpoint_id=tmp_path / "bad", no_dist=True)
+    for name in ("good", "bad"):
+        folder = tmp_path / name
+        state = {"w": torch.zeros(3), "group": {"lr": 0.0}}
+        if name == "good":
+            load(state, folder, no_dist=True)
+            assert torch.equal(state["w"], torch.ones(3)) and state["group"]["lr"] == 0.5
+        else:
+            with pytest.raises(UntrustedCheckpointError, match=re.escape(str(folder)) + r".*group\.lr.*posix\.system"):
+                load(state, folder, no_dist=True)
+    assert not marker.exists()
+
+
+def test_a_resume_with_another_engine_is_refused_in_one_line(tmp_path):
+    from ijepa_fast.io.checkpoint import save_checkpoint
+    from ijepa_fast.train.build import check_resume, run_engine
+
+    run = tmp_path / "run"
+    (run / "fsdp2" / "step_00000003").mkdir(parents=True)
+    (run / "fsdp2" / "step_00000003" / ".metadata").write_bytes(b"")
+    (run / "fsdp2" / "step_00000005").mkdir()  # unfinished: no .metadata
+    save_checkpoint(run / "checkpoints", {"w": torch.ones(1)}, 3, keep=1)  # the run's consolidated copy
+    assert run_engine(run) == "fsdp2"
+    check_resume(run, "fsdp2", "fsdp2")
+    for other in ("plain", "deepspeed"):
+        with pytest.raises(ValueError) as err:
+            check_resume(run, other, other)
+        assert "\n" not in str(err.value) and "run of the fsdp2 engine" in str(err.value)
+        assert "run.engine=fsdp2" in str(err.value)
+
+
+def test_auto_keeps_choosing_deepspeed_and_fsdp2_runs_in_any_world():
+    from ijepa_fast.engines import engine_class, resolve_engine
+
+    assert resolve_engine("auto", 2) == "deepspeed" and resolve_engine("auto", 1) == "plain"
+    assert resolve_engine("fsdp2", 1) == resolve_engine("fsdp2", 8) == "fsdp2"
+    assert engine_class("fsdp2").name == "fsdp2"
