@@ -10,6 +10,7 @@ process before (the checkpoint the two ranks resume) and after (the 2 -> 1 resum
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -197,3 +198,62 @@ def test_auto_keeps_choosing_deepspeed_and_fsdp2_runs_in_any_world():
     assert resolve_engine("auto", 2) == "deepspeed" and resolve_engine("auto", 1) == "plain"
     assert resolve_engine("fsdp2", 1) == resolve_engine("fsdp2", 8) == "fsdp2"
     assert engine_class("fsdp2").name == "fsdp2"
+
+
+# ----------------------------------------------------------------------------- the trainer, a world of one
+
+
+@pytest.fixture
+def clean_launcher_env(monkeypatch):
+    """The trainer's process group exports the rendezvous variables: restore them after the test."""
+    from ijepa_fast.runtime.distributed import ENV_KEYS
+
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_a_trainer_run_resumed_from_its_background_checkpoint_repeats_its_losses(tmp_path, clean_launcher_env, capsys):
+    """run.engine=fsdp2 through the trainer (4 steps, a checkpoint every 2): the last save is complete
+    when fit returns; a copy cut back to step 2 (as if killed after it) resumes and logs steps 3-4 as
+    the whole run did, bit for bit; a resume with another engine is refused in one line."""
+    from ijepa_fast.train.trainer import Trainer
+    from tests.test_trainer import losses, one_error_line, tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=32)  # 4 steps of 8
+    extra = {"run.engine": "fsdp2", "run.checkpoint_every": 2, "model.depth": 2}
+    runs = tmp_path / "runs"
+    result = Trainer(config_mod_load(tiny_overrides(data, runs, "whole", **extra))).fit()
+    whole = runs / "whole"
+    assert result.steps == 4 and result.checkpoint == whole / "checkpoints" / "ckpt-00000004.pt"
+    assert result.checkpoint.is_file()  # written by the background thread before fit returned
+    assert sorted(p.name for p in (whole / "fsdp2").iterdir()) == ["step_00000002", "step_00000004"]
+    shutil.copytree(whole, runs / "split", symlinks=True)
+    split = runs / "split"
+    shutil.rmtree(split / "fsdp2" / "step_00000004")
+    (split / "fsdp2" / "step_00000004").mkdir()  # an unfinished save: deleted at the start
+    Trainer(config_mod_load(tiny_overrides(data, runs, "split", **extra)), resume=True).fit()
+    assert losses(split) == losses(whole) and sorted(losses(whole)) == [1, 2, 3, 4]
+    assert (split / "fsdp2" / "step_00000004" / ".metadata").is_file()  # the unfinished one went, a new one came
+    from ijepa_fast.cli import pretrain
+
+    capsys.readouterr()
+    plain = tiny_overrides(data, runs, "split", **{**extra, "run.engine": "plain"})
+    assert pretrain.main([*plain, "--resume"]) == 1
+    line = one_error_line(capsys)
+    assert "holds the checkpoints of a run of the fsdp2 engine" in line and "run.engine=fsdp2" in line
+
+
+def config_mod_load(overrides: list[str]):
+    from ijepa_fast import config
+
+    return config.load(None, overrides)
+
+
+def test_the_launch_layout_line_names_fsdp2_without_a_zero_stage():
+    from ijepa_fast.cli.launch_plan import layout
+
+    cfg = config_mod_load(["run.engine=fsdp2", "data.batch_size=64"])
+    line = layout(cfg, "fsdp2", 2, 8, "gpu01:29500", 600)
+    assert "global batch 1024 = 64 per rank x 16 ranks x 1 accumulation; engine fsdp2; collective timeout" in line
+    assert "ZeRO" not in line
