@@ -101,6 +101,57 @@ def ema_check(engine) -> dict:
     return {"expected": expected, "got": after["target_encoder"], "collectives": counter.count}
 
 
+def _state_bits(engine) -> list[torch.Tensor]:
+    """Copies of this rank's shards of every weight (student, target) and of AdamW's state."""
+    from ijepa_fast.engines.fsdp2.engine import local
+
+    params = [*engine.student.parameters(), *engine.target_encoder.parameters()]
+    optim = [v for state in engine.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return [local(t).detach().clone() for t in params + optim]
+
+
+def finite_checks(engine, cfg) -> dict:
+    """Rank 1 alone makes a step non-finite: its loss NaN (its images NaN), or one value of its own
+    gradient shard inf after the backward, with the gradient clipped (the global norm decides) and
+    without (the ranks agree on their local shards). Each step starts from a fresh ``TrainStep`` (its
+    flag is sticky). Then rank 1 plants a NaN in its shard of a weight: ``weights_finite`` before and
+    after (the NaN removed after). Every rank reports its own view."""
+    from ijepa_fast.engines.fsdp2.engine import local
+    from ijepa_fast.train.step import TrainStep
+
+    rank, world = dist_.get_rank(), dist_.get_world_size()
+    backward, report = engine.backward, {}
+
+    def poisoned_backward(loss):
+        backward(loss)
+        if rank == 1:
+            grad = next(
+                local(p.grad) for p in engine.student.parameters() if p.grad is not None and local(p.grad).numel()
+            )
+            grad.view(-1)[0] = float("inf")
+
+    for case, clip in (("loss", cfg.optim.grad_clip), ("grad_clipped", cfg.optim.grad_clip), ("grad_unclipped", 0.0)):
+        images, masks = batch(STEPS, rank, world)
+        if case == "loss" and rank == 1:
+            images = torch.full_like(images, float("nan"))
+        engine.grad_clip, engine.backward = clip, (backward if case == "loss" else poisoned_backward)
+        before = _state_bits(engine)
+        out = TrainStep(engine, schedules(cfg), W.autocast_dtype(cfg))(images, masks, STEPS)
+        after = _state_bits(engine)
+        unchanged = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        report[case] = {"loss_finite": bool(torch.isfinite(out["loss"])), "step_finite": bool(out["step_finite"])}
+        report[case]["unchanged"] = unchanged
+    engine.grad_clip, engine.backward = cfg.optim.grad_clip, backward
+    weight = next(local(p).view(-1) for p in engine.target_encoder.parameters() if local(p).numel())
+    kept = weight[0].clone()
+    report["weights_finite"] = [bool(engine.weights_finite())]
+    if rank == 1:
+        weight[0] = float("nan")
+    report["weights_finite"].append(bool(engine.weights_finite()))
+    weight[0] = kept
+    return report
+
+
 class _NeverFinishingWriter:
     """Wraps DCP's writer: its data writes start, then hang (the test kills the process meanwhile)."""
 
@@ -141,6 +192,7 @@ def run_two(out: Path) -> None:
         "graphs": warm,
         "recompiles": graphs[0] - warm,
         "ema": ema_check(engine),
+        "finite": finite_checks(engine, cfg),
         "group_timeouts": W.group_timeouts(),
         "staged_then_trained": dcp_ckpt.latest_step(out / RUN2 / dcp_ckpt.FOLDER),
     }

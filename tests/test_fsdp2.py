@@ -9,8 +9,10 @@ process before (the checkpoint the two ranks resume) and after (the 2 -> 1 resum
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -89,6 +91,21 @@ def test_the_ema_of_the_shards_equals_the_full_ema_without_collectives(runs):
     assert check["collectives"] == 0 and runs["two"][1]["ema"] == {"collectives": 0}
     for name, want in check["expected"].items():
         torch.testing.assert_close(check["got"][name], want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", ["loss", "grad_clipped", "grad_unclipped"])
+def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(runs, case):
+    """Rank 1's loss is NaN, or one value of rank 1's own gradient shard is inf (clipped: the global
+    norm decides; unclipped: the ranks agree on their shards): both ranks report the step non-finite
+    and leave their shards of the weights, the target and AdamW's state as they were, bit for bit."""
+    for rank in (0, 1):
+        report = runs["two"][rank]["finite"][case]
+        assert report == {"loss_finite": case != "loss", "step_finite": False, "unchanged": True}, (rank, report)
+
+
+def test_a_nan_in_one_ranks_weight_shard_is_seen_by_every_rank(runs):
+    for rank in (0, 1):
+        assert runs["two"][rank]["finite"]["weights_finite"] == [True, False]
 
 
 def _assert_continues_the_run(run: dict, plain_run: dict) -> None:
@@ -213,12 +230,14 @@ def clean_launcher_env(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def test_a_trainer_run_resumed_from_its_background_checkpoint_repeats_its_losses(tmp_path, clean_launcher_env, capsys):
+def test_a_trainer_run_stopped_by_sigterm_and_resumed_repeats_its_losses(tmp_path, clean_launcher_env, capsys):
     """run.engine=fsdp2 through the trainer (4 steps, a checkpoint every 2): the last save is complete
-    when fit returns; a copy cut back to step 2 (as if killed after it) resumes and logs steps 3-4 as
-    the whole run did, bit for bit; a resume with another engine is refused in one line."""
+    when fit returns. A copy cut back to step 2 (as if killed after it) resumes; a SIGTERM during
+    step 3 stops it after that step with a complete checkpoint of step 3 (written in the background);
+    a second resume runs step 4: steps 3-4 log the whole run's losses, bit for bit. A resume with
+    another engine is refused in one line."""
     from ijepa_fast.train.trainer import Trainer
-    from tests.test_trainer import losses, one_error_line, tiny_overrides, write_idx
+    from tests.test_trainer import SpyStep, losses, one_error_line, tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=32)  # 4 steps of 8
     extra = {"run.engine": "fsdp2", "run.checkpoint_every": 2, "model.depth": 2}
@@ -232,9 +251,22 @@ def test_a_trainer_run_resumed_from_its_background_checkpoint_repeats_its_losses
     split = runs / "split"
     shutil.rmtree(split / "fsdp2" / "step_00000004")
     (split / "fsdp2" / "step_00000004").mkdir()  # an unfinished save: deleted at the start
-    Trainer(config_mod_load(tiny_overrides(data, runs, "split", **extra)), resume=True).fit()
+    (split / "checkpoints" / "ckpt-00000004.pt").unlink()
+    split_cfg = config_mod_load(tiny_overrides(data, runs, "split", **extra))
+    trainer = Trainer(split_cfg, resume=True)
+
+    def sigterm_during_step_3(step):  # 0-based
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.step_fn = SpyStep(trainer.step_fn, before=sigterm_during_step_3)
+    stopped = trainer.fit()
+    assert (stopped.stopped, stopped.stop_signal, stopped.steps) == ("signal", signal.SIGTERM, 3)
+    assert stopped.checkpoint == split / "checkpoints" / "ckpt-00000003.pt" and stopped.checkpoint.is_file()
+    assert sorted(p.name for p in (split / "fsdp2").iterdir()) == ["step_00000002", "step_00000003"]
+    assert (split / "fsdp2" / "step_00000003" / ".metadata").is_file()  # complete when fit returned
+    Trainer(split_cfg, resume=True).fit()
     assert losses(split) == losses(whole) and sorted(losses(whole)) == [1, 2, 3, 4]
-    assert (split / "fsdp2" / "step_00000004" / ".metadata").is_file()  # the unfinished one went, a new one came
     from ijepa_fast.cli import pretrain
 
     capsys.readouterr()
@@ -242,6 +274,65 @@ def test_a_trainer_run_resumed_from_its_background_checkpoint_repeats_its_losses
     assert pretrain.main([*plain, "--resume"]) == 1
     line = one_error_line(capsys)
     assert "holds the checkpoints of a run of the fsdp2 engine" in line and "run.engine=fsdp2" in line
+
+
+def test_a_non_finite_loss_stops_the_trainer_and_the_steps_before_it_are_saved(tmp_path, clean_launcher_env):
+    """From step 2 on the loss is NaN; the log after step 3 stops the run naming step 2. The save of
+    step 1 it makes on the stop, written in the background, is complete before the message names it
+    and holds the weights after step 1, bit for bit. Every process group the run made (the default,
+    the checkpoint's) takes run.dist_timeout_s."""
+    from ijepa_fast.engines.fsdp2.checkpoint import consolidated_state
+    from ijepa_fast.io.checkpoint import list_checkpoints, load_file
+    from ijepa_fast.train.trainer import NonFiniteLossError, Trainer
+    from tests.test_trainer import SpyStep, tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=24)  # 3 steps of 8
+    extra = {"run.engine": "fsdp2", "run.log_every": 3, "run.checkpoint_every": 100, "model.depth": 2}
+    extra["run.dist_timeout_s"] = 37
+    trainer = Trainer(config_mod_load(tiny_overrides(data, tmp_path / "runs", "nan", **extra)))
+    step_fn, forward, after_1, timeouts = trainer.step_fn, trainer.step_fn.student.forward, {}, []
+
+    def nan_from_step_2(*args, **kwargs):
+        loss = forward(*args, **kwargs)
+        return loss * float("nan") if after_1 else loss
+
+    def before(step):
+        if step == 1:
+            after_1.update(consolidated_state(trainer.engine))
+            timeouts.extend(W.group_timeouts())
+
+    step_fn.student.forward = nan_from_step_2
+    trainer.step_fn = SpyStep(step_fn, before=before)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 2;.*ckpt-00000001\.pt"):
+        trainer.fit()
+    ckpts = list_checkpoints(tmp_path / "runs" / "nan" / "checkpoints")
+    assert [s for s, _ in ckpts] == [1]
+    saved = load_file(ckpts[0][1])
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert saved[part].keys() == after_1[part].keys()
+        assert all(torch.equal(saved[part][k], v) for k, v in after_1[part].items()), part
+    assert not torch.distributed.is_initialized()  # the run left its process group
+    assert len(timeouts) >= 2 and timeouts == [37.0] * len(timeouts)
+
+
+def test_a_locked_run_folder_is_refused_and_the_process_group_is_left(tmp_path, clean_launcher_env):
+    """FSDP2 starts a process group in a world of one too: a refusal (the run folder in use) leaves it."""
+    from ijepa_fast.train.run_folder import RunLock, RunLockedError
+    from ijepa_fast.train.trainer import Trainer
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=16)
+    run_dir = tmp_path / "runs" / "locked"
+    run_dir.mkdir(parents=True)
+    holder = RunLock(run_dir)
+    holder.acquire()
+    try:
+        with pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()}"):
+            Trainer(config_mod_load(tiny_overrides(data, tmp_path / "runs", "locked", **{"run.engine": "fsdp2"})))
+    finally:
+        holder.release()
+    assert not torch.distributed.is_initialized()
+    assert not (run_dir / "fsdp2").exists() and not (run_dir / "config.yaml").exists()
 
 
 def config_mod_load(overrides: list[str]):

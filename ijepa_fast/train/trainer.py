@@ -400,6 +400,7 @@ class Trainer:
             )
 
     def _last_good(self) -> str:
+        self.engine.finish_saves()  # a save still written in the background (fsdp2) is complete before it is named
         good = ckpt.newest_loadable(self.run_dir / "checkpoints")
         return f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
 
