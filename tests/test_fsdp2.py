@@ -165,6 +165,55 @@ def test_the_consolidated_copy_loads_without_fsdp(runs):
         assert all(v.dtype == torch.float32 for v in state[key].values())
 
 
+def test_under_bf16_on_a_cpu_the_step_is_the_plain_engines_with_fp32_gradients_and_masters():
+    """run.dtype=bf16 in a world of one on the CPU: inside the forward every weight is fp32 (CPU
+    autocast refuses a bf16 LayerNorm weight beside an fp32 input, so the blocks gather fp32 there),
+    the sharded gradients the optimizer reads and the sharded weights are fp32, and the losses are
+    those of the plain engine under the same autocast (the DeepSpeed engine's choice) from the same
+    init. On a GPU the policy gathers the blocks in bf16 and nothing else."""
+    from ijepa_fast.engines.fsdp2.engine import local
+    from ijepa_fast.engines.fsdp2.precision import mixed_precision, param_dtype
+    from ijepa_fast.models.vit import Block
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert [param_dtype(bf16, block, "cuda") for block in (True, False)] == [bf16, None]
+    assert [param_dtype(bf16, block, "cpu") for block in (True, False)] == [None, None]
+    assert param_dtype(None, True, "cuda") is None and mixed_precision(bf16, True, "cuda").reduce_dtype == fp32
+    cfg = F.tiny_config()
+    cfg.run.dtype = "bf16"
+    cfg = cfg.validate()
+    plain = W.plain_step(cfg)
+    plain.schedules = F.schedules(cfg)
+    want = [plain(*W.global_batch(0, 2), 0)["loss"].item()]
+    seen: dict[str, torch.dtype] = {}
+    with F.in_world_of_one():
+        step_fn = F.fsdp2_step(cfg)
+        assert step_fn.amp_dtype == bf16
+        engine, encoder = step_fn.engine, step_fn.engine.student.encoder
+        block = next(m for m in encoder.modules() if isinstance(m, Block))
+        watched = {"fc1": block.mlp.fc1, "norm1": block.norm1, "patch": encoder.patch_embed.proj, "norm": encoder.norm}
+
+        def record(name):
+            def hook(module, args):  # returns None: the inputs pass unchanged
+                seen.setdefault(name, module.weight.dtype)
+
+            return hook
+
+        for name, module in watched.items():
+            module.register_forward_pre_hook(record(name))
+        optimizer_step, grads = engine.optimizer.step, set()
+
+        def spy_step(*args, **kwargs):
+            grads.update(local(p.grad).dtype for p in engine.student.parameters() if p.grad is not None)
+            return optimizer_step(*args, **kwargs)
+
+        engine.optimizer.step = spy_step
+        got = [step_fn(*W.global_batch(0, 2), 0)["loss"].item()]
+        masters = {local(p).dtype for p in [*engine.student.parameters(), *engine.target_encoder.parameters()]}
+    assert seen == dict.fromkeys(watched, fp32) and grads == {fp32} and masters == {fp32}
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), **LOSS_TOL)
+
+
 # ----------------------------------------------------------------------------- one process, no group
 
 

@@ -10,7 +10,7 @@ fused EMA kernel) with no collective. Its root reshards after its forward too (F
 root's parameters gathered after forward by default, for the backward that the target never runs;
 a gathered copy would go stale when the EMA writes the shards).
 
-Precision (``run.dtype`` bf16): the blocks gather their parameters in bf16 (``param_dtype``) and
+Precision (``run.dtype`` bf16, on GPUs): the blocks gather their parameters in bf16 (``param_dtype``) and
 reduce-scatter gradients in fp32 (``reduce_dtype``); the sharded parameters, which the optimizer
 steps and the EMA averages, stay fp32 master weights. The step's autocast stays on, and the blocks
 do not cast their inputs (``cast_forward_inputs=False``), so the residual stream stays fp32 as in
@@ -20,12 +20,22 @@ op: a matmul sees the same bf16 weight either way (the same round-to-nearest cas
 all-gather here instead of inside autocast), and the gradient reduction is fp32 in both. The one
 numerical difference: the blocks' LayerNorm weights and biases reach autocast's fp32 LayerNorm
 rounded to bf16 here (their gradients are rounded to bf16 before the fp32 reduction too). In
-exchange, each rank gathers half the bytes ZeRO-3 gathers (bf16, not fp32).
+exchange, each rank gathers half the bytes ZeRO-3 gathers (bf16, not fp32). On a CPU the blocks
+gather fp32, as the DeepSpeed engine holds them (``precision``: CPU autocast would run LayerNorm
+with bf16 weights on an fp32 input, which it refuses), so the numerics are the DeepSpeed engine's.
 
 Compile: the blocks are compiled one by one before they are sharded (``models.vit.compile_blocks``);
 FSDP2's hooks run outside the compiled graphs, so each block compiles once (tested: no recompile
 after the first step). A non-finite step is skipped on the device as in the plain engine: torch's
-fused AdamW takes the flag as ``found_inf``; the gradient norm that decides it is the global one.
+fused AdamW takes the flag as ``found_inf``; the gradient norm that decides it is the global one
+(without clipping, the ranks agree on their local shards), so a non-finite loss or gradient on one
+rank skips the step on every rank. The run-folder lock, the collective timeout (every group, the
+checkpoint's gloo group included), the save on SIGTERM and the refusal of a resume by another engine
+are the trainer's and ``train.build``'s, as for the other engines.
+
+Choice: ``run.engine=auto`` never picks this engine; DeepSpeed stays the default under a launcher
+until a measurement gives a reason to change it (the gpu-check ``deepspeed`` stage times this engine
+beside ZeRO-2 and ZeRO-3: images/s and peak memory).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.engines.fsdp2 import checkpoint as dcp_ckpt
-from ijepa_fast.engines.fsdp2.precision import mixed_precision
+from ijepa_fast.engines.fsdp2.precision import mixed_precision, param_dtype
 from ijepa_fast.engines.plain import PlainEngine
 from ijepa_fast.models.ijepa import JEPAStudent
 from ijepa_fast.models.vit import Block
@@ -54,9 +64,11 @@ def shard(module: nn.Module, mesh, amp_dtype: torch.dtype | None) -> nn.Module:
 
     for sub in module.modules():
         if isinstance(sub, Block):
-            fully_shard(sub, mesh=mesh, reshard_after_forward=True, mp_policy=mixed_precision(amp_dtype, True))
+            policy = mixed_precision(amp_dtype, True, mesh.device_type)
+            fully_shard(sub, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
     # the root reshards after forward too: see the module docstring (the target encoder's EMA)
-    fully_shard(module, mesh=mesh, reshard_after_forward=True, mp_policy=mixed_precision(amp_dtype, False))
+    policy = mixed_precision(amp_dtype, False, mesh.device_type)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
     return module
 
 
@@ -96,7 +108,7 @@ class FSDP2Engine(PlainEngine):
         log.info(
             "FSDP2 over %d rank(s): blocks gathered in %s, gradients reduced in fp32, fp32 master weights",
             dist_.get_world_size(),
-            "bf16" if amp_dtype == torch.bfloat16 else "fp32",
+            str(param_dtype(amp_dtype, True, device.type) or torch.float32).removeprefix("torch."),
         )
 
     # ------------------------------------------------------------------ the step's calls
