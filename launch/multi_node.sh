@@ -3,7 +3,7 @@
 # others over passwordless ssh with pdsh, so every host needs the same paths and environment).
 #
 #   HOSTFILE=hostfile launch/multi_node.sh --config configs/in1k_vith14_ep300.yaml data.root=/data/imagenet \
-#       run.engine=deepspeed
+#       run.engine=deepspeed        # or run.engine=fsdp2 (PyTorch's fully_shard)
 #
 # hostfile, one line per node:   node01 slots=8
 #                                node02 slots=8

@@ -2,7 +2,7 @@
 # One node, one process per GPU, under the DeepSpeed launcher.
 #
 #   NUM_GPUS=8 launch/single_node.sh --config configs/in1k_vith14_ep300.yaml data.root=/data/imagenet \
-#       run.engine=deepspeed run.zero_stage=2
+#       run.engine=deepspeed run.zero_stage=2   # or run.engine=fsdp2 (PyTorch's fully_shard)
 #
 # Environment: NUM_GPUS (default: every visible GPU), MASTER_PORT (default 29500), PYTHON (default
 # python), DS_LAUNCHER_ARGS (more launcher flags), IJEPA_DIST_TIMEOUT_S (collective timeout, s).

@@ -3,7 +3,7 @@
 # with its NODE_RANK and the same MASTER_ADDR).
 #
 #   NPROC_PER_NODE=8 launch/torchrun.sh --config configs/in1k_vith14_ep300.yaml data.root=/data/imagenet \
-#       run.engine=deepspeed
+#       run.engine=deepspeed        # or run.engine=fsdp2 (PyTorch's fully_shard)
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node01 NPROC_PER_NODE=8 launch/torchrun.sh --config ...   # on node01
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node01 NPROC_PER_NODE=8 launch/torchrun.sh --config ...   # on node02
 #

@@ -9,8 +9,9 @@
 #              step: the authors' preset against the default in one process (the authors' preset
 #              runs as they ran it, never compiled), with the phase split and a 1-step trace, and
 #              the ZeRO scaling model from that step
-#   deepspeed  the DeepSpeed GPU test, then the default step under the DeepSpeed engine, ZeRO-2 and
-#              ZeRO-3, in a world of one: images/s and peak memory beside the plain engine's
+#   deepspeed  the DeepSpeed GPU test, then the default step under the DeepSpeed engine (ZeRO-2), the
+#              FSDP2 engine and ZeRO-3, in a world of one: images/s and peak memory beside the plain
+#              engine's
 #   ablation   the single-switch ablation (the authors' preset, each switch alone on it: the bf16
 #              target copy, the bf16 residual stream and uint8 images among them; the
 #              default with FP8 target and with fused epilogues, the default without compile, the
@@ -221,6 +222,14 @@ deepspeed_step() {
   fi
 }
 
+# fsdp2_step LIMIT ARGS...: the step under the FSDP2 engine (torch alone: always imports)
+fsdp2_step() {
+  local limit=$1
+  shift
+  run_part fsdp2 "$limit" 3 "$PY" -m profiling.bench_step run.engine=fsdp2 "$@" --phase-steps 0 --out "$W" \
+    --tag fsdp2 --record "$APPEND" "${LABEL[@]}"
+}
+
 if [ -n "${PYTHON:-}" ]; then
   BASE_PY=$PYTHON
 elif python3 -c "import torch" >/dev/null 2>&1; then
@@ -272,7 +281,9 @@ fi
 #     4 warm-up + 10 timed + 3 phase-split steps and 1 traced, ~3 s to build ViT-H and the predictor
 #     for each, and Inductor's compile of the default's blocks (assumed ~1 minute); scaling ~5.
 #   deepspeed: pytest_deepspeed ~40 (DeepSpeed's import, four tiny engines); deepspeed_zero2 ~80
-#     (compiled, as the default), deepspeed_zero3 ~40 (runs eager: ZeRO-3 refuses compile).
+#     (compiled, as the default); fsdp2 ~80 (compiled: its bf16-gathered blocks are other graphs than
+#     ZeRO-2's, so Inductor compiles again), before ZeRO-3, which the budget cuts first;
+#     deepspeed_zero3 ~40 (runs eager: ZeRO-3 refuses compile).
 #   ablation: 11 eager rows of ~10 s each and the compiled default ~70; pytest_step ~40 (with the
 #     GPU tests of the bf16 target copy, the device feed and FP8). The rows
 #     measured from the default's side compile too (the two FP8 rows ~70 each, the fused epilogue's
@@ -293,7 +304,7 @@ case $STAGE in
         --trace "$W/trace_vith14.json.gz" --trace-steps 1 "${LABEL[@]}"
     fi
     if [ -f "$W/step_vith14.json" ]; then
-      run_part scaling 20 3 "$PY" -m profiling.scaling --from-json "$W/step_vith14.json" --gpus 1 8 16 32 64 --stages 0 2 3 \
+      run_part scaling 20 3 "$PY" -m profiling.scaling --from-json "$W/step_vith14.json" --gpus 1 8 16 32 64 --stages 0 2 3 fsdp2 \
         --json "$W/scaling.json"
     else
       skip scaling "no step_vith14.json"
@@ -303,11 +314,13 @@ case $STAGE in
     gpu_tests pytest_deepspeed 70 tests/test_deepspeed.py
     if [ "$CUDA" = 1 ]; then
       deepspeed_step 2 100 --warmup 2 --steps 6 --batches 2
+      fsdp2_step 100 --warmup 2 --steps 6 --batches 2
       deepspeed_step 3 70 --warmup 2 --steps 6 --batches 2
     else
       # On a CPU DeepSpeed first JIT-builds a shared-memory op (a minute, and a build killed by a
       # time limit leaves a lock that stalls every later one); tests/test_deepspeed.py runs the engine there.
       skip deepspeed_zero2 "no CUDA"
+      skip fsdp2 "no CUDA (tests/test_fsdp2.py runs the engine on the CPU)"
       skip deepspeed_zero3 "no CUDA"
     fi
     ;;

@@ -126,7 +126,11 @@ def attention_figure(rows: list[dict]) -> str:
 def scaling_figure(rows: list[dict]) -> str:
     """The modelled efficiency of each ZeRO stage at 16 GPUs (else the most GPUs modelled)."""
     gpus = 16 if any(r["gpus"] == 16 for r in rows) else max(r["gpus"] for r in rows)
-    stages = ", ".join(f"ZeRO-{r['stage']} {100 * r['efficiency']:.0f}%" for r in rows if r["gpus"] == gpus)
+    stages = ", ".join(
+        f"{'FSDP2' if r['stage'] == 'fsdp2' else 'ZeRO-' + str(r['stage'])} {100 * r['efficiency']:.0f}%"
+        for r in rows
+        if r["gpus"] == gpus
+    )
     return f"model, {gpus} GPUs: {stages}"
 
 

@@ -1,6 +1,6 @@
 """Scaling model: multi-GPU and multi-node step time from one GPU's measured step and the
-communication of each DeepSpeed ZeRO stage. An estimate for reasoning about 16-64 GPUs on a machine
-that has one (or none); where several GPUs are at hand, measure instead.
+communication of each DeepSpeed ZeRO stage and of the FSDP2 engine. An estimate for reasoning about
+16-64 GPUs on a machine that has one (or none); where several GPUs are at hand, measure instead.
 
     python -m profiling.scaling --step-ms 520 --batch 128 --model vit_huge --patch 14 --img 224
     python -m profiling.scaling --from-json profiling/out/step_vit_huge_14_224.json --overlap 0.5
@@ -22,6 +22,10 @@ ZeRO stage    collectives                                             bytes (ful
               (none is kept whole, so no gather after the step);
               plus the partitioned fp32 target encoder gathered for
               its forward
+fsdp2         reduce-scatter of the gradients; the blocks'            g*P + 2*w*P + w*E
+              parameters all-gathered in the forward and again in
+              the backward; the target encoder, sharded the same
+              way, gathered for its forward
 ============  =====================================================  ==============================
 
 Element sizes are what ``ijepa_fast.engines.deepspeed`` sends, read from the DeepSpeed config it
@@ -32,6 +36,13 @@ are its weights, fp32 (4 bytes) since it runs with DeepSpeed's ``bf16`` and ``fp
 encoder is fp32 in every stage. ``--grad-bytes`` / ``--param-bytes`` ask "what if" (2 for a bf16
 engine). The EMA needs no traffic: in stages 0-2 every rank holds the whole encoder and target, in
 stage 3 the update runs on the local partitions.
+
+FSDP2 (``ijepa_fast.engines.fsdp2``) sends what ZeRO-3 sends, with its own element sizes, read from
+the mixed-precision policy it builds for a GPU run (bf16 autocast): gradients reduce-scattered in
+fp32 (g = 4) and the blocks' parameters, the target encoder's included, gathered in bf16 (w = 2).
+The root modules' parameters (patch embedding, positional embeddings, mask token, final norms) are
+gathered in fp32; the model counts them at the blocks' size, as they are a small share. Its EMA
+runs on the local shards: no traffic.
 
 **Ring cost** (NCCL's ring algorithm, bandwidth term, n GPUs, link bandwidth bw, bytes S):
 all-reduce 2(n-1)/n * S / bw; reduce-scatter and all-gather (n-1)/n * S / bw each; plus an
@@ -58,7 +69,14 @@ import argparse
 import json
 from pathlib import Path
 
-STAGES = (0, 1, 2, 3)
+STAGES = (0, 1, 2, 3)  # DeepSpeed ZeRO
+FSDP2 = "fsdp2"
+SCHEMES = (*STAGES, FSDP2)  # what --stages takes
+
+
+def scheme(text: str) -> int | str:
+    """A ``--stages`` value: a ZeRO stage number, or ``fsdp2``."""
+    return int(text) if text.isdigit() else text
 
 
 def ring_allreduce_s(nbytes: float, n: int, bw: float, latency_s: float = 0.0) -> float:
@@ -81,10 +99,17 @@ ring_reduce_scatter_s = ring_allgather_s
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
-def engine_bytes(stage: int) -> tuple[int, int]:
+def engine_bytes(stage: int | str) -> tuple[int, int]:
     """(gradient, parameter) bytes per element that our DeepSpeed engine communicates at ``stage``:
     its generated config's ``communication_data_type`` for the gradients, its weights' dtype (bf16
-    or fp16 mode on: 2 bytes, else fp32) for the gathered parameters."""
+    or fp16 mode on: 2 bytes, else fp32) for the gathered parameters. For ``fsdp2``: the
+    ``reduce_dtype`` and the blocks' ``param_dtype`` of the FSDP2 engine's policy under bf16 autocast."""
+    if stage == FSDP2:
+        import torch
+
+        from ijepa_fast.engines.fsdp2.precision import REDUCE_DTYPE, param_dtype
+
+        return REDUCE_DTYPE.itemsize, param_dtype(torch.bfloat16, block=True).itemsize
     from ijepa_fast.config import Config, apply_overrides
     from ijepa_fast.engines.deepspeed import deepspeed_config
 
@@ -105,9 +130,12 @@ def comm_volume_bytes(
     target_params: float = 0.0,
     target_bytes: int = 4,
 ) -> dict[str, float]:
-    """Full-size bytes per collective kind for one step under ZeRO ``stage`` (see the module docstring)."""
-    if stage not in STAGES:
-        raise ValueError(f"ZeRO stage {stage} is not one of {STAGES}")
+    """Full-size bytes per collective kind for one step under ZeRO ``stage`` or FSDP2 (see the module
+    docstring; FSDP2 gathers the target encoder at ``param_bytes``)."""
+    if stage not in SCHEMES:
+        raise ValueError(f"ZeRO stage {stage} is not one of {SCHEMES}")
+    if stage == FSDP2:
+        return {"reduce_scatter": grad_bytes * params, "allgather": param_bytes * (2 * params + target_params)}
     if stage == 0:
         return {"allreduce": grad_bytes * params}
     if stage in (1, 2):
@@ -188,7 +216,7 @@ def student_params(model: str, patch: int, img: int, pred_depth: int = 12, pred_
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| GPUs | nodes | ZeRO stage | link GB/s | comm ms | step ms | images/s | per GPU | efficiency |",
+        "| GPUs | nodes | ZeRO stage or engine | link GB/s | comm ms | step ms | images/s | per GPU | efficiency |",
         "|" + "---|" * 9,
     ]
     for r in rows:
@@ -210,6 +238,11 @@ def _from_bench_json(path: str) -> tuple[float, int, dict]:
     return row["step_ms_median"] / 1e3, int(row["batch"]), data["meta"]["spec"]
 
 
+def _engines(stages: list) -> str:
+    names = [name for name, used in (("DeepSpeed", set(stages) - {FSDP2}), ("FSDP2", FSDP2 in stages)) if used]
+    return f"{' and '.join(names)} engine{'s send' if len(names) > 1 else ' sends'}"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -228,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--intra-bw", type=float, default=400.0, help="GB/s, intra-node (assumed NVLink bus bandwidth)")
     p.add_argument("--inter-bw", type=float, default=50.0, help="GB/s per GPU across nodes (assumed 8x400 Gb/s IB)")
     p.add_argument("--latency-us", type=float, default=0.0, help="per ring hop")
-    p.add_argument("--stages", type=int, nargs="+", default=list(STAGES))
+    p.add_argument("--stages", type=scheme, nargs="+", default=list(STAGES), choices=SCHEMES, help="ZeRO stages, fsdp2")
     p.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden behind compute")
     what_if = "what if: bytes per %s element (default: what the engine sends)"
     p.add_argument("--grad-bytes", type=int, default=None, help=what_if % "gradient")
@@ -271,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"- single-GPU step {1e3 * step_s:.1f} ms at batch {batch}; {params / 1e6:.1f}M trainable parameters "
         f"({target / 1e6:.1f}M in the encoder); bytes per element sent (stage: gradient/parameter), "
-        + ("as given: " if args.grad_bytes or args.param_bytes else "as ijepa_fast's DeepSpeed engine sends them: ")
+        + ("as given: " if args.grad_bytes or args.param_bytes else f"as ijepa_fast's {_engines(args.stages)} them: ")
         + ", ".join(f"{s}: {sizes(s)[0]}/{sizes(s)[1]}" for s in args.stages)
         + " (4 = fp32, 2 = bf16)"
     )

@@ -352,3 +352,20 @@ def test_harness_on_cuda_phase_split_matches_the_step(tmp_path):
         assert r["ok"], r
         assert r["peak_mem_gib"] > 0
         assert 0.7 < r["phases_over_step"] < 1.4, r
+
+
+def test_fsdp2_volumes_are_zero3s_with_the_policys_element_sizes():
+    """FSDP2 gathers the blocks' parameters in the forward and again in the backward, and the target
+    encoder for its forward, as ZeRO-3 does; it sends fp32 gradients and bf16 parameters (its policy
+    under bf16 autocast), the target encoder in bf16 too."""
+    p, e = 100e6, 50e6
+    assert scaling.engine_bytes("fsdp2") == (4, 2)
+    v = scaling.comm_volume_bytes(p, "fsdp2", grad_bytes=4, param_bytes=2, target_params=e)
+    assert v == {"reduce_scatter": 4 * p, "allgather": 2 * (2 * p + e)}
+    zero3 = scaling.comm_volume_bytes(p, 3, grad_bytes=4, param_bytes=4, target_params=e)
+    assert zero3["allgather"] - v["allgather"] == 2 * 2 * p + 2 * e  # half the gathered bytes
+    rows = scaling.main(["--step-ms", "500", "--params", "650e6", "--gpus", "16", "--stages", "3", "fsdp2"])
+    by = {r["stage"]: r for r in rows}
+    assert by["fsdp2"]["comm_s"] < by[3]["comm_s"] and by["fsdp2"]["efficiency"] > by[3]["efficiency"]
+    with pytest.raises(SystemExit):
+        scaling.main(["--step-ms", "500", "--stages", "zero9"])

@@ -288,7 +288,7 @@ STAGES = ("first", "deepspeed", "ablation", "kernels", "attention", "data")
 # The parts of each stage, in order, after the environment and the preflight.
 STAGE_PARTS = {
     "first": ["pytest_kernels", "step_vith14", "scaling"],
-    "deepspeed": ["pytest_deepspeed", "deepspeed_zero2", "deepspeed_zero3"],
+    "deepspeed": ["pytest_deepspeed", "deepspeed_zero2", "fsdp2", "deepspeed_zero3"],
     "ablation": ["ablation", "pytest_step"],
     "kernels": ["masked_gather", "ema"],
     "attention": ["attention"],
@@ -380,9 +380,10 @@ def test_every_stage_runs_its_cpu_form_and_the_summary_merges_them(tmp_path):
         "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"),
         "GPU_CHECK_RESULTS": str(tmp_path / "results"),
     }
-    # GPU tests and the DeepSpeed steps need CUDA (tests/test_deepspeed.py runs the engine on a CPU)
+    # GPU tests and the DeepSpeed and FSDP2 steps need CUDA (tests/test_deepspeed.py and
+    # tests/test_fsdp2.py run the engines on a CPU)
     may_skip = {"pytest_kernels", "pytest_deepspeed", "pytest_step", "pytest_dali", "deepspeed_zero2"}
-    may_skip.add("deepspeed_zero3")
+    may_skip |= {"fsdp2", "deepspeed_zero3"}
     for stage in STAGES:
         run = gpu_check(stage, env)
         out = run.stdout
@@ -594,10 +595,11 @@ def test_the_gpu_form_of_each_stage_runs_its_parts_and_each_reply_fits(tmp_path)
     assert covered == marked, "a file of GPU tests runs in no stage, or in two"
 
     steps = {c[c.index("--tag") + 1]: c[2:] for c in calls if c[1] == "profiling.bench_step"}
-    assert set(steps) == {"step_vith14", "ablation", "deepspeed_zero2", "deepspeed_zero3"}
+    assert set(steps) == {"step_vith14", "ablation", "deepspeed_zero2", "fsdp2", "deepspeed_zero3"}
     for tag, argv in steps.items():
         args = bench.parse_args(argv)
         cfg = spec_from_args(args).config_for({})
+        assert (cfg.run.engine == "fsdp2") == (tag == "fsdp2"), (tag, cfg.run.engine)
         assert (cfg.model.name, cfg.model.patch_size, cfg.data.crop_size, cfg.data.batch_size) == (
             "vit_huge",
             14,

@@ -286,8 +286,9 @@ def test_each_owner_implements_exactly_the_choices_the_config_names():
     x = torch.zeros(2, 3)
     assert len({float(jepa_loss(x, x + 0.5, kind)) for kind in choices.LOSSES}) == len(choices.LOSSES)
     classes = {name: engine_class(name).__name__ for name in choices.ENGINES if name != "auto"}
-    assert classes == {"plain": "PlainEngine", "deepspeed": "DeepSpeedEngine"}
-    assert {resolve_engine("auto", 1), resolve_engine("auto", 2)} == set(classes)
+    assert classes == {"plain": "PlainEngine", "deepspeed": "DeepSpeedEngine", "fsdp2": "FSDP2Engine"}
+    assert {resolve_engine("auto", 1), resolve_engine("auto", 2)} == {"plain", "deepspeed"}  # fsdp2: by name
+    assert resolve_engine("fsdp2", 2) == "fsdp2"
     for dtype in choices.DTYPES:
         assert resolve_precision(torch.device("cpu"), dtype) is not None
     for backend in choices.ATTENTION_BACKENDS:  # on a CPU: served, or refused saying why (not "not a backend")

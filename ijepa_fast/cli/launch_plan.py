@@ -2,7 +2,8 @@
 the multi-node launch scripts (``launch/slurm.sbatch``, ``launch/multi_node.sh``) print and pass on.
 
 It resolves the run's config as ``ijepa-pretrain`` does, prints the world layout on stderr (nodes,
-processes, rendezvous, global batch, ZeRO stage, collective timeout and where it comes from) and,
+processes, rendezvous, global batch, engine (with its ZeRO stage for DeepSpeed), collective timeout
+and where it comes from) and,
 on stdout, the collective timeout in seconds and the same rounded up to a whole second (for
 torchrun's rendezvous). The scripts pass the timeout to every process as ``run.dist_timeout_s``, so
 each process group (NCCL or gloo, DeepSpeed's included) on every node takes the same one, whether it
@@ -29,10 +30,11 @@ def layout(cfg, engine: str, nodes: int, per_node: int, rendezvous: str, timeout
         source = "run.dist_timeout_s"
     else:
         source = TIMEOUT_ENV if os.environ.get(TIMEOUT_ENV) else "the default"
+    sharding = f", ZeRO stage {cfg.run.zero_stage}" if engine == "deepspeed" else ""
     return (
         f"ijepa: {nodes} node(s) x {per_node} process(es) = {world} ranks, rendezvous {rendezvous}; "
         f"global batch {batch * world * accum} = {batch} per rank x {world} ranks x {accum} accumulation; "
-        f"engine {engine}, ZeRO stage {cfg.run.zero_stage}; collective timeout {timeout_s:g} s ({source})"
+        f"engine {engine}{sharding}; collective timeout {timeout_s:g} s ({source})"
     )
 
 

@@ -277,7 +277,7 @@ class RunConfig:
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     # true: a save copies the state to host memory and writes it in the background (engines that can)
     async_checkpoint: bool = True
-    engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed
+    engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed|fsdp2
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     ds_config: str = ""  # a DeepSpeed JSON whose values override the generated ones
     dist_timeout_s: float = 0.0  # a dead or stalled rank fails the others after this; 0: $IJEPA_DIST_TIMEOUT_S or 1800

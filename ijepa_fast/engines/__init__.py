@@ -1,7 +1,9 @@
 """Engines: what owns the student's weights and optimizer (the ``train.step.Engine`` protocol).
 
 ``plain`` is one process with a torch AdamW; ``deepspeed`` is DeepSpeed ZeRO 0-3 over the ranks a
-launcher started. A run's models, engine and step are put together in ``ijepa_fast.train.build``.
+launcher started; ``fsdp2`` is PyTorch's ``fully_shard`` over them (any number, one included), with
+checkpoints through ``torch.distributed.checkpoint``. A run's models, engine and step are put together
+in ``ijepa_fast.train.build``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from ijepa_fast.config.choices import ENGINES
 
 
 def resolve_engine(engine: str, world_size: int) -> str:
-    """``auto`` -> deepspeed under a multi-process launcher, plain otherwise; plain with several
-    processes is refused (the plain engine has no data parallelism)."""
+    """``auto`` -> deepspeed under a multi-process launcher, plain otherwise (never fsdp2: ask for it
+    by name); plain with several processes is refused (the plain engine has no data parallelism)."""
     if engine not in ENGINES:
         raise ValueError(f"run.engine={engine!r}: choose one of {ENGINES}")
     if engine == "auto":
@@ -19,7 +21,7 @@ def resolve_engine(engine: str, world_size: int) -> str:
     if engine == "plain" and world_size > 1:
         raise ValueError(
             f"run.engine=plain is single-process but the launcher started {world_size} processes: "
-            f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism)"
+            f"use run.engine=deepspeed (run.zero_stage=0 is plain data parallelism) or run.engine=fsdp2"
         )
     return engine
 
@@ -32,6 +34,10 @@ def engine_class(name: str) -> type:
         from ijepa_fast.engines.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine
+    if name == "fsdp2":
+        from ijepa_fast.engines.fsdp2.engine import FSDP2Engine
+
+        return FSDP2Engine
     from ijepa_fast.engines.plain import PlainEngine
 
     return PlainEngine

@@ -80,7 +80,7 @@ class PlainEngine:
         # With a GradScaler, non-finite gradients are its own to skip (and to lower its scale for):
         # expected, not a reason to stop. Without one, they fail the step like a non-finite loss.
         if self.scaler is None:
-            finite = finite & (torch.isfinite(norm) if norm is not None else all_finite(self._grads()))
+            finite = finite & self._grads_finite(norm)
         if self.skips_non_finite:
             self._skip = (~finite).float()
         if self.scaler is not None:
@@ -98,6 +98,10 @@ class PlainEngine:
         tests/test_step.py fails if that changes."""
         flags = self.scaler._found_inf_per_device(self.optimizer).values()
         return torch.stack([f.to(self.device).reshape(()) for f in flags]).sum() > 0
+
+    def _grads_finite(self, norm: torch.Tensor | None) -> torch.Tensor:
+        """0-d bool: the gradients are finite (from their clipping norm, when there is one)."""
+        return torch.isfinite(norm) if norm is not None else all_finite(self._grads())
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self._params if p.grad is not None]
@@ -171,6 +175,9 @@ class PlainEngine:
         counted for parameters that have none yet (before the first step)."""
         unstepped = [p for p in self._params if not self.optimizer.state.get(p)]
         return tensor_bytes(self.state_dict()) + sum(2 * p.numel() * p.element_size() for p in unstepped)
+
+    def finish_saves(self) -> None:
+        """Nothing to wait for: ``save`` returns once the checkpoint is written."""
 
     def load(self, run_dir: Path, check: Callable[[dict], None] | None = None) -> dict | None:
         """Restore the newest loadable checkpoint; ``check(state)`` may refuse it before anything

@@ -39,30 +39,44 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
     from ijepa_fast.engines.deepspeed import remove_partial_files_in
 
     run_dir = Path(run_dir)
-    return ckpt.remove_partial_files(run_dir / "checkpoints") + remove_partial_files_in(run_dir / "deepspeed")
+    removed = ckpt.remove_partial_files(run_dir / "checkpoints") + remove_partial_files_in(run_dir / "deepspeed")
+    if (run_dir / "fsdp2").is_dir():  # the engine's module imports torch.distributed: only for its runs
+        removed += engine_class("fsdp2").remove_partial_files(run_dir)
+    return removed
+
+
+SHARDED_ENGINES = ("deepspeed", "fsdp2")  # engines whose checkpoints live in a folder of their own
+
+
+def run_engine(run_dir: Path) -> str | None:
+    """The engine whose checkpoints ``run_dir`` holds (None: none). A sharded engine keeps them in a
+    folder of its own (``checkpoints/`` then holds only its fp32 copies, without optimizer state); a
+    plain run has ``checkpoints/`` alone."""
+    for name in (*SHARDED_ENGINES, "plain"):
+        if engine_class(name).latest_step(Path(run_dir)) is not None:
+            return name
+    return None
 
 
 def check_resume(run_dir: Path, name: str, requested: str) -> None:
     """A resume runs the engine that wrote the run's checkpoints: another engine would not see them
-    and would start over. A DeepSpeed run keeps its checkpoints in ``deepspeed/`` (``checkpoints/``
-    holds only fp32 exports, without optimizer state); a plain run has ``checkpoints/`` alone."""
-    run_dir = Path(run_dir)
-    deepspeed_run = engine_class("deepspeed").latest_step(run_dir) is not None
-    plain_run = not deepspeed_run and engine_class("plain").latest_step(run_dir) is not None
-    other = "deepspeed" if deepspeed_run and name != "deepspeed" else "plain" if plain_run and name != "plain" else None
-    if other is not None:
+    and would start over."""
+    other = run_engine(run_dir)
+    if other is not None and other != name:
         raise ValueError(
             f"--resume: {run_dir} holds the checkpoints of a run of the {other} engine, but this process runs "
             f"the {name} engine (run.engine={requested}): resume as the run was started (under torchrun or "
-            f"the deepspeed launcher for DeepSpeed), or with run.engine={other}"
+            f"the deepspeed launcher for DeepSpeed and FSDP2), or with run.engine={other}"
         )
 
 
 def start_process(cfg: Config, env: DistEnv) -> torch.device:
     """This process's device; the process group is set up first when the engine needs one."""
     device = distributed.device_for(env, cfg.run.device)
-    if resolve_engine(cfg.run.engine, env.world_size) == "deepspeed":
-        distributed.init(env, deepspeed=True, device=device, timeout_s=cfg.run.dist_timeout_s or None)
+    engine = resolve_engine(cfg.run.engine, env.world_size)
+    if engine in SHARDED_ENGINES:  # FSDP2 needs a process group in a world of one too
+        timeout_s = cfg.run.dist_timeout_s or None
+        distributed.init(env, deepspeed=engine == "deepspeed", device=device, timeout_s=timeout_s)
     return device
 
 
@@ -84,7 +98,8 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
     """The engine ``run.engine`` names over ``student`` and ``target_encoder``."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch embedding's convolution, as the authors set it
-    if resolve_engine(cfg.run.engine, world_size) == "deepspeed":
+    name = resolve_engine(cfg.run.engine, world_size)
+    if name == "deepspeed":
         from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
 
         if cfg.run.zero_stage == 3 and cfg.speed.fp8_target != "off":
@@ -94,6 +109,13 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
             )
         ds_config = deepspeed_config(cfg, world_size, device_type=device.type, grad_accum=cfg.optim.grad_accum)
         return DeepSpeedEngine(student, target_encoder, ds_config, device)
+    if name == "fsdp2":
+        from ijepa_fast.engines.fsdp2.engine import FSDP2Engine
+
+        if cfg.speed.grad_scaler:
+            raise ValueError("speed.grad_scaler=true: the fsdp2 engine has no GradScaler (bf16 needs none)")
+        amp = resolve_precision(device, cfg.run.dtype).autocast_dtype
+        return FSDP2Engine(student, target_encoder, cfg.optim, device, amp, fused_optimizer=cfg.speed.fused_optimizer)
     from ijepa_fast.engines.plain import PlainEngine
 
     optimizer = build_optimizer(student, cfg.optim, device, fused=cfg.speed.fused_optimizer)

@@ -5,7 +5,9 @@ write; the save of the weights from before a non-finite step; the disk-space che
 ``Checkpointer.save`` joins the write in flight (so saves land in order and a failed one is reported
 before the next starts), then either has the engine save in the step, or, with ``run.async_checkpoint``
 and an engine that has ``save_async``, takes the engine's host copy and hands the write to a
-``BackgroundWriter``. ``join`` waits for the last write (the trainer calls it before it exits, after a
+``BackgroundWriter``. An engine that writes in the background itself (FSDP2's asynchronous DCP
+saves) is waited for through its ``finish_saves``: at once when ``run.async_checkpoint`` is off,
+else by ``join``. ``join`` waits for the last write (the trainer calls it before it exits, after a
 stop signal too). ``check_space`` compares what the kept checkpoints need with the run folder's free
 space before training starts.
 """
@@ -45,6 +47,7 @@ class Checkpointer:
         self.engine, self.run_dir, self.keep, self.meta = engine, Path(run_dir), keep, meta
         self.start_step = start_step
         self.saved_step: int | None = None
+        self.in_background = background  # run.async_checkpoint
         self.writer = BackgroundWriter() if background and hasattr(engine, "save_async") else None
         self._pending: tuple[int, Path] | None = None  # (step, path) of the write in flight
 
@@ -62,6 +65,8 @@ class Checkpointer:
         try:
             if self.writer is None:
                 path = self.engine.save(self.run_dir, step, meta, self.keep)
+                if not self.in_background:
+                    self.engine.finish_saves()  # an engine that writes in the background itself
             else:
                 path, write = self.engine.save_async(self.run_dir, step, meta, self.keep)
                 self._pending = (step, path)
@@ -74,7 +79,9 @@ class Checkpointer:
         return path
 
     def join(self) -> None:
-        """Wait for the write in flight; a failed write raises ``NotWritableError``."""
+        """Wait for the write in flight, ours or the engine's own (``finish_saves``: FSDP2 writes DCP
+        folders in the background itself); a failed write raises ``NotWritableError``."""
+        self.engine.finish_saves()
         if self.writer is None or self._pending is None:
             return
         step, path = self._pending

@@ -109,6 +109,10 @@ class Engine(Protocol):
         meta, keep) -> (path, write)`` takes a host copy of the state and returns the write to run in
         the background; ``checkpoint_bytes() -> int`` estimates one checkpoint's size on disk."""
 
+    def finish_saves(self) -> None:
+        """Return once every checkpoint ``save`` started is written (an engine may write in the
+        background); raise the error a background write ended with."""
+
     def load(self, run_dir: Path) -> dict | None:
         """Restore the newest checkpoint of ``run_dir``; returns its ``meta`` (with ``step``) or None."""
 

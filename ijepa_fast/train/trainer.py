@@ -267,6 +267,7 @@ class Trainer:
         try:
             return self._fit()
         except NonFiniteLossError:
+            self.saver.drain()  # the save of the steps before it, written in the background, ends first
             distributed.cleanup()  # every rank stops at the same step (the loss is averaged over ranks)
             raise
         finally:

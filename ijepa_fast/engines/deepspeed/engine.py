@@ -174,6 +174,9 @@ class DeepSpeedEngine:
         self.save_checkpoint(run_dir / "deepspeed", step, meta, keep=keep)
         return self.export_consolidated(run_dir / "checkpoints", step, {**meta, "rng": ckpt.rng_state()}, keep=keep)
 
+    def finish_saves(self) -> None:
+        """Nothing to wait for: ``save`` returns once every file is written."""
+
     def load(self, run_dir: Path, check=None) -> dict | None:
         """Collective: restore ``run_dir/deepspeed``'s latest tag; ``check(client_state)`` may refuse
         it. Returns the client state (with ``step``) or None when there is no checkpoint."""
