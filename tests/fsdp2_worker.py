@@ -2,7 +2,8 @@
 run inside the test's own process (``in_world_of_one``).
 
     python tests/fsdp2_worker.py two OUT_DIR    # 2 ranks: 10 compiled steps, an async save at step 3, the
-                                                # shard-local EMA check, a resume of the 1-rank checkpoint
+                                                # shard-local EMA check, non-finite steps on rank 1,
+                                                # a resume of the 1-rank checkpoint
                                                 # ``one_saves`` wrote (1 -> 2); then a save of step 10 that
                                                 # never finishes writing (the test kills every rank with -9)
 

@@ -2,9 +2,10 @@
 ``torch.distributed.checkpoint`` across world sizes, and its weights-only reads.
 
 One launch of ``tests/fsdp2_worker.py two`` on two ranks does the 10-step run (blocks compiled with a
-backend that counts graphs), an asynchronous save at step 3, the shard-local EMA check and the 1 -> 2
-resume; it then hangs in a save of step 10 and is killed with SIGKILL. A world of one runs inside this
-process before (the checkpoint the two ranks resume) and after (the 2 -> 1 resume, a planted payload).
+backend that counts graphs), an asynchronous save at step 3, the shard-local EMA check, non-finite
+steps on one rank and the 1 -> 2 resume; it then hangs in a save of step 10 and is killed with SIGKILL.
+A world of one runs inside this process before (the checkpoint the two ranks resume) and after (the
+2 -> 1 resume, a planted payload). The trainer's runs are worlds of one.
 """
 
 from __future__ import annotations
