@@ -292,11 +292,17 @@ def test_a_trainer_run_stopped_by_sigterm_and_resumed_repeats_its_losses(tmp_pat
     data = write_idx(tmp_path / "data", n=32)  # 4 steps of 8
     extra = {"run.engine": "fsdp2", "run.checkpoint_every": 2, "model.depth": 2}
     runs = tmp_path / "runs"
-    result = Trainer(config_mod_load(tiny_overrides(data, runs, "whole", **extra))).fit()
+    first = Trainer(config_mod_load(tiny_overrides(data, runs, "whole", **extra)))
+    result = first.fit()
     whole = runs / "whole"
     assert result.steps == 4 and result.checkpoint == whole / "checkpoints" / "ckpt-00000004.pt"
     assert result.checkpoint.is_file()  # written by the background thread before fit returned
     assert sorted(p.name for p in (whole / "fsdp2").iterdir()) == ["step_00000002", "step_00000004"]
+    # the disk-space check's estimate of one checkpoint against what one took (tensors dominate)
+    on_disk = result.checkpoint.stat().st_size + sum(
+        f.stat().st_size for f in (whole / "fsdp2" / "step_00000004").iterdir()
+    )
+    assert first.engine.checkpoint_bytes() == pytest.approx(on_disk, rel=0.2)
     shutil.copytree(whole, runs / "split", symlinks=True)
     split = runs / "split"
     shutil.rmtree(split / "fsdp2" / "step_00000004")

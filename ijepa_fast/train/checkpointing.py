@@ -48,7 +48,8 @@ class Checkpointer:
         self.start_step = start_step
         self.saved_step: int | None = None
         self.in_background = background  # run.async_checkpoint
-        self.writer = BackgroundWriter() if background and hasattr(engine, "save_async") else None
+        host_copies = getattr(engine, "save_async", None) is not None
+        self.writer = BackgroundWriter() if background and host_copies else None
         self._pending: tuple[int, Path] | None = None  # (step, path) of the write in flight
 
     @property

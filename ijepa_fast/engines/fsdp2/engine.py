@@ -13,8 +13,8 @@ a gathered copy would go stale when the EMA writes the shards).
 Precision (``run.dtype`` bf16, on GPUs): the blocks gather their parameters in bf16 (``param_dtype``) and
 reduce-scatter gradients in fp32 (``reduce_dtype``); the sharded parameters, which the optimizer
 steps and the EMA averages, stay fp32 master weights. The step's autocast stays on, and the blocks
-do not cast their inputs (``cast_forward_inputs=False``), so the residual stream stays fp32 as in
-the plain engine; the root (patch embedding, positional embeddings, mask token, final norms) keeps
+do not cast their inputs (``cast_forward_inputs=False``), so the residual stream keeps the dtype it
+has in the plain engine; the root (patch embedding, positional embeddings, mask token, final norms) keeps
 fp32 parameters. The DeepSpeed engine keeps fp32 weights everywhere and lets autocast cast them per
 op: a matmul sees the same bf16 weight either way (the same round-to-nearest cast, done before the
 all-gather here instead of inside autocast), and the gradient reduction is fp32 in both. The one
@@ -159,6 +159,16 @@ class FSDP2Engine(PlainEngine):
 
     def state_dict(self) -> dict:
         raise NotImplementedError("FSDP2 checkpoints go through save() (torch.distributed.checkpoint)")
+
+    # ``save`` writes in the background itself (DCP's asynchronous save): no host copy for the trainer
+    save_async = None
+
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes one checkpoint takes on the run folder's disk: the DCP folder (every
+        rank's shards of the fp32 weights and of AdamW's two moments) and the consolidated fp32 copy."""
+        weights = sum(p.numel() * 4 for m in (self.student, self.target_encoder) for p in m.parameters())
+        moments = sum(2 * p.numel() * 4 for p in self._params)  # a DTensor's numel is the full tensor's
+        return 2 * weights + moments
 
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
         """Collective: stage the sharded state and return; the files are written in the background
