@@ -21,9 +21,11 @@ from PIL import Image, ImageFile
 
 from ijepa_fast.config import DataConfig
 from ijepa_fast.data.errors import DataSourceError
+from ijepa_fast.data.evaluation import build_eval_dataset
 from ijepa_fast.data.folder import ImageFolderDataset, load_rgb, scan_folder
 from ijepa_fast.data.idx import IdxDataset, IdxFormatError, read_idx, read_idx_header, write_idx
-from ijepa_fast.data.loader import StepBatchSampler, build_eval_dataset, build_pretrain_loader, check_data_source
+from ijepa_fast.data.loader import StepBatchSampler, build_pretrain_loader
+from ijepa_fast.data.sources import check_data_source
 from ijepa_fast.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,

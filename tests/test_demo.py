@@ -94,7 +94,7 @@ def test_demo_trains_and_prints_probe_knn_and_rank_for_three_feature_sets(banded
 def test_the_curve_has_one_point_per_epoch_and_its_last_is_the_final_target_encoder(banded_idx, tmp_path, capsys):
     """The last point, re-scored here from the final checkpoint's target encoder, must match: the
     trainer called back after the last epoch with the encoder it saved. Epoch 0 is the initialisation."""
-    from ijepa_fast.data.loader import build_eval_dataset
+    from ijepa_fast.data.evaluation import build_eval_dataset
     from ijepa_fast.io.load import load_encoder
 
     assert run_demo(banded_idx, tmp_path / "runs") == 0

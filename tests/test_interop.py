@@ -728,7 +728,7 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
     assert feats.shape == (4, D) and labels.shape == (4,)
     # the same as extracting in-process from the same dataset
     from ijepa_fast.config import DataConfig
-    from ijepa_fast.data.loader import build_eval_dataset
+    from ijepa_fast.data.evaluation import build_eval_dataset
 
     dataset = build_eval_dataset(DataConfig(dataset="idx", root=str(data), crop_size=IMG), split="test")
     ref, ref_y = extract_features(load_encoder(authors_file).encoder, dataset, progress=False)

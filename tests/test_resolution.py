@@ -108,7 +108,7 @@ def demo_like(tmp_path_factory):
 
 def test_ijepa_extract_img_size_gives_the_features_of_the_resized_images(demo_like, tmp_path):
     from ijepa_fast.config import DataConfig
-    from ijepa_fast.data.loader import build_eval_dataset
+    from ijepa_fast.data.evaluation import build_eval_dataset
 
     run_dir, data = demo_like
     out = tmp_path / "f.npy"

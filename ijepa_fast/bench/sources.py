@@ -191,7 +191,7 @@ class LoaderBatches:
 
     def __init__(self, cfg: Config, device: torch.device):
         from ijepa_fast.data.build import build_loader
-        from ijepa_fast.data.loader import check_data_source
+        from ijepa_fast.data.sources import check_data_source
 
         kind = cfg.data.loader
         if not cfg.data.root:

@@ -115,7 +115,7 @@ def eval_img_size(args: argparse.Namespace, spec) -> int:
 def open_eval_dataset(args: argparse.Namespace, split: str, img_size: int):
     """Centre-cropped, normalised (image [3, S, S], label) dataset of ``split`` at ``img_size``."""
     from ijepa_fast.config import DataConfig
-    from ijepa_fast.data.loader import build_eval_dataset
+    from ijepa_fast.data.evaluation import build_eval_dataset
 
     cfg = DataConfig(dataset=args.dataset, root=str(args.data), split=split, crop_size=img_size)
     if not Path(cfg.root).exists():

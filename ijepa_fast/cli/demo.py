@@ -125,7 +125,7 @@ def claim_run_folder(cfg: config_mod.Config, args) -> config_mod.Config:
 def probe_datasets(cfg: config_mod.Config, n_train: int, n_test: int):
     """(train, test): the first ``n_train`` / ``n_test`` images of each split, centre-cropped; too few
     training images for the probe is a ValueError naming the data, raised before any training."""
-    from ijepa_fast.data.loader import build_eval_dataset
+    from ijepa_fast.data.evaluation import build_eval_dataset
     from ijepa_fast.eval.probe import MIN_TRAIN_IMAGES
 
     train = build_eval_dataset(cfg.data, split="train", limit=n_train)
@@ -334,7 +334,7 @@ def print_report(result, seconds: float, precision, curve: ProbeCurve | None, pn
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from ijepa_fast.cli.pretrain import known_failures, one_line, setup_logging
-    from ijepa_fast.data.loader import check_data_source
+    from ijepa_fast.data.sources import check_data_source
 
     try:
         cfg = demo_config(args)

@@ -52,7 +52,7 @@ def build_loader(cfg, grid: int | tuple[int, int], device: torch.device, rank: i
     if resolve_loader_kind(cfg.data, device) == "dali":
         from ijepa_fast.data.dali.cache import cache_file
         from ijepa_fast.data.dali.loader import build_dali_loader
-        from ijepa_fast.data.loader import folder_root
+        from ijepa_fast.data.sources import folder_root
         from ijepa_fast.runtime.distributed import cpu_group
 
         # The image check's verdicts are cached per dataset (every later run on the data reuses them),

@@ -35,28 +35,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ijepa_fast.data.decode import random_resized_crop_bytes
-from ijepa_fast.data.errors import DataSourceError, no_decodable_image
-from ijepa_fast.data.folder import ImageFolderDataset, first_image, no_images_message, require_dir
-from ijepa_fast.data.idx import IdxDataset, check_idx_pair
+from ijepa_fast.data.sources import Source, as_pil, load_with_substitutes, open_source
 from ijepa_fast.data.transforms import (
-    EVAL_CROP_FRACTION,
-    center_crop_eval,
     normalize,
     pil_to_uint8,
     random_flip,
     random_resized_crop_pil,
 )
-from ijepa_fast.data.wds import WebdatasetSource, webdataset_tars
 from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
 from ijepa_fast.runtime.rng import crop_rng, mask_seed, mix
 
@@ -64,20 +56,6 @@ if TYPE_CHECKING:
     from ijepa_fast.config import DataConfig
 
 log = logging.getLogger(__name__)
-
-# After this many undecodable files in a row the data source is taken to be unreadable (a lost
-# mount, a wrong format) and the loader raises instead of scanning the whole dataset per sample.
-MAX_CONSECUTIVE_BAD = 1000
-
-
-class Source(Protocol):
-    """A raw dataset: ``IdxDataset``, ``ImageFolderDataset`` or ``WebdatasetSource``."""
-
-    root: Path
-
-    def __len__(self) -> int: ...
-    def __getitem__(self, i: int) -> tuple[Any, int]: ...
-    def describe(self, i: int) -> str: ...
 
 
 @dataclass
@@ -110,79 +88,6 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             masks=self.masks.to(device, non_blocking=non_blocking),
         )
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def folder_root(cfg: DataConfig) -> Path:
-    """``root/split`` when that sub-folder exists (the ImageNet layout), else ``root`` itself."""
-    root = Path(cfg.root)
-    return root / cfg.split if cfg.split and (root / cfg.split).is_dir() else root
-
-
-def check_data_source(cfg: DataConfig) -> None:
-    """Raise, naming the path, when the data source of a DataConfig is missing or empty.
-
-    Cheap (IDX: the two headers; folder: stops at the first image), so the trainer calls it before
-    building any model. FileNotFoundError for a missing or empty source, ``IdxFormatError`` (a
-    ValueError) for IDX files that are not IDX.
-    """
-    if not cfg.root:
-        raise FileNotFoundError("data.root is empty: point it at a folder of IDX files or of images")
-    if not Path(cfg.root).exists():
-        raise FileNotFoundError(f"data.root={cfg.root} does not exist")
-    if cfg.dataset == "idx":
-        check_idx_pair(cfg.root, cfg.split or "train")
-        return
-    if webdataset_tars(cfg):
-        return
-    root = folder_root(cfg)
-    require_dir(root)
-    if first_image(root) is None:
-        raise FileNotFoundError(no_images_message(root))
-
-
-def open_source(cfg: DataConfig, split: str | None = None) -> Source:
-    """The raw dataset (``IdxDataset``, ``WebdatasetSource`` or ``ImageFolderDataset``) of a
-    DataConfig, for ``split`` (default ``cfg.split``)."""
-    if split is not None:
-        cfg = dataclasses.replace(cfg, split=split)
-    if cfg.dataset == "idx":
-        return IdxDataset(cfg.root, cfg.split or "train")
-    tars = webdataset_tars(cfg)
-    return WebdatasetSource(tars) if tars else ImageFolderDataset(folder_root(cfg))
-
-
-def _as_pil(item: Any) -> Image.Image:
-    """IDX arrays [H, W] uint8 -> an L image (cropped in one channel, repeated to RGB later: the
-    same bytes as cropping its RGB conversion, at a third of the work)."""
-    return Image.fromarray(np.ascontiguousarray(item)) if isinstance(item, np.ndarray) else item
-
-
-def _load_with_substitutes(
-    source: Source, n: int, index: int, load: Callable[[int], tuple[Any, int]] | None = None
-) -> tuple[int, Any, int, str]:
-    """(index used, image, label, "" or "path (error)" of ``index``'s own file): ``index`` if it
-    decodes, else the next decodable index, wrapping around. ``load(i) -> (image, label)`` reads
-    item i (default: ``source[i]``)."""
-    load = load or source.__getitem__
-    bad = ""
-    for tries in range(min(n, MAX_CONSECUTIVE_BAD)):
-        i = (index + tries) % n
-        try:
-            img, label = load(i)
-        except Exception as err:  # any failure of a malformed file (OSError, SyntaxError, struct.error, ...)
-            if tries == 0:
-                bad = f"{source.describe(i)} ({type(err).__name__}: {err})"
-            continue
-        return i, img, label, bad
-    if n <= MAX_CONSECUTIVE_BAD:
-        raise no_decodable_image(source.root, n, bad)
-    raise DataSourceError(
-        f"{source.root}: {MAX_CONSECUTIVE_BAD} images in a row from {source.describe(index)} cannot be decoded "
-        f"(first: {bad}); is the data source readable?"
-    )
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -223,12 +128,12 @@ class PretrainDataset(torch.utils.data.Dataset):
             view = random_resized_crop_bytes(read(i), size, scale, rng, self.flip, decoder=self.decoder, name=name)
             return view, int(self.source.labels[i])
         img, label = self.source[i]
-        view = random_resized_crop_pil(_as_pil(img), self.crop_size, self.crop_scale, rng)
+        view = random_resized_crop_pil(as_pil(img), self.crop_size, self.crop_scale, rng)
         return pil_to_uint8(random_flip(view, rng) if self.flip else view), label
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, int, int, str]:
         index, step, epoch = key
-        _, view, label, bad = _load_with_substitutes(self.source, self.n, index, lambda i: self._view(i, epoch))
+        _, view, label, bad = load_with_substitutes(self.source, self.n, index, lambda i: self._view(i, epoch))
         return view, label, step, epoch, bad
 
 
@@ -395,54 +300,3 @@ def build_pretrain_loader(
     masks = MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)
     pin = cfg.pin_memory and torch.cuda.is_available()
     return PretrainLoader(dataset, masks, sampler, cfg.num_workers, pin, uint8=uint8)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-class EvalDataset(torch.utils.data.Dataset):
-    """Centre-cropped normalised images for frozen-feature evaluation:
-    ``ds[i] -> (image [3, S, S] float32, label int)``.
-
-    An undecodable file is replaced by the next decodable one (as in pretraining) with a warning
-    naming it; ``bad`` holds the ones this process met. ``replaced`` [N] bool marks the indices
-    that were replaced; it lives in shared memory, so DataLoader workers' marks reach the main
-    process (``replaced_count()``).
-    """
-
-    def __init__(self, source: Source, crop_size: int, limit: int = 0, crop_fraction: float = EVAL_CROP_FRACTION):
-        self.source, self.crop_size, self.crop_fraction = source, int(crop_size), float(crop_fraction)
-        self.n = min(len(source), limit) if limit else len(source)
-        self.bad: set[str] = set()
-        self.replaced = torch.zeros(self.n, dtype=torch.bool).share_memory_()
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for {self.n} images")
-        _, img, label, bad = _load_with_substitutes(self.source, self.n, i)
-        if bad:
-            self.replaced[i] = True
-            if bad not in self.bad:
-                self.bad.add(bad)
-                log.warning("evaluation: undecodable image replaced by the next one: %s", bad)
-        return center_crop_eval(_as_pil(img), self.crop_size, self.crop_fraction), label
-
-    def replaced_count(self) -> int:
-        """How many of the images read so far (by any worker) were undecodable and replaced."""
-        return int(self.replaced.sum())
-
-
-def build_eval_dataset(
-    cfg: DataConfig, split: str = "train", limit: int = 0, crop_fraction: float | None = None
-) -> EvalDataset:
-    """Centre-crop evaluation dataset of ``split`` (idx: train|test; folder: a sub-folder of root).
-
-    ``crop_fraction`` defaults to 1.0 for IDX (the whole small image) and 0.875 for folders.
-    Batch it with ``torch.utils.data.DataLoader(ds, batch_size=...)`` for [B, 3, S, S] images.
-    """
-    if crop_fraction is None:
-        crop_fraction = 1.0 if cfg.dataset == "idx" else EVAL_CROP_FRACTION
-    return EvalDataset(open_source(cfg, split), cfg.crop_size, limit, crop_fraction)

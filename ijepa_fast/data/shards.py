@@ -1,6 +1,6 @@
 """Labelled webdataset shards on the CPU: the ``.tar`` files of a folder (sorted by name), each sample
 an image (``KEY.jpg`` / ``.jpeg`` / ``.png`` / ``.webp``) and its class (``KEY.cls``: an integer as
-text), for evaluation (``LabelledShards``: a ``data.loader.Source``). The members are indexed once
+text), for evaluation (``LabelledShards``: a ``data.sources.Source``). The members are indexed once
 (names and offsets, no image read); an item is read from its offset in the tar."""
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def extract_features(
     """Features [N, F] (float32, CPU) and labels [N] (int64) of every image of ``dataset``.
 
     ``dataset``: a map-style dataset of (image [3, S, S] normalised, label), e.g.
-    ``ijepa_fast.data.loader.build_eval_dataset``, a pair of tensors (images [N, 3, S, S], labels
+    ``ijepa_fast.data.evaluation.build_eval_dataset``, a pair of tensors (images [N, 3, S, S], labels
     [N]), or any iterable of (image, label). The encoder runs where its parameters are; ``dtype``:
     ``auto`` (see ``device.resolve_precision``), ``bf16`` or ``fp32`` (autocast). ``mode``: see the module
     docstring.

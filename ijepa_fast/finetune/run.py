@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ijepa_fast.config import DataConfig
-from ijepa_fast.data.loader import PretrainDataset, StepBatchSampler, build_eval_dataset, open_source
+from ijepa_fast.data.evaluation import build_eval_dataset
+from ijepa_fast.data.loader import PretrainDataset, StepBatchSampler
+from ijepa_fast.data.sources import open_source
 from ijepa_fast.data.transforms import normalize
 from ijepa_fast.finetune.recipe import (
     RESUME_MAY_CHANGE,

@@ -45,7 +45,8 @@ def probe_data_config(cfg: Config) -> DataConfig:
 
 def open_split(cfg: Config, split: str, limit: int):
     """(image [3, S, S], label) dataset of the first ``limit`` images of ``split``, centre-cropped."""
-    from ijepa_fast.data.loader import EvalDataset, build_eval_dataset, folder_root
+    from ijepa_fast.data.evaluation import EvalDataset, build_eval_dataset
+    from ijepa_fast.data.sources import folder_root
 
     data = dataclasses.replace(probe_data_config(cfg), split=split)
     if (cfg.online_probe.dataset or cfg.data.dataset) == "shards":

@@ -127,7 +127,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        from ijepa_fast.data.loader import check_data_source
+        from ijepa_fast.data.sources import check_data_source
 
         self.device = start_process(cfg, self.dist_env)
         check_data_source(cfg.data)  # a missing or empty data source fails before any model is built

@@ -57,7 +57,8 @@ from ijepa_fast.data.dali.validate import check_image, validate_images
 from ijepa_fast.data.dali.webdataset import prepare_webdataset
 from ijepa_fast.data.errors import no_decodable_image
 from ijepa_fast.data.folder import scan_folder
-from ijepa_fast.data.loader import Batch, folder_root
+from ijepa_fast.data.loader import Batch
+from ijepa_fast.data.sources import folder_root
 from ijepa_fast.data.wds import webdataset_tars
 from ijepa_fast.masks.device import DeviceMaskSampler
 from ijepa_fast.runtime.rng import mask_seed, mix
