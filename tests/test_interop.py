@@ -34,7 +34,7 @@ from ijepa_fast.io.safetensors_timm import (
     timm_kwargs,
     to_timm_state_dict,
 )
-from ijepa_fast.models.vit import sincos_pos_embed_2d
+from ijepa_fast.models.pos_embed import sincos_pos_embed_2d
 from tests.payloads import plant
 from tests.test_eval import write_idx_data, write_our_run
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ijepa_fast.models.attention import Attention, attention_math, resolve_backend
-from ijepa_fast.models.vit import VIT_SIZES, build_encoder, build_predictor, grid_size, sincos_pos_embed_2d, vit_size
+from ijepa_fast.models.pos_embed import sincos_pos_embed_2d
+from ijepa_fast.models.vit import VIT_SIZES, build_encoder, build_predictor, grid_size, vit_size
 from ijepa_fast.runtime.device import autocast
 
 

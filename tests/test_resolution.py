@@ -16,7 +16,8 @@ from ijepa_fast.cli import export as export_cli
 from ijepa_fast.eval.features import encode, extract_features
 from ijepa_fast.io.hf import export_hf
 from ijepa_fast.io.load import load_encoder
-from ijepa_fast.models.vit import VisionTransformer, interpolate_pos_embed
+from ijepa_fast.models.pos_embed import interpolate_pos_embed
+from ijepa_fast.models.vit import VisionTransformer
 from tests.test_eval import write_idx_data, write_our_run
 
 TRAIN_SIZE = 32
