@@ -4,15 +4,17 @@ that reads it computes what autocast computes, and checkpoints hold only the fp3
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from ijepa_fast.config import Config, ConfigError, ModelConfig
+from ijepa_fast.config import Config, ModelConfig
 from ijepa_fast.engines.plain import PlainEngine
 from ijepa_fast.masks.sampler import MultiBlockMaskSampler
 from ijepa_fast.models.ijepa import build_models
 from ijepa_fast.models.target_copy import Bf16TargetCopy, autocast_cast_params
-from ijepa_fast.train.build import build_engine, models_for_run, train_step_for
+from ijepa_fast.train.build import build_engine, models_for_run, target_copy_for, train_step_for
 from ijepa_fast.train.step import StepOptions, TrainStep, ema_update
 
 TINY = ModelConfig(name="vit_tiny", depth=2, patch_size=7, pred_depth=1, pred_emb_dim=48)
@@ -161,12 +163,14 @@ def test_the_copy_is_built_only_where_it_acts(tmp_path):
         assert (train_step_for(cfg, build_engine(cfg, *_models(), cpu), 10).target_copy is not None) == built
 
 
-def test_zero3_with_the_copy_is_refused_at_validation(tmp_path):
-    with pytest.raises(ConfigError, match=r"speed.bf16_target_copy=True .* ZeRO-3 partitions"):
-        cfg = _config(tmp_path)
-        cfg.run.zero_stage, cfg.run.engine = 3, "deepspeed"
-        cfg.validate()
-    for engine, copy in (("deepspeed", False), ("plain", True)):
-        cfg = _config(tmp_path, bf16_target_copy=copy)
-        cfg.run.zero_stage, cfg.run.engine = 3, engine
-        cfg.validate()
+def test_an_engine_that_partitions_the_target_gets_no_copy(tmp_path):
+    """The switch is on by default, so ZeRO-3 and FSDP2 (each rank holds a shard of the target encoder)
+    run without the copy instead of refusing the config."""
+    cfg = _config(tmp_path)
+    cfg.run.zero_stage, cfg.run.engine = 3, "deepspeed"
+    cfg.validate()
+    for partitioned in (SimpleNamespace(zero_stage=3, name="deepspeed"), SimpleNamespace(name="fsdp2")):
+        assert target_copy_for(cfg, partitioned, torch.bfloat16) is None
+    assert target_copy_for(
+        cfg, SimpleNamespace(zero_stage=2, name="deepspeed", target_encoder=_models()[1]), torch.bfloat16
+    )

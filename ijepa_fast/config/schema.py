@@ -178,7 +178,8 @@ class SpeedConfig:
     # written by the fused EMA in the same pass, read by the target forward instead of casting the
     # fp32 weights at every forward. Exact: its bits are autocast's cast of the fp32 EMA weights,
     # which stay the source of truth and alone go into checkpoints. Needs bf16 autocast to act, and
-    # the whole target encoder on each rank (not ZeRO-3). False: the target casts under autocast.
+    # the whole target encoder on each rank: ZeRO-3 and FSDP2, which shard it, run without the copy.
+    # False: the target casts under autocast.
     bf16_target_copy: bool = True
     # Under bf16 autocast, keep the residual stream in bf16: the fixed position embeddings and the
     # predictor's mask token are cast to bf16 before they join it (fp32 ones promote the stream to
@@ -348,11 +349,6 @@ class Config:
             self.data.crop_size,
             f"a multiple of model.patch_size={self.model.patch_size}",
         )
-        if self.speed.bf16_target_copy and self.run.zero_stage == 3 and self.run.engine != "plain":
-            raise ConfigError(
-                "speed.bf16_target_copy=True needs the whole target encoder on every rank, which ZeRO-3 "
-                "partitions: set speed.bf16_target_copy=false or run.zero_stage <= 2"
-            )
         return self
 
     def _check_finite(self) -> None:

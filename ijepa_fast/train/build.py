@@ -114,7 +114,15 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
 
         if cfg.speed.grad_scaler:
             raise ValueError("speed.grad_scaler=true: the fsdp2 engine has no GradScaler (bf16 needs none)")
-        amp = resolve_precision(device, cfg.run.dtype).autocast_dtype
+        precision = resolve_precision(device, cfg.run.dtype)
+        if precision.loss_scaling:
+            raise ConfigError("run.dtype=fp16 needs a GradScaler, which the fsdp2 engine has not: use bf16 or fp32")
+        if cfg.speed.fp8_target != "off":
+            raise ConfigError(
+                f"speed.fp8_target={cfg.speed.fp8_target} with run.engine=fsdp2: FSDP2 shards the target encoder's "
+                "weights, which the float8 copy is made from whole; use another engine or fp8_target=off"
+            )
+        amp = precision.autocast_dtype
         return FSDP2Engine(student, target_encoder, cfg.optim, device, amp, fused_optimizer=cfg.speed.fused_optimizer)
     from ijepa_fast.engines.plain import PlainEngine
 
@@ -145,8 +153,9 @@ def target_copy_for(cfg: Config, engine: Engine, amp_dtype: torch.dtype | None) 
     nothing to save (no bf16 autocast: the target forward casts nothing)."""
     if not cfg.speed.bf16_target_copy or amp_dtype != torch.bfloat16:
         return None
-    if getattr(engine, "zero_stage", 0) == 3:  # config validation refuses this; an engine built by hand may not
-        raise ValueError("speed.bf16_target_copy needs the whole target encoder on each rank; ZeRO-3 partitions it")
+    if getattr(engine, "zero_stage", 0) == 3 or engine.name == "fsdp2":
+        log.info("bf16 target copy: off, %s partitions the target encoder (each rank holds a shard)", engine.name)
+        return None
     copy = Bf16TargetCopy(engine.target_encoder)
     log.info("bf16 target copy: %.1f MB of matmul weights, written by the EMA", copy.nbytes() / 1e6)
     return copy
