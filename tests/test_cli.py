@@ -25,9 +25,10 @@ def run_command(command: str, argv: list[str]) -> int | str | None:
     return stopped.value.code
 
 
-def test_setup_declares_the_seven_commands():
+def test_setup_declares_the_eight_commands():
     assert set(COMMANDS) == {
-        "ijepa-pretrain", "ijepa-demo", "ijepa-eval", "ijepa-export", "ijepa-extract", "ijepa-bench", "ijepa-shard"
+        "ijepa-pretrain", "ijepa-demo", "ijepa-eval", "ijepa-export", "ijepa-extract", "ijepa-bench", "ijepa-shard",
+        "ijepa-finetune",
     }  # fmt: skip
 
 

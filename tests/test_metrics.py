@@ -285,10 +285,11 @@ def test_the_loss_figure_has_a_panel_with_rankme_and_std(tmp_path, monkeypatch):
 
 def test_a_row_whose_step_is_not_a_number_is_named_by_file_and_line_and_the_csv_is_left_as_it_was(tmp_path):
     path = tmp_path / "metrics.csv"
+    blanks = [""] * (len(metrics.CSV_FIELDS) - 9)  # every column present: a complete (not torn) row
     path.write_text(
         ",".join(metrics.CSV_FIELDS) + "\n"
-        + "1,0,0.5,0.001,0.04,0.996,10.0,0,1.5,,,\n"
-        + "two,0,0.4,0.001,0.04,0.996,10.0,0,2.5,,,\n"
+        + ",".join(["1", "0", "0.5", "0.001", "0.04", "0.996", "10.0", "0", "1.5", *blanks]) + "\n"
+        + ",".join(["two", "0", "0.4", "0.001", "0.04", "0.996", "10.0", "0", "2.5", *blanks]) + "\n"
     )  # fmt: skip
     before = path.read_bytes()
     with pytest.raises(ValueError, match=rf"^{path}, line 3: step 'two' is not a whole number"):
