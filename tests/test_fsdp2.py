@@ -404,3 +404,21 @@ def test_the_launch_layout_line_names_fsdp2_without_a_zero_stage():
     line = layout(cfg, "fsdp2", 2, 8, "gpu01:29500", 600)
     assert "global batch 1024 = 64 per rank x 16 ranks x 1 accumulation; engine fsdp2; collective timeout" in line
     assert "ZeRO" not in line
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("run.dtype=fp16", "needs a GradScaler"), ("speed.fp8_target=rowwise", "shards the target encoder")],
+)
+def test_what_fsdp2_cannot_run_is_refused_in_one_line_before_sharding(override, message):
+    """fp16 without a GradScaler would train on overflowing gradients; a float8 copy made from one
+    rank's shard would be another function: both are refused before any process group is needed."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.runtime.errors import ConfigError
+    from ijepa_fast.train.build import build_engine
+    from tests.test_trainer import tiny_overrides
+
+    cfg = config_mod.load(None, [*tiny_overrides(Path("data"), Path("runs"), "x"), "run.engine=fsdp2", override])
+    with pytest.raises(ConfigError, match=message) as err:
+        build_engine(cfg, torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert "\n" not in str(err.value)
