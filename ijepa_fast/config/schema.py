@@ -198,7 +198,8 @@ class SpeedConfig:
     # The target encoder's block linears in float8 (e4m3, torchao; the `fp8` extra): weights quantised
     # once per step after the EMA, activations per forward. rowwise: one scale per token and per output
     # channel; tensorwise: one per tensor. Changes the function (the targets carry fp8 rounding, a few
-    # per cent per element): off by default until a learning check shows no loss (models.fp8).
+    # per cent per element; models.fp8). Off by default: its learning check (profiling/RESULTS.md)
+    # has not shown it loses nothing beyond the seed-to-seed spread, and no GPU has timed it.
     fp8_target: str = "off"
     # Bias, exact-erf GELU and residual adds computed in the epilogues of the blocks' GEMMs (Inductor's
     # max-autotune GEMM templates, epilogue fusion benchmarked against cuBLAS); needs compile. Same
