@@ -183,6 +183,7 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
             tags_after_save = list_tags(ckpt_dir)
     final = engine.consolidated_state()
     exported = engine.export_consolidated(out / f"export_zero{stage}", STEPS, {"loss": losses[-1]})
+    sizes = checkpoint_sizes(engine, ckpt_dir / engine.tag(SAVE_AT), exported) if rank == 0 else None
 
     ema_check = None
     if stage == 3:  # shard-local EMA against the EMA of the gathered tensors
@@ -222,6 +223,7 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
                 "ema_check": ema_check,
                 "finite_check": finite_check,
                 "tags_after_save": tags_after_save,
+                "sizes": sizes,
                 "ds_config": engine.ds_config,
             },
             out / f"result_zero{stage}.pt",
@@ -384,7 +386,7 @@ def run_single(out: Path) -> None:
     from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
-    report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}}
+    report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}, "sizes": {}}
     for stage in (0, 1, 2, 3):
         cfg = tiny_config(stage)
         build = partial(deepspeed_step, cfg, 1)
@@ -393,6 +395,7 @@ def run_single(out: Path) -> None:
         tag_dir = step_fn.engine.save_checkpoint(out / f"single{stage}", 1)
         report["full_disk"][stage] = save_on_a_full_disk(step_fn.engine, build, out / f"full{stage}")
         report["exports"][stage] = str(step_fn.engine.export_consolidated(out / f"export{stage}", 1))
+        report["sizes"][stage] = checkpoint_sizes(step_fn.engine, tag_dir, report["exports"][stage])
         report["clean_resume"][stage] = build(1).engine.load_checkpoint(out / f"single{stage}")["step"]
         for path in sorted(tag_dir.glob("*.pt")):
             copy = out / f"planted{stage}_{path.stem}"
@@ -411,6 +414,13 @@ def run_single(out: Path) -> None:
     for stage in FROM_ONE_STAGES:
         train_on_one_rank(stage, out)
     (out / "single.json").write_text(json.dumps(report, indent=1))
+
+
+def checkpoint_sizes(engine, tag_dir: Path, export: str | Path) -> dict:
+    """The engine's estimate of one checkpoint against what one took: the tag folder (every rank's
+    files) and the consolidated export."""
+    on_disk = sum(f.stat().st_size for f in tag_dir.iterdir()) + Path(export).stat().st_size
+    return {"estimate": engine.checkpoint_bytes(), "on_disk": on_disk}
 
 
 def save_on_a_full_disk(engine, build, save_dir: Path) -> dict:

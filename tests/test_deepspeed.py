@@ -4,7 +4,8 @@ ZeRO stages 1, 2 and 3 against the single-process plain ``TrainStep`` on the sam
 and masks: per-step losses, the trained weights and the target encoder after five steps; a resume
 from the step-3 checkpoint matches the uninterrupted run bitwise; the consolidated fp32 export
 loads without DeepSpeed; the stage-3 shard-local EMA equals the EMA of the gathered tensors and
-makes no collective call; a NaN on one rank makes ``weights_finite`` false on every rank; an
+makes no collective call; the checkpoint size the disk-space check expects is what a save
+writes; a NaN on one rank makes ``weights_finite`` false on every rank; an
 unfinished tag of a later step does not displace the one just saved; every rank measures the
 collapse monitors on its own batch. Plus the generated config,
 conflicting user configs, the launcher environment, the launch scripts (dry run), a dead or stalled
@@ -257,6 +258,19 @@ def test_consolidated_export_loads_without_deepspeed(stage, zero_runs):
         assert all(v.dtype == torch.float32 for v in state[key].values())
 
 
+# 5 %, not looser: leaving out its smallest part (the target encoder, 14-16 % of a checkpoint here) must fail
+SIZE_TOL = 0.05
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_checkpoint_size_estimate_matches_what_two_ranks_wrote(stage, zero_runs):
+    """The disk-space check's estimate of one checkpoint against the tag folder (both ranks' files)
+    and the consolidated export a save wrote."""
+    sizes = zero_runs[stage]["sizes"]
+    assert sizes["estimate"] == pytest.approx(sizes["on_disk"], rel=SIZE_TOL)
+
+
 @needs_ds
 def test_zero3_shard_local_ema_equals_the_full_ema_without_collectives(zero_runs):
     check = zero_runs[3]["ema_check"]
@@ -410,6 +424,13 @@ def test_a_failed_write_in_deepspeeds_own_save_names_the_file_and_keeps_the_prev
     left = report["left_in_failed_tag"]
     assert failed.name not in left and not any(name.endswith(".tmp") for name in left), left
     assert report["latest"] == 1 and report["resumed_step"] == 1
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_the_checkpoint_size_estimate_matches_what_one_rank_wrote(stage, single_rank):
+    sizes = single_rank["sizes"][str(stage)]
+    assert sizes["estimate"] == pytest.approx(sizes["on_disk"], rel=SIZE_TOL)
 
 
 @needs_ds
