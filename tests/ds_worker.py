@@ -6,6 +6,7 @@
                                                      # a payload planted in each checkpoint file, resumed;
                                                      # a save whose writes the kernel refuses
     python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
+    python tests/ds_worker.py small_disk OUT_DIR KEY=VALUE...  # a trainer whose disk has 1 kB free
     python tests/ds_worker.py nan OUT_DIR KEY=VALUE...     # a trainer whose loss turns NaN on rank 1
     python tests/ds_worker.py nan_after OUT_DIR STEP KEY=VALUE...  # the same from step index STEP on
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
@@ -601,6 +602,27 @@ def run_on_locked_folder(overrides: list[str]) -> int:
     return 0
 
 
+def run_on_a_small_disk(overrides: list[str]) -> int:
+    """Build a trainer (run.engine=deepspeed) whose disk has 1 kB free: rank 0 must refuse the run
+    before step 0 (an InsufficientSpaceError), rank 1 must stop too, and each must have left the
+    process group (exit 8; exit 6 if the group is still up, exit 0 if the trainer was built)."""
+    from collections import namedtuple
+
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.io import async_save
+    from ijepa_fast.train.run_folder import RunFolderError
+    from ijepa_fast.train.trainer import Trainer
+
+    usage = namedtuple("usage", "total used free")
+    async_save.shutil.disk_usage = lambda path: usage(10_000, 9_000, 1_000)
+    try:
+        Trainer(config_mod.load(None, overrides))
+    except (async_save.InsufficientSpaceError, RunFolderError) as err:
+        print(f"refused: {type(err).__name__}: {err}", flush=True)
+        return 6 if torch.distributed.is_initialized() else 8
+    return 0
+
+
 def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
     """Train (run.engine=deepspeed) with rank 1's loss NaN from the first step: every rank must stop
     with a NonFiniteLossError at step 1 (the loss is averaged over ranks), and leave the process
@@ -702,6 +724,8 @@ def main(argv: list[str]) -> int:
 
     if mode == "locked":
         return run_on_locked_folder(argv[2:])
+    if mode == "small_disk":
+        return run_on_a_small_disk(argv[2:])
     if mode == "nan":
         return run_with_a_nan_on_rank_1(argv[2:])
     if mode == "nan_after":

@@ -533,6 +533,23 @@ def test_a_locked_run_folder_stops_every_rank(tmp_path):
     assert "another rank could not prepare the run folder" in texts[1]
 
 
+@needs_ds
+def test_a_run_whose_checkpoints_cannot_fit_is_refused_on_every_rank_before_step_0(tmp_path):
+    """The disk-space check with DeepSpeed's estimate: rank 0 refuses in one line, rank 1 stops too."""
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=32)
+    overrides = tiny_overrides(data, tmp_path / "runs", "small", **{"run.engine": "deepspeed"})
+    codes, texts, _ = launch("small_disk", tmp_path, *overrides, timeout=240, extra_env={dist_.TIMEOUT_ENV: "60"})
+    assert codes == [8, 8], _tail(texts)
+    # one line: ``.`` matches no newline
+    refusal = r"refused: InsufficientSpaceError: .* 4 checkpoints of about .* need .* free.* run.keep_checkpoints"
+    assert re.search(refusal, texts[0]), _tail(texts)
+    assert "refused: RunFolderError: another rank could not prepare" in texts[1], _tail(texts)
+    run = tmp_path / "runs" / "small"
+    assert not list(run.glob("deepspeed/step_*")) and not list(run.glob("checkpoints/ckpt-*"))
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_and_each_leaves_the_group(tmp_path):
     from tests.test_trainer import tiny_overrides, write_idx
 
