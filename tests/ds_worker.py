@@ -6,6 +6,7 @@
                                                      # a payload planted in each checkpoint file, resumed;
                                                      # a save whose writes the kernel refuses
     python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
+    python tests/ds_worker.py small_disk OUT_DIR KEY=VALUE...  # a trainer whose disk has 1 kB free
     python tests/ds_worker.py nan OUT_DIR KEY=VALUE...     # a trainer whose loss turns NaN on rank 1
     python tests/ds_worker.py nan_after OUT_DIR STEP KEY=VALUE...  # the same from step index STEP on
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
@@ -183,6 +184,7 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
             tags_after_save = list_tags(ckpt_dir)
     final = engine.consolidated_state()
     exported = engine.export_consolidated(out / f"export_zero{stage}", STEPS, {"loss": losses[-1]})
+    sizes = checkpoint_sizes(engine, ckpt_dir / engine.tag(SAVE_AT), exported) if rank == 0 else None
 
     ema_check = None
     if stage == 3:  # shard-local EMA against the EMA of the gathered tensors
@@ -222,6 +224,7 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> None:
                 "ema_check": ema_check,
                 "finite_check": finite_check,
                 "tags_after_save": tags_after_save,
+                "sizes": sizes,
                 "ds_config": engine.ds_config,
             },
             out / f"result_zero{stage}.pt",
@@ -384,7 +387,7 @@ def run_single(out: Path) -> None:
     from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
-    report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}}
+    report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}, "sizes": {}}
     for stage in (0, 1, 2, 3):
         cfg = tiny_config(stage)
         build = partial(deepspeed_step, cfg, 1)
@@ -393,6 +396,7 @@ def run_single(out: Path) -> None:
         tag_dir = step_fn.engine.save_checkpoint(out / f"single{stage}", 1)
         report["full_disk"][stage] = save_on_a_full_disk(step_fn.engine, build, out / f"full{stage}")
         report["exports"][stage] = str(step_fn.engine.export_consolidated(out / f"export{stage}", 1))
+        report["sizes"][stage] = checkpoint_sizes(step_fn.engine, tag_dir, report["exports"][stage])
         report["clean_resume"][stage] = build(1).engine.load_checkpoint(out / f"single{stage}")["step"]
         for path in sorted(tag_dir.glob("*.pt")):
             copy = out / f"planted{stage}_{path.stem}"
@@ -411,6 +415,13 @@ def run_single(out: Path) -> None:
     for stage in FROM_ONE_STAGES:
         train_on_one_rank(stage, out)
     (out / "single.json").write_text(json.dumps(report, indent=1))
+
+
+def checkpoint_sizes(engine, tag_dir: Path, export: str | Path) -> dict:
+    """The engine's estimate of one checkpoint against what one took: the tag folder (every rank's
+    files) and the consolidated export."""
+    on_disk = sum(f.stat().st_size for f in tag_dir.iterdir()) + Path(export).stat().st_size
+    return {"estimate": engine.checkpoint_bytes(), "on_disk": on_disk}
 
 
 def save_on_a_full_disk(engine, build, save_dir: Path) -> dict:
@@ -591,6 +602,27 @@ def run_on_locked_folder(overrides: list[str]) -> int:
     return 0
 
 
+def run_on_a_small_disk(overrides: list[str]) -> int:
+    """Build a trainer (run.engine=deepspeed) whose disk has 1 kB free: rank 0 must refuse the run
+    before step 0 (an InsufficientSpaceError), rank 1 must stop too, and each must have left the
+    process group (exit 8; exit 6 if the group is still up, exit 0 if the trainer was built)."""
+    from collections import namedtuple
+
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.io import async_save
+    from ijepa_fast.train.run_folder import RunFolderError
+    from ijepa_fast.train.trainer import Trainer
+
+    usage = namedtuple("usage", "total used free")
+    async_save.shutil.disk_usage = lambda path: usage(10_000, 9_000, 1_000)
+    try:
+        Trainer(config_mod.load(None, overrides))
+    except (async_save.InsufficientSpaceError, RunFolderError) as err:
+        print(f"refused: {type(err).__name__}: {err}", flush=True)
+        return 6 if torch.distributed.is_initialized() else 8
+    return 0
+
+
 def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
     """Train (run.engine=deepspeed) with rank 1's loss NaN from the first step: every rank must stop
     with a NonFiniteLossError at step 1 (the loss is averaged over ranks), and leave the process
@@ -692,6 +724,8 @@ def main(argv: list[str]) -> int:
 
     if mode == "locked":
         return run_on_locked_folder(argv[2:])
+    if mode == "small_disk":
+        return run_on_a_small_disk(argv[2:])
     if mode == "nan":
         return run_with_a_nan_on_rank_1(argv[2:])
     if mode == "nan_after":

@@ -7,6 +7,7 @@ check refuses (one line) or warns before step 0."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,14 @@ def test_disk_space_refuses_with_one_line_and_warns_when_tight(tmp_path, monkeyp
     with pytest.raises(InsufficientSpaceError):
         check_disk_space(tmp_path, 1000, keep=3)  # 4000 > 3500
     assert "nearly full" in check_disk_space(tmp_path, 1000, keep=3, existing=[old])  # 4000 <= 3500 + 1000
+    tags = tmp_path / "deepspeed"  # a sharded engine's folder: every file under it counts, links do not
+    (tags / "step_00000001").mkdir(parents=True)
+    (tags / "step_00000001" / "shard.pt").write_bytes(b"x" * 600)
+    (tags / "latest").write_bytes(b"x" * 400)
+    (tags / "elsewhere").symlink_to(old)
+    with pytest.raises(InsufficientSpaceError):
+        check_disk_space(tmp_path, 1050, keep=3, existing=[tags / "step_00000001"])  # 4200 > 3500 + 600
+    assert "nearly full" in check_disk_space(tmp_path, 1050, keep=3, existing=[tags])  # 4200 <= 3500 + 1000
 
 
 def test_a_run_that_cannot_fit_its_checkpoints_stops_before_step_0(tmp_path, monkeypatch, caplog, one_thread):
@@ -204,3 +213,28 @@ def test_a_run_that_cannot_fit_its_checkpoints_stops_before_step_0(tmp_path, mon
     monkeypatch.setattr(async_save.shutil, "disk_usage", _disk(int(need * 1.1)))
     Trainer(_tiny(tmp_path, "tight-disk")).close()
     assert any("nearly full" in r.message for r in caplog.records)
+
+
+def test_a_resume_counts_a_sharded_engines_kept_checkpoints_as_room(tmp_path, monkeypatch):
+    """One checkpoint of 4000 bytes: 1000 in checkpoints/, 3000 in the engine's own folder. Keeping
+    one, a resume needs 8000 bytes in all, 4000 of which the kept checkpoint already holds."""
+    from types import SimpleNamespace
+
+    from ijepa_fast.train.checkpointing import Checkpointer
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / ckpt.checkpoint_name(1)).write_bytes(b"x" * 1000)
+    (run / "deepspeed" / "step_00000001").mkdir(parents=True)
+    (run / "deepspeed" / "step_00000001" / "shard.pt").write_bytes(b"x" * 3000)
+
+    def folders(run_dir: Path, is_main: bool) -> list[tuple[Path, str]]:
+        return [(run_dir / "deepspeed", "its own"), (run_dir / "checkpoints", "the exports")]
+
+    engine = SimpleNamespace(checkpoint_bytes=lambda: 4000, checkpoint_folders=folders)
+    saver = Checkpointer(engine, run, keep=1, meta=lambda step, loss: {}, start_step=1)
+    monkeypatch.setattr(async_save.shutil, "disk_usage", _disk(4500))
+    saver.check_space()  # 8000 <= 4500 + 4000
+    shutil.rmtree(run / "deepspeed")
+    with pytest.raises(InsufficientSpaceError):
+        saver.check_space()  # 8000 > 4500 + 1000

@@ -4,7 +4,8 @@ ZeRO stages 1, 2 and 3 against the single-process plain ``TrainStep`` on the sam
 and masks: per-step losses, the trained weights and the target encoder after five steps; a resume
 from the step-3 checkpoint matches the uninterrupted run bitwise; the consolidated fp32 export
 loads without DeepSpeed; the stage-3 shard-local EMA equals the EMA of the gathered tensors and
-makes no collective call; a NaN on one rank makes ``weights_finite`` false on every rank; an
+makes no collective call; the checkpoint size the disk-space check expects is what a save
+writes; a NaN on one rank makes ``weights_finite`` false on every rank; an
 unfinished tag of a later step does not displace the one just saved; every rank measures the
 collapse monitors on its own batch. Plus the generated config,
 conflicting user configs, the launcher environment, the launch scripts (dry run), a dead or stalled
@@ -257,6 +258,19 @@ def test_consolidated_export_loads_without_deepspeed(stage, zero_runs):
         assert all(v.dtype == torch.float32 for v in state[key].values())
 
 
+# 5 %, not looser: leaving out its smallest part (the target encoder, 14-16 % of a checkpoint here) must fail
+SIZE_TOL = 0.05
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_checkpoint_size_estimate_matches_what_two_ranks_wrote(stage, zero_runs):
+    """The disk-space check's estimate of one checkpoint against the tag folder (both ranks' files)
+    and the consolidated export a save wrote."""
+    sizes = zero_runs[stage]["sizes"]
+    assert sizes["estimate"] == pytest.approx(sizes["on_disk"], rel=SIZE_TOL)
+
+
 @needs_ds
 def test_zero3_shard_local_ema_equals_the_full_ema_without_collectives(zero_runs):
     check = zero_runs[3]["ema_check"]
@@ -414,6 +428,13 @@ def test_a_failed_write_in_deepspeeds_own_save_names_the_file_and_keeps_the_prev
 
 @needs_ds
 @pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_the_checkpoint_size_estimate_matches_what_one_rank_wrote(stage, single_rank):
+    sizes = single_rank["sizes"][str(stage)]
+    assert sizes["estimate"] == pytest.approx(sizes["on_disk"], rel=SIZE_TOL)
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
 def test_building_engines_from_the_gpu_config_reaches_no_op_build(stage, zero_runs):
     """ZeRO 0-3 built from the config generated for a CUDA device: no DeepSpeed op builder's
     ``load`` / ``jit_load`` (nor torch's JIT extension build) is called."""
@@ -510,6 +531,23 @@ def test_a_locked_run_folder_stops_every_rank(tmp_path):
     assert codes == [5, 5], _tail(texts)
     assert f"in use by pid {os.getpid()} on host" in texts[0]
     assert "another rank could not prepare the run folder" in texts[1]
+
+
+@needs_ds
+def test_a_run_whose_checkpoints_cannot_fit_is_refused_on_every_rank_before_step_0(tmp_path):
+    """The disk-space check with DeepSpeed's estimate: rank 0 refuses in one line, rank 1 stops too."""
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=32)
+    overrides = tiny_overrides(data, tmp_path / "runs", "small", **{"run.engine": "deepspeed"})
+    codes, texts, _ = launch("small_disk", tmp_path, *overrides, timeout=240, extra_env={dist_.TIMEOUT_ENV: "60"})
+    assert codes == [8, 8], _tail(texts)
+    # one line: ``.`` matches no newline
+    refusal = r"refused: InsufficientSpaceError: .* 4 checkpoints of about .* need .* free.* run.keep_checkpoints"
+    assert re.search(refusal, texts[0]), _tail(texts)
+    assert "refused: RunFolderError: another rank could not prepare" in texts[1], _tail(texts)
+    run = tmp_path / "runs" / "small"
+    assert not list(run.glob("deepspeed/step_*")) and not list(run.glob("checkpoints/ckpt-*"))
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_and_each_leaves_the_group(tmp_path):

@@ -144,15 +144,25 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _bytes_on_disk(path: Path) -> int:
+    """Bytes of the file ``path``, or of every file under the folder ``path``; links count nothing."""
+    if path.is_symlink():
+        return 0
+    if path.is_dir():
+        return sum(_bytes_on_disk(child) for child in path.iterdir())
+    return path.stat().st_size if path.is_file() else 0
+
+
 def check_disk_space(folder: Path, checkpoint_bytes: int, keep: int, existing: Iterable[Path] = ()) -> str | None:
     """Raise ``InsufficientSpaceError`` (one line) when ``checkpoint_bytes x (keep + 1)`` (the kept
     checkpoints and the one being written) exceeds the free space of ``folder``'s disk plus the
     ``existing`` checkpoint files there (retention deletes them as new ones land). Return a warning
-    line when the margin is under ``TIGHT_MARGIN``, else None."""
+    line when the margin is under ``TIGHT_MARGIN``, else None. An ``existing`` folder counts with
+    every file in it (a sharded engine's checkpoint folder)."""
     folder = Path(folder)
     probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
-    reclaimable = sum(p.stat().st_size for p in existing if p.is_file())
+    reclaimable = sum(_bytes_on_disk(Path(p)) for p in existing)
     need, room = checkpoint_bytes * (keep + 1), free + reclaimable
     what = f"{keep + 1} checkpoints of about {_gb(checkpoint_bytes)} ({keep} kept + 1 being written)"
     if need > room:

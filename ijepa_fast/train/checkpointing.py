@@ -130,6 +130,11 @@ class Checkpointer:
             return
         folder = self.run_dir / "checkpoints"
         existing = [path for _, path in ckpt.list_checkpoints(folder)]
+        # on a resume, the kept checkpoints already hold part of the room keep + 1 of them need:
+        # a sharded engine keeps the rest of each in its own folder (DeepSpeed tags, DCP steps)
+        listed = getattr(self.engine, "checkpoint_folders", lambda run_dir, is_main: [])
+        folders = [path for path, _ in listed(self.run_dir, True)]
+        existing += [path for path in folders if path != folder and path.is_dir()]
         warning = check_disk_space(folder, estimate(), self.keep, existing)
         if warning:
             log.warning(warning)

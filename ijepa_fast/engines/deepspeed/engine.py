@@ -177,6 +177,24 @@ class DeepSpeedEngine:
     def finish_saves(self) -> None:
         """Nothing to wait for: ``save`` returns once every file is written."""
 
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes one ``save`` writes to the run folder's disk, every rank's files
+        together, from the full parameter sizes (no collective, no file read; the same on every rank).
+
+        The tag folder: the student's weights as DeepSpeed saves them (stages 0-2: the module's
+        tensors in one file; stage 3: only placeholders, the weights live in the optimizer files),
+        AdamW's two fp32 moments of each trainable parameter and, under ZeRO (stages 1-3), the
+        optimizer's fp32 master copy of it; the target encoder (stages 0-2: in the client state;
+        stage 3: its partitions in the ranks' own files). Then the consolidated fp32 export of both.
+        """
+        student, target = _tensor_bytes(self.student), _tensor_bytes(self.target_encoder)
+        trainable = sum(_numel(p) for p in self.student.parameters() if p.requires_grad)
+        fp32 = 4  # master weights and moments: fp32 at every stage (DeepSpeed's bf16 mode is off)
+        optimizer = (2 if self.zero_stage == 0 else 3) * trainable * fp32
+        module = student if self.zero_stage < 3 else 0
+        consolidated = sum(_numel(t) * fp32 for m in (self.student, self.target_encoder) for t in _tensors(m))
+        return module + optimizer + target + consolidated
+
     def load(self, run_dir: Path, check=None) -> dict | None:
         """Collective: restore ``run_dir/deepspeed``'s latest tag; ``check(client_state)`` may refuse
         it. Returns the client state (with ``step``) or None when there is no checkpoint."""
@@ -344,3 +362,17 @@ class DeepSpeedEngine:
             "zero_stage": self.zero_stage,
         }
         return ckpt.save_checkpoint(Path(ckpt_dir), state, step, keep)
+
+
+def _numel(t: torch.Tensor) -> int:
+    """The full element count: a ZeRO-3 parameter's own tensor is an empty placeholder."""
+    return int(getattr(t, "ds_numel", t.numel()))
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the module's full parameters and buffers in their own dtypes."""
+    return sum(_numel(t) * t.element_size() for t in _tensors(module))
