@@ -50,7 +50,7 @@ from ijepa_fast.data.transforms import CROP_RATIO, crop_box
 from ijepa_fast.masks.sampler import MultiBlockMaskSampler
 from ijepa_fast.runtime.rng import crop_rng
 from profiling.authors_pipeline import AuthorsCollator, AuthorsDataset
-from profiling.imagenet_like import write_folder
+from profiling.make_imagenet_like import write_folder
 
 GRID = 16  # ViT-H/14 at 224 px
 SCALE = (0.3, 1.0)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     root = args.root or args.dir
     if args.root is None:
-        write_folder(root, args.num_images)
+        write_folder(root, args.num_images, classes=16)
     allowed, threads = os.sched_getaffinity(0), torch.get_num_threads()
     core = args.core if args.core is not None else max(allowed)
     folder = ImageFolderDataset(root)

@@ -54,6 +54,15 @@ def _write(job: tuple[str, int, int, int]) -> int:
     return 1
 
 
+def write_folder(root: Path, num_images: int, classes: int = 1000, seed: int = 0, workers: int = 1) -> int:
+    """Write the folder's missing images (``workers`` processes); how many were written now."""
+    jobs = [(str(root), i, classes, seed) for i in range(num_images)]
+    if workers <= 1:
+        return sum(map(_write, jobs))
+    with ProcessPoolExecutor(workers) as pool:
+        return sum(pool.map(_write, jobs, chunksize=64))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root", type=Path)
@@ -62,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    jobs = [(str(args.root), i, args.classes, args.seed) for i in range(args.num_images)]
-    with ProcessPoolExecutor(max(1, args.workers)) as pool:
-        written = sum(pool.map(_write, jobs, chunksize=64))
+    written = write_folder(args.root, args.num_images, args.classes, args.seed, args.workers)
     total = sum(f.stat().st_size for f in args.root.rglob("*.JPEG"))
     print(f"{args.root}: {args.num_images} images ({written} written now), {total / 2**20:.0f} MiB")
     return 0
