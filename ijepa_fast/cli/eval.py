@@ -54,6 +54,7 @@ from ijepa_fast.cli.args import (
     open_eval_dataset,
     resolve_device,
 )
+from ijepa_fast.eval.report import data_text, markdown, weights_text
 from ijepa_fast.runtime.device import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -285,30 +286,14 @@ def _img_size_note(report: dict[str, Any]) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     """The report as Markdown: what was evaluated, then one row per (training labels, head)."""
-    data = report["data"]
-    weights = {"target": "target (the EMA encoder)", "context": "context"}.get(report["weights"], report["weights"])
-    lines = [
-        f"# ijepa-eval: {report['checkpoint']}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| encoder | {report['encoder']} ({report['format']} checkpoint) |",
-        f"| image size | {_img_size_note(report)} |",
-        f"| weights | {weights} |",
-        f"| pooling | {report['pooling']} (linear probe, kNN); attentive: cross-attention over the patch tokens |",
-        f"| data | {data['root']} ({data['dataset']}): {data['n_train']} train images ({data['train_split']}), "
-        f"{data['n_test']} test images ({data['test_split']}) |",
-        f"| device | {report['device']}, {report['dtype']}, torch {report['torch']} |",
-        f"| date | {report['date']} |",
-        "",
-        "| train labels | train images | head | pooling | top-1 |",
-        "|---|---:|---|---|---:|",
+    rows = [
+        ("encoder", f"{report['encoder']} ({report['format']} checkpoint)"),
+        ("image size", _img_size_note(report)),
+        ("weights", weights_text(report)),
+        ("pooling", f"{report['pooling']} (linear probe, kNN); attentive: cross-attention over the patch tokens"),
+        ("data", data_text(report["data"])),
     ]
-    lines += [
-        f"| {r['train_labels']} | {r['n_train']} | {r['head']} | {r['pooling']} | {100 * r['top1']:.2f}% |"
-        for r in report["results"]
-    ]
-    return "\n".join(lines) + "\n"
+    return markdown(f"ijepa-eval: {report['checkpoint']}", report, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

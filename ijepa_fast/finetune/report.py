@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ijepa_fast.eval.report import data_text, markdown, weights_text
 from ijepa_fast.io import checkpoint as ckpt
 from ijepa_fast.io.encoder import weights_label
 from ijepa_fast.train.metrics import read_metrics
@@ -65,32 +66,17 @@ def build_report(tuner: Finetuner, steps: int, accuracy: float, seconds: float, 
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    data, recipe = report["data"], report["recipe"]
-    weights = {"target": "target (the EMA encoder)", "context": "context"}.get(report["weights"], report["weights"])
-    recipe_text = ", ".join(f"{k} {v}" for k, v in recipe.items())
-    lines = [
-        f"# ijepa-finetune: {report['checkpoint']}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| encoder | {report['encoder']} ({report['format']} checkpoint) |",
-        f"| weights | {weights}, fine-tuned end to end |",
-        f"| pooling | {report['pooling']} |",
-        f"| data | {data['root']} ({data['dataset']}): {data['n_train']} train images ({data['train_split']}), "
-        f"{data['n_test']} test images ({data['test_split']}), {data['num_classes']} classes |",
-        f"| recipe | {recipe_text} |",
-        f"| steps | {report['steps']} ({report['steps_per_epoch']} per epoch) |",
-        f"| device | {report['device']}, {report['dtype']}, torch {report['torch']} |",
-        f"| date | {report['date']} |",
-        "",
-        "| train labels | train images | head | pooling | top-1 |",
-        "|---|---:|---|---|---:|",
+    """The report as Markdown: what was fine-tuned and how, then its top-1."""
+    recipe_text = ", ".join(f"{k} {v}" for k, v in report["recipe"].items())
+    rows = [
+        ("encoder", f"{report['encoder']} ({report['format']} checkpoint)"),
+        ("weights", f"{weights_text(report)}, fine-tuned end to end"),
+        ("pooling", report["pooling"]),
+        ("data", f"{data_text(report['data'])}, {report['data']['num_classes']} classes"),
+        ("recipe", recipe_text),
+        ("steps", f"{report['steps']} ({report['steps_per_epoch']} per epoch)"),
     ]
-    lines += [
-        f"| {r['train_labels']} | {r['n_train']} | {r['head']} | {r['pooling']} | {100 * r['top1']:.2f}% |"
-        for r in report["results"]
-    ]
-    return "\n".join(lines) + "\n"
+    return markdown(f"ijepa-finetune: {report['checkpoint']}", report, rows)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
