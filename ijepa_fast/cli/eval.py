@@ -54,7 +54,7 @@ from ijepa_fast.cli.args import (
     open_eval_dataset,
     resolve_device,
 )
-from ijepa_fast.eval.report import data_text, markdown, weights_text
+from ijepa_fast.eval.report import data_text, loaded_fields, markdown, weights_text
 from ijepa_fast.runtime.device import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _report_header(
     args: argparse.Namespace, loaded, device: torch.device, dtype: str, test_split: str
 ) -> dict[str, Any]:
-    from ijepa_fast.io.encoder import weights_label
-
     spec = loaded.spec
     return {
-        "checkpoint": str(loaded.path),
-        "format": loaded.format,
-        "which": loaded.which,
-        "weights": weights_label(loaded.which),
-        "encoder": f"{spec.name or 'custom'}: width {spec.embed_dim}, depth {spec.depth}, {spec.num_heads} heads, "
-        f"patch {spec.patch_size}, {spec.img_size} px",
+        **loaded_fields(loaded),
         "img_size": eval_img_size(args, spec),
         "checkpoint_meta": loaded.meta,
         "model": spec.to_metadata(),

@@ -5,7 +5,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from ijepa_fast.io.encoder import weights_label
+
 _WEIGHTS = {"target": "target (the EMA encoder)", "context": "context"}
+
+
+def loaded_fields(loaded) -> dict[str, Any]:
+    """What a report says of a loaded encoder (``io.load.load_encoder``'s result): its file, format,
+    which encoder of it, and its architecture."""
+    spec = loaded.spec
+    return {
+        "checkpoint": str(loaded.path),
+        "format": loaded.format,
+        "which": loaded.which,
+        "weights": weights_label(loaded.which),
+        "encoder": f"{spec.name or 'custom'}: width {spec.embed_dim}, depth {spec.depth}, {spec.num_heads} heads, "
+        f"patch {spec.patch_size}, {spec.img_size} px",
+    }
 
 
 def weights_text(report: dict[str, Any]) -> str:

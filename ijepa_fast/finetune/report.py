@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ijepa_fast.eval.report import data_text, markdown, weights_text
+from ijepa_fast.eval.report import data_text, loaded_fields, markdown, weights_text
 from ijepa_fast.io import checkpoint as ckpt
-from ijepa_fast.io.encoder import weights_label
 from ijepa_fast.train.metrics import read_metrics
 
 if TYPE_CHECKING:
@@ -26,18 +25,13 @@ RECIPE_KEYS = (
 
 
 def build_report(tuner: Finetuner, steps: int, accuracy: float, seconds: float, saved: Path | None) -> dict[str, Any]:
-    loaded, cfg, spec = tuner.loaded, tuner.cfg, tuner.loaded.spec
+    loaded, cfg = tuner.loaded, tuner.cfg
     metrics = tuner.out_dir / "metrics.csv"
     curve = (
         [{"step": int(r["step"]), "loss": float(r["loss"])} for r in read_metrics(metrics)] if metrics.exists() else []
     )
     return {
-        "checkpoint": str(loaded.path),
-        "format": loaded.format,
-        "which": loaded.which,
-        "weights": weights_label(loaded.which),
-        "encoder": f"{spec.name or 'custom'}: width {spec.embed_dim}, depth {spec.depth}, {spec.num_heads} heads, "
-        f"patch {spec.patch_size}, {spec.img_size} px",
+        **loaded_fields(loaded),
         "pooling": cfg.pooling,
         "data": {
             "root": cfg.data,
