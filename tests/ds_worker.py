@@ -7,6 +7,7 @@
                                                      # a save whose writes the kernel refuses
     python tests/ds_worker.py locked OUT_DIR KEY=VALUE...  # a trainer on a run folder another process locked
     python tests/ds_worker.py small_disk OUT_DIR KEY=VALUE...  # a trainer whose disk has 1 kB free
+    python tests/ds_worker.py hung_write OUT_DIR KEY=VALUE...  # a background write that hangs at step 4
     python tests/ds_worker.py nan OUT_DIR KEY=VALUE...     # a trainer whose loss turns NaN on rank 1
     python tests/ds_worker.py nan_after OUT_DIR STEP KEY=VALUE...  # the same from step index STEP on
     python tests/ds_worker.py die OUT_DIR            # rank 1 dies after one collective
@@ -623,6 +624,32 @@ def run_on_a_small_disk(overrides: list[str]) -> int:
     return 0
 
 
+def run_with_a_hung_background_write(overrides: list[str]) -> int:
+    """Train (run.engine=deepspeed, a checkpoint every 2 steps, written in the background) with the
+    writes of step 4's checkpoint hanging half-written: each rank prints ``hung`` and waits there
+    for the test's kill -9 (exit 9 if the save did not go to the background)."""
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.engines.deepspeed import background
+    from ijepa_fast.train.trainer import Trainer
+
+    real = background._write
+
+    def hang_at_step_4(state, path):
+        if "step_00000004" not in str(path):
+            return real(state, path)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_bytes(b"half a checkpoint")
+        print("hung", flush=True)
+        time.sleep(600)
+
+    background._write = hang_at_step_4
+    trainer = Trainer(config_mod.load(None, overrides))
+    if not trainer.saver.background:
+        return 9
+    trainer.fit()
+    return 0
+
+
 def run_with_a_nan_on_rank_1(overrides: list[str]) -> int:
     """Train (run.engine=deepspeed) with rank 1's loss NaN from the first step: every rank must stop
     with a NonFiniteLossError at step 1 (the loss is averaged over ranks), and leave the process
@@ -726,6 +753,8 @@ def main(argv: list[str]) -> int:
         return run_on_locked_folder(argv[2:])
     if mode == "small_disk":
         return run_on_a_small_disk(argv[2:])
+    if mode == "hung_write":
+        return run_with_a_hung_background_write(argv[2:])
     if mode == "nan":
         return run_with_a_nan_on_rank_1(argv[2:])
     if mode == "nan_after":

@@ -550,6 +550,40 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_on_every_rank_before_step
     assert not list(run.glob("deepspeed/step_*")) and not list(run.glob("checkpoints/ckpt-*"))
 
 
+def test_a_kill_9_during_a_background_write_leaves_the_previous_checkpoint_the_latest(tmp_path):
+    """Two ranks save every 2 steps in the background (the default); step 4's write hangs half-done
+    on both and they are killed: ``latest`` still names step 2, whose tag and consolidated export load
+    weights-only, and step 4's export was never written."""
+    from ijepa_fast.engines.deepspeed import files
+    from ijepa_fast.io import checkpoint as ckpt
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=64)  # 4 steps of 2 ranks x 8
+    overrides = tiny_overrides(
+        data, tmp_path / "runs", "hung", **{"run.engine": "deepspeed", "run.checkpoint_every": 2}
+    )
+    argv = [sys.executable, str(REPO / "tests" / "ds_worker.py"), "hung_write", str(tmp_path), *overrides]
+    procs, logs = start_ranks(argv, tmp_path, "hung", {dist_.TIMEOUT_ENV: "120"})
+    try:
+        deadline = time.perf_counter() + 240
+        while time.perf_counter() < deadline and any(p.poll() is None for p in procs):
+            texts = [Path(log.name).read_text() for log in logs]
+            if all("hung" in text for text in texts):
+                break
+            time.sleep(0.5)
+        assert all(p.poll() is None for p in procs), _tail([Path(log.name).read_text() for log in logs])
+    finally:
+        _stop_all(procs)  # SIGKILL
+    texts = _read_and_close(logs)
+    assert all("hung" in text for text in texts), _tail(texts)
+    run = tmp_path / "runs" / "hung"
+    assert files.latest_step(run / "deepspeed") == 2
+    for rank in (0, 1):
+        assert ckpt.load_file(files.rank_file(run / "deepspeed" / files.tag(2), rank), override=None)["step"] == 2
+    assert ckpt.newest_loadable(run / "checkpoints") == run / "checkpoints" / ckpt.checkpoint_name(2)
+    assert not (run / "checkpoints" / ckpt.checkpoint_name(4)).exists()
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step_and_each_leaves_the_group(tmp_path):
     from tests.test_trainer import tiny_overrides, write_idx
 

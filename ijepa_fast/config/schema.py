@@ -277,7 +277,7 @@ class RunConfig:
     log_every: int = 10  # one host sync every log_every steps
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
-    # true: a save copies the state to host memory and writes it in the background (engines that can)
+    # true: a save copies the state to host memory and writes it in the background (every engine)
     async_checkpoint: bool = True
     engine: str = "auto"  # auto (deepspeed under a multi-process launcher, else plain)|plain|deepspeed|fsdp2
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3

@@ -174,26 +174,19 @@ class DeepSpeedEngine:
         self.save_checkpoint(run_dir / "deepspeed", step, meta, keep=keep)
         return self.export_consolidated(run_dir / "checkpoints", step, {**meta, "rng": ckpt.rng_state()}, keep=keep)
 
+    def save_async(self, run_dir: Path, step: int, meta: dict, keep: int):
+        """Collective: what ``save`` writes, copied to host memory now; returns (the export's path on
+        rank 0, None elsewhere; the write, which every rank runs in the background): ``background``."""
+        from ijepa_fast.engines.deepspeed.background import stage_save
+
+        return stage_save(self, Path(run_dir), step, meta, keep)
+
     def finish_saves(self) -> None:
-        """Nothing to wait for: ``save`` returns once every file is written."""
+        """Nothing to wait for here: the trainer's ``Checkpointer`` joins the writes of ``save_async``."""
 
     def checkpoint_bytes(self) -> int:
-        """About how many bytes one ``save`` writes to the run folder's disk, every rank's files
-        together, from the full parameter sizes (no collective, no file read; the same on every rank).
-
-        The tag folder: the student's weights as DeepSpeed saves them (stages 0-2: the module's
-        tensors in one file; stage 3: only placeholders, the weights live in the optimizer files),
-        AdamW's two fp32 moments of each trainable parameter and, under ZeRO (stages 1-3), the
-        optimizer's fp32 master copy of it; the target encoder (stages 0-2: in the client state;
-        stage 3: its partitions in the ranks' own files). Then the consolidated fp32 export of both.
-        """
-        student, target = _tensor_bytes(self.student), _tensor_bytes(self.target_encoder)
-        trainable = sum(_numel(p) for p in self.student.parameters() if p.requires_grad)
-        fp32 = 4  # master weights and moments: fp32 at every stage (DeepSpeed's bf16 mode is off)
-        optimizer = (2 if self.zero_stage == 0 else 3) * trainable * fp32
-        module = student if self.zero_stage < 3 else 0
-        consolidated = sum(_numel(t) * fp32 for m in (self.student, self.target_encoder) for t in _tensors(m))
-        return module + optimizer + target + consolidated
+        """About how many bytes one ``save`` writes, every rank's files together (``files.checkpoint_bytes``)."""
+        return files.checkpoint_bytes(self.student, self.target_encoder, self.zero_stage)
 
     def load(self, run_dir: Path, check=None) -> dict | None:
         """Collective: restore ``run_dir/deepspeed``'s latest tag; ``check(client_state)`` may refuse
@@ -210,30 +203,50 @@ class DeepSpeedEngine:
         named them) are neither counted nor deleted.
         """
         save_dir, tag = Path(save_dir), self.tag(step)
-        rank, world = dist_.get_rank(), dist_.get_world_size()
         (save_dir / tag).mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_torch_save(self.own_state(step), files.rank_file(save_dir / tag, dist_.get_rank()))
+        self.engine.save_checkpoint(
+            str(save_dir), tag=tag, client_state=self.client_state(client_state, step), save_latest=False
+        )
+        dist_.barrier()  # every rank's files are complete before ``latest`` names the tag
+        self.name_tag(save_dir, step, keep)
+        dist_.barrier()
+        return save_dir / tag
+
+    def own_state(self, step: int) -> dict[str, Any]:
+        """What this rank's own file of a tag holds: RNG state and, at stage 3, its target partitions."""
         own: dict[str, Any] = {
             "step": step,
-            "rank": rank,
-            "world_size": world,
+            "rank": dist_.get_rank(),
+            "world_size": dist_.get_world_size(),
             "zero_stage": self.zero_stage,
             "rng": ckpt.rng_state(),
         }
         if self.zero_stage == 3:
             own["target_partitions"] = [t.detach().cpu().clone() for t in self._shards()[0]]
-        ckpt.atomic_torch_save(own, files.rank_file(save_dir / tag, rank))
-        client = {**(client_state or {}), "step": step, "world_size": world, "zero_stage": self.zero_stage}
+        return own
+
+    def client_state(self, client_state: dict | None, step: int) -> dict[str, Any]:
+        """What goes through DeepSpeed's own files: ours, and at stages 0-2 the target encoder."""
+        client = {
+            **(client_state or {}),
+            "step": step,
+            "world_size": dist_.get_world_size(),
+            "zero_stage": self.zero_stage,
+        }
         if self.zero_stage < 3:
             client["target_encoder"] = {k: v.detach().cpu() for k, v in self.target_encoder.state_dict().items()}
-        self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
-        dist_.barrier()  # every rank's files are complete before ``latest`` names the tag
-        if rank == 0:
-            files.write_latest(save_dir, tag)
-            if keep > 0:
-                for old in [s for s in files.list_tags(save_dir) if s <= step][:-keep]:
-                    shutil.rmtree(save_dir / self.tag(old), ignore_errors=True)
-        dist_.barrier()
-        return save_dir / tag
+        return client
+
+    def name_tag(self, save_dir: Path, step: int, keep: int) -> None:
+        """Rank 0, once every rank's files of ``step`` are complete: ``latest`` names it, and tags older
+        than the newest ``keep`` up to it are deleted."""
+        if dist_.get_rank() != 0:
+            return
+        files.write_latest(save_dir, self.tag(step))
+        if keep > 0:
+            for old in [s for s in files.list_tags(save_dir) if s <= step][:-keep]:
+                shutil.rmtree(save_dir / self.tag(old), ignore_errors=True)
 
     def load_checkpoint(self, load_dir: str | Path, step: int | None = None, check=None) -> dict | None:
         """Collective. Restore engine, optimizer, target encoder and RNG from ``step`` (default:
@@ -350,10 +363,15 @@ class DeepSpeedEngine:
 
         ``opt`` is empty: the optimizer state lives in the DeepSpeed checkpoint.
         """
+        state = self.export_state(extra)
+        return None if state is None else ckpt.save_checkpoint(Path(ckpt_dir), state, step, keep)
+
+    def export_state(self, extra: dict | None = None) -> dict[str, Any] | None:
+        """Collective: the consolidated export's contents on rank 0, None elsewhere."""
         state = self.consolidated_state()
         if dist_.get_rank() != 0:
             return None
-        state = {
+        return {
             **(extra or {}),
             **state,
             "opt": {},
@@ -361,18 +379,3 @@ class DeepSpeedEngine:
             "engine": "deepspeed",
             "zero_stage": self.zero_stage,
         }
-        return ckpt.save_checkpoint(Path(ckpt_dir), state, step, keep)
-
-
-def _numel(t: torch.Tensor) -> int:
-    """The full element count: a ZeRO-3 parameter's own tensor is an empty placeholder."""
-    return int(getattr(t, "ds_numel", t.numel()))
-
-
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *module.buffers()]
-
-
-def _tensor_bytes(module: nn.Module) -> int:
-    """Bytes of the module's full parameters and buffers in their own dtypes."""
-    return sum(_numel(t) * t.element_size() for t in _tensors(module))

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ijepa_fast.engines.deepspeed import universal as uc
 from ijepa_fast.engines.deepspeed.patches import deepspeed_safe_globals
@@ -115,3 +116,36 @@ def saved_world_size(tag_dir: str | Path) -> int:
             f"the save that wrote it did not finish; resume from an earlier step_XXXXXXXX"
         )
     return len(found)
+
+
+def checkpoint_bytes(student_module: nn.Module, target_module: nn.Module, zero_stage: int) -> int:
+    """About how many bytes one ``DeepSpeedEngine.save`` writes to the run folder's disk, every rank's files
+    together, from the full parameter sizes (no collective, no file read; the same on every rank).
+
+    The tag folder: the student's weights as DeepSpeed saves them (stages 0-2: the module's
+    tensors in one file; stage 3: only placeholders, the weights live in the optimizer files),
+    AdamW's two fp32 moments of each trainable parameter and, under ZeRO (stages 1-3), the
+    optimizer's fp32 master copy of it; the target encoder (stages 0-2: in the client state;
+    stage 3: its partitions in the ranks' own files). Then the consolidated fp32 export of both.
+    """
+    student, target = _tensor_bytes(student_module), _tensor_bytes(target_module)
+    trainable = sum(_numel(p) for p in student_module.parameters() if p.requires_grad)
+    fp32 = 4  # master weights and moments: fp32 at every stage (DeepSpeed's bf16 mode is off)
+    optimizer = (2 if zero_stage == 0 else 3) * trainable * fp32
+    module = student if zero_stage < 3 else 0
+    consolidated = sum(_numel(t) * fp32 for m in (student_module, target_module) for t in _tensors(m))
+    return module + optimizer + target + consolidated
+
+
+def _numel(t: torch.Tensor) -> int:
+    """The full element count: a ZeRO-3 parameter's own tensor is an empty placeholder."""
+    return int(getattr(t, "ds_numel", t.numel()))
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the module's full parameters and buffers in their own dtypes."""
+    return sum(_numel(t) * t.element_size() for t in _tensors(module))
