@@ -388,7 +388,7 @@ def run_single(out: Path) -> None:
     from ijepa_fast.io.checkpoint import UntrustedCheckpointError
     from tests.payloads import plant
 
-    report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}, "sizes": {}}
+    report: dict = {"planted": [], "clean_resume": {}, "exports": {}, "full_disk": {}, "sizes": {}, "background": {}}
     for stage in (0, 1, 2, 3):
         cfg = tiny_config(stage)
         build = partial(deepspeed_step, cfg, 1)
@@ -398,6 +398,7 @@ def run_single(out: Path) -> None:
         report["full_disk"][stage] = save_on_a_full_disk(step_fn.engine, build, out / f"full{stage}")
         report["exports"][stage] = str(step_fn.engine.export_consolidated(out / f"export{stage}", 1))
         report["sizes"][stage] = checkpoint_sizes(step_fn.engine, tag_dir, report["exports"][stage])
+        report["background"][stage] = background_against_in_step(step_fn, out / f"background{stage}")
         report["clean_resume"][stage] = build(1).engine.load_checkpoint(out / f"single{stage}")["step"]
         for path in sorted(tag_dir.glob("*.pt")):
             copy = out / f"planted{stage}_{path.stem}"
@@ -416,6 +417,69 @@ def run_single(out: Path) -> None:
     for stage in FROM_ONE_STAGES:
         train_on_one_rank(stage, out)
     (out / "single.json").write_text(json.dumps(report, indent=1))
+
+
+def background_against_in_step(step_fn, folder: Path) -> dict:
+    """Background saves at steps 1 and 2 (a training step between: the second reuses the first's
+    host buffers), then a save in the step at step 2 into another folder: which files of the two
+    step-2 checkpoints differ (every tensor bit for bit, every other value by ``==``), and whether
+    the second background save copied into the first one's buffers."""
+    from ijepa_fast.io.checkpoint import checkpoint_name
+
+    engine, meta = step_fn.engine, {"loss": 0.0}
+
+    def staged_buffers() -> set[int]:
+        return {t.data_ptr() for t in _tensors(engine._staged)}
+
+    _, write = engine.save_async(folder / "background", 1, meta, keep=2)
+    write()
+    first = staged_buffers()
+    step_fn(*local_batch(1, 0, 1), 1)
+    _, write = engine.save_async(folder / "background", 2, meta, keep=2)
+    write()
+    reused = staged_buffers() == first
+    engine.save(folder / "in_step", 2, meta, keep=2)
+    tag = engine.tag(2)
+    names = sorted(p.name for p in (folder / "in_step" / "deepspeed" / tag).iterdir())
+    pairs = [(f"deepspeed/{tag}/{name}", name) for name in names] + [(f"checkpoints/{checkpoint_name(2)}", "export")]
+    differ = {}
+    for rel, label in pairs:
+        loaded = [torch.load(folder / kind / rel, weights_only=False) for kind in ("background", "in_step")]
+        where = _first_difference(*loaded)
+        if where is not None:
+            differ[label] = where
+    return {"files": len(pairs), "differ": differ, "reused_buffers": reused, "buffers": len(first)}
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+def _first_difference(a, b, where: str = "") -> str | None:
+    """Where ``a`` and ``b`` first differ (tensors bit for bit, other values by ``==``); None if nowhere."""
+    if isinstance(a, torch.Tensor):
+        same = (
+            isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape) and torch.equal(_bits(a), _bits(b))
+        )
+    elif isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return where or "/"
+        return next((d for k in a if (d := _first_difference(a[k], b[k], f"{where}/{k}")) is not None), None)
+    elif isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return where or "/"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{where}/{i}"))), None)
+    elif type(a) is type(b) and hasattr(a, "__dict__") and type(a).__eq__ is object.__eq__:
+        return _first_difference(vars(a), vars(b), where)  # an object (DeepSpeed's loss scaler): its fields
+    else:
+        same = a == b
+    return None if same else (where or "/")
 
 
 def checkpoint_sizes(engine, tag_dir: Path, export: str | Path) -> dict:

@@ -428,6 +428,17 @@ def test_a_failed_write_in_deepspeeds_own_save_names_the_file_and_keeps_the_prev
 
 @needs_ds
 @pytest.mark.parametrize("stage", (0, 1, 2, 3))
+def test_a_background_save_into_the_last_ones_buffers_writes_what_a_save_in_the_step_writes(stage, single_rank):
+    """The second of two background saves copies into the first one's host buffers; every file of
+    its tag and its export equal those of a save in the step at the same step, bit for bit."""
+    report = single_rank["background"][str(stage)]
+    assert report["files"] >= 3 and report["buffers"] > 0, report  # DeepSpeed's files, ours, the export
+    assert report["reused_buffers"], report
+    assert report["differ"] == {}, report  # file: where its first difference is
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", (0, 1, 2, 3))
 def test_the_checkpoint_size_estimate_matches_what_one_rank_wrote(stage, single_rank):
     sizes = single_rank["sizes"][str(stage)]
     assert sizes["estimate"] == pytest.approx(sizes["on_disk"], rel=SIZE_TOL)

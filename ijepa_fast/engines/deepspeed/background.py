@@ -9,6 +9,10 @@ a barrier on a gloo group of the engine's own (so it never interleaves with the 
 collectives), then rank 0 names the tag in ``latest``, applies retention and writes the export. A
 write killed part-way leaves a tag that ``latest`` never named: the previous one stays the latest,
 and the next start deletes the partial tag, exactly as for a save in the step.
+
+Each save's host copies become the next one's buffers (``host_copy(into=...)``), found by file name
+within the tag, as the plain engine reuses its own: fresh host memory is slow to fault in. The
+trainer's ``Checkpointer`` joins a write before it stages the next save, so no write still reads them.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from ijepa_fast.io.async_save import host_copy
 from ijepa_fast.runtime import distributed as dist_
 
 
-def host_copies_engine(real):
+def host_copies_engine(real, buffers: dict[str, Any] | None = None):
     """A checkpoint engine like ``real`` (the engine's ``patches._CheckpointFiles``) whose ``save``
-    keeps a host copy of each state in ``captured`` instead of writing it. Everything else
-    (directories, commit, loading) is ``real``'s."""
+    keeps a host copy of each state in ``captured`` instead of writing it, into the copy of the file
+    of the same name in ``buffers`` where there is one. Everything else (directories, commit,
+    loading) is ``real``'s."""
+    buffers = buffers or {}
 
     class HostCopies(type(real)):
         def __init__(self):
@@ -36,7 +42,7 @@ def host_copies_engine(real):
             self.captured: list[tuple[str, Any]] = []
 
         def save(self, state_dict, path: str):
-            self.captured.append((str(path), host_copy(state_dict)))
+            self.captured.append((str(path), host_copy(state_dict, into=buffers.get(Path(path).name))))
 
     return HostCopies()
 
@@ -51,8 +57,9 @@ def stage_save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> tuple
     save_dir, tag = run_dir / "deepspeed", engine.tag(step)
     (save_dir / tag).mkdir(parents=True, exist_ok=True)
     rank = dist_.get_rank()
-    own = host_copy(engine.own_state(step))
-    capture = host_copies_engine(real)
+    last = getattr(engine, "_staged", None) or {}  # the previous save's copies, by file name
+    own = host_copy(engine.own_state(step), into=last.get("own"))
+    capture = host_copies_engine(real, last)
     engine.engine.checkpoint_engine = capture
     try:
         engine.engine.save_checkpoint(
@@ -61,7 +68,8 @@ def stage_save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> tuple
     finally:
         engine.engine.checkpoint_engine = real
     export = engine.export_state({**meta, "rng": ckpt.rng_state()})
-    export = None if export is None else host_copy(export)
+    export = None if export is None else host_copy(export, into=last.get("export"))
+    engine._staged = {**{Path(path).name: state for path, state in capture.captured}, "own": own, "export": export}
     group = write_group(engine)
     export_dir = run_dir / "checkpoints"
 
