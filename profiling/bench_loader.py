@@ -13,8 +13,9 @@ What one batch is, on each side: read the files (page cache), decode, RandomResi
   (the crop box from the header, reduced-scale JPEG decode, uint8 until one normalisation per
   batch, vectorised masks), with the decoder ``fast_decoder()`` picks;
 - ``ours-uint8``: the same, the batch left uint8 for the device to normalise;
-- ``ours-uint8-rgbx``: ``ours-uint8`` with simplejpeg's output resampled as Pillow's RGBX image (four
-  channels) instead of mapped as RGB (three): what the RGB map saves, the same pixels;
+- ``ours-uint8-pillow-resample``: ``ours-uint8`` with every crop resampled by Pillow (the authors'
+  pixels exactly), where ``ours-uint8`` uses torch's uint8 kernel on CPUs with AVX2 or AVX-512
+  (``decode.fast_resample``): what that kernel saves;
 - ``ours-pillow``: ours with Pillow's ``draft`` as the decoder (what runs without simplejpeg);
 - ``ours-full``: ours without the reduced-scale decode (Pillow, the whole image decoded).
 
@@ -40,10 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from ijepa_fast.data import decode
-from ijepa_fast.data.decode import REDUCTIONS, fast_decoder, header_size, reduction
+from ijepa_fast.data.decode import REDUCTIONS, fast_decoder, fast_resample, header_size, reduction
 from ijepa_fast.data.folder import ImageFolderDataset
 from ijepa_fast.data.loader import Collate, PretrainDataset
 from ijepa_fast.data.transforms import CROP_RATIO, crop_box
@@ -89,37 +88,22 @@ class _WholeDecode:
         return self.folder.describe(i)
 
 
-def _rgbx_image(arr) -> Image.Image:
-    """Pillow's public zero-copy map of an RGBX array: an RGBX image (resampled in four channels)."""
-    return Image.frombuffer("RGBX", (arr.shape[1], arr.shape[0]), arr, "raw", "RGBX", 0, 1)
-
-
 def variants(root: Path, crop: int) -> dict[str, Callable[[list[int], int], object]]:
     """name -> run(indices, step): one whole batch, as its pipeline's workers make it."""
     folder = ImageFolderDataset(root)
     authors = AuthorsDataset(folder.paths, folder.labels, crop, SCALE, flip=True)
     authors_collate = AuthorsCollator(GRID)
 
-    def ours(source, uint8: bool = False, decoder: str | None = None):
-        ds = PretrainDataset(source, crop, SCALE, seed=0, flip=True, decoder=decoder)
+    def ours(source, uint8: bool = False, decoder: str | None = None, resample: str | None = None):
+        ds = PretrainDataset(source, crop, SCALE, seed=0, flip=True, decoder=decoder, resample=resample)
         collate = Collate(MultiBlockMaskSampler(GRID), uint8=uint8)
         return lambda idx, step: collate([ds[(i, step, 0)] for i in idx])
-
-    def as_rgbx(run: Callable[[list[int], int], object]) -> Callable[[list[int], int], object]:
-        def rgbx_run(idx: list[int], step: int) -> object:
-            mapped, decode._rgb_over = decode._rgb_over, _rgbx_image
-            try:
-                return run(idx, step)
-            finally:
-                decode._rgb_over = mapped
-
-        return rgbx_run
 
     return {
         "authors": lambda idx, step: authors_collate([authors[i] for i in idx]),
         "ours": ours(folder),
         "ours-uint8": ours(folder, uint8=True),
-        "ours-uint8-rgbx": as_rgbx(ours(folder, uint8=True)),
+        "ours-uint8-pillow-resample": ours(folder, uint8=True, resample="pillow"),
         "ours-pillow": ours(folder, decoder="pillow"),
         "ours-full": ours(_WholeDecode(folder)),
     }
@@ -206,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:  # a caller (a test) gets its cores and threads back
         os.sched_setaffinity(0, allowed)
         torch.set_num_threads(threads)
+    cpu_capability = torch.backends.cpu.get_cpu_capability()
     meta = {
         **cpu_facts(),
         "pinned core": core,
@@ -213,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch_size,
         "timed rounds": args.rounds,
         "decoder": fast_decoder(),
+        "resample of whole-pixel crops": f"{fast_resample()} (torch's CPU capability: {cpu_capability})",
         "decode scale shares (1/k: share)": {
             f"1/{k}": round(v, 3) for k, v in reductions(root, args.crop_size).items()
         },

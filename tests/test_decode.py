@@ -14,11 +14,26 @@ import pytest
 import torch
 from PIL import Image
 
-from ijepa_fast.data.decode import REDUCTIONS, _rgb_over, random_resized_crop_bytes, reduction
+from ijepa_fast.data.decode import (
+    REDUCTIONS,
+    _resample_rgbx,
+    _rgb_over,
+    fast_resample,
+    random_resized_crop_bytes,
+    reduction,
+)
 from ijepa_fast.data.folder import ImageFolderDataset, load_rgb
 from ijepa_fast.data.loader import Collate, PretrainDataset
 from ijepa_fast.data.synthetic import encode, synthetic_photo, write_jpeg_folder
-from ijepa_fast.data.transforms import CROP_RATIO, crop_box, normalize, pil_to_uint8, random_resized_crop_pil
+from ijepa_fast.data.transforms import (
+    CROP_RATIO,
+    crop_box,
+    crop_then_resize,
+    normalize,
+    pil_to_uint8,
+    random_resized_crop_pil,
+    resized_crop,
+)
 from ijepa_fast.masks.sampler import MultiBlockMaskSampler
 from ijepa_fast.runtime.optional import available
 from ijepa_fast.runtime.rng import crop_rng
@@ -87,14 +102,17 @@ def _full_decode_view(data: bytes, seed: int, size: int = 224) -> torch.Tensor:
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_bytes_view_matches_the_full_decode(decoder):
-    """At scale 1 the pixels are the full-decode path's, bit for bit (same libjpeg, same box, same
-    resample); at a reduced scale they differ only by the DCT's low-pass: mean error below 1.5 of
-    255 (a box drawn differently gives tens)."""
+    """At scale 1 the pixels are the full-decode path's, bit for bit with Pillow's resample (same
+    libjpeg, same box, same resample) and within 1 with torch's; at a reduced scale they differ only
+    by the DCT's low-pass: mean error below 1.5 of 255 (a box drawn differently gives tens)."""
     small = encode(synthetic_photo(300, 200, seed=1), quality=90)
     large = encode(synthetic_photo(1200, 900, seed=2), quality=90)
-    for seed in range(3):
-        out = random_resized_crop_bytes(small, 120, SCALE, random.Random(seed), decoder=decoder)
-        assert torch.equal(out, _full_decode_view(small, seed, 120))  # 200 px high: no crop reaches 2 x 120
+    for seed in range(3):  # 200 px high: no crop reaches 2 x 120
+        ref = _full_decode_view(small, seed, 120)
+        out = random_resized_crop_bytes(small, 120, SCALE, random.Random(seed), decoder=decoder, resample="pillow")
+        assert torch.equal(out, ref)
+        out = random_resized_crop_bytes(small, 120, SCALE, random.Random(seed), decoder=decoder, resample="torch")
+        assert (out.int() - ref.int()).abs().max() <= (0 if decoder == "pillow" else 1)
     reduced = 0
     for seed in range(4):
         out = random_resized_crop_bytes(large, 224, SCALE, random.Random(seed), decoder=decoder)
@@ -106,6 +124,64 @@ def test_bytes_view_matches_the_full_decode(decoder):
     other_box = _full_decode_view(large, 99)
     out = random_resized_crop_bytes(large, 224, SCALE, random.Random(0), decoder=decoder)
     assert (out.float() - other_box.float()).abs().mean() > 5
+
+
+def _authors_resized_crop(img: Image.Image, box, size: int) -> Image.Image:
+    """torchvision's ``F.resized_crop`` on a PIL image, as the authors' RandomResizedCrop runs it."""
+    left, top, w, h = box
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_crop_then_resize_is_the_authors_resized_crop_pixel_for_pixel(mode):
+    """Shrinking and enlarging crops of an odd-sized image equal the authors' crop-then-resize bit
+    for bit; the one-call resample of the region (``resized_crop``, which the evaluation view uses)
+    reads pixels outside the box and differs for most of them."""
+    rng = random.Random(0)
+    img = Image.fromarray(synthetic_photo(157, 113, seed=3)).convert(mode)
+    differs = 0
+    for _ in range(60):
+        box = crop_box(157, 113, (0.02, 1.0), CROP_RATIO, rng)
+        size = rng.choice([7, 32, 64, 224])
+        ours = np.asarray(crop_then_resize(img, box, size))
+        assert np.array_equal(ours, np.asarray(_authors_resized_crop(img, box, size))), (box, size)
+        differs += not np.array_equal(np.asarray(resized_crop(img, box, size)), ours)
+    assert differs > 30
+
+
+def test_crop_then_resize_reads_nothing_outside_the_pixels_that_enclose_the_box():
+    arr = synthetic_photo(90, 70, seed=5)
+    boxes = [(10, 5, 40, 30), (10.25, 5.5, 40.5, 30.25), (0, 0, 90, 70), (3.5, 0.0, 86.5, 70.0)]
+    for box in boxes:
+        left, top, w, h = box
+        x0, y0, x1, y1 = math.floor(left), math.floor(top), math.ceil(left + w), math.ceil(top + h)
+        other = 255 - arr  # every pixel changed...
+        other[y0:y1, x0:x1] = arr[y0:y1, x0:x1]  # ...but those enclosing the box
+        out = np.asarray(crop_then_resize(Image.fromarray(arr), box, 24))
+        assert np.array_equal(out, np.asarray(crop_then_resize(Image.fromarray(other), box, 24))), box
+    whole = crop_then_resize(Image.fromarray(arr), (10, 5, 40, 30), 24)
+    assert np.array_equal(
+        np.asarray(whole), np.asarray(crop_then_resize(Image.fromarray(arr), (10.0, 5.0, 40.0, 30.0), 24))
+    )
+
+
+@pytest.mark.skipif(fast_resample() != "torch", reason="torch's resample is used only on x86 with AVX2 or AVX-512")
+def test_torch_resample_is_within_one_of_pillows_crop_then_resize():
+    """Over odd image, crop and output sizes, shrinking and enlarging: no value more than 1 from
+    Pillow's (out of 255), and few of them 1 away."""
+    rng = random.Random(0)
+    worst, changed, total = 0, 0, 0
+    for i in range(40):
+        W, H = rng.randint(20, 400), rng.randint(20, 400)
+        rgb = synthetic_photo(W, H, seed=i)
+        rgbx = np.concatenate([rgb, np.full((H, W, 1), 255, np.uint8)], axis=2)
+        box = crop_box(W, H, (0.02, 1.0), CROP_RATIO, rng)
+        size = rng.choice([16, 57, 224])
+        ours = _resample_rgbx(rgbx, box, size)
+        ref = pil_to_uint8(crop_then_resize(Image.fromarray(rgb), box, size))
+        diff = (ours.int() - ref.int()).abs()
+        worst, changed, total = max(worst, int(diff.max())), changed + int((diff > 0).sum()), total + diff.numel()
+    assert worst <= 1 and changed / total < 0.1, (worst, changed / total)
 
 
 def test_rgbx_bytes_resample_as_rgb_without_a_copy():
@@ -132,7 +208,9 @@ def test_rgbx_bytes_resample_as_rgb_without_a_copy():
 @pytest.mark.skipif(not available("simplejpeg"), reason="no simplejpeg")
 def test_without_pillows_rgb_map_the_rgbx_image_gives_the_same_views(monkeypatch):
     data = encode(synthetic_photo(640, 480, seed=8), quality=90)
-    before = [random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True) for s in range(4)]
+    before = [
+        random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True, resample="pillow") for s in range(4)
+    ]
     real = Image.core.map_buffer
 
     def no_rgb(buf, size, decoder, offset, args):  # a Pillow whose map takes only its public modes
@@ -142,7 +220,9 @@ def test_without_pillows_rgb_map_the_rgbx_image_gives_the_same_views(monkeypatch
 
     monkeypatch.setattr(Image.core, "map_buffer", no_rgb)
     assert _rgb_over(np.zeros((2, 3, 4), np.uint8)).mode == "RGBX"
-    after = [random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True) for s in range(4)]
+    after = [
+        random_resized_crop_bytes(data, 64, SCALE, random.Random(s), flip=True, resample="pillow") for s in range(4)
+    ]
     assert all(torch.equal(a, b) and b.is_contiguous() for a, b in zip(before, after))
 
 
@@ -195,15 +275,19 @@ def test_flip_mirrors_half_of_the_views():
 
 def test_loader_items_and_uint8_batches(tmp_path):
     """The dataset's views are the full-decode path's with the crop generator of (seed, epoch,
-    index) (no reduced scale at this size); a uint8 batch normalises to the float batch."""
+    index) (no reduced scale at this size; within 1 with the default resample, exactly with
+    Pillow's); a uint8 batch normalises to the float batch."""
     write_jpeg_folder(tmp_path, 6, size=(96, 72))
     folder = ImageFolderDataset(tmp_path)
-    ds = PretrainDataset(folder, 48, SCALE, seed=3)
+    ds = PretrainDataset(folder, 48, SCALE, seed=3, resample="pillow")
     items = [ds[(i, 0, 2)] for i in range(6)]
+    default = PretrainDataset(folder, 48, SCALE, seed=3)
     for i, (img, label, step, epoch, bad) in enumerate(items):
         ref = pil_to_uint8(random_resized_crop_pil(load_rgb(folder.paths[i]), 48, SCALE, crop_rng(3, 2, i)))
         assert torch.equal(img, ref) and (label, step, epoch, bad) == (int(folder.labels[i]), 0, 2, "")
         assert img.is_contiguous()  # a batch stacks by plain copies
+        fast = default[(i, 0, 2)][0]
+        assert fast.is_contiguous() and (fast.int() - ref.int()).abs().max() <= 1
     masks = MultiBlockMaskSampler(4, num_pred_masks=2, min_keep=2)
     as_uint8, as_float = Collate(masks, uint8=True)(items), Collate(masks)(items)
     assert as_uint8.images.dtype == torch.uint8 and as_float.images.dtype == torch.float32
@@ -215,7 +299,7 @@ def test_loader_bench_runs_quickly(tmp_path, capsys):
     from profiling import bench_loader
 
     rows = bench_loader.main(["--quick", "--dir", str(tmp_path), "--num-images", "8", "--batch-size", "4"])
-    assert set(rows) >= {"authors", "ours", "ours-uint8", "ours-uint8-rgbx"} and all(
+    assert set(rows) >= {"authors", "ours", "ours-uint8", "ours-uint8-pillow-resample"} and all(
         r["images_per_s"] > 0 for r in rows.values()
     )
     assert math.isclose(rows["authors"]["x_authors"], 1.0)

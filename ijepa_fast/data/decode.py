@@ -12,10 +12,17 @@ inverse DCT computed on fewer coefficients). ``random_resized_crop_bytes``:
    >= size, so the decoded crop still holds at least ``size`` x ``size`` pixels and the final
    resample only shrinks (antialiased bilinear, as the full-decode path);
 4. decodes at 1/k (simplejpeg when it is installed, else Pillow's ``draft``), scales the box by the
-   decoded size over the header size, and resamples it to ``size`` x ``size`` in one Pillow call
-   (simplejpeg's RGBX output mapped as an RGB image without a copy, so the resample computes three
-   channels, not four);
+   decoded size over the header size, cuts it out and resamples it to ``size`` x ``size``
+   (``transforms.crop_then_resize``: the authors' crop, then resize; simplejpeg's RGBX output
+   mapped as an RGB image without a copy, so the resample computes three channels, not four);
 5. flips left-right when asked (one more draw from ``rng``, after the box) and returns uint8.
+
+The resample of a whole-pixel box (k = 1, most crops of ImageNet-sized images) from simplejpeg's
+output runs in torch's uint8 antialiased bilinear kernel where it is vectorised (``fast_resample``:
+x86 with AVX2 or AVX-512), faster than Pillow's there (``profiling/bench_loader.py``). This is a
+difference from the authors' pixels, made on purpose: torch's fixed-point rounding puts a few
+percent of values 1 away from Pillow's (out of 255), never more (tested). ``resample="pillow"``
+keeps Pillow's pixels exactly.
 
 Files that are not baseline/progressive RGB or greyscale JPEGs (PNG, WebP, CMYK JPEGs), and a JPEG
 the fast decoder refuses, go through ``folder.load_rgb`` (the full decode with every mode
@@ -29,10 +36,11 @@ import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ijepa_fast.data.folder import load_rgb
-from ijepa_fast.data.transforms import CROP_RATIO, Box, crop_box, pil_to_uint8, random_flip, resized_crop
+from ijepa_fast.data.transforms import CROP_RATIO, Box, crop_box, crop_then_resize, pil_to_uint8, random_flip
 from ijepa_fast.runtime.optional import available, require
 
 REDUCTIONS = (8, 4, 2, 1)  # the DCT scales 1/k that libjpeg decodes at the cost of fewer coefficients
@@ -63,8 +71,8 @@ def _simplejpeg_header(data: bytes) -> tuple[int, int, str] | None:
     return width, height, colorspace
 
 
-def _decode_simplejpeg(data: bytes, k: int, header: tuple[int, int, str]) -> Image.Image | None:
-    """The RGB image at scale 1/k, or None when simplejpeg cannot take this file."""
+def _decode_simplejpeg(data: bytes, k: int, header: tuple[int, int, str]) -> np.ndarray | None:
+    """The [H, W, 4] RGBX array at scale 1/k, or None when simplejpeg cannot take this file."""
     width, height, colorspace = header
     if colorspace not in ("Gray", "YCbCr", "RGB"):  # CMYK / YCCK: load_rgb converts them
         return None
@@ -75,7 +83,22 @@ def _decode_simplejpeg(data: bytes, k: int, header: tuple[int, int, str]) -> Ima
         )
     except ValueError:  # damaged: load_rgb decides (and names the error)
         return None
-    return _rgb_over(arr)
+    return arr
+
+
+def fast_resample() -> str:
+    """How the fast path resamples a whole-pixel box from simplejpeg's output: ``torch`` where torch's
+    uint8 antialiased resize is vectorised (x86 with AVX2 or AVX-512), else ``pillow``."""
+    return "torch" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "pillow"
+
+
+def _resample_rgbx(arr: np.ndarray, box: Box, size: int) -> torch.Tensor:
+    """[3, size, size] uint8 (a view) of the whole-pixel ``box`` of an [H, W, 4] RGBX array, cut
+    out, then resampled by torch's antialiased bilinear (within 1 of Pillow's; see the module
+    docstring). Four channels in: the layout the uint8 kernel takes without a repack."""
+    left, top, w, h = box
+    region = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)[:, :, top : top + h, left : left + w]
+    return F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, :3]
 
 
 def _rgb_over(arr: np.ndarray) -> Image.Image:
@@ -147,24 +170,30 @@ def random_resized_crop_bytes(
     ratio: tuple[float, float] = CROP_RATIO,
     decoder: str | None = None,
     name: str = "the image",
+    resample: str | None = None,
 ) -> torch.Tensor:
     """The pretraining view of an encoded image: [3, size, size] uint8 (see the module docstring).
 
     ``flip``: mirror left-right with probability 1/2 (drawn from ``rng`` after the box).
     ``decoder``: ``simplejpeg`` | ``pillow`` (default: ``fast_decoder()``). ``name``: what errors
-    call the file (its path).
+    call the file (its path). ``resample``: ``torch`` | ``pillow`` for a whole-pixel box decoded by
+    simplejpeg (default: ``fast_resample()``); every other view is resampled by Pillow.
     """
     decoder = decoder or fast_decoder()
     header = _simplejpeg_header(data) if decoder == "simplejpeg" else None  # read once, used twice
     full = header[:2] if header is not None else header_size(data, name)
     box = crop_box(*full, scale, ratio, rng)
-    decoded = None
+    k, decoded = reduction(box, size), None
     if header is not None:
-        decoded = _decode_simplejpeg(data, reduction(box, size), header)
+        arr = _decode_simplejpeg(data, k, header)
+        if arr is not None and k == 1 and (resample or fast_resample()) == "torch":
+            view = _resample_rgbx(arr, box, size)
+            return (view.flip(-1) if flip and rng.random() < 0.5 else view).contiguous()  # random_flip's draw
+        decoded = None if arr is None else _rgb_over(arr)
     elif decoder != "simplejpeg" and data.startswith(_JPEG_START):
-        decoded = _decode_pil(data, reduction(box, size), name)
+        decoded = _decode_pil(data, k, name)
     if decoded is None:
-        view = resized_crop(load_rgb(_Bytes(data, name)), box, size)
+        view = crop_then_resize(load_rgb(_Bytes(data, name)), box, size)
     else:
-        view = resized_crop(decoded, _scaled(box, full, decoded.size), size)
+        view = crop_then_resize(decoded, _scaled(box, full, decoded.size), size)
     return _to_uint8(random_flip(view, rng) if flip else view)

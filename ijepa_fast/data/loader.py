@@ -110,11 +110,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         limit: int = 0,
         flip: bool = False,
         decoder: str | None = None,
+        resample: str | None = None,
     ):
         self.source = source
         self.n = min(len(source), limit) if limit else len(source)
         self.crop_size, self.crop_scale, self.seed, self.flip = int(crop_size), tuple(crop_scale), int(seed), flip
         self.decoder = decoder  # the JPEG decoder (decode.random_resized_crop_bytes; None: the fastest installed)
+        self.resample = resample  # decode.random_resized_crop_bytes's (None: the fastest on this CPU)
 
     def __len__(self) -> int:
         return self.n
@@ -125,7 +127,9 @@ class PretrainDataset(torch.utils.data.Dataset):
         read = getattr(self.source, "read_bytes", None)
         if read is not None:  # encoded files: crop drawn on the header, reduced-scale decode
             size, scale, name = self.crop_size, self.crop_scale, self.source.describe(i)
-            view = random_resized_crop_bytes(read(i), size, scale, rng, self.flip, decoder=self.decoder, name=name)
+            view = random_resized_crop_bytes(
+                read(i), size, scale, rng, self.flip, decoder=self.decoder, name=name, resample=self.resample
+            )
             return view, int(self.source.labels[i])
         img, label = self.source[i]
         view = random_resized_crop_pil(as_pil(img), self.crop_size, self.crop_scale, rng)

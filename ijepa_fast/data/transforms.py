@@ -6,9 +6,11 @@ resized to the crop size, normalised with the ImageNet mean and std; no colour j
 no flips unless asked (``random_flip``: the authors' optional RandomHorizontalFlip, off in their
 configs). ``crop_box`` keeps torchvision's semantics: ten attempts at (area ~ U(scale) x image area,
 log-aspect ~ U(log ratio)), the first that fits is placed uniformly; else the largest centred crop
-whose aspect ratio lies in the range. The crop is cut and resized in one Pillow call
-(``resize(box=...)``, bilinear with a support widened by the downscale factor, i.e. antialiased as
-torchvision's ``antialias=True``).
+whose aspect ratio lies in the range. The crop is cut out, then resized (``crop_then_resize``:
+torchvision's ``F.resized_crop`` on a PIL image, bilinear with a support widened by the downscale
+factor, i.e. antialiased), so the filter reads no pixel outside the crop, as theirs. The evaluation
+view resamples its centre region in one call instead (``resized_crop``), as resizing the whole image
+first would.
 
 ``ijepa_fast.runtime.rng.crop_rng(seed, epoch, index)`` is the only source of a sample's crop randomness: a resumed run,
 a run with more or fewer workers, and the DALI loader (which computes the same windows) all see
@@ -67,11 +69,25 @@ def resized_crop(img: Image.Image, box: tuple[float, float, float, float], size:
     return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
 
 
+def crop_then_resize(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """The region ``box`` = (left, top, w, h) cut out of ``img``, then resampled to ``size`` x
+    ``size`` (bilinear, antialiased when shrinking): the authors' RandomResizedCrop, pixel for pixel
+    for a whole-pixel box. Unlike ``resized_crop``, the filter reads nothing outside the cut, so at
+    the crop's edges it clamps, as theirs does. A fractional box (a reduced-scale decode's) is cut
+    at the whole pixels that enclose it and resampled over its exact extent within them."""
+    left, top, w, h = box
+    x0, y0 = math.floor(left), math.floor(top)
+    x1, y1 = min(math.ceil(left + w), img.width), min(math.ceil(top + h), img.height)
+    region = img.crop((x0, y0, x1, y1))
+    inner = (left - x0, top - y0, min(left + w - x0, x1 - x0), min(top + h - y0, y1 - y0))
+    return region.resize((size, size), Image.Resampling.BILINEAR, box=inner)
+
+
 def random_resized_crop_pil(
     img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = CROP_RATIO
 ) -> Image.Image:
     """The pretraining view as a ``size`` x ``size`` PIL image of ``img``'s mode."""
-    return resized_crop(img, crop_box(img.width, img.height, scale, ratio, rng), size)
+    return crop_then_resize(img, crop_box(img.width, img.height, scale, ratio, rng), size)
 
 
 def random_flip(img: Image.Image, rng: random.Random) -> Image.Image:
