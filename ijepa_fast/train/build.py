@@ -19,6 +19,7 @@ from ijepa_fast.runtime import distributed
 from ijepa_fast.runtime.device import resolve_precision
 from ijepa_fast.runtime.distributed import DistEnv
 from ijepa_fast.runtime.errors import ConfigError
+from ijepa_fast.train import run_folder
 from ijepa_fast.train.optim import build_optimizer
 from ijepa_fast.train.schedules import Schedules
 from ijepa_fast.train.step import Engine, StepOptions, TrainStep
@@ -43,6 +44,37 @@ def remove_partial_files(run_dir: Path) -> list[Path]:
     if (run_dir / "fsdp2").is_dir():  # the engine's module imports torch.distributed: only for its runs
         removed += engine_class("fsdp2").remove_partial_files(run_dir)
     return removed
+
+
+def open_run_folder(
+    run_dir: Path, cfg: Config, engine: str, world_size: int, resume: bool, allow_config_change: bool, files
+) -> tuple[run_folder.RunLock, tuple[int, int] | None]:
+    """Rank 0, before any model is built: lock the run folder, refuse links in place of ``files``
+    (the run's files written by name) and a start over a run without ``resume``, delete the
+    temporary files a killed run left (no other trainer writes there now), and on resume compare
+    the config with the run's config.yaml. Returns (the lock, held; on resume (the checkpoint's
+    number of ranks, this run's), else None); a failure releases the lock."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_folder.RunLock(run_dir)
+    lock.acquire()
+    try:
+        run_folder.refuse_links(run_dir, files)
+        if ckpt.list_checkpoints(run_dir / "checkpoints") and not resume:
+            raise FileExistsError(
+                f"run folder {run_dir} already holds checkpoints: pass --resume to continue "
+                f"it, or choose another run.name / run.out_dir"
+            )
+        removed = remove_partial_files(run_dir)
+        if removed:
+            names = ", ".join(map(str, removed))
+            log.warning("removed %d partial file(s) of an interrupted save: %s", len(removed), names)
+        resumed = engine_class(engine).latest_step(run_dir) if resume else None
+        ranks = None if resumed is None else (engine_class(engine).saved_ranks(run_dir), world_size)
+        run_folder.check_config(run_dir, cfg, resumed, allow_config_change, ranks)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, ranks
 
 
 SHARDED_ENGINES = ("deepspeed", "fsdp2")  # engines whose checkpoints live in a folder of their own

@@ -30,8 +30,7 @@ import torch
 from ijepa_fast.config import Config
 from ijepa_fast.data.build import build_loader
 from ijepa_fast.data.device_feed import DeviceFeed
-from ijepa_fast.engines import engine_class, resolve_engine
-from ijepa_fast.io import checkpoint as ckpt
+from ijepa_fast.engines import resolve_engine
 from ijepa_fast.models.vit import grid_size
 from ijepa_fast.runtime import distributed
 from ijepa_fast.runtime.device import resolve_precision
@@ -41,7 +40,7 @@ from ijepa_fast.train.build import (
     check_resume,
     check_run_folder,
     models_for_run,
-    remove_partial_files,
+    open_run_folder,
     start_process,
     train_step_for,
 )
@@ -194,28 +193,11 @@ class Trainer:
             )
 
     def _open_run_dir(self) -> None:
-        """Rank 0: lock the run folder, refuse links in place of its files and a start over a run
-        without --resume, delete the temporary files that a killed run left (no other trainer writes
-        there now), and on resume compare the config with the run's config.yaml (before any model is
-        built; config.yaml is written once every check has passed: ``_write_config``)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = run_folder.RunLock(self.run_dir)
-        self.lock.acquire()
-        run_folder.refuse_links(self.run_dir, RUN_FILES)
-        if ckpt.list_checkpoints(self.run_dir / "checkpoints") and not self.resume:
-            raise FileExistsError(
-                f"run folder {self.run_dir} already holds checkpoints: pass --resume to continue "
-                f"it, or choose another run.name / run.out_dir"
-            )
-        removed = remove_partial_files(self.run_dir)
-        if removed:
-            log.warning(
-                "removed %d partial file(s) of an interrupted save: %s", len(removed), ", ".join(map(str, removed))
-            )
-        engine = engine_class(self.engine_name)
-        resumed = engine.latest_step(self.run_dir) if self.resume else None
-        self._resumed_ranks = None if resumed is None else (engine.saved_ranks(self.run_dir), self.world_size)
-        run_folder.check_config(self.run_dir, self.cfg, resumed, self.allow_config_change, self._resumed_ranks)
+        """Rank 0: ``build.open_run_folder`` (config.yaml is written once every check has passed:
+        ``_write_config``)."""
+        self.lock, self._resumed_ranks = open_run_folder(
+            self.run_dir, self.cfg, self.engine_name, self.world_size, self.resume, self.allow_config_change, RUN_FILES
+        )
 
     def _write_config(self, restored: dict | None) -> None:
         """Rank 0, once every check has passed: config.yaml. On resume it is compared once more with
