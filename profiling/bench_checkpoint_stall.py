@@ -2,13 +2,14 @@
 
     python -m profiling.bench_checkpoint_stall [--model vit_base] [--patch 16] [--rounds 2] [--threads N]
                                                [--engine plain|deepspeed] [--zero-stage 2]
-                                               [--dir /tmp/ckpt_stall] [--json out.json]
+                                               [--dir /tmp/ckpt_stall] [--json out.json] [section.key=value ...]
 
 The state is the engine's for ``--model`` (student, target encoder, predictor, AdamW moments filled by
 one training step of two synthetic images), built by ``train.build`` as a run builds it; DeepSpeed runs
 in a world of one on the CPU (gloo, ``DS_ACCELERATOR=cpu``). The training thread runs a stand-in step
 (a fixed matmul loop on the CPU, so that its time is stable and short), saves at one step, and keeps
-stepping. Per mode:
+stepping. Trailing ``section.key=value`` overrides change the run's config (a smaller predictor, say).
+Per mode:
 
 - ``blocked``: the time the ``save`` call holds the training thread (the whole write in the step;
   the host copy only in the background);
@@ -53,11 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--engine", choices=("plain", "deepspeed"), default="plain")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2, help="with --engine deepspeed")
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied after the options above")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def build(model: str, patch: int, engine: str = "plain", zero_stage: int = 2):
+def build(model: str, patch: int, engine: str = "plain", zero_stage: int = 2, overrides: tuple[str, ...] = ()):
     """The engine of a run of ``model`` on the CPU in a world of one, after one training step."""
     if engine == "deepspeed":  # read when DeepSpeed is first imported
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -72,6 +74,7 @@ def build(model: str, patch: int, engine: str = "plain", zero_stage: int = 2):
             "run.dtype=fp32",
             "speed.compile=off",
             "data.batch_size=2",
+            *overrides,
         ],
     )
     env = DistEnv(
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:  # on an oversubscribed machine, OpenMP's waits make copies many times slower
         torch.set_num_threads(args.threads)
-    engine = build(args.model, args.patch, args.engine, args.zero_stage)
+    engine = build(args.model, args.patch, args.engine, args.zero_stage, tuple(args.overrides))
     estimate_gb = engine.checkpoint_bytes() / 1e9  # what the disk check before step 0 counts
     rows: dict[str, list[dict]] = {"in the step": [], "background": []}
     try:

@@ -101,8 +101,8 @@ summary() {
     "$(date -u '+%Y-%m-%d %H:%M UTC')" "$commit" $(( $(date +%s) - START )) > "$W/about.tsv"
   # summary.md: every stage in full; shown: every stage's parts, this stage's tables (what fits a reply)
   local summary_md="$W/summary.md" shown="$W/summary_shown.md"
-  if [ -z "$PY" ] || ! "$PY" -m profiling.gpu_summary "$RESULTS" > "$summary_md" 2>/dev/null ||
-      ! "$PY" -m profiling.gpu_summary "$RESULTS" --detail "$STAGE" > "$shown" 2>/dev/null; then
+  if [ -z "$PY" ] ||
+      ! "$PY" -m profiling.gpu_summary "$RESULTS" --detail "$STAGE" --full-to "$summary_md" > "$shown" 2>/dev/null; then
     {
       echo "gpu-check stage $STAGE on $DEVICE, commit $commit"
       echo
@@ -254,7 +254,8 @@ else
   status environment "failed (see environment.log)" $(( $(date +%s) - t0 ))
   echo "gpu-check: $(tail -n 1 "$W/environment.log"); going on with $PY, whose package parts may fail"
 fi
-echo "gpu-check stage $STAGE: python $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)');" \
+# torch's version from its metadata: importing torch here would cost seconds of the lease
+echo "gpu-check stage $STAGE: python $("$PY" -c 'import importlib.metadata as m, sys; print(sys.version.split()[0], "torch", m.version("torch"))');" \
      "budget ${BUDGET}s; outputs in $W"
 
 run_part preflight 60 12 "$PY" -m profiling.preflight --facts "$W/preflight.env"

@@ -4,7 +4,7 @@ beside the paper; for each step row with a phase split, the step model's predict
 phase beside the measured ones (``ijepa_fast.models.step_model``: where the model is wrong); the
 kernels against the roofline of the measured copy bandwidth.
 
-    python -m profiling.gpu_summary RESULTS_DIR [--detail STAGE]
+    python -m profiling.gpu_summary RESULTS_DIR [--detail STAGE] [--full-to FILE]
 
 RESULTS_DIR holds one folder per stage (profiling/gpu_check.sh writes them): ``status.tsv`` (one
 ``part<TAB>status<TAB>seconds`` line per part), ``about.tsv`` (``key<TAB>value`` lines: stage,
@@ -333,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help="the folder of stage folders")
     p.add_argument("--detail", default=None, metavar="STAGE", help="step and kernel tables of this stage only")
+    p.add_argument(
+        "--full-to", type=Path, default=None, metavar="FILE", help="also write the summary of every stage in full here"
+    )
     args = p.parse_args(argv)
+    if args.full_to is not None:  # one process for both: each start imports torch, seconds of a device lease
+        args.full_to.write_text(summary(args.results) + "\n")
     print(summary(args.results, args.detail))
     return 0
 
