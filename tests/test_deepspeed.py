@@ -526,19 +526,12 @@ def test_an_unfinished_newer_tag_does_not_displace_the_checkpoint_just_saved(sta
 @needs_ds
 def test_a_locked_run_folder_stops_every_rank(tmp_path):
     """Rank 0 alone takes the run folder's lock; when it cannot, rank 1 must stop too, not wait."""
-    from ijepa_fast.train.run_folder import RunLock
-    from tests.test_trainer import tiny_overrides, write_idx
+    from tests.test_trainer import held_run_folder, tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=32)
-    run_dir = tmp_path / "runs" / "locked"
-    run_dir.mkdir(parents=True)
-    holder = RunLock(run_dir)
-    holder.acquire()
-    try:
+    with held_run_folder(tmp_path / "runs", "locked"):
         overrides = tiny_overrides(data, tmp_path / "runs", "locked", **{"run.engine": "deepspeed"})
         codes, texts, _ = launch("locked", tmp_path, *overrides, timeout=240, extra_env={dist_.TIMEOUT_ENV: "60"})
-    finally:
-        holder.release()
     assert codes == [5, 5], _tail(texts)
     assert f"in use by pid {os.getpid()} on host" in texts[0]
     assert "another rank could not prepare the run folder" in texts[1]

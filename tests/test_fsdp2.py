@@ -373,20 +373,15 @@ def test_a_non_finite_loss_stops_the_trainer_and_the_steps_before_it_are_saved(t
 
 def test_a_locked_run_folder_is_refused_and_the_process_group_is_left(tmp_path, clean_launcher_env):
     """FSDP2 starts a process group in a world of one too: a refusal (the run folder in use) leaves it."""
-    from ijepa_fast.train.run_folder import RunLock, RunLockedError
+    from ijepa_fast.train.run_folder import RunLockedError
     from ijepa_fast.train.trainer import Trainer
-    from tests.test_trainer import tiny_overrides, write_idx
+    from tests.test_trainer import held_run_folder, tiny_overrides, write_idx
 
     data = write_idx(tmp_path / "data", n=16)
-    run_dir = tmp_path / "runs" / "locked"
-    run_dir.mkdir(parents=True)
-    holder = RunLock(run_dir)
-    holder.acquire()
-    try:
-        with pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()}"):
-            Trainer(config_mod_load(tiny_overrides(data, tmp_path / "runs", "locked", **{"run.engine": "fsdp2"})))
-    finally:
-        holder.release()
+    cfg = config_mod_load(tiny_overrides(data, tmp_path / "runs", "locked", **{"run.engine": "fsdp2"}))
+    refused = pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()}")
+    with held_run_folder(tmp_path / "runs", "locked") as run_dir, refused:
+        Trainer(cfg)
     assert not torch.distributed.is_initialized()
     assert not (run_dir / "fsdp2").exists() and not (run_dir / "config.yaml").exists()
 

@@ -16,6 +16,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,22 @@ def write_idx(root: Path, n: int = 96, seed: int = 0) -> Path:
     with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as fh:
         fh.write(struct.pack(">II", 0x801, n) + labels.tobytes())
     return root
+
+
+@contextmanager
+def held_run_folder(runs: Path, name: str) -> Iterator[Path]:
+    """``runs/name``, created and locked by this process as another trainer would hold it, for the
+    ``with`` block; released after."""
+    from ijepa_fast.train.run_folder import RunLock
+
+    run_dir = runs / name
+    run_dir.mkdir(parents=True)
+    holder = RunLock(run_dir)
+    holder.acquire()
+    try:
+        yield run_dir
+    finally:
+        holder.release()
 
 
 def tiny_overrides(data: Path, out: Path, name: str, **extra) -> list[str]:
