@@ -124,18 +124,14 @@ class Checkpointer:
 
     def check_space(self) -> None:
         """Before training (rank 0): refuse a run whose kept checkpoints cannot fit on the disk,
-        warn when they nearly fill it. Engines that cannot estimate their size are not checked."""
-        estimate = getattr(self.engine, "checkpoint_bytes", None)
-        if estimate is None:
-            return
+        warn when they nearly fill it."""
         folder = self.run_dir / "checkpoints"
         existing = [path for _, path in ckpt.list_checkpoints(folder)]
         # on a resume, the kept checkpoints already hold part of the room keep + 1 of them need:
         # a sharded engine keeps the rest of each in its own folder (DeepSpeed tags, DCP steps)
-        listed = getattr(self.engine, "checkpoint_folders", lambda run_dir, is_main: [])
-        folders = [path for path, _ in listed(self.run_dir, True)]
+        folders = [path for path, _ in self.engine.checkpoint_folders(self.run_dir, True)]
         existing += [path for path in folders if path != folder and path.is_dir()]
-        warning = check_disk_space(folder, estimate(), self.keep, existing)
+        warning = check_disk_space(folder, self.engine.checkpoint_bytes(), self.keep, existing)
         if warning:
             log.warning(warning)
 

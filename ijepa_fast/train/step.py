@@ -105,9 +105,16 @@ class Engine(Protocol):
     def save(self, run_dir: Path, step: int, meta: dict, keep: int) -> Path | None:
         """Checkpoint the state after ``step`` optimizer steps; returns what ijepa-eval reads.
 
-        Optional beside it (``train.checkpointing`` looks for them): ``save_async(run_dir, step,
-        meta, keep) -> (path, write)`` takes a host copy of the state and returns the write to run in
-        the background; ``checkpoint_bytes() -> int`` estimates one checkpoint's size on disk."""
+        Optional beside it (``train.checkpointing`` looks for it; None where the engine writes in
+        the background itself): ``save_async(run_dir, step, meta, keep) -> (path, write)`` takes a
+        host copy of the state and returns the write to run in the background."""
+
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes one ``save`` writes to the run folder's disk (the disk-space check)."""
+
+    @staticmethod
+    def checkpoint_folders(run_dir: Path, is_main: bool) -> list[tuple[Path, str]]:
+        """(folder, what it is) of every folder this process writes checkpoints to."""
 
     def finish_saves(self) -> None:
         """Return once every checkpoint ``save`` started is written (an engine may write in the
