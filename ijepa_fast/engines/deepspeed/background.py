@@ -29,12 +29,11 @@ from ijepa_fast.io.async_save import host_copy
 from ijepa_fast.runtime import distributed as dist_
 
 
-def host_copies_engine(real, buffers: dict[str, Any] | None = None):
+def host_copies_engine(real, buffers: dict[str, Any]):
     """A checkpoint engine like ``real`` (the engine's ``patches._CheckpointFiles``) whose ``save``
     keeps a host copy of each state in ``captured`` instead of writing it, into the copy of the file
     of the same name in ``buffers`` where there is one. Everything else (directories, commit,
     loading) is ``real``'s."""
-    buffers = buffers or {}
 
     class HostCopies(type(real)):
         def __init__(self):
@@ -57,7 +56,7 @@ def stage_save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> tuple
     save_dir, tag = run_dir / "deepspeed", engine.tag(step)
     (save_dir / tag).mkdir(parents=True, exist_ok=True)
     rank = dist_.get_rank()
-    last = getattr(engine, "_staged", None) or {}  # the previous save's copies, by file name
+    last = engine._staged  # the previous save's copies, by file name
     own = host_copy(engine.own_state(step), into=last.get("own"))
     capture = host_copies_engine(real, last)
     engine.engine.checkpoint_engine = capture
@@ -91,7 +90,7 @@ def write_group(engine):
     rank at once: it is a collective); None in a world of one."""
     if dist_.get_world_size() == 1:
         return None
-    if getattr(engine, "_write_group", None) is None:
+    if engine._write_group is None:
         engine._write_group = torch.distributed.new_group(backend="gloo")
     return engine._write_group
 

@@ -90,6 +90,10 @@ class DeepSpeedEngine:
             self.target_engine = None
             self.target_encoder = target_encoder.to(device)
             self._target_forward = self.target_encoder
+        # background saves (``background``): the last save's host copies, by file name, reused as the
+        # next one's buffers; and the gloo group of the writes' barrier, made at the first save
+        self._staged: dict[str, Any] = {}
+        self._write_group = None
         total, micro, ranks, accum = global_batch(ds_config)
         log.info(
             "DeepSpeed ZeRO stage %d: global batch %d = %d per rank x %d ranks x %d accumulation",
