@@ -386,6 +386,20 @@ def test_a_locked_run_folder_is_refused_and_the_process_group_is_left(tmp_path, 
     assert not (run_dir / "fsdp2").exists() and not (run_dir / "config.yaml").exists()
 
 
+def test_the_online_probe_is_refused_as_under_zero3_and_the_process_group_is_left(tmp_path, clean_launcher_env):
+    """FSDP2 shards the target encoder, which the probe runs on rank 0 alone: with more ranks that
+    forward would gather shards from ranks that are not there. Refused in one line, before step 0."""
+    from ijepa_fast.runtime.errors import ConfigError
+    from ijepa_fast.train.trainer import Trainer
+    from tests.test_trainer import tiny_overrides, write_idx
+
+    data = write_idx(tmp_path / "data", n=16)
+    probe = {"run.engine": "fsdp2", "online_probe.every": 1, "online_probe.root": str(data)}
+    with pytest.raises(ConfigError, match="online_probe.every: not with the fsdp2 engine"):
+        Trainer(config_mod_load(tiny_overrides(data, tmp_path / "runs", "probe", **probe)))
+    assert not torch.distributed.is_initialized()
+
+
 def config_mod_load(overrides: list[str]):
     from ijepa_fast import config
 

@@ -169,8 +169,11 @@ def test_an_engine_that_partitions_the_target_gets_no_copy(tmp_path):
     cfg = _config(tmp_path)
     cfg.run.zero_stage, cfg.run.engine = 3, "deepspeed"
     cfg.validate()
-    for partitioned in (SimpleNamespace(zero_stage=3, name="deepspeed"), SimpleNamespace(name="fsdp2")):
-        assert target_copy_for(cfg, partitioned, torch.bfloat16) is None
-    assert target_copy_for(
-        cfg, SimpleNamespace(zero_stage=2, name="deepspeed", target_encoder=_models()[1]), torch.bfloat16
-    )
+    from ijepa_fast.engines.fsdp2.engine import FSDP2Engine
+    from ijepa_fast.engines.plain import PlainEngine
+
+    assert FSDP2Engine.shards_target and not PlainEngine.shards_target
+    for name in ("deepspeed", "fsdp2"):
+        assert target_copy_for(cfg, SimpleNamespace(shards_target=True, name=name), torch.bfloat16) is None
+    whole = SimpleNamespace(shards_target=False, name="deepspeed", target_encoder=_models()[1])
+    assert target_copy_for(cfg, whole, torch.bfloat16)

@@ -38,6 +38,7 @@ class PlainEngine:
     """
 
     name = "plain"
+    shards_target = False  # every rank holds the whole target encoder (step.Engine)
 
     def __init__(
         self,

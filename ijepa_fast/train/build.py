@@ -185,7 +185,7 @@ def target_copy_for(cfg: Config, engine: Engine, amp_dtype: torch.dtype | None) 
     nothing to save (no bf16 autocast: the target forward casts nothing)."""
     if not cfg.speed.bf16_target_copy or amp_dtype != torch.bfloat16:
         return None
-    if getattr(engine, "zero_stage", 0) == 3 or engine.name == "fsdp2":
+    if engine.shards_target:
         log.info("bf16 target copy: off, %s partitions the target encoder (each rank holds a shard)", engine.name)
         return None
     copy = Bf16TargetCopy(engine.target_encoder)

@@ -51,10 +51,15 @@ def build_hooks(trainer, on_epoch_end: Callable[[int], None] | None) -> StepHook
     set, the online probe (its data opened now on rank 0, so that a bad path fails before training)."""
     cfg, probe = trainer.cfg, None
     if cfg.online_probe.every:
-        if trainer.engine_name == "deepspeed" and cfg.run.zero_stage == 3:
-            raise ConfigError(
-                "online_probe.every: not with run.zero_stage=3 (rank 0 alone cannot run the sharded encoder)"
-            )
+        if trainer.engine.shards_target:  # through _agree: every rank stops here and leaves the group
+
+            def refuse() -> None:
+                raise ConfigError(
+                    f"online_probe.every: not with the {trainer.engine_name} engine here, which shards the target "
+                    "encoder over the ranks (run.zero_stage=3, run.engine=fsdp2): rank 0 alone cannot run it"
+                )
+
+            trainer._agree(refuse)
         probe = OnlineProbe(cfg, trainer.steps_per_epoch, trainer.run_dir, trainer.is_main)
         trainer._agree(probe.check_data, main_only=True)  # a failure on rank 0 stops every rank
     target = lambda: trainer.engine.target_encoder  # noqa: E731 (the engine's, when called)

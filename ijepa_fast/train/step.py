@@ -75,6 +75,9 @@ class Engine(Protocol):
     # after a step with a loss scaler: 0-d bool device tensor, its gradients overflowed and the scaler
     # skipped the optimizer step; None without one. Read only under fp16 autocast.
     overflow: torch.Tensor | None
+    # each rank holds only a shard of the target encoder (ZeRO-3, FSDP2): what needs all of it on
+    # one rank (the bf16 copy, the online probe on rank 0) is off or refused
+    shards_target: bool
 
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
         """The student's loss on one micro-batch."""

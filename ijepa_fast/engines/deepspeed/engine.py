@@ -104,6 +104,11 @@ class DeepSpeedEngine:
             accum,
         )
 
+    @property
+    def shards_target(self) -> bool:
+        """ZeRO-3 partitions the target encoder over the ranks (step.Engine)."""
+        return self.zero_stage == 3
+
     # ------------------------------------------------------------------ the step's calls
     def forward(self, images: torch.Tensor, masks: MaskBatch, targets: torch.Tensor, mark: PhaseMark) -> torch.Tensor:
         return self.engine(images, masks.context, masks.targets, targets, mark=mark)

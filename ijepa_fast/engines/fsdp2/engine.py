@@ -85,6 +85,7 @@ class FSDP2Engine(PlainEngine):
     checks agree across ranks, the EMA and finite checks see local shards)."""
 
     name = "fsdp2"
+    shards_target = True
 
     def __init__(
         self,
