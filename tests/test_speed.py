@@ -44,6 +44,23 @@ def test_authors_preset_gives_the_default_loss():
     torch.testing.assert_close(losses(["speed.preset=authors"]), losses([]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+@pytest.mark.parametrize("override", ["speed.grad_scaler=true", "speed.preset=authors"])
+def test_a_grad_scaler_under_a_sharded_engine_is_refused_in_one_line_before_it_loads(engine, override, monkeypatch):
+    """The sharded engines have no GradScaler: a run that asked for one, itself or through the
+    authors' preset, is told so instead of training without it."""
+    import sys
+
+    from ijepa_fast.config import ConfigError
+    from ijepa_fast.train.build import build_engine
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # refused before the engine's package is needed
+    cfg = config_mod.load(None, [*TINY, f"run.engine={engine}", override])
+    with pytest.raises(ConfigError, match=f"speed.grad_scaler=true: the {engine} engine has no GradScaler") as err:
+        build_engine(cfg, torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
 SWITCHES = [
     "speed.fused_ema",
     "speed.fused_gather",

@@ -131,6 +131,11 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch embedding's convolution, as the authors set it
     name = resolve_engine(cfg.run.engine, world_size)
+    if name != "plain" and cfg.speed.grad_scaler:  # the authors' preset sets it: silently dropping it would hide that
+        raise ConfigError(
+            f"speed.grad_scaler=true: the {name} engine has no GradScaler (bf16 and fp32 need none, and its "
+            "non-finite steps are skipped without one); set speed.grad_scaler=false or use run.engine=plain"
+        )
     if name == "deepspeed":
         from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
 
@@ -144,8 +149,6 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
     if name == "fsdp2":
         from ijepa_fast.engines.fsdp2.engine import FSDP2Engine
 
-        if cfg.speed.grad_scaler:
-            raise ValueError("speed.grad_scaler=true: the fsdp2 engine has no GradScaler (bf16 needs none)")
         precision = resolve_precision(device, cfg.run.dtype)
         if precision.loss_scaling:
             raise ConfigError("run.dtype=fp16 needs a GradScaler, which the fsdp2 engine has not: use bf16 or fp32")
