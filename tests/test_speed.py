@@ -61,6 +61,22 @@ def test_a_grad_scaler_under_a_sharded_engine_is_refused_in_one_line_before_it_l
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("engine", ["auto", "plain", "fsdp2"])
+def test_a_deepspeed_json_for_a_run_deepspeed_does_not_train_is_refused_in_one_line(engine, tmp_path):
+    """run.ds_config under another engine (run.engine=auto in one process is the plain engine) would
+    be dropped without a word; the refusal names the engine the run got and the way to DeepSpeed."""
+    from ijepa_fast.config import ConfigError
+    from ijepa_fast.train.build import build_engine
+
+    path = tmp_path / "ds.json"
+    path.write_text("{}")
+    cfg = config_mod.load(None, [*TINY, f"run.engine={engine}", f"run.ds_config={path}"])
+    got = "plain" if engine == "auto" else engine
+    with pytest.raises(ConfigError, match=f"read by the DeepSpeed engine only, and this run's engine is {got}") as err:
+        build_engine(cfg, torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert "run.engine=deepspeed" in str(err.value) and "\n" not in str(err.value)
+
+
 SWITCHES = [
     "speed.fused_ema",
     "speed.fused_gather",

@@ -136,6 +136,11 @@ def build_engine(cfg: Config, student, target_encoder, device: torch.device, wor
             f"speed.grad_scaler=true: the {name} engine has no GradScaler (bf16 and fp32 need none, and its "
             "non-finite steps are skipped without one); set speed.grad_scaler=false or use run.engine=plain"
         )
+    if name != "deepspeed" and cfg.run.ds_config:
+        raise ConfigError(
+            f"run.ds_config={cfg.run.ds_config} is read by the DeepSpeed engine only, and this run's engine is "
+            f"{name} (run.engine={cfg.run.engine}): set run.engine=deepspeed, or drop run.ds_config"
+        )
     if name == "deepspeed":
         from ijepa_fast.engines.deepspeed import DeepSpeedEngine, deepspeed_config
 
