@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -126,18 +127,65 @@ def test_sincos_position_embedding_matches_the_formula():
     torch.testing.assert_close(enc.pos_embed[0].double(), torch.from_numpy(reference_sincos(192, 4)), rtol=0, atol=1e-6)
 
 
-def test_initialisation_follows_the_authors():
+def _authors_training_init(module: torch.nn.Module) -> None:
+    """The authors' ``init_model`` (src/helper.py), run after their model classes are built: every
+    Linear redrawn at std 0.02 with zero biases, every LayerNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(m.weight, std=0.02)
+            torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+
+
+def _spread(module: torch.nn.Module) -> dict[str, float]:
+    return {n: p.std().item() for n, p in module.named_parameters() if p.dim() > 1 and "pos_embed" not in n}
+
+
+@pytest.mark.parametrize("which", ["encoder", "predictor"])
+def test_initialisation_is_the_authors_training_init(which):
+    """Every weight's spread equals what the authors' training starts from (their classes, then
+    init_model): no depth scaling of the output projections, which init_model undoes."""
     torch.manual_seed(0)
     enc = build_encoder("vit_small", 224, 16)
-    w = enc.blocks[0].mlp.fc1.weight
+    ours = enc if which == "encoder" else build_predictor(enc, depth=6)
+    reference = copy.deepcopy(ours)
+    _authors_training_init(reference)
+    got, want = _spread(ours), _spread(reference)
+    assert got.keys() == want.keys() and len(got) > 20
+    for name in got:  # 384-wide matrices: the spread of one draw is within 5% of its std
+        assert abs(got[name] - want[name]) < 0.05 * want[name], (name, got[name], want[name])
+    blocks = ours.blocks if which == "encoder" else ours.predictor_blocks
+    assert abs(blocks[-1].attn.proj.weight.std().item() - 0.02) < 0.002  # not 0.02 / sqrt(2 * depth)
+    w = blocks[0].mlp.fc1.weight
     # trunc_normal_(std=0.02) truncates at +-2 in absolute terms (as the authors' timm-style init), so the
-    # weights are normal in practice: check the spread, and that nothing is beyond the absolute bounds.
-    assert abs(w.std().item() - 0.02) < 0.002 and w.abs().max() <= 2.0
-    assert torch.all(enc.blocks[0].mlp.fc1.bias == 0) and torch.all(enc.norm.weight == 1)
-    for i in (1, 4, 12):  # output projections divided by sqrt(2 * layer index)
-        std = enc.blocks[i - 1].attn.proj.weight.std().item()
-        assert abs(std - 0.02 / math.sqrt(2 * i)) < 0.1 * 0.02 / math.sqrt(2 * i)
-        assert abs(enc.blocks[i - 1].attn.qkv.weight.std().item() - 0.02) < 0.002
+    # weights are normal in practice: check that nothing is beyond the absolute bounds.
+    assert w.abs().max() <= 2.0 and torch.all(blocks[0].mlp.fc1.bias == 0) and torch.all(blocks[0].norm1.weight == 1)
+
+
+def test_depth_scaled_init_divides_the_output_projections_by_sqrt_2_layer():
+    torch.manual_seed(0)
+    enc = build_encoder("vit_small", 224, 16, depth_scaled_init=True)
+    pred = build_predictor(enc, depth=6, depth_scaled_init=True)
+    for blocks, layers in ((enc.blocks, (1, 4, 12)), (pred.predictor_blocks, (1, 6))):
+        for i in layers:
+            for weight in (blocks[i - 1].attn.proj.weight, blocks[i - 1].mlp.fc2.weight):
+                assert abs(weight.std().item() - 0.02 / math.sqrt(2 * i)) < 0.1 * 0.02 / math.sqrt(2 * i)
+            assert abs(blocks[i - 1].attn.qkv.weight.std().item() - 0.02) < 0.002
+
+
+def test_the_run_config_reaches_the_init():
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.models.ijepa import build_models
+
+    for scaled in (False, True):
+        cfg = config_mod.load(None, ["model.name=vit_tiny", f"model.depth_scaled_init={scaled}"])
+        torch.manual_seed(0)
+        student, _ = build_models(cfg.model, 224)
+        std = student.encoder.blocks[-1].mlp.fc2.weight.std().item()
+        want = 0.02 / math.sqrt(2 * 12) if scaled else 0.02
+        assert abs(std - want) < 0.1 * want
 
 
 def test_bad_sizes_are_named():

@@ -51,6 +51,9 @@ class ModelConfig:
     pred_depth: int = 12  # predictor blocks (6 for ViT-B, 12 for ViT-L/H, 16 for ViT-G)
     pred_emb_dim: int = 384  # predictor width
     init_std: float = 0.02  # truncated-normal std of the initial weights
+    # True: each block's output projections divided by sqrt(2 * layer) at init, as the authors' model
+    # classes do; their training re-initialises every Linear after building (init_model), undoing it
+    depth_scaled_init: bool = False
 
     def validate(self, prefix: str = "model") -> None:
         _check_choice(f"{prefix}.name", self.name, MODEL_NAMES)

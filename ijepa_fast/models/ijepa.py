@@ -80,6 +80,7 @@ def build_models(
         patch_size=model_cfg.patch_size,
         depth=model_cfg.depth,
         init_std=model_cfg.init_std,
+        depth_scaled_init=model_cfg.depth_scaled_init,
         attention=attention,
         fused_gather=fused_gather,
     )
@@ -88,6 +89,7 @@ def build_models(
         depth=model_cfg.pred_depth,
         embed_dim=model_cfg.pred_emb_dim,
         init_std=model_cfg.init_std,
+        depth_scaled_init=model_cfg.depth_scaled_init,
         attention=attention,
         fused_gather=fused_gather,
     )

@@ -154,7 +154,12 @@ def _init_weights(module: nn.Module, std: float) -> None:
 
 
 def _rescale_blocks(blocks: nn.ModuleList) -> None:
-    """Divide each block's output projections by sqrt(2 * layer_index), layer_index from 1."""
+    """Divide each block's output projections by sqrt(2 * layer_index), layer_index from 1.
+
+    Only with ``depth_scaled_init``. The authors' model classes do this in their constructors, but
+    their training builds the models through ``init_model`` (src/helper.py), which then redraws every
+    Linear at std 0.02 with zero biases: their runs, and the paper's numbers, start without it. So
+    the default here is their training's init, and the rescale is the option."""
     with torch.no_grad():
         for i, blk in enumerate(blocks, start=1):
             blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
@@ -218,6 +223,7 @@ class VisionTransformer(_BlockStack):
         init_std: float = 0.02,
         attention: str = "sdpa",
         fused_gather: bool = True,
+        depth_scaled_init: bool = False,
     ):
         super().__init__()
         self.grid = grid_size(img_size, patch_size)
@@ -230,7 +236,8 @@ class VisionTransformer(_BlockStack):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth))
         self.norm = StreamLayerNorm(embed_dim, eps=1e-6)
         self.apply(lambda m: _init_weights(m, init_std))
-        _rescale_blocks(self.blocks)
+        if depth_scaled_init:
+            _rescale_blocks(self.blocks)
 
     @property
     def num_patches(self) -> int:
@@ -294,6 +301,7 @@ class VisionTransformerPredictor(_BlockStack):
         init_std: float = 0.02,
         attention: str = "sdpa",
         fused_gather: bool = True,
+        depth_scaled_init: bool = False,
     ):
         super().__init__()
         grid = math.isqrt(num_patches)
@@ -310,7 +318,8 @@ class VisionTransformerPredictor(_BlockStack):
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
         self.apply(lambda m: _init_weights(m, init_std))
         nn.init.trunc_normal_(self.mask_token, std=init_std)
-        _rescale_blocks(self.predictor_blocks)
+        if depth_scaled_init:
+            _rescale_blocks(self.predictor_blocks)
 
     def forward(self, ctx: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
         target_idx = ops.as_blocks(target_idx)
