@@ -55,7 +55,7 @@ def test_authors_config_loads_expected_values(name):
     assert (cfg.data.num_workers, cfg.data.pin_memory) == (10, True)
     assert cfg.data.root == "$replace_this_with_absolute_path_to_your_datasets_directory/imagenet_full_size/061417/"
     m = cfg.mask
-    assert (m.num_pred_masks, m.min_keep, m.allow_overlap) == (4, 10, False)
+    assert (m.num_pred_masks, m.min_keep, m.allow_overlap) == (4, 11, False)  # their 10: more than 10 kept
     assert (m.pred_scale, m.enc_scale, m.aspect_ratio) == ((0.15, 0.2), (0.85, 1.0), (0.75, 1.5))
     o = cfg.optim
     assert (o.epochs, o.warmup_epochs, o.ipe_scale) == (epochs, warmup, 1.0)
@@ -63,6 +63,24 @@ def test_authors_config_loads_expected_values(name):
     assert (o.weight_decay, o.final_weight_decay, o.ema) == (0.04, 0.4, (0.996, 1.0))
     assert (cfg.run.dtype, cfg.run.name) == ("auto", "jepa")  # use_bfloat16: true; write_tag
     assert cfg.run.out_dir == "runs"  # their logging.folder is a placeholder: never a folder name
+
+
+def test_an_authors_min_keep_keeps_more_context_patches_than_it_as_their_sampler(tmp_path):
+    """Their sampler redraws a context of min_keep patches or fewer (len(mask) > min_keep); ours keeps
+    at least min_keep, so their file's 10 is our 11. On a 6x6 grid contexts of exactly 10 patches
+    come up (their sampler never returns one)."""
+    from ijepa_fast.masks.sampler import MultiBlockMaskSampler
+
+    raw = _authors_raw()
+    raw["mask"]["min_keep"] = 10
+    with pytest.warns(UserWarning, match="placeholder"):
+        cfg = config.load(_write(tmp_path, raw))
+    assert cfg.mask.min_keep == 11
+    sampler = MultiBlockMaskSampler(6, min_keep=cfg.mask.min_keep, seed=0)
+    assert min(sampler(16, step).context.shape[1] for step in range(300)) == 11
+    raw["mask"]["min_keep"] = "ten"
+    with pytest.warns(UserWarning), pytest.raises(config.ConfigError, match="mask.min_keep"):
+        config.load(_write(tmp_path, raw))
 
 
 def test_authors_logging_folder_is_the_out_dir_unless_a_placeholder(tmp_path):

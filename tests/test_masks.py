@@ -4,6 +4,7 @@ determinism (DataLoader workers included), bad input."""
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 
 import pytest
@@ -104,6 +105,25 @@ def test_block_size_rounds_the_paper_formula():
     assert block_size(1.0, 1.0, 16, 16) == (16, 16)  # clamped to the grid: the full grid
     assert block_size(1.0, 4.0, 4, 8) == (4, 3)  # h = round(sqrt(128)) = 11 -> 4 rows
     assert block_size(0.001, 1.0, 2, 2) == (1, 1)  # never empty
+
+
+def test_block_size_rounds_the_area_down_to_whole_patches_first_as_the_authors():
+    # 16x16, scale 0.166: the authors' max_keep = int(42.496) = 42, so round(sqrt(42)) = 6 a side (the
+    # unrounded area would give round(sqrt(42.496)) = 7)
+    assert block_size(0.166, 1.0, 16, 16) == (6, 6)
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (14, 14), (7, 5)])
+def test_block_size_is_the_authors_formula_below_their_cap(grid):
+    """Their ``_sample_block_size`` for the same scale and ratio: max_keep = int(H * W * scale), each
+    side round(sqrt(max_keep * ratio)) and round(sqrt(max_keep / ratio)); their cap at H - 1 aside (a')."""
+    H, W = grid
+    u = torch.rand(3000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    for a, b in u:
+        scale, ratio = 0.05 + 0.95 * a, 0.5 + 1.5 * b
+        keep = int(H * W * scale)
+        h, w = round(math.sqrt(keep * ratio)), round(math.sqrt(keep / ratio))
+        assert block_size(scale, ratio, H, W) == (min(max(h, 1), H), min(max(w, 1), W)), (scale, ratio)
 
 
 def test_a_context_block_may_cover_the_whole_grid():
@@ -315,8 +335,10 @@ def test_bad_input_is_named(grid, kwargs, match):
 
 def test_max_min_keep_is_exactly_the_bound():
     s = MultiBlockMaskSampler(16, enc_scale=(0.05, 0.1), min_keep=1)
-    assert s.max_min_keep() == block_size(0.05, 1.0, 16, 16)[0] ** 2 == 16  # round(sqrt(12.8)) = 4
-    MultiBlockMaskSampler(16, enc_scale=(0.05, 0.1), min_keep=16)(4, 0)
+    assert s.max_min_keep() == block_size(0.05, 1.0, 16, 16)[0] ** 2 == 9  # round(sqrt(int(12.8))) = 3
+    MultiBlockMaskSampler(16, enc_scale=(0.05, 0.1), min_keep=9)(4, 0)
+    with pytest.raises(ValueError, match="min_keep=10"):
+        MultiBlockMaskSampler(16, enc_scale=(0.05, 0.1), min_keep=10)
     assert MultiBlockMaskSampler(2, min_keep=1).max_min_keep() == 3
 
 

@@ -13,6 +13,9 @@ Keys they have and we do not need:
   line, from the run folder's latest checkpoint; a warning says so when either is set.
 - ``meta.copy_data``: their cluster's copy of the data to local disk; ignored.
 
+Their ``mask.min_keep`` is read as ours plus one: their sampler redraws a context of ``min_keep``
+patches or fewer, ours keeps at least ``min_keep`` (their 10 is our 11).
+
 Their placeholder ``logging.folder: $replace_this_with_path...`` is not a folder name: it leaves
 ``run.out_dir`` as it is (the default, or a command-line override), with a warning.
 """
@@ -53,7 +56,7 @@ _RENAMES: dict[str, dict[str, str | None]] = {
         "aspect_ratio": "mask.aspect_ratio",
         "enc_mask_scale": "mask.enc_scale",
         "pred_mask_scale": "mask.pred_scale",
-        "min_keep": "mask.min_keep",
+        "min_keep": None,  # mask.min_keep = min_keep + 1: they keep a context of more than min_keep patches
         "num_enc_masks": None,  # must be 1: the method samples one context block
         "num_pred_masks": "mask.num_pred_masks",
         "allow_overlap": "mask.allow_overlap",
@@ -136,7 +139,11 @@ def translate(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         parts = [str(data[k]) for k in ("root_path", "image_folder") if data.get(k) not in (None, "")]
         put("data.root", os.path.join(*parts) if parts else "")
 
-    enc_masks = (raw.get("mask") or {}).get("num_enc_masks", 1)
+    mask = raw.get("mask") or {}
+    if "min_keep" in mask:  # their sampler redraws while len(mask) <= min_keep; ours keeps at least min_keep
+        keep = mask["min_keep"]
+        put("mask.min_keep", keep + 1 if isinstance(keep, int) and not isinstance(keep, bool) else keep)
+    enc_masks = mask.get("num_enc_masks", 1)
     if enc_masks != 1:  # several context blocks would only repeat the targets; every config of theirs has 1
         raise ConfigError(f"mask.num_enc_masks={enc_masks!r} is not supported: the method samples one context block")
 

@@ -72,7 +72,9 @@ class MaskConfig:
     pred_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid each target block covers
     enc_scale: tuple[float, float] = (0.85, 1.0)  # share of the grid the context block covers
     aspect_ratio: tuple[float, float] = (0.75, 1.5)  # target blocks' height / width
-    min_keep: int = 10  # fewest context patches an image keeps
+    # fewest context patches an image keeps; the authors' min_keep keeps more than it (len > min_keep),
+    # so their files read as min_keep + 1 (config.authors)
+    min_keep: int = 10
     allow_overlap: bool = False  # true: contexts keep the patches of the targets
 
     def validate(self, prefix: str = "mask") -> None:

@@ -28,12 +28,11 @@ its ``device`` argument only copies the result. Here every step is branch-free t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler
+from ijepa_fast.masks.sampler import MaskBatch, MultiBlockMaskSampler, block_size
 from ijepa_fast.runtime.rng import mix
 
 # Context redraw rounds before the fallback, as the CPU sampler. Drawn all at once here: with the
@@ -80,13 +79,6 @@ def _uniform(key: int, i: int) -> float:
     return (mix(key, i) >> 10) / float(1 << 53)
 
 
-def _block_size(scale: float, ratio: float, height: int, width: int) -> tuple[int, int]:
-    """(h, w) of a block covering ``scale`` of the grid at aspect ratio h/w ``ratio``, clamped to it
-    (the CPU sampler's formula)."""
-    area = scale * height * width
-    return (min(max(round(math.sqrt(area * ratio)), 1), height), min(max(round(math.sqrt(area / ratio)), 1), width))
-
-
 class DeviceMaskSampler(MultiBlockMaskSampler):
     """``sampler(batch_size, step, device=None) -> MaskBatch`` computed on ``device``.
 
@@ -110,8 +102,8 @@ class DeviceMaskSampler(MultiBlockMaskSampler):
         key = self._key(step, _SIZES)
         s, r, e = (_uniform(key, i) for i in range(3))  # independent target scale, ratio, context scale
         lerp = lambda pair, u: pair[0] + u * (pair[1] - pair[0])  # noqa: E731
-        pred = _block_size(lerp(self.pred_scale, s), lerp(self.aspect_ratio, r), self.height, self.width)
-        return pred, _block_size(lerp(self.enc_scale, e), 1.0, self.height, self.width)
+        pred = block_size(lerp(self.pred_scale, s), lerp(self.aspect_ratio, r), self.height, self.width)
+        return pred, block_size(lerp(self.enc_scale, e), 1.0, self.height, self.width)
 
     def _corner(self, centre: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-left corners of h x w blocks centred on flat indices ``centre``, shifted inside the grid."""

@@ -32,8 +32,10 @@ patch is kept, max/min over the grid; 16x16 grid, default scales, 64 batches of 
   so target coverage peaks h - 1 patches in from each edge. Equalising counts, the authors keep
   the first k indices in raster order (biased to the top-left); we keep a uniformly random
   k-subset per image (random keys + top-k), returned sorted.
-- (c) Retries. The authors loop per image until the context keeps ``min_keep`` patches, dropping
-  constraints after timeouts (slow, and long spins on small grids). We redraw the context position
+- (c) Retries. The authors loop per image until the context keeps more than ``min_keep`` patches,
+  dropping constraints after timeouts (slow, and long spins on small grids). Here ``min_keep`` is the
+  fewest a context keeps (at least ``min_keep``, as the paper words it): their ``min_keep`` is ours
+  minus one, and ``config.authors`` adds the one when it reads their files. We redraw the context position
   only for the images that fall short, for a fixed number of vectorised rounds, then a
   deterministic fallback hands those contexts the ``min_keep`` patches of their block nearest its
   centre (uncovered patches first), taking them out of the targets; a target left empty gets the
@@ -100,8 +102,10 @@ def _check_pair(name: str, pair, lo_open: float, hi: float | None) -> tuple[floa
 
 
 def block_size(scale: float, ratio: float, height: int, width: int) -> tuple[int, int]:
-    """(h, w) of a block covering ``scale`` of the grid at aspect ratio h/w ``ratio``, clamped to it."""
-    area = scale * height * width
+    """(h, w) of a block covering ``scale`` of the grid at aspect ratio h/w ``ratio``, clamped to it.
+    The area is rounded down to whole patches first, as the authors' ``max_keep`` (the same product,
+    in the same order), then each side is rounded to the nearest integer."""
+    area = int(height * width * scale)
     h = min(max(round(math.sqrt(area * ratio)), 1), height)
     w = min(max(round(math.sqrt(area / ratio)), 1), width)
     return h, w
