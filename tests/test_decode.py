@@ -126,6 +126,42 @@ def test_bytes_view_matches_the_full_decode(decoder):
     assert (out.float() - other_box.float()).abs().mean() > 5
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_exact_pixels_are_the_full_decode_views_bit_for_bit_where_a_reduced_decode_would_differ(decoder, tmp_path):
+    """reduce=False with Pillow's resample (data.exact_pixels) gives the authors' pixels on crops the
+    fast path decodes at a reduced scale, through the function and through the dataset."""
+    large = encode(synthetic_photo(1200, 900, seed=2), quality=90)
+    differed = 0
+    for seed in range(4):
+        ref = _full_decode_view(large, seed)
+        exact = random_resized_crop_bytes(
+            large, 224, SCALE, random.Random(seed), decoder=decoder, resample="pillow", reduce=False
+        )
+        assert torch.equal(exact, ref)
+        fast = random_resized_crop_bytes(large, 224, SCALE, random.Random(seed), decoder=decoder, resample="pillow")
+        differed += not torch.equal(fast, ref)
+    assert differed >= 2  # the reduced decode did change those views
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jpg").write_bytes(large)
+    folder = ImageFolderDataset(tmp_path)
+    ds = PretrainDataset(folder, 224, SCALE, seed=3, decoder=decoder, exact_pixels=True)
+    for epoch in range(4):
+        ref = pil_to_uint8(random_resized_crop_pil(load_rgb(folder.paths[0]), 224, SCALE, crop_rng(3, epoch, 0)))
+        assert torch.equal(ds[(0, 0, epoch)][0], ref)
+
+
+def test_exact_pixels_take_the_pytorch_loader_and_refuse_dali():
+    from ijepa_fast import config as config_mod
+    from ijepa_fast.config import ConfigError
+    from ijepa_fast.data.build import resolve_loader_kind
+
+    cfg = config_mod.load(None, ["data.exact_pixels=true", "data.dataset=folder"]).data
+    assert resolve_loader_kind(cfg, "cuda") == "pytorch"  # auto: DALI would be taken on a GPU
+    cfg.loader = "dali"
+    with pytest.raises(ConfigError, match="data.exact_pixels=true .* data.loader=pytorch"):
+        resolve_loader_kind(cfg, "cuda")
+
+
 def _authors_resized_crop(img: Image.Image, box, size: int) -> Image.Image:
     """torchvision's ``F.resized_crop`` on a PIL image, as the authors' RandomResizedCrop runs it."""
     left, top, w, h = box

@@ -23,8 +23,13 @@ def resolve_loader_kind(cfg, device: torch.device | str) -> str:
     webdataset tars; ``dali`` requested without DALI installed raises with the install command.
     """
     device = torch.device(device)
-    if cfg.loader == "pytorch":
+    if cfg.loader == "pytorch" or (cfg.exact_pixels and cfg.loader == "auto"):
         return "pytorch"
+    if cfg.exact_pixels:
+        raise ConfigError(
+            "data.exact_pixels=true gives the authors' pixels through the PyTorch loader; DALI decodes and "
+            "resizes with its own kernels: use data.loader=pytorch (or auto), or data.exact_pixels=false"
+        )
     readable = cfg.dataset != "idx"
     if cfg.loader == "dali":
         if not readable:

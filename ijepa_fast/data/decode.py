@@ -21,8 +21,14 @@ The resample of a whole-pixel box (k = 1, most crops of ImageNet-sized images) f
 output runs in torch's uint8 antialiased bilinear kernel where it is vectorised (``fast_resample``:
 x86 with AVX2 or AVX-512), faster than Pillow's there (``profiling/bench_loader.py``). This is a
 difference from the authors' pixels, made on purpose: torch's fixed-point rounding puts a few
-percent of values 1 away from Pillow's (out of 255), never more (tested). ``resample="pillow"``
-keeps Pillow's pixels exactly.
+percent of values 1 away from Pillow's (out of 255), never more (tested).
+
+The reduced-scale decode (k > 1: crops at least twice the output size on both sides, a few percent
+of ImageNet's crops, most of a large photo's) is the other, also on purpose: the DCT's own
+downscale is a different low-pass from Pillow's bilinear over the full decode, mean error about 1
+of 255, single pixels up to about 15 on sharp edges (tested below 1.5 on average). ``reduce=False``
+with ``resample="pillow"`` (``data.exact_pixels``) gives the authors' pixels exactly, at the full
+decode's cost.
 
 Files that are not baseline/progressive RGB or greyscale JPEGs (PNG, WebP, CMYK JPEGs), and a JPEG
 the fast decoder refuses, go through ``folder.load_rgb`` (the full decode with every mode
@@ -171,6 +177,7 @@ def random_resized_crop_bytes(
     decoder: str | None = None,
     name: str = "the image",
     resample: str | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """The pretraining view of an encoded image: [3, size, size] uint8 (see the module docstring).
 
@@ -178,12 +185,13 @@ def random_resized_crop_bytes(
     ``decoder``: ``simplejpeg`` | ``pillow`` (default: ``fast_decoder()``). ``name``: what errors
     call the file (its path). ``resample``: ``torch`` | ``pillow`` for a whole-pixel box decoded by
     simplejpeg (default: ``fast_resample()``); every other view is resampled by Pillow.
+    ``reduce=False``: always decode at full scale.
     """
     decoder = decoder or fast_decoder()
     header = _simplejpeg_header(data) if decoder == "simplejpeg" else None  # read once, used twice
     full = header[:2] if header is not None else header_size(data, name)
     box = crop_box(*full, scale, ratio, rng)
-    k, decoded = reduction(box, size), None
+    k, decoded = (reduction(box, size) if reduce else 1), None
     if header is not None:
         arr = _decode_simplejpeg(data, k, header)
         if arr is not None and k == 1 and (resample or fast_resample()) == "torch":

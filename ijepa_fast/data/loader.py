@@ -99,6 +99,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     C is 3 (folders) or 1 (IDX; ``Collate`` repeats it). ``bad`` is "" or "path (error)" when the
     item's own file was undecodable and the next index stood in for it. ``flip``: a left-right
     mirror with probability 1/2 after the crop (the authors' optional RandomHorizontalFlip).
+    ``exact_pixels``: every view decoded at full scale and resampled by Pillow, the authors' pixels.
     """
 
     def __init__(
@@ -111,12 +112,14 @@ class PretrainDataset(torch.utils.data.Dataset):
         flip: bool = False,
         decoder: str | None = None,
         resample: str | None = None,
+        exact_pixels: bool = False,
     ):
         self.source = source
         self.n = min(len(source), limit) if limit else len(source)
         self.crop_size, self.crop_scale, self.seed, self.flip = int(crop_size), tuple(crop_scale), int(seed), flip
         self.decoder = decoder  # the JPEG decoder (decode.random_resized_crop_bytes; None: the fastest installed)
-        self.resample = resample  # decode.random_resized_crop_bytes's (None: the fastest on this CPU)
+        self.resample = "pillow" if exact_pixels else resample  # None: the fastest on this CPU
+        self.reduce = not exact_pixels  # decode at a reduced DCT scale where the crop allows
 
     def __len__(self) -> int:
         return self.n
@@ -127,9 +130,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         read = getattr(self.source, "read_bytes", None)
         if read is not None:  # encoded files: crop drawn on the header, reduced-scale decode
             size, scale, name = self.crop_size, self.crop_scale, self.source.describe(i)
-            view = random_resized_crop_bytes(
-                read(i), size, scale, rng, self.flip, decoder=self.decoder, name=name, resample=self.resample
-            )
+            options = dict(decoder=self.decoder, name=name, resample=self.resample, reduce=self.reduce)
+            view = random_resized_crop_bytes(read(i), size, scale, rng, self.flip, **options)
             return view, int(self.source.labels[i])
         img, label = self.source[i]
         view = random_resized_crop_pil(as_pil(img), self.crop_size, self.crop_scale, rng)
@@ -299,7 +301,9 @@ def build_pretrain_loader(
     ``pin_memory`` applies only when CUDA is available; ``num_workers > 0`` keeps its workers alive
     across epochs (the sampler never ends an epoch anyway).
     """
-    dataset = PretrainDataset(open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit, flip)
+    dataset = PretrainDataset(
+        open_source(cfg), cfg.crop_size, cfg.crop_scale, seed, cfg.limit, flip, exact_pixels=cfg.exact_pixels
+    )
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed, rank, world_size, start_step, accum)
     masks = MultiBlockMaskSampler(grid, seed=mask_seed(seed, rank), **mask_kwargs)
     pin = cfg.pin_memory and torch.cuda.is_available()
