@@ -571,3 +571,40 @@ def test_pretraining_on_a_folder_of_undecodable_images_is_one_line_naming_it(tmp
     (line,) = [line for line in err.splitlines() if " ERROR " in line]
     assert f"{tmp_path / 'data'}: none of its 6 images can be decoded (first: " in line
     assert "Traceback" not in err and not list((tmp_path / "runs" / "bad").glob("checkpoints/*"))
+
+
+def _split_tree(root, splits: dict[str, list[str]]) -> None:
+    """root/<split>/<class>/img*.jpg, two small images per class."""
+    for split, classes in splits.items():
+        for c in classes:
+            for i in range(2):
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / c / f"img{i}.jpg")
+
+
+@pytest.mark.parametrize("split", ["trian", "val"])
+def test_a_split_missing_from_a_split_root_is_named_not_read_as_the_whole_root(tmp_path, split):
+    """A misspelt split, or a test split of another name, would have read every split at once,
+    labelled by split name (and the test set holding the training images)."""
+    _split_tree(tmp_path, {"train": ["cat", "dog"], "test": ["cat", "dog"]})
+    for check in (
+        lambda: check_data_source(DataConfig(dataset="folder", root=str(tmp_path), split=split)),
+        lambda: build_eval_dataset(DataConfig(dataset="folder", root=str(tmp_path)), split=split),
+    ):
+        with pytest.raises(FileNotFoundError, match=rf"{split} does not exist; .* is split into train, test"):
+            check()
+
+
+def test_a_root_of_class_folders_is_read_whole_under_the_default_split(tmp_path):
+    """No split folders at all: data.split=train (the default) reads the root's class folders."""
+    _split_tree(tmp_path, {"classes": ["cat", "dog"]})
+    ds = build_eval_dataset(DataConfig(dataset="folder", root=str(tmp_path / "classes")), split="train")
+    assert len(ds) == 4 and ds.source.classes == ["cat", "dog"] and ds.source.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_class_has_one_label_in_every_split_when_a_split_lacks_some(tmp_path):
+    _split_tree(tmp_path, {"train": ["cat", "dog"], "val": ["dog"]})
+    cfg = DataConfig(dataset="folder", root=str(tmp_path))
+    train, val = (build_eval_dataset(cfg, split=s).source for s in ("train", "val"))
+    dog = train.classes.index("dog")
+    assert dog == 1 and val.labels.tolist() == [dog, dog] and val.classes == train.classes == ["cat", "dog"]

@@ -82,8 +82,10 @@ def no_images_message(root: Path) -> str:
     return msg
 
 
-def _scan(root: Path) -> tuple[list[str], list[int], list[str]]:
-    """(relative paths with os.sep, labels, classes) in the deterministic order; see ``scan_folder``."""
+def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """(relative paths with os.sep, labels, classes) in the deterministic order; see ``scan_folder``.
+    ``classes``: the class list labels index into (a split's and its siblings'), when given."""
+    known = classes
     require_dir(root)
     unreadable: list[OSError] = []
     rel: list[tuple[str, ...]] = [
@@ -110,6 +112,16 @@ def _scan(root: Path) -> tuple[list[str], list[int], list[str]]:
                 len(classes),
             )
             rel = [r for r in rel if len(r) > 1]
+    if classes and known:
+        if len(classes) < len(known):
+            log.info(
+                "%s: %d of the %d classes of its sibling splits; labels follow all %d",
+                root,
+                len(classes),
+                len(known),
+                len(known),
+            )
+        classes = known
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[r[0]] if classes else 0 for r in rel]
     return [os.sep.join(r) for r in rel], labels, classes
@@ -201,9 +213,9 @@ class ImageFolderDataset:
     next index and counts the skip.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, classes: list[str] | None = None):
         self.root = Path(root)
-        rel, labels, self.classes = _scan(self.root)
+        rel, labels, self.classes = _scan(self.root, classes)
         self.paths = _PathTable(self.root, rel)
         self.labels = np.asarray(labels, dtype=np.int64)
 

@@ -36,10 +36,35 @@ class Source(Protocol):
     def describe(self, i: int) -> str: ...
 
 
+# Sub-folders that mark a root as split: a split asked for and missing there is a mistake, which
+# read as the root's own class folders would mix every split into one set labelled by split name.
+SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")
+
+
 def folder_root(cfg: DataConfig) -> Path:
-    """``root/split`` when that sub-folder exists (the ImageNet layout), else ``root`` itself."""
+    """``root/split`` when that sub-folder exists (the ImageNet layout), else ``root`` itself, whose
+    class folders are then the data. FileNotFoundError when the split is missing from a root that
+    holds other split folders."""
     root = Path(cfg.root)
-    return root / cfg.split if cfg.split and (root / cfg.split).is_dir() else root
+    if not cfg.split or (root / cfg.split).is_dir():
+        return root / cfg.split if cfg.split else root
+    splits = [name for name in SPLIT_FOLDERS if (root / name).is_dir()]
+    if splits:
+        raise FileNotFoundError(
+            f"split folder {root / cfg.split} does not exist; {root} is split into {', '.join(splits)}: "
+            "name one of them as the split"
+        )
+    return root
+
+
+def split_classes(cfg: DataConfig) -> list[str] | None:
+    """The class folders of every split beside ``root/split`` (their sorted union), so that a class
+    has one label in every split even where a split lacks some classes; None for a root read whole."""
+    root = Path(cfg.root)
+    if not cfg.split or not (root / cfg.split).is_dir():
+        return None
+    splits = [d for d in root.iterdir() if d.is_dir()]
+    return sorted({c.name for d in splits for c in d.iterdir() if c.is_dir()})
 
 
 def check_data_source(cfg: DataConfig) -> None:
@@ -72,7 +97,7 @@ def open_source(cfg: DataConfig, split: str | None = None) -> Source:
     if cfg.dataset == "idx":
         return IdxDataset(cfg.root, cfg.split or "train")
     tars = webdataset_tars(cfg)
-    return WebdatasetSource(tars) if tars else ImageFolderDataset(folder_root(cfg))
+    return WebdatasetSource(tars) if tars else ImageFolderDataset(folder_root(cfg), split_classes(cfg))
 
 
 def as_pil(item: Any) -> Image.Image:
