@@ -56,6 +56,10 @@ def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
         with pytest.raises(ckpt.NotACheckpointError, match=re.escape(str(tmp_path / name))) as err:
             ckpt.load_file(tmp_path / name)
         assert "not a checkpoint" in str(err.value) and "trust" not in str(err.value)
+        assert "likelihood" not in str(err.value)  # torch's generic advice after the reason is left out
+    (tmp_path / "zip").write_bytes(b"PK\x03\x04 not a zip archive at all")
+    with pytest.raises(ckpt.NotACheckpointError, match=r"\(PytorchStreamReader failed reading zip archive: [^()]+\)$"):
+        ckpt.load_file(tmp_path / "zip")
 
 
 class _FullDiskFile:

@@ -294,8 +294,10 @@ def _refusal(path: Path, name: str, override: str | None) -> str:
 
 
 def _first_line(err: BaseException) -> str:
+    """The error's first sentence (torch's archive errors go on with generic advice), whole."""
     lines = str(err).strip().splitlines()
-    return (lines[0][:200] if lines else "") or type(err).__name__
+    first = re.split(r"(?<=\.)\s", lines[0])[0].rstrip(".") if lines else ""
+    return first or type(err).__name__
 
 
 def _retain(ckpt_dir: Path, keep: int, written: Path) -> None:
