@@ -388,6 +388,21 @@ def test_resume_reads_a_model_key_missing_from_an_older_checkpoint_as_its_defaul
     assert Trainer(config_mod.load(None, tiny_overrides(data, out, "old")), resume=True).fit().steps == 6
 
 
+def test_a_resume_of_a_finished_run_trains_nothing_and_leaves_its_checkpoint(tmp_path, caplog):
+    """Nothing to train: the last checkpoint stays as it was (not rewritten with a nan loss) and the
+    result reports the loss the checkpoint holds."""
+    data = write_idx(tmp_path / "data", n=48)  # 6 steps
+    cfg = config_mod.load(None, tiny_overrides(data, tmp_path / "runs", "done"))
+    first = Trainer(cfg).fit()
+    ((_, path),) = list_checkpoints(first.run_dir / "checkpoints")[-1:]
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    with caplog.at_level("INFO", logger="ijepa_fast"):
+        again = Trainer(cfg, resume=True).fit()
+    assert (again.steps, again.last_loss, again.stopped) == (6, first.last_loss, "finished")
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    assert "the run ended at step 6: nothing left to train" in caplog.text
+
+
 def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     data = write_idx(tmp_path / "data", n=48)  # 6 steps
     out, run = tmp_path / "runs", tmp_path / "runs" / "c"

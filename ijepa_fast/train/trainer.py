@@ -20,6 +20,7 @@ deletes the temporary files a killed run left, and a resume checks config.yaml. 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -147,6 +148,7 @@ class Trainer:
         if self.resume and restored is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
         self.start_step = int(restored["step"]) if restored else 0
+        self._restored_loss = float(restored.get("loss", math.nan)) if restored else math.nan
         if restored:
             log.info("resumed from step %d (%s)", self.start_step, self.run_dir)
         self.saver = Checkpointer(
@@ -169,6 +171,11 @@ class Trainer:
         self.schedules = self.step_fn.schedules
         total = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+        if self.start_step >= self.total_steps > 0 and restored:
+            log.info(
+                "the run ended at step %d: nothing left to train (optim.epochs or max_steps set the length)",
+                self.start_step,
+            )
         self._agree(lambda: self._write_config(restored), main_only=True)
         self.writer = _NoWriter()
         self._agree(self._open_writer, main_only=True)  # W&B can refuse (online, no API key): every rank stops
@@ -259,21 +266,15 @@ class Trainer:
     def _fit(self) -> RunResult:
         cfg, step = self.cfg, self.start_step
         meter, bar = DeviceMeter(self.device), self._progress_bar()
-        skipped, last_loss, last_ckpt = 0, float("nan"), None
+        skipped, last_loss, last_ckpt = 0, self._restored_loss, None
         self._last_loss = last_loss  # for a stop on a non-finite step
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
+        per = (cfg.data.batch_size * self.world_size * self.accum, cfg.data.batch_size, self.world_size, self.accum)
         log.info(
             "training steps %d..%d (%d per epoch), global batch %d = %d per rank x %d rank(s) x %d accumulation, "
             "engine %s",
-            step,
-            self.total_steps,
-            self.steps_per_epoch,
-            cfg.data.batch_size * self.world_size * self.accum,
-            cfg.data.batch_size,
-            self.world_size,
-            self.accum,
-            self.engine_name,
+            *(step, self.total_steps, self.steps_per_epoch, *per, self.engine_name),
         )
         between_steps = True  # with grad_accum > 1 a step spans several batches: stop only between steps
         with self.signals:
@@ -300,8 +301,8 @@ class Trainer:
                     last_ckpt = self.saver.save(step, last_loss)
             if meter.count:  # a signal between two log points: check and log what is pending
                 last_loss = self._log(meter, step, 0.0, skipped, time.perf_counter() - started, bar)
-            if self.saver.saved_step != step:
-                last_ckpt = self.saver.save(step, last_loss)
+            if self.saver.saved_step != step and (step > self.start_step or self.start_step == 0):
+                last_ckpt = self.saver.save(step, last_loss)  # a resume that trained nothing has its checkpoint
             self.saver.join()  # the last write ends (or fails, naming its file) before the run reports
         return self._finish(step, last_loss, skipped, last_ckpt, bar)
 
