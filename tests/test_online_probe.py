@@ -151,3 +151,11 @@ def test_bad_probe_settings_are_one_line_errors(override, message):
 
 def test_probe_settings_may_change_on_resume():
     assert {"online_probe.every", "online_probe.root"} <= set(config_mod.RESUME_MAY_CHANGE)
+
+
+def test_a_missing_probe_root_is_named_by_its_key_before_training(tmp_path):
+    data = write_idx(tmp_path / "data", n=48)
+    cfg = config_mod.load(None, probe_overrides(data, tmp_path / "runs", "p", **{"online_probe.root": tmp_path / "no"}))
+    with pytest.raises(FileNotFoundError, match=f"online_probe.root={tmp_path / 'no'} does not exist"):
+        Trainer(cfg)
+    assert not list((tmp_path / "runs").rglob("*.pt"))

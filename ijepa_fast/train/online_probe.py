@@ -73,6 +73,9 @@ class OnlineProbe:
     def check_data(self) -> None:
         """Open both splits now (rank 0), so that a missing dataset fails before training."""
         if self.is_main and self.period > 0:
+            root = self.cfg.root
+            if root and not Path(root).exists():  # named by its key: the data errors name data.root's kind only
+                raise FileNotFoundError(f"online_probe.root={root} does not exist")
             self._datasets()
 
     def _datasets(self):
