@@ -146,6 +146,14 @@ def test_demo_refuses_a_probe_smaller_than_two_images(count, capsys):
     assert "need at least 2 images" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("count", ["1", "-1"])
+def test_a_curve_of_too_few_images_is_refused_naming_both_ways_out(count, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--curve-train", count])
+    assert f"{count}: need at least 2 images, or 0 for no curve" in capsys.readouterr().err
+    assert demo.parse_args(["--curve-train", "0"]).curve_train == 0
+
+
 def quick_demo(data, out, *extra) -> int:
     """The demo at its smallest: one epoch of 5 steps, no curve, a small probe."""
     return demo.main(

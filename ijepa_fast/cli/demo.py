@@ -56,7 +56,12 @@ def image_count(text: str) -> int:
 
 
 def curve_count(text: str) -> int:
-    return 0 if int(text) == 0 else image_count(text)
+    if text.strip() == "0":
+        return 0
+    try:
+        return image_count(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err}, or 0 for no curve") from None
 
 
 def parse_args(argv):
