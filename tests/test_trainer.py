@@ -403,6 +403,27 @@ def test_a_resume_of_a_finished_run_trains_nothing_and_leaves_its_checkpoint(tmp
     assert "the run ended at step 6: nothing left to train" in caplog.text
 
 
+def test_the_distinct_undecodable_files_counted_are_those_of_the_batches_trained_on(tmp_path, caplog):
+    """The loader reads the batch after the last step before the loop ends: its bad files are not
+    counted beside the skips of the steps that ran."""
+    from PIL import Image
+
+    for i in range(16):
+        path = tmp_path / "data" / "c" / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i % 2:
+            path.write_text("not a JPEG")
+        else:
+            Image.new("RGB", (32, 32), (i * 15, 0, 0)).save(path)
+    extra = {"data.dataset": "folder", "data.split": "", "optim.max_steps": 1}
+    with caplog.at_level("INFO", logger="ijepa_fast"):
+        result = Trainer(
+            config_mod.load(None, tiny_overrides(tmp_path / "data", tmp_path / "runs", "bad", **extra))
+        ).fit()
+    assert result.skipped > 0
+    assert f"{result.skipped} undecodable image(s) skipped ({result.skipped} distinct files)" in caplog.text
+
+
 def test_resume_refuses_a_changed_config_unless_allowed(tmp_path):
     data = write_idx(tmp_path / "data", n=48)  # 6 steps
     out, run = tmp_path / "runs", tmp_path / "runs" / "c"

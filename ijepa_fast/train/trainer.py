@@ -268,6 +268,7 @@ class Trainer:
         meter, bar = DeviceMeter(self.device), self._progress_bar()
         skipped, last_loss, last_ckpt = 0, self._restored_loss, None
         self._last_loss = last_loss  # for a stop on a non-finite step
+        self._bad_files: set[str] = set()  # of the batches trained on (the loader also reads one ahead)
         window_start, window_images = time.perf_counter(), 0
         started = time.perf_counter()
         per = (cfg.data.batch_size * self.world_size * self.accum, cfg.data.batch_size, self.world_size, self.accum)
@@ -285,6 +286,7 @@ class Trainer:
                 out = self.step_fn(images, batch.masks, step, monitor=self._logs_at(step + 1))
                 meter.update(out, step)
                 skipped += batch.skipped
+                self._bad_files.update(batch.bad_paths)
                 window_images += images.shape[0] * self.world_size
                 between_steps = self.step_fn.stepped
                 if not between_steps:  # more micro-batches of this step to come
@@ -375,7 +377,7 @@ class Trainer:
                 plot_probe_curve(read_metrics(self.run_dir / "metrics.csv"), self.run_dir / PROBE_PLOT)
         distributed.cleanup()
         stopped = "signal" if self.signals.received is not None else "finished"
-        bad = getattr(self.loader, "skipped_paths", [])
+        bad = self._bad_files
         log.info(
             "%s at step %d: last loss %.4f, %d undecodable image(s) skipped%s",
             stopped,
