@@ -846,7 +846,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_files_as_they_were(tool,
     out.mkdir()
     if option == "--hf":
         target, args = out / "model.safetensors", ["--hf", str(out)]
-        (out / "config.json").write_text(json.dumps({"ijepa_fast": {}}))
+        (out / "config.json").write_text(json.dumps({"ijepa_fast": {}}))  # an earlier export: may be replaced
     elif tool == "ijepa-extract":
         data = write_idx_data(tmp_path / "data", n_train=40, n_test=4)
         target, args = out / "f.npy", ["--out", str(out / "f.npy"), "--data", str(data), "--no-progress"]
@@ -871,3 +871,31 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_files_as_they_were(tool,
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(f"{tool}: {target} could not be written ("), lines
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_hf_export_refuses_a_folder_of_the_users(authors_file, tmp_path, capsys):
+    """Its README.md and config.json would be replaced: refused in one line, before loading."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    assert export_cli.export_main([str(authors_file), "--hf", str(folder)]) == 1
+    assert one_error_line("ijepa-export", capsys) == (
+        f"ijepa-export: {folder} is not empty and is not an earlier export of ijepa-export --hf (no config.json with "
+        "an 'ijepa_fast' entry), so its files would be replaced: export into a new or empty folder"
+    )
+    assert (folder / "README.md").read_text() == "my notes" and sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+    ]
+    with pytest.raises(ValueError, match="is not empty"):  # the library refuses it too
+        export_hf(load_encoder(authors_file).encoder, folder)
+
+
+def test_hf_export_replaces_an_earlier_export(authors_file, tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    folder = tmp_path / "hf"
+    export_hf(load_encoder(authors_file).encoder, folder)  # no provenance: still marked as ours
+    assert export_cli.export_main([str(authors_file), "--hf", str(folder), "--which", "encoder"]) == 0
+    assert json.loads((folder / "config.json").read_text())["ijepa_fast"]["which"] == "encoder"
+    assert load_encoder(folder).which == "encoder"

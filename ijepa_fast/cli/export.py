@@ -21,7 +21,7 @@ from ijepa_fast.cli.args import (
 from ijepa_fast.cli.args import resolve_device as resolve_cli_device
 from ijepa_fast.cli.pretrain import known_failures, one_line
 from ijepa_fast.io.encoder import weights_label
-from ijepa_fast.io.hf import export_hf
+from ijepa_fast.io.hf import check_export_folder, export_hf
 from ijepa_fast.io.outputs import check_file, check_folder, write_files
 from ijepa_fast.io.safetensors_timm import (
     TIMM_GAP_MODEL,
@@ -59,7 +59,7 @@ def export_main(argv: list[str] | None = None) -> int:
     dest.add_argument(
         "--hf",
         metavar="DIR",
-        help="output folder for Hugging Face transformers (IJepaModel)",
+        help="output folder for Hugging Face transformers (IJepaModel): new, empty, or an earlier --hf export",
     )
     p.add_argument("--timm", action="store_true", help="with --out: timm's names; prints timm's constructor kwargs")
     args = p.parse_args(argv)
@@ -67,7 +67,7 @@ def export_main(argv: list[str] | None = None) -> int:
         p.error("--timm goes with --out FILE, not with --hf")
     try:  # the destination first: a path that cannot be written costs no checkpoint loading
         if args.hf:
-            check_folder(args.hf, "--hf")
+            check_export_folder(check_folder(args.hf, "--hf"))
         else:
             check_file(args.out, "--out")
         loaded = load_from_args(args)

@@ -121,8 +121,7 @@ def hf_config(spec: EncoderSpec, provenance: Mapping[str, str] | None = None) ->
         "qkv_bias": True,
         "dtype": "float32",
     }
-    if provenance:
-        config["ijepa_fast"] = dict(provenance)
+    config["ijepa_fast"] = dict(provenance or {})  # also marks the folder as ours (check_export_folder)
     return config
 
 
@@ -152,11 +151,12 @@ def export_hf(
     """Write a folder that ``transformers.IJepaModel.from_pretrained`` loads: ``config.json``,
     ``model.safetensors`` and ``preprocessor_config.json``, and ``card`` as its ``README.md``
     (``ijepa_fast.io.model_card``) when given. ``provenance`` (strings: which encoder, source) goes
-    into the config's ``ijepa_fast`` entry and the weights' metadata. The files are written together,
-    atomically."""
+    into the config's ``ijepa_fast`` entry and the weights' metadata. A folder holding anything but an
+    earlier export is refused (``check_export_folder``); the files are written together, atomically."""
     _safetensors_torch("exporting to Hugging Face")
     spec = EncoderSpec.of(encoder)
     out_dir = Path(out_dir)
+    check_export_folder(out_dir)
     tensors = to_hf_state_dict(encoder)
     meta = {"format": "pt", **{f"ijepa_fast.{k}": str(v) for k, v in (provenance or {}).items()}}
     files = [(out_dir / HF_WEIGHTS_FILE, lambda p: save_safetensors(tensors, p, meta))]
@@ -169,6 +169,23 @@ def export_hf(
         files.append((out_dir / HF_CARD_FILE, lambda p: p.write_text(card)))
     write_files(files)  # all or none: a folder never holds the weights of one export and the config of another
     return out_dir
+
+
+def check_export_folder(folder: str | Path) -> None:
+    """Refuse to export into a folder that holds anything but an earlier export of ours (its
+    config.json has an ``ijepa_fast`` entry): a user's README.md or config.json there would be replaced."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    try:
+        ours = isinstance(json.loads((folder / HF_CONFIG_FILE).read_text()).get("ijepa_fast"), dict)
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"{folder} is not empty and is not an earlier export of ijepa-export --hf (no {HF_CONFIG_FILE} with an "
+            f"'ijepa_fast' entry), so its files would be replaced: export into a new or empty folder"
+        )
 
 
 def hf_folder(path: str | Path) -> Path | None:
