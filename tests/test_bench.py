@@ -369,3 +369,80 @@ def test_fsdp2_volumes_are_zero3s_with_the_policys_element_sizes():
     assert by["fsdp2"]["comm_s"] < by[3]["comm_s"] and by["fsdp2"]["efficiency"] > by[3]["efficiency"]
     with pytest.raises(SystemExit):
         scaling.main(["--step-ms", "500", "--stages", "zero9"])
+
+
+# ----------------------------------------------------------------------------- bad input: one line
+
+
+def bench_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ijepa-bench: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Fails a test that gets as far as measuring: the errors under test come before."""
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(bench, "run", measured)
+    monkeypatch.setattr(bench, "resolve_device", measured)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "nonexist"], "config error: config file nonexist does not exist"),
+        (["--config", "demo", "optim.lr=abc"], "config error: optim.lr='abc' is invalid: expected a number"),
+        (["--set", "foo"], "config error: override 'foo' is not of the form section.key=value"),
+        (["--model-step", "model.name=vit_nope"], "config error: model.name="),
+    ],
+)
+def test_a_config_error_is_one_line_with_status_2(args, message, capsys, no_measuring):
+    assert bench.main(args) == 2
+    assert bench_error_line(capsys).startswith(f"ijepa-bench: {message}")
+
+
+def test_a_missing_data_root_is_one_line_before_measuring(tmp_path, capsys, no_measuring):
+    assert bench.main([*TINY_ARGS, "--loader", "pytorch", f"data.root={tmp_path / 'nowhere'}"]) == 1
+    assert bench_error_line(capsys) == f"ijepa-bench: data.root={tmp_path / 'nowhere'} does not exist"
+
+
+@pytest.mark.parametrize(
+    "option, case",
+    [("--out", "a file"), ("--out", "a file as parent"), ("--record", "a file as parent"), ("--json", "a folder")],
+)
+def test_an_output_that_cannot_be_written_is_one_line_before_measuring(option, case, tmp_path, capsys, no_measuring):
+    (tmp_path / "afile").write_text("mine")
+    if case == "a file":
+        path, expected = tmp_path / "afile", f"{option} {tmp_path / 'afile'} is a file, not a folder"
+    elif case == "a file as parent":
+        path = tmp_path / "afile" / "x.md"
+        expected = f"{option} {path}: {tmp_path / 'afile'} is a file, not a folder: move that file away"
+    else:
+        path = tmp_path / "r.json"
+        path.mkdir()
+        expected = f"{option} {path} is a folder, not a file"
+    assert bench.main([*TINY_ARGS, option, str(path)]) == 1
+    assert bench_error_line(capsys).startswith(f"ijepa-bench: {expected}")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_record_that_fails_to_write_leaves_the_results_file_as_it_was(tmp_path, monkeypatch):
+    from ijepa_fast.bench import report as report_mod
+    from ijepa_fast.io.checkpoint import NotWritableError
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("earlier results\n")
+
+    def disk_full(result):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_mod, "markdown_report", disk_full)
+    with pytest.raises(NotWritableError, match=r"RESULTS.md could not be written \(No space left on device\)"):
+        report_mod.record({}, results)
+    assert results.read_text() == "earlier results\n" and [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]

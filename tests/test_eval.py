@@ -529,3 +529,88 @@ def test_attentive_heads_below_one_are_refused_in_one_line(capsys, idx_data, run
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "ijepa-eval: --attentive-heads 5 does not divide the encoder's width 192"
     )
+
+
+# ----------------------------------------------------------------------------- the report's path
+
+
+def eval_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ijepa-eval: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["rep.md", "rep.MD"])
+def test_an_out_ending_in_md_is_refused_before_evaluating(tmp_path, capsys, name):
+    """The Markdown report goes beside --out as .md: an --out ending in .md would lose the JSON."""
+    out = tmp_path / name
+    rc = cli.main([str(tmp_path / "no-checkpoint.pt"), "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert rc == 2
+    line = eval_error_line(capsys)
+    assert line == (
+        f"ijepa-eval: --out {out} is the JSON report's path, and the Markdown report goes beside it as .md: "
+        f"give a .json path, e.g. {tmp_path / 'rep.json'}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_json_and_markdown_reports_are_both_kept(tmp_path, capsys, idx_data, run_dir):
+    out = tmp_path / "rep"  # no suffix: the Markdown goes to rep.md, the JSON stays at rep
+    assert cli.main([str(run_dir), "--data", str(idx_data), "--limit", "40", "--no-probe", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["data"]["n_train"] == 40
+    assert (tmp_path / "rep.md").read_text().startswith("# ijepa-eval: ")
+    assert f"report: {out} and {tmp_path / 'rep.md'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["a folder", "a file as parent", "a folder at the .md", "read-only"])
+def test_an_out_that_cannot_be_written_is_one_line_before_evaluating(tmp_path, capsys, monkeypatch, case):
+    """Checked first: the checkpoint and data here do not exist, and the error is the report's path."""
+    if case == "a folder":
+        out = tmp_path / "r.json"
+        out.mkdir()
+        expected = (
+            f"--out {out} is a folder, not a file: give a file name, e.g. {out / 'name'}, or choose another --out"
+        )
+    elif case == "a file as parent":
+        (tmp_path / "afile").write_text("mine")
+        out = tmp_path / "afile" / "r.json"
+        expected = f"--out {out}: {tmp_path / 'afile'} is a file, not a folder: move that file away"
+    elif case == "a folder at the .md":
+        out = tmp_path / "r.json"
+        (tmp_path / "r.md").mkdir()
+        expected = f"the Markdown report {tmp_path / 'r.md'} is a folder, not a file: move it away or choose another"
+    else:
+        from ijepa_fast.io import outputs
+
+        def refused(**kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(outputs.tempfile, "mkstemp", refused)  # as a read-only folder does for a user
+        out = tmp_path / "r.json"
+        expected = f"--out {out} cannot be written ({tmp_path}: Permission denied): make it writable, or choose another"
+    before = sorted(tmp_path.rglob("*"))
+    rc = cli.main([str(tmp_path / "no-checkpoint.pt"), "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert rc == 1
+    assert eval_error_line(capsys).startswith(f"ijepa-eval: {expected}")
+    assert sorted(tmp_path.rglob("*")) == before and (case != "a file as parent" or out.parent.read_text() == "mine")
+
+
+def test_a_report_that_fails_to_write_leaves_the_earlier_reports_as_they_were(tmp_path, capsys, monkeypatch, run_dir):
+    """A full disk while writing the Markdown: neither report is replaced, no temporary file is left."""
+    data = write_idx_data(tmp_path / "data", n_train=20, n_test=8)
+    (tmp_path / "r.json").write_text("earlier json")
+    (tmp_path / "r.md").write_text("earlier md")
+
+    def disk_full(report):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "markdown_report", disk_full)
+    argv = [str(run_dir), "--data", str(data), "--no-probe", "--no-progress", "--out", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 1
+    assert eval_error_line(capsys) == (
+        f"ijepa-eval: {tmp_path / 'r.md'} could not be written (No space left on device): free space on that disk"
+    )
+    assert (tmp_path / "r.json").read_text() == "earlier json" and (tmp_path / "r.md").read_text() == "earlier md"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r.json", "r.md"]

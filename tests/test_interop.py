@@ -764,3 +764,138 @@ def test_ijepa_extract_image_folder_names_each_row(authors_file, tmp_path):
     assert np.load(out).shape == (6, D) and np.load(tmp_path / "f.labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
     rows = (tmp_path / "f.paths.txt").read_text().split()
     assert len(rows) == 6 and rows[0].endswith("0.png") and "cat" in rows[0] and "dog" in rows[-1]
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def _run_export_or_extract(tool: str, args: list[str]) -> int:
+    main = export_cli.extract_main if tool == "ijepa-extract" else export_cli.export_main
+    return main(args)
+
+
+@pytest.mark.parametrize(
+    "tool, option, case",
+    [
+        ("ijepa-export", "--out", "a folder"),
+        ("ijepa-export", "--out", "a file as parent"),
+        ("ijepa-export", "--timm", "a file as parent"),
+        ("ijepa-export", "--hf", "a file"),
+        ("ijepa-export", "--hf", "a file as parent"),
+        ("ijepa-export", "--out", "read-only"),
+        ("ijepa-extract", "--out", "a folder"),
+        ("ijepa-extract", "--out", "a file as parent"),
+        ("ijepa-extract", "--out", "read-only"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(
+    tool, option, case, tmp_path, capsys, monkeypatch
+):
+    """Checked first: the checkpoint and data here do not exist, and the error is the output's path."""
+    (tmp_path / "afile").write_text("mine")
+    name = "f.npy" if tool == "ijepa-extract" else "x.safetensors"
+    if case == "a folder":
+        out = tmp_path / name
+        out.mkdir()
+        expected = f"{option} {out} is a folder, not a file: give a file name, e.g. {out / 'name'}, or choose another"
+    elif case == "a file":
+        out = tmp_path / "afile"
+        expected = f"{option} {out} is a file, not a folder: move it away or choose another {option}"
+    elif case == "a file as parent":
+        out = tmp_path / "afile" / ("hf" if option == "--hf" else name)
+        shown = "--out" if option == "--timm" else option
+        expected = f"{shown} {out}: {tmp_path / 'afile'} is a file, not a folder: move that file away"
+    else:
+        from ijepa_fast.io import outputs
+
+        def refused(**kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(outputs.tempfile, "mkstemp", refused)  # as a read-only folder does for a user
+        out = tmp_path / name
+        expected = f"{option} {out} cannot be written ({tmp_path}: Permission denied): make it writable"
+    args = [str(tmp_path / "no-checkpoint.pt")]
+    args += ["--hf", str(out)] if option == "--hf" else ["--out", str(out)] + (["--timm"] if option == "--timm" else [])
+    if tool == "ijepa-extract":
+        args += ["--data", str(tmp_path / "nowhere")]
+    before = sorted(tmp_path.rglob("*"))
+    assert _run_export_or_extract(tool, args) == 1
+    assert one_error_line(tool, capsys).startswith(f"{tool}: {expected}")
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "afile").read_text() == "mine"
+
+
+def _with_file_size_limit(limit: int):
+    def preexec():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+@pytest.mark.parametrize(
+    "tool, option",
+    [("ijepa-extract", "--out"), ("ijepa-export", "--out"), ("ijepa-export", "--timm"), ("ijepa-export", "--hf")],
+)
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_files_as_they_were(tool, option, authors_file, tmp_path):
+    """A file-size limit makes every write past 4 KiB fail, as a full disk does: the user's earlier
+    files stay whole, no partial or temporary file is left, and the error names the file."""
+    if option != "--out" or tool == "ijepa-export":
+        pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    out = tmp_path / "out"
+    out.mkdir()
+    if option == "--hf":
+        target, args = out / "model.safetensors", ["--hf", str(out)]
+        (out / "config.json").write_text(json.dumps({"ijepa_fast": {}}))  # an earlier export: may be replaced
+    elif tool == "ijepa-extract":
+        data = write_idx_data(tmp_path / "data", n_train=40, n_test=4)
+        target, args = out / "f.npy", ["--out", str(out / "f.npy"), "--data", str(data), "--no-progress"]
+        (out / "f.labels.npy").write_bytes(b"earlier labels")
+    else:
+        target, args = out / "x.safetensors", ["--out", str(out / "x.safetensors")]
+        args += ["--timm"] if option == "--timm" else []
+    target.write_bytes(b"earlier")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    entry = "extract_main" if tool == "ijepa-extract" else "export_main"
+    code = f"import sys; from ijepa_fast.cli.export import {entry}; sys.exit({entry}(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(authors_file), *args],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_with_file_size_limit(4096),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"{tool}: {target} could not be written ("), lines
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_hf_export_refuses_a_folder_of_the_users(authors_file, tmp_path, capsys):
+    """Its README.md and config.json would be replaced: refused in one line, before loading."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    assert export_cli.export_main([str(authors_file), "--hf", str(folder)]) == 1
+    assert one_error_line("ijepa-export", capsys) == (
+        f"ijepa-export: {folder} is not empty and is not an earlier export of ijepa-export --hf (no config.json with "
+        "an 'ijepa_fast' entry), so its files would be replaced: export into a new or empty folder"
+    )
+    assert (folder / "README.md").read_text() == "my notes" and sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+    ]
+    with pytest.raises(ValueError, match="is not empty"):  # the library refuses it too
+        export_hf(load_encoder(authors_file).encoder, folder)
+
+
+def test_hf_export_replaces_an_earlier_export(authors_file, tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    folder = tmp_path / "hf"
+    export_hf(load_encoder(authors_file).encoder, folder)  # no provenance: still marked as ours
+    assert export_cli.export_main([str(authors_file), "--hf", str(folder), "--which", "encoder"]) == 0
+    assert json.loads((folder / "config.json").read_text())["ijepa_fast"]["which"] == "encoder"
+    assert load_encoder(folder).which == "encoder"

@@ -27,6 +27,7 @@ CLI_MODULES = {
     "ijepa_fast.cli.demo",
     "ijepa_fast.cli.bench",
     "ijepa_fast.cli.eval",
+    "ijepa_fast.cli.shard",
     "ijepa_fast.eval.__main__",
     "ijepa_fast.data.dali.__main__",
 }

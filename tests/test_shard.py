@@ -117,6 +117,90 @@ def test_resume_after_an_interruption_finishes_without_redoing(tmp_path, monkeyp
         write_shards(list_folder(tmp_path / "src"), tmp_path / "out", shard_size=4, seed=3)
 
 
+def shard_error_line(capsys) -> str:
+    """The command's one error line (after the per-image warnings), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("ijepa-shard: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_source_whose_images_are_all_bad_fails_and_writes_no_shard(tmp_path, capsys, out_exists):
+    for i in range(4):
+        (tmp_path / "src" / CLASSES[i % 2]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / CLASSES[i % 2] / f"{i}.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    if out_exists:
+        out.mkdir()
+    assert main([str(tmp_path / "src"), str(out), "--workers", "1"]) == 2
+    line = shard_error_line(capsys)
+    assert line.startswith("ijepa-shard: all 4 images are bad, so no shard was written (first: ")
+    assert (list(out.iterdir()) == []) if out_exists else not out.exists()  # a folder made by the user stays
+
+
+def test_an_out_folder_holding_the_users_files_is_refused(tmp_path, capsys):
+    make_source(tmp_path / "src", n=3)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "classes.txt").write_text("my classes")
+    assert main([str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    assert shard_error_line(capsys) == (
+        f"ijepa-shard: OUT {tmp_path / 'out'} is not empty and is not an earlier ijepa-shard run's folder "
+        "(it has no .ijepa-shard.json): write into a new or empty folder"
+    )
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["classes.txt"]
+    assert (tmp_path / "out" / "classes.txt").read_text() == "my classes"
+    with pytest.raises(ShardError, match="is not empty"):  # the library refuses it too
+        write_shards(list_folder(tmp_path / "src"), tmp_path / "out")
+
+
+@pytest.mark.parametrize("out", [".", "bee/shards"])
+def test_an_out_inside_the_source_folder_is_refused(tmp_path, capsys, out):
+    make_source(tmp_path / "src", n=3)
+    before = sorted(p for p in (tmp_path / "src").rglob("*"))
+    assert main([str(tmp_path / "src"), str(tmp_path / "src" / out)]) == 2
+    assert shard_error_line(capsys) == (
+        f"ijepa-shard: OUT {tmp_path / 'src' / out} is inside the source folder {tmp_path / 'src'}: "
+        "write the shards outside it"
+    )
+    assert sorted(p for p in (tmp_path / "src").rglob("*")) == before
+
+
+@pytest.mark.parametrize("case", ["a file", "a file as parent"])
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_listing(tmp_path, capsys, case):
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / "afile" if case == "a file" else tmp_path / "afile" / "shards"
+    assert main([str(tmp_path / "no-source"), str(out)]) == 1  # checked before the (missing) source
+    expected = (
+        f"OUT {out} is a file, not a folder: move it away or choose another OUT"
+        if case == "a file"
+        else f"OUT {out}: {tmp_path / 'afile'} is a file, not a folder: move that file away or choose another OUT"
+    )
+    assert shard_error_line(capsys) == f"ijepa-shard: {expected}"
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_full_disk_names_the_shard_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    make_source(tmp_path / "src", n=6)
+    original = tarfile.TarFile.addfile
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", disk_full)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "src"), str(out), "--shard-size", "4", "--workers", "1"]) == 1
+    assert shard_error_line(capsys) == (
+        f"ijepa-shard: {out / 'shard-000000'}.tar could not be written (No space left on device): "
+        "free space on that disk"
+    )
+    assert sorted(p.name for p in out.iterdir()) == [".ijepa-shard.json", "classes.txt"]  # no partial shard
+    monkeypatch.setattr(tarfile.TarFile, "addfile", original)
+    assert main([str(tmp_path / "src"), str(out), "--shard-size", "4", "--workers", "1"]) == 0  # resumed
+    assert len(read_shards(out)) == 6
+
+
 def test_index_files_give_each_members_offset_and_size(tmp_path):
     make_source(tmp_path / "src")
     write_shards(list_folder(tmp_path / "src"), tmp_path / "out", shard_size=5)

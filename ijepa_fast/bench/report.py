@@ -1,5 +1,6 @@
 """The outputs of a run: the Markdown report (printed, or appended to a RESULTS.md-style file with
-device, date, commit and the exact command), the JSON (rewritten atomically) and the PNG plots.
+device, date, commit and the exact command), the JSON (rewritten atomically) and the PNG plots;
+each file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ijepa_fast.bench.timing import PHASES
+from ijepa_fast.io.outputs import write_files
 
 
 def _f(x, fmt: str = ".1f", none: str = "n/a") -> str:
@@ -104,20 +106,17 @@ def markdown_report(result: dict) -> str:
 
 
 def record(result: dict, path: str | Path) -> Path:
-    """Append the report to a RESULTS.md-style file (created if missing, e.g. a file to append later)."""
+    """Append the report to a RESULTS.md-style file (created if missing, e.g. a file to append later).
+    The file is rewritten whole, atomically: a full disk leaves it as it was, never cut mid-report."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write("\n" + markdown_report(result))
+    before = path.read_text() if path.exists() else ""
+    write_files([(path, lambda tmp: tmp.write_text(before + "\n" + markdown_report(result)))])
     return path
 
 
 def write_json(result: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(path)
+    write_files([(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2, default=str)))])
     return path
 
 
@@ -156,7 +155,7 @@ def write_plots(result: dict, out_dir: str | Path, prefix: str = "bench") -> lis
     ax.set_xlim(0, max(ips) * 1.3)
     fig.tight_layout()
     paths.append(out_dir / f"{prefix}_throughput.png")
-    fig.savefig(paths[-1], dpi=110)
+    write_files([(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))])
 
     phased = [r for r in ok if r.get("phases_ms")]
     if phased:
@@ -181,7 +180,7 @@ def write_plots(result: dict, out_dir: str | Path, prefix: str = "bench") -> lis
             columnspacing=0.8,
         )
         paths.append(out_dir / f"{prefix}_phases.png")
-        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+        write_files([(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))])
     return paths
 
 

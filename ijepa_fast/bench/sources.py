@@ -186,20 +186,26 @@ class SyntheticBatches:
         pass
 
 
+def check_loader_data(cfg: Config) -> None:
+    """The real loader's ``data.root`` is given and holds a dataset (ValueError, FileNotFoundError)."""
+    from ijepa_fast.data.sources import check_data_source
+
+    if not cfg.data.root:
+        raise ValueError(
+            f"--loader {cfg.data.loader} reads real images: give data.root=DIR (an image folder, or IDX files with "
+            f"data.dataset=idx)"
+        )
+    check_data_source(cfg.data)
+
+
 class LoaderBatches:
     """Micro-batches of the run's real loader (``pytorch`` or ``dali``), copied to the device as the trainer does."""
 
     def __init__(self, cfg: Config, device: torch.device):
         from ijepa_fast.data.build import build_loader
-        from ijepa_fast.data.sources import check_data_source
 
         kind = cfg.data.loader
-        if not cfg.data.root:
-            raise ValueError(
-                f"--loader {kind} reads real images: give data.root=DIR (an image folder, or IDX files with "
-                f"data.dataset=idx)"
-            )
-        check_data_source(cfg.data)
+        check_loader_data(cfg)
         grid = grid_size(cfg.data.crop_size, cfg.model.patch_size)
         self.loader = build_loader(cfg, grid, device, rank=0, world_size=1, start_step=0)
         self.device, self.kind = device, kind

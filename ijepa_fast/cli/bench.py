@@ -24,9 +24,11 @@ from pathlib import Path
 from ijepa_fast import config as config_mod
 from ijepa_fast.bench.measure import run
 from ijepa_fast.bench.report import current_command, markdown_report, record, write_json, write_plots
-from ijepa_fast.bench.sources import select_configs, spec_from_args
+from ijepa_fast.bench.sources import check_loader_data, select_configs, spec_from_args
 from ijepa_fast.bench.timing import device_name
 from ijepa_fast.cli.args import command_parser
+from ijepa_fast.config import ConfigError
+from ijepa_fast.io.outputs import check_file, check_folder
 from ijepa_fast.runtime.device import resolve_device
 
 
@@ -107,11 +109,14 @@ def run_cli(argv: list[str] | None = None) -> dict:
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     spec = spec_from_args(args)
-    shape = spec.describe()
-    device = resolve_device(shape["device"])
-    configs = select_configs(args, device)
+    shape = spec.describe()  # loads the config: an error there ends the command before anything runs
     tag = args.tag or f"step_{shape['model']}_{shape['patch']}_{shape['img']}"
     json_path = args.json or (str(Path(args.out) / f"{tag}.json") if args.out else "")
+    check_outputs(args, json_path)  # the cheap checks first: a bad path or data root costs no measurement
+    if spec.loader != "synthetic":
+        check_loader_data(spec.config_for({}))
+    device = resolve_device(shape["device"])
+    configs = select_configs(args, device)
 
     def on_row(result: dict, row: dict) -> None:
         status = (
@@ -127,21 +132,42 @@ def run_cli(argv: list[str] | None = None) -> dict:
     accum = f" x {shape['grad_accum']} accumulation" if shape["grad_accum"] > 1 else ""
     print(f"[ijepa-bench] {label}{accum} on {device_name(device)}: {len(configs)} configuration(s)", flush=True)
     result = run(spec, configs, on_row, device_label=args.device_label, command=current_command(argv))
-    report = markdown_report(result)
+    print()
+    print(markdown_report(result), flush=True)  # before the files: a write that fails loses no measurement
     if args.out:
         result["plots"] = [str(p) for p in write_plots(result, args.out, tag)]
     if json_path:
         write_json(result, json_path)
     if args.record:
         print(f"[ijepa-bench] appended to {record(result, args.record)}")
-    print()
-    print(report, flush=True)
     return result
 
 
+def check_outputs(args: argparse.Namespace, json_path: str) -> None:
+    """Refuse, before any measurement, an output path the run could not write at its end."""
+    if args.out:
+        check_folder(args.out, "--out")
+    if json_path:
+        check_file(json_path, "--json" if args.json else "--out", what=None if args.json else "the JSON report")
+    if args.record:
+        check_file(args.record, "--record")
+    if args.trace:
+        check_file(args.trace, "--trace")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``ijepa-bench``: exit status 0 when every configuration ran, 1 otherwise."""
-    result = run_cli(argv)
+    """``ijepa-bench``: exit status 0 when every configuration ran, 1 otherwise (or an error, named in
+    one line: 2 for the config or command line, 1 for a file, folder or the data)."""
+    from ijepa_fast.cli.pretrain import known_failures, one_line
+
+    try:
+        result = run_cli(argv)
+    except ConfigError as err:
+        print(f"ijepa-bench: config error: {err}", file=sys.stderr)
+        return 2
+    except known_failures() as err:
+        print(f"ijepa-bench: {one_line(err)}", file=sys.stderr)
+        return 1
     return 0 if all(r.get("ok") for r in result["rows"]) else 1  # --model-step: no rows, 0
 
 

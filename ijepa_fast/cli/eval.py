@@ -117,7 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attentive-lr", type=float, default=None, help="attentive probe AdamW learning rate")
     p.add_argument("--attentive-heads", type=_positive, default=8, help="attentive probe heads (must divide the width)")
     p.add_argument("--seed", type=int, default=0, help="seed of the low-shot subsets, held-out split and shuffling")
-    p.add_argument("--out", help="JSON report path (default: eval-<checkpoint stem>.json); Markdown beside it")
+    p.add_argument(
+        "--out", help="JSON report path, not .md (default: eval-<checkpoint stem>.json); Markdown beside it as .md"
+    )
     args = p.parse_args(argv)
     if not args.full and not args.low_shot:
         p.error("--no-full leaves nothing to evaluate: add --low-shot 1% or --low-shot N")
@@ -289,28 +291,45 @@ def markdown_report(report: dict[str, Any]) -> str:
     return markdown(f"ijepa-eval: {report['checkpoint']}", report, rows)
 
 
+def report_paths(out: Path) -> tuple[Path, Path]:
+    """(JSON, Markdown) report paths: ``out`` and the Markdown beside it. ValueError for an ``out``
+    ending in .md, whose Markdown would replace the JSON."""
+    if out.suffix.lower() == ".md":
+        raise ValueError(
+            f"--out {out} is the JSON report's path, and the Markdown report goes beside it as .md: give a .json "
+            f"path, e.g. {out.with_suffix('.json')}"
+        )
+    return out, out.with_suffix(".md")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ijepa_fast.io.checkpoint import UntrustedCheckpointError
+    from ijepa_fast.cli.pretrain import known_failures, one_line
     from ijepa_fast.io.encoder import CheckpointMismatchError
+    from ijepa_fast.io.outputs import check_file, check_folder, write_files
 
     try:
-        report = run(args)
-    except (
-        CheckpointMismatchError,
-        UntrustedCheckpointError,
-        FileNotFoundError,
-        KeyError,
-        ValueError,
-        ImportError,
-    ) as err:
+        paths = report_paths(Path(args.out)) if args.out else ()
+    except ValueError as err:
         print(f"ijepa-eval: {err}", file=sys.stderr)
+        return 2
+    try:  # the reports' paths first: one that cannot be written costs no evaluation
+        for path, what in zip(paths, (None, "the Markdown report")):
+            check_file(path, "--out", what)
+        if not args.out:
+            check_folder(Path("."), "--out")  # the default --out is in the current folder
+        report = run(args)
+        json_out, md_out = report_paths(Path(args.out or f"eval-{Path(report['checkpoint']).stem}.json"))
+        write_files(
+            [
+                (json_out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")),
+                (md_out, lambda tmp: tmp.write_text(markdown_report(report))),
+            ]
+        )
+    except (*known_failures(), CheckpointMismatchError, KeyError, ImportError) as err:
+        print(f"ijepa-eval: {one_line(err)}", file=sys.stderr)
         return 1
-    out = Path(args.out or f"eval-{Path(report['checkpoint']).stem}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown_report(report))
     data = report["data"]
     print(
         f"{report['encoder']}, {report['weights']} weights ({report['format']} checkpoint), at "
@@ -320,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in report["results"]:
         print(f"{r['head']} top-1: {100 * r['top1']:.2f}%  ({r['train_labels']}: {r['n_train']} train images)")
-    print(f"report: {out} and {out.with_suffix('.md')}")
+    print(f"report: {json_out} and {md_out}")
     return 0
 
 

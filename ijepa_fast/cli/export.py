@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ijepa_fast.cli.args import (
@@ -18,13 +19,15 @@ from ijepa_fast.cli.args import (
     open_eval_dataset,
 )
 from ijepa_fast.cli.args import resolve_device as resolve_cli_device
-from ijepa_fast.io.checkpoint import write_atomically
+from ijepa_fast.cli.pretrain import known_failures, one_line
 from ijepa_fast.io.encoder import weights_label
-from ijepa_fast.io.hf import export_hf
+from ijepa_fast.io.hf import check_export_folder, export_hf
+from ijepa_fast.io.outputs import check_file, check_folder, write_files
 from ijepa_fast.io.safetensors_timm import (
     TIMM_GAP_MODEL,
     _safetensors_torch,
     export_safetensors,
+    save_safetensors,
     timm_kwargs,
     to_timm_state_dict,
 )
@@ -53,12 +56,20 @@ def export_main(argv: list[str] | None = None) -> int:
     add_checkpoint_args(p)
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", help="output .safetensors file")
-    dest.add_argument("--hf", metavar="DIR", help="output folder for Hugging Face transformers (IJepaModel)")
+    dest.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="output folder for Hugging Face transformers (IJepaModel): new, empty, or an earlier --hf export",
+    )
     p.add_argument("--timm", action="store_true", help="with --out: timm's names; prints timm's constructor kwargs")
     args = p.parse_args(argv)
     if args.timm and args.hf:
         p.error("--timm goes with --out FILE, not with --hf")
-    try:
+    try:  # the destination first: a path that cannot be written costs no checkpoint loading
+        if args.hf:
+            check_export_folder(check_folder(args.hf, "--hf"))
+        else:
+            check_file(args.out, "--out")
         loaded = load_from_args(args)
         meta = {
             "source": Path(loaded.path).name,  # not the path: an export is shared, the local folders stay private
@@ -72,8 +83,8 @@ def export_main(argv: list[str] | None = None) -> int:
             _export_timm(loaded.encoder, args.out, meta)
         else:
             export_safetensors(loaded.encoder, args.out, meta)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
-        print(f"ijepa-export: {err}", file=sys.stderr)
+    except (*known_failures(), KeyError, RuntimeError, ImportError) as err:
+        print(f"ijepa-export: {one_line(err)}", file=sys.stderr)
         return 1
     print(
         f"wrote {args.hf or args.out} ({loaded.spec.name or 'custom'}, {weights_label(loaded.which)} encoder, "
@@ -95,12 +106,11 @@ def _card(loaded, meta: dict[str, str]) -> str:
 
 def _export_timm(encoder: VisionTransformer, out: str, meta: dict[str, str]) -> None:
     """timm's names; the metadata name the model and kwargs to build (LayerNorm eps and GELU are timm's defaults)."""
-    st = _safetensors_torch("exporting to safetensors")
+    _safetensors_torch("exporting to safetensors")
     kwargs = {k: v for k, v in timm_kwargs(encoder).items() if k not in ("norm_layer", "act_layer")}
     meta = {**meta, "format": "timm-vit", "timm_model": TIMM_GAP_MODEL, "timm_kwargs": json.dumps(kwargs)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in to_timm_state_dict(encoder).items()}
-    write_atomically(Path(out), lambda tmp: st.save_file(tensors, str(tmp), metadata=meta))
+    write_files([(out, lambda tmp: save_safetensors(tensors, tmp, meta))])
     print(f"timm kwargs: {json.dumps(kwargs)}")
     print(f"timm: timm.create_model({TIMM_GAP_MODEL!r}, pretrained=False, **timm_kwargs), then load_state_dict")
 
@@ -125,7 +135,13 @@ def extract_main(argv: list[str] | None = None) -> int:
     if out.suffix not in (".npy", ".safetensors"):
         print(f"ijepa-extract: --out must end in .npy or .safetensors, got {out.name}", file=sys.stderr)
         return 2
-    try:
+    labels_out, names_out = out.with_name(out.stem + ".labels.npy"), out.with_name(out.stem + ".paths.txt")
+    try:  # the outputs first: a path that cannot be written costs no extraction
+        check_file(out, "--out")
+        if out.suffix == ".npy":
+            check_file(labels_out, "--out", what="the labels file")
+        if args.dataset == "folder":
+            check_file(names_out, "--out", what="the paths file")
         loaded = load_from_args(args)
         split = args.split or ("train" if args.dataset == "idx" else "")
         dataset = open_eval_dataset(args, split, eval_img_size(args, loaded.spec))
@@ -140,23 +156,38 @@ def extract_main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             desc=f"features {split}",
         )
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError, ImportError) as err:
-        print(f"ijepa-extract: {err}", file=sys.stderr)
+        files = _feature_files(args, out, loaded, split, feats, labels, dataset)
+        write_files(list(files.items()))
+    except (*known_failures(), KeyError, RuntimeError, ImportError) as err:
+        print(f"ijepa-extract: {one_line(err)}", file=sys.stderr)
         return 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        import numpy as np
-
-        np.save(out, feats.numpy())
-        np.save(out.with_name(out.stem + ".labels.npy"), labels.numpy())
-    else:
-        st = _safetensors_torch("writing features to safetensors")
-        meta = {"checkpoint": str(loaded.path), "which": loaded.which, "features": args.features, "split": split}
-        meta["img_size"] = str(eval_img_size(args, loaded.spec))
-        st.save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(out), metadata=meta)
-    source = getattr(dataset, "source", None)
-    if args.dataset == "folder" and hasattr(source, "describe"):  # image folders: the file of each row
-        names = out.with_name(out.stem + ".paths.txt")
-        names.write_text("".join(f"{source.describe(i)}\n" for i in range(len(labels))))
     print(f"wrote {out}: features {tuple(feats.shape)}, labels {tuple(labels.shape)}")
     return 0
+
+
+def _feature_files(args, out: Path, loaded, split: str, feats, labels, dataset) -> dict[Path, Callable[[Path], None]]:
+    """What ``ijepa-extract`` writes: {path: write(temporary path)}, for ``write_files``."""
+    files: dict[Path, Callable[[Path], None]] = {}
+    if out.suffix == ".npy":
+        files[out] = _npy_writer(feats.numpy())
+        files[out.with_name(out.stem + ".labels.npy")] = _npy_writer(labels.numpy())
+    else:
+        meta = {"checkpoint": str(loaded.path), "which": loaded.which, "features": args.features, "split": split}
+        meta["img_size"] = str(eval_img_size(args, loaded.spec))
+        tensors = {"features": feats.contiguous(), "labels": labels.contiguous()}
+        files[out] = lambda tmp: save_safetensors(tensors, tmp, meta)
+    source = getattr(dataset, "source", None)
+    if args.dataset == "folder" and hasattr(source, "describe"):  # image folders: the file of each row
+        text = "".join(f"{source.describe(i)}\n" for i in range(len(labels)))
+        files[out.with_name(out.stem + ".paths.txt")] = lambda tmp: tmp.write_text(text)
+    return files
+
+
+def _npy_writer(array) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        import numpy as np
+
+        with open(tmp, "wb") as fh:  # a file object: given a name, np.save would add .npy to the temporary one
+            np.save(fh, array)
+
+    return write

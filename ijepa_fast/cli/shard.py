@@ -4,8 +4,10 @@ shards with ``.cls`` labels and DALI index files, which both loaders train from 
     ijepa-shard /data/imagenet/train /data/imagenet-wds/train [--shard-size 1000] [--workers 16]
     ijepa-shard list.txt OUT [--root DIR]        # lines: <image path> <label>
 
-Samples are shuffled across shards (``--seed``), bad images are left out and counted, and an
-interrupted run finishes when the same command is run again (``ijepa_fast.data.shard``).
+Samples are shuffled across shards (``--seed``), bad images are left out and counted (when every
+image is bad, nothing is written and the command fails), and an interrupted run finishes when the
+same command is run again (``ijepa_fast.data.shard``). OUT is a new or empty folder, or an earlier
+run's, outside SRC.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ijepa_fast.cli.args import command_parser
-from ijepa_fast.data.shard import CHECKS, ShardError, list_folder, read_file_list, write_shards
+from ijepa_fast.data.shard import CHECKS, ShardError, check_out, list_folder, read_file_list, write_shards
 
 
 def parse_args(argv: list[str] | None):
@@ -36,7 +38,10 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ijepa_fast.cli.pretrain import known_failures, one_line
+
     try:
+        check_out(args.out, args.source)  # before listing the source, which can take minutes
         if args.source.is_dir():
             listing = list_folder(args.source)
         elif args.source.is_file():
@@ -46,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = write_shards(
             listing, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers, check=args.check
         )
-    except (ShardError, FileNotFoundError) as err:
-        print(f"ijepa-shard: {err}", file=sys.stderr)
+    except (ShardError, FileNotFoundError) as err:  # the input, or an OUT that holds something else
+        print(f"ijepa-shard: {one_line(err)}", file=sys.stderr)
         return 2
+    except known_failures() as err:  # a folder that cannot be read or written, a full disk
+        print(f"ijepa-shard: {one_line(err)}", file=sys.stderr)
+        return 1
     print(summary.line())
     return 0
 

@@ -14,6 +14,9 @@ position in the shuffled order, nine digits. Both loaders read ``out`` as it is 
   folder gives shards that each hold a mix, and the same source and seed give the same bytes.
 - Bad images (unreadable, or failing the check of ``check``, a full decode by default: DALI cannot
   skip a sample at run time) are left out, counted and named in the summary and the settings file.
+  When every image is bad, the run's files are removed and ``ShardError`` names the count.
+- ``out`` is a new or empty folder, or an earlier run's (its settings file): a folder holding other
+  files is refused (``check_out``), so nothing of the user's is replaced.
 - Resumable: each shard is written to a hidden temporary file and renamed when complete (index
   first, then the tar), and the settings file records each finished shard, so re-running the same
   command writes only the shards an interrupted run did not finish, and a half-written shard is never
@@ -40,6 +43,8 @@ import numpy as np
 from ijepa_fast.data.dali.validate import check_image, describe
 from ijepa_fast.data.folder import scan_folder
 from ijepa_fast.data.wds import IMAGE_EXTS, index_text, scan_tar, write_text_atomically
+from ijepa_fast.io.checkpoint import NotWritableError, write_remedy
+from ijepa_fast.io.outputs import check_folder, write_files
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +163,10 @@ def write_shard(out: Path, name: str, items: list[tuple[str, str, int]], root: P
         write_text_atomically(tmp_idx, index_text(rows))
         os.replace(tmp_idx, out / f"{name}.idx")  # the index first: a tar under its name is complete
         os.replace(tmp_tar, out / f"{name}.tar")
+    except OSError as err:  # a full disk: name the shard, not its temporary file
+        raise NotWritableError(
+            f"{out / name}.tar could not be written ({err.strerror or err}): {write_remedy(err)}"
+        ) from None
     finally:
         tmp_tar.unlink(missing_ok=True)
         tmp_idx.unlink(missing_ok=True)
@@ -175,23 +184,50 @@ def _finished(pool: ProcessPoolExecutor, jobs: list):
         yield future.result()
 
 
+def check_out(out: Path, source: Path | None = None) -> None:
+    """Refuse, before any work, an ``out`` ijepa-shard must not write into: one that cannot be written,
+    one inside the ``source`` folder (the shards would be written among the images), or a folder
+    holding files that are not an earlier run's (no settings file): their names could be replaced."""
+    check_folder(out, "OUT")
+    if source is not None and source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+        raise ShardError(f"OUT {out} is inside the source folder {source}: write the shards outside it")
+    if out.is_dir() and not (out / STATE).is_file() and any(out.iterdir()):
+        raise ShardError(
+            f"OUT {out} is not empty and is not an earlier ijepa-shard run's folder (it has no {STATE}): "
+            "write into a new or empty folder"
+        )
+
+
 def _state(out: Path, settings: dict) -> dict:
-    """The settings file's ``done`` table, after checking that ``out`` is ours to write into."""
+    """The settings file's ``done`` table; ``out`` passed ``check_out``."""
     path = out / STATE
-    if path.is_file():
-        try:
-            state = json.loads(path.read_text())
-        except ValueError:
-            state = {}
-        if state.get("settings") != settings:
-            raise ShardError(
-                f"{out} holds shards written from another source or with other settings: "
-                "write into an empty folder (or delete this one)"
-            )
-        return state.get("done", {})
-    if any(p.suffix == ".tar" for p in out.iterdir()):
-        raise ShardError(f"{out} already holds .tar files that ijepa-shard did not write: use an empty folder")
-    return {}
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except ValueError:
+        state = {}
+    if state.get("settings") != settings:
+        raise ShardError(
+            f"{out} holds shards written from another source or with other settings: "
+            "write into an empty folder (or delete this one)"
+        )
+    return state.get("done", {})
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_files([(path, lambda tmp: tmp.write_text(text))])
+
+
+def _remove_run(out: Path, done: dict, created: bool) -> None:
+    """Delete what this run (and an earlier one of the same settings) wrote into ``out``."""
+    for name in done:
+        for ext in (".tar", ".idx"):
+            (out / f"{name}{ext}").unlink(missing_ok=True)
+    for name in (STATE, "classes.txt"):
+        (out / name).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def write_shards(
@@ -210,6 +246,8 @@ def write_shards(
         raise ShardError(f"check {check!r} is not one of {', '.join(CHECKS)}")
     started = time.perf_counter()
     out = Path(out)
+    check_out(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     n = len(listing.paths)
     settings = {
@@ -224,8 +262,6 @@ def write_shards(
     done = _state(out, settings)
     for stale in out.glob(".*.tmp"):  # a killed run's half-written shards
         stale.unlink()
-    if listing.classes:
-        write_text_atomically(out / "classes.txt", "".join(f"{c}\n" for c in listing.classes))
     order = np.random.default_rng(seed).permutation(n)
     jobs = []
     for k in range(math.ceil(n / shard_size)):
@@ -236,8 +272,10 @@ def write_shards(
         items = [(f"{p:09d}", listing.paths[order[p]], listing.labels[order[p]]) for p in positions]
         jobs.append((out, name, items, listing.root, check))
     reused = math.ceil(n / shard_size) - len(jobs)
-    save = lambda: write_text_atomically(out / STATE, json.dumps({"settings": settings, "done": done}))  # noqa: E731
-    save()
+    save = lambda: _write_text(out / STATE, json.dumps({"settings": settings, "done": done}))  # noqa: E731
+    save()  # before any other file: a folder this run wrote into is always known as a run to resume
+    if listing.classes:
+        _write_text(out / "classes.txt", "".join(f"{c}\n" for c in listing.classes))
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
     try:  # each shard is recorded as it finishes, so an interruption loses only the ones in progress
         for name, result in map(_job, jobs) if pool is None else _finished(pool, jobs):
@@ -250,4 +288,7 @@ def write_shards(
             pool.shutdown(cancel_futures=True)
     bad = [(p, r) for name in sorted(done) for p, r in done[name]["bad"]]
     samples = sum(r["samples"] for r in done.values())
+    if not samples:  # nothing to train from: no shards, rather than empty ones that look like a dataset
+        _remove_run(out, done, created)
+        raise ShardError(f"all {len(bad)} images are bad, so no shard was written (first: {bad[0][0]}: {bad[0][1]})")
     return Summary(samples, len(done), reused, bad, time.perf_counter() - started, out)

@@ -57,7 +57,8 @@ class NotACheckpointError(ValueError):
 
 
 class NotWritableError(OSError):
-    """A folder or file of the run cannot be written; the message names it, the cause and what to do."""
+    """A folder or file (of the run, or a command's output) cannot be written; the message names it,
+    the cause and what to do."""
 
 
 def checkpoint_name(step: int) -> str:

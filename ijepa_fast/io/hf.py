@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ijepa_fast.io.checkpoint import load_file, write_atomically
+from ijepa_fast.io.checkpoint import load_file
 from ijepa_fast.io.encoder import (
     EncoderSpec,
     LoadedEncoder,
@@ -24,7 +24,8 @@ from ijepa_fast.io.encoder import (
     build_encoder_from_state_dict,
     strip_module_prefix,
 )
-from ijepa_fast.io.safetensors_timm import _safetensors_torch, read_safetensors
+from ijepa_fast.io.outputs import write_files
+from ijepa_fast.io.safetensors_timm import _safetensors_torch, read_safetensors, save_safetensors
 from ijepa_fast.models.vit import VIT_SIZES, VisionTransformer
 
 HF_FORMAT = "hf-ijepa"
@@ -120,8 +121,7 @@ def hf_config(spec: EncoderSpec, provenance: Mapping[str, str] | None = None) ->
         "qkv_bias": True,
         "dtype": "float32",
     }
-    if provenance:
-        config["ijepa_fast"] = dict(provenance)
+    config["ijepa_fast"] = dict(provenance or {})  # also marks the folder as ours (check_export_folder)
     return config
 
 
@@ -151,22 +151,41 @@ def export_hf(
     """Write a folder that ``transformers.IJepaModel.from_pretrained`` loads: ``config.json``,
     ``model.safetensors`` and ``preprocessor_config.json``, and ``card`` as its ``README.md``
     (``ijepa_fast.io.model_card``) when given. ``provenance`` (strings: which encoder, source) goes
-    into the config's ``ijepa_fast`` entry and the weights' metadata."""
-    st = _safetensors_torch("exporting to Hugging Face")
+    into the config's ``ijepa_fast`` entry and the weights' metadata. A folder holding anything but an
+    earlier export is refused (``check_export_folder``); the files are written together, atomically."""
+    _safetensors_torch("exporting to Hugging Face")
     spec = EncoderSpec.of(encoder)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_export_folder(out_dir)
     tensors = to_hf_state_dict(encoder)
     meta = {"format": "pt", **{f"ijepa_fast.{k}": str(v) for k, v in (provenance or {}).items()}}
-    write_atomically(out_dir / HF_WEIGHTS_FILE, lambda p: st.save_file(tensors, str(p), metadata=meta))
+    files = [(out_dir / HF_WEIGHTS_FILE, lambda p: save_safetensors(tensors, p, meta))]
     for name, content in (
         (HF_CONFIG_FILE, hf_config(spec, provenance)),
         (HF_PREPROCESSOR_FILE, hf_preprocessor_config(spec)),
     ):
-        write_atomically(out_dir / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n"))
+        files.append((out_dir / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n")))
     if card is not None:
-        write_atomically(out_dir / HF_CARD_FILE, lambda p: p.write_text(card))
+        files.append((out_dir / HF_CARD_FILE, lambda p: p.write_text(card)))
+    write_files(files)  # all or none: a folder never holds the weights of one export and the config of another
     return out_dir
+
+
+def check_export_folder(folder: str | Path) -> None:
+    """Refuse to export into a folder that holds anything but an earlier export of ours (its
+    config.json has an ``ijepa_fast`` entry): a user's README.md or config.json there would be replaced."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    try:
+        ours = isinstance(json.loads((folder / HF_CONFIG_FILE).read_text()).get("ijepa_fast"), dict)
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"{folder} is not empty and is not an earlier export of ijepa-export --hf (no {HF_CONFIG_FILE} with an "
+            f"'ijepa_fast' entry), so its files would be replaced: export into a new or empty folder"
+        )
 
 
 def hf_folder(path: str | Path) -> Path | None:

@@ -8,6 +8,7 @@ arguments of timm's ``VisionTransformer`` that computes the same features (see `
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from functools import partial
@@ -19,6 +20,7 @@ from torch import nn
 
 from ijepa_fast.io.checkpoint import NotACheckpointError
 from ijepa_fast.io.encoder import EncoderSpec, build_encoder_from_state_dict, load_state_strict
+from ijepa_fast.io.outputs import write_files
 from ijepa_fast.models.vit import VisionTransformer
 from ijepa_fast.runtime.optional import require
 
@@ -36,15 +38,30 @@ def _safetensors_torch(feature: str):
     return safetensors.torch
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None):
+    """``safetensors.torch.save_file``, a failed write (a full disk) raised as the OSError it is:
+    safetensors reports one as a SafetensorError, the OS error's number only in its message."""
+    st = _safetensors_torch("writing safetensors files")
+    from safetensors import SafetensorError
+
+    try:
+        st.save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+
+
 def export_safetensors(encoder: VisionTransformer, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write the encoder's state dict (the authors' names, fp32 unless the model is otherwise) and its
-    architecture (``EncoderSpec`` fields, strings) to ``path``."""
-    st = _safetensors_torch("exporting to safetensors")
+    architecture (``EncoderSpec`` fields, strings) to ``path``, atomically."""
+    _safetensors_torch("exporting to safetensors")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
     meta = {"format": SAFETENSORS_FORMAT, **EncoderSpec.of(encoder).to_metadata(), **(metadata or {})}
+    meta = {k: str(v) for k, v in meta.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    st.save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+    write_files([(path, lambda tmp: save_safetensors(tensors, tmp, meta))])
     return path
 
 
