@@ -529,3 +529,21 @@ def test_attentive_heads_below_one_are_refused_in_one_line(capsys, idx_data, run
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "ijepa-eval: --attentive-heads 5 does not divide the encoder's width 192"
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device", "banana"], "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
+        (["--limit", "-5"], "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
+        (["--batch-size", "0"], "--batch-size=0 is invalid: expected an integer >= 1"),
+    ],
+)
+def test_a_bad_option_is_one_line_before_anything_is_loaded_or_written(extra, message, tmp_path, capsys, run_dir):
+    argv = [str(run_dir), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r.json"), *extra]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"ijepa-eval: error: {message}")
+    assert list(tmp_path.iterdir()) == []

@@ -147,5 +147,21 @@ def test_a_changed_recipe_and_a_start_over_a_fine_tuning_are_refused(tmp_path, o
     assert "already holds a fine-tuning: pass --resume" in capsys.readouterr().err
     assert finetune_cli.main([str(run), *options(data, out, **{"epochs": 1, "lr": 1e-3}), "--resume"]) == 1
     assert "lr: 0.002 -> 0.001" in capsys.readouterr().err
-    assert finetune_cli.main([str(run), *options(data, out, **{"layer-decay": 1.5})]) == 1
+    assert finetune_cli.main([str(run), *options(data, out, **{"layer-decay": 1.5})]) == 2
     assert "--layer-decay=1.5 is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("device", "banana", "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
+        ("limit", "-5", "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
+    ],
+)
+def test_a_bad_data_option_is_the_one_line_ijepa_eval_gives_and_creates_nothing(
+    tmp_path, option, value, message, capsys
+):
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    assert finetune_cli.main([str(run), *options(data, tmp_path / "ft", **{option: value})]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"ijepa-finetune: {message}"
+    assert not (tmp_path / "ft").exists()

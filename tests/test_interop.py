@@ -736,6 +736,23 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
     assert np.array_equal(labels, ref_y.numpy())
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device", "banana"], "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
+        (["--limit", "-5"], "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
+    ],
+)
+def test_ijepa_extract_refuses_a_bad_option_in_one_line_naming_it(extra, message, authors_file, tmp_path, capsys):
+    argv = [str(authors_file), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.npy"), *extra]
+    with pytest.raises(SystemExit) as exit_:
+        export_cli.extract_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"ijepa-extract: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ijepa_extract_image_folder_names_each_row(authors_file, tmp_path):
     from PIL import Image
 

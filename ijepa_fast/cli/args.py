@@ -11,9 +11,11 @@ import torch
 
 import ijepa_fast
 from ijepa_fast.config.choices import DTYPES
+from ijepa_fast.config.options import check_data_options
 from ijepa_fast.io.encoder import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder
 from ijepa_fast.io.load import load_encoder
 from ijepa_fast.models.vit import VIT_SIZES
+from ijepa_fast.runtime.errors import ConfigError
 
 
 class _PlainTextParser(argparse.ArgumentParser):
@@ -88,6 +90,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         help="autocast for feature extraction: auto = bf16 where the device has native bf16, else fp32",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) a bad value of ``add_data_args``' options, with the check ``ijepa-finetune`` makes."""
+    try:
+        check_data_options(args.batch_size, args.num_workers, args.limit, args.device)
+    except ConfigError as err:
+        p.error(str(err))
 
 
 def num_workers(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ import torch
 from ijepa_fast.cli.args import (
     add_checkpoint_args,
     add_data_args,
+    check_data_args,
     command_parser,
     eval_img_size,
     load_from_args,
@@ -56,6 +57,7 @@ from ijepa_fast.cli.args import (
 )
 from ijepa_fast.eval.report import data_text, loaded_fields, markdown, weights_text
 from ijepa_fast.runtime.device import resolve_precision
+from ijepa_fast.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the low-shot subsets, held-out split and shuffling")
     p.add_argument("--out", help="JSON report path (default: eval-<checkpoint stem>.json); Markdown beside it")
     args = p.parse_args(argv)
+    check_data_args(p, args)
     if not args.full and not args.low_shot:
         p.error("--no-full leaves nothing to evaluate: add --low-shot 1% or --low-shot N")
     return args
@@ -297,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = run(args)
+    except ConfigError as err:  # an option the checkpoint or the data cannot go with
+        print(f"ijepa-eval: {err}", file=sys.stderr)
+        return 2
     except (
         CheckpointMismatchError,
         UntrustedCheckpointError,

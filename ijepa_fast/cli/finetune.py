@@ -85,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # a second SIGINT or SIGTERM: stopped at once
         log.error("%s", str(err) or "interrupted")
         return 128 + getattr(err, "signum", 2)
+    except ConfigError as err:  # a bad option, or one the checkpoint cannot go with
+        print(f"ijepa-finetune: {err}", file=sys.stderr)
+        return 2
     except (
         CheckpointMismatchError,
         UntrustedCheckpointError,
-        ConfigError,
         RunFolderError,
         FileExistsError,
         FileNotFoundError,
