@@ -537,6 +537,9 @@ def test_attentive_heads_below_one_are_refused_in_one_line(capsys, idx_data, run
         (["--device", "banana"], "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
         (["--limit", "-5"], "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
         (["--batch-size", "0"], "--batch-size=0 is invalid: expected an integer >= 1"),
+        (["--img-size", "0"], "argument --img-size: 0: must be at least 1"),
+        (["--patch", "0"], "argument --patch: 0: must be at least 1"),
+        (["--k", "0"], "argument --k: 0: must be at least 1"),
     ],
 )
 def test_a_bad_option_is_one_line_before_anything_is_loaded_or_written(extra, message, tmp_path, capsys, run_dir):
@@ -546,4 +549,20 @@ def test_a_bad_option_is_one_line_before_anything_is_loaded_or_written(extra, me
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"ijepa-eval: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--k", "31", "--limit", "30"], "--k 31 is more than the 30 training images: choose --k 30 or fewer"),
+    ],
+)
+def test_an_option_the_checkpoint_or_data_cannot_take_is_one_line_and_writes_nothing(
+    extra, message, tmp_path, capsys, idx_data, run_dir
+):
+    out = tmp_path / "r.json"
+    assert cli.main([str(run_dir), "--data", str(idx_data), "--out", str(out), "--no-progress", *extra]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ijepa-eval: ")]
+    assert len(lines) == 1 and message in lines[0]
     assert list(tmp_path.iterdir()) == []

@@ -741,6 +741,7 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
     [
         (["--device", "banana"], "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
         (["--limit", "-5"], "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
+        (["--img-size", "0"], "argument --img-size: 0: must be at least 1"),
     ],
 )
 def test_ijepa_extract_refuses_a_bad_option_in_one_line_naming_it(extra, message, authors_file, tmp_path, capsys):

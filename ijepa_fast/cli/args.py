@@ -35,6 +35,15 @@ def command_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentPa
     return parser
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1. 0 is refused, not read as a default: an option whose default
+    is worked out (--img-size, --patch) is left out to get it."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="ours (.pt or a run folder), the authors' .pth.tar, or a .safetensors export")
     p.add_argument(
@@ -45,7 +54,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         help="target (target_encoder, the EMA encoder; default) or context (encoder)",
     )
     p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
-    p.add_argument("--patch", type=int, help="patch size, checked against the file")
+    p.add_argument("--patch", type=positive_int, help="patch size, checked against the file")
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -68,7 +77,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data root: IDX files or an image folder")
     p.add_argument(
         "--img-size",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="evaluate at N px (a multiple of the patch): images resized and centre-cropped to N, the position "
         "embeddings interpolated bicubically from the training grid; default: the training size",
@@ -116,7 +125,7 @@ def resolve_device(name: str) -> torch.device:
 
 def eval_img_size(args: argparse.Namespace, spec) -> int:
     """The image size to evaluate ``spec``'s encoder at: ``--img-size`` or the training size."""
-    size = args.img_size or spec.img_size
+    size = spec.img_size if args.img_size is None else args.img_size
     if size < 1 or size % spec.patch_size:
         raise ValueError(f"--img-size {size} must be a positive multiple of the patch size {spec.patch_size}")
     return size

@@ -53,6 +53,7 @@ from ijepa_fast.cli.args import (
     load_from_args,
     num_workers,
     open_eval_dataset,
+    positive_int,
     resolve_device,
 )
 from ijepa_fast.eval.report import data_text, loaded_fields, markdown, weights_text
@@ -60,6 +61,8 @@ from ijepa_fast.runtime.device import resolve_precision
 from ijepa_fast.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+KNN_K = 20  # the default neighbours; the vote takes all the training images when they are fewer
 
 
 def _low_shot(spec: str):
@@ -69,13 +72,6 @@ def _low_shot(spec: str):
         return LowShot.parse(spec)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,7 +96,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="probe features: PCA-whitened (default; well conditioned) or standardised per dimension",
     )
     p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="kNN (k=20, T=0.07)")
-    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    p.add_argument(
+        "--k",
+        type=positive_int,
+        default=None,
+        help=f"kNN neighbours (default {KNN_K}: all the training images when fewer; a --k above their number is "
+        "refused)",
+    )
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
     p.add_argument(
         "--low-shot",
@@ -117,7 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attentive-epochs", type=int, default=None, help="attentive probe epochs (default 20)")
     p.add_argument("--attentive-steps", type=int, default=None, help="attentive probe steps (overrides the epochs)")
     p.add_argument("--attentive-lr", type=float, default=None, help="attentive probe AdamW learning rate")
-    p.add_argument("--attentive-heads", type=_positive, default=8, help="attentive probe heads (must divide the width)")
+    p.add_argument(
+        "--attentive-heads", type=positive_int, default=8, help="attentive probe heads (must divide the width)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the low-shot subsets, held-out split and shuffling")
     p.add_argument("--out", help="JSON report path (default: eval-<checkpoint stem>.json); Markdown beside it")
     args = p.parse_args(argv)
@@ -208,10 +212,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = _report_header(args, loaded, device, precision.name, test_split)
     if test_split == args.train_split:
         log.warning("train and test split are both %r: the accuracies measure fitting, not generalisation", test_split)
-    datasets, feats = {}, []
-    for role, split in (("train", args.train_split), ("test", test_split)):
+    splits, datasets, opening, feats = {"train": args.train_split, "test": test_split}, {}, {}, []
+    for role, split in splits.items():  # both opened, so their sizes are checked before any extraction
         started = time.perf_counter()
         datasets[role] = open_eval_dataset(args, split, report["img_size"])
+        opening[role] = time.perf_counter() - started
+    if args.k is not None and args.knn and args.full and args.k > (n := len(datasets["train"])):
+        raise ConfigError(f"--k {args.k} is more than the {n} training images: choose --k {n} or fewer")
+    for role, split in splits.items():
+        started = time.perf_counter() - opening[role]  # the seconds reported count the opening too
         x, y = _extract(args, encoder, datasets[role], split)
         feats.append((x, y))
         report["data"][f"n_{role}"] = len(y)
@@ -239,7 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             section["probe"] = result.to_dict()
             _add_result(report, name, len(ys), "linear probe", args.features, result.top1)
         if args.knn and rows is None:
-            result = knn_accuracy(xs, ys, test_x, test_y, k=args.k, temperature=args.temperature, device=device)
+            result = knn_accuracy(
+                xs, ys, test_x, test_y, k=args.k or KNN_K, temperature=args.temperature, device=device
+            )
             section["knn"] = result.to_dict()
             _add_result(report, name, len(ys), "kNN", args.features, result.top1)
     if args.attentive:
