@@ -540,6 +540,8 @@ def test_attentive_heads_below_one_are_refused_in_one_line(capsys, idx_data, run
         (["--img-size", "0"], "argument --img-size: 0: must be at least 1"),
         (["--patch", "0"], "argument --patch: 0: must be at least 1"),
         (["--k", "0"], "argument --k: 0: must be at least 1"),
+        (["--no-probe", "--no-knn"], "--no-probe --no-knn leaves nothing to evaluate: drop --no-probe, or add"),
+        (["--no-probe", "--no-full", "--low-shot", "5"], "--no-probe with --no-full (kNN runs on all labels only)"),
     ],
 )
 def test_a_bad_option_is_one_line_before_anything_is_loaded_or_written(extra, message, tmp_path, capsys, run_dir):
@@ -550,6 +552,11 @@ def test_a_bad_option_is_one_line_before_anything_is_loaded_or_written(extra, me
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"ijepa-eval: error: {message}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_attentive_probe_alone_is_something_to_evaluate(run_dir, idx_data):
+    args = cli.parse_args([str(run_dir), "--data", str(idx_data), "--no-probe", "--no-knn", "--attentive"])
+    assert (args.probe, args.knn, args.attentive) == (False, False, True)
 
 
 @pytest.mark.parametrize(

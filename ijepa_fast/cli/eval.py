@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     check_data_args(p, args)
     if not args.full and not args.low_shot:
         p.error("--no-full leaves nothing to evaluate: add --low-shot 1% or --low-shot N")
+    if not (args.probe or args.attentive or (args.knn and args.full)):
+        given = "--no-probe --no-knn" if not args.knn else "--no-probe with --no-full (kNN runs on all labels only)"
+        p.error(f"{given} leaves nothing to evaluate: drop --no-probe, or add --attentive")
     return args
 
 
