@@ -643,6 +643,29 @@ def test_a_malformed_hf_folder_is_one_line_naming_the_file_and_the_key(case, aut
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_which_a_one_encoder_file_cannot_give_is_one_line_naming_what_it_holds(tmp_path, capsys):
+    """A .safetensors export and a Hugging Face folder hold one encoder: --which naming the other is
+    refused (it was ignored, and the reports named the encoder held); left out, the held one is used."""
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    run_dir, data = write_our_run(tmp_path / "run"), write_idx_data(tmp_path / "data", n_train=8, n_test=4)
+    single, hf = tmp_path / "exp" / "target.safetensors", tmp_path / "exp" / "hf"
+    assert export_cli.export_main([str(run_dir), "--out", str(single)]) == 0
+    assert export_cli.export_main([str(run_dir), "--hf", str(hf), "--which", "context"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for source, held, asked in ((single, "target", "encoder"), (hf, "context", "target")):
+        message = f"ijepa-export: {source} holds one encoder, the {held} one"
+        assert export_cli.export_main([str(source), "--which", asked, "--out", str(out / "x.safetensors")]) == 2
+        assert one_error_line("ijepa-export", capsys).startswith(message)
+        argv = [str(source), "--which", asked, "--data", str(data), "--out", str(out / "r.json"), "--no-progress"]
+        assert eval_cli.main(argv) == 2
+        assert one_error_line("ijepa-eval", capsys).startswith(message.replace("export", "eval"))
+        assert not out.exists()
+    assert export_cli.export_main([str(hf), "--which", "context", "--out", str(out / "c.safetensors")]) == 0
+    assert export_cli.export_main([str(hf), "--out", str(out / "d.safetensors")]) == 0
+    assert {read_safetensors(out / f"{x}.safetensors")[1]["which"] for x in "cd"} == {"encoder"}
+
+
 def test_hf_export_leaves_no_partial_file_when_writing_fails(authors_file, tmp_path, monkeypatch):
     st = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
 

@@ -12,7 +12,7 @@ import torch
 import ijepa_fast
 from ijepa_fast.config.choices import DTYPES
 from ijepa_fast.config.options import check_data_options
-from ijepa_fast.io.encoder import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder
+from ijepa_fast.io.encoder import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder, weights_label
 from ijepa_fast.io.load import load_encoder
 from ijepa_fast.models.vit import VIT_SIZES
 from ijepa_fast.runtime.errors import ConfigError
@@ -48,10 +48,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="ours (.pt or a run folder), the authors' .pth.tar, or a .safetensors export")
     p.add_argument(
         "--which",
-        default="target_encoder",
+        default=None,  # None: not given, so a file holding one encoder gives the one it holds
         type=lambda name: WHICH_ALIASES.get(name, name),
         choices=ENCODER_KEYS,
-        help="target (target_encoder, the EMA encoder; default) or context (encoder)",
+        help="target (target_encoder, the EMA encoder; default) or context (encoder); a .safetensors export or a "
+        "Hugging Face folder holds one encoder, and refuses a --which naming the other",
     )
     p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
     p.add_argument("--patch", type=positive_int, help="patch size, checked against the file")
@@ -63,13 +64,22 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args) -> LoadedEncoder:
-    return load_encoder(
+    """The encoder the options name. A ``--which`` the file cannot give (it holds the other encoder
+    only) is a ``ConfigError``: the command would otherwise report on the encoder it was told not to use."""
+    loaded = load_encoder(
         args.checkpoint,
-        args.which,
+        args.which or "target_encoder",
         model=args.model,
         patch_size=args.patch,
         trust=args.trust_checkpoint,
     )
+    if args.which is not None and loaded.which != args.which:
+        held, asked = weights_label(loaded.which), weights_label(args.which)
+        raise ConfigError(
+            f"{loaded.path} holds one encoder, the {held} one ({loaded.which}), not the {asked} one ({args.which}) "
+            f"--which names: leave --which out, or pass --which {held}"
+        )
+    return loaded
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from ijepa_fast.cli.args import add_checkpoint_args, command_parser, load_from_args
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = settings(args)
-        result = Finetuner(load_from_args(args), cfg, out_dir(args), resume=args.resume).fit()
+        loaded = load_from_args(args)
+        # the settings record the encoder the file gave: a file holding one encoder gives it without --which
+        result = Finetuner(loaded, replace(cfg, which=loaded.which), out_dir(args), resume=args.resume).fit()
     except KeyboardInterrupt as err:  # a second SIGINT or SIGTERM: stopped at once
         log.error("%s", str(err) or "interrupted")
         return 128 + getattr(err, "signum", 2)
