@@ -563,6 +563,8 @@ def test_the_attentive_probe_alone_is_something_to_evaluate(run_dir, idx_data):
     ("extra", "message"),
     [
         (["--k", "31", "--limit", "30"], "--k 31 is more than the 30 training images: choose --k 30 or fewer"),
+        (["--model", "vit_huge"], "'s config describes model 'vit_tiny', not --model 'vit_huge': leave --model out"),
+        (["--patch", "16"], "'s config describes patch 7, not --patch 16: leave --patch out"),
     ],
 )
 def test_an_option_the_checkpoint_or_data_cannot_take_is_one_line_and_writes_nothing(

@@ -54,7 +54,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         help="target (target_encoder, the EMA encoder; default) or context (encoder); a .safetensors export or a "
         "Hugging Face folder holds one encoder, and refuses a --which naming the other",
     )
-    p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
+    p.add_argument(
+        "--model",
+        choices=list(VIT_SIZES),
+        help="model size, for files without a config (authors'); a file with its own config refuses another size",
+    )
     p.add_argument("--patch", type=positive_int, help="patch size, checked against the file")
     p.add_argument(
         "--trust-checkpoint",
