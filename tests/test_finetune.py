@@ -151,6 +151,49 @@ def test_a_changed_recipe_and_a_start_over_a_fine_tuning_are_refused(tmp_path, o
     assert "--layer-decay=1.5 is invalid" in capsys.readouterr().err
 
 
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_pretraining_run_folder_as_out_is_refused_naming_it_and_changes_nothing(tmp_path, resume, capsys):
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    (run / "config.yaml").write_text("model: {name: vit_tiny}\n")
+    (run / "train.log").write_text("")
+    before = folder_state(run)
+    assert finetune_cli.main([str(run), *options(data, run), *(["--resume"] if resume else [])]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ijepa-finetune: --out {run} is a pretraining run folder, not a fine-tuning one: choose another --out "
+        f"(without --out, a run folder's fine-tuning goes to {run / 'finetune'})"
+    )
+    assert folder_state(run) == before and sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "train.log",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("checkpoints", "holds checkpoints but no finetune.json: they are not a fine-tuning's; choose another --out"),
+        ("other files", "holds other files than a fine-tuning's (notes.txt, pictures): choose another --out"),
+    ],
+)
+def test_an_out_folder_holding_anything_but_a_fine_tuning_is_refused(tmp_path, content, message, capsys):
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    out = write_pretrained(tmp_path / "out") if content == "checkpoints" else tmp_path / "out"
+    if content == "other files":
+        (out / "pictures").mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    before = folder_state(out)
+    for resume in ([], ["--resume"]):
+        assert finetune_cli.main([str(run), *options(data, out), *resume]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"ijepa-finetune: --out {out} {message}"
+        assert folder_state(out) == before
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [

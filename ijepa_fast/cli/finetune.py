@@ -12,8 +12,10 @@ the probes' pooling (``--pooling avgpool|last4``) and a linear head, AdamW with 
 smoothing, drop path rising over the blocks, random-resized crops of the training images; test
 top-1 on the centre-cropped test split. Writes into ``--out`` (default: ``RUN/finetune`` for a run
 folder, else ``finetune-<checkpoint name>``): ``finetune.json``, ``metrics.csv``, ``checkpoints/``
-and the report (``report.json``, ``report.md``). ``--resume`` continues from the newest checkpoint
-there, as ``ijepa-pretrain --resume`` does. SIGINT or SIGTERM saves and stops (exit 130 or 143).
+and the report (``report.json``, ``report.md``); a folder holding anything else (a pretraining run
+folder above all) is refused. ``--resume`` continues from the newest checkpoint there, as
+``ijepa-pretrain --resume`` does. SIGINT or SIGTERM saves and stops (exit 130 or 143). A bad option
+exits 2, another error 1, in one line.
 """
 
 from __future__ import annotations
