@@ -156,6 +156,27 @@ def folder_state(folder: Path) -> dict[str, bytes]:
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
+def test_a_resume_from_another_pretrained_checkpoint_is_refused_and_changes_nothing(tmp_path, one_thread, capsys):
+    """The fine-tuned weights descend from the first checkpoint: a resume naming another one is refused as
+    a changed --lr is, instead of recording the other one as the source."""
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    other = write_pretrained(tmp_path / "other", seed=1)
+    out = tmp_path / "ft"
+    assert finetune_cli.main([str(run), *options(data, out, **{"epochs": 1})]) == 0
+    before = folder_state(out)
+    capsys.readouterr()
+    assert finetune_cli.main([str(other), *options(data, out, **{"epochs": 1}), "--resume"]) == 1
+    err = capsys.readouterr().err
+    source = run / "checkpoints" / ckpt.checkpoint_name(1)
+    assert err.strip().splitlines()[-1] == (
+        f"ijepa-finetune: {out} was fine-tuned with other settings (source: '{source}' -> "
+        f"'{other / 'checkpoints' / ckpt.checkpoint_name(1)}'): keep them, or choose another --out"
+    )
+    assert folder_state(out) == before
+    assert json.loads((out / "finetune.json").read_text())["source"] == str(source)
+    assert finetune_cli.main([str(source), *options(data, out, **{"epochs": 1}), "--resume"]) == 0  # the same file
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_pretraining_run_folder_as_out_is_refused_naming_it_and_changes_nothing(tmp_path, resume, capsys):
     data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")

@@ -14,8 +14,8 @@ top-1 on the centre-cropped test split. Writes into ``--out`` (default: ``RUN/fi
 folder, else ``finetune-<checkpoint name>``): ``finetune.json``, ``metrics.csv``, ``checkpoints/``
 and the report (``report.json``, ``report.md``); a folder holding anything else (a pretraining run
 folder above all) is refused. ``--resume`` continues from the newest checkpoint there, as
-``ijepa-pretrain --resume`` does. SIGINT or SIGTERM saves and stops (exit 130 or 143). A bad option
-exits 2, another error 1, in one line.
+``ijepa-pretrain --resume`` does, from the same pretrained checkpoint with the same recipe. SIGINT or
+SIGTERM saves and stops (exit 130 or 143). A bad option exits 2, another error 1, in one line.
 """
 
 from __future__ import annotations

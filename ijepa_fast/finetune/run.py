@@ -1,8 +1,8 @@
 """A fine-tuning run: its folder, data, loop, checkpoints, resume and report.
 
 The folder (default ``RUN/finetune``; one holding anything else is refused) holds ``finetune.json``
-(the settings, written once every check has passed; a resume compares them and refuses a change
-other than ``RESUME_MAY_CHANGE``),
+(the settings and the pretrained checkpoint, written once every check has passed; a resume compares
+them and refuses another checkpoint or a change other than ``RESUME_MAY_CHANGE``),
 ``checkpoints/`` (atomic ``ckpt-<step>.pt`` and ``latest.pt``, the newest ``keep_checkpoints``
 kept, loaded weights-only), ``metrics.csv`` and the report (``report.json``, ``report.md``). One
 process at a time uses it (``run_folder.RunLock``). A run is a pure function of its settings: the
@@ -200,26 +200,28 @@ class Finetuner:
             )
         if not self.resume:
             return None
-        stored = self._stored_settings()
-        if stored is not None:
-            self._check_settings(stored)
+        path = self.out_dir / SETTINGS_NAME
+        if path.is_file():
+            self._check_settings(json.loads(path.read_text()))
         state = ckpt.load_latest(self.ckpt_dir)
         if state is None:
             log.warning("--resume: no checkpoint in %s, starting from the pretrained encoder", self.ckpt_dir)
             return None
-        self._check_settings(FinetuneConfig.from_dict(state["finetune"]))
+        self._check_settings(state)
         return state
 
-    def _stored_settings(self) -> FinetuneConfig | None:
-        path = self.out_dir / SETTINGS_NAME
-        return FinetuneConfig.from_dict(json.loads(path.read_text())["finetune"]) if path.is_file() else None
-
-    def _check_settings(self, stored: FinetuneConfig) -> None:
+    def _check_settings(self, stored: dict[str, Any]) -> None:
+        """Refuse a resume whose settings or pretrained checkpoint (``stored``: finetune.json's record,
+        or a checkpoint) differ from the fine-tuning's: its weights descend from that checkpoint."""
+        settings = FinetuneConfig.from_dict(stored["finetune"]).to_dict()
         changed = {
             k: (v, getattr(self.cfg, k))
-            for k, v in stored.to_dict().items()
+            for k, v in settings.items()
             if k not in RESUME_MAY_CHANGE and self.cfg.to_dict()[k] != v
         }
+        source = stored.get("source")
+        if source is not None and not _same_file(source, self.loaded.path):
+            changed["source"] = (source, str(self.loaded.path))
         if changed:
             lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise SettingsChangedError(
@@ -317,6 +319,11 @@ class Finetuner:
         report = build_report(self, step, accuracy, seconds, saved)
         write_report(report, self.out_dir)
         return report
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same checkpoint, each as given (relative, absolute, through a link)."""
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def finetune_config_for(args_values: dict[str, Any]) -> FinetuneConfig:
