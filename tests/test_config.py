@@ -278,6 +278,20 @@ def test_inf_in_a_yaml_file_is_rejected_naming_the_key(tmp_path):
         config.load(str(path))
 
 
+@pytest.mark.parametrize("device", ["banana", "mps", "cuda:", "cuda:x", "CPU", "cpu:0"])
+def test_a_device_resolve_device_does_not_take_is_one_line_before_anything_is_made(device, tmp_path, capsys):
+    argv = ["--config", "demo", f"run.out_dir={tmp_path / 'runs'}", f"run.device={device}"]
+    assert pretrain.main(argv) == 2
+    line = one_error_line(capsys)
+    assert f"run.device={device!r} is invalid: expected auto, cpu, cuda or cuda:N" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_device_form_resolve_device_takes_loads():
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:3"):
+        assert config.load("demo", [f"run.device={device}"]).run.device == device
+
+
 def test_crop_must_be_a_multiple_of_patch():
     with pytest.raises(ConfigError, match=r"data\.crop_size=225.*multiple of model\.patch_size=14"):
         config.load(None, ["data.crop_size=225"])

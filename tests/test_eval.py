@@ -614,3 +614,49 @@ def test_a_report_that_fails_to_write_leaves_the_earlier_reports_as_they_were(tm
     )
     assert (tmp_path / "r.json").read_text() == "earlier json" and (tmp_path / "r.md").read_text() == "earlier md"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r.json", "r.md"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device", "banana"], "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
+        (["--limit", "-5"], "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
+        (["--batch-size", "0"], "--batch-size=0 is invalid: expected an integer >= 1"),
+        (["--img-size", "0"], "argument --img-size: 0: must be at least 1"),
+        (["--patch", "0"], "argument --patch: 0: must be at least 1"),
+        (["--k", "0"], "argument --k: 0: must be at least 1"),
+        (["--no-probe", "--no-knn"], "--no-probe --no-knn leaves nothing to evaluate: drop --no-probe, or add"),
+        (["--no-probe", "--no-full", "--low-shot", "5"], "--no-probe with --no-full (kNN runs on all labels only)"),
+    ],
+)
+def test_a_bad_option_is_one_line_before_anything_is_loaded_or_written(extra, message, tmp_path, capsys, run_dir):
+    argv = [str(run_dir), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r.json"), *extra]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"ijepa-eval: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_attentive_probe_alone_is_something_to_evaluate(run_dir, idx_data):
+    args = cli.parse_args([str(run_dir), "--data", str(idx_data), "--no-probe", "--no-knn", "--attentive"])
+    assert (args.probe, args.knn, args.attentive) == (False, False, True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--k", "31", "--limit", "30"], "--k 31 is more than the 30 training images: choose --k 30 or fewer"),
+        (["--model", "vit_huge"], "'s config describes model 'vit_tiny', not --model 'vit_huge': leave --model out"),
+        (["--patch", "16"], "'s config describes patch 7, not --patch 16: leave --patch out"),
+    ],
+)
+def test_an_option_the_checkpoint_or_data_cannot_take_is_one_line_and_writes_nothing(
+    extra, message, tmp_path, capsys, idx_data, run_dir
+):
+    out = tmp_path / "r.json"
+    assert cli.main([str(run_dir), "--data", str(idx_data), "--out", str(out), "--no-progress", *extra]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ijepa-eval: ")]
+    assert len(lines) == 1 and message in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -147,5 +147,85 @@ def test_a_changed_recipe_and_a_start_over_a_fine_tuning_are_refused(tmp_path, o
     assert "already holds a fine-tuning: pass --resume" in capsys.readouterr().err
     assert finetune_cli.main([str(run), *options(data, out, **{"epochs": 1, "lr": 1e-3}), "--resume"]) == 1
     assert "lr: 0.002 -> 0.001" in capsys.readouterr().err
-    assert finetune_cli.main([str(run), *options(data, out, **{"layer-decay": 1.5})]) == 1
+    assert finetune_cli.main([str(run), *options(data, out, **{"layer-decay": 1.5})]) == 2
     assert "--layer-decay=1.5 is invalid" in capsys.readouterr().err
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_resume_from_another_pretrained_checkpoint_is_refused_and_changes_nothing(tmp_path, one_thread, capsys):
+    """The fine-tuned weights descend from the first checkpoint: a resume naming another one is refused as
+    a changed --lr is, instead of recording the other one as the source."""
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    other = write_pretrained(tmp_path / "other", seed=1)
+    out = tmp_path / "ft"
+    assert finetune_cli.main([str(run), *options(data, out, **{"epochs": 1})]) == 0
+    before = folder_state(out)
+    capsys.readouterr()
+    assert finetune_cli.main([str(other), *options(data, out, **{"epochs": 1}), "--resume"]) == 1
+    err = capsys.readouterr().err
+    source = run / "checkpoints" / ckpt.checkpoint_name(1)
+    assert err.strip().splitlines()[-1] == (
+        f"ijepa-finetune: {out} was fine-tuned with other settings (source: '{source}' -> "
+        f"'{other / 'checkpoints' / ckpt.checkpoint_name(1)}'): keep them, or choose another --out"
+    )
+    assert folder_state(out) == before
+    assert json.loads((out / "finetune.json").read_text())["source"] == str(source)
+    assert finetune_cli.main([str(source), *options(data, out, **{"epochs": 1}), "--resume"]) == 0  # the same file
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_pretraining_run_folder_as_out_is_refused_naming_it_and_changes_nothing(tmp_path, resume, capsys):
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    (run / "config.yaml").write_text("model: {name: vit_tiny}\n")
+    (run / "train.log").write_text("")
+    before = folder_state(run)
+    assert finetune_cli.main([str(run), *options(data, run), *(["--resume"] if resume else [])]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"ijepa-finetune: --out {run} is a pretraining run folder, not a fine-tuning one: choose another --out "
+        f"(without --out, a run folder's fine-tuning goes to {run / 'finetune'})"
+    )
+    assert folder_state(run) == before and sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "train.log",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("checkpoints", "holds checkpoints but no finetune.json: they are not a fine-tuning's; choose another --out"),
+        ("other files", "holds other files than a fine-tuning's (notes.txt, pictures): choose another --out"),
+    ],
+)
+def test_an_out_folder_holding_anything_but_a_fine_tuning_is_refused(tmp_path, content, message, capsys):
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    out = write_pretrained(tmp_path / "out") if content == "checkpoints" else tmp_path / "out"
+    if content == "other files":
+        (out / "pictures").mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    before = folder_state(out)
+    for resume in ([], ["--resume"]):
+        assert finetune_cli.main([str(run), *options(data, out), *resume]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"ijepa-finetune: --out {out} {message}"
+        assert folder_state(out) == before
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("device", "banana", "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
+        ("limit", "-5", "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
+    ],
+)
+def test_a_bad_data_option_is_the_one_line_ijepa_eval_gives_and_creates_nothing(
+    tmp_path, option, value, message, capsys
+):
+    data, run = write_separable(tmp_path / "data"), write_pretrained(tmp_path / "run")
+    assert finetune_cli.main([str(run), *options(data, tmp_path / "ft", **{option: value})]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"ijepa-finetune: {message}"
+    assert not (tmp_path / "ft").exists()

@@ -406,6 +406,19 @@ def test_our_checkpoint_of_a_shallower_encoder_than_its_named_size_loads_with_it
     assert set(state) == set(raw) and all(torch.equal(v, raw[k]) for k, v in state.items())
 
 
+def test_our_checkpoint_whose_config_names_no_size_is_read_from_its_tensors(tmp_path):
+    """A fine-tuning of a custom depth records the model name "" (no standard size): that is no size to
+    check --model against nor to build, so the tensors and the recorded depth give the encoder."""
+    run_dir = write_our_run(tmp_path / "run", depth=3)
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    state["config"]["model"]["name"] = ""
+    path = tmp_path / "finetuned.pt"
+    torch.save(state, path)
+    loaded = load_encoder(path, "encoder")
+    assert (loaded.spec.embed_dim, loaded.spec.depth, loaded.spec.patch_size) == (192, 3, 7)
+    assert load_encoder(path, "encoder", model="vit_tiny").spec == loaded.spec
+
+
 # ----------------------------------------------------------------------------- safetensors
 
 
@@ -643,6 +656,49 @@ def test_a_malformed_hf_folder_is_one_line_naming_the_file_and_the_key(case, aut
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_which_a_one_encoder_file_cannot_give_is_one_line_naming_what_it_holds(tmp_path, capsys):
+    """A .safetensors export and a Hugging Face folder hold one encoder: --which naming the other is
+    refused (it was ignored, and the reports named the encoder held); left out, the held one is used."""
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    run_dir, data = write_our_run(tmp_path / "run"), write_idx_data(tmp_path / "data", n_train=8, n_test=4)
+    single, hf = tmp_path / "exp" / "target.safetensors", tmp_path / "exp" / "hf"
+    assert export_cli.export_main([str(run_dir), "--out", str(single)]) == 0
+    assert export_cli.export_main([str(run_dir), "--hf", str(hf), "--which", "context"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for source, held, asked in ((single, "target", "encoder"), (hf, "context", "target")):
+        message = f"ijepa-export: {source} holds one encoder, the {held} one"
+        assert export_cli.export_main([str(source), "--which", asked, "--out", str(out / "x.safetensors")]) == 2
+        assert one_error_line("ijepa-export", capsys).startswith(message)
+        argv = [str(source), "--which", asked, "--data", str(data), "--out", str(out / "r.json"), "--no-progress"]
+        assert eval_cli.main(argv) == 2
+        assert one_error_line("ijepa-eval", capsys).startswith(message.replace("export", "eval"))
+        assert not out.exists()
+    assert export_cli.export_main([str(hf), "--which", "context", "--out", str(out / "c.safetensors")]) == 0
+    assert export_cli.export_main([str(hf), "--out", str(out / "d.safetensors")]) == 0
+    assert {read_safetensors(out / f"{x}.safetensors")[1]["which"] for x in "cd"} == {"encoder"}
+
+
+def test_a_size_a_file_with_its_own_config_does_not_have_is_one_line_naming_its_own(tmp_path, capsys):
+    """--model and --patch are for files without a config; a file with one names its own in one line
+    (the tensors' misfit listed every key). The same option on the authors' file still lists them."""
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install safetensors)")
+    run_dir = write_our_run(tmp_path / "run")
+    single = tmp_path / "enc.safetensors"
+    assert export_cli.export_main([str(run_dir), "--out", str(single)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "x.safetensors"
+    ours = f"{run_dir / 'checkpoints' / ckpt_mod.checkpoint_name(10)}'s config"
+    for source, where in ((run_dir, ours), (single, str(single))):
+        assert export_cli.export_main([str(source), "--model", "vit_huge", "--out", str(out)]) == 2
+        line = one_error_line("ijepa-export", capsys)
+        assert line == f"ijepa-export: {where} describes model 'vit_tiny', not --model 'vit_huge': leave --model out"
+        assert export_cli.export_main([str(source), "--patch", "16", "--out", str(out)]) == 2
+        assert one_error_line("ijepa-export", capsys).endswith("describes patch 7, not --patch 16: leave --patch out")
+        assert not out.exists()
+    assert export_cli.export_main([str(single), "--model", "vit_tiny", "--patch", "7", "--out", str(out)]) == 0
+
+
 def test_hf_export_leaves_no_partial_file_when_writing_fails(authors_file, tmp_path, monkeypatch):
     st = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
 
@@ -734,6 +790,24 @@ def test_ijepa_extract(authors_file, tmp_path, suffix):
     ref, ref_y = extract_features(load_encoder(authors_file).encoder, dataset, progress=False)
     np.testing.assert_allclose(feats, ref.numpy(), rtol=1e-5, atol=1e-5)
     assert np.array_equal(labels, ref_y.numpy())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--device", "banana"], "--device='banana' is invalid: expected auto, cpu, cuda or cuda:N"),
+        (["--limit", "-5"], "--limit=-5 is invalid: expected an integer >= 0 (0: all)"),
+        (["--img-size", "0"], "argument --img-size: 0: must be at least 1"),
+    ],
+)
+def test_ijepa_extract_refuses_a_bad_option_in_one_line_naming_it(extra, message, authors_file, tmp_path, capsys):
+    argv = [str(authors_file), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f.npy"), *extra]
+    with pytest.raises(SystemExit) as exit_:
+        export_cli.extract_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"ijepa-extract: error: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ijepa_extract_image_folder_names_each_row(authors_file, tmp_path):

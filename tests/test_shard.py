@@ -78,6 +78,20 @@ def test_round_trip_shuffle_and_bad_images(tmp_path, capsys):
     assert [p for *_, p in read_shards(tmp_path / "c")] != paths
 
 
+@pytest.mark.parametrize("option", ["--workers", "--shard-size"])
+@pytest.mark.parametrize("value", ["-2", "0"])
+def test_a_count_below_one_is_one_line_naming_the_option(option, value, tmp_path, capsys):
+    make_source(tmp_path / "src", n=3)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "src"), str(tmp_path / "out"), option, value])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"ijepa-shard: error: argument {option}: {value}: must be at least 1"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_file_list_with_labels(tmp_path):
     good = make_source(tmp_path / "src", n=4)
     lines = ["# path label", ""] + [f"{rel} {7 + lab}" for rel, (_, lab) in good.items()]

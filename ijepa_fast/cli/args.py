@@ -11,9 +11,11 @@ import torch
 
 import ijepa_fast
 from ijepa_fast.config.choices import DTYPES
-from ijepa_fast.io.encoder import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder
+from ijepa_fast.config.options import check_data_options
+from ijepa_fast.io.encoder import ENCODER_KEYS, WHICH_ALIASES, LoadedEncoder, weights_label
 from ijepa_fast.io.load import load_encoder
 from ijepa_fast.models.vit import VIT_SIZES
+from ijepa_fast.runtime.errors import ConfigError
 
 
 class _PlainTextParser(argparse.ArgumentParser):
@@ -33,17 +35,31 @@ def command_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentPa
     return parser
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1. 0 is refused, not read as a default: an option whose default
+    is worked out (--img-size, --patch) is left out to get it."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="ours (.pt or a run folder), the authors' .pth.tar, or a .safetensors export")
     p.add_argument(
         "--which",
-        default="target_encoder",
+        default=None,  # None: not given, so a file holding one encoder gives the one it holds
         type=lambda name: WHICH_ALIASES.get(name, name),
         choices=ENCODER_KEYS,
-        help="target (target_encoder, the EMA encoder; default) or context (encoder)",
+        help="target (target_encoder, the EMA encoder; default) or context (encoder); a .safetensors export or a "
+        "Hugging Face folder holds one encoder, and refuses a --which naming the other",
     )
-    p.add_argument("--model", choices=list(VIT_SIZES), help="model size, for files without a config (authors')")
-    p.add_argument("--patch", type=int, help="patch size, checked against the file")
+    p.add_argument(
+        "--model",
+        choices=list(VIT_SIZES),
+        help="model size, for files without a config (authors'); a file with its own config refuses another size",
+    )
+    p.add_argument("--patch", type=positive_int, help="patch size, checked against the file")
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -52,13 +68,22 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args) -> LoadedEncoder:
-    return load_encoder(
+    """The encoder the options name. A ``--which`` the file cannot give (it holds the other encoder
+    only) is a ``ConfigError``: the command would otherwise report on the encoder it was told not to use."""
+    loaded = load_encoder(
         args.checkpoint,
-        args.which,
+        args.which or "target_encoder",
         model=args.model,
         patch_size=args.patch,
         trust=args.trust_checkpoint,
     )
+    if args.which is not None and loaded.which != args.which:
+        held, asked = weights_label(loaded.which), weights_label(args.which)
+        raise ConfigError(
+            f"{loaded.path} holds one encoder, the {held} one ({loaded.which}), not the {asked} one ({args.which}) "
+            f"--which names: leave --which out, or pass --which {held}"
+        )
+    return loaded
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +91,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="data root: IDX files or an image folder")
     p.add_argument(
         "--img-size",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="evaluate at N px (a multiple of the patch): images resized and centre-cropped to N, the position "
         "embeddings interpolated bicubically from the training grid; default: the training size",
@@ -90,6 +115,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) a bad value of ``add_data_args``' options, with the check ``ijepa-finetune`` makes."""
+    try:
+        check_data_options(args.batch_size, args.num_workers, args.limit, args.device)
+    except ConfigError as err:
+        p.error(str(err))
+
+
 def num_workers(args: argparse.Namespace) -> int:
     if args.num_workers is not None:
         return args.num_workers
@@ -106,7 +139,7 @@ def resolve_device(name: str) -> torch.device:
 
 def eval_img_size(args: argparse.Namespace, spec) -> int:
     """The image size to evaluate ``spec``'s encoder at: ``--img-size`` or the training size."""
-    size = args.img_size or spec.img_size
+    size = spec.img_size if args.img_size is None else args.img_size
     if size < 1 or size % spec.patch_size:
         raise ValueError(f"--img-size {size} must be a positive multiple of the patch size {spec.patch_size}")
     return size

@@ -47,17 +47,22 @@ import torch
 from ijepa_fast.cli.args import (
     add_checkpoint_args,
     add_data_args,
+    check_data_args,
     command_parser,
     eval_img_size,
     load_from_args,
     num_workers,
     open_eval_dataset,
+    positive_int,
     resolve_device,
 )
 from ijepa_fast.eval.report import data_text, loaded_fields, markdown, weights_text
 from ijepa_fast.runtime.device import resolve_precision
+from ijepa_fast.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+KNN_K = 20  # the default neighbours; the vote takes all the training images when they are fewer
 
 
 def _low_shot(spec: str):
@@ -67,13 +72,6 @@ def _low_shot(spec: str):
         return LowShot.parse(spec)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,7 +96,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="probe features: PCA-whitened (default; well conditioned) or standardised per dimension",
     )
     p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True, help="kNN (k=20, T=0.07)")
-    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    p.add_argument(
+        "--k",
+        type=positive_int,
+        default=None,
+        help=f"kNN neighbours (default {KNN_K}: all the training images when fewer; a --k above their number is "
+        "refused)",
+    )
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
     p.add_argument(
         "--low-shot",
@@ -115,14 +119,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attentive-epochs", type=int, default=None, help="attentive probe epochs (default 20)")
     p.add_argument("--attentive-steps", type=int, default=None, help="attentive probe steps (overrides the epochs)")
     p.add_argument("--attentive-lr", type=float, default=None, help="attentive probe AdamW learning rate")
-    p.add_argument("--attentive-heads", type=_positive, default=8, help="attentive probe heads (must divide the width)")
+    p.add_argument(
+        "--attentive-heads", type=positive_int, default=8, help="attentive probe heads (must divide the width)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the low-shot subsets, held-out split and shuffling")
     p.add_argument(
         "--out", help="JSON report path, not .md (default: eval-<checkpoint stem>.json); Markdown beside it as .md"
     )
     args = p.parse_args(argv)
+    check_data_args(p, args)
     if not args.full and not args.low_shot:
         p.error("--no-full leaves nothing to evaluate: add --low-shot 1% or --low-shot N")
+    if not (args.probe or args.attentive or (args.knn and args.full)):
+        given = "--no-probe --no-knn" if not args.knn else "--no-probe with --no-full (kNN runs on all labels only)"
+        p.error(f"{given} leaves nothing to evaluate: drop --no-probe, or add --attentive")
     return args
 
 
@@ -207,10 +217,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = _report_header(args, loaded, device, precision.name, test_split)
     if test_split == args.train_split:
         log.warning("train and test split are both %r: the accuracies measure fitting, not generalisation", test_split)
-    datasets, feats = {}, []
-    for role, split in (("train", args.train_split), ("test", test_split)):
+    splits, datasets, opening, feats = {"train": args.train_split, "test": test_split}, {}, {}, []
+    for role, split in splits.items():  # both opened, so their sizes are checked before any extraction
         started = time.perf_counter()
         datasets[role] = open_eval_dataset(args, split, report["img_size"])
+        opening[role] = time.perf_counter() - started
+    if args.k is not None and args.knn and args.full and args.k > (n := len(datasets["train"])):
+        raise ConfigError(f"--k {args.k} is more than the {n} training images: choose --k {n} or fewer")
+    for role, split in splits.items():
+        started = time.perf_counter() - opening[role]  # the seconds reported count the opening too
         x, y = _extract(args, encoder, datasets[role], split)
         feats.append((x, y))
         report["data"][f"n_{role}"] = len(y)
@@ -238,7 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             section["probe"] = result.to_dict()
             _add_result(report, name, len(ys), "linear probe", args.features, result.top1)
         if args.knn and rows is None:
-            result = knn_accuracy(xs, ys, test_x, test_y, k=args.k, temperature=args.temperature, device=device)
+            result = knn_accuracy(
+                xs, ys, test_x, test_y, k=args.k or KNN_K, temperature=args.temperature, device=device
+            )
             section["knn"] = result.to_dict()
             _add_result(report, name, len(ys), "kNN", args.features, result.top1)
     if args.attentive:
@@ -327,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                 (md_out, lambda tmp: tmp.write_text(markdown_report(report))),
             ]
         )
+    except ConfigError as err:  # an option the checkpoint or the data cannot go with
+        print(f"ijepa-eval: {err}", file=sys.stderr)
+        return 2
     except (*known_failures(), CheckpointMismatchError, KeyError, ImportError) as err:
         print(f"ijepa-eval: {one_line(err)}", file=sys.stderr)
         return 1

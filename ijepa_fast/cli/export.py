@@ -12,6 +12,7 @@ from pathlib import Path
 from ijepa_fast.cli.args import (
     add_checkpoint_args,
     add_data_args,
+    check_data_args,
     command_parser,
     eval_img_size,
     load_from_args,
@@ -32,6 +33,7 @@ from ijepa_fast.io.safetensors_timm import (
     to_timm_state_dict,
 )
 from ijepa_fast.models.vit import VisionTransformer
+from ijepa_fast.runtime.errors import ConfigError
 
 EXPORT_HELP = """\
 Export one encoder of a checkpoint:
@@ -83,6 +85,9 @@ def export_main(argv: list[str] | None = None) -> int:
             _export_timm(loaded.encoder, args.out, meta)
         else:
             export_safetensors(loaded.encoder, args.out, meta)
+    except ConfigError as err:  # an option the checkpoint cannot go with
+        print(f"ijepa-export: {err}", file=sys.stderr)
+        return 2
     except (*known_failures(), KeyError, RuntimeError, ImportError) as err:
         print(f"ijepa-export: {one_line(err)}", file=sys.stderr)
         return 1
@@ -131,6 +136,7 @@ def extract_main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", default="avgpool", choices=FEATURE_MODES)
     p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
     args = p.parse_args(argv)
+    check_data_args(p, args)
     out = Path(args.out)
     if out.suffix not in (".npy", ".safetensors"):
         print(f"ijepa-extract: --out must end in .npy or .safetensors, got {out.name}", file=sys.stderr)
@@ -142,10 +148,10 @@ def extract_main(argv: list[str] | None = None) -> int:
             check_file(labels_out, "--out", what="the labels file")
         if args.dataset == "folder":
             check_file(names_out, "--out", what="the paths file")
+        device = resolve_cli_device(args.device)
         loaded = load_from_args(args)
         split = args.split or ("train" if args.dataset == "idx" else "")
         dataset = open_eval_dataset(args, split, eval_img_size(args, loaded.spec))
-        device = resolve_cli_device(args.device)
         feats, labels = extract_features(
             loaded.encoder.to(device),
             dataset,
@@ -158,6 +164,9 @@ def extract_main(argv: list[str] | None = None) -> int:
         )
         files = _feature_files(args, out, loaded, split, feats, labels, dataset)
         write_files(list(files.items()))
+    except ConfigError as err:  # an option the checkpoint cannot go with
+        print(f"ijepa-extract: {err}", file=sys.stderr)
+        return 2
     except (*known_failures(), KeyError, RuntimeError, ImportError) as err:
         print(f"ijepa-extract: {one_line(err)}", file=sys.stderr)
         return 1

@@ -12,8 +12,10 @@ the probes' pooling (``--pooling avgpool|last4``) and a linear head, AdamW with 
 smoothing, drop path rising over the blocks, random-resized crops of the training images; test
 top-1 on the centre-cropped test split. Writes into ``--out`` (default: ``RUN/finetune`` for a run
 folder, else ``finetune-<checkpoint name>``): ``finetune.json``, ``metrics.csv``, ``checkpoints/``
-and the report (``report.json``, ``report.md``). ``--resume`` continues from the newest checkpoint
-there, as ``ijepa-pretrain --resume`` does. SIGINT or SIGTERM saves and stops (exit 130 or 143).
+and the report (``report.json``, ``report.md``); a folder holding anything else (a pretraining run
+folder above all) is refused. ``--resume`` continues from the newest checkpoint there, as
+``ijepa-pretrain --resume`` does, from the same pretrained checkpoint with the same recipe. SIGINT or
+SIGTERM saves and stops (exit 130 or 143). A bad option exits 2, another error 1, in one line.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from ijepa_fast.cli.args import add_checkpoint_args, command_parser, load_from_args
@@ -81,14 +83,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = settings(args)
-        result = Finetuner(load_from_args(args), cfg, out_dir(args), resume=args.resume).fit()
+        loaded = load_from_args(args)
+        # the settings record the encoder the file gave: a file holding one encoder gives it without --which
+        result = Finetuner(loaded, replace(cfg, which=loaded.which), out_dir(args), resume=args.resume).fit()
     except KeyboardInterrupt as err:  # a second SIGINT or SIGTERM: stopped at once
         log.error("%s", str(err) or "interrupted")
         return 128 + getattr(err, "signum", 2)
+    except ConfigError as err:  # a bad option, or one the checkpoint cannot go with
+        print(f"ijepa-finetune: {err}", file=sys.stderr)
+        return 2
     except (
         CheckpointMismatchError,
         UntrustedCheckpointError,
-        ConfigError,
         RunFolderError,
         FileExistsError,
         FileNotFoundError,

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from ijepa_fast.cli.args import command_parser
+from ijepa_fast.cli.args import command_parser, positive_int
 from ijepa_fast.data.shard import CHECKS, ShardError, check_out, list_folder, read_file_list, write_shards
 
 
@@ -26,9 +26,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("source", type=Path, help="an image folder, or a text file of '<image path> <label>' lines")
     p.add_argument("out", type=Path, help="the folder to write the shards into (created; empty, or a run to resume)")
     p.add_argument("--root", type=Path, default=None, help="file list: the folder its relative paths start from")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="the shuffle's seed (default 0)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.add_argument(
         "--check", choices=CHECKS, default="full", help="how bad images are found (default full: decode each)"
     )

@@ -4,6 +4,7 @@ the bad key; the comment beside a field is its documentation (``parse.describe``
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -34,6 +35,12 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+def check_device(key: str, value: Any) -> None:
+    """A device name ``runtime.device.resolve_device`` takes: run.device and every command's --device."""
+    ok = isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+    _check(ok, key, value, "auto, cpu, cuda or cuda:N")
 
 
 def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_open: bool = True) -> None:
@@ -297,6 +304,7 @@ class RunConfig:
 
     def validate(self, prefix: str = "run") -> None:
         _check(bool(self.name), f"{prefix}.name", self.name, "a non-empty string")
+        check_device(f"{prefix}.device", self.device)
         _check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "an integer >= 1")
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.config.choices import MODEL_NAMES
+from ijepa_fast.config.options import check_data_options
 from ijepa_fast.eval.features import FEATURE_MODES, encode, feature_dim
 from ijepa_fast.io.encoder import ENCODER_KEYS
 from ijepa_fast.models.vit import VisionTransformer, set_drop_path
@@ -52,7 +53,7 @@ class FinetuneConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     num_workers: int = 2
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if available)|cpu|cuda|cuda:N
     data: str = ""  # the data root
     dataset: str = "idx"  # idx or folder
     train_split: str = "train"
@@ -70,10 +71,10 @@ class FinetuneConfig:
         check(self.dtype in FINETUNE_DTYPES, "dtype", " or ".join(FINETUNE_DTYPES))
         check(self.dataset in ("idx", "folder"), "dataset", "idx or folder")
         check(not self.model or self.model in MODEL_NAMES, "model", " or ".join(MODEL_NAMES))
-        for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        check_data_options(self.batch_size, self.num_workers, self.limit, self.device)  # as ijepa-eval's
+        for key in ("epochs", "log_every", "checkpoint_every", "keep_checkpoints"):
             check(getattr(self, key) >= 1, key, "an integer >= 1")
-        for key in ("max_steps", "num_workers", "limit"):
-            check(getattr(self, key) >= 0, key, "an integer >= 0")
+        check(self.max_steps >= 0, "max_steps", "an integer >= 0")
         check(self.lr > 0, "lr", "a float > 0")
         for key in ("start_lr", "min_lr", "weight_decay", "grad_clip"):
             check(getattr(self, key) >= 0, key, "a float >= 0")

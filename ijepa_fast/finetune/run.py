@@ -1,7 +1,8 @@
 """A fine-tuning run: its folder, data, loop, checkpoints, resume and report.
 
-The folder (default ``RUN/finetune``) holds ``finetune.json`` (the settings, written once every
-check has passed; a resume compares them and refuses a change other than ``RESUME_MAY_CHANGE``),
+The folder (default ``RUN/finetune``; one holding anything else is refused) holds ``finetune.json``
+(the settings and the pretrained checkpoint, written once every check has passed; a resume compares
+them and refuses another checkpoint or a change other than ``RESUME_MAY_CHANGE``),
 ``checkpoints/`` (atomic ``ckpt-<step>.pt`` and ``latest.pt``, the newest ``keep_checkpoints``
 kept, loaded weights-only), ``metrics.csv`` and the report (``report.json``, ``report.md``). One
 process at a time uses it (``run_folder.RunLock``). A run is a pure function of its settings: the
@@ -54,10 +55,35 @@ from ijepa_fast.train.signals import StopOnSignals
 log = logging.getLogger(__name__)
 
 SETTINGS_NAME = "finetune.json"
+# What a fine-tuning folder holds (hidden names aside: the atomic writes' temporary files)
+FOLDER_ENTRIES = (SETTINGS_NAME, "checkpoints", "metrics.csv", "report.json", "report.md", run_folder.LOCK_NAME)
 
 
 class SettingsChangedError(run_folder.RunFolderError):
     """A resume with other settings than the fine-tuning it continues."""
+
+
+def check_folder(out_dir: Path) -> None:
+    """Refuse an ``--out`` that holds anything but a fine-tuning (a pretraining run folder above all: its
+    checkpoints would pass for a fine-tuning's), before anything is written there."""
+    if not out_dir.is_dir():
+        return
+    if (out_dir / run_folder.CONFIG_NAME).exists():
+        raise run_folder.RunFolderError(
+            f"--out {out_dir} is a pretraining run folder, not a fine-tuning one: choose another --out "
+            f"(without --out, a run folder's fine-tuning goes to {out_dir / 'finetune'})"
+        )
+    others = sorted(e.name for e in out_dir.iterdir() if e.name not in FOLDER_ENTRIES and not e.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise run_folder.RunFolderError(
+            f"--out {out_dir} holds other files than a fine-tuning's ({shown}): choose another --out"
+        )
+    if ckpt.list_checkpoints(out_dir / "checkpoints") and not (out_dir / SETTINGS_NAME).is_file():
+        raise run_folder.RunFolderError(  # a fine-tuning writes its settings before its first checkpoint
+            f"--out {out_dir} holds checkpoints but no {SETTINGS_NAME}: they are not a fine-tuning's; "
+            "choose another --out"
+        )
 
 
 @dataclass
@@ -119,6 +145,8 @@ class Finetuner:
 
     def __init__(self, loaded: LoadedEncoder, cfg: FinetuneConfig, out_dir: Path, resume: bool = False):
         self.cfg, self.loaded, self.out_dir, self.resume = cfg.validate(), loaded, Path(out_dir), resume
+        self.device = resolve_device(cfg.device, option="--device")
+        check_folder(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lock = run_folder.RunLock(self.out_dir)
         self.lock.acquire()
@@ -133,7 +161,6 @@ class Finetuner:
         self.ckpt_dir = self.out_dir / "checkpoints"
         ckpt.remove_partial_files(self.ckpt_dir)
         restored = self._restorable()
-        self.device = resolve_device(cfg.device, option="--device")
         self.precision = resolve_precision(self.device, cfg.dtype, option="--dtype")
         self.test_split = test_split = cfg.test_split or ("test" if cfg.dataset == "idx" else "val")
         self.data = DataConfig(
@@ -173,26 +200,28 @@ class Finetuner:
             )
         if not self.resume:
             return None
-        stored = self._stored_settings()
-        if stored is not None:
-            self._check_settings(stored)
+        path = self.out_dir / SETTINGS_NAME
+        if path.is_file():
+            self._check_settings(json.loads(path.read_text()))
         state = ckpt.load_latest(self.ckpt_dir)
         if state is None:
             log.warning("--resume: no checkpoint in %s, starting from the pretrained encoder", self.ckpt_dir)
             return None
-        self._check_settings(FinetuneConfig.from_dict(state["finetune"]))
+        self._check_settings(state)
         return state
 
-    def _stored_settings(self) -> FinetuneConfig | None:
-        path = self.out_dir / SETTINGS_NAME
-        return FinetuneConfig.from_dict(json.loads(path.read_text())["finetune"]) if path.is_file() else None
-
-    def _check_settings(self, stored: FinetuneConfig) -> None:
+    def _check_settings(self, stored: dict[str, Any]) -> None:
+        """Refuse a resume whose settings or pretrained checkpoint (``stored``: finetune.json's record,
+        or a checkpoint) differ from the fine-tuning's: its weights descend from that checkpoint."""
+        settings = FinetuneConfig.from_dict(stored["finetune"]).to_dict()
         changed = {
             k: (v, getattr(self.cfg, k))
-            for k, v in stored.to_dict().items()
+            for k, v in settings.items()
             if k not in RESUME_MAY_CHANGE and self.cfg.to_dict()[k] != v
         }
+        source = stored.get("source")
+        if source is not None and not _same_file(source, self.loaded.path):
+            changed["source"] = (source, str(self.loaded.path))
         if changed:
             lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise SettingsChangedError(
@@ -290,6 +319,11 @@ class Finetuner:
         report = build_report(self, step, accuracy, seconds, saved)
         write_report(report, self.out_dir)
         return report
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same checkpoint, each as given (relative, absolute, through a link)."""
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def finetune_config_for(args_values: dict[str, Any]) -> FinetuneConfig:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.models.vit import VIT_SIZES, VisionTransformer, grid_size
+from ijepa_fast.runtime.errors import ConfigError
 
 ENCODER_KEYS = ("target_encoder", "encoder")
 # What the command lines' --which also accepts: context (the encoder the predictor reads) and target (its EMA).
@@ -162,6 +163,15 @@ def _mlp_ratio(hidden: int, dim: int) -> float:
 def _block_indices(keys, prefix: str) -> list[int]:
     pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
+
+
+def check_stated(where: str, stated: Mapping[str, tuple[Any, Any]]) -> None:
+    """Refuse an option (``{"model": (--model, the file's), "patch": ..., "img-size": ...}``) that differs
+    from what a file's own config says: the config decides the architecture, and the tensors' misfit
+    with another size would be a page of keys for a one-word mistake."""
+    for option, (want, have) in stated.items():
+        if want is not None and have is not None and want != have:
+            raise ConfigError(f"{where} describes {option} {have!r}, not --{option} {want!r}: leave --{option} out")
 
 
 def infer_encoder_spec(

@@ -22,6 +22,7 @@ from ijepa_fast.io.encoder import (
     LoadedEncoder,
     _mlp_ratio,
     build_encoder_from_state_dict,
+    check_stated,
     strip_module_prefix,
 )
 from ijepa_fast.io.outputs import write_files
@@ -283,13 +284,11 @@ def load_hf_encoder(
     config = _read_json_object(folder / HF_CONFIG_FILE)
     spec = hf_encoder_spec(config, folder / HF_CONFIG_FILE)
     stated = {
-        "model": (model, spec.name),
+        "model": (model, spec.name or "custom"),
         "patch": (patch_size, spec.patch_size),
         "img-size": (img_size, spec.img_size),
     }
-    for option, (want, have) in stated.items():
-        if want is not None and want != have:
-            raise ValueError(f"{folder / HF_CONFIG_FILE} describes {option} {have!r}, not --{option} {want!r}")
+    check_stated(str(folder / HF_CONFIG_FILE), stated)
     tensors, meta = read_hf_weights(folder, trust)
     encoder, spec = build_encoder_from_state_dict(from_hf_state_dict(tensors), str(folder), spec=spec)
     provenance = config.get("ijepa_fast") if isinstance(config.get("ijepa_fast"), Mapping) else {}

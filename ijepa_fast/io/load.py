@@ -22,7 +22,14 @@ from typing import Any
 
 from ijepa_fast.io.authors import _detect_authors, _load_authors
 from ijepa_fast.io.checkpoint import load_file
-from ijepa_fast.io.encoder import LoadedEncoder, _pick, _scalar_meta, build_encoder_from_state_dict, strip_module_prefix
+from ijepa_fast.io.encoder import (
+    LoadedEncoder,
+    _pick,
+    _scalar_meta,
+    build_encoder_from_state_dict,
+    check_stated,
+    strip_module_prefix,
+)
 from ijepa_fast.io.hf import hf_folder, load_hf_encoder
 from ijepa_fast.io.paths import resolve_checkpoint_path
 from ijepa_fast.io.safetensors_timm import load_safetensors_encoder
@@ -45,10 +52,15 @@ def _load_ours(
 ) -> LoadedEncoder:
     cfg = ckpt.get("config") or {}
     m, d = cfg.get("model", {}), cfg.get("data", {})
+    # "" or 0: not recorded (a fine-tuning of a custom size records no name), so read from the tensors
+    name, patch, size = m.get("name") or None, m.get("patch_size") or None, d.get("crop_size") or None
+    check_stated(
+        f"{path}'s config", {"model": (model, name), "patch": (patch_size, patch), "img-size": (img_size, size)}
+    )
     spec_kwargs = dict(
-        model=model or m.get("name"),
-        patch_size=patch_size or m.get("patch_size"),
-        img_size=img_size or d.get("crop_size"),
+        model=model or name,
+        patch_size=patch_size or patch,
+        img_size=img_size or size,
         depth=m.get("depth") or None,  # model.depth: fewer blocks than the named size's
     )
     encoder, spec = build_encoder_from_state_dict(_pick(ckpt, which, path), f"{path} [{which}]", **spec_kwargs)
@@ -97,7 +109,7 @@ def load_encoder(
         return load_hf_encoder(folder, model=model, patch_size=patch_size, img_size=img_size, trust=trust)
     path = resolve_checkpoint_path(path)
     if path.suffix == ".safetensors":
-        encoder, spec, meta = load_safetensors_encoder(path)
+        encoder, spec, meta = load_safetensors_encoder(path, model=model, patch_size=patch_size, img_size=img_size)
         return LoadedEncoder(encoder, spec, "safetensors", meta.get("which", which), str(path), meta)
     ckpt = load_file(path, trust=trust)
     for name, detect, load in _FORMATS:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ijepa_fast.io.checkpoint import NotACheckpointError
-from ijepa_fast.io.encoder import EncoderSpec, build_encoder_from_state_dict, load_state_strict
+from ijepa_fast.io.encoder import EncoderSpec, build_encoder_from_state_dict, check_stated, load_state_strict
 from ijepa_fast.io.outputs import write_files
 from ijepa_fast.models.vit import VisionTransformer
 from ijepa_fast.runtime.optional import require
@@ -79,11 +79,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, meta
 
 
-def load_safetensors_encoder(path: str | Path) -> tuple[VisionTransformer, EncoderSpec, dict[str, str]]:
-    """(encoder, spec, metadata) from ``export_safetensors``' file (or any safetensors file holding an
-    encoder state dict with the authors' names: then the size is inferred from shapes)."""
+def load_safetensors_encoder(
+    path: str | Path, model: str | None = None, patch_size: int | None = None, img_size: int | None = None
+) -> tuple[VisionTransformer, EncoderSpec, dict[str, str]]:
+    """(encoder, spec, metadata) from ``export_safetensors``' file, whose metadata give the architecture
+    (a ``model``, ``patch_size`` or ``img_size`` that differs is refused), or from any safetensors file
+    holding an encoder state dict with the authors' names (the size from the shapes and those three)."""
     tensors, meta = read_safetensors(path)
-    spec = EncoderSpec.from_metadata(meta) if meta.get("format") == SAFETENSORS_FORMAT else None
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        spec_kwargs = {"model": model, "patch_size": patch_size, "img_size": img_size}
+        return (*build_encoder_from_state_dict(tensors, str(path), **spec_kwargs), meta)
+    spec = EncoderSpec.from_metadata(meta)
+    stated = {"model": (model, spec.name or "custom"), "patch": (patch_size, spec.patch_size)}
+    check_stated(str(path), {**stated, "img-size": (img_size, spec.img_size)})
     encoder, spec = build_encoder_from_state_dict(tensors, str(path), spec=spec)
     return encoder, spec, meta
 

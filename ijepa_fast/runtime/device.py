@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ijepa_fast.config.choices import DTYPES
+from ijepa_fast.config.schema import check_device
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def _native_bf16(device: torch.device) -> tuple[bool, str]:
 
 
 def resolve_device(name: str, option: str = "run.device") -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; a CUDA device without CUDA names ``option``."""
+    """``auto`` -> CUDA when available, else the CPU; a bad name, or CUDA without CUDA, names ``option``."""
+    check_device(option, name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
