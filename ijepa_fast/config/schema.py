@@ -4,7 +4,6 @@ the bad key; the comment beside a field is its documentation (``parse.describe``
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,29 +24,8 @@ from ijepa_fast.config.choices import (
     WANDB_MODES,
     ZERO_STAGES,
 )
+from ijepa_fast.config.options import check, check_choice, check_device, check_range
 from ijepa_fast.runtime.errors import ConfigError
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
-
-
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
-
-
-def check_device(key: str, value: Any) -> None:
-    """A device name ``runtime.device.resolve_device`` takes: run.device and every command's --device."""
-    ok = isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
-    _check(ok, key, value, "auto, cpu, cuda or cuda:N")
-
-
-def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_open: bool = True) -> None:
-    a, b = pair
-    lo_ok = (a > lo) if lo_open else (a >= lo)
-    relation = "<" if lo_open else "<="
-    _check(lo_ok and b <= hi and a <= b, key, pair, f"a pair (lo, hi) with {lo} {relation} lo <= hi <= {hi}")
 
 
 @dataclass
@@ -63,12 +41,12 @@ class ModelConfig:
     depth_scaled_init: bool = False
 
     def validate(self, prefix: str = "model") -> None:
-        _check_choice(f"{prefix}.name", self.name, MODEL_NAMES)
-        _check(self.depth >= 0, f"{prefix}.depth", self.depth, "an integer >= 0 (0: the named size's depth)")
-        _check(self.patch_size >= 1, f"{prefix}.patch_size", self.patch_size, "a positive integer (14 or 16 usually)")
-        _check(self.pred_depth >= 1, f"{prefix}.pred_depth", self.pred_depth, "an integer >= 1")
-        _check(self.pred_emb_dim >= 1, f"{prefix}.pred_emb_dim", self.pred_emb_dim, "an integer >= 1")
-        _check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "a positive float")
+        check_choice(f"{prefix}.name", self.name, MODEL_NAMES)
+        check(self.depth >= 0, f"{prefix}.depth", self.depth, "an integer >= 0 (0: the named size's depth)")
+        check(self.patch_size >= 1, f"{prefix}.patch_size", self.patch_size, "a positive integer (14 or 16 usually)")
+        check(self.pred_depth >= 1, f"{prefix}.pred_depth", self.pred_depth, "an integer >= 1")
+        check(self.pred_emb_dim >= 1, f"{prefix}.pred_emb_dim", self.pred_emb_dim, "an integer >= 1")
+        check(self.init_std > 0, f"{prefix}.init_std", self.init_std, "a positive float")
 
 
 @dataclass
@@ -85,11 +63,11 @@ class MaskConfig:
     allow_overlap: bool = False  # true: contexts keep the patches of the targets
 
     def validate(self, prefix: str = "mask") -> None:
-        _check(self.num_pred_masks >= 1, f"{prefix}.num_pred_masks", self.num_pred_masks, "an integer >= 1")
-        _check_range(f"{prefix}.pred_scale", self.pred_scale, 0.0, 1.0)
-        _check_range(f"{prefix}.enc_scale", self.enc_scale, 0.0, 1.0)
-        _check_range(f"{prefix}.aspect_ratio", self.aspect_ratio, 0.0, math.inf)
-        _check(self.min_keep >= 1, f"{prefix}.min_keep", self.min_keep, "an integer >= 1")
+        check(self.num_pred_masks >= 1, f"{prefix}.num_pred_masks", self.num_pred_masks, "an integer >= 1")
+        check_range(f"{prefix}.pred_scale", self.pred_scale, 0.0, 1.0)
+        check_range(f"{prefix}.enc_scale", self.enc_scale, 0.0, 1.0)
+        check_range(f"{prefix}.aspect_ratio", self.aspect_ratio, 0.0, math.inf)
+        check(self.min_keep >= 1, f"{prefix}.min_keep", self.min_keep, "an integer >= 1")
 
 
 @dataclass
@@ -115,15 +93,15 @@ class DataConfig:
     image_check_cache: str = ""
 
     def validate(self, prefix: str = "data") -> None:
-        _check_choice(f"{prefix}.dataset", self.dataset, DATASETS)
-        _check(self.crop_size >= 1, f"{prefix}.crop_size", self.crop_size, "a positive integer")
-        _check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0)
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
-        _check_choice(f"{prefix}.loader", self.loader, LOADERS)
-        _check(self.limit >= 0, f"{prefix}.limit", self.limit, "an integer >= 0")
-        _check_choice(f"{prefix}.image_check", self.image_check, IMAGE_CHECKS)
-        _check(
+        check_choice(f"{prefix}.dataset", self.dataset, DATASETS)
+        check(self.crop_size >= 1, f"{prefix}.crop_size", self.crop_size, "a positive integer")
+        check_range(f"{prefix}.crop_scale", self.crop_scale, 0.0, 1.0)
+        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "an integer >= 0")
+        check_choice(f"{prefix}.loader", self.loader, LOADERS)
+        check(self.limit >= 0, f"{prefix}.limit", self.limit, "an integer >= 0")
+        check_choice(f"{prefix}.image_check", self.image_check, IMAGE_CHECKS)
+        check(
             isinstance(self.image_check_cache, str) and "\n" not in self.image_check_cache,
             f"{prefix}.image_check_cache",
             self.image_check_cache,
@@ -152,23 +130,23 @@ class OptimConfig:
     loss: str = "smooth_l1"  # smooth_l1 (authors' code) | l2 (paper's text)
 
     def validate(self, prefix: str = "optim") -> None:
-        _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
-        _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, "an integer >= 0")
-        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", self.grad_accum, "an integer >= 1")
-        _check(self.ipe_scale > 0, f"{prefix}.ipe_scale", self.ipe_scale, "a positive float")
-        _check(
+        check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
+        check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, "an integer >= 0")
+        check(self.grad_accum >= 1, f"{prefix}.grad_accum", self.grad_accum, "an integer >= 1")
+        check(self.ipe_scale > 0, f"{prefix}.ipe_scale", self.ipe_scale, "a positive float")
+        check(
             0 <= self.warmup_epochs <= self.epochs,
             f"{prefix}.warmup_epochs",
             self.warmup_epochs,
             f"a float in [0, epochs={self.epochs}]",
         )
         for k in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay", "grad_clip"):
-            _check(getattr(self, k) >= 0, f"{prefix}.{k}", getattr(self, k), "a float >= 0")
-        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a float > 0")
-        _check_range(f"{prefix}.ema", self.ema, 0.0, 1.0, lo_open=False)
-        _check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", self.betas, "two floats in [0, 1)")
-        _check(self.eps > 0, f"{prefix}.eps", self.eps, "a positive float")
-        _check_choice(f"{prefix}.loss", self.loss, LOSSES)
+            check(getattr(self, k) >= 0, f"{prefix}.{k}", getattr(self, k), "a float >= 0")
+        check(self.lr > 0, f"{prefix}.lr", self.lr, "a float > 0")
+        check_range(f"{prefix}.ema", self.ema, 0.0, 1.0, lo_open=False)
+        check(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", self.betas, "two floats in [0, 1)")
+        check(self.eps > 0, f"{prefix}.eps", self.eps, "a positive float")
+        check_choice(f"{prefix}.loss", self.loss, LOSSES)
 
 
 @dataclass
@@ -223,11 +201,11 @@ class SpeedConfig:
     fused_epilogue: bool = False
 
     def validate(self, prefix: str = "speed") -> None:
-        _check_choice(f"{prefix}.preset", self.preset, PRESETS)
-        _check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
-        _check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
-        _check_choice(f"{prefix}.fp8_target", self.fp8_target, FP8_RECIPES)
-        _check(
+        check_choice(f"{prefix}.preset", self.preset, PRESETS)
+        check_choice(f"{prefix}.attention", self.attention, ATTENTION_BACKENDS)
+        check_choice(f"{prefix}.compile", self.compile, COMPILE_MODES)
+        check_choice(f"{prefix}.fp8_target", self.fp8_target, FP8_RECIPES)
+        check(
             not (self.fused_epilogue and self.compile == "off"),
             f"{prefix}.fused_epilogue",
             self.fused_epilogue,
@@ -303,19 +281,19 @@ class RunConfig:
     wandb: str = "off"  # Weights & Biases: off|on (= offline)|offline (files in run_dir/wandb)|online
 
     def validate(self, prefix: str = "run") -> None:
-        _check(bool(self.name), f"{prefix}.name", self.name, "a non-empty string")
+        check(bool(self.name), f"{prefix}.name", self.name, "a non-empty string")
         check_device(f"{prefix}.device", self.device)
-        _check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
-        _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "an integer >= 1")
-        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
-        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        _check_choice(f"{prefix}.engine", self.engine, ENGINES)
+        check_choice(f"{prefix}.dtype", self.dtype, DTYPES)
+        check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "an integer >= 1")
+        check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        check_choice(f"{prefix}.engine", self.engine, ENGINES)
         if self.engine == "deepspeed" and self.dtype == "fp16":
             use = f"use {prefix}.dtype=bf16 or fp32"
             raise ConfigError(f"{prefix}.dtype=fp16 is not supported by the DeepSpeed engine: {use}")
-        _check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
-        _check_choice(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
-        _check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
+        check(self.dist_timeout_s >= 0, f"{prefix}.dist_timeout_s", self.dist_timeout_s, "seconds >= 0")
+        check_choice(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
+        check_choice(f"{prefix}.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass
@@ -336,14 +314,14 @@ class OnlineProbeConfig:
     batch_size: int = 256  # images per forward pass while extracting features
 
     def validate(self, prefix: str = "online_probe") -> None:
-        _check(self.every >= 0, f"{prefix}.every", self.every, "an integer >= 0 (0: off)")
-        _check_choice(f"{prefix}.unit", self.unit, PROBE_UNITS)
-        _check(self.dataset in ("", *PROBE_DATASETS), f"{prefix}.dataset", self.dataset, "idx, folder, shards or ''")
-        _check(self.train_images >= 2, f"{prefix}.train_images", self.train_images, "an integer >= 2")
-        _check(self.test_images >= 1, f"{prefix}.test_images", self.test_images, "an integer >= 1")
-        _check(1 <= self.k <= self.train_images, f"{prefix}.k", self.k, "an integer in [1, train_images]")
-        _check(self.linear_steps >= 0, f"{prefix}.linear_steps", self.linear_steps, "an integer >= 0")
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        check(self.every >= 0, f"{prefix}.every", self.every, "an integer >= 0 (0: off)")
+        check_choice(f"{prefix}.unit", self.unit, PROBE_UNITS)
+        check(self.dataset in ("", *PROBE_DATASETS), f"{prefix}.dataset", self.dataset, "idx, folder, shards or ''")
+        check(self.train_images >= 2, f"{prefix}.train_images", self.train_images, "an integer >= 2")
+        check(self.test_images >= 1, f"{prefix}.test_images", self.test_images, "an integer >= 1")
+        check(1 <= self.k <= self.train_images, f"{prefix}.k", self.k, "an integer in [1, train_images]")
+        check(self.linear_steps >= 0, f"{prefix}.linear_steps", self.linear_steps, "an integer >= 0")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass
@@ -360,7 +338,7 @@ class Config:
         self._check_finite()
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
-        _check(
+        check(
             self.data.crop_size % self.model.patch_size == 0,
             "data.crop_size",
             self.data.crop_size,
@@ -373,7 +351,7 @@ class Config:
         for key, value in flatten(self).items():
             numbers = value if isinstance(value, tuple) else (value,)
             finite = all(math.isfinite(x) for x in numbers if isinstance(x, float))
-            _check(
+            check(
                 finite, key, value, "finite numbers (no inf or nan)" if isinstance(value, tuple) else "a finite number"
             )
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ijepa_fast.config.choices import DTYPES
-from ijepa_fast.config.schema import check_device
+from ijepa_fast.config.options import check_device
 
 
 @dataclass(frozen=True)
