@@ -23,6 +23,7 @@ from ijepa_fast.cli import bench
 from ijepa_fast.models.flops import step_flops
 from ijepa_fast.train.build import build_train_step
 from profiling import scaling
+from tests.test_cli import one_error_line
 
 REPO = Path(__file__).resolve().parent.parent
 # ViT-tiny on a 4 x 4 grid, batch 2, a 1-block predictor: a few tens of ms per step on a CPU core.
@@ -375,11 +376,7 @@ def test_fsdp2_volumes_are_zero3s_with_the_policys_element_sizes():
 
 
 def bench_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ijepa-bench: "), lines
-    return lines[0]
+    return one_error_line(capsys, "ijepa-bench")
 
 
 @pytest.fixture

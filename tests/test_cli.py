@@ -25,6 +25,15 @@ def run_command(command: str, argv: list[str]) -> int | str | None:
     return stopped.value.code
 
 
+def one_error_line(capsys, command: str) -> str:
+    """The one line a command printed on stderr for a bad input (and no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{command}: "), lines
+    return lines[0]
+
+
 def test_setup_declares_the_eight_commands():
     assert set(COMMANDS) == {
         "ijepa-pretrain", "ijepa-demo", "ijepa-eval", "ijepa-export", "ijepa-extract", "ijepa-bench", "ijepa-shard",

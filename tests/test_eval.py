@@ -25,6 +25,7 @@ from ijepa_fast.eval.probe import fit_softmax_regression, linear_probe, whiten
 from ijepa_fast.io import checkpoint as ckpt_mod
 from ijepa_fast.models.ijepa import build_models
 from ijepa_fast.models.vit import build_encoder
+from tests.test_cli import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -535,11 +536,7 @@ def test_attentive_heads_below_one_are_refused_in_one_line(capsys, idx_data, run
 
 
 def eval_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ijepa-eval: "), lines
-    return lines[0]
+    return one_error_line(capsys, "ijepa-eval")
 
 
 @pytest.mark.parametrize("name", ["rep.md", "rep.MD"])
@@ -584,10 +581,10 @@ def test_an_out_that_cannot_be_written_is_one_line_before_evaluating(tmp_path, c
     else:
         from ijepa_fast.io import outputs
 
-        def refused(**kwargs):
+        def refused(folder):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(outputs.tempfile, "mkstemp", refused)  # as a read-only folder does for a user
+        monkeypatch.setattr(outputs, "probe_write", refused)  # as a read-only folder does for a user
         out = tmp_path / "r.json"
         expected = f"--out {out} cannot be written ({tmp_path}: Permission denied): make it writable, or choose another"
     before = sorted(tmp_path.rglob("*"))

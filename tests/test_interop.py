@@ -882,10 +882,10 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(
     else:
         from ijepa_fast.io import outputs
 
-        def refused(**kwargs):
+        def refused(folder):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(outputs.tempfile, "mkstemp", refused)  # as a read-only folder does for a user
+        monkeypatch.setattr(outputs, "probe_write", refused)  # as a read-only folder does for a user
         out = tmp_path / name
         expected = f"{option} {out} cannot be written ({tmp_path}: Permission denied): make it writable"
     args = [str(tmp_path / "no-checkpoint.pt")]

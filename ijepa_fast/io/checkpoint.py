@@ -100,14 +100,19 @@ def check_writable(folder: Path, what: str, setting: str) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(folder)
     except OSError as err:
         reason = err.strerror or str(err)
         raise NotWritableError(
             f"{what} {folder} cannot be written ({reason}): {write_remedy(err)}, or choose another {setting}"
         ) from None
+
+
+def probe_write(folder: Path) -> None:
+    """Create and remove a small file in ``folder``: OSError when the folder cannot be written."""
+    fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def temp_path(path: Path) -> Path:

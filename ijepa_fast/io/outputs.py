@@ -10,12 +10,10 @@ write (a full disk) leaves every path as it was and no temporary file. Both rais
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ijepa_fast.io.checkpoint import NotWritableError, write_atomically, write_remedy
+from ijepa_fast.io.checkpoint import NotWritableError, probe_write, write_atomically, write_remedy
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -36,9 +34,7 @@ def _check_can_create(path: Path, option: str, shown: Path) -> None:
             f"{option} {shown}: {base} is a file, not a folder: move that file away or choose another {option}"
         )
     try:
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=base)
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(base)
     except OSError as err:
         reason = err.strerror or str(err)
         raise NotWritableError(
