@@ -207,14 +207,14 @@ def test_our_configs_values():
     s = config.load(str(CONFIGS / "vits16_in1k.yaml"))
     assert (s.model.name, s.model.patch_size) == ("vit_small", 16)
     d = config.load(str(CONFIGS / "demo.yaml"))
-    # what `make demo` promises: a 4-block ViT-tiny on the IDX files, on the CPU, seven epochs
+    # what `make demo` promises: a 4-block ViT-tiny on the IDX files, on the CPU, four epochs
     assert (d.model.name, d.model.depth, d.data.dataset, d.data.root, d.run.device, d.optim.epochs) == (
         "vit_tiny",
         4,
         "idx",
         "/usr/share/datasets/fashion-mnist",
         "cpu",
-        7,
+        4,
     )
     grid = d.data.crop_size // d.model.patch_size
     assert d.data.crop_size % d.model.patch_size == 0 and d.mask.min_keep < grid * grid
