@@ -298,13 +298,16 @@ def test_bf16_zero_agrees_with_the_plain_bf16_step_within_bf16s_own_error(stage,
     - weights: by less than the plain bf16 weights' distance from the fp32 weights (relative L2:
       Adam's first steps turn a near-zero gradient's rounding into a whole step for a few elements,
       which a max-norm would report and an L2 over all weights does not);
-    - losses: two bf16 evaluations, each within bf16's error of the fp32 loss, differ by at most
-      twice the plain bf16 loss's largest distance from the fp32 loss."""
+    - losses: two bf16 evaluations differ by at most twice the plain bf16 loss's largest distance
+      from the fp32 loss; after step 0, or bf16's relative precision (2^-8) of the loss where that
+      distance happens to be smaller: the Adam steps above move later losses by that much without
+      the bf16 loss moving away from the fp32 one."""
     run = zero_runs["bf16"][stage]
     assert run["ds_config"]["bf16"]["enabled"] is False and run["ds_config"]["communication_data_type"] == "fp32"
     bf16_error = max(abs(a - b) for a, b in zip(plain_bf16_run["losses"], plain_run["losses"]))
-    for got, want in zip(run["losses"], plain_bf16_run["losses"]):
-        assert abs(got - want) <= 2 * bf16_error, (run["losses"], plain_bf16_run["losses"], bf16_error)
+    for step, (got, want) in enumerate(zip(run["losses"], plain_bf16_run["losses"])):
+        bound = max(2 * bf16_error, 2**-8 * abs(want)) if step else 2 * bf16_error  # no Adam step yet at 0
+        assert abs(got - want) <= bound, (run["losses"], plain_bf16_run["losses"], bf16_error)
     student, target = W.models(W.tiny_config())
     start = {"encoder": student.encoder.state_dict(), "predictor": student.predictor.state_dict()}
     start["target_encoder"] = target.state_dict()
