@@ -102,10 +102,15 @@ def check_writable(folder: Path, what: str, setting: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         probe_write(folder)
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise NotWritableError(
-            f"{what} {folder} cannot be written ({reason}): {write_remedy(err)}, or choose another {setting}"
-        ) from None
+        raise not_writable(f"{what} {folder}", err, setting) from None
+
+
+def not_writable(subject: str, err: OSError, setting: str, where: Path | None = None) -> NotWritableError:
+    """The one-line error for ``subject`` (what and its path) that a probe found unwritable: the cause,
+    in ``where`` when that is another folder, what to do, and the ``setting`` that chooses another."""
+    reason = err.strerror or str(err)
+    cause = f"{where}: {reason}" if where is not None else reason
+    return NotWritableError(f"{subject} cannot be written ({cause}): {write_remedy(err)}, or choose another {setting}")
 
 
 def probe_write(folder: Path) -> None:

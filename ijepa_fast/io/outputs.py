@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ijepa_fast.io.checkpoint import NotWritableError, probe_write, write_atomically, write_remedy
+from ijepa_fast.io.checkpoint import NotWritableError, not_writable, probe_write, write_atomically, write_remedy
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -36,10 +36,7 @@ def _check_can_create(path: Path, option: str, shown: Path) -> None:
     try:
         probe_write(base)
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise NotWritableError(
-            f"{option} {shown} cannot be written ({base}: {reason}): {write_remedy(err)}, or choose another {option}"
-        ) from None
+        raise not_writable(f"{option} {shown}", err, option, where=base) from None
 
 
 def check_file(path: str | Path, option: str, what: str | None = None) -> Path:
