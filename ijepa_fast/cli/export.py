@@ -141,7 +141,7 @@ def extract_main(argv: list[str] | None = None) -> int:
     if out.suffix not in (".npy", ".safetensors"):
         print(f"ijepa-extract: --out must end in .npy or .safetensors, got {out.name}", file=sys.stderr)
         return 2
-    labels_out, names_out = out.with_name(out.stem + ".labels.npy"), out.with_name(out.stem + ".paths.txt")
+    labels_out, names_out = _beside(out)
     try:  # the outputs first: a path that cannot be written costs no extraction
         check_file(out, "--out")
         if out.suffix == ".npy":
@@ -174,12 +174,17 @@ def extract_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _beside(out: Path) -> tuple[Path, Path]:
+    """The labels (.npy output) and image paths (folders) files ``ijepa-extract`` writes beside ``out``."""
+    return out.with_name(out.stem + ".labels.npy"), out.with_name(out.stem + ".paths.txt")
+
+
 def _feature_files(args, out: Path, loaded, split: str, feats, labels, dataset) -> dict[Path, Callable[[Path], None]]:
     """What ``ijepa-extract`` writes: {path: write(temporary path)}, for ``write_files``."""
     files: dict[Path, Callable[[Path], None]] = {}
     if out.suffix == ".npy":
         files[out] = _npy_writer(feats.numpy())
-        files[out.with_name(out.stem + ".labels.npy")] = _npy_writer(labels.numpy())
+        files[_beside(out)[0]] = _npy_writer(labels.numpy())
     else:
         meta = {"checkpoint": str(loaded.path), "which": loaded.which, "features": args.features, "split": split}
         meta["img_size"] = str(eval_img_size(args, loaded.spec))
@@ -188,7 +193,7 @@ def _feature_files(args, out: Path, loaded, split: str, feats, labels, dataset) 
     source = getattr(dataset, "source", None)
     if args.dataset == "folder" and hasattr(source, "describe"):  # image folders: the file of each row
         text = "".join(f"{source.describe(i)}\n" for i in range(len(labels)))
-        files[out.with_name(out.stem + ".paths.txt")] = lambda tmp: tmp.write_text(text)
+        files[_beside(out)[1]] = lambda tmp: tmp.write_text(text)
     return files
 
 
