@@ -82,10 +82,9 @@ def no_images_message(root: Path) -> str:
     return msg
 
 
-def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+def _scan(root: Path, known: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
     """(relative paths with os.sep, labels, classes) in the deterministic order; see ``scan_folder``.
-    ``classes``: the class list labels index into (a split's and its siblings'), when given."""
-    known = classes
+    ``known``: the class list labels index into (a split's and its siblings'), when given."""
     require_dir(root)
     unreadable: list[OSError] = []
     rel: list[tuple[str, ...]] = [
