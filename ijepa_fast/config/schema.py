@@ -83,7 +83,7 @@ class DataConfig:
     loader: str = "auto"  # auto (DALI on a GPU when installed)|pytorch|dali
     limit: int = 0  # use only the first N images (0: all)
     # true: the authors' pixels exactly (full decode, Pillow's resample; slower); false: reduced-scale
-    # JPEG decoding and torch's resample where faster, about 1 of 255 apart on average (data.decode)
+    # JPEG decoding and torch's resample where faster, under 1.5 of 255 apart on average (data.decode)
     exact_pixels: bool = False
     # DALI's image check before step 0 (data.dali.validate): header (cheap; what DALI then fails on
     # is excluded at run time) | full (decode every image) | off

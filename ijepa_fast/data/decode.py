@@ -23,10 +23,10 @@ x86 with AVX2 or AVX-512), faster than Pillow's there (``profiling/bench_loader.
 difference from the authors' pixels, made on purpose: torch's fixed-point rounding puts a few
 percent of values 1 away from Pillow's (out of 255), never more (tested).
 
-The reduced-scale decode (k > 1: crops at least twice the output size on both sides, a few percent
-of ImageNet's crops, most of a large photo's) is the other, also on purpose: the DCT's own
-downscale is a different low-pass from Pillow's bilinear over the full decode, mean error about 1
-of 255, single pixels up to about 15 on sharp edges (tested below 1.5 on average). ``reduce=False``
+The reduced-scale decode (k > 1: crops at least twice the output size on both sides, rare on
+ImageNet-sized images, common on large photos) is the other, also on purpose: the DCT's own
+downscale is a different low-pass from Pillow's bilinear over the full decode, so single pixels can
+move further than the mean difference, which the tests bound below 1.5 of 255. ``reduce=False``
 with ``resample="pillow"`` (``data.exact_pixels``) gives the authors' pixels exactly, at the full
 decode's cost.
 
